@@ -1,0 +1,84 @@
+"""Command-line entry point: ``python -m kit <command>`` (``./run.sh <command>``).
+
+Each command lives in ``kit/commands/<name>.py`` with ``add_arguments(parser)`` and
+``run(args)``; modules are imported only when their command runs, so ``--help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from kit import __version__
+from kit.utils import KitError
+
+# name -> one-line help; the module is kit.commands.<name with - replaced by _>
+COMMANDS = {
+    "demo": "generate the demo dataset under runs/demo and run every stage on it",
+    "validate": "check a dataset folder and report every problem at once",
+    "clean": "flag junk training images (green stains, cartoons) -> folds/outliers.csv",
+    "patches": "cut the top-K mask-coverage patches of every image into a cached array",
+    "folds": "stratified, image-grouped K-fold split -> folds/folds.csv",
+    "cv": "train one model per fold -> runs/<backbone>/oof.csv and test.csv",
+    "tune": "Optuna search of head and augmentation settings per backbone",
+    "blend": "weighted blend of backbones + class biases -> submissions/latest.csv",
+    "submit": "upload a submission file to Kaggle",
+    "reproduce": "re-run a blend from its manifest and check the CSV is byte-identical",
+    "report": "write runs/report.html summarising data, CV, blend and submissions",
+    "bench": "benchmarks: patches | train | tune | blend",
+}
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default=os.environ.get("KIT_DATA", "data"),
+                        help="dataset root with train_data/, test_data/, train_labels.csv "
+                             "(default: $KIT_DATA, else data/)")
+    parser.add_argument("--workdir", default=os.environ.get("KIT_WORKDIR", "."),
+                        help="where folds/, runs/ and submissions/ live (default: .)")
+    parser.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
+
+
+def build_parser(names=None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="./run.sh",
+        description="an2dl-kit: one command per stage, from raw data to a Kaggle submission.\n"
+                    "  ./run.sh test        run the test suite\n"
+                    "  ./run.sh kaggle ...  the venv's kaggle CLI",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"an2dl-kit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, help_line in COMMANDS.items():
+        p = sub.add_parser(name, help=help_line, description=help_line)
+        if names is None or name in names:
+            module = _module(name)
+            add_common_arguments(p)
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
+    return parser
+
+
+def _module(name: str):
+    return importlib.import_module(f"kit.commands.{name.replace('-', '_')}")
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(names={command} if command in COMMANDS else set())
+    if not argv:
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv)
+    try:
+        result = args._run(args)
+    except KitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        for line in exc.problems:
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished outputs are kept; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    return int(result or 0)

@@ -1,0 +1,35 @@
+"""``./run.sh demo``: generate the demo dataset and run every stage on it.
+
+A plain sequence of the public stage functions, writing under ``runs/demo/`` only.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from kit.paths import Paths
+
+
+def add_arguments(parser):
+    parser.add_argument("--out", default="runs/demo",
+                        help="work directory for the demo (default: runs/demo)")
+    parser.add_argument("--n-train", type=int, default=120, help="demo training images")
+    parser.add_argument("--n-test", type=int, default=40, help="demo test images")
+    parser.add_argument("--short-side", type=int, default=256, help="short image side in px")
+
+
+def run(args) -> int:
+    from kit import clean, demo, folds, patches
+
+    out = Path(args.out)
+    paths = Paths.from_root(out)
+    data = demo.generate(out / "data", n_train=args.n_train, n_test=args.n_test,
+                         short_side=args.short_side, seed=args.seed)
+    print(f"demo data      -> {data}")
+    outliers = clean.run_clean(data, paths)
+    print(f"clean          -> {paths.outliers_csv} ({len(outliers)} flagged), "
+          f"{paths.clean_dir / 'review.html'}")
+    patches.run_patches(data, paths)
+    print(f"patches        -> {paths.patches_dir('train')}, {paths.patches_dir('test')}")
+    folds.run_folds(data, paths, seed=args.seed, force=True)
+    print(f"folds          -> {paths.folds_csv}")
+    return 0

@@ -1,0 +1,20 @@
+"""``./run.sh validate``: check a dataset and report every problem at once."""
+from __future__ import annotations
+
+from collections import Counter
+
+from kit.data import load_dataset
+
+
+def add_arguments(parser):
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="drop samples with problems (with a warning) instead of failing")
+
+
+def run(args) -> int:
+    ds = load_dataset(args.data, skip_bad=args.skip_bad)
+    counts = Counter(s.label for s in ds.train)
+    print(f"{ds.root}: {len(ds.train)} training pairs, {len(ds.test)} test pairs")
+    for label, n in sorted(counts.items()):
+        print(f"  {label:<16} {n}")
+    return 0

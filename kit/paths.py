@@ -1,0 +1,63 @@
+"""Where every stage reads and writes, relative to one work directory.
+
+The default work directory is the repository root, giving ``folds/``, ``runs/`` and
+``submissions/`` as in the README; the demo uses ``runs/demo`` so that it never touches a
+tracked file.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Paths:
+    """File layout of one work directory."""
+
+    root: Path
+
+    @classmethod
+    def from_root(cls, root: str | os.PathLike | None = None) -> "Paths":
+        return cls(Path(root or os.environ.get("KIT_WORKDIR") or ".").resolve())
+
+    @property
+    def folds_dir(self) -> Path:
+        return self.root / "folds"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def submissions_dir(self) -> Path:
+        return self.root / "submissions"
+
+    @property
+    def outliers_csv(self) -> Path:
+        return self.folds_dir / "outliers.csv"
+
+    @property
+    def overrides_csv(self) -> Path:
+        return self.folds_dir / "overrides.csv"
+
+    @property
+    def folds_csv(self) -> Path:
+        return self.folds_dir / "folds.csv"
+
+    @property
+    def clean_dir(self) -> Path:
+        return self.runs_dir / "clean"
+
+    def patches_dir(self, split: str) -> Path:
+        return self.runs_dir / "patches" / split
+
+    def backbone_dir(self, name: str) -> Path:
+        return self.runs_dir / name
+
+    def tune_dir(self, name: str) -> Path:
+        return self.runs_dir / "tune" / name
+
+    @property
+    def features_dir(self) -> Path:
+        return self.runs_dir / "features"
