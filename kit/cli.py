@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shutil
 import sys
 
 from kit import __version__
@@ -39,13 +40,26 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
 
 
+class _CommandListFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps ``--help``'s command list at one line per command.
+
+    argparse wraps at the terminal width (80 columns when piped) and measures sub-command
+    names at the wrong indent, which pushes the longest name's help onto a line of its own.
+    """
+
+    def __init__(self, prog):
+        width = max(120, shutil.get_terminal_size().columns)
+        super().__init__(prog, width=width, max_help_position=30)
+        self._action_max_length = max(map(len, COMMANDS)) + 4  # 4: the sub-command indent
+
+
 def build_parser(names=None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="./run.sh",
         description="an2dl-kit: one command per stage, from raw data to a Kaggle submission.\n"
                     "  ./run.sh test        run the test suite\n"
                     "  ./run.sh kaggle ...  the venv's kaggle CLI",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=_CommandListFormatter)
     parser.add_argument("--version", action="version", version=f"an2dl-kit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name, help_line in COMMANDS.items():

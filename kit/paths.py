@@ -46,6 +46,11 @@ class Paths:
         return self.folds_dir / "folds.csv"
 
     @property
+    def groups_csv(self) -> Path:
+        """Optional, user-edited: ``sample_index,group``; same group -> same fold."""
+        return self.folds_dir / "groups.csv"
+
+    @property
     def clean_dir(self) -> Path:
         return self.runs_dir / "clean"
 

@@ -1,0 +1,195 @@
+"""Training augmentation: the patch-level albumentations pipeline, batch normalisation on
+tensors, CutMix, and the two class-imbalance remedies (loss weights, balanced sampler).
+
+The pipeline works on uint8 ``H x W x 3`` patches in the data loader; normalisation and
+resizing run on the batch as tensors (on the GPU when there is one), see
+:func:`normalize_batch`. Defaults live in ``kit/conf/augment.yaml``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.data.mixup import mixup_target
+
+from kit.config import load_config
+from kit.utils import KitError, check_random_state
+
+
+# --------------------------------------------------------------------------- patch pipeline
+def build_train_transform(cfg: dict | None = None, seed: int | None = None):
+    """The albumentations training pipeline: flips, 90-degree rotations, colour jitter.
+
+    Parameters
+    ----------
+    cfg : dict, optional
+        The ``augment`` config group (or a partial one, merged over the defaults).
+    seed : int, optional
+        Seed of the pipeline's own random state (albumentations ignores the global seeds).
+        Data-loader workers each hold a copy: reseed them in ``worker_init_fn`` with
+        ``transform.set_random_seed(seed + worker_id)`` or they repeat the same draws.
+
+    Returns
+    -------
+    albumentations.Compose
+        ``transform(image=uint8 HxWx3)["image"]`` is a uint8 array of the same shape.
+    """
+    import albumentations as A
+
+    cfg = load_config("augment", cfg)
+    _check_augment(cfg)
+    jitter = cfg["color_jitter"]
+    b, c, s, h = (float(jitter[k]) for k in ("brightness", "contrast", "saturation", "hue"))
+    return A.Compose([
+        A.HorizontalFlip(p=float(cfg["hflip"])),
+        A.VerticalFlip(p=float(cfg["vflip"])),
+        A.RandomRotate90(p=float(cfg["rot90"])),
+        A.ColorJitter(brightness=(1 - b, 1 + b), contrast=(1 - c, 1 + c),
+                      saturation=(1 - s, 1 + s), hue=(-h, h), p=float(jitter["p"])),
+    ], seed=seed)
+
+
+def _check_augment(cfg: dict) -> None:
+    problems = []
+    jitter = cfg.get("color_jitter") or {}
+    for key, value in (("hflip", cfg["hflip"]), ("vflip", cfg["vflip"]), ("rot90", cfg["rot90"]),
+                       ("color_jitter.p", jitter.get("p"))):
+        if not _number(value) or not 0 <= value <= 1:
+            problems.append(f"{key} is a probability in [0, 1] (got {value!r})")
+    for key in ("brightness", "contrast", "saturation"):
+        if not _number(jitter.get(key)) or not 0 <= jitter[key] < 1:
+            problems.append(f"color_jitter.{key} must be in [0, 1) (got {jitter.get(key)!r})")
+    if not _number(jitter.get("hue")) or not 0 <= jitter["hue"] <= 0.5:
+        problems.append(f"color_jitter.hue must be in [0, 0.5] (got {jitter.get('hue')!r})")
+    if not _number(cfg["cutmix_alpha"]) or cfg["cutmix_alpha"] < 0:
+        problems.append(f"cutmix_alpha must be >= 0 (got {cfg['cutmix_alpha']!r})")
+    if problems:
+        raise KitError("augment config: " + "; ".join(problems), problems)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# --------------------------------------------------------------------------- normalisation
+def normalize_batch(x: torch.Tensor, mean, std, size: int | None = None,
+                    channels_last: bool | None = None) -> torch.Tensor:
+    """Scale, resize and normalise a batch of patches on whatever device it lives.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``B x H x W x 3`` (as the loader collates patches) or ``B x 3 x H x W``; uint8 in
+        0..255 or floats in [0, 1].
+    mean, std : sequence of 3 floats
+        The backbone's normalisation (``Backbone.mean`` / ``.std``).
+    size : int, optional
+        Output side (``Backbone.input_size``); bilinear, antialiased when shrinking.
+    channels_last : bool, optional
+        Force the memory format; ``None`` keeps the one that comes for free (a ``B x H x W x 3``
+        input stays channels-last, so no copy is made).
+
+    Returns
+    -------
+    torch.Tensor
+        float32 ``B x 3 x size x size``.
+    """
+    if x.ndim != 4:
+        raise KitError(f"normalize_batch expects a 4-d batch of patches, got shape {tuple(x.shape)}")
+    if x.shape[1] != 3:
+        if x.shape[-1] != 3:
+            raise KitError(f"normalize_batch expects 3 channels, got shape {tuple(x.shape)}")
+        x = x.permute(0, 3, 1, 2)  # a view: the data stays channels-last in memory
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    if size is not None and tuple(x.shape[-2:]) != (size, size):
+        shrink = size < max(x.shape[-2:])
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=shrink)
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    x = (x - m) / s
+    if channels_last is None:
+        return x
+    return x.contiguous(memory_format=torch.channels_last if channels_last
+                        else torch.contiguous_format)
+
+
+# --------------------------------------------------------------------------- CutMix
+class CutMix(Mixup):
+    """timm's ``Mixup`` restricted to CutMix, one box per batch, and accepting odd batches.
+
+    ``mixer(x, y) -> (x, soft_y)`` pastes the same box from sample ``B-1-i`` into sample ``i``
+    (in place) and mixes the labels by area: ``lam * onehot(y_i) + (1 - lam) * onehot(y_j)``,
+    ``lam`` = the unpasted fraction (timm's ``correct_lam`` accounts for boxes clipped by
+    the border). Draws come from numpy's global state, which ``seed_everything`` seeds.
+    """
+
+    def __init__(self, alpha: float, num_classes: int, label_smoothing: float = 0.0):
+        super().__init__(mixup_alpha=0.0, cutmix_alpha=alpha, prob=1.0, mode="batch",
+                         correct_lam=True, label_smoothing=label_smoothing,
+                         num_classes=num_classes)
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor):
+        n = len(x)
+        if n % 2 == 0:
+            return super().__call__(x, target)
+        # timm pairs sample i with B-1-i and asserts an even batch (the last batch of an
+        # epoch often is odd). We mix the first B-1 samples and leave the last one whole with
+        # its own exact label: every sample still counts in the loss and no label is wrong,
+        # whereas dropping it would silently shrink the data seen per epoch.
+        last = mixup_target(target[-1:], self.num_classes, 1.0, self.label_smoothing)
+        if n == 1:
+            return x, last
+        _, head = super().__call__(x[:-1], target[:-1])  # x[:-1] is a view: mixed in place
+        return x, torch.cat([head, last])
+
+
+def create_mixer(alpha: float, num_classes: int, label_smoothing: float = 0.0) -> CutMix | None:
+    """A :class:`CutMix` (a timm ``Mixup``), or ``None`` when ``alpha == 0`` (CutMix off)."""
+    if not _number(alpha) or alpha < 0:
+        raise KitError(f"cutmix_alpha must be a number >= 0 (got {alpha!r})")
+    if not _number(label_smoothing) or not 0 <= label_smoothing < 1:
+        raise KitError(f"label_smoothing must be in [0, 1) (got {label_smoothing!r})")
+    if alpha == 0:
+        return None
+    return CutMix(float(alpha), int(num_classes), float(label_smoothing))
+
+
+# --------------------------------------------------------------------------- imbalance
+def _labels(labels, num_classes: int | None = None) -> np.ndarray:
+    """Labels as a checked 1-d integer array (classes in ``0..num_classes-1`` when given)."""
+    y = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+    if num_classes is None and y.size and np.issubdtype(y.dtype, np.integer):
+        num_classes = int(y.max()) + 1
+    if y.ndim != 1 or y.size == 0 or not np.issubdtype(y.dtype, np.integer):
+        raise KitError(f"labels must be a non-empty 1-d array of class indices (got shape "
+                       f"{y.shape}, dtype {y.dtype})")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise KitError(f"labels must lie in 0..{num_classes - 1} (found {y.min()}..{y.max()})")
+    return y
+
+
+def class_weights(labels, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency class weights for the loss, normalised to a mean sample weight of 1.
+
+    ``w_c = N / (K * n_c)`` with ``K`` the number of classes present (scikit-learn's
+    "balanced"); a class absent from ``labels`` gets weight 0.
+    """
+    y = _labels(labels, num_classes)
+    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(num_classes)
+    weights[present] = len(y) / (present.sum() * counts[present])
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def balanced_sampler(labels, seed) -> torch.utils.data.WeightedRandomSampler:
+    """A sampler drawing every class equally often (with replacement), ``len(labels)`` per epoch."""
+    y = _labels(labels)
+    counts = np.bincount(y)
+    generator = torch.Generator()
+    generator.manual_seed(int(check_random_state(seed).integers(2**63 - 1)))
+    return torch.utils.data.WeightedRandomSampler(
+        torch.as_tensor(1.0 / counts[y], dtype=torch.double), num_samples=len(y),
+        replacement=True, generator=generator)

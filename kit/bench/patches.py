@@ -1,0 +1,227 @@
+"""``./run.sh bench patches``: patch extraction against plain PNG decoding of the same files.
+
+Both passes run in the same process with the same worker count over the same files (page
+cache warmed first): the decode-only pass opens and fully decodes each image and mask with
+Pillow and nothing else, the floor any extraction must pay; the extraction pass is the real
+``kit.patches.build_split`` (decode, window scoring, cropping, streaming to ``patches.npy``).
+Each pass runs ``--repeat`` times, alternating, and the fastest of each is compared.
+Results are printed and written to ``runs/bench/patches.json``. Target: ratio <= 1.3.
+"""
+from __future__ import annotations
+
+import time
+
+TARGET_RATIO = 1.3
+
+
+def add_arguments(parser):
+    parser.set_defaults(data=None)  # no --data: generate a benchmark dataset
+    parser.add_argument("--n-train", type=int, default=48,
+                        help="generated training images when --data is not given (default: 48)")
+    parser.add_argument("--n-test", type=int, default=16,
+                        help="generated test images when --data is not given (default: 16)")
+    parser.add_argument("--short-side", type=int, default=1024,
+                        help="generated images' short side in px (default: 1024, as the real data)")
+    parser.add_argument("--long-side", type=int, default=3000,
+                        help="generated images' mean long side in px (default: 3000)")
+    parser.add_argument("--limit", type=int, default=0,
+                        help="use only the first N image/mask pairs (default: all)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes for both passes; 0 = one per available core (default)")
+    parser.add_argument("--repeat", type=int, default=2,
+                        help="timed passes of each kind, alternating; the fastest counts (default: 2)")
+    parser.add_argument("--size", type=int, help="patch side (default: kit/conf/patches.yaml)")
+    parser.add_argument("--stride", type=int, help="window step (default: kit/conf/patches.yaml)")
+    parser.add_argument("--top-k", type=int, dest="top_k",
+                        help="patches per image (default: kit/conf/patches.yaml)")
+
+
+def run(args) -> int:
+    from kit.config import load_config
+    from kit.data import load_dataset
+    from kit.paths import Paths
+    from kit.patches import n_workers
+    from kit.utils import atomic_write_json
+
+    paths = Paths.from_root(args.workdir)
+    bench_dir = paths.runs_dir / "bench"
+    root = args.data or _bench_dataset(bench_dir, args)
+    ds = load_dataset(root)
+    samples = ds.train + ds.test
+    if args.limit:
+        samples = samples[: args.limit]
+    cfg = load_config("patches", {"size": args.size, "stride": args.stride, "top_k": args.top_k})
+    workers = n_workers(args.workers)
+    result = measure(samples, cfg, workers, bench_dir / "patches", max(1, args.repeat))
+    result["dataset"] = str(ds.root)
+    _print(result)
+    atomic_write_json(bench_dir / "patches.json", result)
+    print(f"written {bench_dir / 'patches.json'}")
+    return 0
+
+
+def measure(samples, cfg: dict, workers: int, out_dir, repeat: int = 2) -> dict:
+    """Time decode-only and extraction passes over ``samples``; return the numbers."""
+    from PIL import Image
+
+    from kit.patches import build_split, cache_key, decode_file, imap_ordered
+
+    pixels = 0
+    for s in samples:
+        with Image.open(s.image) as im:
+            pixels += im.size[0] * im.size[1]
+    # Hashing reads every file once: it warms the page cache for both passes and is the
+    # cost of a cache-hit rerun.
+    t = time.perf_counter()
+    cache_key(samples, cfg, "bench", workers)
+    hash_s = time.perf_counter() - t
+    tasks = [(s.image, s.mask) for s in samples]
+    decode, extract = [], []
+    for _ in range(repeat):
+        decode.append(_timed(lambda: sum(imap_ordered(decode_file, tasks, workers))))
+        stats: dict = {}
+        extract.append(_timed(lambda: build_split(samples, out_dir, cfg, workers,
+                                                  desc="bench extract", stats=stats)))
+        extract[-1]["split"] = stats
+    best_d = min(decode, key=lambda r: r["wall"])
+    best_e = min(extract, key=lambda r: r["wall"])
+    n = len(samples)
+    return {
+        "images": n, "megapixels": pixels / 1e6, "workers": workers, "cores": _cores(),
+        "patch": {k: cfg[k] for k in ("size", "stride", "top_k")}, "repeat": repeat,
+        "hash_s": hash_s,
+        "decode_only": {**best_d, "images_per_s": n / best_d["wall"]},
+        "extraction": {**best_e, "images_per_s": n / best_e["wall"]},
+        "ratio": best_e["wall"] / best_d["wall"], "target_ratio": TARGET_RATIO,
+        "all_walls": {"decode_only": [r["wall"] for r in decode],
+                      "extraction": [r["wall"] for r in extract]},
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def _timed(fn) -> dict:
+    """Wall time of ``fn()`` and the CPU time it used in this process and its children."""
+    import resource
+
+    before = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    t = time.perf_counter()
+    fn()
+    wall = time.perf_counter() - t
+    after = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    cpu = sum((a.ru_utime + a.ru_stime) - (b.ru_utime + b.ru_stime)
+              for a, b in zip(after, before))
+    return {"wall": wall, "cpu": cpu, "cpu_busy": cpu / (wall * _cores())}
+
+
+def _cores() -> int:
+    from kit.patches import n_workers
+
+    return n_workers(0)
+
+
+def _peak_rss_mb() -> dict:
+    import resource
+
+    # ru_maxrss is in KiB on Linux; children = the largest worker reaped so far.
+    return {"main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "largest_worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+def _print(r: dict) -> None:
+    d, e = r["decode_only"], r["extraction"]
+    p = r["patch"]
+    print(f"bench patches: {r['images']} images, {r['megapixels']:.0f} MP "
+          f"({r['megapixels'] / r['images']:.1f} MP/image), {r['workers']} workers on "
+          f"{r['cores']} cores, P={p['size']} S={p['stride']} K={p['top_k']}, "
+          f"best of {r['repeat']}")
+    print(f"  {'pass':<14}{'wall s':>8}{'images/s':>10}{'MP/s':>8}{'cpu busy':>10}")
+    for name, x in (("decode only", d), ("extraction", e)):
+        print(f"  {name:<14}{x['wall']:>8.2f}{x['images_per_s']:>10.1f}"
+              f"{r['megapixels'] / x['wall']:>8.1f}{x['cpu_busy']:>9.0%}")
+    verdict = "meets" if r["ratio"] <= r["target_ratio"] else "MISSES"
+    print(f"  ratio extraction / decode-only: {r['ratio']:.2f} ({verdict} the target "
+          f"<= {r['target_ratio']})")
+    split = e["split"]
+    worker_total = split["decode"] + split["score"] + split["crop"]
+    parts = ", ".join(f"{k} {split[k]:.2f} s ({split[k] / worker_total:.0%})"
+                      for k in ("decode", "score", "crop"))
+    print(f"  extraction time in workers: {parts}; write in main {split['write']:.2f} s")
+    print(f"  cache key hashing (a cache-hit rerun): {r['hash_s']:.2f} s")
+    m = r["peak_rss_mb"]
+    print(f"  peak memory (ru_maxrss): main {m['main']:.0f} MB, "
+          f"largest worker {m['largest_worker']:.0f} MB")
+
+
+# --------------------------------------------------------------------------- data
+def _bench_dataset(bench_dir, args):
+    """A generated dataset at the real data's scale, reused while its parameters match."""
+    root = bench_dir / (f"data-{args.n_train}-{args.n_test}-{args.short_side}x"
+                        f"{args.long_side}-seed{args.seed}")
+    if (root / ".complete").exists():
+        return root
+    print(f"generating the benchmark dataset under {root} (once)")
+    try:
+        from kit import demo
+    except ImportError:
+        demo = None
+    if demo is not None and hasattr(demo, "generate"):
+        demo.generate(root, n_train=args.n_train, n_test=args.n_test,
+                      short_side=args.short_side, seed=args.seed)
+    else:
+        generate_scans(root, args.n_train, args.n_test, args.short_side, args.long_side,
+                       args.seed)
+    (root / ".complete").write_text("")
+    return root
+
+
+def generate_scans(root, n_train: int, n_test: int, short_side: int, long_side: int,
+                   seed: int) -> None:
+    """Scan-like PNGs in the challenge layout: curved textured strips on light grey.
+
+    Used when ``kit.demo`` is not available. Only the PNG statistics matter here (size,
+    smooth background, noisy tissue), not class signal.
+    """
+    import pandas as pd
+    from PIL import Image
+
+    from kit import CLASSES
+    from kit.utils import atomic_write_csv, check_random_state
+
+    rng = check_random_state(seed)
+    labels = []
+    for split, n in (("train", n_train), ("test", n_test)):
+        folder = root / f"{split}_data"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            image, mask = _scan(rng, short_side, int(long_side * rng.uniform(0.7, 1.3)))
+            Image.fromarray(image).save(folder / f"img_{i:04d}.png")
+            Image.fromarray(mask).save(folder / f"mask_{i:04d}.png")
+            if split == "train":
+                labels.append((f"img_{i:04d}.png", CLASSES[int(rng.integers(len(CLASSES)))]))
+    atomic_write_csv(root / "train_labels.csv", pd.DataFrame(labels, columns=["sample_index", "label"]))
+
+
+def _scan(rng, short: int, long: int):
+    import numpy as np
+
+    h, w = short, long
+    image = np.full((h, w, 3), rng.integers(205, 226), dtype=np.uint8)
+    mask = np.zeros((h, w), dtype=np.uint8)
+    yy = np.arange(h)[:, None]
+    xx = np.arange(w)[None, :]
+    for _ in range(int(rng.integers(1, 4))):
+        centre = rng.uniform(0.2, 0.8) * h + rng.uniform(0.05, 0.15) * h * np.sin(
+            2 * np.pi * xx / rng.uniform(0.5, 1.5) / w + rng.uniform(0, 6.3))
+        half = rng.uniform(0.04, 0.09) * h
+        x0, x1 = sorted(rng.uniform(0, w, 2))
+        strip = (np.abs(yy - centre) < half) & (xx >= x0) & (xx < x1)
+        ys, xs = np.nonzero(strip)
+        colour = np.array([rng.integers(150, 220), rng.integers(60, 130), rng.integers(140, 200)])
+        noise = rng.normal(0, 18, (len(ys), 3))
+        image[ys, xs] = np.clip(colour + noise, 0, 255).astype(np.uint8)
+        inner = strip & (np.abs(yy - centre) < half * 0.6)
+        cut = rng.uniform(x0, x1)
+        mask[inner & ((xx < cut) if rng.random() < 0.5 else (xx >= cut))] = 255
+    if rng.random() < 0.5:
+        image, mask = image.transpose(1, 0, 2).copy(), mask.T.copy()
+    return image, mask

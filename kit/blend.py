@@ -1,0 +1,619 @@
+"""Blend the backbones' out-of-fold probabilities into one validated submission.
+
+Three fitted pieces, all on the OOF rows:
+
+- **weights**: non-negative, summing to 1, over a *library* of models (each backbone's TTA
+  mean, or with ``weight_views`` each TTA view of each backbone). Found by Caruana-style
+  greedy forward selection with replacement (Caruana et al., 2004): start from every model
+  once (equal weights) or the best singles, then repeatedly add the model whose addition
+  scores best, and keep the best prefix of that path. It needs no gradient, so it optimises
+  macro F1 (piecewise constant in the weights) directly; ``objective="logloss"`` optimises
+  log-loss instead. Optionally bagged over bootstrap resamples of the rows.
+- **class biases**: the decision rule is ``argmax(log p + b)`` with ``b[0] = 0``; each other
+  ``b[c]`` is tuned by coordinate ascent over a grid. Macro F1 rewards recall on small classes
+  that plain argmax under-predicts; the gain is measured and printed.
+- **honesty**: the whole fit (weights and biases) is repeated once per fold on the other
+  folds' rows and applied to the held-out fold; the concatenated held-out predictions give
+  the *nested* macro F1, the submission's expected score. The in-sample score is printed
+  beside it, labelled optimistic.
+
+Every search step is vectorised over the candidates (numpy), so a 581 x 3 x 4 blend with its
+nested fits takes well under a second.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kit import CLASSES
+from kit.config import load_config
+from kit.metrics import macro_f1
+from kit.paths import Paths
+from kit.utils import (KitError, atomic_write_bytes, atomic_write_csv, atomic_write_json,
+                       check_random_state, sha256_file, write_config)
+
+OBJECTIVES = ("f1", "logloss")
+REQUIRED_FILES = ("oof.csv", "test.csv", "metrics.json")
+# runs/ sub-folders written by other stages: never backbones, whatever they hold.
+RESERVED_RUN_DIRS = frozenset({"blend", "tune", "patches", "clean", "features", "demo"})
+PROB_COLUMNS = tuple(f"p_{c}" for c in CLASSES)
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+@dataclass
+class BlendInputs:
+    """Everything the search needs, aligned: rows in ``folds/folds.csv`` order.
+
+    ``oof`` is ``M x N x C`` and ``test`` ``M x T x C`` (M library models); ``files`` maps every
+    file read (relative to the work directory) to its sha256.
+    """
+
+    backbones: list[str]
+    models: list[str]
+    oof: np.ndarray
+    test: np.ndarray
+    ids: list[str]
+    y: np.ndarray
+    folds: np.ndarray
+    test_ids: list[str]
+    files: dict[str, str]
+    meta: dict[str, dict]
+    folds_sha256: str
+
+
+def complete_backbones(paths: Paths) -> list[str]:
+    """Backbones under ``runs/`` with all of oof.csv, test.csv and metrics.json, sorted."""
+    if not paths.runs_dir.is_dir():
+        return []
+    return sorted(d.name for d in paths.runs_dir.iterdir()
+                  if d.is_dir() and d.name not in RESERVED_RUN_DIRS
+                  and all((d / f).is_file() for f in REQUIRED_FILES))
+
+
+def load_inputs(paths: Paths, data, backbones=None, weight_views: bool = False) -> BlendInputs:
+    """Read and cross-check the OOF/test probabilities of ``backbones`` (default: all complete).
+
+    Raises
+    ------
+    KitError
+        Missing files, a backbone trained on another folds file, OOF rows that are not the
+        images of ``folds/folds.csv``, test rows that are not the images of ``test_data/``, or
+        backbones (or views) covering different images.
+    """
+    from kit.folds import load_folds
+    from kit.package import expected_test_ids
+
+    names = list(backbones) if backbones else complete_backbones(paths)
+    if not names:
+        raise KitError(f"no backbone outputs under {paths.runs_dir} (each needs "
+                       f"{', '.join(REQUIRED_FILES)}); run ./run.sh cv <backbone> first")
+    if len(set(names)) != len(names):
+        raise KitError(f"backbone listed twice: {', '.join(names)}; name each once")
+    missing = [f"{paths.backbone_dir(n) / f}" for n in names for f in REQUIRED_FILES
+               if not (paths.backbone_dir(n) / f).is_file()]
+    if missing:
+        raise KitError(f"{len(missing)} blend input files missing; run ./run.sh cv <backbone> "
+                       "for each backbone named (or leave it out)", missing)
+    folds, folds_sha = load_folds(paths)
+    test_ids = expected_test_ids(_test_dir(data))
+    if not test_ids:
+        raise KitError(f"{_test_dir(data)}: no img_*.png test images; check --data")
+    files: dict[str, str] = {}
+    meta = {n: _read_metrics(paths, n, folds_sha, files) for n in names}
+    models, oof, test = [], [], []
+    for name in names:
+        for view, oof_path, test_path in _view_files(paths, name, weight_views):
+            oof.append(_read_oof(oof_path, folds, paths, files))
+            test.append(_read_test(test_path, test_ids, paths, files))
+            models.append(name if view is None else f"{name}/{view}")
+    return BlendInputs(backbones=names, models=models, oof=np.stack(oof), test=np.stack(test),
+                       ids=list(folds.sample_index), y=_indices(folds.label),
+                       folds=folds.fold.to_numpy(np.int64), test_ids=test_ids, files=files,
+                       meta=meta, folds_sha256=folds_sha)
+
+
+def _test_dir(data) -> Path:
+    from kit.data import find_root
+
+    return find_root(data) / "test_data"
+
+
+def _indices(labels) -> np.ndarray:
+    lookup = {c: i for i, c in enumerate(CLASSES)}
+    return np.array([lookup[v] for v in labels], dtype=np.int64)
+
+
+def _rel(paths: Paths, path: Path) -> str:
+    try:
+        return path.resolve().relative_to(paths.root).as_posix()
+    except ValueError:
+        return str(path.resolve())
+
+
+def _read_metrics(paths: Paths, name: str, folds_sha: str, files: dict) -> dict:
+    path = paths.backbone_dir(name) / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise KitError(f"{path}: not valid JSON ({exc}); rerun ./run.sh cv {name}")
+    files[_rel(paths, path)] = sha256_file(path)
+    recorded = metrics.get("folds_sha256") if isinstance(metrics, dict) else None
+    if not recorded:
+        raise KitError(f"{path}: no folds_sha256 recorded, so it cannot be matched to "
+                       f"{paths.folds_csv}; rerun ./run.sh cv {name}")
+    if recorded != folds_sha:
+        raise KitError(f"{path}: trained on another folds file (folds_sha256 {recorded[:12]}... "
+                       f"but {paths.folds_csv} is {folds_sha[:12]}...); rerun ./run.sh cv {name} "
+                       "or leave it out of the blend")
+    return {"config": metrics.get("config"), "weights_source": metrics.get("weights_source"),
+            "oof_macro_f1": metrics.get("oof_macro_f1"), "folds_sha256": recorded}
+
+
+def _view_files(paths: Paths, name: str, weight_views: bool):
+    """(view, oof path, test path) per library model of one backbone."""
+    bdir = paths.backbone_dir(name)
+    if not weight_views:
+        return [(None, bdir / "oof.csv", bdir / "test.csv")]
+    tta = bdir / "tta"
+    oof_views = {p.name[len("oof_"):-len(".csv")] for p in tta.glob("oof_*.csv")}
+    test_views = {p.name[len("test_"):-len(".csv")] for p in tta.glob("test_*.csv")}
+    if not oof_views and not test_views:  # no TTA: the backbone's one view is its main file
+        return [("mean", bdir / "oof.csv", bdir / "test.csv")]
+    if oof_views != test_views:
+        raise KitError(f"{tta}: OOF and test TTA views differ (oof: {', '.join(sorted(oof_views))}; "
+                       f"test: {', '.join(sorted(test_views))}); rerun ./run.sh cv {name}")
+    return [(v, tta / f"oof_{v}.csv", tta / f"test_{v}.csv") for v in sorted(oof_views)]
+
+
+def _read_probs(path: Path, columns: tuple[str, ...], paths: Paths, files: dict) -> pd.DataFrame:
+    try:
+        df = pd.read_csv(path, dtype={"sample_index": str, "label": str})
+    except Exception as exc:  # pandas raises several types for unparsable CSV
+        raise KitError(f"{path}: cannot be read as CSV ({exc}); rerun the cv stage")
+    files[_rel(paths, path)] = sha256_file(path)
+    lacking = [c for c in columns + PROB_COLUMNS if c not in df.columns]
+    if lacking:
+        raise KitError(f"{path}: missing column(s) {', '.join(lacking)}; expected "
+                       f"{','.join(columns + PROB_COLUMNS)}")
+    probs = df.loc[:, list(PROB_COLUMNS)].to_numpy(np.float64)
+    bad = ~np.isfinite(probs).all(axis=1) | (probs < 0).any(axis=1) | (probs.sum(axis=1) <= 0)
+    if bad.any():
+        lines = ", ".join(str(i + 2) for i in np.flatnonzero(bad)[:10])
+        raise KitError(f"{path}: {int(bad.sum())} rows with missing, negative or all-zero "
+                       f"probabilities (lines {lines}); rerun the cv stage")
+    dup = df.sample_index[df.sample_index.duplicated()]
+    if len(dup):
+        raise KitError(f"{path}: {len(dup)} duplicate sample_index values "
+                       f"({', '.join(dup.head(5))}); rerun the cv stage")
+    df.loc[:, list(PROB_COLUMNS)] = probs / probs.sum(axis=1, keepdims=True)
+    return df.set_index("sample_index")
+
+
+def _same_images(path: Path, have, want, what: str) -> None:
+    have, want = set(have), set(want)
+    if have == want:
+        return
+    extra, missing = sorted(have - want), sorted(want - have)
+    problems = [f"missing: {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else "")
+                ] if missing else []
+    problems += [f"extra: {', '.join(extra[:10])}" + (" ..." if len(extra) > 10 else "")
+                 ] if extra else []
+    raise KitError(f"{path}: covers different images than {what} ({len(missing)} missing, "
+                   f"{len(extra)} extra); rerun the cv stage for this backbone", problems)
+
+
+def _read_oof(path: Path, folds: pd.DataFrame, paths: Paths, files: dict) -> np.ndarray:
+    df = _read_probs(path, ("sample_index", "fold", "label"), paths, files)
+    _same_images(path, df.index, folds.sample_index, paths.folds_csv)
+    df = df.loc[folds.sample_index]
+    wrong = (df.fold.to_numpy() != folds.fold.to_numpy()) | (df.label.to_numpy()
+                                                              != folds.label.to_numpy())
+    if wrong.any():
+        raise KitError(f"{path}: fold or label of {int(wrong.sum())} images differ from "
+                       f"{paths.folds_csv} (e.g. {df.index[wrong][0]}); rerun the cv stage")
+    return df.loc[:, list(PROB_COLUMNS)].to_numpy(np.float64)
+
+
+def _read_test(path: Path, test_ids: list[str], paths: Paths, files: dict) -> np.ndarray:
+    df = _read_probs(path, ("sample_index",), paths, files)
+    _same_images(path, df.index, test_ids, "test_data/")
+    return df.loc[test_ids, list(PROB_COLUMNS)].to_numpy(np.float64)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def macro_f1_batch(pred: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
+    """Macro F1 of each row of ``pred`` (G x N class indices) against ``y`` (N), vectorised.
+
+    Same definition as :func:`kit.metrics.macro_f1`: classes absent from both truth and
+    prediction are left out of the average.
+    """
+    f1, present = _f1_counts(pred, y, n_classes)
+    return f1.sum(axis=1) / np.maximum(present.sum(axis=1), 1)
+
+
+def _f1_counts(pred, y, n_classes):
+    pred = np.atleast_2d(pred)
+    g = pred.shape[0]
+    cell = pred + n_classes * np.arange(g)[:, None]
+    predicted = np.bincount(cell.ravel(), minlength=g * n_classes).reshape(g, n_classes)
+    hits = np.bincount(cell[pred == y[None, :]], minlength=g * n_classes).reshape(g, n_classes)
+    denom = predicted + np.bincount(y, minlength=n_classes)[None, :]
+    f1 = np.divide(2.0 * hits, denom, out=np.zeros(denom.shape), where=denom > 0)
+    return f1, denom > 0
+
+
+def per_class_f1(y: np.ndarray, pred: np.ndarray, n_classes: int = len(CLASSES)) -> np.ndarray:
+    return _f1_counts(pred, y, n_classes)[0][0]
+
+
+def _score_batch(probs: np.ndarray, y: np.ndarray, objective: str, eps: float) -> np.ndarray:
+    """Higher-is-better score of each candidate blend (G x N x C)."""
+    if objective == "f1":
+        return macro_f1_batch(probs.argmax(axis=-1), y, probs.shape[-1])
+    picked = np.take_along_axis(probs, y[None, :, None], axis=-1)[..., 0]
+    return np.log(np.maximum(picked, eps)).mean(axis=-1)  # minus the log-loss
+
+
+def apply_rule(probs: np.ndarray, biases: np.ndarray, eps: float) -> np.ndarray:
+    """Class indices ``argmax(log p + b)``."""
+    return (np.log(np.maximum(probs, eps)) + biases).argmax(axis=-1)
+
+
+# ----------------------------------------------------------------------------- search
+
+def greedy_weights(P: np.ndarray, y: np.ndarray, objective: str = "f1", iterations: int = 40,
+                   init: str = "equal", init_size: int = 1, eps: float = 1e-6):
+    """Caruana greedy forward selection with replacement over the models of ``P`` (M x N x C).
+
+    Returns ``(weights, score)``: the best prefix of the selection path (earliest on ties),
+    so with ``init="equal"`` the result never scores below equal weights on these rows.
+    """
+    m = P.shape[0]
+    counts = _start_counts(P, y, objective, init, init_size, eps)
+    total = np.tensordot(counts, P, axes=1)
+    best_counts = counts.copy()
+    best = float(_score_batch((total / counts.sum())[None], y, objective, eps)[0])
+    for _ in range(iterations if m > 1 else 0):
+        scores = _score_batch((total[None] + P) / (counts.sum() + 1), y, objective, eps)
+        j = int(np.argmax(scores))
+        counts[j] += 1
+        total += P[j]
+        if scores[j] > best + 1e-12:
+            best, best_counts = float(scores[j]), counts.copy()
+    return best_counts / best_counts.sum(), best
+
+
+def _start_counts(P, y, objective, init, init_size, eps) -> np.ndarray:
+    """Where the greedy path starts: every model once, or the ``init_size`` best singles."""
+    counts = np.zeros(P.shape[0])
+    if init == "equal":
+        counts[:] = 1
+    elif init == "best":
+        singles = _score_batch(P, y, objective, eps)
+        counts[np.argsort(-singles, kind="stable")[:max(1, init_size)]] = 1
+    else:
+        raise KitError(f"blend config: init must be 'equal' or 'best', got {init!r}")
+    return counts
+
+
+def fit_weights(P, y, cfg: dict, objective: str, rng) -> np.ndarray:
+    """Weights from the greedy search, bagged over bootstrap row resamples when ``bags > 0``."""
+    kw = dict(objective=objective, iterations=int(cfg["iterations"]), init=cfg["init"],
+              init_size=int(cfg["init_size"]), eps=float(cfg["eps"]))
+    bags = int(cfg["bags"])
+    if bags <= 0 or P.shape[0] == 1:
+        return greedy_weights(P, y, **kw)[0]
+    n = P.shape[1]
+    bagged = np.mean([greedy_weights(P[:, idx], y[idx], **kw)[0]
+                      for idx in (rng.integers(0, n, n) for _ in range(bags))], axis=0)
+    # Never worse than where the path started, on the rows the weights are fitted on.
+    start = _start_counts(P, y, objective, cfg["init"], int(cfg["init_size"]), float(cfg["eps"]))
+    start /= start.sum()
+    scores = _score_batch(np.tensordot(np.stack([bagged, start]), P, axes=1), y, objective,
+                          float(cfg["eps"]))
+    return bagged if scores[0] >= scores[1] else start
+
+
+def bias_grid(cfg: dict) -> np.ndarray:
+    grid = np.linspace(float(cfg["bias_low"]), float(cfg["bias_high"]), int(cfg["bias_steps"]))
+    return np.round(grid, 10)
+
+
+def fit_biases(probs: np.ndarray, y: np.ndarray, cfg: dict) -> np.ndarray:
+    """Per-class additive biases on ``log p`` maximising macro F1, by coordinate ascent.
+
+    ``b[0]`` stays 0 (only differences matter). Each step tries every grid value for one
+    class at once; among equal scores the value nearest 0 wins (no bias without evidence).
+    Sweeps stop when one brings no gain or after ``bias_rounds``.
+    """
+    c = probs.shape[-1]
+    logp = np.log(np.maximum(probs, float(cfg["eps"])))
+    grid = bias_grid(cfg)
+    b = np.zeros(c)
+    best = float(macro_f1_batch(logp.argmax(axis=1)[None], y, c)[0])
+    for _ in range(int(cfg["bias_rounds"])):
+        gained = False
+        for k in range(1, c):
+            cand = np.broadcast_to(logp + b, (len(grid),) + logp.shape).copy()
+            cand[:, :, k] = logp[None, :, k] + grid[:, None]
+            scores = macro_f1_batch(cand.argmax(axis=2), y, c)
+            top = scores.max()
+            ties = np.flatnonzero(scores >= top - 1e-12)
+            b[k] = grid[ties[np.argmin(np.abs(grid[ties]))]]
+            gained |= top > best + 1e-12
+            best = max(best, float(top))
+        if not gained:
+            break
+    return b
+
+
+@dataclass
+class Fitted:
+    """Weights over the library and class biases from one fit."""
+
+    weights: np.ndarray
+    biases: np.ndarray
+
+
+def fit_params(P, y, cfg: dict, objective: str, rng) -> Fitted:
+    """Weights, then biases on the weighted blend of the same rows."""
+    w = fit_weights(P, y, cfg, objective, rng)
+    return Fitted(w, fit_biases(np.tensordot(w, P, axes=1), y, cfg))
+
+
+@dataclass
+class SearchResult:
+    """Fit on all OOF rows, nested predictions and baselines (no file names)."""
+
+    fitted: Fitted
+    oof_probs: np.ndarray            # N x C, in-sample weights
+    pred_in_sample: np.ndarray
+    pred_in_sample_no_bias: np.ndarray
+    nested_probs: np.ndarray         # N x C, each fold blended with weights fitted without it
+    pred_nested: np.ndarray
+    pred_nested_no_bias: np.ndarray
+    fold_fits: dict[int, Fitted]
+    scores: dict = field(default_factory=dict)
+
+
+def search(P: np.ndarray, y: np.ndarray, folds: np.ndarray, cfg: dict, objective: str = "f1",
+           seed=42, models=None) -> SearchResult:
+    """The whole blend fit on arrays: all rows, once per held-out fold, and the baselines.
+
+    Parameters
+    ----------
+    P : M x N x C OOF probabilities of the library models.
+    y, folds : N class indices and fold numbers.
+    """
+    if objective not in OBJECTIVES:
+        raise KitError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    eps = float(cfg["eps"])
+    fold_ids = np.unique(folds)
+    rngs = check_random_state(seed).spawn(len(fold_ids) + 1)
+    full = fit_params(P, y, cfg, objective, rngs[0])
+    oof = np.tensordot(full.weights, P, axes=1)
+    nested = np.zeros_like(oof)
+    nested_pred = np.zeros(len(y), dtype=np.int64)
+    fold_fits = {}
+    for k, rng in zip(fold_ids, rngs[1:]):
+        train, held = folds != k, folds == k
+        fit = fit_params(P[:, train], y[train], cfg, objective, rng)
+        nested[held] = np.tensordot(fit.weights, P[:, held], axes=1)
+        nested_pred[held] = apply_rule(nested[held], fit.biases, eps)
+        fold_fits[int(k)] = fit
+    res = SearchResult(fitted=full, oof_probs=oof, pred_in_sample=apply_rule(oof, full.biases, eps),
+                       pred_in_sample_no_bias=oof.argmax(axis=1), nested_probs=nested,
+                       pred_nested=nested_pred, pred_nested_no_bias=nested.argmax(axis=1),
+                       fold_fits=fold_fits)
+    res.scores = _scores(res, P, y, folds, models or [f"m{i}" for i in range(len(P))])
+    return res
+
+
+def _scores(res: SearchResult, P, y, folds, models) -> dict:
+    def block(pred, pred_no_bias):
+        return {"macro_f1": macro_f1(y, pred), "macro_f1_no_bias": macro_f1(y, pred_no_bias),
+                "per_class_f1": dict(zip(CLASSES, map(float, per_class_f1(y, pred))))}
+
+    singles = {m: macro_f1(y, P[i].argmax(axis=1)) for i, m in enumerate(models)}
+    best = max(singles, key=lambda m: (singles[m], -models.index(m)))
+    nested = block(res.pred_nested, res.pred_nested_no_bias)
+    nested["per_fold"] = {int(k): macro_f1(y[folds == k], res.pred_nested[folds == k])
+                          for k in np.unique(folds)}
+    in_sample = block(res.pred_in_sample, res.pred_in_sample_no_bias)
+    return {
+        "nested": nested,
+        "in_sample": in_sample,
+        "gap": in_sample["macro_f1"] - nested["macro_f1"],
+        "baselines": {"equal_weights": {"macro_f1": macro_f1(y, P.mean(axis=0).argmax(axis=1))},
+                      "best_single": {"model": best, "macro_f1": singles[best]},
+                      "singles": singles},
+    }
+
+
+# ----------------------------------------------------------------------------- stage
+
+@dataclass
+class BlendResult:
+    """A fitted blend; the ``*_path`` fields are set once :func:`run_blend` wrote its files."""
+
+    inputs: BlendInputs
+    search: SearchResult
+    cfg: dict
+    objective: str
+    weight_views: bool
+    seed: int
+    name: str
+    test_probs: np.ndarray
+    test_labels: list[str]
+    csv_path: Path | None = None
+    manifest_path: Path | None = None
+    latest_csv: Path | None = None
+    latest_manifest: Path | None = None
+    csv_sha256: str | None = None
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return dict(zip(self.inputs.models, map(float, self.search.fitted.weights)))
+
+    @property
+    def biases(self) -> dict[str, float]:
+        return dict(zip(CLASSES, map(float, self.search.fitted.biases)))
+
+    @property
+    def scores(self) -> dict:
+        return self.search.scores
+
+    def submission_frame(self) -> pd.DataFrame:
+        return pd.DataFrame({"sample_index": self.inputs.test_ids, "label": self.test_labels})
+
+    def blend_record(self) -> dict:
+        """The parameters that re-run this blend, and what it found."""
+        return {"backbones": self.inputs.backbones, "objective": self.objective,
+                "weight_views": self.weight_views, "models": self.inputs.models,
+                "weights": self.weights, "biases": self.biases, "params": self.cfg,
+                "seed": self.seed}
+
+
+def fit_blend(paths: Paths, data, backbones=None, name: str = "blend", objective: str = "f1",
+              weight_views: bool = False, seed: int = 42, cfg: dict | None = None) -> BlendResult:
+    """Load the inputs, fit weights and biases (all rows and nested), predict the test set.
+
+    Writes nothing; :func:`run_blend` writes the files and ``reproduce`` compares them.
+    """
+    cfg = load_config("blend", cfg)
+    inputs = load_inputs(paths, data, backbones, weight_views)
+    res = search(inputs.oof, inputs.y, inputs.folds, cfg, objective, seed, inputs.models)
+    test_probs = np.tensordot(res.fitted.weights, inputs.test, axes=1)
+    labels = [CLASSES[i] for i in apply_rule(test_probs, res.fitted.biases, float(cfg["eps"]))]
+    return BlendResult(inputs=inputs, search=res, cfg=cfg, objective=objective,
+                       weight_views=bool(weight_views), seed=int(seed), name=name,
+                       test_probs=test_probs, test_labels=labels)
+
+
+def run_blend(paths: Paths, data, backbones=None, name: str = "blend", objective: str = "f1",
+              weight_views: bool = False, seed: int = 42, cfg: dict | None = None,
+              command: str | None = None) -> BlendResult:
+    """Fit the blend and write the submission, its manifest, ``latest.*`` and ``runs/blend/``.
+
+    Writes ``submissions/<UTC YYYYmmdd-HHMMSS>_<name>.csv`` and ``.json``, then
+    ``submissions/latest.csv`` and ``latest.json`` as atomic *copies* (not symlinks: those
+    need privileges on Windows, break on some network/FUSE mounts and in zipped Kaggle
+    outputs, and ``kaggle ... -f submissions/latest.csv`` must read a real file); and
+    ``runs/blend/{config.yaml,blend.json,oof_blend.csv,test_blend.csv}`` for the report.
+    """
+    from kit.package import build_manifest, command_line, write_submission
+
+    if not _NAME_RE.match(name) or name == "latest":
+        raise KitError(f"--name {name!r}: use letters, digits, '_', '-' or '.', not 'latest'")
+    result = fit_blend(paths, data, backbones, name, objective, weight_views, seed, cfg)
+    stamp = datetime.now(timezone.utc)
+    csv_path = _free_name(paths.submissions_dir, f"{stamp:%Y%m%d-%H%M%S}_{name}")
+    digest = write_submission(result.submission_frame(), csv_path, result.inputs.test_ids, CLASSES)
+    manifest = build_manifest(
+        name=name, csv_path=csv_path, csv_sha256=digest, csv_rows=len(result.test_labels),
+        command=command or command_line(), workdir=paths.root, data_root=_data_root(data),
+        train_labels_sha256=_train_labels_sha(data), test_ids=result.inputs.test_ids,
+        folds_sha256=result.inputs.folds_sha256,
+        outliers_sha256=sha256_file(paths.outliers_csv) if paths.outliers_csv.exists() else None,
+        backbones=result.inputs.meta, inputs=result.inputs.files, blend=result.blend_record(),
+        scores=result.scores, seed=seed, created_utc=stamp.isoformat(timespec="seconds"))
+    manifest_path = csv_path.with_suffix(".json")
+    atomic_write_json(manifest_path, manifest)
+    result.csv_path, result.manifest_path, result.csv_sha256 = csv_path, manifest_path, digest
+    result.latest_csv = atomic_write_bytes(paths.submissions_dir / "latest.csv",
+                                           csv_path.read_bytes())
+    result.latest_manifest = atomic_write_json(paths.submissions_dir / "latest.json", manifest)
+    _write_run_dir(paths, result)
+    return result
+
+
+def _free_name(folder: Path, stem: str) -> Path:
+    """``folder/stem.csv``, or ``stem-2.csv``... when a blend of the same second exists."""
+    path, n = folder / f"{stem}.csv", 1
+    while path.exists() or path.with_suffix(".json").exists():
+        n += 1
+        path = folder / f"{stem}-{n}.csv"
+    return path
+
+
+def _data_root(data) -> Path:
+    from kit.data import find_root
+
+    return find_root(data).resolve()
+
+
+def _train_labels_sha(data) -> str | None:
+    from kit.data import LABELS_CSV
+
+    path = _data_root(data) / LABELS_CSV
+    return sha256_file(path) if path.exists() else None
+
+
+def _write_run_dir(paths: Paths, result: BlendResult) -> None:
+    out = paths.runs_dir / "blend"
+    write_config(out / "config.yaml", {**result.cfg, "backbones": result.inputs.backbones,
+                                       "objective": result.objective, "name": result.name,
+                                       "weight_views": result.weight_views, "seed": result.seed})
+    atomic_write_json(out / "blend.json", {
+        **result.blend_record(), "scores": result.scores,
+        "folds_sha256": result.inputs.folds_sha256,
+        "fold_fits": {k: {"weights": dict(zip(result.inputs.models, map(float, f.weights))),
+                          "biases": dict(zip(CLASSES, map(float, f.biases)))}
+                      for k, f in result.search.fold_fits.items()},
+        "submission": str(result.csv_path), "manifest": str(result.manifest_path),
+        "csv_sha256": result.csv_sha256})
+    s, ids = result.search, result.inputs
+    oof = pd.DataFrame({"sample_index": ids.ids, "fold": ids.folds,
+                        "label": [CLASSES[i] for i in ids.y]})
+    oof[list(PROB_COLUMNS)] = s.oof_probs
+    oof[[f"nested_{c}" for c in PROB_COLUMNS]] = s.nested_probs
+    oof["pred"] = [CLASSES[i] for i in s.pred_in_sample]
+    oof["pred_nested"] = [CLASSES[i] for i in s.pred_nested]
+    atomic_write_csv(out / "oof_blend.csv", oof, float_format="%.6f")
+    test = pd.DataFrame({"sample_index": ids.test_ids})
+    test[list(PROB_COLUMNS)] = result.test_probs
+    test["label"] = result.test_labels
+    atomic_write_csv(out / "test_blend.csv", test, float_format="%.6f")
+
+
+def format_summary(result: BlendResult) -> str:
+    """The lines ``./run.sh blend`` prints: baselines, blend, bias gain, nested vs in-sample."""
+    s, ins = result.scores, result.inputs
+    base = s["baselines"]
+    nested, in_sample = s["nested"], s["in_sample"]
+    weights = ", ".join(f"{m} {w:.3f}" for m, w in sorted(result.weights.items(),
+                                                          key=lambda kv: -kv[1]) if w > 0)
+    biases = ", ".join(f"{c} {b:+.2f}" for c, b in result.biases.items())
+    lines = [
+        f"blend of {len(ins.backbones)} backbone(s) ({', '.join(ins.backbones)}), "
+        f"{len(ins.models)} library model(s), objective {result.objective}, "
+        f"{len(ins.ids)} OOF images in {len(np.unique(ins.folds))} folds",
+        "OOF macro F1                 in-sample (optimistic)   nested (expected)",
+        f"  best single ({base['best_single']['model']}): {base['best_single']['macro_f1']:.4f}",
+        f"  equal weights:              {base['equal_weights']['macro_f1']:.4f}",
+        f"  blend, argmax:              {in_sample['macro_f1_no_bias']:.4f}"
+        f"                   {nested['macro_f1_no_bias']:.4f}",
+        f"  blend + class biases:       {in_sample['macro_f1']:.4f}"
+        f"                   {nested['macro_f1']:.4f}",
+        f"  bias gain:                  {in_sample['macro_f1'] - in_sample['macro_f1_no_bias']:+.4f}"
+        f"                   {nested['macro_f1'] - nested['macro_f1_no_bias']:+.4f}",
+        f"weights: {weights}",
+        f"class biases (log p): {biases}",
+        f"expected score (nested macro F1): {nested['macro_f1']:.4f}; "
+        f"in-sample (optimistic): {in_sample['macro_f1']:.4f}",
+    ]
+    if result.csv_path is not None:
+        lines += [f"submission -> {result.csv_path} ({len(result.test_labels)} rows, "
+                  f"sha256 {result.csv_sha256[:12]})",
+                  f"manifest   -> {result.manifest_path}",
+                  f"latest     -> {result.latest_csv} (+ {result.latest_manifest.name})"]
+    return "\n".join(lines)

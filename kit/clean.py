@@ -1,0 +1,344 @@
+"""Junk detection: green-stained scans and cartoon ("Shrek") images.
+
+Two rules, thresholds in ``kit/conf/clean.yaml``:
+
+- **green**: share of pixels with (0-1 scale) G > 0.7, G - R > 0.2 and G - B > 0.2; flagged
+  above 0.1 % of the image (the rule that caught all 50 green splats of v2).
+- **cartoon**: every cartoon of v2 reuses a real image's mask file byte for byte, so duplicate
+  masks are the strongest signal; a colour/texture score (share of yellow/green/brown hues,
+  which H&E never has, plus share of flat pixels) decides which member of a duplicate group
+  is the cartoon: the most H&E-like one is kept. Without a duplicate mask only a very high
+  score flags an image.
+
+``run_clean`` writes ``folds/outliers.csv`` (``sample_index,reason,score``), a review page with
+thumbnails of everything flagged and of the borderline cases, and a report of suspicious test
+images (never dropped: every test image needs a prediction). ``clean_train_samples`` applies
+``outliers.csv`` and the user's ``folds/overrides.csv`` (``sample_index,action``, keep|drop),
+which wins over the detector.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import multiprocessing
+import os
+import warnings
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from kit.config import load_config
+from kit.data import Dataset, Sample, load_dataset, to_rgb_array
+from kit.paths import Paths
+from kit.utils import (KitError, atomic_write_csv, atomic_write_text, progress, sha256_file,
+                       write_config)
+
+REASONS = ("cartoon", "green")
+OUTLIER_COLUMNS = ["sample_index", "reason", "score"]
+OVERRIDE_COLUMNS = ["sample_index", "action"]
+ACTIONS = ("keep", "drop")
+FEATURES = ["green", "colour", "smooth", "cartoon"]
+
+
+def run_clean(data, paths: Paths, cfg: dict | None = None, skip_bad: bool = False) -> pd.DataFrame:
+    """Scan every image, flag junk training images and write the clean stage's files.
+
+    Parameters
+    ----------
+    data : path or Dataset
+        Dataset root (validated with :func:`kit.data.load_dataset`) or a loaded dataset.
+    paths : Paths
+        Work directory layout; writes ``paths.outliers_csv`` and ``paths.clean_dir``.
+    cfg : dict, optional
+        Overrides of ``kit/conf/clean.yaml``.
+    skip_bad : bool
+        Passed to ``load_dataset`` when ``data`` is a path.
+
+    Returns
+    -------
+    DataFrame
+        The flagged training images: ``sample_index,reason,score``, sorted.
+    """
+    cfg = load_config("clean", cfg)
+    dataset = data if isinstance(data, Dataset) else load_dataset(data, skip_bad=skip_bad)
+    overrides = load_overrides(paths)  # a broken file should stop us before the long scan
+    feats = scan(dataset, cfg)
+    feats = decide(feats, cfg)
+    is_train = feats["split"] == "train"
+    outliers = _flagged(feats[is_train])
+    suspicious = _flagged(feats[~is_train])
+
+    paths.clean_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_csv(paths.outliers_csv, outliers, float_format="%.6g")
+    atomic_write_csv(paths.clean_dir / "test_suspicious.csv", suspicious, float_format="%.6g")
+    atomic_write_csv(paths.clean_dir / "scores.csv", feats.drop(columns=["thumb"]),
+                     float_format="%.6g")
+    atomic_write_text(paths.clean_dir / "review.html", review_html(feats, cfg, overrides))
+    write_config(paths.clean_dir / "config.yaml",
+                 {**cfg, "data": str(dataset.root), "n_train": len(dataset.train),
+                  "n_test": len(dataset.test),
+                  "flagged": outliers["reason"].value_counts().to_dict()})
+    if len(suspicious):
+        warnings.warn(f"{len(suspicious)} test image(s) look like junk (kept: every test image "
+                      f"needs a prediction): {', '.join(suspicious['sample_index'])}; see "
+                      f"{paths.clean_dir / 'test_suspicious.csv'}", stacklevel=2)
+    return outliers
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-image features
+
+
+def scan(dataset: Dataset, cfg: dict) -> pd.DataFrame:
+    """Features of every train and test image, one row each (decoding in parallel)."""
+    samples = [("train", s) for s in dataset.train] + [("test", s) for s in dataset.test]
+    tasks = [(str(s.image), str(s.mask)) for _, s in samples]
+    work = partial(image_features, cfg=cfg)
+    workers = cfg["workers"] or len(os.sched_getaffinity(0))
+    bar = dict(total=len(tasks), desc="clean", unit="img")
+    if workers <= 1 or len(tasks) < cfg["parallel_min"]:
+        rows = [work(t) for t in progress(tasks, **bar)]
+    else:
+        # forkserver: safe even when the parent has threads (torch, BLAS) running
+        ctx = multiprocessing.get_context("forkserver")
+        with ctx.Pool(min(workers, len(tasks))) as pool:
+            rows = list(progress(pool.imap(work, tasks, chunksize=4), **bar))
+    feats = pd.DataFrame(rows)
+    feats.insert(0, "split", [split for split, _ in samples])
+    feats.insert(1, "sample_index", [s.sample_index for _, s in samples])
+    feats.insert(2, "label", [s.label or "" for _, s in samples])
+    return feats
+
+
+def image_features(task: tuple[str, str], cfg: dict) -> dict:
+    """Green share, cartoon score parts, mask hash and a JPEG thumbnail of one image."""
+    image, mask = task
+    im = _load_small(image, cfg["work_side"])
+    rgb = np.asarray(im)
+    green = green_pixels(rgb, cfg["green"])
+    colour, smooth = cartoon_parts(rgb, np.asarray(im.convert("HSV")), ~green, cfg["cartoon"])
+    w = cfg["cartoon"]["colour_weight"]
+    return {"green": float(green.mean()), "colour": colour, "smooth": smooth,
+            "cartoon": w * colour + (1 - w) * smooth,
+            "mask_sha256": sha256_file(mask),  # same definition as kit.data.mask_groups
+            "thumb": _thumb(im, cfg["thumb_side"])}
+
+
+def _load_small(path: str, work_side: int) -> Image.Image:
+    """Decode and shrink by an integer factor so the short side is about ``work_side``."""
+    with Image.open(path) as im:
+        im = im.convert("RGB") if im.mode in ("RGB", "RGBA", "P", "L", "LA") else \
+            Image.fromarray(to_rgb_array(im))
+    factor = max(1, min(im.size) // max(1, work_side))
+    return im.reduce(factor) if factor > 1 else im
+
+
+def green_pixels(rgb: np.ndarray, cfg: dict) -> np.ndarray:
+    """Boolean map of saturated-green pixels (normalised G > min_g, G-R and G-B > margin)."""
+    r, g, b = (rgb[..., i].astype(np.int16) for i in range(3))
+    margin = cfg["margin"] * 255
+    return (g > cfg["min_g"] * 255) & (g - r > margin) & (g - b > margin)
+
+
+def cartoon_parts(rgb: np.ndarray, hsv: np.ndarray, usable: np.ndarray, cfg: dict):
+    """(colour, smooth) shares over the coloured pixels: non-H&E hue and flat texture.
+
+    Grey background, dark bands and black pen have no reliable hue and are left out, and so
+    are ``usable == False`` pixels (green stain: that rule's business, not a cartoon sign).
+    """
+    sat, val = hsv[..., 1], hsv[..., 2]
+    coloured = (sat > cfg["min_saturation"] * 255) & (val > 40) & usable
+    n = int(coloured.sum())
+    if n == 0:
+        return 0.0, 0.0
+    hue = hsv[..., 0].astype(np.float32) * (360 / 255)
+    odd_hue = (hue >= cfg["hue_min"]) & (hue <= cfg["hue_max"])
+    grey = rgb.astype(np.float32).mean(axis=2)
+    grad = np.zeros_like(grey)
+    grad[:-1, :-1] = np.abs(np.diff(grey, axis=1))[:-1] + np.abs(np.diff(grey, axis=0))[:, :-1]
+    flat = grad < cfg["smooth_gradient"]
+    return float(odd_hue[coloured].mean()), float(flat[coloured].mean())
+
+
+def _thumb(im: Image.Image, side: int) -> bytes:
+    thumb = im.copy()
+    thumb.thumbnail((side, side), Image.BILINEAR)
+    buf = io.BytesIO()
+    thumb.save(buf, format="JPEG", quality=80)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Decisions
+
+
+def decide(feats: pd.DataFrame, cfg: dict) -> pd.DataFrame:
+    """Add ``reason``/``score`` (empty/NaN when clean) and duplicate-mask group columns.
+
+    Groups are taken over train and test together, so a test image reusing a training mask
+    is caught too.
+    """
+    feats = feats.copy()
+    cc, gc = cfg["cartoon"], cfg["green"]
+    feats["group_size"] = feats.groupby("mask_sha256")["sample_index"].transform("size")
+    # Within a duplicate group, rank 0 = the most H&E-like member (ties: train first, by name).
+    order = feats.sort_values(["mask_sha256", "cartoon", "split", "sample_index"],
+                              ascending=[True, True, False, True])
+    feats["group_rank"] = order.groupby("mask_sha256").cumcount().reindex(feats.index)
+    paired = (feats["group_size"] > 1) & (feats["group_rank"] > 0) & (feats["cartoon"] >= cc["paired"])
+    cartoon = (feats["cartoon"] >= cc["strict"]) | paired
+    green = ~cartoon & (feats["green"] > gc["min_share"])
+    feats["reason"] = np.select([cartoon, green], ["cartoon", "green"], default="")
+    feats["score"] = np.select([cartoon, green], [feats["cartoon"], feats["green"]], default=np.nan)
+    return feats
+
+
+def _flagged(feats: pd.DataFrame) -> pd.DataFrame:
+    out = feats.loc[feats["reason"] != "", OUTLIER_COLUMNS]
+    return out.sort_values("sample_index").reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the files back
+
+
+def load_outliers(paths: Paths) -> pd.DataFrame:
+    """``folds/outliers.csv`` as written by :func:`run_clean`."""
+    path = paths.outliers_csv
+    if not path.exists():
+        raise KitError(f"{path}: not found; run ./run.sh clean first")
+    df = _read_csv(path, OUTLIER_COLUMNS, "sample_index,reason,score")
+    bad = sorted(set(df["reason"]) - set(REASONS))
+    if bad:
+        raise KitError(f"{path}: unknown reason(s) {', '.join(bad)}; expected "
+                       f"{' or '.join(REASONS)}; rerun ./run.sh clean")
+    df["score"] = pd.to_numeric(df["score"], errors="coerce")
+    return df
+
+
+def load_overrides(paths: Paths) -> pd.DataFrame:
+    """The user's ``folds/overrides.csv`` (``sample_index,action``); empty when absent."""
+    path = paths.overrides_csv
+    if not path.exists():
+        return pd.DataFrame(columns=OVERRIDE_COLUMNS)
+    df = _read_csv(path, OVERRIDE_COLUMNS, "sample_index,action (action keep or drop)")
+    df["action"] = df["action"].str.strip().str.lower()
+    bad = df[~df["action"].isin(ACTIONS)]
+    if len(bad):
+        rows = ", ".join(f"line {i + 2}: {a!r}" for i, a in bad["action"].items())
+        raise KitError(f"{path}: action must be keep or drop ({rows}); expected header "
+                       "sample_index,action")
+    dup = df[df.duplicated("sample_index", keep=False)]
+    if len(dup):
+        raise KitError(f"{path}: {', '.join(sorted(set(dup['sample_index'])))} listed more than "
+                       "once; keep one row per image")
+    return df
+
+
+def _read_csv(path: Path, columns: list[str], expected: str) -> pd.DataFrame:
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as exc:  # pandas raises several types for unparsable CSV
+        raise KitError(f"{path}: cannot be read as CSV ({exc}); expected header {expected}")
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise KitError(f"{path}: missing column(s) {', '.join(missing)}; expected header "
+                       f"{expected} (found: {','.join(df.columns)})")
+    df = df[columns].copy()
+    df["sample_index"] = df["sample_index"].str.strip()
+    return df
+
+
+def clean_train_samples(dataset: Dataset, paths: Paths) -> list[Sample]:
+    """The training samples left after ``outliers.csv`` and ``overrides.csv`` (which wins)."""
+    outliers = load_outliers(paths)
+    overrides = load_overrides(paths)
+    names = {s.sample_index for s in dataset.train}
+    stale = sorted(set(outliers["sample_index"]) - names)
+    if stale:
+        raise KitError(f"{paths.outliers_csv}: lists {len(stale)} image(s) not in the dataset "
+                       f"({', '.join(stale[:5])}); rerun ./run.sh clean on this dataset")
+    unknown = sorted(set(overrides["sample_index"]) - names)
+    if unknown:
+        raise KitError(f"{paths.overrides_csv}: {', '.join(unknown[:5])} not in the training set; "
+                       "fix the sample_index (e.g. img_0000.png) or remove the row")
+    action = dict(zip(overrides["sample_index"], overrides["action"]))
+    drop = {n for n in outliers["sample_index"] if action.get(n) != "keep"}
+    drop |= {n for n, a in action.items() if a == "drop"}
+    return [s for s in dataset.train if s.sample_index not in drop]
+
+
+# ---------------------------------------------------------------------------------------------
+# Review page
+
+
+def review_html(feats: pd.DataFrame, cfg: dict, overrides: pd.DataFrame | None = None) -> str:
+    """A self-contained page (thumbnails inlined) to check the detector by eye."""
+    action = {} if overrides is None else dict(zip(overrides["sample_index"], overrides["action"]))
+    train, test = feats[feats["split"] == "train"], feats[feats["split"] == "test"]
+    sections = []
+    for reason in REASONS:
+        hit = train[train["reason"] == reason].sort_values("score", ascending=False)
+        sections.append((f"Flagged {reason}: {len(hit)}", hit, action))
+    clean = train[train["reason"] == ""]
+    n = cfg["borderline"]
+    near_green = clean[clean["green"] > 0].nlargest(n, "green")
+    sections.append((f"Borderline green (top {n} unflagged, threshold {cfg['green']['min_share']:g})",
+                     near_green, action))
+    sections.append((f"Borderline cartoon (top {n} unflagged, thresholds paired "
+                     f"{cfg['cartoon']['paired']:g} / strict {cfg['cartoon']['strict']:g})",
+                     clean.nlargest(n, "cartoon"), action))
+    dup = feats[feats["group_size"] > 1].sort_values(["mask_sha256", "group_rank"])
+    sections.append((f"Images sharing a mask file ({dup['mask_sha256'].nunique()} groups; "
+                     "rank 0 of each group is kept)", dup, action))
+    sections.append((f"Test images reported (kept): {int((test['reason'] != '').sum())}",
+                     test[test["reason"] != ""], {}))
+    body = "\n".join(_section(title, rows, act) for title, rows, act in sections)
+    counts = train["reason"].value_counts()
+    summary = (f"{len(train)} training images: {int(counts.get('cartoon', 0))} cartoon, "
+               f"{int(counts.get('green', 0))} green flagged; {len(test)} test images. "
+               f"Overrides: {len(action)} row(s) in folds/overrides.csv (they win over the "
+               "detector). To keep or drop an image by hand, add <code>img_XXXX.png,keep</code> "
+               "or <code>,drop</code> there.")
+    return _PAGE.format(summary=summary, body=body)
+
+
+def _section(title: str, rows: pd.DataFrame, action: dict) -> str:
+    if rows.empty:
+        return f"<h2>{html.escape(title)}</h2><p class=none>none</p>"
+    cards = "\n".join(_card(r, action.get(r.sample_index)) for r in rows.itertuples(index=False))
+    return f"<h2>{html.escape(title)}</h2><div class=grid>{cards}</div>"
+
+
+def _card(r, override: str | None) -> str:
+    src = "data:image/jpeg;base64," + base64.b64encode(r.thumb).decode("ascii")
+    tag = f"{r.reason} {r.score:.4g}" if r.reason else "not flagged"
+    if override:
+        tag += f" · override: {override}"
+    group = f" · mask shared by {r.group_size} (rank {r.group_rank})" if r.group_size > 1 else ""
+    return (f"<figure class='{r.reason or 'ok'}'><img src='{src}' loading=lazy>"
+            f"<figcaption><b>{html.escape(r.split)}/{html.escape(r.sample_index)}</b> "
+            f"{html.escape(r.label)}<br>{html.escape(tag)}{group}<br>"
+            f"green {r.green:.4f} · cartoon {r.cartoon:.3f} (colour {r.colour:.2f}, "
+            f"flat {r.smooth:.2f})</figcaption></figure>")
+
+
+_PAGE = """<!doctype html>
+<html><head><meta charset=utf-8><title>clean: review</title>
+<style>
+body {{ font: 14px sans-serif; margin: 1.5em; }}
+.grid {{ display: flex; flex-wrap: wrap; gap: 10px; }}
+figure {{ margin: 0; padding: 6px; border: 3px solid #ccc; max-width: 340px; }}
+figure.cartoon {{ border-color: #c60; }} figure.green {{ border-color: #2a2; }}
+img {{ max-width: 320px; max-height: 320px; display: block; }}
+figcaption {{ font-size: 12px; }} .none {{ color: #888; }}
+</style></head><body>
+<h1>Junk review</h1><p>{summary}</p>
+{body}
+</body></html>
+"""

@@ -1,0 +1,57 @@
+"""``./run.sh clean``: flag junk training images -> folds/outliers.csv and a review page."""
+from __future__ import annotations
+
+from kit.paths import Paths
+
+
+def add_arguments(parser):
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="drop samples with problems (with a warning) instead of failing")
+    parser.add_argument("--green-share", type=float, default=None, metavar="F",
+                        help="flag an image when saturated-green pixels cover more than this "
+                             "share of it (default 0.001 = 0.1%%)")
+    parser.add_argument("--cartoon-strict", type=float, default=None, metavar="S",
+                        help="cartoon score that flags an image on its own (default 0.6)")
+    parser.add_argument("--cartoon-paired", type=float, default=None, metavar="S",
+                        help="cartoon score that flags an image sharing its mask file with a "
+                             "more H&E-like one (default 0.25)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="decoding processes (default: one per available core)")
+
+
+def run(args) -> int:
+    from kit import clean
+    from kit.data import load_dataset
+
+    cfg = {"green": {"min_share": args.green_share},
+           "cartoon": {"strict": args.cartoon_strict, "paired": args.cartoon_paired},
+           "workers": args.workers}
+    cfg = _drop_none(cfg)
+    paths = Paths.from_root(args.workdir)
+    dataset = load_dataset(args.data, skip_bad=args.skip_bad)
+    outliers = clean.run_clean(dataset, paths, cfg)
+    counts = outliers["reason"].value_counts()
+    print(f"{dataset.root}: {len(outliers)} of {len(dataset.train)} training images flagged")
+    for reason in clean.REASONS:
+        print(f"  {reason:<8} {int(counts.get(reason, 0))}")
+    overrides = clean.load_overrides(paths)
+    if len(overrides):
+        kept = len(clean.clean_train_samples(dataset, paths))
+        print(f"overrides: {len(overrides)} row(s) in {paths.overrides_csv} -> "
+              f"{kept} training images kept")
+    print(f"outliers -> {paths.outliers_csv}")
+    print(f"review   -> {paths.clean_dir / 'review.html'}")
+    return 0
+
+
+def _drop_none(cfg: dict) -> dict:
+    """Nested dict without the options the user did not give (None), so defaults apply."""
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            value = _drop_none(value)
+            if value:
+                out[key] = value
+        elif value is not None:
+            out[key] = value
+    return out

@@ -1,0 +1,42 @@
+"""``./run.sh cv <backbone>``: one model per fold -> ``runs/<backbone>/oof.csv``, ``test.csv``."""
+from __future__ import annotations
+
+
+def add_arguments(parser):
+    parser.add_argument("backbone", help="backbone to train (tiny_cnn, tiny_vit, efficientnet_b0, "
+                                         "convnext_tiny, phikon)")
+    parser.add_argument("--weights", default="auto",
+                        help="auto (pretrained: local folder, cache, else download), random, "
+                             "or a weights file/folder (default: auto)")
+    parser.add_argument("--fold", type=int, default=None,
+                        help="train only this fold (e.g. one job per machine); the backbone's "
+                             "files are assembled once every fold is done")
+    parser.add_argument("--params", default="tuned",
+                        help="tuned settings: tuned (runs/tune/<bb>/best.yaml if it exists), "
+                             "best (require it), none, or a YAML file (default: tuned)")
+    parser.add_argument("--epochs", type=int, default=None, help="override train.yaml epochs")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="override train.yaml batch_size (lower it on out-of-memory)")
+    parser.add_argument("--unfreeze-last", type=int, default=None,
+                        help="also train the last N blocks of the backbone (default: 0)")
+    parser.add_argument("--device", choices=("cpu", "cuda", "mps"), default=None,
+                        help="default: cuda, else mps, else cpu")
+    parser.add_argument("--restart", action="store_true",
+                        help="retrain finished folds too (only --fold K when given)")
+
+
+def run(args) -> int:
+    from kit.cv import run_cv
+    from kit.paths import Paths
+
+    overrides = {"epochs": args.epochs, "batch_size": args.batch_size,
+                 "unfreeze_last": args.unfreeze_last}
+    for key in ("epochs", "batch_size"):
+        if overrides[key] is not None and overrides[key] < 1:
+            from kit.utils import KitError
+
+            raise KitError(f"--{key.replace('_', '-')} must be >= 1 (got {overrides[key]})")
+    run_cv(args.backbone, Paths.from_root(args.workdir), cfg=overrides, seed=args.seed,
+           weights=args.weights, fold=args.fold, params=args.params, device=args.device,
+           restart=args.restart)
+    return 0

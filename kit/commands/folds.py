@@ -1,0 +1,27 @@
+"""``./run.sh folds``: stratified, image-grouped K-fold split -> ``folds/folds.csv``."""
+from __future__ import annotations
+
+from kit.paths import Paths
+from kit.utils import KitError
+
+
+def add_arguments(parser):
+    parser.add_argument("--n-splits", type=int, default=None,
+                        help="number of folds (default: 5, from kit/conf/folds.yaml)")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite an existing folds/folds.csv that holds a different split "
+                             "(out-of-fold predictions made with the old one become invalid)")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="drop samples with problems (with a warning) instead of failing")
+
+
+def run(args) -> int:
+    from kit.folds import folds_hash, run_folds
+
+    if args.n_splits is not None and args.n_splits < 2:
+        raise KitError(f"--n-splits {args.n_splits}: need at least 2 folds")
+    paths = Paths.from_root(args.workdir)
+    run_folds(args.data, paths, cfg={"n_splits": args.n_splits}, seed=args.seed,
+              force=args.force, skip_bad=args.skip_bad)
+    print(f"folds -> {paths.folds_csv} (sha256 {folds_hash(paths)[:12]})")
+    return 0

@@ -1,0 +1,34 @@
+"""``./run.sh submit [CSV] -m MSG``: validate a submission file and upload it to Kaggle."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_arguments(parser):
+    parser.add_argument("csv", nargs="?", default=None,
+                        help="submission file (default: submissions/latest.csv)")
+    parser.add_argument("-m", "--message", required=True,
+                        help="submission description shown on Kaggle")
+    parser.add_argument("--competition", default=None,
+                        help="Kaggle competition slug (default: the manifest's, else "
+                             "kit/conf/submit.yaml: an2dl2526c2v2)")
+    parser.add_argument("--wait", action="store_true",
+                        help="poll until scored; print the public score beside the nested CV "
+                             "estimate")
+    parser.add_argument("--poll-interval", type=float, default=None,
+                        help="seconds between status polls with --wait (default: 15)")
+    parser.add_argument("--wait-timeout", type=float, default=None,
+                        help="give up waiting after this many seconds (default: 1800)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="do every check, upload nothing")
+
+
+def run(args) -> int:
+    from kit.paths import Paths
+    from kit.submit import run_submit
+
+    run_submit(Paths.from_root(args.workdir), args.message, csv=args.csv,
+               competition=args.competition, wait=args.wait, dry_run=args.dry_run,
+               data=Path(args.data) if args.data else None,
+               cfg={"poll_interval": args.poll_interval, "wait_timeout": args.wait_timeout})
+    return 0

@@ -1,0 +1,372 @@
+"""Cross-validated training of one backbone: ``runs/<bb>/oof.csv``, ``test.csv`` and friends.
+
+Fold ``k`` trains on the other folds' images and validates on its own; its outputs go to
+``runs/<bb>/fold_k/`` (``model.pt``, ``oof.csv``, ``test.csv``, ``tta/``) and ``done.json``
+is written last, as the commit mark. A rerun skips every fold whose ``done.json`` matches
+the folds file and the run's config, so a killed run resumes at the fold it was on and
+``--fold K`` jobs on separate machines can share one ``runs/<bb>/``. Once every fold is done
+with the same config, the fold outputs are assembled into the backbone's files (see
+docs/DESIGN.md); ``metrics.json`` is written last.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kit import CLASSES
+from kit.metrics import aggregate, classification_summary, macro_f1, plot_confusion, weighted_f1
+from kit.paths import Paths
+from kit.utils import (KitError, atomic_write_csv, atomic_write_json, package_versions, read_yaml,
+                       sha256_text, write_config)
+
+PROB_COLUMNS = [f"p_{c}" for c in CLASSES]
+FLOAT_FORMAT = "%.7g"
+# Config keys that change speed, not results: they do not invalidate finished folds.
+_NOT_HASHED = ("num_workers", "eval_batch_size")
+_ASSEMBLED = ("oof.csv", "test.csv", "metrics.json", "confusion.png", "config.yaml")
+
+
+# --------------------------------------------------------------------------- params
+def resolve_params(spec, paths: Paths, backbone: str) -> tuple[dict, str]:
+    """Dotted-key overrides from ``--params``: ``tuned``, ``best``, ``none``, a file or a dict.
+
+    ``tuned`` uses ``runs/tune/<bb>/best.yaml`` when it exists, else nothing; ``best``
+    requires it. Returns ``(params, description)``.
+    """
+    if spec is None or (isinstance(spec, str) and spec.lower() == "none"):
+        return {}, "none"
+    if isinstance(spec, dict):
+        return dict(spec), "given"
+    best = paths.tune_dir(backbone) / "best.yaml"
+    if spec in ("tuned", "best"):
+        if not best.exists():
+            if spec == "best":
+                raise KitError(f"--params best: {best} not found; run ./run.sh tune {backbone} "
+                               "first, or use --params none")
+            return {}, f"none ({best} not found)"
+        path = best
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise KitError(f"--params {spec}: no such file; give best, tuned, none or a YAML "
+                           "file with a params: mapping of dotted keys")
+    data = read_yaml(path)
+    params = data.get("params", data)
+    if not isinstance(params, dict):
+        raise KitError(f"{path}: params must be a mapping of dotted config keys to values")
+    return dict(params), f"{path} ({len(params)} values)"
+
+
+# --------------------------------------------------------------------------- inputs
+def _inputs(paths: Paths):
+    """Folds, their hash and both patch caches, checked against each other."""
+    from kit.folds import load_folds
+    from kit.patches import load_patches
+
+    folds, folds_sha = load_folds(paths)
+    train = load_patches(paths, "train")
+    test = load_patches(paths, "test")
+    rows = pd.Series(np.arange(len(train.samples)), index=train.samples.sample_index.values)
+    missing = sorted(set(folds.sample_index) - set(rows.index))
+    extra = sorted(set(rows.index) - set(folds.sample_index))
+    if missing or extra:
+        raise KitError(
+            f"{paths.folds_csv} and the patch cache {paths.patches_dir('train')} list different "
+            f"images ({len(missing)} only in folds, {len(extra)} only in patches, e.g. "
+            f"{(missing or extra)[0]}); rerun ./run.sh patches and ./run.sh folds --force")
+    folds = folds.assign(row=rows.loc[folds.sample_index].values)
+    cached = train.samples.label.values[folds.row.values]
+    bad = folds.sample_index[cached != folds.label.values].tolist()
+    if bad:
+        raise KitError(f"{paths.folds_csv}: labels differ from the patch cache for {len(bad)} "
+                       f"images (e.g. {bad[0]}); rerun ./run.sh patches and ./run.sh folds --force")
+    if train.array.shape[2:] != test.array.shape[2:] or train.array.shape[1] != test.array.shape[1]:
+        raise KitError(f"train and test patch caches differ in shape ({train.array.shape[1:]} vs "
+                       f"{test.array.shape[1:]}); rerun ./run.sh patches")
+    folds["y"] = [CLASSES.index(c) for c in folds.label]
+    return folds, folds_sha, train, test
+
+
+def config_hash(backbone: str, weights, seed: int, cfg: dict, keys: dict) -> str:
+    """What a fold's outputs depend on, hashed (speed-only settings left out)."""
+    hashed = {k: v for k, v in cfg.items() if k not in _NOT_HASHED}
+    payload = {"backbone": backbone, "weights": str(weights), "seed": int(seed), "cfg": hashed,
+               "patches": keys}
+    return sha256_text(json.dumps(payload, sort_keys=True, default=str))
+
+
+def _read_done(fold_dir: Path) -> dict | None:
+    try:
+        return json.loads((fold_dir / "done.json").read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return None  # a damaged commit mark: the fold is simply not done
+
+
+def _check_folds_unchanged(out: Path, folds_sha: str, n_folds: int) -> dict[int, dict]:
+    """Done marks of the existing folds; KitError if any was made with another folds file."""
+    done = {}
+    for k in range(n_folds):
+        mark = _read_done(out / f"fold_{k}")
+        if mark is not None:
+            done[k] = mark
+    stale = sorted(k for k, m in done.items() if m.get("folds_sha256") != folds_sha)
+    others = sorted(p.name for p in out.glob("fold_*") if p.is_dir()
+                    and p.name not in {f"fold_{k}" for k in range(n_folds)}
+                    and _read_done(p) is not None)
+    if stale or others:
+        names = [f"fold_{k}" for k in stale] + others
+        raise KitError(f"{out}: {', '.join(names)} were trained with a different folds file "
+                       f"than {folds_sha[:12]}... (folds/folds.csv changed since); refusing to "
+                       f"mix them: delete {out} or rerun with --restart")
+    return done
+
+
+def _restart(out: Path, fold: int | None) -> None:
+    """Remove what a restart retrains: one fold (and the assembled files) or everything."""
+    targets = [out / f"fold_{fold}"] if fold is not None else list(out.glob("fold_*"))
+    targets += [out / name for name in _ASSEMBLED] + [out / "tta"]
+    for path in targets:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+# --------------------------------------------------------------------------- one fold
+def _prob_frame(ids, probs, **front) -> pd.DataFrame:
+    df = pd.DataFrame({"sample_index": list(ids), **front})
+    for j, col in enumerate(PROB_COLUMNS):
+        df[col] = probs[:, j]
+    return df
+
+
+def _image_probs(patch_probs: dict, how: str) -> dict[str, np.ndarray]:
+    return {v: aggregate(p, how) for v, p in patch_probs.items()}
+
+
+def _train_fold(k: int, ctx: dict) -> dict:
+    """Train fold ``k``, write its outputs and finally its ``done.json``; return the mark."""
+    from kit.train import build_model, fit_fold, predict
+    from kit.utils import seed_everything
+
+    folds, train, test, cfg = ctx["folds"], ctx["train"], ctx["test"], ctx["cfg"]
+    fold_dir = ctx["out"] / f"fold_{k}"
+    (fold_dir / "done.json").unlink(missing_ok=True)  # not done until its outputs are rewritten
+    tr, va = folds[folds.fold != k], folds[folds.fold == k]
+    seed = ctx["seed"] + k
+    seed_everything(seed)
+    model, n_trainable = build_model(ctx["backbone"], cfg, ctx["weights"],
+                                     patch_size=int(train.array.shape[2]))
+    if not ctx.get("printed"):
+        print(f"{ctx['backbone']}: {n_trainable:,} trainable parameters "
+              f"(weights: {model.backbone.weights_source})")
+        ctx["printed"] = True
+    full = cfg["checkpoint"] == "full" or (
+        cfg["checkpoint"] == "auto" and str(model.backbone.weights_source).startswith("random"))
+    if cfg["checkpoint"] not in ("auto", "full", "trainable"):
+        raise KitError(f"train: checkpoint must be auto, full or trainable "
+                       f"(got {cfg['checkpoint']!r})")
+    desc = f"{ctx['backbone']} fold {k}"
+    res = fit_fold(model, train.array, tr.row.values, tr.y.values, va.row.values, va.y.values,
+                   cfg, seed=seed, device=ctx["device"], ckpt_path=fold_dir / "model.pt",
+                   full_checkpoint=full, desc=desc,
+                   meta={"backbone": ctx["backbone"], "fold": k, "config_hash": ctx["hash"]})
+    eval_bs = int(cfg.get("eval_batch_size") or 0) or 2 * int(cfg["batch_size"])
+    opts = dict(views=ctx["views"], batch_size=eval_bs, device=ctx["device"], amp=cfg["amp"],
+                channels_last=cfg["channels_last"])
+    oof = _image_probs(predict(res.model, train.array, va.row.values, desc=f"{desc} oof", **opts),
+                       cfg["aggregate"])
+    tst = _image_probs(predict(res.model, test.array, None, desc=f"{desc} test", **opts),
+                       cfg["aggregate"])
+    front = {"fold": k, "label": va.label.values}
+    for v in ctx["views"]:
+        atomic_write_csv(fold_dir / "tta" / f"oof_{v}.csv", _prob_frame(va.sample_index, oof[v], **front),
+                         FLOAT_FORMAT)
+        atomic_write_csv(fold_dir / "tta" / f"test_{v}.csv",
+                         _prob_frame(test.samples.sample_index, tst[v]), FLOAT_FORMAT)
+    oof_mean = np.mean([oof[v] for v in ctx["views"]], axis=0)
+    test_mean = np.mean([tst[v] for v in ctx["views"]], axis=0)
+    atomic_write_csv(fold_dir / "oof.csv", _prob_frame(va.sample_index, oof_mean, **front),
+                     FLOAT_FORMAT)
+    atomic_write_csv(fold_dir / "test.csv", _prob_frame(test.samples.sample_index, test_mean),
+                     FLOAT_FORMAT)
+    mark = {
+        "fold": k, "config_hash": ctx["hash"], "folds_sha256": ctx["folds_sha"],
+        "patch_keys": ctx["keys"], "backbone": ctx["backbone"],
+        "weights_source": model.backbone.weights_source, "trainable_params": n_trainable,
+        "views": list(ctx["views"]), "best_epoch": res.best_epoch,
+        "val_macro_f1": res.best_score, "epochs": res.epochs, "seconds": round(res.seconds, 1),
+        "macro_f1": macro_f1(va.y.values, oof_mean),
+        "weighted_f1": weighted_f1(va.y.values, oof_mean), "history": res.history,
+        "train_samples": tr.sample_index.tolist(), "val_samples": va.sample_index.tolist(),
+        "device": str(ctx["device"]), "seed": seed,
+    }
+    atomic_write_json(fold_dir / "done.json", mark)
+    print(f"{desc}: {res.epochs} epochs, best macro F1 {res.best_score:.3f} at epoch "
+          f"{res.best_epoch} (TTA {mark['macro_f1']:.3f}), {res.seconds:.0f} s")
+    return mark
+
+
+# --------------------------------------------------------------------------- assembly
+def _read_probs(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"sample_index": str, "label": str}, keep_default_na=False)
+
+
+def _assemble(ctx: dict, marks: dict[int, dict]) -> dict:
+    """Fold outputs -> ``oof.csv``, ``test.csv``, ``tta/``, ``metrics.json`` (last)."""
+    out, folds, views, n_folds = ctx["out"], ctx["folds"], ctx["views"], ctx["n_folds"]
+    oof_view, test_view = {}, {}
+    for v in views:
+        parts = [_read_probs(out / f"fold_{k}" / "tta" / f"oof_{v}.csv") for k in range(n_folds)]
+        oof = pd.concat(parts, ignore_index=True)
+        counts = oof.sample_index.value_counts()
+        if len(oof) != len(folds) or set(oof.sample_index) != set(folds.sample_index) \
+                or counts.max() != 1:
+            raise KitError(f"{out}: fold predictions do not cover every image of "
+                           f"{ctx['paths'].folds_csv} exactly once; rerun with --restart")
+        oof_view[v] = oof.set_index("sample_index").loc[folds.sample_index].reset_index()
+        tests = [_read_probs(out / f"fold_{k}" / "tta" / f"test_{v}.csv") for k in range(n_folds)]
+        ids = tests[0].sample_index
+        if any(not t.sample_index.equals(ids) for t in tests):
+            raise KitError(f"{out}: fold test predictions list different images; "
+                           "rerun with --restart")
+        test_view[v] = _prob_frame(ids, np.mean([t[PROB_COLUMNS].to_numpy() for t in tests], 0))
+    oof_main = oof_view[views[0]][["sample_index", "fold", "label"]].copy()
+    probs = np.mean([oof_view[v][PROB_COLUMNS].to_numpy() for v in views], axis=0)
+    oof_main[PROB_COLUMNS] = probs
+    test_main = _prob_frame(test_view[views[0]].sample_index,
+                            np.mean([test_view[v][PROB_COLUMNS].to_numpy() for v in views], 0))
+
+    (out / "metrics.json").unlink(missing_ok=True)  # the commit mark of the assembled files
+    tta_dir = out / "tta"
+    for stale in tta_dir.glob("*.csv") if tta_dir.exists() else []:
+        if stale.stem.split("_", 1)[-1] not in views:
+            stale.unlink()
+    for v in views:
+        atomic_write_csv(tta_dir / f"oof_{v}.csv", oof_view[v], FLOAT_FORMAT)
+        atomic_write_csv(tta_dir / f"test_{v}.csv", test_view[v], FLOAT_FORMAT)
+    atomic_write_csv(out / "oof.csv", oof_main, FLOAT_FORMAT)
+    atomic_write_csv(out / "test.csv", test_main, FLOAT_FORMAT)
+
+    y = oof_main.label.to_numpy()
+    summary = classification_summary(y, probs)
+    per_fold = []
+    for k in range(n_folds):
+        sel = oof_main.fold.to_numpy() == k
+        m = marks[k]
+        per_fold.append({"fold": k, "n": int(sel.sum()), "macro_f1": macro_f1(y[sel], probs[sel]),
+                         "weighted_f1": weighted_f1(y[sel], probs[sel]),
+                         "val_macro_f1_id": m["val_macro_f1"], "best_epoch": m["best_epoch"],
+                         "epochs": m["epochs"], "seconds": m["seconds"]})
+    cfg_record = {"backbone": ctx["backbone"], "weights": str(ctx["weights"]), "seed": ctx["seed"],
+                  "params": ctx["params_desc"], **ctx["cfg"]}
+    metrics = {
+        "backbone": ctx["backbone"], "oof_macro_f1": summary["macro_f1"],
+        "oof_weighted_f1": summary["weighted_f1"], "oof_accuracy": summary["accuracy"],
+        "per_fold": per_fold, "per_class": summary["per_class"],
+        "confusion": summary["confusion"], "classes": list(CLASSES),
+        "per_view_macro_f1": {v: macro_f1(y, oof_view[v][PROB_COLUMNS].to_numpy())
+                              for v in views},
+        "views": list(views), "aggregate": ctx["cfg"]["aggregate"],
+        "n_oof": len(oof_main), "n_test": len(test_main),
+        "folds_sha256": ctx["folds_sha"], "patch_keys": ctx["keys"],
+        "config_hash": ctx["hash"], "config": cfg_record,
+        "weights_source": marks[0]["weights_source"],
+        "trainable_params": marks[0]["trainable_params"],
+        "seconds": round(sum(m["seconds"] for m in marks.values()), 1),
+        "versions": package_versions(),
+    }
+    plot_confusion(summary["confusion"], CLASSES, out / "confusion.png",
+                   title=f"{ctx['backbone']} OOF, macro F1 {summary['macro_f1']:.3f}")
+    write_config(out / "config.yaml", cfg_record)
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+# --------------------------------------------------------------------------- stage
+def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
+           weights="auto", fold: int | None = None, params=None, device=None,
+           restart: bool = False) -> dict:
+    """Train ``backbone`` on every fold (or fold ``fold``) and assemble its predictions.
+
+    Parameters
+    ----------
+    backbone : str
+        A registered backbone (:func:`kit.backbones.list_backbones`).
+    paths : kit.paths.Paths
+        Reads ``folds/folds.csv`` and ``runs/patches/``; writes ``runs/<backbone>/``.
+    cfg : dict, optional
+        Nested overrides of ``train.yaml`` (``augment`` for ``augment.yaml``), applied last.
+    seed : int
+        Fold ``k`` trains with seed ``seed + k``.
+    weights : {"auto", "random"} or path
+        Backbone weights (see :mod:`kit.backbones`).
+    fold : int, optional
+        Train this fold only; the backbone's files are assembled once every fold is done.
+    params : dict or {"tuned", "best", "none"} or path, optional
+        Dotted-key overrides (``runs/tune/<bb>/best.yaml`` has them), applied before ``cfg``.
+    device : str, optional
+        ``cpu``, ``cuda``, ``mps``; default: the best available.
+    restart : bool
+        Retrain even folds that are done (only ``fold`` when given).
+
+    Returns
+    -------
+    dict
+        The metrics (``metrics.json``) once assembled; otherwise ``{"assembled": False,
+        "pending": [...], "folds": {k: done mark}}``.
+    """
+    from kit.backbones import list_backbones
+    from kit.train import pick_device, train_config, tta_views
+
+    if backbone not in list_backbones():
+        raise KitError(f"unknown backbone {backbone!r}; known backbones: "
+                       f"{', '.join(list_backbones())}")
+    params, params_desc = resolve_params(params, paths, backbone)
+    cfg = train_config(cfg, params)
+    views = tta_views(cfg["tta"])
+    folds, folds_sha, train, test = _inputs(paths)
+    n_folds = int(folds.fold.max()) + 1
+    if fold is not None and not 0 <= int(fold) < n_folds:
+        raise KitError(f"--fold {fold}: {paths.folds_csv} has folds 0..{n_folds - 1}")
+    out = paths.backbone_dir(backbone)
+    if restart:
+        _restart(out, fold)
+    marks = _check_folds_unchanged(out, folds_sha, n_folds)
+    keys = {"train": train.key, "test": test.key}
+    ctx = dict(paths=paths, backbone=backbone, weights=weights, seed=int(seed), cfg=cfg,
+               views=views, folds=folds, folds_sha=folds_sha, train=train, test=test, out=out,
+               keys=keys, n_folds=n_folds, device=pick_device(device), params_desc=params_desc,
+               hash=config_hash(backbone, weights, seed, cfg, keys))
+    print(f"{backbone}: {n_folds} folds, {len(folds)} training images, {len(test.samples)} "
+          f"test images, device {ctx['device']}, params: {params_desc}")
+    t0 = time.perf_counter()
+    for k in ([int(fold)] if fold is not None else range(n_folds)):
+        mark = marks.get(k)
+        if mark is not None and mark.get("config_hash") == ctx["hash"]:
+            print(f"{backbone} fold {k}: done earlier (macro F1 {mark['macro_f1']:.3f}), skipped")
+            continue
+        if mark is not None:
+            print(f"{backbone} fold {k}: config changed since it was trained; retraining")
+        marks[k] = _train_fold(k, ctx)
+    pending = [k for k in range(n_folds)
+               if k not in marks or marks[k].get("config_hash") != ctx["hash"]]
+    if pending:
+        names = ", ".join(map(str, pending))
+        print(f"{backbone}: fold(s) {names} not done with this config yet; outputs assemble "
+              f"once they are (./run.sh cv {backbone} trains them)")
+        return {"assembled": False, "pending": pending, "folds": marks}
+    metrics = _assemble(ctx, marks)
+    print(f"{backbone}: OOF macro F1 {metrics['oof_macro_f1']:.3f} (weighted "
+          f"{metrics['oof_weighted_f1']:.3f}) over {metrics['n_oof']} images in "
+          f"{time.perf_counter() - t0:.0f} s -> {out}")
+    return metrics

@@ -1,0 +1,344 @@
+"""Stratified, image-grouped K-fold split of the clean training images -> ``folds/folds.csv``.
+
+Every image is its own group unless it shares a group with others:
+
+- images whose mask files are byte-identical (:func:`kit.data.mask_groups`; on the real data
+  each cartoon reuses a real image's mask, so a pair must never straddle two folds);
+- images given the same ``group`` in the optional, user-edited ``folds/groups.csv``
+  (``sample_index,group``), the hook for any other near-duplicates found by hand.
+
+Groups are merged transitively. The split is scikit-learn's ``StratifiedGroupKFold``; the
+file it produces is sorted by ``sample_index`` and byte-identical for the same inputs and
+seed. Later stages record :func:`folds_hash` so that predictions made with one split are
+never mixed with another; hence :func:`run_folds` refuses to overwrite a different split
+unless ``force=True``.
+"""
+from __future__ import annotations
+
+import io
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kit import CLASSES
+from kit.config import load_config
+from kit.data import Dataset, Sample, load_dataset, mask_groups
+from kit.paths import Paths
+from kit.utils import KitError, atomic_write_bytes, check_random_state, sha256_bytes, sha256_file, write_config
+
+COLUMNS = ("sample_index", "label", "fold")
+GROUP_COLUMNS = ("sample_index", "group")
+
+
+class StratifiedGroupFolds:
+    """K-fold with stratified classes and whole groups per fold (scikit-learn interface).
+
+    Parameters
+    ----------
+    n_splits : int
+        Number of folds, at least 2.
+    shuffle : bool
+        Shuffle the order in which groups are placed (breaks ties between groups with the
+        same class profile); without it the split depends only on the input order.
+    random_state : int, numpy Generator or None
+        Turned into a Generator by :func:`kit.utils.check_random_state`, from which one
+        integer in ``[0, 2**31 - 1)`` is drawn per :meth:`split` call and handed to
+        scikit-learn's ``StratifiedGroupKFold``. An int therefore gives the same split on
+        every call, a Generator advances (each call differs), None draws fresh entropy.
+        Ignored when ``shuffle`` is False.
+    """
+
+    def __init__(self, n_splits: int = 5, shuffle: bool = True, random_state=None):
+        self.n_splits = n_splits
+        self.shuffle = shuffle
+        self.random_state = random_state
+
+    def get_n_splits(self, X=None, y=None, groups=None) -> int:
+        return self.n_splits
+
+    def split(self, X, y, groups):
+        """Yield ``(train_idx, test_idx)`` index arrays, one pair per fold.
+
+        Parameters
+        ----------
+        X : array-like, length n
+            Only its length is used.
+        y : array-like of class labels, length n
+        groups : array-like of group ids, length n
+            Samples with the same id always land in the same fold.
+        """
+        from sklearn.model_selection import StratifiedGroupKFold
+
+        if groups is None:
+            raise ValueError("StratifiedGroupFolds.split needs groups (one id per sample)")
+        seed = None
+        if self.shuffle:
+            seed = int(check_random_state(self.random_state).integers(2**31 - 1))
+        kfold = StratifiedGroupKFold(n_splits=self.n_splits, shuffle=self.shuffle, random_state=seed)
+        yield from kfold.split(X, y, groups)
+
+    def __repr__(self) -> str:
+        return (f"StratifiedGroupFolds(n_splits={self.n_splits}, shuffle={self.shuffle}, "
+                f"random_state={self.random_state!r})")
+
+
+def assign_folds(sample_ids, labels, groups, n_splits: int = 5, seed=42) -> np.ndarray:
+    """Fold number (0..n_splits-1) of each sample, aligned with ``sample_ids``.
+
+    The samples are sorted by id first, so the result does not depend on input order.
+
+    Raises
+    ------
+    KitError
+        When there are fewer groups than folds.
+    """
+    ids = np.asarray(list(sample_ids), dtype=object)
+    labels = np.asarray(list(labels), dtype=object)
+    groups = np.asarray(list(groups), dtype=object)
+    if not len(ids) == len(labels) == len(groups):
+        raise ValueError(f"sample_ids, labels and groups differ in length "
+                         f"({len(ids)}, {len(labels)}, {len(groups)})")
+    if len(set(ids)) != len(ids):
+        raise ValueError("sample_ids must be unique")
+    if n_splits < 2:
+        raise KitError(f"n_splits={n_splits}: need at least 2 folds")
+    n_groups = len(set(groups))
+    if n_groups < n_splits:
+        raise KitError(f"only {n_groups} independent image groups for {n_splits} folds; "
+                       "lower --n-splits or add training images")
+    counts = pd.Series(labels).value_counts()
+    if counts.min() < n_splits:
+        warnings.warn(f"class {counts.idxmin()!r} has only {counts.min()} images for {n_splits} "
+                      "folds: some folds will have none of it", stacklevel=2)
+
+    order = np.argsort(ids.astype(str), kind="stable")
+    folds = np.full(len(ids), -1, dtype=np.int64)
+    splitter = StratifiedGroupFolds(n_splits, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class")  # warned above
+        for fold, (_, test) in enumerate(splitter.split(ids[order], labels[order], groups[order])):
+            folds[order[test]] = fold
+    return folds
+
+
+def build_groups(samples: list[Sample], extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Group id of each sample: shared mask files and ``extra`` groups, merged transitively.
+
+    Parameters
+    ----------
+    samples : list of Sample
+    extra : dict, optional
+        ``sample_index -> group label`` from ``folds/groups.csv``; names not among
+        ``samples`` (e.g. dropped as outliers) are ignored.
+
+    Returns
+    -------
+    dict
+        ``sample_index -> group id``, the id being the smallest sample_index in the group.
+    """
+    parent = {s.sample_index: s.sample_index for s in samples}
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(a, b):
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)  # the smallest name becomes the id
+
+    for name, first in mask_groups(samples).items():
+        union(name, first)
+    by_label: dict[str, str] = {}
+    for name, label in sorted((extra or {}).items()):
+        if name in parent:
+            union(name, by_label.setdefault(label, name))
+    return {name: find(name) for name in parent}
+
+
+def read_group_overrides(path: str | Path, known: set[str] | None = None) -> dict[str, str]:
+    """Read the optional ``sample_index,group`` file; an absent file means no extra groups.
+
+    Raises
+    ------
+    KitError
+        Missing columns, duplicate rows, or names that are not training images (``known``).
+    """
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as exc:  # pandas raises several types for unparsable CSV
+        raise KitError(f"{path}: cannot be read as CSV ({exc}); expected header sample_index,group")
+    df.columns = [c.strip() for c in df.columns]
+    missing = [c for c in GROUP_COLUMNS if c not in df.columns]
+    if missing:
+        raise KitError(f"{path}: missing column(s) {', '.join(missing)}; expected header "
+                       f"sample_index,group (found: {','.join(df.columns)})")
+    problems = [f"{name}: listed more than once" for name in
+                sorted(df.loc[df.sample_index.duplicated(), "sample_index"].unique())]
+    if known is not None:
+        problems += [f"{name}: not a training image" for name in
+                     sorted(set(df.sample_index) - known)]
+    problems += [f"{name}: empty group" for name in df.loc[df.group.str.strip() == "", "sample_index"]]
+    if problems:
+        raise KitError(f"{path}: {len(problems)} problems; fix or delete the file", problems)
+    return dict(zip(df.sample_index, df.group.str.strip()))
+
+
+def run_folds(data, paths: Paths, cfg: dict | None = None, seed: int = 42, force: bool = False,
+              skip_bad: bool = False) -> pd.DataFrame:
+    """Split the clean training images into folds and write ``folds/folds.csv``.
+
+    Parameters
+    ----------
+    data : path or Dataset
+        Dataset root (or an already loaded :class:`kit.data.Dataset`).
+    paths : Paths
+    cfg : dict, optional
+        Overrides of ``kit/conf/folds.yaml`` (``n_splits``).
+    seed : int
+    force : bool
+        Overwrite an existing ``folds/folds.csv`` that holds a different split.
+    skip_bad : bool
+        Passed to :func:`kit.data.load_dataset`.
+
+    Returns
+    -------
+    DataFrame
+        ``sample_index, label, fold`` as written.
+
+    Raises
+    ------
+    KitError
+        Clean stage not run, too few images, a bad ``folds/groups.csv``, or a different
+        split already on disk without ``force``.
+    """
+    from kit.clean import clean_train_samples
+
+    cfg = load_config("folds", cfg)
+    dataset = data if isinstance(data, Dataset) else load_dataset(data, skip_bad=skip_bad)
+    samples = sorted(clean_train_samples(dataset, paths), key=lambda s: s.sample_index)
+    if not samples:
+        raise KitError(f"{paths.outliers_csv}: no clean training images left to split; "
+                       "check the clean stage's output and folds/overrides.csv")
+    extra = read_group_overrides(paths.groups_csv, known={s.sample_index for s in dataset.train})
+    groups = build_groups(samples, extra)
+    ids = [s.sample_index for s in samples]
+    folds = assign_folds(ids, [s.label for s in samples], [groups[i] for i in ids],
+                         int(cfg["n_splits"]), seed)
+    df = pd.DataFrame({"sample_index": ids, "label": [s.label for s in samples], "fold": folds})
+    df = df.sort_values("sample_index", kind="stable").reset_index(drop=True)
+
+    content = df.to_csv(index=False, lineterminator="\n").encode()
+    _guard_overwrite(paths.folds_csv, content, force)
+    if not (paths.folds_csv.exists() and paths.folds_csv.read_bytes() == content):
+        atomic_write_bytes(paths.folds_csv, content)
+    n_groups = len(set(groups.values()))
+    write_config(paths.runs_dir / "folds" / "config.yaml", {
+        **cfg, "seed": seed, "data": str(dataset.root), "n_images": len(df), "n_groups": n_groups,
+        "groups_csv": str(paths.groups_csv) if extra else None,
+        "outliers_csv_sha256": sha256_file(paths.outliers_csv) if paths.outliers_csv.exists() else None,
+        "folds_csv": str(paths.folds_csv), "folds_sha256": sha256_bytes(content)})
+    print(f"{len(df)} clean training images in {n_groups} groups "
+          f"({len(df) - n_groups} images share a group with another)")
+    print(fold_table(df, int(cfg["n_splits"])))
+    return df
+
+
+def fold_table(df: pd.DataFrame, n_splits: int | None = None) -> str:
+    """Per-fold class counts as a small text table (rows: folds, then ``all``)."""
+    n_splits = n_splits or int(df.fold.max()) + 1
+    table = pd.crosstab(df.fold, df.label).reindex(index=range(n_splits), columns=list(CLASSES),
+                                                   fill_value=0)
+    table["total"] = table.sum(axis=1)
+    table.loc["all"] = table.sum(axis=0)
+    table.index.name = "fold"
+    table.columns.name = None
+    return table.reset_index().to_string(index=False)
+
+
+def _guard_overwrite(path: Path, content: bytes, force: bool) -> None:
+    if not path.exists():
+        return
+    old = path.read_bytes()
+    if old == content:
+        return
+    change = _describe_change(old, content)
+    if not force:
+        raise KitError(f"{path} already holds a different split ({change}); out-of-fold "
+                       "predictions and tuning results made with it (runs/<backbone>/oof.csv) "
+                       "would silently become invalid. Pass --force to overwrite it, then rerun "
+                       "cv for every backbone")
+    print(f"warning: overwriting {path} ({change}); rerun cv for every backbone",
+          file=sys.stderr)
+
+
+def _describe_change(old: bytes, new: bytes) -> str:
+    try:
+        a = pd.read_csv(io.BytesIO(old), dtype=str, keep_default_na=False).set_index("sample_index")
+        b = pd.read_csv(io.BytesIO(new), dtype=str, keep_default_na=False).set_index("sample_index")
+        common = a.index.intersection(b.index)
+        moved = int((a.loc[common, "fold"] != b.loc[common, "fold"]).sum())
+    except Exception:  # an unreadable old file is simply "different"
+        return "contents differ"
+    return (f"{moved} images change fold, {len(b.index.difference(a.index))} added, "
+            f"{len(a.index.difference(b.index))} removed")
+
+
+def load_folds(paths: Paths) -> tuple[pd.DataFrame, str]:
+    """Read and check ``folds/folds.csv``.
+
+    Returns
+    -------
+    (DataFrame, str)
+        ``sample_index, label, fold`` (fold as int) and the file's sha256, which every stage
+        that uses the folds records.
+
+    Raises
+    ------
+    KitError
+        File missing, or its columns or values are not what :func:`run_folds` writes.
+    """
+    path = paths.folds_csv
+    if not path.exists():
+        raise KitError(f"no folds file at {path}; run ./run.sh folds first")
+    content = path.read_bytes()
+    fix = "rerun ./run.sh folds --force to rewrite it"
+    try:
+        df = pd.read_csv(io.BytesIO(content), dtype=str, keep_default_na=False)
+    except Exception as exc:  # pandas raises several types for unparsable CSV
+        raise KitError(f"{path}: cannot be read as CSV ({exc}); {fix}")
+    if tuple(df.columns) != COLUMNS:
+        raise KitError(f"{path}: columns are {','.join(df.columns)}, expected "
+                       f"{','.join(COLUMNS)}; {fix}")
+    problems = []
+    if df.empty:
+        problems.append("no rows")
+    bad_fold = ~df.fold.str.fullmatch(r"\d+")
+    problems += [f"line {i + 2}: fold {v!r} is not a non-negative integer"
+                 for i, v in df.fold[bad_fold].items()]
+    problems += [f"line {i + 2}: unknown label {v!r}"
+                 for i, v in df.label[~df.label.isin(CLASSES)].items()]
+    problems += [f"line {i + 2}: {v} listed again"
+                 for i, v in df.sample_index[df.sample_index.duplicated()].items()]
+    if problems:
+        raise KitError(f"{path}: {len(problems)} problems; {fix}", problems)
+    df["fold"] = df.fold.astype(np.int64)
+    missing = sorted(set(range(int(df.fold.max()) + 1)) - set(df.fold))
+    if missing:
+        raise KitError(f"{path}: fold(s) {', '.join(map(str, missing))} have no images; {fix}")
+    return df, sha256_bytes(content)
+
+
+def folds_hash(paths: Paths) -> str:
+    """sha256 of ``folds/folds.csv``: later stages record it beside their outputs."""
+    if not paths.folds_csv.exists():
+        raise KitError(f"no folds file at {paths.folds_csv}; run ./run.sh folds first")
+    return sha256_file(paths.folds_csv)

@@ -1,0 +1,98 @@
+"""Classification heads (an MLP built from config) and the backbone + head patch classifier."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kit.utils import KitError
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+NORMS = {"none": None, "layernorm": nn.LayerNorm, "batchnorm": nn.BatchNorm1d}
+MAX_DEPTH = 4
+
+
+def create_head(in_features: int, num_classes: int, depth: int = 1, width: int = 256,
+                dropout: float = 0.3, activation: str = "relu", norm: str = "none") -> nn.Sequential:
+    """An MLP from features to logits.
+
+    Each of the ``depth`` hidden layers is Linear -> norm -> activation -> Dropout; the last
+    layer is a Linear to ``num_classes``. ``depth=0`` is a linear classifier with Dropout on
+    its input features.
+
+    Parameters
+    ----------
+    in_features, num_classes : int
+        Input feature size and number of output logits.
+    depth : int
+        Hidden layers, 0..4.
+    width : int
+        Size of each hidden layer.
+    dropout : float
+        Dropout probability in [0, 1).
+    activation : {"relu", "gelu"}
+    norm : {"none", "layernorm", "batchnorm"}
+        ``batchnorm`` (BatchNorm1d) needs training batches of at least 2.
+    """
+    activation, norm = _check(in_features, num_classes, depth, width, dropout, activation, norm)
+    layers: list[nn.Module] = []
+    if depth == 0 and dropout > 0:
+        layers.append(nn.Dropout(dropout))
+    size = in_features
+    for _ in range(depth):
+        layers.append(nn.Linear(size, width))
+        if NORMS[norm] is not None:
+            layers.append(NORMS[norm](width))
+        layers.append(ACTIVATIONS[activation]())
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        size = width
+    layers.append(nn.Linear(size, num_classes))
+    return nn.Sequential(*layers)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check(in_features, num_classes, depth, width, dropout, activation, norm):
+    problems = []
+    for key, value, low in (("in_features", in_features, 1), ("num_classes", num_classes, 1),
+                            ("width", width, 1)):
+        if not _is_int(value) or value < low:
+            problems.append(f"{key} must be a positive integer (got {value!r})")
+    if not _is_int(depth) or not 0 <= depth <= MAX_DEPTH:
+        problems.append(f"depth must be an integer in 0..{MAX_DEPTH} (got {depth!r})")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        problems.append(f"dropout must be a number in [0, 1) (got {dropout!r})")
+    act = str(activation).lower()
+    if act not in ACTIVATIONS:
+        problems.append(f"activation must be one of {', '.join(ACTIVATIONS)} (got {activation!r})")
+    nrm = "none" if norm is None else str(norm).lower()
+    if nrm not in NORMS:
+        problems.append(f"norm must be one of {', '.join(NORMS)} (got {norm!r})")
+    if problems:
+        raise KitError("head config: " + "; ".join(problems), problems)
+    return act, nrm
+
+
+class PatchClassifier(nn.Module):
+    """A backbone and a head: ``forward(x)`` maps normalised patches to class logits.
+
+    Parameters
+    ----------
+    backbone : kit.backbones.Backbone
+    head : nn.Module
+        Maps ``backbone.num_features`` features to logits (see :func:`create_head`).
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone features, ``B x num_features``."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))

@@ -1,0 +1,531 @@
+"""Training one model on the patches of some images and predicting patch probabilities.
+
+The data path: a Dataset over (image, patch) pairs reads uint8 patches from the memory-mapped
+cache and augments them with albumentations (on CPU, in DataLoader workers when there are
+any); batches stay uint8 until they reach the device, where :func:`kit.augment.normalize_batch`
+scales, normalises and resizes them, and CutMix mixes them. Early stopping watches the macro
+F1 of the validation *images* (patch probabilities aggregated per image), the challenge metric.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from kit import CLASSES
+from kit.config import load_config, merge
+from kit.metrics import aggregate, macro_f1
+from kit.utils import KitError, atomic_path, progress, seed_everything
+
+# --------------------------------------------------------------------------- config
+def train_config(overrides: dict | None = None, params: dict | None = None) -> dict:
+    """The resolved training config: ``train.yaml`` with ``augment.yaml`` as ``augment``.
+
+    Parameters
+    ----------
+    overrides : dict, optional
+        Nested values merged over the defaults (keys must exist), applied last.
+    params : dict, optional
+        Dotted keys (``{"head.depth": 2, "augment.cutmix_alpha": 0.5, "lr": 3e-4}``), as in
+        ``runs/tune/<bb>/best.yaml``; applied before ``overrides``.
+    """
+    cfg = load_config("train")
+    cfg["augment"] = load_config("augment")
+    if params:
+        cfg = merge(cfg, dotted_to_nested(params), source="params")
+    if overrides:
+        cfg = merge(cfg, {k: v for k, v in overrides.items() if v is not None}, source="config")
+    return cfg
+
+
+def dotted_to_nested(params: dict) -> dict:
+    """``{"head.depth": 2}`` -> ``{"head": {"depth": 2}}``."""
+    out: dict = {}
+    for key, value in params.items():
+        node = out
+        *parents, leaf = str(key).split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise KitError(f"params: {key!r} conflicts with another key")
+        node[leaf] = value
+    return out
+
+
+def tta_views(spec) -> tuple[str, ...]:
+    """View names from the ``tta`` config: ``none`` (original only), a set name of
+    :mod:`kit.tta` (``flips``, ``dihedral``) or a list of view names."""
+    from kit.tta import get_views
+
+    if isinstance(spec, str) and spec.strip().lower() in ("none", "off", ""):
+        return ("id",)
+    return get_views(spec)
+
+
+# --------------------------------------------------------------------------- device
+def pick_device(name: str | None = None) -> torch.device:
+    """``cuda`` if available, else ``mps``, else ``cpu``; a named device must be available."""
+    if name in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    ok = {"cpu": True, "cuda": torch.cuda.is_available(),
+          "mps": getattr(torch.backends, "mps", None) is not None
+          and torch.backends.mps.is_available()}.get(dev.type, False)
+    if not ok:
+        raise KitError(f"device {name!r} is not available here; use --device cpu "
+                       "(or leave --device out to pick the best one)")
+    return dev
+
+
+def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
+    """Autocast dtype for ``amp`` (auto|off|bf16|fp16) on ``device``; None = full precision."""
+    amp = str(amp).lower()
+    if amp not in ("auto", "off", "bf16", "fp16", "false", "none"):
+        raise KitError(f"train: amp must be auto, off, bf16 or fp16 (got {amp!r})")
+    if amp in ("off", "false", "none"):
+        return None
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def _flag(value, device: torch.device) -> bool:
+    """``auto`` -> on CUDA only; otherwise the boolean value."""
+    if str(value).lower() == "auto":
+        return device.type == "cuda"
+    return bool(value)
+
+
+def n_workers(value, device: torch.device) -> int:
+    if str(value).lower() == "auto":
+        # On a CPU the cores are busy with the model itself; extra processes only compete.
+        return min(8, max(0, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0
+    return max(0, int(value))
+
+
+# --------------------------------------------------------------------------- model
+def build_model(backbone: str, cfg: dict, weights="auto", num_classes: int = len(CLASSES),
+                patch_size: int | None = None, **backbone_kwargs):
+    """Backbone (frozen but its norm layers and last ``unfreeze_last`` blocks) + MLP head.
+
+    Returns
+    -------
+    (PatchClassifier, int)
+        The model and its number of trainable parameters.
+    """
+    from kit.backbones import count_trainable, create_backbone, freeze_backbone
+    from kit.heads import PatchClassifier, create_head
+
+    bb = create_backbone(backbone, weights=weights, patch_size=patch_size,
+                         phikon_mode=cfg.get("phikon_mode", "resize"), **backbone_kwargs)
+    freeze_backbone(bb, train_norm=cfg["train_norm"], unfreeze_last=cfg["unfreeze_last"])
+    head = create_head(bb.num_features, num_classes, **cfg["head"])
+    model = PatchClassifier(bb, head)
+    return model, count_trainable(model)
+
+
+def set_train_mode(model: nn.Module) -> None:
+    """``model.train()``, except that norm layers with frozen parameters keep their statistics.
+
+    A frozen BatchNorm in train mode would still move its running mean/variance, silently
+    changing the "frozen" backbone.
+    """
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            params = list(m.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                m.eval()
+
+
+def checkpoint_keys(model: nn.Module, full: bool) -> list[str]:
+    """State-dict keys a checkpoint keeps: all, or trainable parameters plus every buffer."""
+    sd_keys = list(model.state_dict().keys())
+    if full:
+        return sd_keys
+    keep = {n for n, p in model.named_parameters() if p.requires_grad}
+    keep |= {n for n, _ in model.named_buffers()}
+    return [k for k in sd_keys if k in keep]
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, full: bool, meta: dict) -> Path:
+    """Save a state dict (``full`` or trainable parts + buffers) and plain metadata, atomically."""
+    sd = model.state_dict()
+    keys = checkpoint_keys(model, full)
+    payload = {"state_dict": {k: sd[k].detach().cpu().clone() for k in keys},
+               "full": bool(full), "meta": meta}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``).
+
+    A partial checkpoint must cover every trainable parameter of ``model``; the frozen ones
+    come from how ``model`` was built (the same pretrained weights). Returns the metadata.
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise KitError(f"{path}: checkpoint not found; rerun ./run.sh cv")
+    except Exception as exc:
+        raise KitError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc}); "
+                       "delete it and rerun ./run.sh cv")
+    sd = payload["state_dict"]
+    result = model.load_state_dict(sd, strict=bool(payload.get("full")))
+    need = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(need - set(sd))
+    if result.unexpected_keys or missing:
+        raise KitError(f"{path}: checkpoint does not fit this model "
+                       f"({len(missing)} trainable tensors missing, "
+                       f"{len(result.unexpected_keys)} unexpected); same backbone and config?")
+    return dict(payload.get("meta", {}))
+
+
+# --------------------------------------------------------------------------- data
+class PatchDataset(torch.utils.data.Dataset):
+    """Training samples: every patch of every listed image, labelled with its image's class.
+
+    Item ``j`` is patch ``j % K`` of image ``rows[j // K]`` of ``array`` (N x K x P x P x 3
+    uint8, typically a read-only memmap). ``__getitems__`` reads a whole batch with one
+    fancy-indexing call, so there is no per-item Python overhead beyond the augmentation.
+    """
+
+    def __init__(self, array, rows, labels, transform=None):
+        self.array = array
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        if len(self.rows) != len(self.labels):
+            raise ValueError("rows and labels differ in length")
+        self.k = int(array.shape[1])
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.rows) * self.k
+
+    def patch_labels(self) -> np.ndarray:
+        return np.repeat(self.labels, self.k)
+
+    def __getitem__(self, j: int):
+        x, y = self.__getitems__([j])
+        return x[0], y[0]
+
+    def __getitems__(self, js):
+        js = np.asarray(js, dtype=np.int64)
+        img, patch = js // self.k, js % self.k
+        x = np.asarray(self.array[self.rows[img], patch])  # B x P x P x 3, one read
+        if self.transform is not None:
+            x = np.stack([self.transform(image=p)["image"] for p in x])
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(self.labels[img])
+
+
+def _identity_collate(batch):
+    return batch
+
+
+def _seed_worker(worker_id: int) -> None:
+    # Each worker's albumentations pipeline gets its own seed, derived from the loader's
+    # seeded generator (torch.initial_seed() = base_seed + worker_id): repeatable, distinct.
+    info = torch.utils.data.get_worker_info()
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    transform = getattr(info.dataset, "transform", None)
+    if transform is not None and hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed)
+
+
+def make_loader(dataset: PatchDataset, cfg: dict, seed: int, device: torch.device,
+                shuffle: bool = True) -> torch.utils.data.DataLoader:
+    """A seeded DataLoader over ``dataset`` following ``cfg`` (batch_size, num_workers,
+    class_balance)."""
+    from kit.augment import balanced_sampler
+
+    g = torch.Generator().manual_seed(seed)
+    if cfg["class_balance"] == "sampler":
+        sampler = balanced_sampler(dataset.patch_labels(), seed)
+    elif shuffle:
+        sampler = torch.utils.data.RandomSampler(dataset, generator=g)
+    else:
+        sampler = torch.utils.data.SequentialSampler(dataset)
+    workers = n_workers(cfg["num_workers"], device)
+    bs = int(cfg["batch_size"])
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=bs, sampler=sampler, num_workers=workers,
+        collate_fn=_identity_collate, pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0, worker_init_fn=_seed_worker if workers else None,
+        generator=g, prefetch_factor=4 if workers else None)
+
+
+# --------------------------------------------------------------------------- loss / schedule
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
+                       weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy with soft targets (CutMix); ``weight`` per class, normalised like torch's
+    weighted ``cross_entropy`` (sum of weighted losses / sum of sample weights)."""
+    logp = torch.log_softmax(logits.float(), dim=1)
+    if weight is None:
+        return -(target * logp).sum(1).mean()
+    w = target * weight
+    return -(w * logp).sum() / w.sum()
+
+
+def one_hot(y: torch.Tensor, n_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+    """One-hot targets with label smoothing spread as in timm's ``mixup_target``."""
+    off = smoothing / n_classes
+    return torch.nn.functional.one_hot(y, n_classes).float() * (1 - smoothing) + off
+
+
+def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine down to ``min_ratio``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+# --------------------------------------------------------------------------- prediction
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+@contextlib.contextmanager
+def oom_as_kit_error(batch_size: int, device: torch.device, what: str):
+    """Turn an out-of-memory error into a KitError that suggests a smaller --batch-size."""
+    try:
+        yield
+    except (RuntimeError, torch.OutOfMemoryError) as exc:
+        if not _is_oom(exc):
+            raise
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise KitError(f"out of memory while {what} with batches of {batch_size} on {device}; "
+                       f"rerun with a smaller --batch-size (e.g. {max(1, batch_size // 2)}); "
+                       "finished outputs are kept")
+
+
+def _autocast(device: torch.device, dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, array, rows=None, views=("id",), batch_size: int = 128,
+            device: torch.device | str = "cpu", amp: str = "auto", channels_last="auto",
+            desc: str | None = None) -> dict[str, np.ndarray]:
+    """Patch probabilities of every patch of the listed images, per test-time view.
+
+    Parameters
+    ----------
+    model : PatchClassifier
+        Its ``backbone`` gives mean, std and input size.
+    array : N x K x P x P x 3 uint8 array (memmap fine)
+    rows : int array, optional
+        Images to predict (default: all), in this order.
+    views : sequence of str
+        :mod:`kit.tta` view names.
+
+    Returns
+    -------
+    dict view -> float32 array ``len(rows) x K x C``
+    """
+    from kit.augment import normalize_batch
+    from kit.tta import apply_view
+
+    device = torch.device(device)
+    rows = np.arange(len(array)) if rows is None else np.asarray(rows, dtype=np.int64)
+    k = int(array.shape[1])
+    bb = model.backbone
+    dtype = amp_dtype(device, amp)
+    cl = _flag(channels_last, device)
+    per_chunk = max(1, batch_size // k)
+    out = {v: [] for v in views}
+    model.eval()
+    chunks = range(0, len(rows), per_chunk)
+    with oom_as_kit_error(batch_size, device, "predicting"):
+        for a in progress(chunks, desc=desc or "predict", unit="batch", leave=False):
+            sel = rows[a:a + per_chunk]
+            x = torch.from_numpy(np.ascontiguousarray(array[sel])).reshape(-1, *array.shape[2:])
+            x = normalize_batch(x.to(device), bb.mean, bb.std, bb.input_size)
+            for v in views:
+                xv = apply_view(x, v)
+                if cl:
+                    xv = xv.contiguous(memory_format=torch.channels_last)
+                with _autocast(device, dtype):
+                    logits = model(xv)
+                p = torch.softmax(logits.float(), dim=1).cpu().numpy()
+                out[v].append(p.reshape(len(sel), k, -1))
+    n_classes = None
+    result = {}
+    for v in views:
+        if out[v]:
+            result[v] = np.concatenate(out[v]).astype(np.float32)
+        else:
+            n_classes = n_classes or _n_outputs(model)
+            result[v] = np.zeros((0, k, n_classes), np.float32)
+    return result
+
+
+def _n_outputs(model: nn.Module) -> int:
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    return last.out_features
+
+
+# --------------------------------------------------------------------------- fitting
+def _snapshot(model: nn.Module) -> dict:
+    """Copy of what training can change (trainable parameters and buffers); the frozen rest
+    stays as it is, so restoring this snapshot restores the whole model."""
+    sd = model.state_dict()
+    return {k: sd[k].detach().clone() for k in checkpoint_keys(model, full=False)}
+
+
+@dataclass
+class FoldResult:
+    """What :func:`fit_fold` returns; ``model`` holds the best epoch's weights."""
+
+    model: nn.Module
+    best_epoch: int
+    best_score: float
+    epochs: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+    val_probs: np.ndarray | None = None  # image-level, view "id", best epoch
+    n_trainable: int = 0
+
+
+def fit_fold(model: nn.Module, array, train_rows, train_y, val_rows, val_y, cfg: dict, *,
+             seed: int = 42, device: torch.device | str = "cpu",
+             ckpt_path: str | os.PathLike | None = None, full_checkpoint: bool = True,
+             desc: str = "train", meta: dict | None = None) -> FoldResult:
+    """Train ``model`` on the patches of ``train_rows`` with early stopping on ``val_rows``.
+
+    Parameters
+    ----------
+    model : PatchClassifier
+        Frozen as it should be (see :func:`build_model`); only parameters with
+        ``requires_grad`` are optimised.
+    array : N x K x P x P x 3 uint8 array (memmap fine)
+    train_rows, val_rows : int arrays
+        Image rows of ``array``.
+    train_y, val_y : int arrays
+        Class index per image.
+    cfg : dict
+        Resolved training config (:func:`train_config`).
+    seed : int
+        Seeds torch, numpy, the sampler and the augmentation: on CPU the same seed gives the
+        same probabilities.
+    ckpt_path : path, optional
+        Where the best weights go (:func:`save_checkpoint`, atomic).
+
+    Returns
+    -------
+    FoldResult
+    """
+    from kit.augment import build_train_transform, class_weights, create_mixer, normalize_batch
+
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    seed_everything(seed)
+    n_classes = _n_outputs(model)
+    train_y, val_y = np.asarray(train_y, np.int64), np.asarray(val_y, np.int64)
+    if len(train_rows) == 0 or len(val_rows) == 0:
+        raise KitError(f"{desc}: need training and validation images "
+                       f"(got {len(train_rows)} and {len(val_rows)})")
+
+    transform = build_train_transform(cfg["augment"], seed=seed)
+    ds = PatchDataset(array, train_rows, train_y, transform)
+    loader = make_loader(ds, cfg, seed, device)
+    smoothing = float(cfg.get("label_smoothing", 0.0))
+    mixer = create_mixer(cfg["augment"]["cutmix_alpha"], n_classes, smoothing)
+    weight = None
+    if cfg["class_balance"] == "loss":
+        weight = torch.as_tensor(class_weights(train_y, n_classes), dtype=torch.float32,
+                                 device=device)
+    elif cfg["class_balance"] not in ("none", "sampler", None):
+        raise KitError(f"train: class_balance must be none, loss or sampler "
+                       f"(got {cfg['class_balance']!r})")
+
+    model.to(device)
+    cl = _flag(cfg["channels_last"], device)
+    if cl:
+        model.to(memory_format=torch.channels_last)
+    dtype = amp_dtype(device, cfg["amp"])
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise KitError(f"{desc}: the model has no trainable parameters")
+    opt = torch.optim.AdamW(params, lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
+    epochs = int(cfg["epochs"])
+    steps = max(1, len(loader))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(
+        s, epochs * steps, int(round(float(cfg["warmup_epochs"]) * steps)),
+        float(cfg["min_lr_ratio"])))
+    bb = model.backbone
+    eval_bs = int(cfg.get("eval_batch_size") or 0) or 2 * int(cfg["batch_size"])
+    patience = int(cfg["patience"])
+
+    best = {"score": -1.0, "epoch": 0, "state": None, "probs": None}
+    history = []
+    bs = int(cfg["batch_size"])
+    for epoch in range(1, epochs + 1):
+        set_train_mode(model)
+        total, n = 0.0, 0
+        with oom_as_kit_error(bs, device, "training"):
+            for xb, yb in progress(loader, desc=f"{desc} epoch {epoch}/{epochs}", unit="batch",
+                                   leave=False):
+                x = normalize_batch(xb.to(device, non_blocking=True), bb.mean, bb.std,
+                                    bb.input_size)
+                y = yb.to(device, non_blocking=True)
+                if len(x) < 2:
+                    continue  # a lone last patch: BatchNorm cannot train on one sample
+                if mixer is not None:
+                    x, target = mixer(x, y)
+                else:
+                    target = one_hot(y, n_classes, smoothing)
+                if cl:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with _autocast(device, dtype):
+                    logits = model(x)
+                loss = soft_cross_entropy(logits, target, weight)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                total += float(loss.detach()) * len(x)
+                n += len(x)
+        probs = predict(model, array, val_rows, ("id",), eval_bs, device, cfg["amp"],
+                        cfg["channels_last"], desc=f"{desc} val")["id"]
+        img = aggregate(probs, cfg["aggregate"])
+        score = macro_f1(val_y, img)
+        history.append({"epoch": epoch, "loss": total / max(1, n), "val_macro_f1": score,
+                        "lr": opt.param_groups[0]["lr"]})
+        if score > best["score"]:
+            best.update(score=score, epoch=epoch, probs=img,
+                        state=_snapshot(model))
+        elif patience and epoch - best["epoch"] >= patience:
+            break
+    model.load_state_dict(best["state"], strict=False)
+    model.eval()
+    if ckpt_path is not None:
+        save_checkpoint(model, ckpt_path, full_checkpoint, {
+            **(meta or {}), "best_epoch": best["epoch"], "best_macro_f1": best["score"]})
+    from kit.backbones import count_trainable
+
+    return FoldResult(model=model, best_epoch=best["epoch"], best_score=best["score"],
+                      epochs=len(history), seconds=time.perf_counter() - t0, history=history,
+                      val_probs=best["probs"], n_trainable=count_trainable(model))

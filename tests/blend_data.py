@@ -1,0 +1,97 @@
+"""Inputs of the blend stage, written straight in the formats of docs/DESIGN.md.
+
+``make_blend_workdir`` writes a dataset stub (``train_labels.csv``, ``test_data/``),
+``folds/folds.csv``, ``folds/outliers.csv`` and ``runs/<bb>/{oof,test}.csv``, ``tta/`` and
+``metrics.json`` for a few synthetic backbones (from ``kit.bench.blend.synthetic_problem``),
+so that blend, package and reproduce tests do not depend on training.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kit import CLASSES
+from kit.bench.blend import synthetic_problem
+from kit.paths import Paths
+from kit.utils import sha256_file
+
+PROB_COLUMNS = [f"p_{c}" for c in CLASSES]
+VIEWS = ("hflip", "orig")
+
+
+def make_blend_workdir(root, n_train: int = 150, n_test: int = 40, backbones=("bb_a", "bb_b", "bb_c"),
+                       n_folds: int = 5, seed: int = 0, minority_scale: float = 0.35):
+    """Write a complete blend input tree under ``root``; return ``(Paths, data_root)``."""
+    root = Path(root)
+    paths = Paths.from_root(root / "work")
+    data = root / "data"
+    prob = synthetic_problem(n_train, len(backbones), n_folds, n_test, seed=seed,
+                             minority_scale=minority_scale)
+    ids = [f"img_{i:04d}.png" for i in range(n_train)]
+    junk = [f"img_{i:04d}.png" for i in range(n_train, n_train + 2)]
+    test_ids = [f"img_{i:04d}.png" for i in range(n_test)]
+    labels = [CLASSES[i] for i in prob["y"]]
+
+    (data / "test_data").mkdir(parents=True)
+    pd.DataFrame({"sample_index": ids + junk, "label": labels + [CLASSES[0]] * 2}).to_csv(
+        data / "train_labels.csv", index=False, lineterminator="\n")
+    for name in test_ids:  # blend only lists test_data/, it never decodes the images
+        (data / "test_data" / name).write_bytes(b"png")
+        (data / "test_data" / name.replace("img_", "mask_")).write_bytes(b"png")
+
+    paths.folds_dir.mkdir(parents=True)
+    folds = pd.DataFrame({"sample_index": ids, "label": labels, "fold": prob["folds"]})
+    folds.to_csv(paths.folds_csv, index=False, lineterminator="\n")
+    pd.DataFrame({"sample_index": junk, "reason": ["cartoon", "green"], "score": [0.9, 0.8]}).to_csv(
+        paths.outliers_csv, index=False, lineterminator="\n")
+    rng = np.random.default_rng(seed + 1)
+    for m, bb in enumerate(backbones):
+        write_backbone(paths, bb, ids, prob["folds"], labels, prob["oof"][m], test_ids,
+                       prob["test"][m], rng)
+    return paths, data
+
+
+def _views(p: np.ndarray, rng) -> list[np.ndarray]:
+    out = []
+    for _ in VIEWS:
+        v = p * np.exp(rng.normal(0, 0.3, p.shape))
+        out.append(v / v.sum(axis=1, keepdims=True))
+    return out
+
+
+def write_backbone(paths: Paths, bb: str, ids, folds, labels, oof, test_ids, test, rng) -> None:
+    """``runs/<bb>/`` as the cv stage writes it: the TTA mean in the main files, views in tta/."""
+    out = paths.backbone_dir(bb)
+    (out / "tta").mkdir(parents=True)
+    oof_views, test_views = _views(oof, rng), _views(test, rng)
+    for view, o, t in zip(VIEWS, oof_views, test_views):
+        _frame(ids, o, folds, labels).to_csv(out / "tta" / f"oof_{view}.csv", index=False,
+                                             float_format="%.6f", lineterminator="\n")
+        _frame(test_ids, t).to_csv(out / "tta" / f"test_{view}.csv", index=False,
+                                   float_format="%.6f", lineterminator="\n")
+    oof_mean, test_mean = np.mean(oof_views, axis=0), np.mean(test_views, axis=0)
+    _frame(ids, oof_mean, folds, labels).to_csv(out / "oof.csv", index=False,
+                                                float_format="%.6f", lineterminator="\n")
+    _frame(test_ids, test_mean).to_csv(out / "test.csv", index=False, float_format="%.6f",
+                                       lineterminator="\n")
+    y = np.array([CLASSES.index(v) for v in labels])
+    from kit.metrics import macro_f1
+
+    metrics = {"folds_sha256": sha256_file(paths.folds_csv),
+               "oof_macro_f1": macro_f1(y, oof_mean.argmax(axis=1)),
+               "oof_weighted_f1": 0.0, "per_fold": {}, "per_class": {}, "confusion": [],
+               "config": {"backbone": bb, "lr": 1e-3}, "weights_source": f"random ({bb})",
+               "versions": {}}
+    (out / "metrics.json").write_text(json.dumps(metrics))
+
+
+def _frame(ids, probs, folds=None, labels=None) -> pd.DataFrame:
+    df = pd.DataFrame({"sample_index": ids})
+    if folds is not None:
+        df["fold"] = folds
+        df["label"] = labels
+    df[PROB_COLUMNS] = probs
+    return df

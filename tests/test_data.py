@@ -1,0 +1,329 @@
+"""kit.data: loading and validating a dataset in the challenge layout, and the validate CLI."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kit import CLASSES
+from kit.data import find_root, load_dataset, read_image, read_mask, to_rgb_array
+from kit.utils import KitError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _png(path: Path, arr: np.ndarray, mode: str | None = None) -> None:
+    (Image.fromarray(arr, mode) if mode else Image.fromarray(arr)).save(path)
+
+
+def make_dataset(root: Path, n_train: int = 8, n_test: int = 3, size=(12, 16)) -> Path:
+    """A tiny valid dataset: RGB images, 0/255 masks, labels cycling through CLASSES."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        folder = root / f"{split}_data"
+        folder.mkdir(parents=True)
+        for i in range(n):
+            _png(folder / f"img_{i:04d}.png", rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+            mask = np.zeros(size, np.uint8)
+            mask[i % size[0], :] = 255
+            _png(folder / f"mask_{i:04d}.png", mask)
+    rows = [f"img_{i:04d}.png,{CLASSES[i % len(CLASSES)]}" for i in range(n_train)]
+    (root / "train_labels.csv").write_text("sample_index,label\n" + "\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture
+def ds(tmp_path):
+    return make_dataset(tmp_path / "data")
+
+
+def _labels(root: Path) -> list[str]:
+    return (root / "train_labels.csv").read_text().splitlines()
+
+
+def _set_labels(root: Path, lines: list[str]) -> None:
+    (root / "train_labels.csv").write_text("\n".join(lines) + "\n")
+
+
+def _problems(root: Path, **kwargs) -> tuple[str, list[str]]:
+    with pytest.raises(KitError) as exc:
+        load_dataset(root, **kwargs)
+    return str(exc.value), exc.value.problems
+
+
+def _cli(*args, env_extra=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": str(REPO),
+           **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "kit", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+# --- a good dataset ------------------------------------------------------------------------
+
+def test_valid_dataset_loads(ds):
+    d = load_dataset(ds)
+    assert d.root == ds
+    assert [s.sample_index for s in d.train] == [f"img_{i:04d}.png" for i in range(8)]
+    assert [s.label for s in d.train] == [CLASSES[i % 4] for i in range(8)]
+    assert all(s.label is None for s in d.test) and len(d.test) == 3
+    assert d.train[3].image == ds / "train_data" / "img_0003.png"
+    assert d.train[3].mask == ds / "train_data" / "mask_0003.png"
+    assert d.dropped == []
+    img, mask = read_image(d.train[0].image), read_mask(d.train[0].mask)
+    assert img.dtype == np.uint8 and img.shape == (12, 16, 3)
+    assert mask.dtype == bool and mask.shape == (12, 16) and mask.sum() == 16
+
+
+def test_other_files_are_ignored(ds):
+    (ds / "train_data" / ".DS_Store").write_bytes(b"junk")
+    (ds / "train_data" / "notes.txt").write_text("x")
+    assert len(load_dataset(ds).train) == 8
+
+
+# --- each bad-input kind -------------------------------------------------------------------
+
+def _unreadable(root):
+    (root / "train_data" / "img_0001.png").write_bytes(b"this is not a png")
+    return "img_0001.png", "unreadable or truncated PNG"
+
+
+def _truncated(root):
+    p = root / "train_data" / "img_0002.png"
+    p.write_bytes(p.read_bytes()[:-20])
+    return "img_0002.png", "unreadable or truncated PNG"
+
+
+def _truncated_mask(root):
+    p = root / "test_data" / "mask_0001.png"
+    p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
+    return "mask_0001.png", "unreadable or truncated PNG"
+
+
+def _image_without_mask(root):
+    (root / "train_data" / "mask_0003.png").unlink()
+    return "img_0003.png", "image has no mask"
+
+
+def _mask_without_image(root):
+    (root / "test_data" / "img_0002.png").unlink()
+    return "mask_0002.png", "mask has no image"
+
+
+def _size_mismatch(root):
+    _png(root / "train_data" / "mask_0004.png", np.zeros((12, 15), np.uint8))
+    return "img_0004.png", "16x12 but its mask mask_0004.png is 15x12"
+
+
+def _missing_columns(root):
+    _set_labels(root, ["sample_index,class"] + _labels(root)[1:])
+    return "train_labels.csv", "missing column(s) label"
+
+
+def _unknown_label(root):
+    lines = _labels(root)
+    lines[4] = "img_0003.png,Triple Negative"  # capital N: not the challenge's spelling
+    _set_labels(root, lines)
+    return "train_labels.csv", "line 5: unknown label 'Triple Negative'"
+
+
+def _duplicate_rows(root):
+    lines = _labels(root)
+    first = lines.index("img_0005.png,Luminal B") + 1
+    _set_labels(root, lines + ["img_0005.png,Luminal B"])
+    return "train_labels.csv", f"img_0005.png appears on 2 lines ({first}, {len(lines) + 1})"
+
+
+def _row_without_image(root):
+    _set_labels(root, _labels(root) + ["img_0099.png,Luminal A"])
+    return "train_labels.csv", "row 'img_0099.png' has no image"
+
+
+def _image_without_label(root):
+    lines = _labels(root)
+    _set_labels(root, [l for l in lines if not l.startswith("img_0006.png")])
+    return "img_0006.png", "image has no label"
+
+
+BAD_KINDS = [_unreadable, _truncated, _truncated_mask, _image_without_mask, _mask_without_image,
+             _size_mismatch, _missing_columns, _unknown_label, _duplicate_rows,
+             _row_without_image, _image_without_label]
+
+
+@pytest.mark.parametrize("breaker", BAD_KINDS, ids=lambda f: f.__name__.strip("_"))
+def test_each_bad_input_gives_one_clear_line(ds, breaker):
+    name, expected = breaker(ds)
+    message, problems = _problems(ds)
+    assert len(problems) == 1, problems
+    assert name in problems[0] and expected in problems[0], problems[0]
+    assert str(ds) in message
+
+
+def test_all_problems_reported_at_once(ds):
+    # rows are removed before rows are appended, so the expected line numbers stay right
+    found = [breaker(ds) for breaker in (_unreadable, _truncated, _image_without_mask,
+                                         _mask_without_image, _size_mismatch, _unknown_label,
+                                         _image_without_label, _row_without_image,
+                                         _duplicate_rows)]
+    message, problems = _problems(ds)
+    assert len(problems) == len(found), problems
+    for name, expected in found:
+        assert any(name in p and expected in p for p in problems), (name, expected, problems)
+    assert f"{len(found)} problems" in message
+
+
+def test_cli_bad_dataset_exit_2_one_line_per_problem(ds):
+    found = [b(ds) for b in (_truncated, _image_without_mask, _size_mismatch,
+                             _row_without_image, _image_without_label)]
+    r = _cli("validate", "--data", str(ds))
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines[0].startswith("error: ") and str(ds) in lines[0]
+    assert len(lines) == 1 + len(found), lines
+    for name, expected in found:
+        assert sum(name in l and expected in l for l in lines[1:]) == 1, (name, lines)
+
+
+def test_cli_good_dataset_and_missing_root(tmp_path, ds):
+    r = _cli("validate", "--data", str(ds))
+    assert r.returncode == 0, r.stderr
+    assert "8 training pairs, 3 test pairs" in r.stdout
+    r = _cli("validate", env_extra={"KIT_DATA": str(tmp_path / "nowhere")})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert str(tmp_path / "nowhere") in lines[0] and "not found" in lines[0]
+    assert "--data" in lines[0] and "KIT_DATA" in lines[0]
+
+
+# --- --skip-bad ----------------------------------------------------------------------------
+
+def test_skip_bad_drops_bad_samples_with_warning(ds):
+    for breaker in (_truncated, _image_without_mask, _size_mismatch, _mask_without_image,
+                    _row_without_image, _image_without_label):
+        breaker(ds)
+    with pytest.warns(UserWarning, match="--skip-bad: dropping 6 samples") as rec:
+        d = load_dataset(ds, skip_bad=True)
+    text = str(rec[0].message)
+    assert "img_0002.png" in text and "img_0099.png" in text
+    assert [s.sample_index for s in d.train] == ["img_0000.png", "img_0001.png", "img_0005.png",
+                                                 "img_0007.png"]
+    assert [s.sample_index for s in d.test] == ["img_0000.png", "img_0001.png"]
+    assert len(d.dropped) == 6
+
+
+def test_skip_bad_does_not_hide_labels_file_problems(ds):
+    _unknown_label(ds)
+    _truncated(ds)
+    message, problems = _problems(ds, skip_bad=True)
+    assert "not usable" in message
+    assert len(problems) == 2
+
+
+def test_cli_skip_bad(ds):
+    _truncated(ds)
+    r = _cli("validate", "--data", str(ds), "--skip-bad")
+    assert r.returncode == 0, r.stderr
+    assert "7 training pairs" in r.stdout
+    assert "dropping 1 samples" in r.stderr and "img_0002.png" in r.stderr
+
+
+# --- non-RGB inputs ------------------------------------------------------------------------
+
+def _modes():
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (6, 7, 3), dtype=np.uint8)
+    gray = rng.integers(0, 256, (6, 7), dtype=np.uint8)
+    rgba = np.dstack([rgb, np.full((6, 7), 128, np.uint8)])
+    deep = (rng.integers(0, 65536, (6, 7))).astype(np.uint16)
+    deep[0, 0] = 65535
+    pal = Image.fromarray(rgb).quantize(colors=8)
+    return {
+        "RGBA": (Image.fromarray(rgba), rgb),
+        "L": (Image.fromarray(gray), np.repeat(gray[..., None], 3, axis=2)),
+        "I;16": (Image.fromarray(deep), np.repeat((deep >> 8).astype(np.uint8)[..., None], 3, 2)),
+        "P": (pal, np.asarray(pal.convert("RGB"))),
+    }
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L", "I;16", "P"])
+def test_non_rgb_images_are_converted(ds, mode):
+    im, expected = _modes()[mode]
+    assert im.mode == mode
+    path = ds / "train_data" / "img_0000.png"
+    im.save(path)
+    _png(ds / "train_data" / "mask_0000.png", np.full((6, 7), 255, np.uint8))
+    d = load_dataset(ds)  # converted, not rejected
+    arr = read_image(d.train[0].image)
+    assert arr.dtype == np.uint8 and arr.shape == (6, 7, 3)
+    np.testing.assert_array_equal(arr, expected)
+    np.testing.assert_array_equal(to_rgb_array(im), expected)
+
+
+def test_palette_image_colours_are_real_colours():
+    rgb = np.zeros((2, 2, 3), np.uint8)
+    rgb[0, 0] = (200, 30, 90)
+    arr = to_rgb_array(Image.fromarray(rgb).quantize(colors=2))
+    assert tuple(arr[0, 0]) == (200, 30, 90) and tuple(arr[1, 1]) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("kind", ["L01", "L255", "P", "RGBA", "I;16"])
+def test_masks_any_positive_value_is_inside(tmp_path, kind):
+    inside = np.zeros((5, 6), bool)
+    inside[1:3, 2:5] = True
+    if kind == "L01":
+        im = Image.fromarray(inside.astype(np.uint8))
+    elif kind == "L255":
+        im = Image.fromarray(inside.astype(np.uint8) * 255)
+    elif kind == "P":
+        im = Image.fromarray(inside.astype(np.uint8) * 255).convert("P")
+    elif kind == "RGBA":
+        im = Image.fromarray(np.dstack([inside.astype(np.uint8) * 255] * 3
+                                       + [np.full((5, 6), 255, np.uint8)]))
+    else:
+        im = Image.fromarray(inside.astype(np.uint16) * 65535)
+    im.save(tmp_path / "m.png")
+    mask = read_mask(tmp_path / "m.png")
+    assert mask.dtype == bool
+    np.testing.assert_array_equal(mask, inside)
+
+
+# --- finding the root ----------------------------------------------------------------------
+
+def test_nested_kaggle_style_root_is_found(tmp_path):
+    real = make_dataset(tmp_path / "input" / "an2dl2526c2v2")
+    (tmp_path / "input" / "other-dataset").mkdir()  # Kaggle mounts several inputs side by side
+    assert find_root(tmp_path / "input") == real
+    assert find_root(real) == real
+    assert load_dataset(tmp_path / "input").root == real
+
+
+def test_ambiguous_or_empty_root_is_refused(tmp_path):
+    make_dataset(tmp_path / "input" / "a")
+    make_dataset(tmp_path / "input" / "b")
+    with pytest.raises(KitError, match="no train_data/ folder here"):
+        find_root(tmp_path / "input")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(KitError, match="no train_data/ folder here"):
+        find_root(tmp_path / "empty")
+
+
+def test_missing_root_message(tmp_path):
+    with pytest.raises(KitError, match="dataset folder not found; pass --data DIR"):
+        load_dataset(tmp_path / "nope")
+
+
+def test_missing_test_folder_and_labels_file(ds):
+    for p in (ds / "test_data").iterdir():
+        p.unlink()
+    (ds / "test_data").rmdir()
+    (ds / "train_labels.csv").unlink()
+    message, problems = _problems(ds)
+    assert "not usable" in message
+    assert any("train_labels.csv: labels file missing" in p for p in problems)
+    assert any("test_data: folder missing" in p for p in problems)
