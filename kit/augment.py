@@ -26,9 +26,8 @@ def build_train_transform(cfg: dict | None = None, seed: int | None = None):
     cfg : dict, optional
         The ``augment`` config group (or a partial one, merged over the defaults).
     seed : int, optional
-        Seed of the pipeline's own random state (albumentations ignores the global seeds).
-        Data-loader workers each hold a copy: reseed them in ``worker_init_fn`` with
-        ``transform.set_random_seed(seed + worker_id)`` or they repeat the same draws.
+        Seed of the pipeline's own random state (albumentations ignores the global seeds),
+        see :func:`seed_transform`; ``None`` draws fresh entropy.
 
     Returns
     -------
@@ -41,13 +40,30 @@ def build_train_transform(cfg: dict | None = None, seed: int | None = None):
     _check_augment(cfg)
     jitter = cfg["color_jitter"]
     b, c, s, h = (float(jitter[k]) for k in ("brightness", "contrast", "saturation", "hue"))
-    return A.Compose([
+    transform = A.Compose([
         A.HorizontalFlip(p=float(cfg["hflip"])),
         A.VerticalFlip(p=float(cfg["vflip"])),
         A.RandomRotate90(p=float(cfg["rot90"])),
         A.ColorJitter(brightness=(1 - b, 1 + b), contrast=(1 - c, 1 + c),
                       saturation=(1 - s, 1 + s), hue=(-h, h), p=float(jitter["p"])),
-    ], seed=seed)
+    ])
+    if seed is not None:
+        seed_transform(transform, seed)
+    return transform
+
+
+def seed_transform(transform, seed: int) -> None:
+    """Reseed an albumentations pipeline: one random stream shared by all its transforms.
+
+    Do not use ``Compose(seed=...)`` / ``set_random_seed``: albumentations 2.0.8 gives every
+    transform its own generator seeded with the *same* seed, so the horizontal and vertical
+    flips always fire together and half of the dihedral views never occur. Data-loader
+    workers each hold a copy of the pipeline: call this in ``worker_init_fn`` with a
+    per-worker seed, or every worker repeats the same draws.
+    """
+    import random
+
+    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
 
 def _check_augment(cfg: dict) -> None:
@@ -96,19 +112,26 @@ def normalize_batch(x: torch.Tensor, mean, std, size: int | None = None,
         float32 ``B x 3 x size x size``.
     """
     if x.ndim != 4:
-        raise KitError(f"normalize_batch expects a 4-d batch of patches, got shape {tuple(x.shape)}")
+        raise KitError(f"normalize_batch expects a 4-d batch, got shape {tuple(x.shape)}")
     if x.shape[1] != 3:
         if x.shape[-1] != 3:
             raise KitError(f"normalize_batch expects 3 channels, got shape {tuple(x.shape)}")
         x = x.permute(0, 3, 1, 2)  # a view: the data stays channels-last in memory
-    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    levels = x.dtype == torch.uint8  # values in 0..255 rather than [0, 1]
+    if not levels or x.device.type != "cpu":
+        x = x.float()  # uint8 kernels are a CPU speed-up; accelerators get floats
     if size is not None and tuple(x.shape[-2:]) != (size, size):
-        shrink = size < max(x.shape[-2:])
+        if x.dtype == torch.uint8:
+            # torch's uint8 channels-last bilinear kernel is ~20x faster than float on a CPU
+            # (the data path must not starve the model); it rounds to the nearest grey level.
+            x = x.contiguous(memory_format=torch.channels_last)
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=shrink)
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    x = (x - m) / s
+                          antialias=size < max(x.shape[-2:]))
+    # One pass computing (x / 255 - mean) / std as x * scale + shift (uint8 converted on the fly).
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    scale = 1 / (std * 255) if levels else 1 / std
+    x = torch.addcmul(-mean / std, x, scale)
     if channels_last is None:
         return x
     return x.contiguous(memory_format=torch.channels_last if channels_last

@@ -226,12 +226,16 @@ def create_backbone(name: str, weights: str | os.PathLike = "auto", **kwargs) ->
     if weights is None or str(weights).strip() == "":
         raise KitError(f"{name}: weights must be 'auto', 'random' or a path")
     known = {"patch_size", "phikon_mode", "vit_config"}
-    if set(kwargs) - known:
-        raise KitError(f"create_backbone({name!r}): unknown option(s) "
-                       f"{', '.join(sorted(set(kwargs) - known))}; known: {', '.join(sorted(known))}")
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise KitError(f"create_backbone({name!r}): unknown option(s) {', '.join(unknown)}; "
+                       f"known: {', '.join(sorted(known))}")
     if kwargs.get("patch_size") is None:
         from kit.config import load_config
         kwargs["patch_size"] = int(load_config("patches")["size"])
+    size = kwargs["patch_size"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+        raise KitError(f"{name}: patch_size must be an integer >= 8 (got {size!r})")
     kwargs.setdefault("phikon_mode", "resize")
     kwargs.setdefault("vit_config", None)
     return _REGISTRY[name](weights, **kwargs)
@@ -269,7 +273,8 @@ def _timm_builder(name: str, arch: str, cls: type[TimmBackbone]):
         model = timm.create_model(arch, pretrained=False, num_classes=0)
         if path is not None:
             ignore = model.pretrained_cfg.get("classifier") or ()
-            _load_module_weights(model, path, name, ignore=(ignore,) if isinstance(ignore, str) else ignore)
+            ignore = (ignore,) if isinstance(ignore, str) else tuple(ignore)
+            _load_module_weights(model, path, name, ignore=ignore)
         return cls(name, model, patch_size, source)
     return build
 
@@ -350,8 +355,8 @@ def _load_vit(name: str, path: Path | None, base: dict, overrides: dict):
                     output_loading_info=True)
         except (OSError, ValueError, RuntimeError) as exc:
             if "mismatch" in str(exc):
-                raise KitError(f"{name}: weights in {path} do not fit the model (tensors of another "
-                               "shape: weights of another architecture, or a wrong vit_config?)")
+                raise KitError(f"{name}: weights in {path} do not fit the model (tensors of "
+                               "another shape: another architecture, or a wrong vit_config?)")
             raise KitError(f"{name}: cannot load weights from {path}: {_first_line(exc)}")
     bad = sorted(info.get("missing_keys") or []) + sorted(info.get("mismatched_keys") or [])
     if bad:
@@ -568,8 +573,9 @@ def _find_pretrained(name: str, repo: str, need_config: bool,
 def _norm_types(train_norm) -> tuple[type, ...]:
     if train_norm is None:
         return ()
-    kinds = [k.strip() for k in train_norm.split(",")] if isinstance(train_norm, str) else list(train_norm)
-    kinds = [str(k).lower() for k in kinds if str(k).strip() and str(k).lower() != "none"]
+    kinds = train_norm.split(",") if isinstance(train_norm, str) else list(train_norm)
+    kinds = [str(k).strip().lower() for k in kinds]
+    kinds = [k for k in kinds if k and k != "none"]
     unknown = [k for k in kinds if k not in NORM_KINDS]
     if unknown:
         raise KitError(f"train_norm: unknown kind(s) {', '.join(unknown)}; "

@@ -365,8 +365,10 @@ class Fitted:
 
 
 def fit_params(P, y, cfg: dict, objective: str, rng) -> Fitted:
-    """Weights, then biases on the weighted blend of the same rows."""
+    """Weights, then (unless ``biases: false``) biases on the weighted blend of the same rows."""
     w = fit_weights(P, y, cfg, objective, rng)
+    if not cfg.get("biases", True):
+        return Fitted(w, np.zeros(P.shape[-1]))
     return Fitted(w, fit_biases(np.tensordot(w, P, axes=1), y, cfg))
 
 
@@ -588,29 +590,36 @@ def _write_run_dir(paths: Paths, result: BlendResult) -> None:
 def format_summary(result: BlendResult) -> str:
     """The lines ``./run.sh blend`` prints: baselines, blend, bias gain, nested vs in-sample."""
     s, ins = result.scores, result.inputs
-    base = s["baselines"]
-    nested, in_sample = s["nested"], s["in_sample"]
+    base, nested, in_sample = s["baselines"], s["nested"], s["in_sample"]
+
+    def row(label, a, b="", fmt=".4f"):
+        a, b = (f"{v:{fmt}}" if isinstance(v, float) else v for v in (a, b))
+        return f"  {label:<34}{a:>24}{b:>20}"
+
     weights = ", ".join(f"{m} {w:.3f}" for m, w in sorted(result.weights.items(),
                                                           key=lambda kv: -kv[1]) if w > 0)
     biases = ", ".join(f"{c} {b:+.2f}" for c, b in result.biases.items())
+    gain_in = in_sample["macro_f1"] - in_sample["macro_f1_no_bias"]
+    gain_nested = nested["macro_f1"] - nested["macro_f1_no_bias"]
     lines = [
         f"blend of {len(ins.backbones)} backbone(s) ({', '.join(ins.backbones)}), "
         f"{len(ins.models)} library model(s), objective {result.objective}, "
         f"{len(ins.ids)} OOF images in {len(np.unique(ins.folds))} folds",
-        "OOF macro F1                 in-sample (optimistic)   nested (expected)",
-        f"  best single ({base['best_single']['model']}): {base['best_single']['macro_f1']:.4f}",
-        f"  equal weights:              {base['equal_weights']['macro_f1']:.4f}",
-        f"  blend, argmax:              {in_sample['macro_f1_no_bias']:.4f}"
-        f"                   {nested['macro_f1_no_bias']:.4f}",
-        f"  blend + class biases:       {in_sample['macro_f1']:.4f}"
-        f"                   {nested['macro_f1']:.4f}",
-        f"  bias gain:                  {in_sample['macro_f1'] - in_sample['macro_f1_no_bias']:+.4f}"
-        f"                   {nested['macro_f1'] - nested['macro_f1_no_bias']:+.4f}",
+        row("OOF macro F1", "in-sample (optimistic)", "nested (expected)"),
+        row(f"best single ({base['best_single']['model']})", base["best_single"]["macro_f1"],
+            "(picked on OOF)"),
+        row("equal weights", base["equal_weights"]["macro_f1"], "(not fitted)"),
+        row("blend, argmax", in_sample["macro_f1_no_bias"], nested["macro_f1_no_bias"]),
+        row("blend + class biases", in_sample["macro_f1"], nested["macro_f1"]),
+        row("bias gain", gain_in, gain_nested, fmt="+.4f"),
         f"weights: {weights}",
         f"class biases (log p): {biases}",
         f"expected score (nested macro F1): {nested['macro_f1']:.4f}; "
         f"in-sample (optimistic): {in_sample['macro_f1']:.4f}",
     ]
+    if result.cfg.get("biases", True) and gain_nested < 0:
+        lines.append("note: the class biases lower the nested score here (too few images to "
+                     "tune them?); consider 'biases: false' in a --config file")
     if result.csv_path is not None:
         lines += [f"submission -> {result.csv_path} ({len(result.test_labels)} rows, "
                   f"sha256 {result.csv_sha256[:12]})",

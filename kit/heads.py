@@ -12,7 +12,8 @@ MAX_DEPTH = 4
 
 
 def create_head(in_features: int, num_classes: int, depth: int = 1, width: int = 256,
-                dropout: float = 0.3, activation: str = "relu", norm: str = "none") -> nn.Sequential:
+                dropout: float = 0.3, activation: str = "relu",
+                norm: str = "none") -> nn.Sequential:
     """An MLP from features to logits.
 
     Each of the ``depth`` hidden layers is Linear -> norm -> activation -> Dropout; the last

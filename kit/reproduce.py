@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kit import CLASSES, __version__
-from kit.package import expected_test_ids, load_manifest, test_files_sha256, write_submission
+from kit.package import expected_test_ids, test_files_sha256, load_manifest, write_submission
 from kit.paths import Paths
 from kit.utils import KitError, atomic_write_bytes, package_versions, sha256_bytes, sha256_file
 

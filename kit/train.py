@@ -407,6 +407,92 @@ class FoldResult:
     n_trainable: int = 0
 
 
+class Trainer:
+    """The optimisation side of training: optimiser, schedule, precision, CutMix and loss.
+
+    ``epoch(loader)`` runs one pass of the kit's loop over uint8 batches (to the device,
+    normalise, mix, forward, backward, step); ``step(x, target)`` is the bare
+    forward/backward/step on a ready batch, which the training benchmark compares it with.
+    """
+
+    def __init__(self, model: nn.Module, cfg: dict, device: torch.device, train_y,
+                 steps_per_epoch: int):
+        from kit.augment import class_weights, create_mixer
+
+        self.model, self.cfg, self.device = model, cfg, torch.device(device)
+        self.n_classes = _n_outputs(model)
+        self.smoothing = float(cfg.get("label_smoothing", 0.0))
+        self.mixer = create_mixer(cfg["augment"]["cutmix_alpha"], self.n_classes, self.smoothing)
+        balance = cfg["class_balance"]
+        if balance not in ("none", "loss", "sampler"):
+            raise KitError(f"train: class_balance must be none, loss or sampler (got {balance!r})")
+        self.weight = None
+        if balance == "loss":
+            self.weight = torch.as_tensor(class_weights(np.asarray(train_y, np.int64),
+                                                        self.n_classes),
+                                          dtype=torch.float32, device=self.device)
+        model.to(self.device)
+        self.channels_last = _flag(cfg["channels_last"], self.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.dtype = amp_dtype(self.device, cfg["amp"])
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise KitError("train: the model has no trainable parameters")
+        self.opt = torch.optim.AdamW(params, lr=float(cfg["lr"]),
+                                     weight_decay=float(cfg["weight_decay"]))
+        steps = max(1, int(steps_per_epoch))
+        total = int(cfg["epochs"]) * steps
+        warmup = int(round(float(cfg["warmup_epochs"]) * steps))
+        min_ratio = float(cfg["min_lr_ratio"])
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: warmup_cosine(s, total, warmup, min_ratio))
+
+    def prepare(self, xb: torch.Tensor, yb: torch.Tensor, mix: bool = True):
+        """uint8 ``B x P x P x 3`` batch and labels -> normalised (mixed) input and soft target."""
+        from kit.augment import normalize_batch
+
+        bb = self.model.backbone
+        x = normalize_batch(xb.to(self.device, non_blocking=True), bb.mean, bb.std,
+                            bb.input_size)
+        y = yb.to(self.device, non_blocking=True)
+        if mix and self.mixer is not None:
+            x, target = self.mixer(x, y)
+        else:
+            target = one_hot(y, self.n_classes, self.smoothing)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, target
+
+    def step(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Forward, loss, backward, optimiser and schedule step; returns the (detached) loss."""
+        with _autocast(self.device, self.dtype):
+            logits = self.model(x)
+        loss = soft_cross_entropy(logits, target, self.weight)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        return loss.detach()
+
+    def epoch(self, loader, desc: str = "train") -> float:
+        """One pass over ``loader``; returns the mean training loss."""
+        set_train_mode(self.model)
+        total, n = torch.zeros((), device=self.device), 0
+        bs = int(self.cfg["batch_size"])
+        with oom_as_kit_error(bs, self.device, "training"):
+            for xb, yb in progress(loader, desc=desc, unit="batch", leave=False):
+                if len(xb) < 2:
+                    continue  # a lone last patch: BatchNorm cannot train on one sample
+                x, target = self.prepare(xb, yb)
+                # Summed on the device: a .item() per batch would stall a GPU pipeline.
+                total += self.step(x, target) * len(x)
+                n += len(x)
+        return float(total) / max(1, n)
+
+
 def fit_fold(model: nn.Module, array, train_rows, train_y, val_rows, val_y, cfg: dict, *,
              seed: int = 42, device: torch.device | str = "cpu",
              ckpt_path: str | os.PathLike | None = None, full_checkpoint: bool = True,
@@ -429,94 +515,42 @@ def fit_fold(model: nn.Module, array, train_rows, train_y, val_rows, val_y, cfg:
         Seeds torch, numpy, the sampler and the augmentation: on CPU the same seed gives the
         same probabilities.
     ckpt_path : path, optional
-        Where the best weights go (:func:`save_checkpoint`, atomic).
+        Where the best weights go (:func:`save_checkpoint`, atomic); written once, at the end.
+    full_checkpoint : bool
+        Save the whole state dict, or only the trainable parameters and buffers.
 
     Returns
     -------
     FoldResult
     """
-    from kit.augment import build_train_transform, class_weights, create_mixer, normalize_batch
+    from kit.augment import build_train_transform
+    from kit.backbones import count_trainable
 
     t0 = time.perf_counter()
     device = torch.device(device)
     seed_everything(seed)
-    n_classes = _n_outputs(model)
     train_y, val_y = np.asarray(train_y, np.int64), np.asarray(val_y, np.int64)
     if len(train_rows) == 0 or len(val_rows) == 0:
         raise KitError(f"{desc}: need training and validation images "
                        f"(got {len(train_rows)} and {len(val_rows)})")
-
-    transform = build_train_transform(cfg["augment"], seed=seed)
-    ds = PatchDataset(array, train_rows, train_y, transform)
+    ds = PatchDataset(array, train_rows, train_y, build_train_transform(cfg["augment"], seed=seed))
     loader = make_loader(ds, cfg, seed, device)
-    smoothing = float(cfg.get("label_smoothing", 0.0))
-    mixer = create_mixer(cfg["augment"]["cutmix_alpha"], n_classes, smoothing)
-    weight = None
-    if cfg["class_balance"] == "loss":
-        weight = torch.as_tensor(class_weights(train_y, n_classes), dtype=torch.float32,
-                                 device=device)
-    elif cfg["class_balance"] not in ("none", "sampler", None):
-        raise KitError(f"train: class_balance must be none, loss or sampler "
-                       f"(got {cfg['class_balance']!r})")
-
-    model.to(device)
-    cl = _flag(cfg["channels_last"], device)
-    if cl:
-        model.to(memory_format=torch.channels_last)
-    dtype = amp_dtype(device, cfg["amp"])
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise KitError(f"{desc}: the model has no trainable parameters")
-    opt = torch.optim.AdamW(params, lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
-    epochs = int(cfg["epochs"])
-    steps = max(1, len(loader))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(
-        s, epochs * steps, int(round(float(cfg["warmup_epochs"]) * steps)),
-        float(cfg["min_lr_ratio"])))
-    bb = model.backbone
+    trainer = Trainer(model, cfg, device, train_y, len(loader))
     eval_bs = int(cfg.get("eval_batch_size") or 0) or 2 * int(cfg["batch_size"])
-    patience = int(cfg["patience"])
+    epochs, patience = int(cfg["epochs"]), int(cfg["patience"])
 
     best = {"score": -1.0, "epoch": 0, "state": None, "probs": None}
     history = []
-    bs = int(cfg["batch_size"])
     for epoch in range(1, epochs + 1):
-        set_train_mode(model)
-        total, n = 0.0, 0
-        with oom_as_kit_error(bs, device, "training"):
-            for xb, yb in progress(loader, desc=f"{desc} epoch {epoch}/{epochs}", unit="batch",
-                                   leave=False):
-                x = normalize_batch(xb.to(device, non_blocking=True), bb.mean, bb.std,
-                                    bb.input_size)
-                y = yb.to(device, non_blocking=True)
-                if len(x) < 2:
-                    continue  # a lone last patch: BatchNorm cannot train on one sample
-                if mixer is not None:
-                    x, target = mixer(x, y)
-                else:
-                    target = one_hot(y, n_classes, smoothing)
-                if cl:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with _autocast(device, dtype):
-                    logits = model(x)
-                loss = soft_cross_entropy(logits, target, weight)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                total += float(loss.detach()) * len(x)
-                n += len(x)
+        loss = trainer.epoch(loader, desc=f"{desc} epoch {epoch}/{epochs}")
         probs = predict(model, array, val_rows, ("id",), eval_bs, device, cfg["amp"],
                         cfg["channels_last"], desc=f"{desc} val")["id"]
         img = aggregate(probs, cfg["aggregate"])
         score = macro_f1(val_y, img)
-        history.append({"epoch": epoch, "loss": total / max(1, n), "val_macro_f1": score,
-                        "lr": opt.param_groups[0]["lr"]})
+        history.append({"epoch": epoch, "loss": loss, "val_macro_f1": score,
+                        "lr": trainer.opt.param_groups[0]["lr"]})
         if score > best["score"]:
-            best.update(score=score, epoch=epoch, probs=img,
-                        state=_snapshot(model))
+            best.update(score=score, epoch=epoch, probs=img, state=_snapshot(model))
         elif patience and epoch - best["epoch"] >= patience:
             break
     model.load_state_dict(best["state"], strict=False)
@@ -524,8 +558,6 @@ def fit_fold(model: nn.Module, array, train_rows, train_y, val_rows, val_y, cfg:
     if ckpt_path is not None:
         save_checkpoint(model, ckpt_path, full_checkpoint, {
             **(meta or {}), "best_epoch": best["epoch"], "best_macro_f1": best["score"]})
-    from kit.backbones import count_trainable
-
     return FoldResult(model=model, best_epoch=best["epoch"], best_score=best["score"],
                       epochs=len(history), seconds=time.perf_counter() - t0, history=history,
                       val_probs=best["probs"], n_trainable=count_trainable(model))

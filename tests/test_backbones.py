@@ -34,6 +34,16 @@ def backbones_offline(monkeypatch, tmp_path):
     return tmp_path
 
 
+@pytest.fixture(scope="module", autouse=True)
+def backbones_one_thread():
+    """One intra-op thread: these models are tiny, and on a shared 2-core machine OpenMP
+    threads spinning against other processes made the file several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def timm_models():
     """The two real timm backbones, random weights, built once (a few seconds each)."""
@@ -69,7 +79,8 @@ def _fake_hf_cache(root, repo, files):
 
 # --------------------------------------------------------------------------- registry
 def test_registry_lists_the_backbones():
-    assert {"efficientnet_b0", "convnext_tiny", "phikon", "tiny_cnn", "tiny_vit"} <= set(list_backbones())
+    expected = {"efficientnet_b0", "convnext_tiny", "phikon", "tiny_cnn", "tiny_vit"}
+    assert expected <= set(list_backbones())
     assert list_backbones() == sorted(list_backbones())
 
 
@@ -99,6 +110,8 @@ def test_unknown_backbone_lists_known_ones():
 def test_bad_options_are_refused(tmp_path):
     with pytest.raises(KitError, match="unknown option"):
         create_backbone("tiny_cnn", weights="random", patchsize=64)
+    with pytest.raises(KitError, match="patch_size"):
+        create_backbone("tiny_cnn", weights="random", patch_size="128")
     with pytest.raises(KitError, match="not found"):
         create_backbone("tiny_cnn", weights=str(tmp_path / "nope.safetensors"))
     with pytest.raises(KitError, match="phikon_mode"):
@@ -156,7 +169,8 @@ def _assert_trainable(bb, norm_types, open_params=frozenset()):
     for mod_name, module in bb.named_modules():
         for p_name, p in module.named_parameters(recurse=False):
             expected = bool(norm_types) and isinstance(module, norm_types) or id(p) in open_params
-            assert p.requires_grad == expected, f"{bb.name}: {mod_name}.{p_name} ({type(module).__name__})"
+            where = f"{bb.name}: {mod_name}.{p_name} ({type(module).__name__})"
+            assert p.requires_grad == expected, where
 
 
 def test_freeze_trains_exactly_the_norm_layers(timm_models):
@@ -166,7 +180,8 @@ def test_freeze_trains_exactly_the_norm_layers(timm_models):
         assert n == count_trainable(bb) > 0, name
     # timm's own norm classes are subclasses and count as norms.
     eff, cnx = timm_models["efficientnet_b0"], timm_models["convnext_tiny"]
-    assert any(type(m).__name__ == "BatchNormAct2d" and m.weight.requires_grad for m in eff.modules())
+    assert any(type(m).__name__ == "BatchNormAct2d" and m.weight.requires_grad
+               for m in eff.modules())
     assert any(type(m).__name__ == "LayerNorm2d" and m.weight.requires_grad for m in cnx.modules())
 
 

@@ -26,7 +26,8 @@ def test_depth_zero_is_a_linear_classifier_with_input_dropout():
     assert [type(m) for m in create_head(10, 3, depth=0, dropout=0.0)] == [nn.Linear]
 
 
-@pytest.mark.parametrize("activation,cls", [("relu", nn.ReLU), ("gelu", nn.GELU), ("GELU", nn.GELU)])
+@pytest.mark.parametrize("activation,cls",
+                         [("relu", nn.ReLU), ("gelu", nn.GELU), ("GELU", nn.GELU)])
 def test_activation(activation, cls):
     head = create_head(8, 2, depth=3, width=4, activation=activation)
     acts = [m for m in head if isinstance(m, (nn.ReLU, nn.GELU))]

@@ -32,4 +32,24 @@ def run(args) -> int:
     print(f"patches        -> {paths.patches_dir('train')}, {paths.patches_dir('test')}")
     folds.run_folds(data, paths, seed=args.seed, force=True)
     print(f"folds          -> {paths.folds_csv}")
+    _blend(paths, data, args.seed)  # after cv (it reads runs/<bb>/), before the report
+    from kit.report import run_report  # last: it summarises every stage above
+
+    print(f"report         -> {run_report(paths, data)}")
     return 0
+
+
+def _blend(paths: Paths, data, seed: int) -> None:
+    """Blend every backbone the demo trained into a validated submission + manifest."""
+    from kit.blend import complete_backbones, run_blend
+
+    if not complete_backbones(paths):  # only until the cv step runs before this one
+        print("blend          skipped: no runs/<backbone>/ with oof.csv, test.csv and "
+              "metrics.json yet (./run.sh cv writes them)")
+        return
+    result = run_blend(paths, data, name="demo", seed=seed)
+    s = result.scores
+    print(f"blend          -> {result.csv_path} ({len(result.test_labels)} rows, validated), "
+          f"{result.manifest_path.name}, {result.latest_csv}")
+    print(f"                  macro F1 nested {s['nested']['macro_f1']:.4f} (expected score), "
+          f"in-sample {s['in_sample']['macro_f1']:.4f} (optimistic)")

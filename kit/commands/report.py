@@ -1,0 +1,17 @@
+"""``./run.sh report``: write runs/report.html from whatever the stages have written so far."""
+from __future__ import annotations
+
+
+def add_arguments(parser):
+    parser.add_argument("--max-thumbs", type=int, default=None,
+                        help="junk thumbnails shown at most (default: 120)")
+
+
+def run(args) -> int:
+    from kit.paths import Paths
+    from kit.report import run_report
+
+    out = run_report(Paths.from_root(args.workdir), args.data,
+                     cfg={"max_thumbs": args.max_thumbs})
+    print(f"report -> {out}")
+    return 0

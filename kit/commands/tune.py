@@ -1,0 +1,61 @@
+"""``./run.sh tune``: Optuna search of head and augmentation settings per backbone.
+
+Start the same command on several machines with the same ``--storage`` and they share the
+study; rerunning it continues where it stopped. See the README's "Tuning" section.
+"""
+from __future__ import annotations
+
+
+def add_arguments(parser):
+    parser.add_argument("backbones", nargs="*", metavar="BACKBONE",
+                        help="backbones to tune, one study each (e.g. efficientnet_b0 phikon)")
+    parser.add_argument("--objective", choices=("features", "full"),
+                        help="features: head on cached frozen embeddings (seconds per trial); "
+                             "full: trains as cv does (default: kit/conf/tune.yaml, features)")
+    parser.add_argument("--trials", type=int,
+                        help="stop when the study holds this many finished trials, counting "
+                             "every worker and earlier runs; 0 = no bound (default: 30)")
+    parser.add_argument("--timeout", type=float,
+                        help="seconds this run keeps starting trials; 0 = no limit")
+    parser.add_argument("--storage",
+                        help="Optuna storage shared by the workers: an RDB URL "
+                             "(postgresql+psycopg2://user:pw@host:5432/db, mysql+pymysql://..., "
+                             "sqlite:///path) or a journal file (journal:PATH or PATH.log); "
+                             "default: sqlite runs/optuna.db")
+    parser.add_argument("--study-suffix", help="study name <backbone>-<objective>-<suffix>")
+    parser.add_argument("--folds-per-trial", type=int,
+                        help="evaluate this many folds (fixed per study) per trial; the best is "
+                             "re-scored on all folds (default: 0 = all)")
+    parser.add_argument("--space", dest="space_file", metavar="FILE",
+                        help="YAML search space merged over kit/conf/tune.yaml's "
+                             "(default:/<backbone>: entries of dotted keys)")
+    parser.add_argument("--warm-start-from", metavar="features|STUDY",
+                        help="enqueue the best trials of this study first (features = the "
+                             "features study of the same backbone and suffix)")
+    parser.add_argument("--weights", default="auto",
+                        help="backbone weights: auto | random | PATH (default: auto)")
+    parser.add_argument("--n-jobs", type=int,
+                        help="trials run in parallel threads of this process (GPU hosts where "
+                             "the model fits several times; default: 1)")
+    parser.add_argument("--device", help="cpu | cuda | mps (default: the best available)")
+    parser.add_argument("--heartbeat", type=int, metavar="S",
+                        help="RDB storages: heartbeat interval in seconds (default: 60)")
+    parser.add_argument("--grace", type=int, metavar="S",
+                        help="RDB storages: seconds without heartbeat before a trial is failed "
+                             "and retried (default: 180)")
+    parser.add_argument("--create-only", action="store_true",
+                        help="create the studies (and the embedding cache) and stop: run once "
+                             "before starting workers on an empty database")
+
+
+def run(args) -> int:
+    from kit.paths import Paths
+    from kit.tune import run_tune
+
+    run_tune(args.backbones, Paths.from_root(args.workdir), objective=args.objective,
+             trials=args.trials, timeout=args.timeout, storage=args.storage,
+             study_suffix=args.study_suffix, folds_per_trial=args.folds_per_trial,
+             space_file=args.space_file, warm_start_from=args.warm_start_from,
+             weights=args.weights, n_jobs=args.n_jobs, seed=args.seed, device=args.device,
+             heartbeat=args.heartbeat, grace=args.grace, create_only=args.create_only)
+    return 0

@@ -1,0 +1,617 @@
+"""Embedding cache and heads trained on cached embeddings.
+
+When nothing in the backbone trains (frozen *including* its norm layers, in eval mode), a
+patch always maps to the same vector: embed every patch and each test-time view once, keep
+the vectors on disk, and train only the head on them. A 5-fold head trial then costs seconds
+on a CPU instead of hours. This is the ``features`` objective of ``./run.sh tune`` and what
+``cv`` can use when its config trains nothing in the backbone (:func:`features_cv`).
+
+Cache layout (one folder per split and key; a changed input gives a new key, so a stale cache
+is never read)::
+
+    runs/features/<backbone>/<split>-<key[:16]>/features.npy   N x K x V x D (float16/32)
+                                               /meta.json      key, views, shapes, sources
+                                               /config.yaml
+
+The key hashes the backbone's name and state dict (weights *and* BatchNorm statistics), its
+input size and normalisation, the patch cache key of the split, the views and the dtype.
+
+The head training mirrors :func:`kit.train.fit_fold` step for step (AdamW, warm-up + cosine
+per step, label smoothing, class weights or balanced sampling, early stopping on the fold's
+image-level macro F1 of the ``id`` view, best epoch kept); the only augmentation that exists
+in feature space is the choice of view, drawn at random per patch and epoch.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kit import CLASSES
+from kit.config import load_config
+from kit.metrics import aggregate, macro_f1, weighted_f1
+from kit.utils import KitError, atomic_write_json, progress, sha256_text, write_config
+
+CODE_VERSION = "features-1"
+FILES = ("features.npy", "meta.json")
+DTYPES = ("float16", "float32")
+PROB_COLUMNS = [f"p_{c}" for c in CLASSES]
+
+
+# --------------------------------------------------------------------------- cache key
+def weights_digest(module) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes, bytes) in key order.
+
+    Covers the weights however they were obtained (file, hub, seeded random init) and the
+    BatchNorm running statistics that a frozen backbone in eval mode uses.
+    """
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_views(views) -> tuple[str, ...]:
+    """The views to embed: ``id`` first (early stopping validates on it), then the others."""
+    views = tuple(views)
+    return ("id",) + tuple(v for v in views if v != "id")
+
+
+def feature_key(backbone, patch_key: str, views, dtype: str, digest: str | None = None) -> str:
+    """Cache key of one split's embeddings (see the module docstring)."""
+    payload = {
+        "version": CODE_VERSION, "backbone": backbone.name,
+        "weights_sha256": digest or weights_digest(backbone),
+        "num_features": int(backbone.num_features), "input_size": int(backbone.input_size),
+        "mean": list(backbone.mean), "std": list(backbone.std),
+        "patch_key": str(patch_key), "views": list(views), "dtype": dtype,
+    }
+    return sha256_text(json.dumps(payload, sort_keys=True))
+
+
+# --------------------------------------------------------------------------- embedding
+@dataclass
+class Features:
+    """Cached embeddings of one split: ``array[i, k, v]`` is patch ``k`` of image ``i``
+    (row ``i`` of ``samples``) seen through view ``views[v]``."""
+
+    array: np.ndarray  # N x K x V x D, memory-mapped read-only
+    samples: pd.DataFrame
+    views: tuple[str, ...]
+    key: str
+    path: Path
+    hit: bool
+    meta: dict = field(default_factory=dict)
+
+
+def _valid(folder: Path, key: str) -> bool:
+    if not all((folder / f).exists() for f in FILES):
+        return False
+    try:
+        return json.loads((folder / "meta.json").read_text()).get("key") == key
+    except ValueError:
+        return False
+
+
+def embed_array(backbone, array, views, out, batch_size: int = 64, device="cpu",
+                desc: str = "embed") -> None:
+    """Fill ``out[i, k, v]`` with the embedding of patch ``k`` of image ``i`` in view ``v``.
+
+    ``array`` is ``N x K x P x P x 3`` uint8 (memmap fine); batches hold ``batch_size``
+    patches (whole images), normalised on ``device`` as :func:`kit.train.predict` does.
+    """
+    import torch
+
+    from kit.augment import normalize_batch
+    from kit.tta import apply_view
+
+    device = torch.device(device)
+    backbone.eval().to(device)
+    n, k = array.shape[:2]
+    per_chunk = max(1, int(batch_size) // k)
+    with torch.inference_mode():
+        for a in progress(range(0, n, per_chunk), desc=desc, unit="batch"):
+            sel = slice(a, min(n, a + per_chunk))
+            x = torch.from_numpy(np.array(array[sel])).reshape(-1, *array.shape[2:])
+            x = normalize_batch(x.to(device), backbone.mean, backbone.std, backbone.input_size)
+            for j, view in enumerate(views):
+                f = backbone(apply_view(x, view)).float().cpu().numpy()
+                out[sel, :, j] = f.reshape(-1, k, f.shape[-1])
+
+
+def load_or_embed(backbone, patches, paths, split: str, views, cfg: dict | None = None,
+                  device=None, digest: str | None = None) -> Features:
+    """The cached embeddings of ``patches`` (a :class:`kit.patches.PatchSet`), computed now
+    on a miss. Safe with several workers: each embeds into its own temporary folder and the
+    first to finish renames it into place; the others drop theirs and read the winner's."""
+    from numpy.lib.format import open_memmap
+
+    from kit.train import pick_device
+
+    cfg = load_config("features", cfg)
+    dtype = str(cfg["dtype"])
+    if dtype not in DTYPES:
+        raise KitError(f"features.dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    views = cache_views(views)
+    digest = digest or weights_digest(backbone)
+    key = feature_key(backbone, patches.key, views, dtype, digest)
+    folder = paths.features_dir / backbone.name / f"{split}-{key[:16]}"
+    hit = _valid(folder, key)
+    if not hit:
+        n, k = patches.array.shape[:2]
+        shape = (n, k, len(views), int(backbone.num_features))
+        tmp = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            t0 = time.perf_counter()
+            out = open_memmap(tmp / "features.npy", mode="w+", dtype=dtype, shape=shape)
+            embed_array(backbone, patches.array, views, out, int(cfg["batch_size"]),
+                        pick_device(None if cfg["device"] == "auto" else cfg["device"]),
+                        desc=f"embed {backbone.name} {split}")
+            out.flush()
+            del out
+            meta = {"key": key, "backbone": backbone.name, "weights_sha256": digest,
+                    "weights_source": str(backbone.weights_source), "split": split,
+                    "patch_key": patches.key, "views": list(views), "shape": list(shape),
+                    "dtype": dtype, "input_size": int(backbone.input_size),
+                    "seconds": round(time.perf_counter() - t0, 2), "version": CODE_VERSION}
+            write_config(tmp / "config.yaml", {"features": cfg, "views": list(views)})
+            atomic_write_json(tmp / "meta.json", meta)
+            _publish(tmp, folder, key)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        print(f"features: embedded {n} x {k} {split} patches x {len(views)} views with "
+              f"{backbone.name} in {meta['seconds']:.1f} s -> {folder}")
+    meta = json.loads((folder / "meta.json").read_text())
+    array = np.load(folder / "features.npy", mmap_mode="r")
+    if array.shape[:2] != patches.array.shape[:2]:
+        raise KitError(f"{folder}: cached features do not match the patch cache; delete the "
+                       "folder and rerun")
+    return Features(array, patches.samples, views, key, folder, hit, meta)
+
+
+def _publish(tmp: Path, folder: Path, key: str) -> None:
+    try:
+        os.rename(tmp, folder)
+    except OSError:
+        if not _valid(folder, key):  # not a finished copy by another worker: replace it
+            shutil.rmtree(folder, ignore_errors=True)
+            os.rename(tmp, folder)
+
+
+# --------------------------------------------------------------------------- head training
+@dataclass
+class HeadFit:
+    """What :func:`train_head_on_features` returns; ``head`` holds the best epoch's weights."""
+
+    head: object
+    best_epoch: int
+    best_score: float
+    epochs: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def _as_tensor(x):
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.float()
+    return torch.from_numpy(np.array(x, dtype=np.float32))  # a writable copy, even of a memmap
+
+
+def predict_features(head, x, views=None, batch_size: int = 4096) -> dict[int, np.ndarray]:
+    """Patch probabilities ``n x K x C`` per view index of ``x`` (``n x K x V x D``)."""
+    import torch
+
+    x = _as_tensor(x)
+    n, k, n_views, d = x.shape
+    views = range(n_views) if views is None else views
+    device = next(head.parameters()).device
+    head.eval()
+    out = {}
+    with torch.inference_mode():
+        for v in views:
+            flat = x[:, :, v].reshape(-1, d)
+            parts = [torch.softmax(head(flat[a:a + batch_size].to(device)).float(), 1).cpu()
+                     for a in range(0, len(flat), batch_size)]
+            probs = torch.cat(parts) if parts else torch.zeros(0, _n_out(head))
+            out[v] = probs.numpy().reshape(n, k, -1)
+    return out
+
+
+def _n_out(head) -> int:
+    import torch
+
+    return [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
+
+
+def fast_macro_f1(y_true, y_pred, num_classes: int = len(CLASSES)) -> float:
+    """:func:`kit.metrics.macro_f1` on class indices without scikit-learn's input checks
+    (20 ms a call, a fifth of a features trial): the mean of ``2 tp / (2 tp + fp + fn)`` over
+    the classes present in either argument, which is what scikit-learn computes."""
+    y_true, y_pred = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
+    cm = np.bincount(y_true * num_classes + y_pred, minlength=num_classes ** 2)
+    cm = cm.reshape(num_classes, num_classes)
+    tp = np.diag(cm).astype(np.float64)
+    fn, fp = cm.sum(1) - tp, cm.sum(0) - tp
+    present = (cm.sum(1) + cm.sum(0)) > 0
+    if not present.any():
+        return 0.0
+    return float(np.mean(2 * tp[present] / (2 * tp[present] + fp[present] + fn[present])))
+
+
+def train_head_on_features(x_train, y_train, x_val, y_val, cfg: dict, seed: int = 42,
+                           device="cpu", num_classes: int = len(CLASSES),
+                           desc: str = "head") -> HeadFit:
+    """Train a head (``cfg["head"]``) on cached embeddings, early stopping on ``x_val``.
+
+    Parameters
+    ----------
+    x_train, x_val : array or tensor, ``n x K x V x D``
+        Embeddings per image, patch and view; view 0 is ``id`` (see :func:`cache_views`).
+    y_train, y_val : int arrays
+        Class index per image (every patch carries its image's label).
+    cfg : dict
+        Resolved training config (:func:`kit.train.train_config`): epochs, batch_size, lr,
+        weight_decay, warmup_epochs, min_lr_ratio, patience, aggregate, class_balance,
+        label_smoothing (optional), head.
+    seed : int
+        Seeds the head's initialisation, the patch order and the view draws.
+
+    Returns
+    -------
+    HeadFit
+    """
+    import torch
+
+    from kit.heads import create_head
+    from kit.train import one_hot, soft_cross_entropy, warmup_cosine
+    from kit.utils import seed_everything
+
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    seed_everything(seed)
+    x_train, x_val = _as_tensor(x_train), _as_tensor(x_val)
+    y_train, y_val = np.asarray(y_train, np.int64), np.asarray(y_val, np.int64)
+    if len(y_train) == 0 or len(y_val) == 0:
+        raise KitError(f"{desc}: need training and validation images "
+                       f"(got {len(y_train)} and {len(y_val)})")
+    n, k, n_views, d = x_train.shape
+    head = create_head(d, num_classes, **cfg["head"]).to(device)
+    flat = x_train.reshape(n * k, n_views, d).to(device)
+    patch_y = torch.from_numpy(np.repeat(y_train, k)).to(device)
+    smoothing = float(cfg.get("label_smoothing", 0.0))
+    targets = one_hot(patch_y, num_classes, smoothing)
+    balance = cfg["class_balance"]
+    if balance not in ("none", "loss", "sampler", None):
+        raise KitError(f"train: class_balance must be none, loss or sampler (got {balance!r})")
+    weight = None
+    if balance == "loss":
+        from kit.augment import class_weights  # imports timm: only when needed
+
+        weight = class_weights(y_train, num_classes).to(device)
+    sample_w = None
+    if balance == "sampler":
+        counts = np.bincount(y_train, minlength=num_classes)
+        sample_w = torch.as_tensor(1.0 / counts[np.repeat(y_train, k)], dtype=torch.double)
+
+    g = torch.Generator().manual_seed(int(seed))
+    bs, epochs = int(cfg["batch_size"]), int(cfg["epochs"])
+    steps = max(1, math.ceil(n * k / bs))
+    opt = torch.optim.AdamW(head.parameters(), lr=float(cfg["lr"]),
+                            weight_decay=float(cfg["weight_decay"]))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(
+        s, epochs * steps, int(round(float(cfg["warmup_epochs"]) * steps)),
+        float(cfg["min_lr_ratio"])))
+    patience = int(cfg["patience"])
+    best = {"score": -1.0, "epoch": 0, "state": None}
+    history = []
+    for epoch in range(1, epochs + 1):
+        head.train()
+        order = (torch.multinomial(sample_w, n * k, replacement=True, generator=g)
+                 if sample_w is not None else torch.randperm(n * k, generator=g))
+        view = torch.randint(0, n_views, (n * k,), generator=g)
+        total, seen = 0.0, 0
+        for a in range(0, n * k, bs):
+            idx = order[a:a + bs].to(device)
+            if len(idx) < 2:
+                continue  # as fit_fold: BatchNorm cannot train on one sample
+            logits = head(flat[idx, view[a:a + bs].to(device)])
+            loss = soft_cross_entropy(logits, targets[idx], weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+            seen += len(idx)
+        probs = predict_features(head, x_val, views=[0])[0]
+        score = fast_macro_f1(y_val, aggregate(probs, cfg["aggregate"]).argmax(1), num_classes)
+        history.append({"epoch": epoch, "loss": total / max(1, seen), "val_macro_f1": score,
+                        "lr": opt.param_groups[0]["lr"]})
+        if score > best["score"]:
+            best.update(score=score, epoch=epoch,
+                        state={k_: v.detach().clone() for k_, v in head.state_dict().items()})
+        elif patience and epoch - best["epoch"] >= patience:
+            break
+    head.load_state_dict(best["state"])
+    head.eval()
+    return HeadFit(head, best["epoch"], best["score"], len(history),
+                   time.perf_counter() - t0, history)
+
+
+# --------------------------------------------------------------------------- cross-validation
+@dataclass
+class FoldPrediction:
+    """One fold's image-level predictions (TTA mean over the config's views)."""
+
+    fold: int
+    sample_index: np.ndarray
+    y: np.ndarray
+    probs: np.ndarray  # n x C
+    per_view: dict[str, np.ndarray]
+    macro_f1: float
+    fit: HeadFit
+    test_probs: np.ndarray | None = None
+    test_per_view: dict[str, np.ndarray] | None = None
+
+
+class FeatureCV:
+    """Cached embeddings aligned with the folds; :meth:`fold` trains and predicts one fold.
+
+    Fold ``k`` is seeded with ``seed + k`` (as :func:`kit.cv.run_cv`), so a fold's result does
+    not depend on which folds ran before it: the tune objective may visit folds in any order.
+    """
+
+    def __init__(self, train: Features, folds: pd.DataFrame, cfg: dict, views,
+                 test: Features | None = None, device="cpu", seed: int = 42, threads: int = 1):
+        import torch
+
+        self.cfg, self.seed, self.device = cfg, int(seed), torch.device(device)
+        self.threads = int(threads) if self.device.type == "cpu" else 0
+        self.views = tuple(views)  # the config's TTA views, averaged in the predictions
+        self.view_idx = [train.views.index(v) for v in self.views]
+        self.train, self.test = train, test
+        self.folds = _align(folds, train.samples, train.path)
+        self.x = _as_tensor(train.array)  # n x K x V x D float32 in memory
+        self.x_test = None if test is None else _as_tensor(test.array)
+        self.n_folds = int(self.folds.fold.max()) + 1
+
+    def configure(self, params: dict | None = None, cfg: dict | None = None) -> "FeatureCV":
+        """A copy sharing the embeddings, with the training config resolved from ``params``
+        (dotted keys) and ``cfg`` (nested overrides) over the defaults."""
+        import copy
+
+        from kit.train import train_config, tta_views
+
+        tcfg = train_config(cfg, params)
+        views = tta_views(tcfg["tta"])
+        missing = [v for v in views if v not in self.train.views]
+        if missing:
+            raise KitError(f"views {', '.join(missing)} are not in the embedding cache "
+                           f"{self.train.path} (it has {', '.join(self.train.views)}); "
+                           "tune tta with the full objective")
+        out = copy.copy(self)
+        out.cfg, out.views = tcfg, tuple(views)
+        out.view_idx = [self.train.views.index(v) for v in out.views]
+        return out
+
+    def fold(self, k: int, with_test: bool = False) -> FoldPrediction:
+        """Train fold ``k``'s head on the other folds, predict its images (and the test set)."""
+        f = self.folds
+        tr, va = f[f.fold != k], f[f.fold == k]
+        tr_rows, va_rows = _rows(tr.row), _rows(va.row)
+        with threads(self.threads):
+            fit = train_head_on_features(self.x[tr_rows], tr.y.values, self.x[va_rows],
+                                         va.y.values, self.cfg, seed=self.seed + k,
+                                         device=self.device, desc=f"fold {k}")
+            per_view = self._image_probs(fit.head, self.x[va_rows])
+        probs = np.mean(list(per_view.values()), axis=0)
+        pred = FoldPrediction(k, va.sample_index.values, va.y.values, probs, per_view,
+                              macro_f1(va.y.values, probs), fit)
+        if with_test and self.x_test is not None:
+            with threads(self.threads):
+                pred.test_per_view = self._image_probs(fit.head, self.x_test)
+            pred.test_probs = np.mean(list(pred.test_per_view.values()), axis=0)
+        return pred
+
+    def _image_probs(self, head, x) -> dict[str, np.ndarray]:
+        patch = predict_features(head, x, self.view_idx)
+        return {v: aggregate(patch[i], self.cfg["aggregate"])
+                for v, i in zip(self.views, self.view_idx)}
+
+
+def _rows(series):
+    import torch
+
+    return torch.from_numpy(np.array(series, dtype=np.int64))  # pandas hands out read-only views
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """Run with ``n`` torch threads (0: leave as is), restoring the count afterwards.
+
+    A small head's matrices are too small to share among threads: on a CPU whose cores are
+    also busy elsewhere, two threads were ~10x slower per step than one here.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    if n and n != before:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def _align(folds: pd.DataFrame, samples: pd.DataFrame, where) -> pd.DataFrame:
+    """Folds with ``row`` (row of the cache) and ``y`` (class index) columns."""
+    rows = pd.Series(np.arange(len(samples)), index=samples.sample_index.values)
+    missing = sorted(set(folds.sample_index) - set(rows.index))
+    if missing:
+        raise KitError(f"{len(missing)} images of folds/folds.csv are not in the patch cache "
+                       f"behind {where} (e.g. {missing[0]}); rerun ./run.sh patches and "
+                       "./run.sh folds --force")
+    return folds.assign(row=rows.loc[folds.sample_index].values,
+                        y=[CLASSES.index(c) for c in folds.label])
+
+
+def oof_score(preds) -> float:
+    """Macro F1 of the pooled OOF predictions of ``preds`` (image level), as cv computes it."""
+    preds = list(preds)
+    y = np.concatenate([p.y for p in preds])
+    probs = np.concatenate([p.probs for p in preds])
+    return macro_f1(y, probs)
+
+
+def frozen_backbone(backbone: str, cfg: dict, weights="auto", seed: int = 42,
+                    patch_size: int | None = None):
+    """The backbone built as cv builds it (seeded), frozen entirely and in eval mode."""
+    from kit.backbones import create_backbone, freeze_backbone
+    from kit.utils import seed_everything
+
+    seed_everything(seed)
+    bb = create_backbone(backbone, weights=weights, patch_size=patch_size,
+                         phikon_mode=cfg.get("phikon_mode", "resize"))
+    freeze_backbone(bb, train_norm=(), unfreeze_last=0)
+    return bb.eval()
+
+
+def prepare(backbone, paths, params: dict | None = None, cfg: dict | None = None,
+            weights="auto", seed: int = 42, device=None, with_test: bool = True,
+            features_cfg: dict | None = None) -> FeatureCV:
+    """Load folds and patches, embed (or read the cache), and return a :class:`FeatureCV`.
+
+    ``backbone`` is a registered name or an already built :class:`kit.backbones.Backbone`;
+    ``params`` (dotted keys) and ``cfg`` (nested overrides) resolve as in :func:`kit.cv.run_cv`.
+    """
+    from kit.folds import load_folds
+    from kit.patches import load_patches
+    from kit.train import pick_device, train_config, tta_views
+
+    tcfg = train_config(cfg, params)
+    views = tta_views(tcfg["tta"])
+    folds, _ = load_folds(paths)
+    train = load_patches(paths, "train")
+    test = load_patches(paths, "test") if with_test else None
+    if isinstance(backbone, str):
+        backbone = frozen_backbone(backbone, tcfg, weights, seed,
+                                   patch_size=int(train.array.shape[2]))
+    fcfg = load_config("features", features_cfg)
+    dev = pick_device(None if fcfg["device"] == "auto" else fcfg["device"]) \
+        if device is None else pick_device(device)
+    digest = weights_digest(backbone)
+    ftrain = load_or_embed(backbone, train, paths, "train", views, fcfg, dev, digest)
+    ftest = load_or_embed(backbone, test, paths, "test", views, fcfg, dev, digest) \
+        if test is not None else None
+    return FeatureCV(ftrain, folds, tcfg, views, ftest, dev, seed, int(fcfg["threads"]))
+
+
+@dataclass
+class FeaturesCVResult:
+    """:func:`features_cv`'s outputs, in the shapes of cv's files (docs/DESIGN.md)."""
+
+    oof: pd.DataFrame  # sample_index, fold, label, p_<class>... (TTA mean), folds-file order
+    per_fold: list[dict]
+    test: pd.DataFrame | None  # sample_index, p_<class>... (mean over folds and views)
+    oof_macro_f1: float
+    oof_weighted_f1: float
+    oof_views: dict[str, pd.DataFrame]
+    test_views: dict[str, pd.DataFrame]
+    views: tuple[str, ...]
+    cfg: dict
+    features: dict  # cache keys, folders, weights digest/source, hits
+
+    def __iter__(self):  # ``oof, per_fold, test = features_cv(...)``
+        return iter((self.oof, self.per_fold, self.test))
+
+
+def features_cv(backbone, paths, params: dict | None = None, seed: int = 42,
+                cfg: dict | None = None, weights="auto", device=None, folds=None,
+                with_test: bool = True, on_fold=None) -> FeaturesCVResult:
+    """Cross-validation of a head on cached embeddings: what ``cv`` computes when nothing in
+    the backbone trains, for a fraction of the compute.
+
+    Parameters
+    ----------
+    backbone : str or Backbone
+    paths : kit.paths.Paths
+    params, cfg : dict, optional
+        Dotted overrides (best.yaml) and nested overrides, as in :func:`kit.cv.run_cv`.
+    seed : int
+        Fold ``k`` trains with ``seed + k``; the backbone is built after seeding ``seed``.
+    folds : list of int, optional
+        Only these folds (default: all); the OOF frame then covers their images only.
+    on_fold : callable, optional
+        ``on_fold(k, FoldPrediction)`` after each fold (progress, pruning).
+
+    Returns
+    -------
+    FeaturesCVResult
+        Unpacks as ``oof, per_fold, test``.
+    """
+    fcv = backbone if isinstance(backbone, FeatureCV) else prepare(
+        backbone, paths, params, cfg, weights, seed, device, with_test)
+    ks = list(range(fcv.n_folds)) if folds is None else [int(k) for k in folds]
+    preds = []
+    for k in progress(ks, desc="features cv", unit="fold"):
+        pred = fcv.fold(k, with_test=with_test)
+        preds.append(pred)
+        if on_fold is not None:
+            on_fold(k, pred)
+    return _result(fcv, preds)
+
+
+def _frame(ids, probs, **front) -> pd.DataFrame:
+    df = pd.DataFrame({"sample_index": list(ids), **front})
+    for j, col in enumerate(PROB_COLUMNS):
+        df[col] = probs[:, j]
+    return df
+
+
+def _result(fcv: FeatureCV, preds: list[FoldPrediction]) -> FeaturesCVResult:
+    order = fcv.folds[fcv.folds.fold.isin([p.fold for p in preds])].sample_index
+    ids = np.concatenate([p.sample_index for p in preds])
+    folds_col = np.concatenate([np.full(len(p.y), p.fold) for p in preds])
+    labels = np.array([CLASSES[i] for i in np.concatenate([p.y for p in preds])], dtype=object)
+
+    def ordered(probs):
+        df = _frame(ids, probs, fold=folds_col, label=labels)
+        return df.set_index("sample_index").loc[order.values].reset_index()
+
+    oof = ordered(np.concatenate([p.probs for p in preds]))
+    oof_views = {v: ordered(np.concatenate([p.per_view[v] for p in preds])) for v in fcv.views}
+    test = test_views = None
+    if preds and preds[0].test_probs is not None:
+        tid = fcv.test.samples.sample_index.values
+        test = _frame(tid, np.mean([p.test_probs for p in preds], axis=0))
+        test_views = {v: _frame(tid, np.mean([p.test_per_view[v] for p in preds], axis=0))
+                      for v in fcv.views}
+    y, probs = oof.label.to_numpy(), oof[PROB_COLUMNS].to_numpy()
+    per_fold = [{"fold": p.fold, "n": int(len(p.y)), "macro_f1": p.macro_f1,
+                 "weighted_f1": weighted_f1(p.y, p.probs), "val_macro_f1_id": p.fit.best_score,
+                 "best_epoch": p.fit.best_epoch, "epochs": p.fit.epochs,
+                 "seconds": round(p.fit.seconds, 2)} for p in preds]
+    info = {"train_key": fcv.train.key, "train_dir": str(fcv.train.path),
+            "train_hit": fcv.train.hit, "weights_sha256": fcv.train.meta.get("weights_sha256"),
+            "weights_source": fcv.train.meta.get("weights_source")}
+    if fcv.test is not None:
+        info.update(test_key=fcv.test.key, test_dir=str(fcv.test.path), test_hit=fcv.test.hit)
+    return FeaturesCVResult(oof, per_fold, test, macro_f1(y, probs), weighted_f1(y, probs),
+                            oof_views, test_views or {}, fcv.views, fcv.cfg, info)

@@ -1,0 +1,529 @@
+"""``runs/report.html``: one self-contained page on the data, the CV runs, the blend and the
+submissions.
+
+Every image is inlined (``data:`` URIs: PNG plots, JPEG thumbnails), so the file can be
+mailed or opened offline. Each section reads only the files its stage wrote and, when they
+do not exist yet, says which command makes them; a section whose files cannot be read shows
+why instead of failing the whole page. All text from files is HTML-escaped.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kit import CLASSES, __version__
+from kit.config import load_config
+from kit.paths import Paths
+from kit.utils import KitError, atomic_write_text, write_config
+
+PROB_COLUMNS = [f"p_{c}" for c in CLASSES]
+NESTED_COLUMNS = [f"nested_p_{c}" for c in CLASSES]
+# What a section may hit in files of an older or half-written run: shown, not raised.
+_READ_ERRORS = (KitError, OSError, ValueError, KeyError, TypeError, IndexError)
+
+
+def run_report(paths: Paths, data, cfg: dict | None = None) -> Path:
+    """Write ``runs/report.html`` from whatever the stages have written so far; return its path.
+
+    Parameters
+    ----------
+    paths : Paths
+        The work directory.
+    data : path
+        Dataset root (``train_labels.csv``, ``train_data/`` for the junk thumbnails).
+    cfg : dict, optional
+        Overrides of the ``report`` config group.
+    """
+    cfg = load_config("report", cfg)
+    sections = [
+        ("data", "Data", lambda: data_section(paths, data, cfg)),
+        ("cv", "Cross-validation", lambda: cv_section(paths)),
+        ("blend", "Blend", lambda: blend_section(paths)),
+        ("calibration", "Reliability of the blended OOF probabilities",
+         lambda: reliability_section(paths, cfg)),
+        ("submissions", "Submissions", lambda: submissions_section(paths)),
+    ]
+    body = [_render(anchor, title, build) for anchor, title, build in sections]
+    nav = " · ".join(f"<a href='#{a}'>{_e(t)}</a>" for a, t, _ in sections)
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    head = (f"an2dl-kit {_e(__version__)} · generated {_e(stamp)} · work directory "
+            f"<code>{_e(paths.root)}</code> · data <code>{_e(data)}</code>")
+    out = paths.runs_dir / "report.html"
+    atomic_write_text(out, _PAGE.format(head=head, nav=nav, body="\n".join(body)))
+    write_config(paths.runs_dir / "report_config.yaml", {**cfg, "data": str(data)})
+    return out
+
+
+def _render(anchor: str, title: str, build) -> str:
+    try:
+        content = build()
+    except _READ_ERRORS as exc:
+        print(f"report: section {title!r} skipped: {exc}", file=sys.stderr)
+        content = f"<p class=err>could not be built: {_e(exc)}</p>"
+    return f"<section id='{anchor}'><h2>{_e(title)}</h2>\n{content}</section>"
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+def _e(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _missing(what: str, command: str) -> str:
+    return f"<p class=todo>{_e(what)}: not run yet: <code>{_e(command)}</code></p>"
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "–"
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.{digits}f}"
+    return _e(value)
+
+
+def _table(header: list, rows: list[list], cls: str = "") -> str:
+    """A table; cells are escaped unless given as ``("raw", html)``."""
+
+    def cell(v):
+        if isinstance(v, tuple) and v and v[0] == "raw":
+            return v[1]
+        return _fmt(v)
+
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _img(data: bytes, mime: str = "image/png", alt: str = "", cls: str = "") -> str:
+    src = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+    return f"<img class='{cls}' alt='{_e(alt)}' src='{src}'>"
+
+
+def _fig_png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise KitError(f"{path}: not valid JSON ({exc})")
+
+
+# ----------------------------------------------------------------------------- data
+
+def data_section(paths: Paths, data, cfg: dict) -> str:
+    """Counts per class (all, flagged as junk, clean) and thumbnails of the junk found."""
+    from kit.data import LABELS_CSV, find_root
+
+    try:
+        root = find_root(data)
+    except KitError as exc:
+        return f"<p class=todo>{_e(exc)}</p>" + _junk_part(paths, None, cfg)
+    labels_path = root / LABELS_CSV
+    if not labels_path.is_file():
+        return f"<p class=todo>{_e(labels_path)}: not found</p>" + _junk_part(paths, root, cfg)
+    labels = pd.read_csv(labels_path, dtype=str, keep_default_na=False)
+    labels = dict(zip(labels["sample_index"], labels["label"]))
+    dropped = _dropped(paths)
+    clean = _clean_labels(paths, labels, dropped)
+    classes = list(CLASSES) + sorted(set(labels.values()) - set(CLASSES))
+    rows = []
+    for c in classes:
+        n_all = sum(v == c for v in labels.values())
+        n_junk = sum(labels[i] == c for i in dropped if i in labels) if dropped is not None else None
+        n_clean = sum(v == c for v in clean.values()) if clean is not None else None
+        rows.append([c, n_all, n_junk, n_clean])
+    total = [("raw", "<b>total</b>"), len(labels),
+             len([i for i in dropped if i in labels]) if dropped is not None else None,
+             len(clean) if clean is not None else None]
+    n_test = len(list((root / "test_data").glob("img_*.png"))) if (root / "test_data").is_dir() else 0
+    clean_note = ("clean = the images in folds/folds.csv" if paths.folds_csv.is_file()
+                  else "clean = labels minus dropped junk")
+    parts = [f"<p>{len(labels)} training images, {n_test} test images in "
+             f"<code>{_e(root)}</code>; {_e(clean_note)}.</p>",
+             _table(["class", "training images", "junk dropped", "clean"], rows + [total])]
+    return "\n".join(parts) + _junk_part(paths, root, cfg)
+
+
+def _dropped(paths: Paths) -> set[str] | None:
+    """Images left out as junk: flagged and not kept by an override, plus overrides ``drop``."""
+    from kit.clean import load_outliers, load_overrides
+
+    if not paths.outliers_csv.is_file():
+        return None
+    outliers, overrides = load_outliers(paths), load_overrides(paths)
+    action = dict(zip(overrides["sample_index"], overrides["action"]))
+    dropped = {i for i in outliers["sample_index"] if action.get(i) != "keep"}
+    return dropped | {i for i, a in action.items() if a == "drop"}
+
+
+def _clean_labels(paths: Paths, labels: dict, dropped: set | None) -> dict | None:
+    if paths.folds_csv.is_file():
+        folds = pd.read_csv(paths.folds_csv, dtype=str, keep_default_na=False)
+        return dict(zip(folds["sample_index"], folds["label"]))
+    if dropped is None:
+        return None
+    return {i: c for i, c in labels.items() if i not in dropped}
+
+
+def _junk_part(paths: Paths, root: Path | None, cfg: dict) -> str:
+    from kit.clean import load_outliers
+
+    if not paths.outliers_csv.is_file():
+        return "<h3>Junk found</h3>" + _missing("junk detection", "./run.sh clean")
+    outliers = load_outliers(paths)
+    counts = outliers["reason"].value_counts()
+    summary = ", ".join(f"{int(n)} {_e(r)}" for r, n in counts.items()) or "none"
+    parts = [f"<h3>Junk found: {len(outliers)} images ({summary})</h3>",
+             "<p>From <code>folds/outliers.csv</code>; <code>folds/overrides.csv</code> "
+             "(keep/drop) wins over the detector. Full review: "
+             "<code>runs/clean/review.html</code>.</p>"]
+    if outliers.empty:
+        return "".join(parts)
+    shown = outliers.sort_values(["reason", "score"], ascending=[True, False])
+    shown = shown.head(int(cfg["max_thumbs"]))
+    cards = [_thumb_card(root, r, int(cfg["thumb_side"])) for r in shown.itertuples(index=False)]
+    if len(outliers) > len(shown):
+        parts.append(f"<p>showing {len(shown)} of {len(outliers)} (report.max_thumbs)</p>")
+    return "".join(parts) + "<div class=grid>" + "".join(cards) + "</div>"
+
+
+def _thumb_card(root: Path | None, row, side: int) -> str:
+    caption = f"{row.sample_index} · {row.reason} {_fmt(row.score, 3)}"
+    path = root / "train_data" / row.sample_index if root is not None else None
+    if path is None or not path.is_file():
+        return f"<figure class=junk><div class=noimg>image not found</div>" \
+               f"<figcaption>{_e(caption)}</figcaption></figure>"
+    return (f"<figure class=junk>{_img(thumbnail(path, side), 'image/jpeg', row.sample_index)}"
+            f"<figcaption>{_e(caption)}</figcaption></figure>")
+
+
+def thumbnail(path: Path, side: int) -> bytes:
+    """A JPEG thumbnail (longest side ``side``) of an image file."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.draft("RGB", (side, side))  # cheap downscale on decode where the format allows it
+        im = im.convert("RGB")
+        im.thumbnail((side, side), Image.BILINEAR)
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=80)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- cv
+
+def backbone_metrics(paths: Paths) -> dict[str, dict]:
+    """``runs/<bb>/metrics.json`` of every backbone that has one, by name."""
+    from kit.blend import RESERVED_RUN_DIRS
+
+    if not paths.runs_dir.is_dir():
+        return {}
+    return {d.name: _read_json(d / "metrics.json") for d in sorted(paths.runs_dir.iterdir())
+            if d.is_dir() and d.name not in RESERVED_RUN_DIRS and (d / "metrics.json").is_file()}
+
+
+def cv_section(paths: Paths) -> str:
+    """Per-backbone OOF scores (overall, per fold, per class) and confusion matrices."""
+    metrics = backbone_metrics(paths)
+    if not metrics:
+        return _missing("no backbone cross-validated", "./run.sh cv <backbone>")
+    n_folds = max(len(m.get("per_fold", [])) for m in metrics.values())
+    rows = []
+    for name, m in metrics.items():
+        folds = {int(f["fold"]): f.get("macro_f1") for f in m.get("per_fold", [])}
+        rows.append([name, m.get("oof_macro_f1"), m.get("oof_weighted_f1"),
+                     *[folds.get(k) for k in range(n_folds)],
+                     m.get("weights_source"), m.get("n_oof")])
+    scores = _table(["backbone", "OOF macro F1", "OOF weighted F1",
+                     *[f"fold {k}" for k in range(n_folds)], "weights", "OOF images"],
+                    rows, "num")
+    class_rows = []
+    for name, m in metrics.items():
+        per_class = m.get("per_class", {})
+        class_rows.append([name, *[per_class.get(c, {}).get("f1") for c in CLASSES]])
+    per_class = _table(["backbone", *[f"F1 {c}" for c in CLASSES]], class_rows, "num")
+    figures = "".join(_confusion_figure(paths, name, m) for name, m in metrics.items())
+    return (f"<h3>Macro F1, out of fold</h3>{scores}<h3>Per-class F1</h3>{per_class}"
+            f"<h3>Confusion matrices (rows true, columns predicted)</h3>"
+            f"<div class=grid>{figures}</div>")
+
+
+def _confusion_figure(paths: Paths, name: str, m: dict) -> str:
+    png = paths.backbone_dir(name) / "confusion.png"
+    if png.is_file():
+        data = png.read_bytes()
+    elif m.get("confusion"):
+        data = confusion_png(m["confusion"], m.get("classes", CLASSES),
+                             f"{name} OOF, macro F1 {_fmt(m.get('oof_macro_f1'), 3)}")
+    else:
+        return f"<figure><figcaption>{_e(name)}: no confusion matrix recorded</figcaption></figure>"
+    return f"<figure>{_img(data, alt=f'{name} confusion matrix')}</figure>"
+
+
+def confusion_png(cm, classes, title: str) -> bytes:
+    """PNG bytes of a confusion matrix, drawn like ``kit.metrics.plot_confusion``."""
+    plt = _pyplot()
+    cm = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(5, 4.4))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(classes)), labels=classes, rotation=30, ha="right")
+    ax.set_yticks(range(len(classes)), labels=classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    threshold = cm.max() / 2 if cm.size else 0
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > threshold else "black")
+    fig.tight_layout()
+    return _fig_png(fig)
+
+
+# ----------------------------------------------------------------------------- blend
+
+def blend_record(paths: Paths) -> tuple[dict | None, str]:
+    """The newest blend: ``runs/blend/blend.json``, else ``submissions/latest.json``."""
+    blend_json = paths.runs_dir / "blend" / "blend.json"
+    if blend_json.is_file():
+        return _read_json(blend_json), "runs/blend/blend.json"
+    latest = paths.submissions_dir / "latest.json"
+    if latest.is_file():
+        manifest = _read_json(latest)
+        return {**manifest["blend"], "scores": manifest["scores"]}, "submissions/latest.json"
+    return None, ""
+
+
+def blend_section(paths: Paths) -> str:
+    """Weights, class biases and the nested (expected) vs in-sample (optimistic) scores."""
+    blend, source = blend_record(paths)
+    if blend is None:
+        return _missing("no blend", "./run.sh blend")
+    scores = blend.get("scores", {})
+    nested, in_sample = scores.get("nested", {}), scores.get("in_sample", {})
+    score_rows = [
+        ["blend + class biases", in_sample.get("macro_f1"), nested.get("macro_f1")],
+        ["blend, plain argmax", in_sample.get("macro_f1_no_bias"), nested.get("macro_f1_no_bias")],
+    ]
+    base = scores.get("baselines", {})
+    if "equal_weights" in base:
+        score_rows.append(["equal weights (baseline)", base["equal_weights"].get("macro_f1"), None])
+    if "best_single" in base:
+        best = base["best_single"]
+        score_rows.append([f"best single: {best.get('model')}", best.get("macro_f1"), None])
+    parts = [f"<p>From <code>{_e(source)}</code>: {len(blend.get('backbones', []))} backbone(s), "
+             f"objective {_e(blend.get('objective', '?'))}. The <b>nested</b> score (weights and "
+             "biases fitted without the scored fold) is the expected leaderboard score; the "
+             "in-sample one is optimistic.</p>",
+             _table(["OOF macro F1", "in-sample (optimistic)", "nested (expected)"], score_rows,
+                    "num")]
+    per_fold = sorted((int(k), v) for k, v in (nested.get("per_fold") or {}).items())
+    if per_fold:
+        parts.append(_table(["nested macro F1 by fold", *[f"fold {k}" for k, _ in per_fold]],
+                            [["", *[v for _, v in per_fold]]], "num"))
+    pc_in, pc_nested = in_sample.get("per_class_f1", {}), nested.get("per_class_f1", {})
+    if pc_in or pc_nested:
+        parts.append(_table(["class", "F1 in-sample", "F1 nested"],
+                            [[c, pc_in.get(c), pc_nested.get(c)] for c in CLASSES], "num"))
+    weights = sorted(blend.get("weights", {}).items(), key=lambda kv: -kv[1])
+    biases = blend.get("biases", {})
+    order = [c for c in CLASSES if c in biases] + sorted(set(biases) - set(CLASSES))
+    parts.append("<div class=row>"
+                 + _table(["model", "weight"], [[m, w] for m, w in weights], "num")
+                 + _table(["class", "bias on log p"], [[c, biases[c]] for c in order], "num")
+                 + "</div>")
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- reliability
+
+def blended_oof(paths: Paths) -> tuple[pd.DataFrame | None, str]:
+    """Blended OOF probabilities: ``runs/blend/oof_blend.csv``, else recomputed.
+
+    The fallback weights each library model's ``oof.csv`` (``bb/view`` models read
+    ``runs/bb/tta/oof_view.csv``) by the newest blend's weights.
+    """
+    path = paths.runs_dir / "blend" / "oof_blend.csv"
+    if path.is_file():
+        return pd.read_csv(path), "runs/blend/oof_blend.csv"
+    blend, source = blend_record(paths)
+    if blend is None or not blend.get("weights"):
+        return None, ""
+    total, frame = None, None
+    for model, weight in blend["weights"].items():
+        if not weight:
+            continue
+        bb, _, view = model.partition("/")
+        file = (paths.backbone_dir(bb) / "tta" / f"oof_{view}.csv" if view
+                else paths.backbone_dir(bb) / "oof.csv")
+        df = pd.read_csv(file).sort_values("sample_index").reset_index(drop=True)
+        probs = weight * df[PROB_COLUMNS].to_numpy(np.float64)
+        if total is None:
+            total, frame = probs, df[["sample_index", "label"]].copy()
+        elif not df["sample_index"].equals(frame["sample_index"]):
+            raise KitError(f"{file}: covers other images than the blend's other models; "
+                           "rerun ./run.sh blend")
+        else:
+            total = total + probs
+    if total is None:
+        return None, ""
+    frame[PROB_COLUMNS] = total / total.sum(axis=1, keepdims=True)
+    return frame, f"backbone oof.csv files weighted as in {source}"
+
+
+def reliability(probs: np.ndarray, y: np.ndarray, bins: int = 10) -> dict:
+    """Top-label reliability: per confidence bin, mean confidence, accuracy and count; ECE."""
+    conf, pred = probs.max(axis=1), probs.argmax(axis=1)
+    correct = (pred == y).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    idx = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    count = np.bincount(idx, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(idx, conf, bins) / count
+        acc = np.bincount(idx, correct, bins) / count
+    ece = float(np.nansum(count * np.abs(acc - mean_conf)) / max(len(y), 1))
+    return {"edges": edges, "confidence": mean_conf, "accuracy": acc, "count": count, "ece": ece}
+
+
+def reliability_section(paths: Paths, cfg: dict) -> str:
+    oof, source = blended_oof(paths)
+    if oof is None:
+        return _missing("no blended OOF probabilities", "./run.sh blend")
+    lookup = {c: i for i, c in enumerate(CLASSES)}
+    y = oof["label"].map(lookup).to_numpy()
+    curves = {"in-sample weights": oof[PROB_COLUMNS].to_numpy(np.float64)}
+    if all(c in oof.columns for c in NESTED_COLUMNS):
+        curves["nested weights"] = oof[NESTED_COLUMNS].to_numpy(np.float64)
+    stats = {name: reliability(p, y, int(cfg["reliability_bins"])) for name, p in curves.items()}
+    png = reliability_png(stats)
+    eces = ", ".join(f"{_e(n)} {s['ece']:.3f}" for n, s in stats.items())
+    return (f"<p>From {_e(source)}, {len(oof)} OOF images. Top-label reliability: in each "
+            "confidence bin, how often the most probable class is right (the diagonal is "
+            f"perfect calibration); class biases change the decision, not these "
+            f"probabilities. Expected calibration error: {eces}.</p>"
+            + _img(png, alt="reliability diagram"))
+
+
+def reliability_png(stats: dict) -> bytes:
+    plt = _pyplot()
+    fig, (ax, hx) = plt.subplots(2, 1, figsize=(6, 6.4), sharex=True,
+                                 gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], ls="--", color="#888", lw=1, label="perfect calibration")
+    for (name, s), marker in zip(stats.items(), "os^"):
+        ok = s["count"] > 0
+        ax.plot(s["confidence"][ok], s["accuracy"][ok], marker=marker,
+                label=f"{name} (ECE {s['ece']:.3f})")
+    ax.set_ylabel("accuracy of the top class")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="lower right", fontsize=9)
+    ax.set_title("Blended OOF probabilities: reliability")
+    first = next(iter(stats.values()))
+    width = np.diff(first["edges"])
+    hx.bar(first["edges"][:-1], first["count"], width=width, align="edge", color="#9bc",
+           edgecolor="white")
+    hx.set_xlabel("confidence (top-class probability)")
+    hx.set_ylabel("images")
+    fig.tight_layout()
+    return _fig_png(fig)
+
+
+# ----------------------------------------------------------------------------- submissions
+
+def submission_manifests(paths: Paths) -> list[tuple[Path, dict]]:
+    """Every manifest and manifest-less upload log under ``submissions/``, newest first."""
+    folder = paths.submissions_dir
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in sorted(folder.glob("*.json"), reverse=True):
+        if path.name == "latest.json":
+            continue
+        found.append((path, _read_json(path)))
+    return found
+
+
+def submissions_section(paths: Paths) -> str:
+    found = submission_manifests(paths)
+    if not found:
+        return _missing("no submission files", "./run.sh blend, then ./run.sh submit -m MSG")
+    latest = paths.submissions_dir / "latest.json"
+    latest_name = None
+    if latest.is_file():
+        latest_name = _read_json(latest).get("files", {}).get("manifest")
+    rows, uploads = [], []
+    for path, m in found:
+        scores = m.get("scores", {})
+        git = m.get("kit", {}).get("git", {})
+        commit = (git.get("commit") or "")[:10] + (" (dirty)" if git.get("dirty") else "")
+        csv = m.get("files", {}).get("csv") or m.get("csv", path.stem)
+        tag = " ← latest" if path.name == latest_name else ""
+        rows.append([csv + tag, m.get("created_utc"), m.get("csv_rows"),
+                     scores.get("nested", {}).get("macro_f1"),
+                     scores.get("in_sample", {}).get("macro_f1"),
+                     ", ".join(m.get("backbones", {}) or []), commit or None])
+        for rec in m.get("submissions", []):
+            uploads.append([rec.get("time"), csv, rec.get("competition"), rec.get("message"),
+                            rec.get("status"), rec.get("ref"), rec.get("public_score"),
+                            scores.get("nested", {}).get("macro_f1"), rec.get("error")])
+    parts = ["<h3>Submission files</h3>",
+             _table(["file", "created (UTC)", "rows", "nested macro F1", "in-sample macro F1",
+                     "backbones", "git commit"], rows, "num")]
+    parts.append("<h3>Uploads to Kaggle</h3>")
+    if uploads:
+        uploads.sort(key=lambda r: str(r[0]), reverse=True)
+        parts.append(_table(["time (UTC)", "file", "competition", "message", "status", "ref",
+                             "public score", "nested CV estimate", "error"], uploads, "num"))
+    else:
+        parts.append(_missing("nothing uploaded", "./run.sh submit -m MSG"))
+    return "\n".join(parts)
+
+
+_PAGE = """<!doctype html>
+<html lang=en><head><meta charset=utf-8><title>an2dl-kit report</title>
+<style>
+body {{ font: 14px/1.4 sans-serif; margin: 1.5em auto; max-width: 1150px; color: #222; }}
+h1 {{ margin-bottom: 0.2em; }} h2 {{ border-bottom: 2px solid #ddd; padding-bottom: 0.2em;
+  margin-top: 1.6em; }} nav {{ margin: 0.6em 0 1em; }}
+table {{ border-collapse: collapse; margin: 0.6em 1.2em 0.6em 0; }}
+th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
+th {{ background: #f2f4f7; }} table.num td {{ font-variant-numeric: tabular-nums; }}
+.grid {{ display: flex; flex-wrap: wrap; gap: 8px; align-items: flex-start; }} .row {{ display: flex; gap: 1em;
+  align-items: flex-start; }}
+figure {{ margin: 0; padding: 4px; border: 1px solid #ddd; }}
+figure img {{ max-width: 420px; }}
+figure.junk {{ border: 2px solid #c60; max-width: 172px; }} figure.junk img {{ display: block; }}
+figcaption {{ font-size: 11px; }} .todo {{ color: #8a5a00; }} .err {{ color: #b00; }}
+.noimg {{ width: 160px; height: 100px; background: #eee; color: #888; font-size: 11px;
+  display: flex; align-items: center; justify-content: center; }}
+code {{ background: #f4f4f4; padding: 0 3px; }}
+</style></head><body>
+<h1>an2dl-kit report</h1><p class=meta>{head}</p>
+<nav>{nav}</nav>
+{body}
+</body></html>
+"""

@@ -1,0 +1,571 @@
+"""``./run.sh tune``: an Optuna search of head and augmentation settings per backbone.
+
+One study per backbone and objective, named ``<backbone>-<objective>[-<suffix>]``, in one
+storage (default SQLite ``runs/optuna.db``; any RDB URL or a journal file with
+``--storage``), so that a rerun continues the study and several workers share it.
+
+Objective: the macro F1 of the pooled out-of-fold predictions at image level, exactly as
+``cv`` computes it. Each fold's macro F1 is reported as an intermediate value (step = fold
+index; folds visited in a per-trial shuffled order) and the Wilcoxon signed-rank pruner
+compares those paired per-fold scores with the best trial's and stops a trial once it is
+significantly worse. Two objectives:
+
+- ``features``: the head trained on cached embeddings of a fully frozen backbone
+  (:mod:`kit.features`); seconds per trial.
+- ``full``: :func:`kit.cv.run_cv` itself, fold by fold, in a scratch folder; what cv trains.
+
+Outputs in ``runs/tune/<backbone>/``: ``best.yaml`` (``params`` as dotted config keys, which
+``./run.sh cv <bb> --params best`` reads, ``score`` on all folds, ``trial``, ``objective``,
+``study``), ``trials.csv``, ``history.png``, ``importances.png``, ``config.yaml``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from kit.config import load_config
+from kit.metrics import macro_f1
+from kit.search_space import Space, dotted_keys, load_space
+from kit.tune_storage import describe, make_storage
+from kit.utils import (KitError, atomic_path, atomic_write_csv, atomic_write_text,
+                       check_random_state, write_config)
+
+OBJECTIVES = ("features", "full")
+
+
+# --------------------------------------------------------------------------- names and folds
+def study_name(backbone: str, objective: str, suffix: str | None = None) -> str:
+    """``<backbone>-<objective>`` plus ``-<suffix>`` when given."""
+    return f"{backbone}-{objective}" + (f"-{suffix}" if suffix else "")
+
+
+def fold_subset(n_folds: int, per_trial: int, seed: int) -> list[int]:
+    """The folds a study evaluates: all, or ``per_trial`` of them drawn once with ``seed``.
+
+    The subset is fixed for the whole study: trials scored on different folds would not be
+    comparable (some folds are easier than others).
+    """
+    if not per_trial or per_trial >= n_folds:
+        return list(range(n_folds))
+    if per_trial < 2:
+        raise KitError("--folds-per-trial must be at least 2 (the pruner compares per-fold "
+                       "scores) or 0 for all folds")
+    rng = check_random_state(seed)
+    return sorted(int(k) for k in rng.permutation(n_folds)[:per_trial])
+
+
+def trial_order(folds: list[int], seed: int, trial_number: int) -> list[int]:
+    """This trial's fold order: shuffled per trial so no fold is always seen first, which
+    keeps the pruner from deciding on the same easy/hard folds every time."""
+    rng = np.random.default_rng([int(seed), int(trial_number)])
+    return [int(folds[i]) for i in rng.permutation(len(folds))]
+
+
+def known_param_keys() -> set[str]:
+    """Dotted keys ``cv --params`` accepts (train.yaml, augment.yaml under ``augment.``)."""
+    from kit.train import train_config
+
+    return dotted_keys(train_config())
+
+
+# --------------------------------------------------------------------------- evaluators
+@dataclass
+class FoldScore:
+    """One fold's image-level OOF predictions and macro F1."""
+
+    fold: int
+    y: np.ndarray
+    probs: np.ndarray
+    macro_f1: float
+
+
+def pooled_f1(scores) -> float:
+    """Macro F1 of the pooled OOF predictions (image level): cv's ``oof_macro_f1``."""
+    scores = list(scores)
+    return macro_f1(np.concatenate([s.y for s in scores]),
+                    np.concatenate([s.probs for s in scores]))
+
+
+class FeaturesEvaluator:
+    """Trials of the ``features`` objective: one embedding cache, a head per fold and trial."""
+
+    objective = "features"
+
+    def __init__(self, backbone: str, paths, weights="auto", seed: int = 42, device=None):
+        from kit import features
+
+        self._init(features.prepare(backbone, paths, weights=weights, seed=seed,
+                                    device=device, with_test=False))
+
+    @classmethod
+    def from_feature_cv(cls, fcv) -> "FeaturesEvaluator":
+        """An evaluator over an already prepared :class:`kit.features.FeatureCV`."""
+        self = cls.__new__(cls)
+        self._init(fcv)
+        return self
+
+    def _init(self, fcv) -> None:
+        self.fcv, self.n_folds, self.last_fit = fcv, fcv.n_folds, None
+        self.context = {"patch_key": fcv.train.meta.get("patch_key"),
+                        "weights_sha256": fcv.train.meta.get("weights_sha256")}
+
+    def trial(self, params: dict, name: str):
+        """``(run_fold, cleanup)`` for one trial with ``params`` (dotted keys)."""
+        fcv = self.fcv.configure(params)
+
+        def run(k: int) -> FoldScore:
+            p = fcv.fold(k)
+            self.last_fit = p.fit
+            return FoldScore(k, p.y, p.probs, p.macro_f1)
+        return run, lambda: None
+
+
+class FullEvaluator:
+    """Trials of the ``full`` objective: :func:`kit.cv.run_cv` one fold at a time, writing
+    into a scratch folder (never ``runs/<backbone>/``), removed after the trial."""
+
+    objective = "full"
+
+    def __init__(self, backbone: str, paths, weights="auto", seed: int = 42, device=None):
+        from kit.folds import load_folds
+        from kit.patches import load_patches
+
+        folds, _ = load_folds(paths)
+        self.n_folds = int(folds.fold.max()) + 1
+        self.backbone, self.paths, self.weights = backbone, paths, weights
+        self.seed, self.device = seed, device
+        self.context = {"patch_key": load_patches(paths, "train").key, "weights": str(weights)}
+
+    def trial(self, params: dict, name: str):
+        from kit.cv import PROB_COLUMNS, run_cv
+        from kit.metrics import to_indices
+
+        scratch = self.paths.tune_dir(self.backbone) / "trials" / name
+        shutil.rmtree(scratch, ignore_errors=True)
+        paths = ScratchPaths(self.paths.root, scratch)
+
+        def run(k: int) -> FoldScore:
+            run_cv(self.backbone, paths, seed=self.seed, weights=self.weights, fold=k,
+                   params=dict(params), device=self.device)
+            import pandas as pd
+            df = pd.read_csv(scratch / self.backbone / f"fold_{k}" / "oof.csv",
+                             dtype={"sample_index": str, "label": str}, keep_default_na=False)
+            y, probs = to_indices(df.label.to_numpy()), df[PROB_COLUMNS].to_numpy()
+            return FoldScore(k, y, probs, macro_f1(y, probs))
+        return run, lambda: shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _scratch_paths_cls():
+    from kit.paths import Paths
+
+    @dataclass(frozen=True)
+    class _ScratchPaths(Paths):
+        """The work directory's paths, but a backbone's cv outputs go to ``scratch``."""
+
+        scratch: Path = Path(".")
+
+        def backbone_dir(self, name: str) -> Path:
+            return self.scratch / name
+    return _ScratchPaths
+
+
+def ScratchPaths(root, scratch):  # noqa: N802 (a class factory, used like a class)
+    return _scratch_paths_cls()(Path(root), Path(scratch))
+
+
+EVALUATORS = {"features": FeaturesEvaluator, "full": FullEvaluator}
+
+
+def evaluate(run_fold, folds, trial=None) -> tuple[float, list[FoldScore]]:
+    """Run ``folds`` in the given order, reporting each fold's macro F1 to ``trial`` (step =
+    fold index) and pruning when its pruner says so; returns the pooled OOF macro F1."""
+    import optuna
+
+    scores = []
+    for k in folds:
+        s = run_fold(k)
+        scores.append(s)
+        if trial is not None:
+            trial.report(s.macro_f1, k)
+            if trial.should_prune():
+                raise optuna.TrialPruned(
+                    f"fold scores {', '.join(f'{x.macro_f1:.3f}' for x in scores)} "
+                    "significantly below the best trial's (Wilcoxon)")
+    return pooled_f1(scores), scores
+
+
+# --------------------------------------------------------------------------- study
+def _quiet_optuna():
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def make_sampler(cfg: dict, seed: int, n_existing: int):
+    """TPE seeded from ``seed``, the trials already in the study and this process, so a
+    resumed or second worker never replays another's random start-up draws."""
+    import optuna
+
+    mix = np.random.SeedSequence([int(seed), int(n_existing), os.getpid()]).generate_state(1)[0]
+    return optuna.samplers.TPESampler(seed=int(mix), n_startup_trials=int(cfg["n_startup_trials"]),
+                                      constant_liar=True, multivariate=True)
+
+
+def make_pruner(cfg: dict):
+    import optuna
+
+    p = cfg["pruner"]
+    return optuna.pruners.WilcoxonPruner(p_threshold=float(p["p_threshold"]),
+                                         n_startup_steps=int(p["n_startup_steps"]))
+
+
+def open_study(name: str, storage, cfg: dict, context: dict, seed: int = 42):
+    """Create or load study ``name`` and check it was made for the same inputs.
+
+    ``context`` (objective, backbone, folds hash, fold subset, patch key, weights) is stored
+    as the study's user attributes on creation; a later run with another context would mix
+    incomparable scores in one study, so it is refused.
+    """
+    import optuna
+
+    _quiet_optuna()
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
+                                load_if_exists=True, pruner=make_pruner(cfg),
+                                sampler=optuna.samplers.RandomSampler())
+    have = study.user_attrs
+    if not have.get("context"):
+        study.set_user_attr("context", context)
+        have = {"context": context}
+    diff = sorted(k for k in context if have["context"].get(k) != context[k])
+    if diff:
+        raise KitError(f"study {name}: made with other {', '.join(diff)} than this run "
+                       f"(e.g. {diff[0]}: {have['context'].get(diff[0])!r} vs "
+                       f"{context[diff[0]]!r}); its scores are not comparable: use "
+                       "--study-suffix NEW or delete it (optuna delete-study --study-name "
+                       f"{name} --storage URL)")
+    study.sampler = make_sampler(cfg, seed, len(study.get_trials(deepcopy=False)))
+    return study
+
+
+def _finished(study, states=None) -> int:
+    from optuna.trial import TrialState
+
+    states = states or (TrialState.COMPLETE, TrialState.PRUNED)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+class SurplusTrial(Exception):
+    """A worker asked for a trial after the study already had its ``--trials``."""
+
+
+def _check_budget(trial, n_trials: int) -> None:
+    """Refuse trial ``trial`` when the ``n_trials`` before it (by number) already fill the
+    budget: with several workers, each asks before seeing the others' new trials."""
+    from optuna.trial import TrialState
+
+    if not n_trials:
+        return
+    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    before = [t for t in trial.study.get_trials(deepcopy=False, states=live)
+              if t.number < trial.number]
+    if len(before) >= n_trials:
+        trial.set_user_attr("surplus", True)
+        raise SurplusTrial(f"trial {trial.number}: the study already has its {n_trials} trials")
+
+
+def make_objective(evaluator, space: Space, folds: list[int], seed: int, n_trials: int,
+                   study_label: str):
+    """The Optuna objective: suggest, evaluate ``folds`` in a shuffled order, report, prune."""
+
+    def objective(trial) -> float:
+        _check_budget(trial, n_trials)
+        params = space.suggest(trial)
+        trial.set_user_attr("params", params)
+        order = trial_order(folds, seed, trial.number)
+        run_fold, cleanup = evaluator.trial(params, f"{study_label}-{trial.number}")
+        t0 = time.perf_counter()
+        try:
+            value, scores = evaluate(run_fold, order, trial)
+        finally:
+            cleanup()
+        trial.set_user_attr("folds", sorted(s.fold for s in scores))
+        trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
+        return value
+    return objective
+
+
+def _stop_when_full(n_trials: int):
+    from optuna.trial import TrialState
+
+    def callback(study, trial):
+        busy = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+        if n_trials and _finished(study, busy) >= n_trials:
+            study.stop()
+        if trial.user_attrs.get("surplus"):
+            study.stop()
+    return callback
+
+
+def warm_start(study, source, space: Space, top: int) -> int:
+    """Enqueue the ``top`` best complete trials of ``source`` (restricted to ``space``'s
+    searched parameters, values inside their domains); returns how many were queued."""
+    from optuna.trial import TrialState
+
+    done = [t for t in source.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    done.sort(key=lambda t: t.value, reverse=True)
+    queued = 0
+    for t in done[:top]:
+        given = t.user_attrs.get("params", t.params)
+        params = {k: v for k, v in given.items()
+                  if k in space.searched and space.searched[k].contains(v)}
+        if not params:
+            continue
+        study.enqueue_trial(params, user_attrs={"warm_start": f"{source.study_name}#{t.number}"},
+                            skip_if_exists=True)
+        queued += 1
+    return queued
+
+
+# --------------------------------------------------------------------------- outputs
+def best_record(study, evaluator, space: Space, folds: list[int], seed: int,
+                rescore: bool = True) -> dict | None:
+    """``best.yaml``'s contents: the best trial's params and its score on all folds (re-scored
+    when the search used a subset; the result is kept in the study for the next run).
+    ``None`` without a complete trial, or when a re-score is needed but ``rescore`` is off."""
+    from optuna.trial import TrialState
+
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return None
+    best = study.best_trial
+    params = dict(best.user_attrs.get("params") or {**best.params, **space.fixed})
+    all_folds = list(range(evaluator.n_folds))
+    score = float(best.value)
+    if sorted(folds) != all_folds:
+        cached = (study.user_attrs.get("rescored") or {}).get(str(best.number))
+        if cached is None and not rescore:
+            return None
+        if cached is None:
+            print(f"tune: re-scoring trial {best.number} on all {len(all_folds)} folds")
+            run_fold, cleanup = evaluator.trial(params, f"{study.study_name}-best{best.number}")
+            try:
+                cached, _ = evaluate(run_fold, all_folds)
+            finally:
+                cleanup()
+            rescored = dict(study.user_attrs.get("rescored") or {})
+            rescored[str(best.number)] = cached
+            study.set_user_attr("rescored", rescored)
+        score = float(cached)
+    return {"params": params, "score": score, "search_score": float(best.value),
+            "search_folds": sorted(folds), "trial": int(best.number),
+            "objective": evaluator.objective, "study": study.study_name,
+            "per_fold": {int(k): float(v) for k, v in sorted(best.intermediate_values.items())}}
+
+
+def write_outputs(study, out: Path, record: dict | None, extra: dict) -> None:
+    """``trials.csv``, plots, ``best.yaml`` (when a trial completed) and ``config.yaml``."""
+    from kit.utils import write_config as _write_yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    df = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs",
+                                       "intermediate_values", "datetime_start",
+                                       "datetime_complete", "duration"))
+    if "user_attrs_params" in df.columns:
+        df = df.drop(columns=["user_attrs_params"])  # the params_ columns hold them
+    atomic_write_csv(out / "trials.csv", df)
+    plot_study(study, out)
+    if record is not None:
+        _write_yaml(out / "best.yaml", {**record, **{k: extra[k] for k in ("storage", "backbone")}})
+    write_config(out / "config.yaml", extra)
+
+
+def plot_study(study, out: Path) -> list[str]:
+    """Optimisation history and parameter importances as PNG; skipped (with a note) while
+    there are too few complete trials. Returns the notes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as ovm
+
+    notes = []
+    n_done = _finished(study, (TrialState.COMPLETE,))
+    plots = {"history.png": (ovm.plot_optimization_history, 1),
+             "importances.png": (ovm.plot_param_importances, 2)}
+    for fname, (fn, need) in plots.items():
+        if n_done < need:
+            notes.append(f"{fname}: needs {need} complete trials (have {n_done})")
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ax = fn(study)
+            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            fig.set_size_inches(8, 5)
+            fig.tight_layout()
+            with atomic_path(out / fname) as tmp:
+                fig.savefig(tmp, format="png", dpi=100)
+            plt.close(fig)
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+            # e.g. importances when every complete trial has the same value
+            notes.append(f"{fname}: skipped ({str(exc).splitlines()[0][:120]})")
+            plt.close("all")
+    for note in notes:
+        print(f"tune: {note}")
+    return notes
+
+
+# --------------------------------------------------------------------------- stage
+def tune_config(overrides: dict | None = None) -> dict:
+    return load_config("tune", overrides)
+
+
+def run_tune(backbones, paths, objective: str | None = None, trials: int | None = None,
+             timeout: float | None = None, storage: str | None = None,
+             study_suffix: str | None = None, folds_per_trial: int | None = None,
+             space_file: str | Path | None = None, warm_start_from: str | None = None,
+             weights="auto", n_jobs: int | None = None, seed: int = 42, device=None,
+             heartbeat: int | None = None, grace: int | None = None,
+             create_only: bool = False) -> dict:
+    """Tune each backbone in turn; returns ``{backbone: best record or None}``.
+
+    Parameters
+    ----------
+    backbones : list of str
+    paths : kit.paths.Paths
+    objective : {"features", "full"}
+    trials : int
+        The study's target of finished (complete or pruned) trials, shared by every worker
+        and every rerun; 0 = no bound.
+    timeout : float
+        Seconds this run keeps starting trials; 0 = no limit.
+    storage : str
+        Empty: ``sqlite:///<workdir>/runs/optuna.db``; an RDB URL; ``journal:PATH`` / *.log.
+    study_suffix : str
+        Appended to the study name (``<bb>-<objective>-<suffix>``).
+    folds_per_trial : int
+        Folds per trial during the search (0 = all); the best is re-scored on all folds.
+    space_file : path
+        YAML merged over ``kit/conf/tune.yaml``'s ``space``.
+    warm_start_from : str
+        ``features`` (the features study of the same backbone and suffix) or a study name:
+        its best trials are enqueued first.
+    heartbeat, grace : int
+        Seconds; override ``heartbeat_interval`` / ``grace_period``.
+    create_only : bool
+        Create (or check) the studies and stop: run this once before starting many workers
+        on an empty RDB, where workers would otherwise race to create Optuna's tables.
+    """
+    cfg = tune_config({"objective": objective, "trials": trials, "timeout": timeout,
+                       "storage": storage, "folds_per_trial": folds_per_trial, "n_jobs": n_jobs,
+                       "heartbeat_interval": heartbeat, "grace_period": grace})
+    if cfg["objective"] not in OBJECTIVES:
+        raise KitError(f"--objective must be one of {', '.join(OBJECTIVES)} "
+                       f"(got {cfg['objective']!r})")
+    if not backbones:
+        raise KitError("tune: name at least one backbone (e.g. ./run.sh tune efficientnet_b0)")
+    if not cfg["trials"] and not cfg["timeout"] and not create_only:
+        raise KitError("tune: --trials 0 and no --timeout would run forever; give one of them")
+    from kit.backbones import list_backbones
+
+    unknown = [b for b in backbones if b not in list_backbones()]
+    if unknown:
+        raise KitError(f"unknown backbone(s) {', '.join(unknown)}; known backbones: "
+                       f"{', '.join(list_backbones())}")
+    store = make_storage(cfg["storage"], paths, int(cfg["heartbeat_interval"]),
+                         int(cfg["grace_period"]), cfg["max_retry"])
+    url = describe(cfg["storage"] or f"sqlite:///{paths.runs_dir / 'optuna.db'}")
+    results = {}
+    for bb in backbones:
+        results[bb] = tune_backbone(bb, paths, cfg, store, url, study_suffix, space_file,
+                                    warm_start_from, weights, seed, device, create_only)
+    return results
+
+
+def tune_backbone(bb: str, paths, cfg: dict, store, url: str, suffix, space_file,
+                  warm_start_from, weights, seed: int, device, create_only: bool) -> dict | None:
+    """One backbone's study: open, (warm-start), optimise, write outputs."""
+    import optuna
+
+    from kit.folds import load_folds
+
+    objective = cfg["objective"]
+    space = load_space(bb, objective, space_file, cfg["space"], known_param_keys())
+    folds_df, folds_sha = load_folds(paths)
+    n_folds = int(folds_df.fold.max()) + 1
+    folds = fold_subset(n_folds, int(cfg["folds_per_trial"] or 0), seed)
+    name = study_name(bb, objective, suffix)
+    evaluator = EVALUATORS[objective](bb, paths, weights=weights, seed=seed, device=device)
+    context = {"objective": objective, "backbone": bb, "folds_sha256": folds_sha,
+               "folds": folds, "seed": int(seed), **evaluator.context}
+    study = open_study(name, store, cfg, context, seed)
+    n_trials = int(cfg["trials"] or 0)
+    extra = {"backbone": bb, "study": name, "storage": url, "objective": objective,
+             "folds": folds, "tune": {k: v for k, v in cfg.items() if k != "space"},
+             "space": space.to_dict(), "weights": str(weights), "seed": int(seed)}
+    print(f"tune {bb}: study {name} in {url}, objective {objective}, folds "
+          f"{','.join(map(str, folds))}, {_finished(study)} finished trials so far"
+          + (f", target {n_trials}" if n_trials else ""))
+    if create_only:
+        return None
+    if warm_start_from:
+        src_name = (study_name(bb, "features", suffix) if warm_start_from == "features"
+                    else warm_start_from)
+        try:
+            source = optuna.load_study(study_name=src_name, storage=store)
+        except KeyError:
+            raise KitError(f"--warm-start-from {warm_start_from}: no study {src_name} in {url}; "
+                           f"run ./run.sh tune {bb} --objective features first")
+        print(f"tune {bb}: queued {warm_start(study, source, space, int(cfg['warm_start_top']))} "
+              f"best trials of {src_name}")
+    out = paths.tune_dir(bb)
+    remaining = n_trials - _finished(study) if n_trials else None
+    interrupted = None
+    if remaining is None or remaining > 0:
+        objective_fn = make_objective(evaluator, space, folds, seed, n_trials, name)
+        t0 = time.perf_counter()
+        try:
+            study.optimize(objective_fn, n_trials=remaining, timeout=cfg["timeout"] or None,
+                           n_jobs=int(cfg["n_jobs"]), catch=(SurplusTrial,),
+                           callbacks=[_stop_when_full(n_trials), _progress_line(bb)],
+                           gc_after_trial=True)
+        except KeyboardInterrupt as exc:
+            interrupted = exc  # write what is finished, then stop as the CLI expects
+        print(f"tune {bb}: {_finished(study)} finished trials, this run "
+              f"{time.perf_counter() - t0:.0f} s")
+    # After Ctrl-C, no re-scoring: best.yaml is written only if it needs no more training.
+    record = best_record(study, evaluator, space, folds, seed, rescore=interrupted is None)
+    write_outputs(study, out, record, extra)
+    if record is not None:
+        print(f"tune {bb}: best trial {record['trial']} macro F1 {record['score']:.4f} "
+              f"-> {out / 'best.yaml'}")
+    if interrupted is not None:
+        raise interrupted
+    return record
+
+
+def _progress_line(bb: str):
+    from optuna.trial import TrialState
+
+    def callback(study, trial):
+        if trial.state == TrialState.COMPLETE:
+            what = f"macro F1 {trial.value:.4f}"
+        elif trial.state == TrialState.PRUNED:
+            steps = trial.intermediate_values
+            what = f"pruned after {len(steps)} folds"
+        else:
+            what = trial.state.name.lower()
+        try:
+            best = f"best {study.best_value:.4f} (trial {study.best_trial.number})"
+        except ValueError:
+            best = "no complete trial yet"
+        print(f"tune {bb}: trial {trial.number} {what}; {best}", flush=True)
+    return callback

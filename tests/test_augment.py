@@ -1,0 +1,255 @@
+"""Patch augmentation, batch normalisation, CutMix label mixing and class-imbalance helpers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kit.augment import (CutMix, balanced_sampler, build_train_transform, class_weights,
+                         create_mixer, normalize_batch, seed_transform)
+from kit.config import load_config
+from kit.utils import KitError, seed_everything
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _patch(size=32, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def _dihedral(img):
+    views = []
+    for k in range(4):
+        views += [np.rot90(img, k), np.rot90(np.fliplr(img), k)]
+    return views
+
+
+# --------------------------------------------------------------------------- pipeline
+def test_defaults_match_the_config_file():
+    cfg = load_config("augment")
+    assert cfg["cutmix_alpha"] == 1.0
+    assert set(cfg["color_jitter"]) == {"p", "brightness", "contrast", "saturation", "hue"}
+
+
+def test_transform_keeps_shape_and_dtype():
+    t = build_train_transform(seed=0)
+    img = _patch(40)
+    for _ in range(10):
+        out = t(image=img)["image"]
+        assert out.shape == img.shape and out.dtype == np.uint8
+
+
+def test_geometry_only_gives_a_dihedral_view_of_the_patch():
+    t = build_train_transform({"color_jitter": {"p": 0.0}}, seed=1)
+    img = _patch()
+    seen = set()
+    for _ in range(60):
+        out = t(image=img)["image"]
+        matches = [i for i, v in enumerate(_dihedral(img)) if np.array_equal(out, v)]
+        assert matches, "output is not a flip/rotation of the input"
+        seen.add(matches[0])
+    assert len(seen) == 8  # flips + rot90 reach every symmetry of the square
+
+
+def test_each_transform_follows_its_probability():
+    img = _patch()
+    only_hflip = {"hflip": 1.0, "vflip": 0.0, "rot90": 0.0, "color_jitter": {"p": 0.0}}
+    assert np.array_equal(build_train_transform(only_hflip)(image=img)["image"], img[:, ::-1])
+    nothing = {"hflip": 0.0, "vflip": 0.0, "rot90": 0.0, "color_jitter": {"p": 0.0}}
+    assert np.array_equal(build_train_transform(nothing)(image=img)["image"], img)
+    jitter_only = {"hflip": 0.0, "vflip": 0.0, "rot90": 0.0,
+                   "color_jitter": {"p": 1.0, "brightness": 0.5, "hue": 0.1}}
+    out = build_train_transform(jitter_only, seed=0)(image=img)["image"]
+    assert out.shape == img.shape and not np.array_equal(out, img)
+
+
+def test_transform_is_reproducible_with_a_seed():
+    img = _patch()
+    t1, t2, t3 = (build_train_transform(seed=s) for s in (7, 7, 8))
+    a, b, c = ([t(image=img)["image"] for _ in range(5)] for t in (t1, t2, t3))
+    assert all(np.array_equal(u, v) for u, v in zip(a, b))
+    assert not all(np.array_equal(u, v) for u, v in zip(a, c))
+    seed_transform(t3, 7)  # what a data-loader worker_init_fn does
+    assert all(np.array_equal(t3(image=img)["image"], u) for u in a)
+
+
+@pytest.mark.parametrize("bad", [
+    {"hflip": 1.5}, {"rot90": -0.1}, {"color_jitter": {"hue": 0.7}},
+    {"color_jitter": {"brightness": 1.2}}, {"color_jitter": {"p": "often"}}, {"cutmix_alpha": -1},
+])
+def test_bad_augment_config(bad):
+    with pytest.raises(KitError, match="augment config"):
+        build_train_transform(bad)
+
+
+def test_unknown_augment_key_is_refused():
+    with pytest.raises(KitError, match="unknown key"):
+        build_train_transform({"hflp": 0.5})
+
+
+# --------------------------------------------------------------------------- normalisation
+def test_normalize_batch_values_and_layouts():
+    x = torch.from_numpy(np.stack([_patch(16, s) for s in range(3)]))  # B x H x W x 3 uint8
+    out = normalize_batch(x, MEAN, STD, size=16)
+    assert out.shape == (3, 3, 16, 16) and out.dtype == torch.float32
+    expected = (x.permute(0, 3, 1, 2).float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) \
+        / torch.tensor(STD).view(1, 3, 1, 1)
+    assert torch.allclose(out, expected, atol=1e-6)
+    chw = normalize_batch(x.permute(0, 3, 1, 2).contiguous(), MEAN, STD)
+    assert torch.allclose(chw, expected, atol=1e-6)
+    floats = normalize_batch(x.float() / 255, MEAN, STD)
+    assert torch.allclose(floats, expected, atol=1e-6)
+    assert x.dtype == torch.uint8  # the input is left alone
+
+
+def test_normalize_batch_resizes():
+    x = torch.full((2, 24, 24, 3), 128, dtype=torch.uint8)
+    for size in (16, 40):
+        out = normalize_batch(x, MEAN, STD, size=size)
+        assert out.shape == (2, 3, size, size)
+        const = (128 / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
+        assert torch.allclose(out, const.view(1, 3, 1, 1).expand_as(out), atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [20, 48])
+def test_normalize_batch_uint8_and_float_resizes_agree(size):
+    x = torch.from_numpy(np.stack([_patch(32, s) for s in range(2)]))
+    fast = normalize_batch(x, MEAN, STD, size=size)  # uint8 kernel on the CPU
+    ref = normalize_batch(x.float() / 255, MEAN, STD, size=size)  # float kernel
+    assert fast.shape == ref.shape == (2, 3, size, size)
+    # the uint8 kernel rounds to whole grey levels: at most ~1 level apart
+    assert (fast - ref).abs().max() <= 1.01 / 255 / min(STD)
+
+
+def test_normalize_batch_memory_format():
+    x = torch.from_numpy(np.stack([_patch(8)] * 2))
+    assert normalize_batch(x, MEAN, STD).is_contiguous(memory_format=torch.channels_last)
+    assert normalize_batch(x, MEAN, STD, channels_last=False).is_contiguous()
+    chw = x.permute(0, 3, 1, 2).contiguous()
+    assert normalize_batch(chw, MEAN, STD, channels_last=True).is_contiguous(
+        memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8), (2, 8, 8, 4), (2, 1, 8, 8)])
+def test_normalize_batch_bad_shapes(shape):
+    with pytest.raises(KitError):
+        normalize_batch(torch.zeros(shape, dtype=torch.uint8), MEAN, STD)
+
+
+# --------------------------------------------------------------------------- CutMix
+def test_alpha_zero_turns_cutmix_off():
+    assert create_mixer(0, 4) is None
+    assert create_mixer(0.0, 4) is None
+    mixer = create_mixer(1.0, 4)
+    from timm.data import Mixup
+
+    assert isinstance(mixer, CutMix) and isinstance(mixer, Mixup)
+    assert mixer.cutmix_alpha == 1.0 and mixer.mixup_alpha == 0.0 and mixer.mix_prob == 1.0
+    with pytest.raises(KitError):
+        create_mixer(-1, 4)
+    with pytest.raises(KitError):
+        create_mixer(1.0, 4, label_smoothing=1.0)
+
+
+def _onehot(i, k=4):
+    return torch.eye(k)[i]
+
+
+def test_cutmix_labels_follow_the_pasted_area():
+    seed_everything(0)
+    mixer = create_mixer(1.0, 4)
+    partial = 0
+    for _ in range(40):
+        x = torch.stack([torch.zeros(3, 32, 32), torch.ones(3, 32, 32)])
+        y = torch.tensor([0, 2])
+        xm, target = mixer(x, y)
+        pasted0 = xm[0].mean().item()  # ones pasted into the zeros sample
+        pasted1 = 1 - xm[1].mean().item()  # zeros pasted into the ones sample
+        lam = 1 - pasted0
+        assert torch.allclose(target[0], lam * _onehot(0) + (1 - lam) * _onehot(2), atol=1e-6)
+        assert torch.allclose(target[1], (1 - pasted1) * _onehot(2) + pasted1 * _onehot(0),
+                              atol=1e-6)
+        # the pasted region is one rectangle through all channels
+        mask = xm[0, 0] > 0.5
+        assert torch.equal(xm[0], mask.float().expand(3, -1, -1))
+        if mask.any():
+            rows, cols = mask.any(1).nonzero(), mask.any(0).nonzero()
+            assert mask.sum() == len(rows) * len(cols)
+        partial += 0 < pasted0 < 1
+    assert partial >= 30  # the box is usually neither empty nor the whole patch
+
+
+def test_cutmix_pairs_sample_i_with_its_mirror():
+    seed_everything(1)
+    mixer = create_mixer(1.0, 4)
+    x = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 16, 16).clone()
+    y = torch.tensor([0, 1, 2, 3])
+    xm, target = mixer(x, y)
+    for i in range(4):
+        values = set(xm[i].unique().tolist())
+        assert values <= {float(i), float(3 - i)}
+        pasted = (xm[i] == 3 - i).float().mean().item()
+        expected = (1 - pasted) * _onehot(i) + pasted * _onehot(3 - i)
+        assert torch.allclose(target[i], expected, atol=1e-6)
+
+
+def test_cutmix_odd_batch_leaves_the_last_sample_whole():
+    seed_everything(2)
+    mixer = create_mixer(1.0, 4)
+    x = torch.stack([torch.zeros(3, 16, 16), torch.ones(3, 16, 16), torch.full((3, 16, 16), 0.5)])
+    xm, target = mixer(x, torch.tensor([1, 3, 0]))
+    assert target.shape == (3, 4)
+    assert torch.equal(xm[2], torch.full((3, 16, 16), 0.5)) and torch.equal(target[2], _onehot(0))
+    pasted = xm[0].mean().item()
+    assert torch.allclose(target[0], (1 - pasted) * _onehot(1) + pasted * _onehot(3), atol=1e-6)
+    one, t1 = mixer(torch.ones(1, 3, 8, 8), torch.tensor([2]))
+    assert torch.equal(one, torch.ones(1, 3, 8, 8)) and torch.equal(t1, _onehot(2)[None])
+
+
+def test_cutmix_label_smoothing_keeps_probabilities():
+    seed_everything(3)
+    mixer = create_mixer(1.0, 4, label_smoothing=0.1)
+    _, target = mixer(torch.rand(5, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0]))
+    assert torch.allclose(target.sum(1), torch.ones(5))
+    assert target.min() >= 0.1 / 4 - 1e-6
+
+
+def test_cutmix_is_reproducible_after_seeding():
+    outs = []
+    for _ in range(2):
+        seed_everything(5)
+        mixer = create_mixer(1.0, 4)
+        outs.append(mixer(torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)),
+                          torch.tensor([0, 1, 2, 3])))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+# --------------------------------------------------------------------------- imbalance
+def test_class_weights_inverse_frequency_normalised():
+    labels = [0, 0, 0, 1, 1, 2] * 5
+    w = class_weights(labels, 4)
+    assert w.dtype == torch.float32 and w.shape == (4,)
+    counts = torch.tensor([15.0, 10.0, 5.0])
+    assert torch.allclose(w[:3] * counts, torch.full((3,), 10.0))  # each class weighs the same
+    assert w[3] == 0  # absent class
+    assert torch.isclose(w[torch.tensor(labels)].mean(), torch.tensor(1.0))  # mean sample weight 1
+    assert torch.allclose(class_weights([0, 1, 2, 3], 4), torch.ones(4))
+    assert torch.allclose(class_weights(torch.tensor([1, 1, 0]), 2), torch.tensor([1.5, 0.75]))
+
+
+@pytest.mark.parametrize("labels", [[], [0, 4], [-1, 0], [0.5, 1.0], [[0, 1]]])
+def test_class_weights_bad_labels(labels):
+    with pytest.raises(KitError):
+        class_weights(labels, 4)
+
+
+def test_balanced_sampler_roughly_balances():
+    labels = np.array([0] * 800 + [1] * 150 + [2] * 50)
+    sampler = balanced_sampler(labels, seed=0)
+    assert len(sampler) == len(labels)
+    drawn = labels[list(sampler)]
+    freq = np.bincount(drawn, minlength=3) / len(drawn)
+    assert np.all(np.abs(freq - 1 / 3) < 0.06), freq
+    again = list(balanced_sampler(labels, seed=0))
+    assert again == list(balanced_sampler(labels, seed=0))
+    assert again != list(balanced_sampler(labels, seed=1))

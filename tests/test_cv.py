@@ -1,0 +1,221 @@
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cv_data import make_workdir, write_folds
+from kit import CLASSES
+from kit.cv import PROB_COLUMNS, resolve_params, run_cv
+from kit.paths import Paths
+from kit.utils import KitError
+
+REPO = Path(__file__).resolve().parents[1]
+CFG = {"epochs": 1, "batch_size": 32, "warmup_epochs": 0}
+BB = "tiny_cnn"
+
+
+def _run(paths, **kw):
+    kw.setdefault("cfg", CFG)
+    return run_cv(BB, paths, weights="random", **kw)
+
+
+def _csv(path):
+    return pd.read_csv(path, dtype={"sample_index": str}, keep_default_na=False)
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    """A finished 3-fold run, shared read-only; tests that change things copy it."""
+    paths = make_workdir(tmp_path_factory.mktemp("cv") / "w", n_folds=3)
+    metrics = _run(paths)
+    return paths, metrics
+
+
+def _copy(done, tmp_path) -> Paths:
+    shutil.copytree(done[0].root, tmp_path / "w")
+    return Paths.from_root(tmp_path / "w")
+
+
+def test_oof_covers_every_image_once_predicted_by_the_model_that_did_not_see_it(done):
+    from kit.train import build_model, load_checkpoint, predict
+    from kit.metrics import aggregate
+    from kit.patches import load_patches
+
+    paths, metrics = done
+    out = paths.backbone_dir(BB)
+    folds = _csv(paths.folds_csv)
+    oof = _csv(out / "oof.csv")
+    assert list(oof.columns) == ["sample_index", "fold", "label"] + PROB_COLUMNS
+    assert PROB_COLUMNS[2] == "p_HER2(+)"
+    assert oof.sample_index.tolist() == folds.sample_index.tolist()  # each once, folds order
+    assert oof.fold.tolist() == folds.fold.tolist() and oof.label.tolist() == folds.label.tolist()
+    np.testing.assert_allclose(oof[PROB_COLUMNS].sum(axis=1), 1.0, atol=1e-5)
+    train = load_patches(paths, "train")
+    for k in range(3):
+        mark = json.loads((out / f"fold_{k}" / "done.json").read_text())
+        val = set(folds.sample_index[folds.fold == k])
+        assert set(mark["val_samples"]) == val
+        assert not set(mark["train_samples"]) & val  # fold k's model never saw its OOF images
+        assert set(mark["train_samples"]) | val == set(folds.sample_index)
+        # ... and the OOF rows of fold k are what fold k's checkpoint predicts for them
+        model, _ = build_model(BB, metrics["config"], "random", patch_size=32)
+        load_checkpoint(model, out / f"fold_{k}" / "model.pt")
+        rows = np.flatnonzero(folds.fold.to_numpy() == k)
+        probs = aggregate(predict(model, train.array, rows)["id"])
+        view = _csv(out / "tta" / "oof_id.csv").iloc[rows]
+        np.testing.assert_allclose(view[PROB_COLUMNS].to_numpy(), probs, atol=1e-6)
+
+
+def test_test_probs_are_fold_mean_and_tta_mean(done):
+    paths, metrics = done
+    out = paths.backbone_dir(BB)
+    test = _csv(out / "test.csv")
+    assert list(test.columns) == ["sample_index"] + PROB_COLUMNS and len(test) == 8
+    per_fold = np.mean([_csv(out / f"fold_{k}" / "test.csv")[PROB_COLUMNS].to_numpy()
+                        for k in range(3)], axis=0)
+    np.testing.assert_allclose(test[PROB_COLUMNS].to_numpy(), per_fold, atol=1e-6)
+    views = metrics["views"]
+    assert views == ["id", "hflip", "vflip"]
+    for name in ("test", "oof"):
+        per_view = [_csv(out / "tta" / f"{name}_{v}.csv")[PROB_COLUMNS].to_numpy() for v in views]
+        main = _csv(out / f"{name}.csv")[PROB_COLUMNS].to_numpy()
+        np.testing.assert_allclose(main, np.mean(per_view, axis=0), atol=1e-6)
+    assert not np.allclose(per_view[0], per_view[1])  # views really differ
+
+
+def test_metrics_and_records(done):
+    paths, metrics = done
+    out = paths.backbone_dir(BB)
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["oof_macro_f1"] == pytest.approx(metrics["oof_macro_f1"])
+    for key in ("folds_sha256", "oof_macro_f1", "oof_weighted_f1", "per_fold", "per_class",
+                "confusion", "config", "weights_source", "versions", "trainable_params",
+                "patch_keys"):
+        assert key in on_disk, key
+    from kit.folds import load_folds
+    from kit.metrics import macro_f1
+
+    assert on_disk["folds_sha256"] == load_folds(paths)[1]
+    oof = _csv(out / "oof.csv")
+    assert on_disk["oof_macro_f1"] == pytest.approx(macro_f1(oof.label, oof[PROB_COLUMNS].to_numpy()))
+    assert len(on_disk["per_fold"]) == 3 and np.sum(on_disk["confusion"]) == 24
+    assert set(on_disk["per_class"]) == set(CLASSES)
+    assert on_disk["patch_keys"] == {"train": "train-0", "test": "test-0"}
+    assert on_disk["trainable_params"] > 0 and on_disk["weights_source"] == "random"
+    assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    assert "epochs: 1" in (out / "config.yaml").read_text()
+
+
+def test_resume_trains_only_the_missing_folds(done, tmp_path, capsys):
+    paths = make_workdir(tmp_path / "w", n_folds=3)
+    out = paths.backbone_dir(BB)
+    partial = _run(paths, fold=0)
+    assert partial["assembled"] is False and partial["pending"] == [1, 2]
+    assert not (out / "oof.csv").exists()  # nothing assembled from one fold
+    stamp = {f: (out / "fold_0" / f).stat().st_mtime_ns for f in ("model.pt", "done.json", "oof.csv")}
+    _run(paths)
+    assert "fold 0: done earlier" in capsys.readouterr().out
+    assert {f: (out / "fold_0" / f).stat().st_mtime_ns for f in stamp} == stamp
+    # Same seed, same data: byte-identical to the uninterrupted run (CPU determinism).
+    for name in ("oof.csv", "test.csv", "tta/oof_hflip.csv"):
+        assert (out / name).read_bytes() == (done[0].backbone_dir(BB) / name).read_bytes(), name
+    # A run killed inside fold 2 (no done.json yet) resumes there.
+    (out / "fold_2" / "done.json").unlink()
+    before = (out / "fold_1" / "model.pt").stat().st_mtime_ns
+    _run(paths)
+    text = capsys.readouterr().out
+    assert "fold 1: done earlier" in text and "fold 2: 1 epochs" in text
+    assert (out / "fold_1" / "model.pt").stat().st_mtime_ns == before
+    assert (out / "fold_2" / "done.json").exists()
+
+
+def test_changed_config_retrains_and_changed_folds_are_refused(done, tmp_path, capsys):
+    paths = _copy(done, tmp_path)
+    out = paths.backbone_dir(BB)
+    folds = _csv(paths.folds_csv)
+    write_folds(paths, folds.sample_index, folds.label, (folds.fold + 1) % 3)
+    with pytest.raises(KitError, match="different folds file.*--restart"):
+        _run(paths)
+    with pytest.raises(KitError, match="different folds file"):
+        _run(paths, fold=1)
+    metrics = _run(paths, restart=True)
+    assert metrics["folds_sha256"] != done[1]["folds_sha256"]
+    assert _csv(out / "oof.csv").fold.tolist() == ((folds.fold + 1) % 3).tolist()
+    capsys.readouterr()
+    partial = _run(paths, cfg={**CFG, "head": {"depth": 0}}, fold=0)
+    assert "fold 0: config changed since it was trained; retraining" in capsys.readouterr().out
+    assert partial["assembled"] is False and partial["pending"] == [1, 2]  # no mixed configs
+
+
+def test_missing_inputs_name_the_command_to_run(tmp_path):
+    paths = make_workdir(tmp_path / "w")
+    shutil.rmtree(paths.patches_dir("test"))
+    with pytest.raises(KitError, match=r"run ./run.sh patches first"):
+        _run(paths)
+    paths.folds_csv.unlink()
+    with pytest.raises(KitError, match=r"run ./run.sh folds first"):
+        _run(paths)
+    with pytest.raises(KitError, match="unknown backbone"):
+        run_cv("resnet9000", paths)
+    paths = make_workdir(tmp_path / "w2")
+    folds = _csv(paths.folds_csv)
+    write_folds(paths, folds.sample_index[:-1], folds.label[:-1], folds.fold[:-1])
+    with pytest.raises(KitError, match="list different images"):
+        _run(paths)
+    with pytest.raises(KitError, match="--fold 7"):
+        _run(make_workdir(tmp_path / "w3"), fold=7)
+
+
+def test_params_tuned_best_none_and_file(tmp_path, capsys):
+    paths = Paths.from_root(tmp_path)
+    assert resolve_params("tuned", paths, BB) == ({}, f"none ({paths.tune_dir(BB) / 'best.yaml'} not found)")
+    with pytest.raises(KitError, match="run ./run.sh tune tiny_cnn"):
+        resolve_params("best", paths, BB)
+    best = paths.tune_dir(BB) / "best.yaml"
+    best.parent.mkdir(parents=True)
+    best.write_text("params:\n  head.depth: 0\n  augment.cutmix_alpha: 0.0\nscore: 0.5\ntrial: 3\n")
+    assert resolve_params("tuned", paths, BB)[0] == {"head.depth": 0, "augment.cutmix_alpha": 0.0}
+    assert resolve_params("none", paths, BB) == ({}, "none")
+    assert resolve_params(str(best), paths, BB)[0]["head.depth"] == 0
+    with pytest.raises(KitError, match="no such file"):
+        resolve_params("nothere.yaml", paths, BB)
+
+
+def test_params_reach_the_model_and_the_records(tmp_path):
+    paths = make_workdir(tmp_path / "w", n_folds=2)
+    best = paths.tune_dir(BB) / "best.yaml"
+    best.parent.mkdir(parents=True)
+    best.write_text("params:\n  head.depth: 0\n  augment.cutmix_alpha: 0.0\n  epochs: 5\n")
+    metrics = _run(paths, params="tuned")
+    cfg = metrics["config"]
+    assert cfg["head"]["depth"] == 0 and cfg["augment"]["cutmix_alpha"] == 0.0
+    assert cfg["epochs"] == 1  # an explicit setting beats the tuned one
+    # BatchNorm weight + bias of the 16, 32, 64, 64 channels, then a linear 64 -> 4 head
+    assert metrics["trainable_params"] == 2 * (16 + 32 + 64 + 64) + 64 * 4 + 4
+    with pytest.raises(KitError, match="unknown key"):
+        _run(paths, params={"head.deepness": 2})
+
+
+def test_cv_runs_a_vit(tmp_path):
+    paths = make_workdir(tmp_path / "w", n_train=12, n_test=4, n_folds=2)
+    metrics = run_cv("tiny_vit", paths, cfg={**CFG, "phikon_mode": "interpolate", "tta": "none"},
+                     weights="random")
+    assert metrics["n_oof"] == 12 and metrics["views"] == ["id"]
+    assert (paths.backbone_dir("tiny_vit") / "tta" / "test_id.csv").exists()
+
+
+def test_cli_runs_and_reports_missing_inputs(tmp_path):
+    paths = make_workdir(tmp_path / "w", n_train=12, n_test=4, n_folds=2)
+    cmd = [str(REPO / "run.sh"), "cv", BB, "--workdir", str(paths.root), "--weights", "random",
+           "--epochs", "1", "--params", "none", "--device", "cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "trainable parameters" in done.stdout and "OOF macro F1" in done.stdout
+    paths.folds_csv.unlink()
+    failed = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 2 and "run ./run.sh folds first" in failed.stderr
+    assert "Traceback" not in failed.stderr

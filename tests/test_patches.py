@@ -1,0 +1,332 @@
+"""Mask-guided patches: window ranking, fallback, padding, the per-split cache, the command
+and ``bench patches``, on tiny generated PNGs."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from kit.cli import main
+from kit.data import read_image, read_mask
+from kit.paths import Paths
+from kit.patches import (extract_patches, load_patches, run_patches, select_windows,
+                         window_scores, window_starts)
+from kit.utils import KitError
+
+CFG = {"size": 16, "stride": 8, "top_k": 3, "workers": 1}
+
+
+# --------------------------------------------------------------------------- helpers
+def _brute_force(mask, size, stride, k):
+    """Reference: explicit double loop over the padded mask, ranked by
+    (-count, y, x); returns [(x, y, coverage)] of the k best (cycling when fewer)."""
+    h, w = mask.shape
+    padded = np.zeros((max(h, size), max(w, size)), bool)
+    padded[:h, :w] = mask
+    ys = list(range(0, max(h, size) - size + 1, stride))
+    xs = list(range(0, max(w, size) - size + 1, stride))
+    if ys[-1] != max(h, size) - size:
+        ys.append(max(h, size) - size)
+    if xs[-1] != max(w, size) - size:
+        xs.append(max(w, size) - size)
+    windows = []
+    for y in ys:
+        for x in xs:
+            count = int(padded[y:y + size, x:x + size].sum())
+            windows.append((-count, y, x))
+    windows.sort()
+    ranked = [(x, y, -c / size**2) for c, y, x in windows]
+    return [ranked[i % len(ranked)] for i in range(k)], (xs, ys)
+
+
+def _scan(rng, h, w, tissue=True):
+    """Light-grey background with a darker textured block; uint8 H x W x 3."""
+    img = np.full((h, w, 3), 220, np.uint8)
+    img += rng.integers(0, 6, (h, w, 3), dtype=np.uint8)
+    if tissue:
+        y0, x0 = rng.integers(0, max(1, h // 2)), rng.integers(0, max(1, w // 2))
+        img[y0:y0 + h // 3 + 1, x0:x0 + w // 3 + 1] = rng.integers(60, 180, (3,), dtype=np.uint8)
+    return img
+
+
+def _mask(rng, h, w, p=0.5, empty=False):
+    m = np.zeros((h, w), np.uint8)
+    if not empty:
+        y0, x0 = rng.integers(0, h // 2 + 1), rng.integers(0, w // 2 + 1)
+        block = rng.random((h // 2 + 1, w // 2 + 1)) < p
+        m[y0:y0 + block.shape[0], x0:x0 + block.shape[1]] = block[: h - y0, : w - x0] * 255
+    return m
+
+
+def _write_dataset(root, n_train=5, n_test=3, seed=0, sizes=None, empty=()):
+    """A tiny dataset in the challenge layout; ``empty`` names get an all-zero mask."""
+    rng = np.random.default_rng(seed)
+    labels = []
+    for split, n in (("train", n_train), ("test", n_test)):
+        folder = root / f"{split}_data"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            h, w = (sizes or {}).get((split, i), (40 + 7 * i, 56 + 5 * i))
+            name = f"img_{i:04d}.png"
+            Image.fromarray(_scan(rng, h, w)).save(folder / name)
+            mask = _mask(rng, h, w, empty=(split, name) in empty)
+            Image.fromarray(mask).save(folder / f"mask_{i:04d}.png")
+            if split == "train":
+                labels.append((name, ["Luminal A", "Luminal B", "HER2(+)", "Triple negative"][i % 4]))
+    pd.DataFrame(labels, columns=["sample_index", "label"]).to_csv(root / "train_labels.csv",
+                                                                   index=False)
+    return root
+
+
+def _write_outliers(paths, rows=()):
+    paths.folds_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(list(rows), columns=["sample_index", "reason", "score"]).to_csv(
+        paths.outliers_csv, index=False)
+
+
+@pytest.fixture
+def patches_ds(tmp_path):
+    root = _write_dataset(tmp_path / "data", sizes={("train", 4): (10, 30)},
+                          empty={("train", "img_0003.png")})
+    paths = Paths.from_root(tmp_path / "work")
+    _write_outliers(paths, [("img_0001.png", "green", 0.9)])
+    return root, paths
+
+
+# --------------------------------------------------------------------------- windows
+@pytest.mark.parametrize("h,w,size,stride", [
+    (40, 56, 16, 8), (37, 41, 16, 5), (10, 30, 16, 8), (7, 5, 16, 4), (64, 64, 16, 16),
+    (100, 33, 20, 7), (50, 50, 16, 24), (700, 420, 300, 260), (260, 64, 8, 300)])
+def test_window_scores_and_ranking_match_brute_force(h, w, size, stride):
+    rng = np.random.default_rng(h * 1000 + w)
+    for p in (0.05, 0.5):
+        mask = rng.random((h, w)) < p
+        coverage, xs, ys = window_scores(mask, size, stride)
+        ref, (rxs, rys) = _brute_force(mask, size, stride, k=5)
+        assert xs.tolist() == rxs and ys.tolist() == rys
+        assert coverage.shape == (len(ys), len(xs))
+        best = select_windows(coverage, 5)
+        iy, ix = np.divmod(best, len(xs))
+        got = [(int(xs[b]), int(ys[a]), float(coverage[a, b])) for a, b in zip(iy, ix)]
+        assert got == ref
+
+
+def test_window_grid_covers_the_image_with_a_flush_last_window():
+    assert window_starts(56, 16, 8).tolist() == [0, 8, 16, 24, 32, 40]
+    assert window_starts(41, 16, 5).tolist() == [0, 5, 10, 15, 20, 25]
+    assert window_starts(43, 16, 5).tolist() == [0, 5, 10, 15, 20, 25, 27]  # flush: 27 + 16 = 43
+    assert window_starts(10, 16, 8).tolist() == [0]  # smaller than the window: padded
+
+
+def test_ties_break_top_row_first_then_left_column():
+    scores = np.array([[0.5, 1.0, 1.0],
+                       [1.0, 0.0, 1.0]])
+    assert select_windows(scores, 5).tolist() == [1, 2, 3, 5, 0]
+    assert select_windows(np.zeros((3, 4)), 4).tolist() == [0, 1, 2, 3]
+
+
+def test_fewer_windows_than_k_repeat_the_ranking():
+    scores = np.array([[0.2, 0.9]])
+    assert select_windows(scores, 5).tolist() == [1, 0, 1, 0, 1]
+
+
+# --------------------------------------------------------------------------- one image
+def test_empty_mask_falls_back_to_tissue():
+    rng = np.random.default_rng(1)
+    img = np.full((64, 96, 3), 225, np.uint8)
+    img[40:56, 64:80] = (120, 60, 150)  # the only tissue
+    patches, rows = extract_patches(img, np.zeros((64, 96), bool), 16, 8, 3, tissue_threshold=200)
+    assert all(r["fallback"] for r in rows)
+    assert (rows[0]["x"], rows[0]["y"], rows[0]["coverage"]) == (64, 40, 1.0)
+    assert np.array_equal(patches[0], img[40:56, 64:80])
+    _, rows = extract_patches(img, _mask(rng, 64, 96) > 0, 16, 8, 3)
+    assert not any(r["fallback"] for r in rows)
+
+
+def test_small_image_is_padded_and_pil_crops_equal_array_crops():
+    rng = np.random.default_rng(2)
+    img = _scan(rng, 10, 30)
+    mask = _mask(rng, 10, 30) > 0
+    patches, rows = extract_patches(img, mask, 16, 8, 4, pad_value=255)
+    assert patches.shape == (4, 16, 16, 3) and patches.dtype == np.uint8
+    for p, r in zip(patches, rows):
+        x = r["x"]
+        assert r["y"] == 0
+        assert np.array_equal(p[:10, : min(16, 30 - x)], img[:, x:x + 16])
+        assert (p[10:] == 255).all()
+    pil_patches, pil_rows = extract_patches(Image.fromarray(img), mask, 16, 8, 4, pad_value=255)
+    assert np.array_equal(pil_patches, patches) and pil_rows == rows
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L", "P"])
+def test_non_rgb_images_are_cropped_like_read_image(tmp_path, mode):
+    rng = np.random.default_rng(3)
+    img = Image.fromarray(_scan(rng, 40, 50)).convert(mode)
+    path = tmp_path / "img.png"
+    img.save(path)
+    mask = _mask(rng, 40, 50) > 0
+    with Image.open(path) as im:
+        im.load()
+        patches, rows = extract_patches(im, mask, 16, 8, 3)
+    full = read_image(path)
+    for p, r in zip(patches, rows):
+        assert np.array_equal(p, full[r["y"]:r["y"] + 16, r["x"]:r["x"] + 16])
+
+
+# --------------------------------------------------------------------------- cache
+def test_run_patches_writes_consistent_cache(patches_ds, capsys):
+    root, paths = patches_ds
+    sets = run_patches(root, paths, CFG)
+    train, test = sets["train"], sets["test"]
+    assert isinstance(train.array, np.memmap)
+    assert train.array.dtype == np.uint8 and train.array.shape == (4, 3, 16, 16, 3)
+    assert test.array.shape == (3, 3, 16, 16, 3)
+    # the outlier is left out of train; every test image is kept, unlabelled
+    assert train.samples["sample_index"].tolist() == ["img_0000.png", "img_0002.png",
+                                                      "img_0003.png", "img_0004.png"]
+    assert train.samples["label"].tolist() == ["Luminal A", "HER2(+)", "Triple negative",
+                                               "Luminal A"]
+    assert (test.samples["label"] == "").all()
+    assert train.samples["fallback"].tolist() == [False, False, True, False]
+    assert "img_0003.png" in capsys.readouterr().err  # the fallback is reported
+    for split, ps in sets.items():
+        out = paths.patches_dir(split)
+        assert {p.name for p in out.iterdir()} == {"patches.npy", "samples.csv", "index.csv",
+                                                   "meta.json", "config.yaml"}
+        assert json.loads((out / "meta.json").read_text())["key"] == ps.key
+        assert len(ps.index) == ps.array.shape[0] * ps.array.shape[1]
+        for i, name in enumerate(ps.samples["sample_index"]):
+            image = read_image(root / f"{split}_data" / name)
+            mask = read_mask(root / f"{split}_data" / name.replace("img_", "mask_"))
+            rows = ps.index[ps.index["sample_index"] == name].sort_values("patch")
+            assert rows["patch"].tolist() == [0, 1, 2]
+            assert rows["coverage"].is_monotonic_decreasing
+            for r in rows.itertuples():
+                h, w = image[r.y:r.y + 16, r.x:r.x + 16].shape[:2]
+                assert np.array_equal(ps.array[i, r.patch, :h, :w],
+                                      image[r.y:r.y + 16, r.x:r.x + 16])
+                if not ps.samples["fallback"][i]:
+                    assert r.coverage == mask[r.y:r.y + 16, r.x:r.x + 16].sum() / 256
+
+
+def test_rerun_is_a_cache_hit_and_changes_rebuild(patches_ds, capsys):
+    root, paths = patches_ds
+    npy = paths.patches_dir("train") / "patches.npy"
+    test_npy = paths.patches_dir("test") / "patches.npy"
+    first = run_patches(root, paths, CFG)
+    stamp, test_stamp = npy.stat().st_mtime_ns, test_npy.stat().st_mtime_ns
+    capsys.readouterr()
+
+    again = run_patches(root, paths, CFG)
+    out = capsys.readouterr().out
+    assert out.count("cache hit") == 2
+    assert npy.stat().st_mtime_ns == stamp and again["train"].key == first["train"].key
+
+    # one changed mask file: that split rebuilds, the other stays cached
+    mask_path = root / "train_data" / "mask_0000.png"
+    m = np.asarray(Image.open(mask_path)).copy()
+    m[:] = 0
+    m[-16:, -16:] = 255
+    Image.fromarray(m).save(mask_path)
+    changed = run_patches(root, paths, CFG)
+    out = capsys.readouterr().out
+    assert "patches train: built" in out and "patches test: cache hit" in out
+    assert changed["train"].key != first["train"].key
+    assert test_npy.stat().st_mtime_ns == test_stamp
+    row = changed["train"].index.iloc[0]
+    h, w = m.shape
+    assert (row.x, row.y, row.coverage) == (w - 16, h - 16, 1.0)
+
+    # another top_k: rebuilt with the new shape
+    bigger = run_patches(root, paths, {**CFG, "top_k": 5})
+    assert bigger["train"].array.shape[1] == 5 and bigger["test"].array.shape[1] == 5
+    assert "cache hit" not in capsys.readouterr().out
+
+    # another stride (same array shape): rebuilt too, under a new key
+    strided = run_patches(root, paths, {**CFG, "top_k": 5, "stride": 5})
+    assert "cache hit" not in capsys.readouterr().out
+    assert strided["train"].key != bigger["train"].key
+
+    # another clean list (outlier dropped from outliers.csv): train rebuilds with 5 images
+    _write_outliers(paths)
+    more = run_patches(root, paths, {**CFG, "top_k": 5, "stride": 5}, splits=("train",))
+    assert more["train"].array.shape[0] == 5
+
+
+def test_parallel_workers_write_the_same_bytes(patches_ds, tmp_path):
+    root, paths = patches_ds
+    run_patches(root, paths, CFG, splits=("train",))
+    other = Paths.from_root(tmp_path / "work2")
+    _write_outliers(other, [("img_0001.png", "green", 0.9)])
+    run_patches(root, other, {**CFG, "workers": 2}, splits=("train",))
+    for name in ("patches.npy", "samples.csv", "index.csv"):
+        a = (paths.patches_dir("train") / name).read_bytes()
+        b = (other.patches_dir("train") / name).read_bytes()
+        assert a == b, name
+    keys = [json.loads((p.patches_dir("train") / "meta.json").read_text())["key"]
+            for p in (paths, other)]
+    assert keys[0] == keys[1]  # the worker count does not change the patches
+
+
+def test_missing_cache_and_missing_clean_are_kit_errors(patches_ds, tmp_path):
+    root, _ = patches_ds
+    empty = Paths.from_root(tmp_path / "nowhere")
+    with pytest.raises(KitError, match=r"no patch cache at .*run ./run.sh patches first"):
+        load_patches(empty, "train")
+    with pytest.raises(KitError, match="run ./run.sh clean first"):
+        run_patches(root, empty, CFG, splits=("train",))
+
+
+def test_bad_parameters_are_refused(patches_ds):
+    root, paths = patches_ds
+    with pytest.raises(KitError, match="top_k must be >= 1"):
+        run_patches(root, paths, {**CFG, "top_k": 0})
+    with pytest.raises(KitError, match="unknown key 'topk'"):
+        run_patches(root, paths, {"topk": 3})
+
+
+# --------------------------------------------------------------------------- CLI
+def test_patches_command_builds_and_reuses(patches_ds, capsys):
+    root, paths = patches_ds
+    argv = ["patches", "--data", str(root), "--workdir", str(paths.root), "--size", "16",
+            "--stride", "8", "--top-k", "2", "--workers", "1"]
+    assert main(argv) == 0
+    assert load_patches(paths, "test").array.shape == (3, 2, 16, 16, 3)
+    assert "train 4 images x 2 patches of 16 px, 1 tissue fallback" in capsys.readouterr().out
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("cache hit") == 2
+
+
+def test_patches_command_without_clean_exits_2(tmp_path, capsys):
+    root = _write_dataset(tmp_path / "data", n_train=2, n_test=1)
+    assert main(["patches", "--data", str(root), "--workdir", str(tmp_path / "w")]) == 2
+    assert "run ./run.sh clean first" in capsys.readouterr().err
+
+
+def test_bench_dispatcher_reports_a_missing_module(monkeypatch, capsys):
+    from kit.commands import bench
+
+    monkeypatch.setitem(bench.BENCHES, "nosuch", "a benchmark nobody wrote")
+    assert main(["bench", "nosuch"]) == 2
+    assert "kit/bench/nosuch.py does not exist" in capsys.readouterr().err
+    assert main(["bench"]) == 2
+    assert "say what to benchmark" in capsys.readouterr().err
+
+
+def test_bench_patches_times_both_passes(tmp_path, capsys):
+    argv = ["bench", "patches", "--generator", "plain", "--n-train", "3", "--n-test", "1",
+            "--short-side", "48", "--long-side-max", "120", "--repeat", "1", "--workers", "1",
+            "--size", "16", "--stride", "8", "--top-k", "2", "--workdir", str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "ratio extraction / decode-only" in out and "peak memory" in out
+    result = json.loads((tmp_path / "runs" / "bench" / "patches.json").read_text())
+    assert result["images"] == 4 and result["workers"] == 1
+    assert result["ratio"] == pytest.approx(result["extraction"]["wall"]
+                                            / result["decode_only"]["wall"])
+    assert set(result["extraction"]["split"]) == {"decode", "score", "crop", "write"}
+    patches = np.load(tmp_path / "runs" / "bench" / "patches" / "patches.npy")
+    assert patches.shape == (4, 2, 16, 16, 3)

@@ -1,0 +1,236 @@
+"""``runs/report.html``: every section from a synthetic work directory, graceful when inputs
+are missing, self-contained, and rendered by a real headless browser."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from fake_kaggle import write_fake_submission
+from kit import CLASSES, package
+from kit.metrics import plot_confusion
+from kit.paths import Paths
+from kit.report import reliability, run_report
+from kit.utils import atomic_write_csv, atomic_write_json
+
+PROB = [f"p_{c}" for c in CLASSES]
+
+
+def _probs(rng, y, n_classes=4, sharp=2.0):
+    logits = rng.normal(size=(len(y), n_classes))
+    logits[np.arange(len(y)), y] += sharp
+    p = np.exp(logits)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def _backbone(paths: Paths, name, ids, y, folds, rng, with_png):
+    out = paths.backbone_dir(name)
+    probs = _probs(rng, y)
+    oof = pd.DataFrame({"sample_index": ids, "fold": folds, "label": [CLASSES[i] for i in y]})
+    oof[PROB] = probs
+    atomic_write_csv(out / "oof.csv", oof)
+    pred = probs.argmax(axis=1)
+    cm = np.zeros((4, 4), int)
+    np.add.at(cm, (y, pred), 1)
+    metrics = {"backbone": name, "oof_macro_f1": 0.5123 if with_png else 0.4012,
+               "oof_weighted_f1": 0.55, "n_oof": len(ids), "weights_source": "random init",
+               "per_fold": [{"fold": k, "macro_f1": 0.4 + 0.01 * k} for k in range(3)],
+               "per_class": {c: {"f1": 0.3 + 0.1 * i} for i, c in enumerate(CLASSES)},
+               "confusion": cm.tolist(), "classes": list(CLASSES), "folds_sha256": "1" * 64}
+    atomic_write_json(out / "metrics.json", metrics)
+    if with_png:
+        plot_confusion(cm, CLASSES, out / "confusion.png", title=f"{name} OOF")
+    return probs
+
+
+def build_workdir(root: Path, blend_oof: bool = True) -> tuple[Paths, Path]:
+    """Data, outliers, folds, two backbones, a blend and an uploaded submission."""
+    rng = np.random.default_rng(0)
+    paths = Paths.from_root(root / "work")
+    data = root / "data"
+    (data / "train_data").mkdir(parents=True)
+    n = 40
+    ids = [f"img_{i:04d}.png" for i in range(n)]
+    labels = [CLASSES[i % 4] for i in range(n)]
+    pd.DataFrame({"sample_index": ids, "label": labels}).to_csv(data / "train_labels.csv",
+                                                                index=False)
+    junk = {"img_0001.png": ("cartoon", 0.91), "img_0002.png": ("green", 0.034),
+            "img_0007.png": ("green", 0.012)}
+    for i, (name, (reason, _)) in enumerate(junk.items()):
+        if name == "img_0007.png":
+            continue  # one flagged image has no file: the report says so
+        colour = (230, 200, 40) if reason == "cartoon" else (40, 220, 60)
+        arr = np.full((120, 300, 3), 215, np.uint8)
+        arr[30:90, 40 + 60 * i:200] = colour
+        Image.fromarray(arr).save(data / "train_data" / name)
+    paths.folds_dir.mkdir(parents=True)
+    outliers = [{"sample_index": k, "reason": r, "score": v} for k, (r, v) in junk.items()]
+    pd.DataFrame(outliers).to_csv(paths.outliers_csv, index=False)
+    clean = [i for i in range(n) if ids[i] not in junk]
+    folds = np.arange(len(clean)) % 3
+    pd.DataFrame({"sample_index": [ids[i] for i in clean], "label": [labels[i] for i in clean],
+                  "fold": folds}).to_csv(paths.folds_csv, index=False)
+    y = np.array([i % 4 for i in clean])
+    cids = [ids[i] for i in clean]
+    pa = _backbone(paths, "effnet_b0", cids, y, folds, rng, with_png=True)
+    pb = _backbone(paths, "convnext_t", cids, y, folds, rng, with_png=False)
+    weights = {"effnet_b0": 0.7, "convnext_t": 0.3}
+    scores = {"nested": {"macro_f1": 0.4567, "macro_f1_no_bias": 0.4401,
+                         "per_class_f1": {c: 0.4 for c in CLASSES},
+                         "per_fold": {"0": 0.44, "1": 0.46, "2": 0.47}},
+              "in_sample": {"macro_f1": 0.5234, "macro_f1_no_bias": 0.5011,
+                            "per_class_f1": {c: 0.5 for c in CLASSES}},
+              "baselines": {"equal_weights": {"macro_f1": 0.49},
+                            "best_single": {"model": "effnet_b0", "macro_f1": 0.5123}}}
+    atomic_write_json(paths.runs_dir / "blend" / "blend.json", {
+        "backbones": list(weights), "objective": "f1", "weight_views": False,
+        "models": list(weights), "weights": weights,
+        "biases": {"Luminal A": 0.0, "Luminal B": -0.25, "HER2(+)": 0.1,
+                   "Triple negative": 0.65}, "scores": scores})
+    if blend_oof:
+        blended = 0.7 * pa + 0.3 * pb
+        oof = pd.DataFrame({"sample_index": cids, "fold": folds, "label": [CLASSES[i] for i in y]})
+        oof[PROB] = blended
+        oof[[f"nested_{c}" for c in PROB]] = 0.5 * pa + 0.5 * pb
+        atomic_write_csv(paths.runs_dir / "blend" / "oof_blend.csv", oof)
+    csv = write_fake_submission(paths.root, nested=0.4567, in_sample=0.5234)
+    package.append_submission(csv.with_suffix(".json"), {
+        "time": "2025-01-01T10:00:00+00:00", "competition": "an2dl2526c2v2",
+        "message": "first <script>alert(1)</script> try", "status": "complete", "ref": 1001,
+        "public_score": 0.4321})
+    return paths, data
+
+
+class _Refs(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs, self.tags = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.refs += [(tag, k, v) for k, v in attrs if k in ("src", "href", "srcset", "poster")]
+
+
+def _parse(text):
+    p = _Refs()
+    p.feed(text)
+    return p
+
+
+def test_full_report_has_every_section(tmp_path):
+    paths, data = build_workdir(tmp_path)
+    out = run_report(paths, data)
+    assert out == paths.runs_dir / "report.html"
+    text = out.read_text()
+    for anchor in ("data", "cv", "blend", "calibration", "submissions"):
+        assert f"<section id='{anchor}'>" in text
+    assert "not run yet" not in text and "could not be built" not in text
+    # data: counts per class, junk and clean, thumbnails (two found, one missing)
+    assert "40 training images" in text
+    assert "<td>Luminal B</td><td>10</td><td>1</td><td>9</td>" in text  # img_0001 is Luminal B
+    assert "Junk found: 3 images" in text and "image not found" in text
+    assert text.count("data:image/jpeg;base64,") == 2
+    # cv: both backbones, per-fold and per-class, a stored and a rendered confusion matrix
+    assert "effnet_b0" in text and "convnext_t" in text and "0.5123" in text
+    assert "fold 2" in text and "F1 Triple negative" in text
+    assert text.count("confusion matrix") == 2
+    # blend: weights, biases, nested beside in-sample, baselines
+    assert "0.4567" in text and "0.5234" in text and "nested (expected)" in text
+    assert "0.6500" in text and "0.7000" in text and "best single: effnet_b0" in text
+    # reliability diagram from oof_blend.csv, with nested curve
+    assert "runs/blend/oof_blend.csv" in text and "nested weights" in text
+    # submissions: the manifest, the upload with its public score beside the estimate
+    assert "20250101T000000Z_blend.csv ← latest" in text
+    assert "0.4321" in text and "an2dl2526c2v2" in text
+    # written config beside it
+    assert (paths.runs_dir / "report_config.yaml").is_file()
+
+
+def test_self_contained_and_escaped(tmp_path):
+    paths, data = build_workdir(tmp_path)
+    text = run_report(paths, data).read_text()
+    parsed = _parse(text)
+    assert parsed.refs, "expected inlined images and in-page links"
+    for tag, attr, value in parsed.refs:
+        assert value.startswith("data:") or value.startswith("#"), (tag, attr, value[:80])
+    assert "script" not in parsed.tags and "link" not in parsed.tags
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text and "<script>" not in text
+    imgs = [v for t, a, v in parsed.refs if t == "img"]
+    assert sum(v.startswith("data:image/png;base64,") for v in imgs) == 3  # 2 confusion + 1
+
+
+def test_missing_inputs_degrade_to_hints(tmp_path):
+    paths = Paths.from_root(tmp_path / "empty")
+    text = run_report(paths, tmp_path / "no-data").read_text()
+    for hint in ("./run.sh clean", "./run.sh cv &lt;backbone&gt;", "./run.sh blend",
+                 "./run.sh submit -m MSG"):
+        assert hint in text
+    assert text.count("not run yet") >= 4
+    assert "dataset folder not found" in text
+    assert "could not be built" not in text
+
+
+def test_reliability_recomputed_from_backbones_and_bad_file_isolated(tmp_path):
+    paths, data = build_workdir(tmp_path, blend_oof=False)
+    (paths.backbone_dir("convnext_t") / "metrics.json").write_text("{ not json")
+    text = run_report(paths, data).read_text()
+    assert "backbone oof.csv files weighted as in runs/blend/blend.json" in text
+    assert "nested weights" not in text
+    cv = text.split("<section id='cv'>")[1].split("</section>")[0]
+    assert "could not be built" in cv and "not valid JSON" in cv
+    assert "0.4567" in text  # the other sections still there
+
+
+def test_reliability_statistics():
+    rng = np.random.default_rng(1)
+    n = 20000
+    conf = rng.uniform(0.25, 1.0, n)
+    probs = np.column_stack([conf, *(np.repeat(((1 - conf) / 3)[:, None], 3, axis=1).T)])
+    calibrated_y = np.where(rng.uniform(size=n) < conf, 0, 1)
+    s = reliability(probs, calibrated_y, bins=10)
+    assert s["ece"] < 0.02 and s["count"].sum() == n
+    always_wrong = np.ones(n, int)
+    assert reliability(probs, always_wrong, bins=10)["ece"] == pytest.approx(conf.mean(), abs=1e-9)
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def test_renders_in_headless_chromium(tmp_path):
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("chromium not found in CI: .ci/install-chromium.sh should install it")
+        pytest.skip("chromium not installed (apt-get install -y chromium, or bash "
+                    ".ci/install-chromium.sh); the render check needs a real browser")
+    paths, data = build_workdir(tmp_path)
+    report = run_report(paths, data)
+    shot = tmp_path / "shot.png"
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+           "--no-first-run", "--disable-background-networking", "--disable-component-update",
+           "--disable-sync", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}",
+           f"--screenshot={shot}", "--window-size=1200,2000", report.resolve().as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert shot.is_file(), f"no screenshot (rc {proc.returncode}): {proc.stderr[-2000:]}"
+    img = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
+    assert img.shape == (2000, 1200)
+    assert img.std() > 20, "screenshot is (nearly) blank"
+    dark = (img < 128).mean()
+    assert 0.01 < dark < 0.6, dark  # text, tables and plots, on a light page
+    # images drawn: the lower part (plots, thumbnails) is not empty either
+    assert img[1000:].std() > 10
+    if os.environ.get("KIT_KEEP_SCREENSHOT"):  # to look at it by eye
+        shutil.copy(shot, os.environ["KIT_KEEP_SCREENSHOT"])

@@ -1,0 +1,220 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cv_data import make_patches
+from kit import CLASSES
+from kit.train import (PatchDataset, Trainer, amp_dtype, build_model, checkpoint_keys, fit_fold,
+                       load_checkpoint, make_loader, pick_device, predict, save_checkpoint,
+                       set_train_mode, soft_cross_entropy, train_config, tta_views,
+                       warmup_cosine)
+from kit.utils import KitError, seed_everything
+
+N, K, P = 24, 4, 32
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    y = np.arange(N) % len(CLASSES)
+    return make_patches(N, K, P, y, rng), y
+
+
+def _cfg(**over):
+    base = {"epochs": 2, "batch_size": 16, "patience": 0, "warmup_epochs": 0.5}
+    base.update(over)
+    return train_config(base)
+
+
+def _model(cfg, seed=0, backbone="tiny_cnn"):
+    seed_everything(seed)
+    return build_model(backbone, cfg, "random", patch_size=P)[0]
+
+
+def _split():
+    idx = np.arange(N)
+    return idx[idx % 3 != 0], idx[idx % 3 == 0]
+
+
+def _fit(data, cfg, seed=0, **kw):
+    x, y = data
+    tr, va = _split()
+    return fit_fold(_model(cfg, seed), x, tr, y[tr], va, y[va], cfg, seed=seed, **kw)
+
+
+# ------------------------------------------------------------------ config, schedule, loss
+def test_train_config_applies_dotted_params_then_overrides():
+    cfg = train_config({"lr": 0.5}, {"head.depth": 3, "augment.cutmix_alpha": 0.25, "lr": 0.1})
+    assert cfg["head"]["depth"] == 3 and cfg["head"]["width"] == 256
+    assert cfg["augment"]["cutmix_alpha"] == 0.25 and cfg["augment"]["hflip"] == 0.5
+    assert cfg["lr"] == 0.5  # explicit overrides win over tuned params
+    with pytest.raises(KitError, match="unknown key 'dpth'"):
+        train_config(params={"head.dpth": 1})
+    assert tta_views("flips") == ("id", "hflip", "vflip")
+    assert tta_views("none") == ("id",)
+    assert len(tta_views("dihedral")) == 8
+    with pytest.raises(KitError):
+        tta_views("mirror")
+
+
+def test_warmup_cosine_schedule():
+    total, warm = 100, 10
+    lrs = [warmup_cosine(s, total, warm, 0.01) for s in range(total)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:10]))  # linear ramp up
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # cosine decay
+    assert warmup_cosine(total, total, warm, 0.01) == pytest.approx(0.01)
+
+
+def test_soft_cross_entropy_matches_torch_on_hard_targets():
+    torch.manual_seed(0)
+    logits, y = torch.randn(8, 4), torch.tensor([0, 1, 2, 3, 0, 0, 1, 2])
+    target = F.one_hot(y, 4).float()
+    assert soft_cross_entropy(logits, target) == pytest.approx(float(F.cross_entropy(logits, y)))
+    w = torch.tensor([1.0, 2.0, 0.5, 3.0])
+    assert soft_cross_entropy(logits, target, w) == pytest.approx(
+        float(F.cross_entropy(logits, y, weight=w)), rel=1e-5)
+
+
+def test_devices_and_precision():
+    assert pick_device("cpu").type == "cpu"
+    assert pick_device(None).type in ("cpu", "cuda", "mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(KitError, match="--device cpu"):
+            pick_device("cuda")
+    cpu = torch.device("cpu")
+    assert amp_dtype(cpu, "auto") is None  # mixed precision is a CUDA matter
+    assert amp_dtype(cpu, "bf16") == torch.bfloat16 and amp_dtype(cpu, "off") is None
+    with pytest.raises(KitError):
+        amp_dtype(cpu, "fp8")
+
+
+# ------------------------------------------------------------------ data path
+def test_dataset_reads_patch_k_of_image_rows_in_batch_order(data):
+    x, y = data
+    rows = np.array([5, 2, 7])
+    ds = PatchDataset(x, rows, y[rows])
+    assert len(ds) == 3 * K
+    xb, yb = ds.__getitems__([0, 5, 11, 6])
+    np.testing.assert_array_equal(xb.numpy(), x[[5, 2, 7, 2], [0, 1, 3, 2]])
+    assert yb.tolist() == [y[5], y[2], y[7], y[2]]
+    assert xb.dtype == torch.uint8 and xb.shape == (4, P, P, 3)
+    assert ds[6][0].shape == (P, P, 3)
+
+
+def test_loader_is_seeded_and_balanced_sampler_is_used(data):
+    x, y = data
+    cfg = _cfg()
+    ds = PatchDataset(x, np.arange(N), y)
+    order = lambda seed: [b[1].tolist() for b in make_loader(ds, cfg, seed, torch.device("cpu"))]
+    assert order(1) == order(1) and order(1) != order(2)
+    loader = make_loader(ds, _cfg(class_balance="sampler"), 1, torch.device("cpu"))
+    assert isinstance(loader.sampler, torch.utils.data.WeightedRandomSampler)
+
+
+# ------------------------------------------------------------------ training
+def test_fit_fold_is_deterministic_on_cpu(data, tmp_path):
+    a = _fit(data, _cfg(), seed=3)
+    b = _fit(data, _cfg(), seed=3)
+    c = _fit(data, _cfg(), seed=4)
+    np.testing.assert_array_equal(a.val_probs, b.val_probs)
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    assert not np.array_equal(a.val_probs, c.val_probs)  # the seed matters
+    pa = predict(a.model, data[0], views=("id", "hflip"))
+    pb = predict(b.model, data[0], views=("id", "hflip"))
+    for v in pa:
+        np.testing.assert_array_equal(pa[v], pb[v])
+
+
+def test_fit_fold_deterministic_with_a_worker_process(data):
+    cfg = _cfg(num_workers=1, epochs=1)
+    a, b = _fit(data, cfg, seed=5), _fit(data, cfg, seed=5)
+    np.testing.assert_array_equal(a.val_probs, b.val_probs)
+
+
+def test_fit_fold_learns_an_easy_signal(data):
+    # Random frozen convolutions + trainable BatchNorm and head pick up a colour tint.
+    cfg = _cfg(epochs=8, lr=3e-3, unfreeze_last=4, **{"augment": {"cutmix_alpha": 0.0}})
+    res = _fit(data, cfg, seed=0)
+    assert res.best_score >= 0.75, res.history
+    assert res.history[0]["loss"] > res.history[-1]["loss"]
+
+
+def test_early_stopping_keeps_the_best_epoch(data):
+    # lr 0: nothing changes, so epoch 1 stays best and patience 2 stops after epoch 3.
+    res = _fit(data, _cfg(epochs=10, patience=2, lr=0.0), seed=0)
+    assert res.best_epoch == 1 and res.epochs == 3
+
+
+def test_class_balanced_loss_and_sampler_train(data):
+    for balance in ("loss", "sampler"):
+        res = _fit(data, _cfg(epochs=1, class_balance=balance), seed=0)
+        assert res.val_probs.shape == (8, len(CLASSES))
+    with pytest.raises(KitError, match="class_balance"):
+        _fit(data, _cfg(epochs=1, class_balance="oversample"), seed=0)
+
+
+def test_frozen_batchnorm_keeps_its_statistics(data):
+    cfg = _cfg(epochs=1, train_norm=[])  # head only
+    model = _model(cfg)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    x, y = data
+    tr, va = _split()
+    fit_fold(model, x, tr, y[tr], va, y[va], cfg, seed=0)
+    for k, v in model.backbone.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    set_train_mode(model)
+    assert not model.backbone.features[0][1].training and model.head.training
+
+
+def test_out_of_memory_suggests_batch_size_and_writes_nothing(data, tmp_path, monkeypatch):
+    cfg = _cfg(epochs=1)
+    model = _model(cfg)
+
+    def boom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(model.head, "forward", boom)
+    x, y = data
+    tr, va = _split()
+    ckpt = tmp_path / "fold" / "model.pt"
+    with pytest.raises(KitError, match="--batch-size"):
+        fit_fold(model, x, tr, y[tr], va, y[va], cfg, seed=0, ckpt_path=ckpt)
+    assert not ckpt.exists()
+
+
+# ------------------------------------------------------------------ checkpoints, prediction
+def test_checkpoint_loads_with_weights_only(data, tmp_path):
+    x, y = data
+    cfg = _cfg(epochs=1)
+    res = _fit(data, cfg, seed=1, ckpt_path=tmp_path / "full.pt", full_checkpoint=True)
+    raw = torch.load(tmp_path / "full.pt", weights_only=True)  # plain tensors and types only
+    assert raw["full"] and raw["meta"]["best_epoch"] == res.best_epoch
+    other = _model(cfg, seed=99)  # different random init
+    load_checkpoint(other, tmp_path / "full.pt")
+    np.testing.assert_array_equal(predict(other, x)["id"], predict(res.model, x)["id"])
+
+    # Partial: trainable tensors and buffers only; the frozen rest comes from the same init.
+    save_checkpoint(res.model, tmp_path / "part.pt", full=False, meta={})
+    part = torch.load(tmp_path / "part.pt", weights_only=True)["state_dict"]
+    assert "backbone.features.0.0.weight" not in part  # a frozen conv
+    assert "backbone.features.0.1.running_mean" in part and "head.0.weight" in part
+    assert set(part) == set(checkpoint_keys(res.model, full=False))
+    same_init = _model(cfg, seed=1)
+    load_checkpoint(same_init, tmp_path / "part.pt")
+    np.testing.assert_array_equal(predict(same_init, x)["id"], predict(res.model, x)["id"])
+    with pytest.raises(KitError, match="does not fit"):
+        load_checkpoint(_model(_cfg(**{"head": {"depth": 0}})), tmp_path / "part.pt")
+
+
+def test_predict_views_see_transformed_patches(data):
+    x, _ = data
+    model = _model(_cfg())
+    p = predict(model, x, rows=[3, 1], views=("id", "hflip", "vflip"), batch_size=5)
+    assert p["id"].shape == (2, K, len(CLASSES))
+    np.testing.assert_allclose(p["id"].sum(-1), 1.0, rtol=1e-5)
+    flipped = np.ascontiguousarray(x[:, :, :, ::-1])  # mirror the patches on the width axis
+    q = predict(model, flipped, rows=[3, 1], views=("hflip",))
+    np.testing.assert_allclose(q["hflip"], p["id"], atol=1e-5)
+    assert not np.allclose(p["hflip"], p["id"])
