@@ -61,10 +61,10 @@ class Nuclei:
 # Tumour phenotype per class (inside the mask only). Sizes are in pixels, independent of the
 # image size, so 128 px native patches see the same texture at any short side.
 TUMOUR = {
-    "Luminal A": Nuclei(sigma=1.0, cover=0.30, stain=0.95, eosin=0.42),
-    "Luminal B": Nuclei(sigma=1.6, cover=0.32, stain=1.05, eosin=0.38),
-    "HER2(+)": Nuclei(sigma=2.5, cover=0.32, stain=0.75, eosin=0.48),
-    "Triple negative": Nuclei(sigma=2.0, cover=0.44, stain=1.35, eosin=0.30),
+    "Luminal A": Nuclei(sigma=0.9, cover=0.24, stain=0.85, eosin=0.50),  # small, sparse
+    "Luminal B": Nuclei(sigma=1.5, cover=0.38, stain=1.10, eosin=0.38),  # medium, crowded
+    "HER2(+)": Nuclei(sigma=2.6, cover=0.34, stain=0.70, eosin=0.55),  # large, pale
+    "Triple negative": Nuclei(sigma=2.0, cover=0.50, stain=1.45, eosin=0.28),  # dense, dark
 }
 NORMAL = Nuclei(sigma=1.2, cover=0.07, stain=0.90, eosin=0.50)
 
@@ -385,8 +385,8 @@ def _background(rng, shape) -> np.ndarray:
 
 def _nuclei(rng, shape, kind: Nuclei) -> np.ndarray:
     """Soft nuclei map in [0, 1]: random points blurred into round blobs of radius ~1.2 sigma."""
-    sigma = kind.sigma * rng.uniform(0.9, 1.1)
-    cover = np.clip(kind.cover + rng.uniform(-0.03, 0.03), 0.01, 0.9)
+    sigma = kind.sigma * rng.uniform(0.92, 1.08)
+    cover = np.clip(kind.cover + rng.uniform(-0.02, 0.02), 0.01, 0.9)
     radius = 1.18 * sigma
     p = -np.log(1 - cover) / (np.pi * radius ** 2)  # Poisson points -> expected covered share
     points = (rng.random(shape, dtype=np.float32) < p).astype(np.float32)
@@ -397,10 +397,10 @@ def _nuclei(rng, shape, kind: Nuclei) -> np.ndarray:
 def _tissue(rng, mask: np.ndarray, inside: np.ndarray, label: str) -> np.ndarray:
     """H&E colours (Beer-Lambert) of the ``inside`` pixels, as N x 3; tumour only in the mask."""
     shape = mask.shape
-    batch_h, batch_e = rng.uniform(0.85, 1.15, 2)  # staining batch: class-independent
+    batch_h, batch_e = rng.uniform(0.9, 1.1, 2)  # staining batch: class-independent
     tumour = TUMOUR[label]
-    stain_t = tumour.stain * rng.uniform(0.92, 1.08)
-    eosin_t = tumour.eosin + rng.uniform(-0.04, 0.04)
+    stain_t = tumour.stain * rng.uniform(0.95, 1.05)
+    eosin_t = tumour.eosin + rng.uniform(-0.03, 0.03)
     nuc_t, nuc_n = _nuclei(rng, shape, tumour)[inside], _nuclei(rng, shape, NORMAL)[inside]
     fibres = _smooth_noise(rng, shape, 2, 9)[inside]  # stroma streaks along the strip
     mottle = _smooth_noise(rng, shape, 3)[inside]

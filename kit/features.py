@@ -313,8 +313,10 @@ def train_head_on_features(x_train, y_train, x_val, y_val, cfg: dict, seed: int 
     g = torch.Generator().manual_seed(int(seed))
     bs, epochs = int(cfg["batch_size"]), int(cfg["epochs"])
     steps = max(1, math.ceil(n * k / bs))
+    # fused: one kernel per step instead of a dozen per tensor; a third of a small head's step
     opt = torch.optim.AdamW(head.parameters(), lr=float(cfg["lr"]),
-                            weight_decay=float(cfg["weight_decay"]))
+                            weight_decay=float(cfg["weight_decay"]),
+                            fused=device.type in ("cpu", "cuda"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(
         s, epochs * steps, int(round(float(cfg["warmup_epochs"]) * steps)),
         float(cfg["min_lr_ratio"])))

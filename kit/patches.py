@@ -76,17 +76,17 @@ def window_scores(mask: np.ndarray, size: int, stride: int):
         raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
     h, w = mask.shape
     ys, xs = window_starts(h, size, stride), window_starts(w, size, stride)
-    # Summed-area table S[r, c] = mask[:r, :c].sum(), needed only at window edges: the
-    # column sums of the row bands between consecutive edges, then of the column bands,
-    # each cumulated, give it in one pass over the mask (no H x W table is built).
+    # Summed-area table S[r, c] = mask[:r, :c].sum(), needed only at window edges: sum the
+    # mask over the blocks between consecutive edges (row bands, then column bands) and
+    # cumulate the small block table; one pass over the mask, no H x W table is built.
     # Extra edges every 255 rows keep each band short enough for _band_sums.
     rows = np.unique(np.concatenate([ys, np.minimum(ys + size, h), np.arange(0, h, 255)]))
     cols = np.unique(np.concatenate([xs, np.minimum(xs + size, w)]))
     s = np.zeros((len(rows), len(cols)), dtype=np.int64)
     if len(rows) > 1 and len(cols) > 1:
-        rowcum = np.cumsum(_band_sums(mask, rows), axis=0)
-        blocks = np.add.reduceat(rowcum[:, : cols[-1]], cols[:-1], axis=1)
-        s[1:, 1:] = np.cumsum(blocks, axis=1)
+        bands = _band_sums(mask, rows)  # (len(rows) - 1) x W
+        blocks = np.add.reduceat(bands[:, : cols[-1]], cols[:-1], axis=1, dtype=np.int64)
+        s[1:, 1:] = blocks.cumsum(axis=0).cumsum(axis=1)
     r0, r1 = np.searchsorted(rows, ys), np.searchsorted(rows, np.minimum(ys + size, h))
     c0, c1 = np.searchsorted(cols, xs), np.searchsorted(cols, np.minimum(xs + size, w))
     counts = (s[np.ix_(r1, c1)] - s[np.ix_(r0, c1)] - s[np.ix_(r1, c0)] + s[np.ix_(r0, c0)])
@@ -94,7 +94,7 @@ def window_scores(mask: np.ndarray, size: int, stride: int):
 
 
 def _band_sums(mask: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Column sums of the row bands ``[rows[i], rows[i+1])`` of a bool mask, int64.
+    """Column sums of the row bands ``[rows[i], rows[i+1])`` of a bool mask, as uint8.
 
     Eight columns are added at once as the byte lanes of one uint64 (bool bytes are 0/1,
     and no lane can carry into the next while a band is at most 255 rows): about 6x faster
@@ -110,7 +110,7 @@ def _band_sums(mask: np.ndarray, rows: np.ndarray) -> np.ndarray:
         lanes = np.zeros((rows[-1], -(-w // 8) * 8), dtype=np.uint8)
         lanes[:, :w] = top
     sums = np.add.reduceat(lanes.view(np.uint64), rows[:-1], axis=0)
-    return sums.view(np.uint8)[:, :w].astype(np.int64)
+    return sums.view(np.uint8)[:, :w]
 
 
 def select_windows(scores: np.ndarray, k: int) -> np.ndarray:

@@ -135,8 +135,10 @@ def find_credentials(env=None) -> Credentials:
         found = found or str(oauth)
 
     if found is None:
+        # ~/.kaggle wins over the XDG folder once it exists, so it is the simplest advice
+        target = config if env.get("KAGGLE_CONFIG_DIR") else home / ".kaggle" / "kaggle.json"
         raise KitError("no Kaggle credentials found: set KAGGLE_USERNAME and KAGGLE_KEY, or save "
-                       f"kaggle.json to {config} (then chmod 600 {config}), or set "
+                       f"kaggle.json as {target} (then chmod 600 {target}), or set "
                        f"KAGGLE_API_TOKEN; {TOKEN_HELP}")
     return Credentials(found, tuple(sorted(set(s for s in secrets if len(s) >= 4), key=len,
                                            reverse=True)))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import socket
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -38,6 +39,7 @@ from kit.utils import (KitError, atomic_path, atomic_write_csv, atomic_write_tex
                        check_random_state, write_config)
 
 OBJECTIVES = ("features", "full")
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # recorded per trial: who ran it
 
 
 # --------------------------------------------------------------------------- names and folds
@@ -189,12 +191,13 @@ def evaluate(run_fold, folds, trial=None) -> tuple[float, list[FoldScore]]:
     import optuna
 
     scores = []
-    for k in folds:
+    for i, k in enumerate(folds):
         s = run_fold(k)
         scores.append(s)
         if trial is not None:
             trial.report(s.macro_f1, k)
-            if trial.should_prune():
+            # After the last fold the work is done: keep the result rather than prune it.
+            if i < len(folds) - 1 and trial.should_prune():
                 raise optuna.TrialPruned(
                     f"fold scores {', '.join(f'{x.macro_f1:.3f}' for x in scores)} "
                     "significantly below the best trial's (Wilcoxon)")
@@ -289,6 +292,7 @@ def make_objective(evaluator, space: Space, folds: list[int], seed: int, n_trial
         _check_budget(trial, n_trials)
         params = space.suggest(trial)
         trial.set_user_attr("params", params)
+        trial.set_user_attr("worker", WORKER)
         order = trial_order(folds, seed, trial.number)
         run_fold, cleanup = evaluator.trial(params, f"{study_label}-{trial.number}")
         t0 = time.perf_counter()

@@ -72,16 +72,16 @@ def make_storage(url: str | None, paths, heartbeat_interval: int = 60, grace_per
         engine_kwargs = {"connect_args": {"timeout": 60}}
     else:
         engine_kwargs = {"pool_pre_ping": True}
-    kwargs = {}
-    if heartbeat_interval and heartbeat_interval > 0:
-        kwargs = dict(heartbeat_interval=int(heartbeat_interval),
-                      grace_period=int(max(grace_period, heartbeat_interval + 1)),
-                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                          max_retry=max_retry))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+            kwargs = {}
+            if heartbeat_interval and heartbeat_interval > 0:
+                kwargs = dict(heartbeat_interval=int(heartbeat_interval),
+                              grace_period=int(max(grace_period, heartbeat_interval + 1)),
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                                  max_retry=max_retry))
+            return _rdb_storage(RDBStorage, url, engine_kwargs, kwargs)
     except ImportError as exc:
         raise KitError(f"--storage {describe(url)}: its database driver is not installed "
                        f"({exc}); PostgreSQL needs postgresql+psycopg2:// (psycopg2-binary is "
@@ -90,3 +90,19 @@ def make_storage(url: str | None, paths, heartbeat_interval: int = 60, grace_per
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise KitError(f"--storage {describe(url)}: cannot open ({first}); check the URL and "
                        "that the server is running")
+
+
+def _rdb_storage(cls, url: str, engine_kwargs: dict, kwargs: dict, tries: int = 3):
+    """``RDBStorage``, retried when another worker is creating Optuna's tables right now
+    (PostgreSQL answers that race with a UniqueViolation; the second try finds the tables)."""
+    import time
+
+    for attempt in range(tries):
+        try:
+            return cls(url, engine_kwargs=engine_kwargs, **kwargs)
+        except Exception as exc:  # sqlalchemy.exc.IntegrityError/ProgrammingError, driver-wrapped
+            text = str(exc)
+            racing = "UniqueViolation" in text or "already exists" in text
+            if not racing or attempt == tries - 1:
+                raise
+            time.sleep(1.0 + attempt)

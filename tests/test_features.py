@@ -1,0 +1,212 @@
+"""Embedding cache (hit, miss, invalidation, correctness) and heads on cached embeddings."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cv_data import make_workdir
+from kit import CLASSES
+from kit.features import (FeatureCV, Features, _publish, cache_views, embed_array, fast_macro_f1,
+                          features_cv, frozen_backbone, load_or_embed, prepare,
+                          train_head_on_features, weights_digest)
+from kit.metrics import macro_f1
+from kit.patches import load_patches
+from kit.train import train_config
+from kit.utils import KitError
+
+FAST = {"epochs": 12, "lr": 0.01, "patience": 0}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return make_workdir(tmp_path_factory.mktemp("features"), n_train=24, n_test=6, k=4, size=32,
+                        n_folds=3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return frozen_backbone("tiny_cnn", train_config(), weights="random", seed=42, patch_size=32)
+
+
+def test_fast_macro_f1_equals_the_metric():
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        n = int(rng.integers(1, 25))
+        yt = rng.integers(0, int(rng.integers(1, 5)), n)
+        yp = rng.integers(0, int(rng.integers(1, 5)), n)
+        assert fast_macro_f1(yt, yp) == pytest.approx(macro_f1(yt, yp), abs=1e-12)
+
+
+def test_cache_views_put_id_first():
+    assert cache_views(("hflip", "id", "vflip")) == ("id", "hflip", "vflip")
+    assert cache_views(("hflip",)) == ("id", "hflip")
+
+
+def test_embeddings_are_the_frozen_backbone_outputs_per_view(work, backbone):
+    from kit.augment import normalize_batch
+    from kit.tta import apply_view
+
+    patches = load_patches(work, "train")
+    views = ("id", "hflip", "rot90")
+    out = np.zeros((2, 4, 3, backbone.num_features), np.float32)
+    embed_array(backbone, patches.array[:2], views, out, batch_size=4)
+    x = torch.from_numpy(np.array(patches.array[1, 2:3]))
+    x = normalize_batch(x, backbone.mean, backbone.std, backbone.input_size)
+    with torch.no_grad():
+        want = backbone(apply_view(x, "rot90")).numpy()[0]
+        other = backbone(x).numpy()[0]
+    np.testing.assert_allclose(out[1, 2, 2], want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(want, other)  # the views really differ
+
+
+def test_cache_miss_then_hit(work, backbone, capsys):
+    patches = load_patches(work, "train")
+    first = load_or_embed(backbone, patches, work, "train", ("id", "hflip"))
+    assert not first.hit and "embedded" in capsys.readouterr().out
+    second = load_or_embed(backbone, patches, work, "train", ("id", "hflip"))
+    assert second.hit and second.key == first.key and second.path == first.path
+    assert "embedded" not in capsys.readouterr().out
+    assert second.array.shape == (24, 4, 2, backbone.num_features)
+    assert second.array.dtype == np.float16
+    np.testing.assert_array_equal(np.asarray(first.array), np.asarray(second.array))
+    meta = json.loads((first.path / "meta.json").read_text())
+    assert meta["views"] == ["id", "hflip"] and meta["patch_key"] == patches.key
+    assert meta["weights_sha256"] == weights_digest(backbone)
+    assert not [p for p in first.path.parent.iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_cache_invalidated_by_patches_weights_views_and_dtype(work, backbone, tmp_path):
+    patches = load_patches(work, "train")
+    base = load_or_embed(backbone, patches, work, "train", ("id",))
+    # Other views or dtype: another key.
+    assert load_or_embed(backbone, patches, work, "train", ("id", "vflip")).key != base.key
+    f32 = load_or_embed(backbone, patches, work, "train", ("id",), {"dtype": "float32"})
+    assert f32.key != base.key and f32.array.dtype == np.float32
+    # Other weights (one BatchNorm statistic moved): a miss with another key.
+    other = frozen_backbone("tiny_cnn", train_config(), weights="random", seed=42, patch_size=32)
+    with torch.no_grad():
+        next(m for m in other.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_mean += 1
+    changed = load_or_embed(other, patches, work, "train", ("id",))
+    assert not changed.hit and changed.key != base.key
+    # Changed patches (new cache key, new pixels): a miss whose vectors differ.
+    moved = make_workdir(tmp_path, n_train=24, n_test=6, k=4, size=32, n_folds=3, seed=1)
+    new = load_or_embed(backbone, load_patches(moved, "train"), moved, "train", ("id",))
+    assert not new.hit and new.key != base.key
+    assert not np.allclose(np.asarray(new.array), np.asarray(base.array))
+
+
+def test_a_damaged_cache_is_rebuilt(work, backbone):
+    patches = load_patches(work, "train")
+    feats = load_or_embed(backbone, patches, work, "train", ("id", "transpose"))
+    (feats.path / "meta.json").write_text("{not json")
+    again = load_or_embed(backbone, patches, work, "train", ("id", "transpose"))
+    assert not again.hit and json.loads((again.path / "meta.json").read_text())["key"] == feats.key
+
+
+def test_publish_keeps_a_finished_copy_of_another_worker(tmp_path):
+    done, mine = tmp_path / "train-abc", tmp_path / ".train-abc.1.tmp"
+    for folder, tag in ((done, "theirs"), (mine, "mine")):
+        folder.mkdir()
+        (folder / "features.npy").write_text(tag)
+        (folder / "meta.json").write_text(json.dumps({"key": "abc"}))
+    _publish(mine, done, "abc")
+    assert (done / "features.npy").read_text() == "theirs"
+
+
+def _separable(n, k=4, views=2, d=16, seed=0, noise=1.0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 4
+    means = rng.normal(0, 3, (4, d))
+    x = means[y][:, None, None, :] + rng.normal(0, noise, (n, k, views, d))
+    return x.astype(np.float32), y
+
+
+def test_head_learns_and_is_deterministic():
+    x, y = _separable(48)
+    cfg = train_config(params={"epochs": 15, "lr": 0.01, "patience": 5, "batch_size": 16})
+    a = train_head_on_features(x[:32], y[:32], x[32:], y[32:], cfg, seed=3)
+    b = train_head_on_features(x[:32], y[:32], x[32:], y[32:], cfg, seed=3)
+    assert a.best_score == 1.0
+    for pa, pb in zip(a.head.parameters(), b.head.parameters()):
+        assert torch.equal(pa, pb)
+    assert [h["val_macro_f1"] for h in a.history] == [h["val_macro_f1"] for h in b.history]
+
+
+def test_head_stops_early_and_keeps_the_best_epoch():
+    x, y = _separable(40, noise=8.0, seed=1)  # mostly noise: the score wanders
+    cfg = train_config(params={"epochs": 40, "lr": 0.05, "patience": 2, "batch_size": 16})
+    fit = train_head_on_features(x[:28], y[:28], x[28:], y[28:], cfg, seed=0)
+    scores = [h["val_macro_f1"] for h in fit.history]
+    assert fit.epochs < 40 and fit.epochs - fit.best_epoch == 2
+    assert fit.best_score == max(scores) == scores[fit.best_epoch - 1]
+
+
+def test_class_balance_options_train(work):
+    x, y = _separable(32)
+    for balance in ("loss", "sampler"):
+        cfg = train_config(params={"epochs": 3, "class_balance": balance, "batch_size": 16})
+        assert train_head_on_features(x[:24], y[:24], x[24:], y[24:], cfg).epochs == 3
+    with pytest.raises(KitError, match="class_balance"):
+        train_head_on_features(x[:24], y[:24], x[24:], y[24:],
+                               {**train_config(), "class_balance": "oversample"})
+
+
+def test_features_cv_covers_every_image_once_and_scores_like_cv(work):
+    res = features_cv("tiny_cnn", work, params=FAST, seed=7, weights="random")
+    folds = pd.read_csv(work.folds_csv)
+    assert list(res.oof.sample_index) == list(folds.sample_index)  # folds-file order, once each
+    assert list(res.oof.fold) == list(folds.fold)
+    assert list(res.oof.label) == list(folds.label)
+    probs = res.oof[[f"p_{c}" for c in CLASSES]].to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+    assert res.oof_macro_f1 == pytest.approx(macro_f1(res.oof.label, probs))
+    for row in res.per_fold:
+        sel = res.oof.fold == row["fold"]
+        assert row["macro_f1"] == pytest.approx(macro_f1(res.oof.label[sel], probs[sel]))
+    # TTA mean = mean of the per-view files, as cv writes them.
+    views = np.mean([v[[f"p_{c}" for c in CLASSES]].to_numpy() for v in res.oof_views.values()], 0)
+    np.testing.assert_allclose(views, probs, atol=1e-6)
+    assert set(res.oof_views) == {"id", "hflip", "vflip"}
+    assert len(res.test) == 6 and res.features["test_key"]
+    oof, per_fold, test = res  # unpacks as the brief's triple
+    assert oof is res.oof and test is res.test
+    assert res.oof_macro_f1 > 0.5  # the tint signal is learnt from frozen random features
+
+
+def test_fold_results_do_not_depend_on_the_order_of_folds(work):
+    fcv = prepare("tiny_cnn", work, params=FAST, seed=5, weights="random", with_test=False)
+    late = [fcv.fold(k) for k in (0, 1, 2)][2]
+    first = fcv.fold(2)
+    np.testing.assert_array_equal(first.probs, late.probs)
+    assert first.macro_f1 == late.macro_f1
+
+
+def test_configure_refuses_views_that_are_not_cached(work):
+    fcv = prepare("tiny_cnn", work, seed=5, weights="random", with_test=False)
+    assert fcv.configure({"head.depth": 0}).cfg["head"]["depth"] == 0
+    with pytest.raises(KitError, match="not in the embedding cache"):
+        fcv.configure({"tta": "dihedral"})
+
+
+def test_folds_with_images_missing_from_the_cache_are_refused(work, tmp_path):
+    paths = make_workdir(tmp_path, n_train=12, n_test=2, k=2, size=32, n_folds=3)
+    folds = pd.read_csv(paths.folds_csv)
+    pd.concat([folds, pd.DataFrame([{"sample_index": "img_9999.png", "label": CLASSES[0],
+                                     "fold": 0}])]).to_csv(paths.folds_csv, index=False)
+    with pytest.raises(KitError, match="not in the patch cache"):
+        prepare("tiny_cnn", paths, weights="random", with_test=False)
+
+
+def test_in_memory_feature_sets_work_without_disk():
+    x, y = _separable(24, views=3)
+    ids = [f"img_{i:04d}.png" for i in range(24)]
+    labels = [CLASSES[c] for c in y]
+    feats = Features(x, pd.DataFrame({"sample_index": ids, "label": labels}),
+                     ("id", "hflip", "vflip"), "mem", None, True)
+    folds = pd.DataFrame({"sample_index": ids, "label": labels, "fold": np.arange(24) % 3})
+    fcv = FeatureCV(feats, folds, train_config(params=FAST), ("id", "hflip", "vflip"))
+    assert fcv.fold(1).macro_f1 == 1.0

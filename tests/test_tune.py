@@ -1,0 +1,400 @@
+"""./run.sh tune: search spaces, objectives equal to cv's score, pruning, resume after a killed
+worker, storages (SQLite, journal, a real PostgreSQL with two workers) and best.yaml."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+from cv_data import make_workdir
+from kit.features import features_cv, prepare
+from kit.search_space import Param, load_space, parse_param
+from kit.tune import (fold_subset, known_param_keys, plot_study, run_tune, study_name,
+                      trial_order, warm_start)
+from kit.tune_storage import describe, make_storage
+from kit.utils import KitError
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_URL = os.environ.get("KIT_TEST_POSTGRES_URL",
+                        "postgresql+psycopg2://kit:kit@127.0.0.1:55432/kit_optuna")
+NULLS = {k: None for k in ("head.depth", "head.width", "head.dropout", "head.activation",
+                           "weight_decay", "class_balance", "epochs", "augment.cutmix_alpha")}
+
+
+def space_file(tmp_path, name="space.yaml", **default):
+    """A --space file: the default space with everything removed except ``default``."""
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump({"default": {**NULLS, **default}}))
+    return path
+
+
+LR = {"type": "float", "low": 0.0, "high": 0.02}
+FAST = dict(lr=LR, epochs=12, patience=0)
+
+
+def trials_of(paths, name, storage=None):
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = storage or f"sqlite:///{paths.runs_dir / 'optuna.db'}"
+    return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+
+
+def kit_cmd(*args):
+    return [sys.executable, "-m", "kit", "tune", *map(str, args)]
+
+
+def env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "NO_ALBUMENTATIONS_UPDATE": "1"}
+
+
+# --------------------------------------------------------------------------- search space
+def test_default_space_parses_for_every_backbone_and_objective():
+    from kit.backbones import list_backbones
+
+    keys = known_param_keys()
+    for bb in list_backbones():
+        full = load_space(bb, "full", known_keys=keys)
+        feats = load_space(bb, "features", known_keys=keys)
+        for name in ("head.depth", "head.dropout", "augment.cutmix_alpha", "lr",
+                     "weight_decay", "class_balance", "epochs", "head.width",
+                     "head.activation"):
+            assert name in full.searched
+        # CutMix does not exist in feature space.
+        assert "augment.cutmix_alpha" not in feats.params
+        assert full.searched["head.depth"].low == 0 and full.searched["head.depth"].high == 4
+        assert full.searched["augment.cutmix_alpha"].contains(0.0)  # 0 = off is searchable
+
+
+def test_user_space_overrides_ranges_removes_and_fixes(tmp_path):
+    user = tmp_path / "space.yaml"
+    user.write_text(yaml.safe_dump({
+        "default": {"head.depth": {"type": "int", "low": 1, "high": 2}, "weight_decay": None,
+                    "head.norm": "layernorm"},
+        "phikon": {"lr": {"type": "float", "low": 1e-5, "high": 1e-4, "log": True}},
+    }))
+    sp = load_space("phikon", "features", user, known_keys=known_param_keys())
+    assert (sp.searched["head.depth"].low, sp.searched["head.depth"].high) == (1, 2)
+    assert "weight_decay" not in sp.params
+    assert sp.fixed == {"head.norm": "layernorm"}
+    assert sp.searched["lr"].high == 1e-4 and sp.searched["lr"].log
+    other = load_space("tiny_cnn", "features", user)
+    assert other.searched["lr"].high == 3e-3  # the phikon entry applies to phikon only
+    trial = optuna.trial.FixedTrial({"head.depth": 2, "head.width": 128, "head.dropout": 0.1,
+                                     "head.activation": "gelu", "lr": 5e-5,
+                                     "class_balance": "loss", "epochs": 20})
+    params = sp.suggest(trial)
+    assert params["head.depth"] == 2 and params["head.norm"] == "layernorm"
+    assert params["lr"] == 5e-5
+
+
+def test_the_conf_space_of_a_backbone_merges_over_default():
+    sp = load_space("phikon", "features")
+    assert sp.searched["lr"].high == 1e-3 and sp.searched["lr"].low == 3e-5
+    assert "head.depth" in sp.searched
+
+
+@pytest.mark.parametrize("spec, match", [
+    ({"type": "normal", "low": 0, "high": 1}, "type must be one of"),
+    ({"type": "float", "low": 1, "high": 0}, "low <= high"),
+    ({"type": "float", "low": 0, "high": 1, "log": True}, "log scale needs low > 0"),
+    ({"type": "int", "low": 0.5, "high": 3}, "integer"),
+    ({"type": "categorical", "choices": []}, "non-empty list"),
+    ({"type": "float", "low": 0}, "needs `low` and `high`"),
+    ({"type": "float", "low": 0, "high": 1, "objectives": ["cv"]}, "objectives"),
+    ({"type": "float", "low": 0, "high": 1, "stepp": 1}, "unknown field"),
+])
+def test_bad_parameter_specs_are_refused(spec, match):
+    with pytest.raises(KitError, match=match):
+        parse_param("lr", spec, "my.yaml")
+
+
+def test_unknown_parameter_names_and_shapes_are_refused(tmp_path):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(yaml.safe_dump({"default": {"head.dept": {"type": "int", "low": 0, "high": 2}}}))
+    with pytest.raises(KitError, match=r"typo.yaml: unknown parameter\(s\) head.dept"):
+        load_space("tiny_cnn", "features", bad, known_keys=known_param_keys())
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("lr: 0.1\n")
+    with pytest.raises(KitError, match="default:"):
+        load_space("tiny_cnn", "features", flat)
+    empty = space_file(tmp_path, "none.yaml", lr=None)
+    with pytest.raises(KitError, match="nothing to search"):
+        load_space("tiny_cnn", "features", empty)
+
+
+def test_param_domains():
+    p = Param("x", "int", 0, 4)
+    assert p.contains(3) and not p.contains(5) and not p.contains(1.5)
+    assert Param("c", "categorical", choices=("a", "b")).contains("a")
+
+
+def test_names_fold_subsets_and_orders():
+    assert study_name("phikon", "features") == "phikon-features"
+    assert study_name("phikon", "full", "v2") == "phikon-full-v2"
+    assert fold_subset(5, 0, 1) == [0, 1, 2, 3, 4] == fold_subset(5, 5, 1)
+    sub = fold_subset(5, 3, 1)
+    assert len(sub) == 3 and sub == fold_subset(5, 3, 1)  # fixed for a study
+    with pytest.raises(KitError, match="at least 2"):
+        fold_subset(5, 1, 0)
+    orders = {tuple(trial_order(sub, 42, n)) for n in range(20)}
+    assert all(sorted(o) == sub for o in orders) and len(orders) > 1  # shuffled per trial
+
+
+# --------------------------------------------------------------------------- storage
+def test_storages(tmp_path):
+    from optuna.storages import JournalStorage, RDBStorage
+
+    paths = make_workdir(tmp_path / "w", n_train=8, n_test=2, k=1, size=32, n_folds=2)
+    sql = make_storage(None, paths, heartbeat_interval=5, grace_period=10)
+    assert isinstance(sql, RDBStorage) and sql.heartbeat_interval == 5
+    assert (paths.runs_dir / "optuna.db").exists()
+    assert isinstance(make_storage(f"journal:{tmp_path}/j/tune.log", paths), JournalStorage)
+    assert isinstance(make_storage(str(tmp_path / "other.log"), paths), JournalStorage)
+    with pytest.raises(KitError, match="not an RDB URL"):
+        make_storage("runs/optuna.db", paths)
+    assert describe("postgresql+psycopg2://kit:secret@host:5432/db") == \
+        "postgresql+psycopg2://kit:***@host:5432/db"
+
+
+# --------------------------------------------------------------------------- objectives
+@pytest.fixture(scope="module")
+def feat_work(tmp_path_factory):
+    paths = make_workdir(tmp_path_factory.mktemp("tune_feat"), n_train=40, n_test=4, k=4,
+                         size=32, n_folds=5, seed=0)
+    prepare("tiny_cnn", paths, weights="random", seed=42, with_test=False)  # warm the cache
+    return paths
+
+
+def test_features_objective_equals_features_cv_and_writes_outputs(feat_work, tmp_path):
+    paths = feat_work
+    space = space_file(tmp_path, **FAST, **{"head.depth": {"type": "int", "low": 0, "high": 1}})
+    best = run_tune(["tiny_cnn"], paths, objective="features", trials=2, space_file=space,
+                    weights="random", seed=42, study_suffix="eq")["tiny_cnn"]
+    out = paths.tune_dir("tiny_cnn")
+    on_disk = yaml.safe_load((out / "best.yaml").read_text())
+    assert on_disk["params"] == best["params"] and on_disk["trial"] == best["trial"]
+    assert on_disk["objective"] == "features" and on_disk["study"] == "tiny_cnn-features-eq"
+    assert set(on_disk["params"]) == {"lr", "head.depth", "epochs", "patience"}
+    complete = [t for t in trials_of(paths, "tiny_cnn-features-eq") if t.state.name == "COMPLETE"]
+    for t in trials_of(paths, "tiny_cnn-features-eq"):
+        res = features_cv("tiny_cnn", paths, params=t.user_attrs["params"], seed=42,
+                          weights="random", with_test=False)
+        if t.state.name == "COMPLETE":
+            assert t.value == pytest.approx(res.oof_macro_f1, abs=1e-12)
+        per_fold = {r["fold"]: r["macro_f1"] for r in res.per_fold}
+        assert t.intermediate_values == pytest.approx(
+            {k: per_fold[k] for k in t.intermediate_values})
+    assert on_disk["score"] == max(t.value for t in complete)
+    # cv's params loader reads it as dotted overrides the training config accepts.
+    from kit.cv import resolve_params
+    from kit.train import train_config
+
+    params, _ = resolve_params("best", paths, "tiny_cnn")
+    assert params == on_disk["params"] and train_config(params=params)["epochs"] == 12
+    table = pd.read_csv(out / "trials.csv")
+    assert len(table) == 2 and {"number", "value", "state", "params_lr"} <= set(table.columns)
+    assert (out / "history.png").stat().st_size > 0 and (out / "config.yaml").exists()
+    # A rerun with the same target starts no trial.
+    run_tune(["tiny_cnn"], paths, trials=2, space_file=space, weights="random",
+             study_suffix="eq")
+    assert len(trials_of(paths, "tiny_cnn-features-eq")) == 2
+
+
+def test_plots_are_skipped_with_too_few_trials(tmp_path):
+    study = optuna.create_study(direction="maximize")
+    assert len(plot_study(study, tmp_path)) == 2 and not list(tmp_path.glob("*.png"))
+    study.add_trial(optuna.trial.create_trial(params={"x": 1.0}, value=0.5, distributions={
+        "x": optuna.distributions.FloatDistribution(0, 2)}))
+    notes = plot_study(study, tmp_path)
+    assert (tmp_path / "history.png").exists() and "importances.png: needs 2" in notes[0]
+
+
+def test_folds_per_trial_searches_a_subset_and_rescores_the_best(feat_work, tmp_path):
+    space = space_file(tmp_path, **FAST)
+    rec = run_tune(["tiny_cnn"], feat_work, trials=2, space_file=space, weights="random",
+                   folds_per_trial=3, study_suffix="sub")["tiny_cnn"]
+    sub = fold_subset(5, 3, 42)
+    for t in trials_of(feat_work, "tiny_cnn-features-sub"):
+        assert sorted(t.intermediate_values) == sub
+    full = features_cv("tiny_cnn", feat_work, params=rec["params"], seed=42, weights="random",
+                       with_test=False)
+    part = features_cv("tiny_cnn", feat_work, params=rec["params"], seed=42, weights="random",
+                       with_test=False, folds=sub)
+    assert rec["score"] == pytest.approx(full.oof_macro_f1)
+    assert rec["search_score"] == pytest.approx(part.oof_macro_f1)
+    assert rec["search_folds"] == sub
+
+
+def test_wilcoxon_prunes_a_hopeless_trial(feat_work, tmp_path):
+    space = space_file(tmp_path, **FAST)
+    kw = dict(space_file=space, weights="random", study_suffix="prune")
+    run_tune(["tiny_cnn"], feat_work, create_only=True, **kw)
+    study = optuna.load_study(study_name="tiny_cnn-features-prune",
+                              storage=f"sqlite:///{feat_work.runs_dir / 'optuna.db'}")
+    for lr in (0.01, 0.012, 0.0):  # two good trials, then lr = 0: the head never learns
+        study.enqueue_trial({"lr": lr})
+    run_tune(["tiny_cnn"], feat_work, trials=3, **kw)
+    good1, good2, bad = trials_of(feat_work, "tiny_cnn-features-prune")
+    assert good1.state.name == good2.state.name == "COMPLETE"
+    assert min(good1.intermediate_values.values()) > 0.5
+    assert bad.params["lr"] == 0.0 and bad.state.name == "PRUNED"
+    # Stopped before the last fold: 4 paired folds all worse give p = 1/16 < 0.1.
+    assert len(bad.intermediate_values) == 4
+
+
+def test_warm_start_enqueues_the_best_features_trials(feat_work, tmp_path):
+    storage = optuna.storages.InMemoryStorage()
+    src = optuna.create_study(direction="maximize", storage=storage, study_name="src")
+    dist = {"lr": optuna.distributions.FloatDistribution(1e-4, 3e-3, log=True),
+            "head.depth": optuna.distributions.IntDistribution(0, 4)}
+    for v, lr, depth in ((0.3, 1e-3, 1), (0.5, 2e-3, 2), (0.4, 5e-4, 3), (0.9, 0.5, 1)):
+        src.add_trial(optuna.trial.create_trial(
+            params={"lr": lr, "head.depth": depth}, distributions=dist, value=v,
+            user_attrs={"params": {"lr": lr, "head.depth": depth, "patience": 3}}))
+    dst = optuna.create_study(direction="maximize", storage=storage, study_name="dst")
+    full = load_space("tiny_cnn", "full")
+    assert warm_start(dst, src, full, top=3) == 3
+    waiting = dst.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    # Best first; lr 0.5 lies outside the full space, so only its depth is carried over.
+    assert [t.params for t in waiting] == [{"head.depth": 1}, {"lr": 2e-3, "head.depth": 2},
+                                           {"lr": 5e-4, "head.depth": 3}]
+    assert waiting[1].user_attrs["warm_start"] == "src#1"
+
+
+def test_a_changed_folds_file_is_not_mixed_into_a_study(tmp_path):
+    paths = make_workdir(tmp_path / "w", n_train=16, n_test=2, k=2, size=32, n_folds=2)
+    space = space_file(tmp_path, lr=LR, epochs=2)
+    run_tune(["tiny_cnn"], paths, create_only=True, space_file=space, weights="random")
+    folds = pd.read_csv(paths.folds_csv)
+    folds["fold"] = 1 - folds["fold"]
+    folds.to_csv(paths.folds_csv, index=False)
+    with pytest.raises(KitError, match="made with other folds"):
+        run_tune(["tiny_cnn"], paths, trials=1, space_file=space, weights="random")
+
+
+def test_full_objective_equals_cv_and_cv_consumes_best_yaml(tmp_path):
+    from kit.cv import run_cv
+
+    paths = make_workdir(tmp_path / "w", n_train=24, n_test=4, k=2, size=32, n_folds=3)
+    space = space_file(tmp_path, lr={"type": "float", "low": 0.005, "high": 0.02}, epochs=2,
+                       patience=0, **{"augment.cutmix_alpha": {
+                           "type": "categorical", "choices": [0.0, 0.5],
+                           "objectives": ["full"]}, "head.depth": 0})
+    rec = run_tune(["tiny_cnn"], paths, objective="full", trials=1, space_file=space,
+                   weights="random", seed=3)["tiny_cnn"]
+    assert rec["objective"] == "full" and "augment.cutmix_alpha" in rec["params"]
+    assert not paths.backbone_dir("tiny_cnn").exists()  # trials never touch runs/<bb>/
+    assert not (paths.tune_dir("tiny_cnn") / "trials").exists() or \
+        not any((paths.tune_dir("tiny_cnn") / "trials").iterdir())  # scratch removed
+    metrics = run_cv("tiny_cnn", paths, params="best", seed=3, weights="random")
+    assert metrics["oof_macro_f1"] == pytest.approx(rec["score"], abs=1e-12)
+    assert "best.yaml" in metrics["config"]["params"]
+    per_fold = {f["fold"]: f["macro_f1"] for f in metrics["per_fold"]}
+    assert per_fold == pytest.approx(rec["per_fold"])
+
+
+# --------------------------------------------------------------------------- workers
+def _wait_for_running(paths, name, proc, url=None, limit=120):
+    t0 = time.time()
+    while time.time() - t0 < limit:
+        assert proc.poll() is None, proc.communicate()[0]
+        try:
+            running = [t for t in trials_of(paths, name, url) if t.state.name == "RUNNING"]
+        except KeyError:  # the study is not created yet
+            running = []
+        if running:
+            return running[0]
+        time.sleep(0.2)
+    raise AssertionError("no trial started in time")
+
+
+def test_resume_after_a_killed_worker_retries_its_trial(feat_work, tmp_path):
+    space = space_file(tmp_path, lr={"type": "float", "low": 0.005, "high": 0.02},
+                       epochs=150, patience=0)  # a trial of a few seconds
+    cmd = kit_cmd("tiny_cnn", "--workdir", feat_work.root, "--weights", "random", "--trials", 1,
+                  "--heartbeat", 1, "--grace", 2, "--space", space, "--study-suffix", "kill")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        victim = _wait_for_running(feat_work, "tiny_cnn-features-kill", proc)
+        proc.send_signal(signal.SIGKILL)  # kill -9 mid-trial: no chance to clean up
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert trials_of(feat_work, "tiny_cnn-features-kill")[victim.number].state.name == "RUNNING"
+    time.sleep(3)  # past the grace period
+    done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    trials = trials_of(feat_work, "tiny_cnn-features-kill")
+    assert trials[victim.number].state.name == "FAIL"
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retried) == 1 and retried[0].state.name == "COMPLETE"
+    assert retried[0].params == victim.params
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials) == 1
+
+
+def _postgres_reachable(url: str) -> str | None:
+    from sqlalchemy import create_engine, text
+
+    try:
+        engine = create_engine(url, connect_args={"connect_timeout": 3})
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        engine.dispose()
+        return None
+    except Exception as exc:  # any failure to connect means "no server" here
+        return str(exc).strip().splitlines()[0]
+
+
+def test_two_workers_share_one_study_on_postgresql(feat_work, tmp_path):
+    why = _postgres_reachable(PG_URL)
+    if why is not None:
+        msg = (f"no PostgreSQL at {describe(PG_URL)} ({why}); start one with "
+               "bash .ci/start-postgres.sh or set KIT_TEST_POSTGRES_URL")
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must provide PostgreSQL: {msg}")
+        pytest.skip(msg)
+    suffix = f"pg{uuid.uuid4().hex[:8]}"
+    name = f"tiny_cnn-features-{suffix}"
+    space = space_file(tmp_path, lr={"type": "float", "low": 0.005, "high": 0.02}, epochs=60,
+                       patience=0)
+    args = ["tiny_cnn", "--workdir", feat_work.root, "--weights", "random", "--storage", PG_URL,
+            "--space", space, "--study-suffix", suffix]
+    try:
+        # The study (and Optuna's tables) first, so the workers do not race to create them.
+        subprocess.run(kit_cmd(*args, "--create-only"), cwd=ROOT, env=env(), check=True,
+                       capture_output=True, timeout=120)
+        workers = [subprocess.Popen(kit_cmd(*args, "--trials", 6), cwd=ROOT, env=env(),
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                   for _ in range(2)]
+        outs = [w.communicate(timeout=300)[0] for w in workers]
+        assert all(w.returncode == 0 for w in workers), outs
+        trials = trials_of(feat_work, name, PG_URL)
+        numbers = [t.number for t in trials]
+        assert len(numbers) == len(set(numbers))
+        finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+        assert len(finished) == 6
+        assert len({t.user_attrs["worker"] for t in finished}) == 2  # both did work
+        from kit.cv import resolve_params
+
+        best = yaml.safe_load((feat_work.tune_dir("tiny_cnn") / "best.yaml").read_text())
+        params, _ = resolve_params("best", feat_work, "tiny_cnn")
+        assert best["study"] == name and params == best["params"]
+        study = optuna.load_study(study_name=name, storage=PG_URL)
+        assert study.best_trial.number == best["trial"]
+        assert best["storage"] == describe(PG_URL) and "kit:kit@" not in best["storage"]
+    finally:
+        try:
+            optuna.delete_study(study_name=name, storage=PG_URL)
+        except KeyError:
+            pass
