@@ -323,10 +323,17 @@ class KaggleSession:
             if sub is None:
                 continue
             if (ref and sub.ref == ref) or (not ref and sub.description == message):
-                score = sub.public_score
                 return {"status": sub.status.name.lower(),
-                        "public_score": float(score) if score not in (None, "") else None,
+                        "public_score": _score(sub.public_score),
                         "error": self._scrub(sub.error_description or "") or None}
+        return None
+
+
+def _score(value) -> float | None:
+    """Kaggle sends scores as strings; an empty or odd one means not scored (yet)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
         return None
 
 

@@ -12,7 +12,8 @@
 
 ``mode`` makes it fail the way Kaggle does: ``quota`` (HTTP 400 with a JSON error on
 CreateSubmission), ``quota_message`` (HTTP 200 whose message reports the limit),
-``upload_fail`` (the PUT answers 500), ``score_error`` (scoring ends in ``ERROR``). Wrong
+``upload_fail`` (the PUT answers 500), ``score_error`` (scoring ends in ``ERROR``),
+``leak`` (a CreateSubmission error that echoes the key and the auth header). Wrong
 credentials get 401 on every API call. The server stops itself after ``lifetime_s`` seconds
 or ``max_requests`` requests, so a hung test never leaves it running.
 
@@ -32,7 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 API = "/api/v1/"
 COMPETITIONS = API + "competitions.CompetitionApiService/"
-MODES = ("ok", "quota", "quota_message", "upload_fail", "score_error")
+MODES = ("ok", "quota", "quota_message", "upload_fail", "score_error", "leak")
 
 
 class FakeKaggle:
@@ -150,6 +151,9 @@ class FakeKaggle:
         return 200, None
 
     def _create(self, req):
+        if self.mode == "leak":
+            auth = base64.b64encode(f"{self.username}:{self.key}".encode()).decode()
+            return 400, {"code": 400, "message": f"bad request: key {self.key}, header Basic {auth}"}
         if self.mode == "quota":
             return 400, {"code": 400, "message": "Submission limit reached: 5 submissions per day"}
         if self.mode == "quota_message":

@@ -2,7 +2,6 @@
 are missing, self-contained, and rendered by a real headless browser."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +118,18 @@ def test_access_token_and_explicit_csv_without_manifest(workdir, tmp_path):
     assert_no_secret(proc.stdout, proc.stderr, json.dumps(log))
 
 
+def test_rejected_token_systemexit_becomes_one_line_error(workdir):
+    """An expired token: the client's authenticate() calls exit(1); the kit reports it."""
+    with FakeKaggle(token=TOKEN) as server:
+        proc = run_kit(server, workdir, "-m", "old token", KAGGLE_API_TOKEN="KGAT_expired-0000")
+    assert_one_line_error(proc, "Kaggle authentication failed", "KAGGLE_API_TOKEN")
+    assert [r["path"].rsplit("/", 1)[-1] for r in server.requests] == ["IntrospectToken"]
+    rec, = manifest(workdir)["submissions"]
+    assert rec["status"] == "failed" and "authentication failed" in rec["error"]
+    assert "KGAT_expired-0000" not in proc.stdout + proc.stderr + json.dumps(rec)
+    assert "Authentication required" not in proc.stdout + proc.stderr  # the client's help text
+
+
 def test_kaggle_json_in_config_dir(workdir, tmp_path):
     cfg = tmp_path / "kagglecfg"
     cfg.mkdir()
@@ -151,6 +162,16 @@ def test_upload_errors_exit_nonzero_keep_csv_and_are_recorded(workdir, mode, key
     assert manifest(workdir, "20250101T000000Z_blend.json")["submissions"] == [rec]
     assert_no_secret(proc.stdout, proc.stderr, json.dumps(rec))
     assert key not in proc.stdout + proc.stderr + json.dumps(rec)
+
+
+def test_secrets_scrubbed_from_server_errors_and_client_output(workdir):
+    """A server error echoing the key, with the client's verbose header dump switched on."""
+    with FakeKaggle(username=USER, key=KEY, mode="leak") as server:
+        proc = run_kit(server, workdir, "-m", "leak", KAGGLE_USERNAME=USER, KAGGLE_KEY=KEY,
+                       VERBOSE="1")
+    assert_one_line_error(proc, "HTTP 400", "bad request: key ***, header Basic ***")
+    assert_no_secret(proc.stdout, proc.stderr, json.dumps(manifest(workdir)))
+    assert "Authorization" not in proc.stdout + proc.stderr
 
 
 def test_scoring_error_with_wait(workdir):

@@ -254,7 +254,7 @@ def test_wilcoxon_prunes_a_hopeless_trial(feat_work, tmp_path):
 def test_warm_start_enqueues_the_best_features_trials(feat_work, tmp_path):
     storage = optuna.storages.InMemoryStorage()
     src = optuna.create_study(direction="maximize", storage=storage, study_name="src")
-    dist = {"lr": optuna.distributions.FloatDistribution(1e-4, 3e-3, log=True),
+    dist = {"lr": optuna.distributions.FloatDistribution(1e-4, 1.0, log=True),
             "head.depth": optuna.distributions.IntDistribution(0, 4)}
     for v, lr, depth in ((0.3, 1e-3, 1), (0.5, 2e-3, 2), (0.4, 5e-4, 3), (0.9, 0.5, 1)):
         src.add_trial(optuna.trial.create_trial(
@@ -265,8 +265,9 @@ def test_warm_start_enqueues_the_best_features_trials(feat_work, tmp_path):
     assert warm_start(dst, src, full, top=3) == 3
     waiting = dst.get_trials(states=(optuna.trial.TrialState.WAITING,))
     # Best first; lr 0.5 lies outside the full space, so only its depth is carried over.
-    assert [t.params for t in waiting] == [{"head.depth": 1}, {"lr": 2e-3, "head.depth": 2},
-                                           {"lr": 5e-4, "head.depth": 3}]
+    queued = [t.system_attrs["fixed_params"] for t in waiting]
+    assert queued == [{"head.depth": 1}, {"lr": 2e-3, "head.depth": 2},
+                      {"lr": 5e-4, "head.depth": 3}]
     assert waiting[1].user_attrs["warm_start"] == "src#1"
 
 
@@ -319,7 +320,7 @@ def _wait_for_running(paths, name, proc, url=None, limit=120):
 
 def test_resume_after_a_killed_worker_retries_its_trial(feat_work, tmp_path):
     space = space_file(tmp_path, lr={"type": "float", "low": 0.005, "high": 0.02},
-                       epochs=150, patience=0)  # a trial of a few seconds
+                       epochs=100, patience=0)  # a trial of a second or two
     cmd = kit_cmd("tiny_cnn", "--workdir", feat_work.root, "--weights", "random", "--trials", 1,
                   "--heartbeat", 1, "--grace", 2, "--space", space, "--study-suffix", "kill")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
@@ -366,14 +367,15 @@ def test_two_workers_share_one_study_on_postgresql(feat_work, tmp_path):
         pytest.skip(msg)
     suffix = f"pg{uuid.uuid4().hex[:8]}"
     name = f"tiny_cnn-features-{suffix}"
-    space = space_file(tmp_path, lr={"type": "float", "low": 0.005, "high": 0.02}, epochs=60,
+    space = space_file(tmp_path, lr={"type": "float", "low": 0.005, "high": 0.02}, epochs=40,
                        patience=0)
     args = ["tiny_cnn", "--workdir", feat_work.root, "--weights", "random", "--storage", PG_URL,
             "--space", space, "--study-suffix", suffix]
     try:
-        # The study (and Optuna's tables) first, so the workers do not race to create them.
-        subprocess.run(kit_cmd(*args, "--create-only"), cwd=ROOT, env=env(), check=True,
-                       capture_output=True, timeout=120)
+        # The study (and Optuna's tables) first, so the workers do not race to create them:
+        # what `./run.sh tune ... --create-only` does, here without one more process start.
+        run_tune(["tiny_cnn"], feat_work, storage=PG_URL, space_file=space, weights="random",
+                 study_suffix=suffix, create_only=True)
         workers = [subprocess.Popen(kit_cmd(*args, "--trials", 6), cwd=ROOT, env=env(),
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                    for _ in range(2)]
