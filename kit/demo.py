@@ -50,23 +50,31 @@ _EOSIN = np.array([0.2159, 0.8012, 0.5581], np.float32)
 
 @dataclass(frozen=True)
 class Nuclei:
-    """How nuclei look in a tissue type: blob radius (px), area share, stain, stroma eosin."""
+    """How nuclei look in a tissue type.
+
+    ``sigma``: blob radius scale (px) across the strip, ``stretch``: elongation along it,
+    ``cover``: area share, ``stain``: haematoxylin strength, ``eosin``: stroma eosin.
+    """
 
     sigma: float
     cover: float
     stain: float
     eosin: float
+    stretch: float = 1.0
 
 
-# Tumour phenotype per class (inside the mask only). Sizes are in pixels, independent of the
-# image size, so 128 px native patches see the same texture at any short side.
+# Tumour phenotype per class (inside the mask only): round nuclei whose size, density and
+# darkness depend on the class. Sizes are in pixels, independent of the image size, so 128 px
+# native patches see the same texture at any short side.
 TUMOUR = {
-    "Luminal A": Nuclei(sigma=0.9, cover=0.24, stain=0.85, eosin=0.50),  # small, sparse
-    "Luminal B": Nuclei(sigma=1.5, cover=0.38, stain=1.10, eosin=0.38),  # medium, crowded
-    "HER2(+)": Nuclei(sigma=2.6, cover=0.34, stain=0.70, eosin=0.55),  # large, pale
-    "Triple negative": Nuclei(sigma=2.0, cover=0.50, stain=1.45, eosin=0.28),  # dense, dark
+    "Luminal A": Nuclei(sigma=1.1, cover=0.34, stain=0.85, eosin=0.45),  # small
+    "Luminal B": Nuclei(sigma=1.7, cover=0.42, stain=1.10, eosin=0.38),  # medium, crowded
+    "HER2(+)": Nuclei(sigma=2.6, cover=0.36, stain=0.70, eosin=0.55),  # large, pale
+    "Triple negative": Nuclei(sigma=2.0, cover=0.55, stain=1.45, eosin=0.28),  # dense, dark
 }
-NORMAL = Nuclei(sigma=1.2, cover=0.07, stain=0.90, eosin=0.50)
+# Outside the mask, for every class: sparse spindle-shaped (stromal) nuclei.
+NORMAL = Nuclei(sigma=0.8, cover=0.06, stain=0.90, eosin=0.50, stretch=2.8)
+STRIP_HALF_PX = (28, 50)  # at a short side of 256; scaled by sqrt(short / 256)
 
 _PNG = {"format": "PNG", "compress_level": 1, "optimize": False}  # fixed: byte-identical reruns
 
@@ -318,17 +326,20 @@ def _geometry(rng, short: int, long: int) -> _Geometry:
     h, w = short, long
     y = np.arange(h, dtype=np.float32)[:, None]
     x = np.arange(w, dtype=np.float32)
-    n = int(rng.choice([1, 2, 3], p=[0.35, 0.45, 0.2]))
+    n = int(rng.choice([1, 2, 3], p=[0.4, 0.45, 0.15]))
     dist = np.full((h, w), np.inf, np.float32)  # |dy| - half width: < 0 inside a strip
     strips = []
+    band = h / n
     for k in range(n):
-        half = h * rng.uniform(0.05, 0.11)
-        amp = h * rng.uniform(0.03, 0.14)
-        y0 = h * (k + 0.5) / n + rng.uniform(-0.12, 0.12) * h / n
+        # Half widths in pixels, not in image shares: like the real 1024 px scans (strips
+        # ~110-200 px wide), a 128 px window on a strip is mostly tissue.
+        half = min(rng.uniform(*STRIP_HALF_PX) * np.sqrt(h / 256), band / 3.2, 0.15 * h)
+        amp = rng.uniform(0.2, 1.0) * max(2.0, band / 2 - 1.2 * half)
+        y0 = band * (k + 0.5) + rng.uniform(-0.1, 0.1) * band
         centre = (y0 + amp * np.sin(2 * np.pi * rng.uniform(0.3, 1.4) * x / w + rng.uniform(0, 6.3))
                   + 0.3 * amp * np.sin(2 * np.pi * rng.uniform(1.5, 3.0) * x / w
                                        + rng.uniform(0, 6.3)))
-        centre = np.clip(centre, 1.3 * half + 2, h - 1.3 * half - 2)
+        centre = np.clip(centre, min(1.3 * half + 2, h / 2), max(h - 1.3 * half - 2, h / 2))
         x0, x1 = w * rng.uniform(0, 0.15), w * (1 - rng.uniform(0, 0.15))
         ends = np.clip(np.minimum(x - x0, x1 - x) / (2 * half), 0, 1)
         slope = np.gradient(centre)
@@ -337,7 +348,7 @@ def _geometry(rng, short: int, long: int) -> _Geometry:
         width[ends <= 0] = -h  # beyond the ends: no tissue, whatever the edge noise
         dist = np.minimum(dist, np.abs(y - centre[None]) - width[None])
         strips.append((centre, width, x0, x1))
-    dist += _smooth_noise(rng, (h, w), max(6, h // 40)) * (0.01 * h)  # ragged edges
+    dist += _smooth_noise(rng, (h, w), max(6, h // 40)) * min(3.0, 0.01 * h)  # ragged edges
     alpha = np.clip(0.5 - dist, 0, 1)
     mask = _mask_regions(rng, strips, alpha > 0.5, y, x)
     return _Geometry(alpha, mask, strips, bool(rng.random() < 0.5),
@@ -353,8 +364,8 @@ def _mask_regions(rng, strips, tissue, y, x) -> np.ndarray:
         centre, width, x0, x1 = strips[int(rng.integers(len(strips)))]
         xc = rng.uniform(x0 + 0.1 * (x1 - x0), x1 - 0.1 * (x1 - x0))
         half = max(float(width[int(xc)]), 2.0)
-        a = h * rng.uniform(0.1, 0.45)
-        b = half * rng.uniform(0.6, 1.3)
+        a = half * rng.uniform(1.5, 4.0)  # along the strip
+        b = half * rng.uniform(0.9, 1.5)  # across: often the strip's full width
         off = rng.uniform(-0.3, 0.3) * half
         lo, hi = max(0, int(xc - 1.5 * a)), min(w, int(xc + 1.5 * a) + 1)
         r = ((x[lo:hi] - xc) / a) ** 2 + ((y - centre[None, lo:hi] - off) / b) ** 2
@@ -384,13 +395,13 @@ def _background(rng, shape) -> np.ndarray:
 
 
 def _nuclei(rng, shape, kind: Nuclei) -> np.ndarray:
-    """Soft nuclei map in [0, 1]: random points blurred into round blobs of radius ~1.2 sigma."""
-    sigma = kind.sigma * rng.uniform(0.92, 1.08)
+    """Soft nuclei map in [0, 1]: random points blurred into blobs of radius ~1.2 sigma."""
+    sy = kind.sigma * rng.uniform(0.92, 1.08)
+    sx = sy * kind.stretch
     cover = np.clip(kind.cover + rng.uniform(-0.02, 0.02), 0.01, 0.9)
-    radius = 1.18 * sigma
-    p = -np.log(1 - cover) / (np.pi * radius ** 2)  # Poisson points -> expected covered share
+    p = -np.log(1 - cover) / (np.pi * 1.18 ** 2 * sy * sx)  # Poisson points -> covered share
     points = (rng.random(shape, dtype=np.float32) < p).astype(np.float32)
-    field = ndimage.gaussian_filter(points, sigma, mode="reflect") * (2 * np.pi * sigma ** 2)
+    field = ndimage.gaussian_filter(points, (sy, sx), mode="reflect") * (2 * np.pi * sy * sx)
     return np.clip((field - 0.35) / 0.3, 0, 1)
 
 

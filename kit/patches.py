@@ -2,9 +2,11 @@
 
 A ``size x size`` window slides with ``stride`` over each image; its score is the share of
 mask pixels inside it, computed from a summed-area table sampled at the window edges (no
-per-window Python loop). The ``top_k`` best windows are cut at native resolution and stored
-in one uint8 array per split, ``runs/patches/<split>/patches.npy`` (``N x K x P x P x 3``),
-beside ``samples.csv``, ``index.csv``, ``meta.json`` and ``config.yaml``.
+per-window Python loop). Ties go to the window with more tissue when fewer than ``top_k``
+windows touch the mask, then to the top-left one. The ``top_k`` best windows are cut at
+native resolution and stored in one uint8 array per split,
+``runs/patches/<split>/patches.npy`` (``N x K x P x P x 3``), beside ``samples.csv``,
+``index.csv``, ``meta.json`` and ``config.yaml``.
 
 The cache key hashes every image and mask file with the parameters that change the output,
 so a rerun with the same inputs only re-hashes the files, and any changed file or parameter
@@ -27,7 +29,7 @@ import numpy as np
 from kit.utils import KitError
 
 # Bump when the way patches are cut changes, so that old caches are rebuilt.
-CODE_VERSION = "patches-1"
+CODE_VERSION = "patches-2"
 SPLITS = ("train", "test")
 FILES = ("patches.npy", "samples.csv", "index.csv", "config.yaml", "meta.json")
 
@@ -113,16 +115,21 @@ def _band_sums(mask: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return sums.view(np.uint8)[:, :w]
 
 
-def select_windows(scores: np.ndarray, k: int) -> np.ndarray:
+def select_windows(scores: np.ndarray, k: int, then: np.ndarray | None = None) -> np.ndarray:
     """Flat (row-major) indices of the ``k`` best windows, best first.
 
-    Ties break by position: top row first, then left column (a stable sort of the row-major
-    grid). When the grid has fewer than ``k`` windows the ranking repeats cyclically
-    (best, 2nd, ..., best, 2nd, ...), so every image yields exactly ``k`` patches.
+    Windows are ranked by ``scores``, equal scores by ``then`` (same shape, optional), and
+    remaining ties by position: top row first, then left column (a stable sort of the
+    row-major grid). When the grid has fewer than ``k`` windows the ranking repeats
+    cyclically (best, 2nd, ..., best, 2nd, ...), so every image yields exactly ``k`` patches.
     """
     if k < 1:
         raise KitError(f"top_k must be >= 1 (got {k})")
-    order = np.argsort(-np.asarray(scores, dtype=np.float64).ravel(), kind="stable")
+    primary = -np.asarray(scores, dtype=np.float64).ravel()
+    if then is None:
+        order = np.argsort(primary, kind="stable")
+    else:  # lexsort is stable and sorts by its last key first
+        order = np.lexsort((-np.asarray(then, dtype=np.float64).ravel(), primary))
     if len(order) < k:
         order = np.resize(order, k)
     return order[:k]
@@ -130,7 +137,8 @@ def select_windows(scores: np.ndarray, k: int) -> np.ndarray:
 
 def tissue_mask(image: np.ndarray, threshold: int) -> np.ndarray:
     """Non-background pixels: channel minimum below ``threshold`` (the background is light grey)."""
-    return image.min(axis=2) < threshold
+    # two elementwise minimums: image.min(axis=2) over the length-3 axis is ~25x slower
+    return np.minimum(np.minimum(image[..., 0], image[..., 1]), image[..., 2]) < threshold
 
 
 # --------------------------------------------------------------------------- cutting
@@ -174,17 +182,20 @@ def rank_windows(mask: np.ndarray, size: int, stride: int, k: int, image=None,
     mask : bool array H x W
         Region of interest. If it is empty, windows are ranked by tissue coverage of
         ``image`` instead (pixels whose channel minimum is below ``tissue_threshold``).
+        If fewer than ``k`` windows touch the mask, windows of equal mask coverage (the
+        zeros) are ranked by tissue coverage, so that the last patches show tissue rather
+        than background.
     size, stride, k : int
         Window side, step and number of windows kept (see :func:`select_windows`).
     image : uint8 array H x W x 3 or PIL image, optional
-        Needed only for the empty-mask fallback.
+        Needed for the tissue ranking; without it ties break by position only.
 
     Returns
     -------
     xs, ys : int64 arrays of length k
         Top-left corners in image pixels.
     coverage : float64 array of length k
-        Share of mask (or tissue) pixels in each window.
+        Share of mask (or, for the fallback, tissue) pixels in each window.
     fallback : bool
         True when the mask was empty and tissue coverage was used.
     """
@@ -195,7 +206,11 @@ def rank_windows(mask: np.ndarray, size: int, stride: int, k: int, image=None,
             raise ValueError("empty mask: the image is needed for the tissue fallback")
         mask = tissue_mask(_rgb(image), tissue_threshold)
     coverage, xs, ys = window_scores(mask, size, stride)
-    best = select_windows(coverage, k)
+    then = None
+    if not fallback and image is not None and np.count_nonzero(coverage) < k:
+        # Only then is the whole scan converted: most images have k mask windows.
+        then = window_scores(tissue_mask(_rgb(image), tissue_threshold), size, stride)[0]
+    best = select_windows(coverage, k, then)
     iy, ix = np.divmod(best, len(xs))
     return xs[ix], ys[iy], coverage[iy, ix], fallback
 
@@ -238,10 +253,12 @@ def extract_patches(image, mask: np.ndarray, size: int, stride: int, k: int,
     if mask.shape != tuple(_image_hw(image)):
         raise ValueError(f"mask shape {mask.shape} differs from image shape {_image_hw(image)}")
     xs, ys, cov, fallback = rank_windows(mask, size, stride, k, image, tissue_threshold)
-    patches = cut_windows(image, xs, ys, size, pad_value)
-    rows = [{"patch": i, "x": int(x), "y": int(y), "coverage": float(c), "fallback": fallback}
-            for i, (x, y, c) in enumerate(zip(xs, ys, cov))]
-    return patches, rows
+    return cut_windows(image, xs, ys, size, pad_value), _rows(xs, ys, cov, fallback)
+
+
+def _rows(xs, ys, coverage, fallback: bool) -> list[dict]:
+    return [{"patch": i, "x": int(x), "y": int(y), "coverage": float(c), "fallback": fallback}
+            for i, (x, y, c) in enumerate(zip(xs, ys, coverage))]
 
 
 def _bool_mask(im) -> np.ndarray:
@@ -288,9 +305,8 @@ def extract_file(task):
     finally:
         if im is not None:
             im.close()
-    rows = [{"patch": i, "x": int(x), "y": int(y), "coverage": float(c), "fallback": fallback}
-            for i, (x, y, c) in enumerate(zip(xs, ys, cov))]
-    return patches, rows, {"decode": t1 - t0, "score": t2 - t1, "crop": t3 - t2}
+    seconds = {"decode": t1 - t0, "score": t2 - t1, "crop": t3 - t2}
+    return patches, _rows(xs, ys, cov, fallback), seconds
 
 
 def decode_file(task):

@@ -9,23 +9,27 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from kit import CLASSES
 from kit.cli import main
 from kit.data import read_image, read_mask
 from kit.paths import Paths
-from kit.patches import (extract_patches, load_patches, run_patches, select_windows,
-                         window_scores, window_starts)
+from kit.patches import (extract_patches, load_patches, rank_windows, run_patches,
+                         select_windows, tissue_mask, window_scores, window_starts)
 from kit.utils import KitError
 
 CFG = {"size": 16, "stride": 8, "top_k": 3, "workers": 1}
 
 
 # --------------------------------------------------------------------------- helpers
-def _brute_force(mask, size, stride, k):
-    """Reference: explicit double loop over the padded mask, ranked by
-    (-count, y, x); returns [(x, y, coverage)] of the k best (cycling when fewer)."""
+def _brute_force(mask, size, stride, k, tissue=None):
+    """Reference: explicit double loop over the padded mask, ranked by (-count, y, x), or
+    by (-count, -tissue count, y, x); returns [(x, y, coverage)] of the k best (cycling)."""
     h, w = mask.shape
     padded = np.zeros((max(h, size), max(w, size)), bool)
     padded[:h, :w] = mask
+    tpad = np.zeros_like(padded)
+    if tissue is not None:
+        tpad[:h, :w] = tissue
     ys = list(range(0, max(h, size) - size + 1, stride))
     xs = list(range(0, max(w, size) - size + 1, stride))
     if ys[-1] != max(h, size) - size:
@@ -36,9 +40,9 @@ def _brute_force(mask, size, stride, k):
     for y in ys:
         for x in xs:
             count = int(padded[y:y + size, x:x + size].sum())
-            windows.append((-count, y, x))
+            windows.append((-count, -int(tpad[y:y + size, x:x + size].sum()), y, x))
     windows.sort()
-    ranked = [(x, y, -c / size**2) for c, y, x in windows]
+    ranked = [(x, y, -c / size**2) for c, _, y, x in windows]
     return [ranked[i % len(ranked)] for i in range(k)], (xs, ys)
 
 
@@ -75,7 +79,7 @@ def _write_dataset(root, n_train=5, n_test=3, seed=0, sizes=None, empty=()):
             mask = _mask(rng, h, w, empty=(split, name) in empty)
             Image.fromarray(mask).save(folder / f"mask_{i:04d}.png")
             if split == "train":
-                labels.append((name, ["Luminal A", "Luminal B", "HER2(+)", "Triple negative"][i % 4]))
+                labels.append((name, CLASSES[i % 4]))
     pd.DataFrame(labels, columns=["sample_index", "label"]).to_csv(root / "train_labels.csv",
                                                                    index=False)
     return root
@@ -126,6 +130,30 @@ def test_ties_break_top_row_first_then_left_column():
                        [1.0, 0.0, 1.0]])
     assert select_windows(scores, 5).tolist() == [1, 2, 3, 5, 0]
     assert select_windows(np.zeros((3, 4)), 4).tolist() == [0, 1, 2, 3]
+    then = np.array([[9.0, 0.0, 0.5],
+                     [0.0, 7.0, 0.5]])
+    assert select_windows(scores, 6, then).tolist() == [2, 5, 1, 3, 0, 4]
+
+
+def test_sparse_mask_fills_with_tissue_windows_not_background():
+    rng = np.random.default_rng(4)
+    for trial in range(6):
+        h, w = rng.integers(40, 90, 2)
+        img = np.full((h, w, 3), 225, np.uint8)
+        for _ in range(3):  # dark tissue blocks
+            y, x = rng.integers(0, h - 8), rng.integers(0, w - 8)
+            img[y:y + rng.integers(4, 20), x:x + rng.integers(4, 20)] = 100
+        mask = np.zeros((h, w), bool)
+        y, x = rng.integers(0, h - 3), rng.integers(0, w - 3)
+        mask[y:y + 3, x:x + 3] = True  # touches at most 4 windows of 16 px / stride 8
+        xs, ys, cov, fallback = rank_windows(mask, 16, 8, 8, img, tissue_threshold=200)
+        ref, _ = _brute_force(mask, 16, 8, 8, tissue=tissue_mask(img, 200))
+        assert not fallback
+        assert list(zip(xs.tolist(), ys.tolist(), cov.tolist())) == ref
+    # without the image the zeros keep the position order
+    xs, ys, _, _ = rank_windows(mask, 16, 8, 8)
+    ref, _ = _brute_force(mask, 16, 8, 8)
+    assert list(zip(xs.tolist(), ys.tolist())) == [(x, y) for x, y, _ in ref]
 
 
 def test_fewer_windows_than_k_repeat_the_ranking():

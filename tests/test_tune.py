@@ -309,7 +309,9 @@ def _wait_for_running(paths, name, proc, url=None, limit=120):
     while time.time() - t0 < limit:
         assert proc.poll() is None, proc.communicate()[0]
         try:
-            running = [t for t in trials_of(paths, name, url) if t.state.name == "RUNNING"]
+            # Running with its parameters drawn: the kill then lands inside the folds.
+            running = [t for t in trials_of(paths, name, url)
+                       if t.state.name == "RUNNING" and t.params]
         except KeyError:  # the study is not created yet
             running = []
         if running:

@@ -30,7 +30,8 @@ def add_arguments(parser):
                         help="cap on the generated long side, 1.5-4x the short side "
                              "(default: 4200, as in the real training set)")
     parser.add_argument("--generator", choices=("demo", "plain"), default="demo",
-                        help="demo: kit.demo's scans (textured, larger PNGs than the real ones); plain: "
+                        help="demo: kit.demo's scans (textured, larger PNGs than the real "
+                             "ones); plain: "
                              "flat background and smaller PNGs than the real ~0.7 MB, so "
                              "decoding is cheaper and the ratio harder (default: demo)")
     parser.add_argument("--limit", type=int, default=0,
@@ -38,7 +39,8 @@ def add_arguments(parser):
     parser.add_argument("--workers", type=int, default=0,
                         help="processes for both passes; 0 = one per available core (default)")
     parser.add_argument("--repeat", type=int, default=2,
-                        help="timed passes of each kind, alternating; the fastest counts (default: 2)")
+                        help="timed passes of each kind, alternating; the fastest counts "
+                             "(default: 2)")
     parser.add_argument("--size", type=int, help="patch side (default: kit/conf/patches.yaml)")
     parser.add_argument("--stride", type=int, help="window step (default: kit/conf/patches.yaml)")
     parser.add_argument("--top-k", type=int, dest="top_k",
@@ -212,7 +214,8 @@ def generate_plain(root, n_train: int, n_test: int, short_side: int, long_side_m
             Image.fromarray(mask).save(folder / f"mask_{i:04d}.png")
             if split == "train":
                 labels.append((f"img_{i:04d}.png", CLASSES[int(rng.integers(len(CLASSES)))]))
-    atomic_write_csv(root / "train_labels.csv", pd.DataFrame(labels, columns=["sample_index", "label"]))
+    atomic_write_csv(root / "train_labels.csv",
+                     pd.DataFrame(labels, columns=["sample_index", "label"]))
 
 
 def _scan(rng, short: int, long: int):

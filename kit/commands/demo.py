@@ -32,11 +32,27 @@ def run(args) -> int:
     print(f"patches        -> {paths.patches_dir('train')}, {paths.patches_dir('test')}")
     folds.run_folds(data, paths, seed=args.seed, force=True)
     print(f"folds          -> {paths.folds_csv}")
+    _tune(paths, args.seed)  # after cv, before the blend: tune, then cv with the best params
     _blend(paths, data, args.seed)  # after cv (it reads runs/<bb>/), before the report
     from kit.report import run_report  # last: it summarises every stage above
 
     print(f"report         -> {run_report(paths, data)}")
     return 0
+
+
+def _tune(paths: Paths, seed: int, backbone: str = "tiny_cnn", trials: int = 6) -> None:
+    """A short search (features objective) and ``cv --params best`` with its result."""
+    from kit.cv import run_cv
+    from kit.tune import run_tune
+
+    # The demo's own study file: a fresh study each run, as the demo data is regenerated.
+    (paths.runs_dir / "optuna.db").unlink(missing_ok=True)
+    best = run_tune([backbone], paths, objective="features", trials=trials, seed=seed)[backbone]
+    print(f"tune           -> {paths.tune_dir(backbone) / 'best.yaml'} (trial {best['trial']} "
+          f"of {trials}, features OOF macro F1 {best['score']:.4f})")
+    metrics = run_cv(backbone, paths, params="best", seed=seed)
+    print(f"cv --params best -> {paths.backbone_dir(backbone)} (OOF macro F1 "
+          f"{metrics['oof_macro_f1']:.4f})")
 
 
 def _blend(paths: Paths, data, seed: int) -> None:
