@@ -107,7 +107,16 @@ def load_inputs(paths: Paths, data, backbones=None, weight_views: bool = False) 
     if not test_ids:
         raise KitError(f"{_test_dir(data)}: no img_*.png test images; check --data")
     files: dict[str, str] = {}
-    meta = {n: _read_metrics(paths, n, folds_sha, files) for n in names}
+    meta, stale = {}, []
+    for n in names:
+        try:
+            meta[n] = _read_metrics(paths, n, folds_sha, files)
+        except KitError as exc:  # collect them: one message naming every backbone to redo
+            stale.append(str(exc))
+    if len(stale) == 1:
+        raise KitError(stale[0])
+    if stale:
+        raise KitError(f"{len(stale)} backbones cannot be blended with {paths.folds_csv}", stale)
     models, oof, test = [], [], []
     for name in names:
         for view, oof_path, test_path in _view_files(paths, name, weight_views):
@@ -168,8 +177,9 @@ def _view_files(paths: Paths, name: str, weight_views: bool):
     if not oof_views and not test_views:  # no TTA: the backbone's one view is its main file
         return [("mean", bdir / "oof.csv", bdir / "test.csv")]
     if oof_views != test_views:
-        raise KitError(f"{tta}: OOF and test TTA views differ (oof: {', '.join(sorted(oof_views))}; "
-                       f"test: {', '.join(sorted(test_views))}); rerun ./run.sh cv {name}")
+        raise KitError(f"{tta}: OOF and test TTA views differ (oof: "
+                       f"{', '.join(sorted(oof_views))}; test: {', '.join(sorted(test_views))}); "
+                       f"rerun ./run.sh cv {name}")
     return [(v, tta / f"oof_{v}.csv", tta / f"test_{v}.csv") for v in sorted(oof_views)]
 
 
@@ -271,18 +281,25 @@ def apply_rule(probs: np.ndarray, biases: np.ndarray, eps: float) -> np.ndarray:
 # ----------------------------------------------------------------------------- search
 
 def greedy_weights(P: np.ndarray, y: np.ndarray, objective: str = "f1", iterations: int = 40,
-                   init: str = "equal", init_size: int = 1, eps: float = 1e-6):
+                   init: str = "both", init_size: int = 1, eps: float = 1e-6):
     """Caruana greedy forward selection with replacement over the models of ``P`` (M x N x C).
 
-    Returns ``(weights, score)``: the best prefix of the selection path (earliest on ties),
-    so with ``init="equal"`` the result never scores below equal weights on these rows.
+    Returns ``(weights, score)``: the best prefix of the selection path (earliest on ties).
+    ``init="equal"`` starts from every model once, ``"best"`` from the ``init_size`` best
+    single models, ``"both"`` runs both paths and keeps the better (the equal start on ties):
+    the result then never scores below equal weights nor the best single model on these rows.
     """
-    m = P.shape[0]
-    counts = _start_counts(P, y, objective, init, init_size, eps)
+    results = [_greedy_path(P, y, objective, iterations, counts, eps)
+               for counts in _start_counts(P, y, objective, init, init_size, eps)]
+    return max(results, key=lambda r: r[1])  # max keeps the first of equal scores
+
+
+def _greedy_path(P, y, objective, iterations, counts, eps):
+    counts = counts.copy()
     total = np.tensordot(counts, P, axes=1)
     best_counts = counts.copy()
     best = float(_score_batch((total / counts.sum())[None], y, objective, eps)[0])
-    for _ in range(iterations if m > 1 else 0):
+    for _ in range(iterations if P.shape[0] > 1 else 0):
         scores = _score_batch((total[None] + P) / (counts.sum() + 1), y, objective, eps)
         j = int(np.argmax(scores))
         counts[j] += 1
@@ -292,17 +309,19 @@ def greedy_weights(P: np.ndarray, y: np.ndarray, objective: str = "f1", iteratio
     return best_counts / best_counts.sum(), best
 
 
-def _start_counts(P, y, objective, init, init_size, eps) -> np.ndarray:
-    """Where the greedy path starts: every model once, or the ``init_size`` best singles."""
-    counts = np.zeros(P.shape[0])
-    if init == "equal":
-        counts[:] = 1
-    elif init == "best":
+def _start_counts(P, y, objective, init, init_size, eps) -> list[np.ndarray]:
+    """Where the greedy paths start: every model once and/or the ``init_size`` best singles."""
+    if init not in ("equal", "best", "both"):
+        raise KitError(f"blend config: init must be 'equal', 'best' or 'both', got {init!r}")
+    starts = []
+    if init in ("equal", "both"):
+        starts.append(np.ones(P.shape[0]))
+    if init in ("best", "both"):
         singles = _score_batch(P, y, objective, eps)
+        counts = np.zeros(P.shape[0])
         counts[np.argsort(-singles, kind="stable")[:max(1, init_size)]] = 1
-    else:
-        raise KitError(f"blend config: init must be 'equal' or 'best', got {init!r}")
-    return counts
+        starts.append(counts)
+    return starts
 
 
 def fit_weights(P, y, cfg: dict, objective: str, rng) -> np.ndarray:
@@ -315,12 +334,12 @@ def fit_weights(P, y, cfg: dict, objective: str, rng) -> np.ndarray:
     n = P.shape[1]
     bagged = np.mean([greedy_weights(P[:, idx], y[idx], **kw)[0]
                       for idx in (rng.integers(0, n, n) for _ in range(bags))], axis=0)
-    # Never worse than where the path started, on the rows the weights are fitted on.
-    start = _start_counts(P, y, objective, cfg["init"], int(cfg["init_size"]), float(cfg["eps"]))
-    start /= start.sum()
-    scores = _score_batch(np.tensordot(np.stack([bagged, start]), P, axes=1), y, objective,
+    # Never worse than where the paths start, on the rows the weights are fitted on.
+    starts = [c / c.sum() for c in _start_counts(P, y, objective, cfg["init"],
+                                                 int(cfg["init_size"]), float(cfg["eps"]))]
+    scores = _score_batch(np.tensordot(np.stack([bagged] + starts), P, axes=1), y, objective,
                           float(cfg["eps"]))
-    return bagged if scores[0] >= scores[1] else start
+    return ([bagged] + starts)[int(np.argmax(scores))]
 
 
 def bias_grid(cfg: dict) -> np.ndarray:

@@ -22,8 +22,8 @@ PROB_COLUMNS = [f"p_{c}" for c in CLASSES]
 VIEWS = ("hflip", "orig")
 
 
-def make_blend_workdir(root, n_train: int = 150, n_test: int = 40, backbones=("bb_a", "bb_b", "bb_c"),
-                       n_folds: int = 5, seed: int = 0, minority_scale: float = 0.35):
+def make_blend_workdir(root, n_train: int = 150, n_test: int = 40,
+                       backbones=("bb_a", "bb_b", "bb_c"), n_folds: int = 5, seed: int = 0, minority_scale: float = 0.35):
     """Write a complete blend input tree under ``root``; return ``(Paths, data_root)``."""
     root = Path(root)
     paths = Paths.from_root(root / "work")
@@ -45,8 +45,9 @@ def make_blend_workdir(root, n_train: int = 150, n_test: int = 40, backbones=("b
     paths.folds_dir.mkdir(parents=True)
     folds = pd.DataFrame({"sample_index": ids, "label": labels, "fold": prob["folds"]})
     folds.to_csv(paths.folds_csv, index=False, lineterminator="\n")
-    pd.DataFrame({"sample_index": junk, "reason": ["cartoon", "green"], "score": [0.9, 0.8]}).to_csv(
-        paths.outliers_csv, index=False, lineterminator="\n")
+    outliers = pd.DataFrame({"sample_index": junk, "reason": ["cartoon", "green"],
+                             "score": [0.9, 0.8]})
+    outliers.to_csv(paths.outliers_csv, index=False, lineterminator="\n")
     rng = np.random.default_rng(seed + 1)
     for m, bb in enumerate(backbones):
         write_backbone(paths, bb, ids, prob["folds"], labels, prob["oof"][m], test_ids,
