@@ -1,11 +1,13 @@
 """Generated demo data in the exact challenge layout (see ``shared/DATASET.md``).
 
-Each image is a low-magnification "scan": a light-grey background with one to three thin,
-curved H&E tissue strips (pink stroma, purple nuclei), and a single-channel 0/255 mask with
-one to four regions inside the tissue. The class lives only inside the mask: tumour nuclei
-there have a class-specific size, density and darkness, while the tissue outside the mask is
-drawn the same way for every class. Top-coverage native-resolution patches therefore see the
-signal and a whole-image resize mostly sees background, as on the real data.
+Each image is a low-magnification "scan": a light-grey background with one to three curved
+H&E tissue strips (pink stroma, purple nuclei), and a single-channel 0/255 mask with one to
+four regions inside the tissue. The class lives only inside the mask: tumour nuclei there
+have a class-specific size, density and darkness, while the tissue outside the mask (sparse
+spindle-shaped nuclei) is drawn the same way for every class. Nuclei and strip widths are in
+pixels, as on the real 1024 px scans, so 128 px top-mask-coverage patches see the signal while
+a whole-image resize or random windows mostly see background and normal tissue (at small
+short sides the strips are therefore relatively wider than on the real scans).
 
 Planted junk, as in the real v2 training set: "cartoon" images (a yellow-green ogre face cut
 into tissue-strip silhouettes) that reuse another training image's mask file byte for byte,
@@ -69,7 +71,7 @@ class Nuclei:
 TUMOUR = {
     "Luminal A": Nuclei(sigma=1.1, cover=0.34, stain=0.85, eosin=0.45),  # small
     "Luminal B": Nuclei(sigma=1.7, cover=0.42, stain=1.10, eosin=0.38),  # medium, crowded
-    "HER2(+)": Nuclei(sigma=2.6, cover=0.36, stain=0.70, eosin=0.55),  # large, pale
+    "HER2(+)": Nuclei(sigma=2.8, cover=0.36, stain=0.70, eosin=0.55),  # large, pale
     "Triple negative": Nuclei(sigma=2.0, cover=0.55, stain=1.45, eosin=0.28),  # dense, dark
 }
 # Outside the mask, for every class: sparse spindle-shaped (stromal) nuclei.
@@ -117,6 +119,7 @@ def generate(out_dir, n_train: int = 120, n_test: int = 40, short_side: int = 25
                      n_test_green)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is not
     try:
         _write_all(tmp, plan, seed)
         (tmp / META_JSON).write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
@@ -333,7 +336,7 @@ def _geometry(rng, short: int, long: int) -> _Geometry:
     for k in range(n):
         # Half widths in pixels, not in image shares: like the real 1024 px scans (strips
         # ~110-200 px wide), a 128 px window on a strip is mostly tissue.
-        half = min(rng.uniform(*STRIP_HALF_PX) * np.sqrt(h / 256), band / 3.2, 0.15 * h)
+        half = min(rng.uniform(*STRIP_HALF_PX) * np.sqrt(h / 256), band / 3.0, 0.2 * h)
         amp = rng.uniform(0.2, 1.0) * max(2.0, band / 2 - 1.2 * half)
         y0 = band * (k + 0.5) + rng.uniform(-0.1, 0.1) * band
         centre = (y0 + amp * np.sin(2 * np.pi * rng.uniform(0.3, 1.4) * x / w + rng.uniform(0, 6.3))
@@ -364,7 +367,7 @@ def _mask_regions(rng, strips, tissue, y, x) -> np.ndarray:
         centre, width, x0, x1 = strips[int(rng.integers(len(strips)))]
         xc = rng.uniform(x0 + 0.1 * (x1 - x0), x1 - 0.1 * (x1 - x0))
         half = max(float(width[int(xc)]), 2.0)
-        a = half * rng.uniform(1.5, 4.0)  # along the strip
+        a = half * rng.uniform(1.2, 3.2)  # along the strip
         b = half * rng.uniform(0.9, 1.5)  # across: often the strip's full width
         off = rng.uniform(-0.3, 0.3) * half
         lo, hi = max(0, int(xc - 1.5 * a)), min(w, int(xc + 1.5 * a) + 1)

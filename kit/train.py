@@ -131,6 +131,8 @@ def build_model(backbone: str, cfg: dict, weights="auto", num_classes: int = len
 
     bb = create_backbone(backbone, weights=weights, patch_size=patch_size,
                          phikon_mode=cfg.get("phikon_mode", "resize"), **backbone_kwargs)
+    if int(cfg.get("input_size") or 0) > 0:
+        bb.input_size = int(cfg["input_size"])  # normalize_batch resizes to it on the device
     freeze_backbone(bb, train_norm=cfg["train_norm"], unfreeze_last=cfg["unfreeze_last"])
     head = create_head(bb.num_features, num_classes, **cfg["head"])
     model = PatchClassifier(bb, head)

@@ -474,11 +474,18 @@ def run_tune(backbones, paths, objective: str | None = None, trials: int | None 
     if cfg["objective"] not in OBJECTIVES:
         raise KitError(f"--objective must be one of {', '.join(OBJECTIVES)} "
                        f"(got {cfg['objective']!r})")
-    if not backbones:
-        raise KitError("tune: name at least one backbone (e.g. ./run.sh tune efficientnet_b0)")
     if not cfg["trials"] and not cfg["timeout"] and not create_only:
         raise KitError("tune: --trials 0 and no --timeout would run forever; give one of them")
     from kit.backbones import list_backbones
+
+    if not backbones:
+        backbones = [b for b in list_backbones()
+                     if (paths.backbone_dir(b) / "metrics.json").exists()]
+        if not backbones:
+            raise KitError("tune: name the backbones to tune (e.g. ./run.sh tune efficientnet_b0);"
+                           f" without names it tunes those cv has run, and {paths.runs_dir} has "
+                           "none")
+        print(f"tune: backbones with a cv run: {', '.join(backbones)}")
 
     unknown = [b for b in backbones if b not in list_backbones()]
     if unknown:

@@ -48,6 +48,18 @@ def test_real_image_of_each_duplicate_mask_pair_is_kept(cleaned):
     assert len(kept) == 40 - len(junk[junk.split == "train"])
 
 
+@pytest.mark.filterwarnings("ignore:.*look like junk")
+def test_duplicate_masks_alone_catch_the_cartoons(cleaned, tmp_path):
+    """With the stand-alone colour rule out of reach, the mask pairs still find every cartoon."""
+    root, _, outliers, junk, _ = cleaned
+    strict_off = clean.run_clean(root, Paths.from_root(tmp_path), {"cartoon": {"strict": 1.01}})
+    cartoons = set(junk[junk.kind == "cartoon"].sample_index)
+    assert set(strict_off[strict_off.reason == "cartoon"].sample_index) == cartoons
+    no_pairs = clean.run_clean(root, Paths.from_root(tmp_path),
+                               {"cartoon": {"strict": 1.01, "paired": 1.01}})
+    assert set(no_pairs.reason) == {"green"}  # so the pairing, not luck, did it
+
+
 def test_outliers_csv_format(cleaned):
     _, paths, outliers, _, _ = cleaned
     text = paths.outliers_csv.read_text()
