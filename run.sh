@@ -7,6 +7,7 @@ venv="$here/.venv"
 stamp="$venv/.requirements.sha256"
 want="$(sha256sum "$here/requirements.txt" | cut -d' ' -f1)"
 export NO_ALBUMENTATIONS_UPDATE=1
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"  # see kit/__init__.py
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "run.sh: setting up $venv from requirements.txt (first run takes a few minutes)" >&2

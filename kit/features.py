@@ -482,6 +482,20 @@ def oof_score(preds) -> float:
     return macro_f1(y, probs)
 
 
+def nothing_trains(cfg: dict) -> bool:
+    """Whether a training config leaves the whole backbone frozen (no norm layer, no block),
+    the case where :func:`features_cv` replaces cv's training at a fraction of the cost.
+
+    In feature space the training augmentation is the random choice among the cached views;
+    colour jitter and CutMix (pixel operations) have no equivalent there.
+    """
+    kinds = cfg.get("train_norm") or ()
+    if isinstance(kinds, str):
+        kinds = kinds.split(",")
+    kinds = [str(k).strip().lower() for k in kinds if str(k).strip().lower() not in ("", "none")]
+    return not kinds and int(cfg.get("unfreeze_last") or 0) == 0
+
+
 def frozen_backbone(backbone: str, cfg: dict, weights="auto", seed: int = 42,
                     patch_size: int | None = None):
     """The backbone built as cv builds it (seeded), frozen entirely and in eval mode."""

@@ -154,9 +154,18 @@ class FullEvaluator:
         paths = ScratchPaths(self.paths.root, scratch)
 
         def run(k: int) -> FoldScore:
-            run_cv(self.backbone, paths, seed=self.seed, weights=self.weights, fold=k,
-                   params=dict(params), device=self.device)
+            import contextlib
+            import io
+
             import pandas as pd
+
+            log = io.StringIO()
+            with contextlib.redirect_stdout(log):  # cv's run-level lines would mislead here
+                run_cv(self.backbone, paths, seed=self.seed, weights=self.weights, fold=k,
+                       params=dict(params), device=self.device)
+            for line in log.getvalue().splitlines():
+                if line.startswith(f"{self.backbone} fold {k}:"):
+                    print(f"  {line}", flush=True)  # the fold's summary: epochs, F1, time
             df = pd.read_csv(scratch / self.backbone / f"fold_{k}" / "oof.csv",
                              dtype={"sample_index": str, "label": str}, keep_default_na=False)
             y, probs = to_indices(df.label.to_numpy()), df[PROB_COLUMNS].to_numpy()
@@ -269,14 +278,17 @@ class SurplusTrial(Exception):
     """A worker asked for a trial after the study already had its ``--trials``."""
 
 
-def _check_budget(trial, n_trials: int) -> None:
+def _check_budget(trial, n_trials: int, count_running: bool = True) -> None:
     """Refuse trial ``trial`` when the ``n_trials`` before it (by number) already fill the
-    budget: with several workers, each asks before seeing the others' new trials."""
+    budget: with several workers, each asks before seeing the others' new trials.
+    ``count_running`` is off on storages without heartbeat, where a dead worker's trial
+    stays RUNNING for ever."""
     from optuna.trial import TrialState
 
     if not n_trials:
         return
-    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING) + (
+        (TrialState.RUNNING,) if count_running else ())
     before = [t for t in trial.study.get_trials(deepcopy=False, states=live)
               if t.number < trial.number]
     if len(before) >= n_trials:
@@ -285,11 +297,11 @@ def _check_budget(trial, n_trials: int) -> None:
 
 
 def make_objective(evaluator, space: Space, folds: list[int], seed: int, n_trials: int,
-                   study_label: str):
+                   study_label: str, count_running: bool = True):
     """The Optuna objective: suggest, evaluate ``folds`` in a shuffled order, report, prune."""
 
     def objective(trial) -> float:
-        _check_budget(trial, n_trials)
+        _check_budget(trial, n_trials, count_running)
         params = space.suggest(trial)
         trial.set_user_attr("params", params)
         trial.set_user_attr("worker", WORKER)
@@ -306,16 +318,44 @@ def make_objective(evaluator, space: Space, folds: list[int], seed: int, n_trial
     return objective
 
 
-def _stop_when_full(n_trials: int):
+def _stop_when_full(n_trials: int, count_running: bool = True):
     from optuna.trial import TrialState
 
     def callback(study, trial):
-        busy = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+        busy = (TrialState.COMPLETE, TrialState.PRUNED) + (
+            (TrialState.RUNNING,) if count_running else ())
         if n_trials and _finished(study, busy) >= n_trials:
             study.stop()
         if trial.user_attrs.get("surplus"):
             study.stop()
     return callback
+
+
+def wait_for_running(study, n_trials: int, interval: float, limit: float | None = None) -> int:
+    """Before starting: while finished + running trials fill the budget, wait for the running
+    ones to end. A dead worker's trial keeps RUNNING until its heartbeat is older than the
+    grace period; then ``fail_stale_trials`` fails it and re-queues its parameters, which
+    this worker runs next. Returns the trials still needed."""
+    import optuna
+    from optuna.trial import TrialState
+
+    t0, told = time.monotonic(), False
+    while True:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        done = _finished(study)
+        running = _finished(study, (TrialState.RUNNING,))
+        if done >= n_trials or done + running < n_trials or running == 0:
+            return max(0, n_trials - done)
+        if limit is not None and time.monotonic() - t0 > limit:
+            return max(0, n_trials - done)
+        if not told:
+            print(f"tune: {done} finished + {running} running trial(s) fill the target of "
+                  f"{n_trials}; waiting for them (a dead worker's trial is failed and "
+                  "re-queued once its heartbeat is older than the grace period)", flush=True)
+            told = True
+        time.sleep(interval)
 
 
 def warm_start(study, source, space: Space, top: int) -> int:
@@ -538,20 +578,26 @@ def tune_backbone(bb: str, paths, cfg: dict, store, url: str, suffix, space_file
         print(f"tune {bb}: queued {warm_start(study, source, space, int(cfg['warm_start_top']))} "
               f"best trials of {src_name}")
     out = paths.tune_dir(bb)
-    remaining = n_trials - _finished(study) if n_trials else None
+    # Journal files have no heartbeat: a RUNNING trial there may belong to a dead worker.
+    beats = getattr(store, "get_heartbeat_interval", lambda: None)() is not None
     interrupted = None
-    if remaining is None or remaining > 0:
-        objective_fn = make_objective(evaluator, space, folds, seed, n_trials, name)
-        t0 = time.perf_counter()
-        try:
+    t0 = time.perf_counter()
+    try:
+        remaining = None
+        if n_trials:
+            remaining = (wait_for_running(study, n_trials, float(cfg["heartbeat_interval"]),
+                                          cfg["timeout"] or None)
+                         if beats else max(0, n_trials - _finished(study)))
+        if remaining is None or remaining > 0:
+            objective_fn = make_objective(evaluator, space, folds, seed, n_trials, name, beats)
             study.optimize(objective_fn, n_trials=remaining, timeout=cfg["timeout"] or None,
                            n_jobs=int(cfg["n_jobs"]), catch=(SurplusTrial,),
-                           callbacks=[_stop_when_full(n_trials), _progress_line(bb)],
+                           callbacks=[_stop_when_full(n_trials, beats), _progress_line(bb)],
                            gc_after_trial=True)
-        except KeyboardInterrupt as exc:
-            interrupted = exc  # write what is finished, then stop as the CLI expects
-        print(f"tune {bb}: {_finished(study)} finished trials, this run "
-              f"{time.perf_counter() - t0:.0f} s")
+    except KeyboardInterrupt as exc:
+        interrupted = exc  # write what is finished, then stop as the CLI expects
+    print(f"tune {bb}: {_finished(study)} finished trials, this run "
+          f"{time.perf_counter() - t0:.0f} s")
     # After Ctrl-C, no re-scoring: best.yaml is written only if it needs no more training.
     record = best_record(study, evaluator, space, folds, seed, rescore=interrupted is None)
     write_outputs(study, out, record, extra)

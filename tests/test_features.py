@@ -210,3 +210,12 @@ def test_in_memory_feature_sets_work_without_disk():
     folds = pd.DataFrame({"sample_index": ids, "label": labels, "fold": np.arange(24) % 3})
     fcv = FeatureCV(feats, folds, train_config(params=FAST), ("id", "hflip", "vflip"))
     assert fcv.fold(1).macro_f1 == 1.0
+
+
+def test_nothing_trains_detects_a_fully_frozen_config():
+    from kit.features import nothing_trains
+
+    assert not nothing_trains(train_config())  # the default trains the norm layers
+    assert nothing_trains(train_config({"train_norm": []}))
+    assert nothing_trains(train_config({"train_norm": "none"}))
+    assert not nothing_trains(train_config({"train_norm": [], "unfreeze_last": 1}))

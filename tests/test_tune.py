@@ -324,7 +324,7 @@ def test_resume_after_a_killed_worker_retries_its_trial(feat_work, tmp_path):
     space = space_file(tmp_path, lr={"type": "float", "low": 0.005, "high": 0.02},
                        epochs=100, patience=0)  # a trial of a second or two
     cmd = kit_cmd("tiny_cnn", "--workdir", feat_work.root, "--weights", "random", "--trials", 1,
-                  "--heartbeat", 1, "--grace", 2, "--space", space, "--study-suffix", "kill")
+                  "--heartbeat", 1, "--grace", 3, "--space", space, "--study-suffix", "kill")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -335,7 +335,8 @@ def test_resume_after_a_killed_worker_retries_its_trial(feat_work, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert trials_of(feat_work, "tiny_cnn-features-kill")[victim.number].state.name == "RUNNING"
-    time.sleep(3)  # past the grace period
+    # Rerun at once: the new worker waits until the dead trial's heartbeat is older than the
+    # grace period, then it is failed and re-queued, and this worker runs it.
     done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     trials = trials_of(feat_work, "tiny_cnn-features-kill")
@@ -402,3 +403,33 @@ def test_two_workers_share_one_study_on_postgresql(feat_work, tmp_path):
             optuna.delete_study(study_name=name, storage=PG_URL)
         except KeyError:
             pass
+
+
+def test_without_names_it_tunes_the_backbones_cv_ran(tmp_path, capsys):
+    paths = make_workdir(tmp_path / "w", n_train=8, n_test=2, k=1, size=32, n_folds=2)
+    with pytest.raises(KitError, match="name the backbones"):
+        run_tune([], paths, create_only=True, weights="random")
+    paths.backbone_dir("tiny_cnn").mkdir(parents=True)
+    (paths.backbone_dir("tiny_cnn") / "metrics.json").write_text("{}")
+    run_tune([], paths, create_only=True, weights="random")
+    assert "study tiny_cnn-features" in capsys.readouterr().out
+    with pytest.raises(KitError, match="unknown backbone"):
+        run_tune(["tiny_cnnn"], paths, create_only=True)
+
+
+def test_bench_tune_runs_and_records_both_trials(tmp_path):
+    import json
+
+    from kit.cli import main
+
+    rc = main(["bench", "tune", "--images", "40", "--test-images", "4", "--dim", "16",
+               "--backbones", "tiny_cnn", "--subset", "4", "--size", "32",
+               "--workdir", str(tmp_path)])
+    assert rc == 0
+    result = json.loads((tmp_path / "runs" / "bench" / "tune.json").read_text())
+    assert result["features_trial"]["seconds"] > 0
+    assert len(result["features_trial"]["epochs_per_fold"]) == 5
+    tiny = result["full"]["tiny_cnn"]
+    assert tiny["extrapolated_seconds"] > 0 and tiny["ratio"] == pytest.approx(
+        tiny["extrapolated_seconds"] / result["features_trial"]["seconds"])
+    assert len(tiny["how"]) == 5
