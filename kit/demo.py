@@ -367,7 +367,7 @@ def _mask_regions(rng, strips, tissue, y, x) -> np.ndarray:
         centre, width, x0, x1 = strips[int(rng.integers(len(strips)))]
         xc = rng.uniform(x0 + 0.1 * (x1 - x0), x1 - 0.1 * (x1 - x0))
         half = max(float(width[int(xc)]), 2.0)
-        a = half * rng.uniform(1.2, 3.2)  # along the strip
+        a = half * rng.uniform(1.5, 4.5)  # along the strip
         b = half * rng.uniform(0.9, 1.5)  # across: often the strip's full width
         off = rng.uniform(-0.3, 0.3) * half
         lo, hi = max(0, int(xc - 1.5 * a)), min(w, int(xc + 1.5 * a) + 1)

@@ -159,8 +159,9 @@ def load_or_embed(backbone, patches, paths, split: str, views, cfg: dict | None 
         try:
             t0 = time.perf_counter()
             out = open_memmap(tmp / "features.npy", mode="w+", dtype=dtype, shape=shape)
-            embed_array(backbone, patches.array, views, out, int(cfg["batch_size"]),
-                        pick_device(None if cfg["device"] == "auto" else cfg["device"]),
+            if device is None:
+                device = pick_device(None if cfg["device"] == "auto" else cfg["device"])
+            embed_array(backbone, patches.array, views, out, int(cfg["batch_size"]), device,
                         desc=f"embed {backbone.name} {split}")
             out.flush()
             del out
@@ -472,14 +473,6 @@ def _align(folds: pd.DataFrame, samples: pd.DataFrame, where) -> pd.DataFrame:
                        "./run.sh folds --force")
     return folds.assign(row=rows.loc[folds.sample_index].values,
                         y=[CLASSES.index(c) for c in folds.label])
-
-
-def oof_score(preds) -> float:
-    """Macro F1 of the pooled OOF predictions of ``preds`` (image level), as cv computes it."""
-    preds = list(preds)
-    y = np.concatenate([p.y for p in preds])
-    probs = np.concatenate([p.probs for p in preds])
-    return macro_f1(y, probs)
 
 
 def nothing_trains(cfg: dict) -> bool:

@@ -20,13 +20,12 @@ Outputs in ``runs/tune/<backbone>/``: ``best.yaml`` (``params`` as dotted config
 """
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import socket
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +33,8 @@ import numpy as np
 from kit.config import load_config
 from kit.metrics import macro_f1
 from kit.search_space import Space, dotted_keys, load_space
-from kit.tune_storage import describe, make_storage
-from kit.utils import (KitError, atomic_path, atomic_write_csv, atomic_write_text,
-                       check_random_state, write_config)
+from kit.tune_storage import default_url, describe, make_storage
+from kit.utils import KitError, atomic_path, atomic_write_csv, check_random_state, write_config
 
 OBJECTIVES = ("features", "full")
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # recorded per trial: who ran it
@@ -415,8 +413,6 @@ def best_record(study, evaluator, space: Space, folds: list[int], seed: int,
 
 def write_outputs(study, out: Path, record: dict | None, extra: dict) -> None:
     """``trials.csv``, plots, ``best.yaml`` (when a trial completed) and ``config.yaml``."""
-    from kit.utils import write_config as _write_yaml
-
     out.mkdir(parents=True, exist_ok=True)
     df = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs",
                                        "intermediate_values", "datetime_start",
@@ -426,7 +422,7 @@ def write_outputs(study, out: Path, record: dict | None, extra: dict) -> None:
     atomic_write_csv(out / "trials.csv", df)
     plot_study(study, out)
     if record is not None:
-        _write_yaml(out / "best.yaml", {**record, **{k: extra[k] for k in ("storage", "backbone")}})
+        write_config(out / "best.yaml", {**record, **{k: extra[k] for k in ("storage", "backbone")}})
     write_config(out / "config.yaml", extra)
 
 
@@ -533,7 +529,7 @@ def run_tune(backbones, paths, objective: str | None = None, trials: int | None 
                        f"{', '.join(list_backbones())}")
     store = make_storage(cfg["storage"], paths, int(cfg["heartbeat_interval"]),
                          int(cfg["grace_period"]), cfg["max_retry"])
-    url = describe(cfg["storage"] or f"sqlite:///{paths.runs_dir / 'optuna.db'}")
+    url = describe(cfg["storage"] or default_url(paths))
     results = {}
     for bb in backbones:
         results[bb] = tune_backbone(bb, paths, cfg, store, url, study_suffix, space_file,

@@ -53,7 +53,7 @@ def test_masks_lie_inside_the_tissue_on_a_grey_background(small):
         assert 195 <= grey.mean() <= 232
         assert (saturation[mask] > 15).mean() > 0.97  # masked pixels are stained tissue
     assert min(shares) > 0.3 and np.mean(shares) > 0.5  # mostly background
-    assert max(in_mask) < 0.97 and np.mean(in_mask) < 0.45  # regions, not whole strips
+    assert max(in_mask) < 0.97 and np.mean(in_mask) < 0.6  # regions, not whole strips
 
 
 def test_same_seed_gives_byte_identical_files_and_another_seed_does_not(tmp_path):

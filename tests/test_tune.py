@@ -10,7 +10,6 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pandas as pd
 import pytest
@@ -322,7 +321,7 @@ def _wait_for_running(paths, name, proc, url=None, limit=120):
 
 def test_resume_after_a_killed_worker_retries_its_trial(feat_work, tmp_path):
     space = space_file(tmp_path, lr={"type": "float", "low": 0.005, "high": 0.02},
-                       epochs=100, patience=0)  # a trial of a second or two
+                       epochs=80, patience=0)  # a trial of a second or two
     cmd = kit_cmd("tiny_cnn", "--workdir", feat_work.root, "--weights", "random", "--trials", 1,
                   "--heartbeat", 1, "--grace", 3, "--space", space, "--study-suffix", "kill")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
@@ -370,7 +369,7 @@ def test_two_workers_share_one_study_on_postgresql(feat_work, tmp_path):
         pytest.skip(msg)
     suffix = f"pg{uuid.uuid4().hex[:8]}"
     name = f"tiny_cnn-features-{suffix}"
-    space = space_file(tmp_path, lr={"type": "float", "low": 0.005, "high": 0.02}, epochs=40,
+    space = space_file(tmp_path, lr={"type": "float", "low": 0.005, "high": 0.02}, epochs=30,
                        patience=0)
     args = ["tiny_cnn", "--workdir", feat_work.root, "--weights", "random", "--storage", PG_URL,
             "--space", space, "--study-suffix", suffix]
@@ -433,3 +432,45 @@ def test_bench_tune_runs_and_records_both_trials(tmp_path):
     assert tiny["extrapolated_seconds"] > 0 and tiny["ratio"] == pytest.approx(
         tiny["extrapolated_seconds"] / result["features_trial"]["seconds"])
     assert len(tiny["how"]) == 5
+
+
+def test_ctrl_c_loses_only_the_running_trial(feat_work, tmp_path, monkeypatch):
+    from kit.features import FeatureCV
+
+    space = space_file(tmp_path, **FAST)
+    kw = dict(space_file=space, weights="random", study_suffix="ctrlc")
+    calls, real = {"n": 0}, FeatureCV.fold
+
+    def interrupted_later(self, k, with_test=False):
+        calls["n"] += 1
+        if calls["n"] == 7:  # trial 0 runs its 5 folds; Ctrl-C inside trial 1
+            raise KeyboardInterrupt
+        return real(self, k, with_test)
+
+    monkeypatch.setattr(FeatureCV, "fold", interrupted_later)
+    with pytest.raises(KeyboardInterrupt):
+        run_tune(["tiny_cnn"], feat_work, trials=3, **kw)
+    states = [t.state.name for t in trials_of(feat_work, "tiny_cnn-features-ctrlc")]
+    assert states == ["COMPLETE", "FAIL"]
+    best = yaml.safe_load((feat_work.tune_dir("tiny_cnn") / "best.yaml").read_text())
+    assert best["study"] == "tiny_cnn-features-ctrlc" and best["trial"] == 0  # still written
+    monkeypatch.setattr(FeatureCV, "fold", real)
+    run_tune(["tiny_cnn"], feat_work, trials=3, **kw)  # the rerun finishes the target
+    states = [t.state.name for t in trials_of(feat_work, "tiny_cnn-features-ctrlc")]
+    assert states[:2] == ["COMPLETE", "FAIL"] and len(states) == 4
+    assert sum(s in ("COMPLETE", "PRUNED") for s in states) == 3
+
+
+def test_journal_storage_threads_and_timeout(feat_work, tmp_path):
+    space = space_file(tmp_path, **FAST)
+    journal = tmp_path / "tune.log"
+    run_tune(["tiny_cnn"], feat_work, trials=4, n_jobs=2, storage=f"journal:{journal}",
+             space_file=space, weights="random", study_suffix="journal")
+    study = optuna.load_study(study_name="tiny_cnn-features-journal",
+                              storage=make_storage(f"journal:{journal}", feat_work))
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 4 and len({t.number for t in study.trials}) == len(study.trials)
+    t0 = time.time()
+    run_tune(["tiny_cnn"], feat_work, trials=0, timeout=1, storage=f"journal:{journal}",
+             space_file=space, weights="random", study_suffix="journal")
+    assert len(study.trials) > len(finished) and time.time() - t0 < 60

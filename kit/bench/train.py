@@ -91,6 +91,7 @@ def bench_backbone(name: str, array, labels, cfg: dict, device, repeats: int, se
             _sync(device)
             times[kind].append(time.perf_counter() - t0)
     best = {k: min(v) for k, v in times.items()}
+    print("DEBUG", {k: [round(t, 2) for t in v] for k, v in times.items()})
     n = sum(len(x) for x, _ in bare)
     return {"backbone": name, "patches": n, "trainable": n_trainable,
             "kit_s": best["kit"], "bare_s": best["bare"], "data_s": best["data"],

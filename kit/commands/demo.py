@@ -32,6 +32,7 @@ def run(args) -> int:
     print(f"patches        -> {paths.patches_dir('train')}, {paths.patches_dir('test')}")
     folds.run_folds(data, paths, seed=args.seed, force=True)
     print(f"folds          -> {paths.folds_csv}")
+    _cv(paths, args.seed)
     _tune(paths, args.seed)  # after cv, before the blend: tune, then cv with the best params
     _blend(paths, data, args.seed)  # after cv (it reads runs/<bb>/), before the report
     from kit.report import run_report  # last: it summarises every stage above
