@@ -11,9 +11,7 @@ docs/DESIGN.md); ``metrics.json`` is written last.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -189,8 +187,8 @@ def _train_fold(k: int, ctx: dict) -> dict:
                        cfg["aggregate"])
     front = {"fold": k, "label": va.label.values}
     for v in ctx["views"]:
-        atomic_write_csv(fold_dir / "tta" / f"oof_{v}.csv", _prob_frame(va.sample_index, oof[v], **front),
-                         FLOAT_FORMAT)
+        atomic_write_csv(fold_dir / "tta" / f"oof_{v}.csv",
+                         _prob_frame(va.sample_index, oof[v], **front), FLOAT_FORMAT)
         atomic_write_csv(fold_dir / "tta" / f"test_{v}.csv",
                          _prob_frame(test.samples.sample_index, tst[v]), FLOAT_FORMAT)
     oof_mean = np.mean([oof[v] for v in ctx["views"]], axis=0)
@@ -367,6 +365,7 @@ def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
         return {"assembled": False, "pending": pending, "folds": marks}
     metrics = _assemble(ctx, marks)
     print(f"{backbone}: OOF macro F1 {metrics['oof_macro_f1']:.3f} (weighted "
-          f"{metrics['oof_weighted_f1']:.3f}) over {metrics['n_oof']} images in "
+          f"{metrics['oof_weighted_f1']:.3f}) over {metrics['n_oof']} images, "
+          f"{metrics['trainable_params']:,} trainable parameters, "
           f"{time.perf_counter() - t0:.0f} s -> {out}")
     return metrics

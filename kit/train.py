@@ -24,6 +24,7 @@ from kit.config import load_config, merge
 from kit.metrics import aggregate, macro_f1
 from kit.utils import KitError, atomic_path, progress, seed_everything
 
+
 # --------------------------------------------------------------------------- config
 def train_config(overrides: dict | None = None, params: dict | None = None) -> dict:
     """The resolved training config: ``train.yaml`` with ``augment.yaml`` as ``augment``.
@@ -103,17 +104,24 @@ def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
 
 
 def _flag(value, device: torch.device) -> bool:
-    """``auto`` -> on CUDA only; otherwise the boolean value."""
-    if str(value).lower() == "auto":
+    """``auto`` -> on CUDA only; otherwise the boolean value (``"false"`` is false)."""
+    text = str(value).strip().lower()
+    if text == "auto":
         return device.type == "cuda"
-    return bool(value)
+    if text in ("true", "false", "on", "off", "1", "0", "yes", "no"):
+        return text in ("true", "on", "1", "yes")
+    raise KitError(f"train: expected auto, true or false (got {value!r})")
 
 
 def n_workers(value, device: torch.device) -> int:
+    """DataLoader processes for ``num_workers`` (``auto``: 0 on CPU/MPS, up to 8 on CUDA)."""
     if str(value).lower() == "auto":
         # On a CPU the cores are busy with the model itself; extra processes only compete.
         return min(8, max(0, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0
-    return max(0, int(value))
+    try:
+        return max(0, int(value))
+    except (TypeError, ValueError):
+        raise KitError(f"train: num_workers must be auto or an integer (got {value!r})")
 
 
 # --------------------------------------------------------------------------- model

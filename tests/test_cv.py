@@ -101,7 +101,8 @@ def test_metrics_and_records(done):
 
     assert on_disk["folds_sha256"] == load_folds(paths)[1]
     oof = _csv(out / "oof.csv")
-    assert on_disk["oof_macro_f1"] == pytest.approx(macro_f1(oof.label, oof[PROB_COLUMNS].to_numpy()))
+    expected = macro_f1(oof.label, oof[PROB_COLUMNS].to_numpy())
+    assert on_disk["oof_macro_f1"] == pytest.approx(expected)
     assert len(on_disk["per_fold"]) == 3 and np.sum(on_disk["confusion"]) == 24
     assert set(on_disk["per_class"]) == set(CLASSES)
     assert on_disk["patch_keys"] == {"train": "train-0", "test": "test-0"}
@@ -116,7 +117,8 @@ def test_resume_trains_only_the_missing_folds(done, tmp_path, capsys):
     partial = _run(paths, fold=0)
     assert partial["assembled"] is False and partial["pending"] == [1, 2]
     assert not (out / "oof.csv").exists()  # nothing assembled from one fold
-    stamp = {f: (out / "fold_0" / f).stat().st_mtime_ns for f in ("model.pt", "done.json", "oof.csv")}
+    stamp = {f: (out / "fold_0" / f).stat().st_mtime_ns
+             for f in ("model.pt", "done.json", "oof.csv")}
     _run(paths)
     assert "fold 0: done earlier" in capsys.readouterr().out
     assert {f: (out / "fold_0" / f).stat().st_mtime_ns for f in stamp} == stamp
@@ -172,10 +174,10 @@ def test_missing_inputs_name_the_command_to_run(tmp_path):
 
 def test_params_tuned_best_none_and_file(tmp_path, capsys):
     paths = Paths.from_root(tmp_path)
-    assert resolve_params("tuned", paths, BB) == ({}, f"none ({paths.tune_dir(BB) / 'best.yaml'} not found)")
+    best = paths.tune_dir(BB) / "best.yaml"
+    assert resolve_params("tuned", paths, BB) == ({}, f"none ({best} not found)")
     with pytest.raises(KitError, match="run ./run.sh tune tiny_cnn"):
         resolve_params("best", paths, BB)
-    best = paths.tune_dir(BB) / "best.yaml"
     best.parent.mkdir(parents=True)
     best.write_text("params:\n  head.depth: 0\n  augment.cutmix_alpha: 0.0\nscore: 0.5\ntrial: 3\n")
     assert resolve_params("tuned", paths, BB)[0] == {"head.depth": 0, "augment.cutmix_alpha": 0.0}

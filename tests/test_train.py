@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from cv_data import make_patches
 from kit import CLASSES
-from kit.train import (PatchDataset, Trainer, amp_dtype, build_model, checkpoint_keys, fit_fold,
+from kit.train import (PatchDataset, amp_dtype, build_model, checkpoint_keys, fit_fold,
                        load_checkpoint, make_loader, pick_device, predict, save_checkpoint,
                        set_train_mode, soft_cross_entropy, train_config, tta_views,
                        warmup_cosine)
@@ -88,6 +88,19 @@ def test_devices_and_precision():
     assert amp_dtype(cpu, "bf16") == torch.bfloat16 and amp_dtype(cpu, "off") is None
     with pytest.raises(KitError):
         amp_dtype(cpu, "fp8")
+    from kit.train import _flag, n_workers
+
+    assert _flag("auto", cpu) is False and _flag("false", cpu) is False and _flag(True, cpu)
+    assert n_workers("auto", cpu) == 0 and n_workers(2, cpu) == 2
+    with pytest.raises(KitError, match="num_workers"):
+        n_workers("many", cpu)
+
+
+def test_input_size_resizes_on_the_device(data):
+    cfg = _cfg(input_size=16)
+    model = _model(cfg)
+    assert model.backbone.input_size == 16
+    assert predict(model, data[0], rows=[0])["id"].shape == (1, K, len(CLASSES))
 
 
 # ------------------------------------------------------------------ data path
@@ -218,3 +231,12 @@ def test_predict_views_see_transformed_patches(data):
     q = predict(model, flipped, rows=[3, 1], views=("hflip",))
     np.testing.assert_allclose(q["hflip"], p["id"], atol=1e-5)
     assert not np.allclose(p["hflip"], p["id"])
+
+
+def test_bench_train_times_both_loops(data):
+    from kit.bench.train import bench_backbone
+
+    x, y = data
+    r = bench_backbone("tiny_cnn", x, y, _cfg(), torch.device("cpu"), repeats=1, seed=0)
+    assert r["patches"] == N * K and r["kit_s"] > 0 and r["bare_s"] > 0 and r["data_s"] > 0
+    assert r["ratio"] == pytest.approx(r["kit_s"] / r["bare_s"])

@@ -91,13 +91,13 @@ def bench_backbone(name: str, array, labels, cfg: dict, device, repeats: int, se
             _sync(device)
             times[kind].append(time.perf_counter() - t0)
     best = {k: min(v) for k, v in times.items()}
-    print("DEBUG", {k: [round(t, 2) for t in v] for k, v in times.items()})
     n = sum(len(x) for x, _ in bare)
     return {"backbone": name, "patches": n, "trainable": n_trainable,
             "kit_s": best["kit"], "bare_s": best["bare"], "data_s": best["data"],
             "ratio": best["kit"] / best["bare"], "kit_ips": n / best["kit"],
             "bare_ips": n / best["bare"], "data_ips": n / best["data"],
-            "workers": loader.num_workers}
+            "workers": loader.num_workers,
+            "median_ratio": float(np.median(times["kit"]) / np.median(times["bare"]))}
 
 
 def run(args) -> int:
@@ -128,7 +128,8 @@ def run(args) -> int:
             rows.append(r)
             print(f"{name:<16} kit loop {r['kit_s']:6.2f} s ({r['kit_ips']:7.1f} img/s)  "
                   f"bare step {r['bare_s']:6.2f} s ({r['bare_ips']:7.1f} img/s)  "
-                  f"ratio {r['ratio']:.2f}x  data path alone {r['data_ips']:7.1f} img/s  "
+                  f"ratio {r['ratio']:.2f}x (medians {r['median_ratio']:.2f}x)  "
+                  f"data path alone {r['data_ips']:7.1f} img/s  "
                   f"[{r['workers']} workers, {r['trainable']:,} trainable]")
     for r in rows:
         if r["backbone"] == TARGET_BACKBONE:

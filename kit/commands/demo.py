@@ -33,7 +33,9 @@ def run(args) -> int:
     folds.run_folds(data, paths, seed=args.seed, force=True)
     print(f"folds          -> {paths.folds_csv}")
     _cv(paths, args.seed)
-    _tune(paths, args.seed)  # after cv, before the blend: tune, then cv with the best params
+    # After cv, before the blend: tune, then cv with the best params at the plain cv's cost
+    # (its epochs and unfrozen blocks; the tuned head, lr, weight decay, class weights apply).
+    _tune(paths, args.seed, cv_cfg={k: DEMO_CV[k] for k in ("epochs", "patience", "unfreeze_last")})
     _blend(paths, data, args.seed)  # after cv (it reads runs/<bb>/), before the report
     from kit.report import run_report  # last: it summarises every stage above
 
@@ -53,10 +55,11 @@ def _tune(paths: Paths, seed: int, backbone: str = "tiny_cnn", trials: int = 6,
 
     # The demo's own study file: a fresh study each run, as the demo data is regenerated.
     (paths.runs_dir / "optuna.db").unlink(missing_ok=True)
-    best = run_tune([backbone], paths, objective="features", trials=trials, seed=seed)[backbone]
+    best = run_tune([backbone], paths, objective="features", trials=trials, seed=seed,
+                    weights="random")[backbone]
     print(f"tune           -> {paths.tune_dir(backbone) / 'best.yaml'} (trial {best['trial']} "
           f"of {trials}, features OOF macro F1 {best['score']:.4f})")
-    metrics = run_cv(backbone, paths, cfg=cv_cfg, params="best", seed=seed)
+    metrics = run_cv(backbone, paths, cfg=cv_cfg, params="best", seed=seed, weights="random")
     print(f"cv --params best -> {paths.backbone_dir(backbone)} (OOF macro F1 "
           f"{metrics['oof_macro_f1']:.4f})")
 
