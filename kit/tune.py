@@ -34,7 +34,8 @@ from kit.config import load_config
 from kit.metrics import macro_f1
 from kit.search_space import Space, dotted_keys, load_space
 from kit.tune_storage import default_url, describe, make_storage
-from kit.utils import KitError, atomic_path, atomic_write_csv, check_random_state, write_config
+from kit.utils import (KitError, atomic_path, atomic_write_csv, check_random_state, sha256_text,
+                       write_config)
 
 OBJECTIVES = ("features", "full")
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # recorded per trial: who ran it
@@ -219,12 +220,17 @@ def _quiet_optuna():
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
-def make_sampler(cfg: dict, seed: int, n_existing: int):
-    """TPE seeded from ``seed``, the trials already in the study and this process, so a
-    resumed or second worker never replays another's random start-up draws."""
+def make_sampler(cfg: dict, seed: int, n_existing: int, shared: bool = False):
+    """TPE seeded from ``seed`` and the trials already in the study, so a rerun neither
+    replays the first run's random start-up draws nor depends on chance: one worker on the
+    default storage repeats exactly. On a ``shared`` storage (``--storage``) the process id
+    and host are mixed in too, so that workers starting together do not draw alike."""
     import optuna
 
-    mix = np.random.SeedSequence([int(seed), int(n_existing), os.getpid()]).generate_state(1)[0]
+    entropy = [int(seed), int(n_existing)]
+    if shared:
+        entropy += [os.getpid(), int(sha256_text(socket.gethostname())[:8], 16)]
+    mix = np.random.SeedSequence(entropy).generate_state(1)[0]
     return optuna.samplers.TPESampler(seed=int(mix), n_startup_trials=int(cfg["n_startup_trials"]),
                                       constant_liar=True, multivariate=True)
 
@@ -237,7 +243,8 @@ def make_pruner(cfg: dict):
                                          n_startup_steps=int(p["n_startup_steps"]))
 
 
-def open_study(name: str, storage, cfg: dict, context: dict, seed: int = 42):
+def open_study(name: str, storage, cfg: dict, context: dict, seed: int = 42,
+               shared: bool = False):
     """Create or load study ``name`` and check it was made for the same inputs.
 
     ``context`` (objective, backbone, folds hash, fold subset, patch key, weights) is stored
@@ -249,7 +256,7 @@ def open_study(name: str, storage, cfg: dict, context: dict, seed: int = 42):
     _quiet_optuna()
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
                                 load_if_exists=True, pruner=make_pruner(cfg),
-                                sampler=optuna.samplers.RandomSampler())
+                                sampler=optuna.samplers.RandomSampler())  # replaced below
     have = study.user_attrs
     if not have.get("context"):
         study.set_user_attr("context", context)
@@ -261,7 +268,7 @@ def open_study(name: str, storage, cfg: dict, context: dict, seed: int = 42):
                        f"{context[diff[0]]!r}); its scores are not comparable: use "
                        "--study-suffix NEW or delete it (optuna delete-study --study-name "
                        f"{name} --storage URL)")
-    study.sampler = make_sampler(cfg, seed, len(study.get_trials(deepcopy=False)))
+    study.sampler = make_sampler(cfg, seed, len(study.get_trials(deepcopy=False)), shared)
     return study
 
 
@@ -553,7 +560,7 @@ def tune_backbone(bb: str, paths, cfg: dict, store, url: str, suffix, space_file
     evaluator = EVALUATORS[objective](bb, paths, weights=weights, seed=seed, device=device)
     context = {"objective": objective, "backbone": bb, "folds_sha256": folds_sha,
                "folds": folds, "seed": int(seed), **evaluator.context}
-    study = open_study(name, store, cfg, context, seed)
+    study = open_study(name, store, cfg, context, seed, shared=bool(cfg["storage"]))
     n_trials = int(cfg["trials"] or 0)
     extra = {"backbone": bb, "study": name, "storage": url, "objective": objective,
              "folds": folds, "tune": {k: v for k, v in cfg.items() if k != "space"},

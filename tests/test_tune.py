@@ -474,3 +474,13 @@ def test_journal_storage_threads_and_timeout(feat_work, tmp_path):
     run_tune(["tiny_cnn"], feat_work, trials=0, timeout=1, storage=f"journal:{journal}",
              space_file=space, weights="random", study_suffix="journal")
     assert len(study.trials) > len(finished) and time.time() - t0 < 60
+
+
+def test_one_worker_on_the_default_storage_repeats_its_search(feat_work, tmp_path):
+    space = space_file(tmp_path, **FAST, **{"head.depth": {"type": "int", "low": 0, "high": 2}})
+    for suffix in ("det1", "det2"):
+        run_tune(["tiny_cnn"], feat_work, trials=2, space_file=space, weights="random",
+                 study_suffix=suffix)
+    a, b = (trials_of(feat_work, f"tiny_cnn-features-{s}") for s in ("det1", "det2"))
+    assert [t.params for t in a] == [t.params for t in b]
+    assert [t.value for t in a] == [t.value for t in b]
