@@ -254,8 +254,10 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     transform = getattr(info.dataset, "transform", None)
-    if transform is not None and hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(seed)
+    if transform is not None:
+        from kit.augment import seed_transform
+
+        seed_transform(transform, seed)
 
 
 def make_loader(dataset: PatchDataset, cfg: dict, seed: int, device: torch.device,
