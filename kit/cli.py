@@ -10,6 +10,7 @@ import importlib
 import os
 import shutil
 import sys
+import warnings
 
 from kit import __version__
 from kit.utils import KitError
@@ -76,7 +77,12 @@ def _module(name: str):
     return importlib.import_module(f"kit.commands.{name.replace('-', '_')}")
 
 
+def _plain_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"  # for users: no source file and line
+
+
 def main(argv=None) -> int:
+    warnings.formatwarning = _plain_warning
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(names={command} if command in COMMANDS else set())

@@ -7,6 +7,16 @@ the folds file and the run's config, so a killed run resumes at the fold it was 
 ``--fold K`` jobs on separate machines can share one ``runs/<bb>/``. Once every fold is done
 with the same config, the fold outputs are assembled into the backbone's files (see
 docs/DESIGN.md); ``metrics.json`` is written last.
+
+Two training paths write the same files. ``pixels`` trains the model on augmented patches.
+``feature_cache`` runs when the config trains nothing in the backbone (norm layers frozen
+too, no unfrozen block): every patch and test-time view is embedded once by the frozen
+backbone (:mod:`kit.features`) and each fold trains only its head on the cached vectors,
+seconds instead of hours. A frozen backbone computes the same embeddings every epoch, so
+what is lost is the pixel augmentation: colour jitter and CutMix have no equivalent on
+cached vectors (flips become a random cached view). That path says so when it starts and
+records it in ``metrics.json`` (``training_path``, ``feature_cache.not_applied``);
+``feature_cache=False`` (``--no-feature-cache``) trains on pixels with them.
 """
 from __future__ import annotations
 
@@ -19,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from kit import CLASSES
+from kit.config import load_config
 from kit.metrics import aggregate, classification_summary, macro_f1, plot_confusion, weighted_f1
 from kit.paths import Paths
 from kit.utils import (KitError, atomic_write_csv, atomic_write_json, package_versions, read_yaml,
@@ -92,11 +103,18 @@ def _inputs(paths: Paths):
     return folds, folds_sha, train, test
 
 
-def config_hash(backbone: str, weights, seed: int, cfg: dict, keys: dict) -> str:
-    """What a fold's outputs depend on, hashed (speed-only settings left out)."""
+def config_hash(backbone: str, weights, seed: int, cfg: dict, keys: dict,
+                path: str = "pixels", features_dtype: str | None = None) -> str:
+    """What a fold's outputs depend on, hashed (speed-only settings left out).
+
+    ``path`` (and the cache's ``features_dtype``) enter only for the feature-cache path, so
+    that its folds are never taken for pixel-trained ones and the pixel hashes stay as they were.
+    """
     hashed = {k: v for k, v in cfg.items() if k not in _NOT_HASHED}
     payload = {"backbone": backbone, "weights": str(weights), "seed": int(seed), "cfg": hashed,
                "patches": keys}
+    if path != "pixels":
+        payload.update(path=path, features_dtype=features_dtype)
     return sha256_text(json.dumps(payload, sort_keys=True, default=str))
 
 
@@ -151,8 +169,17 @@ def _image_probs(patch_probs: dict, how: str) -> dict[str, np.ndarray]:
     return {v: aggregate(p, how) for v, p in patch_probs.items()}
 
 
+def _full_checkpoint(cfg: dict, weights_source) -> bool:
+    """Whether fold checkpoints hold the whole model (``checkpoint`` in train.yaml)."""
+    if cfg["checkpoint"] not in ("auto", "full", "trainable"):
+        raise KitError(f"train: checkpoint must be auto, full or trainable "
+                       f"(got {cfg['checkpoint']!r})")
+    return cfg["checkpoint"] == "full" or (
+        cfg["checkpoint"] == "auto" and str(weights_source).startswith("random"))
+
+
 def _train_fold(k: int, ctx: dict) -> dict:
-    """Train fold ``k``, write its outputs and finally its ``done.json``; return the mark."""
+    """Train fold ``k`` on pixels, write its outputs and finally its ``done.json``."""
     from kit.train import build_model, fit_fold, predict
     from kit.utils import seed_everything
 
@@ -168,11 +195,7 @@ def _train_fold(k: int, ctx: dict) -> dict:
         print(f"{ctx['backbone']}: {n_trainable:,} trainable parameters "
               f"(weights: {model.backbone.weights_source})")
         ctx["printed"] = True
-    full = cfg["checkpoint"] == "full" or (
-        cfg["checkpoint"] == "auto" and str(model.backbone.weights_source).startswith("random"))
-    if cfg["checkpoint"] not in ("auto", "full", "trainable"):
-        raise KitError(f"train: checkpoint must be auto, full or trainable "
-                       f"(got {cfg['checkpoint']!r})")
+    full = _full_checkpoint(cfg, model.backbone.weights_source)
     desc = f"{ctx['backbone']} fold {k}"
     res = fit_fold(model, train.array, tr.row.values, tr.y.values, va.row.values, va.y.values,
                    cfg, seed=seed, device=ctx["device"], ckpt_path=fold_dir / "model.pt",
@@ -185,6 +208,25 @@ def _train_fold(k: int, ctx: dict) -> dict:
                        cfg["aggregate"])
     tst = _image_probs(predict(res.model, test.array, None, desc=f"{desc} test", **opts),
                        cfg["aggregate"])
+    mark = _write_fold(k, ctx, oof, tst, {
+        "weights_source": model.backbone.weights_source, "trainable_params": n_trainable,
+        "best_epoch": res.best_epoch, "val_macro_f1": res.best_score, "epochs": res.epochs,
+        "seconds": round(res.seconds, 1), "history": res.history, "seed": seed})
+    print(f"{desc}: {res.epochs} epochs, best macro F1 {res.best_score:.3f} at epoch "
+          f"{res.best_epoch} (TTA {mark['macro_f1']:.3f}), {res.seconds:.0f} s")
+    return mark
+
+
+def _write_fold(k: int, ctx: dict, oof: dict, tst: dict, record: dict) -> dict:
+    """Write fold ``k``'s per-view and TTA-mean image probabilities, then ``done.json`` (last).
+
+    ``oof``/``tst`` map each view to ``n x C`` probabilities of the fold's validation images
+    (folds-file order) and of the test images; ``record`` is how the fold was trained. Both
+    training paths end here, so their fold files cannot differ in format.
+    """
+    folds, test = ctx["folds"], ctx["test"]
+    fold_dir = ctx["out"] / f"fold_{k}"
+    tr, va = folds[folds.fold != k], folds[folds.fold == k]
     front = {"fold": k, "label": va.label.values}
     for v in ctx["views"]:
         atomic_write_csv(fold_dir / "tta" / f"oof_{v}.csv",
@@ -200,18 +242,90 @@ def _train_fold(k: int, ctx: dict) -> dict:
     mark = {
         "fold": k, "config_hash": ctx["hash"], "folds_sha256": ctx["folds_sha"],
         "patch_keys": ctx["keys"], "backbone": ctx["backbone"],
-        "weights_source": model.backbone.weights_source, "trainable_params": n_trainable,
-        "views": list(ctx["views"]), "best_epoch": res.best_epoch,
-        "val_macro_f1": res.best_score, "epochs": res.epochs, "seconds": round(res.seconds, 1),
+        "training_path": ctx["training_path"], "views": list(ctx["views"]), **record,
         "macro_f1": macro_f1(va.y.values, oof_mean),
-        "weighted_f1": weighted_f1(va.y.values, oof_mean), "history": res.history,
+        "weighted_f1": weighted_f1(va.y.values, oof_mean),
         "train_samples": tr.sample_index.tolist(), "val_samples": va.sample_index.tolist(),
-        "device": str(ctx["device"]), "seed": seed,
+        "device": str(ctx["device"]),
     }
     atomic_write_json(fold_dir / "done.json", mark)
-    print(f"{desc}: {res.epochs} epochs, best macro F1 {res.best_score:.3f} at epoch "
-          f"{res.best_epoch} (TTA {mark['macro_f1']:.3f}), {res.seconds:.0f} s")
     return mark
+
+
+# --------------------------------------------------------------------------- feature cache
+PIXEL_AUGMENT = ("augment.cutmix_alpha", "augment.color_jitter.p", "augment.rot90",
+                 "augment.hflip", "augment.vflip")
+
+
+def training_path(cfg: dict, feature_cache: bool = True) -> str:
+    """``feature_cache`` when nothing in the backbone trains (:func:`kit.features.nothing_trains`)
+    and the cache is allowed, else ``pixels``."""
+    from kit.features import nothing_trains
+
+    return "feature_cache" if feature_cache and nothing_trains(cfg) else "pixels"
+
+
+def pixel_augment_not_applied(cfg: dict) -> dict:
+    """The pixel augmentation settings of ``cfg`` that the feature-cache path cannot apply
+    (non-zero probabilities / alpha), as dotted keys."""
+    out = {}
+    for key in PIXEL_AUGMENT:
+        node = cfg
+        for part in key.split("."):
+            node = node.get(part, 0) if isinstance(node, dict) else 0
+        if node:
+            out[key] = node
+    return out
+
+
+def _feature_folds(pending: list[int], ctx: dict) -> dict[int, dict]:
+    """Folds ``pending`` with the head trained on cached embeddings (:func:`kit.features.
+    features_cv`), written exactly like pixel-trained folds (model.pt included)."""
+    from kit import features
+    from kit.heads import PatchClassifier
+    from kit.train import save_checkpoint
+
+    cfg, out = ctx["cfg"], ctx["out"]
+    for k in pending:  # not done until their outputs are rewritten
+        (out / f"fold_{k}" / "done.json").unlink(missing_ok=True)
+    bb = features.frozen_backbone(ctx["backbone"], cfg, ctx["weights"], ctx["seed"],
+                                  patch_size=int(ctx["train"].array.shape[2]))
+    if int(cfg.get("input_size") or 0) > 0:
+        bb.input_size = int(cfg["input_size"])  # as build_model: the embeddings use it too
+    fcv = features.prepare(bb, ctx["paths"], cfg=cfg, seed=ctx["seed"], device=ctx["device"])
+    full = _full_checkpoint(cfg, bb.weights_source)
+    info = {"views": list(fcv.train.views), "train_dir": str(fcv.train.path),
+            "train_key": fcv.train.key, "test_dir": str(fcv.test.path),
+            "test_key": fcv.test.key, "weights_sha256": fcv.train.meta.get("weights_sha256"),
+            "dtype": fcv.train.meta.get("dtype")}
+    marks = {}
+
+    def write(k: int, pred) -> None:
+        va = ctx["folds"][ctx["folds"].fold == k]
+        if list(pred.sample_index) != list(va.sample_index):
+            raise KitError(f"{fcv.train.path}: fold {k} rows do not match {ctx['paths'].folds_csv}"
+                           "; rerun with --restart")  # cannot happen: both read load_folds
+        fit, desc = pred.fit, f"{ctx['backbone']} fold {k}"
+        n_trainable = sum(p.numel() for p in fit.head.parameters())
+        if not ctx.get("printed"):
+            print(f"{ctx['backbone']}: {n_trainable:,} trainable parameters, the head only "
+                  f"(weights: {bb.weights_source})")
+            ctx["printed"] = True
+        save_checkpoint(PatchClassifier(bb, fit.head), out / f"fold_{k}" / "model.pt", full,
+                        {"backbone": ctx["backbone"], "fold": k, "config_hash": ctx["hash"],
+                         "training_path": "feature_cache", "best_epoch": fit.best_epoch,
+                         "best_macro_f1": fit.best_score})
+        marks[k] = _write_fold(k, ctx, pred.per_view, pred.test_per_view, {
+            "weights_source": bb.weights_source, "trainable_params": n_trainable,
+            "best_epoch": fit.best_epoch, "val_macro_f1": fit.best_score, "epochs": fit.epochs,
+            "seconds": round(fit.seconds, 1), "history": fit.history, "seed": ctx["seed"] + k,
+            "feature_cache": info})
+        print(f"{desc}: {fit.epochs} epochs, best macro F1 {fit.best_score:.3f} at epoch "
+              f"{fit.best_epoch} (TTA {marks[k]['macro_f1']:.3f}), {fit.seconds:.0f} s "
+              "(head on cached embeddings)")
+
+    features.features_cv(fcv, ctx["paths"], folds=pending, on_fold=write)
+    return marks
 
 
 # --------------------------------------------------------------------------- assembly
@@ -266,7 +380,8 @@ def _assemble(ctx: dict, marks: dict[int, dict]) -> dict:
                          "val_macro_f1_id": m["val_macro_f1"], "best_epoch": m["best_epoch"],
                          "epochs": m["epochs"], "seconds": m["seconds"]})
     cfg_record = {"backbone": ctx["backbone"], "weights": str(ctx["weights"]), "seed": ctx["seed"],
-                  "params": ctx["params_desc"], **ctx["cfg"]}
+                  "params": ctx["params_desc"], "training_path": ctx["training_path"],
+                  **ctx["cfg"]}
     metrics = {
         "backbone": ctx["backbone"], "oof_macro_f1": summary["macro_f1"],
         "oof_weighted_f1": summary["weighted_f1"], "oof_accuracy": summary["accuracy"],
@@ -281,8 +396,12 @@ def _assemble(ctx: dict, marks: dict[int, dict]) -> dict:
         "weights_source": marks[0]["weights_source"],
         "trainable_params": marks[0]["trainable_params"],
         "seconds": round(sum(m["seconds"] for m in marks.values()), 1),
+        "training_path": ctx["training_path"],
         "versions": package_versions(),
     }
+    if ctx["training_path"] == "feature_cache":
+        metrics["feature_cache"] = {**marks[0].get("feature_cache", {}),
+                                    "not_applied": pixel_augment_not_applied(ctx["cfg"])}
     plot_confusion(summary["confusion"], CLASSES, out / "confusion.png",
                    title=f"{ctx['backbone']} OOF, macro F1 {summary['macro_f1']:.3f}")
     write_config(out / "config.yaml", cfg_record)
@@ -293,7 +412,7 @@ def _assemble(ctx: dict, marks: dict[int, dict]) -> dict:
 # --------------------------------------------------------------------------- stage
 def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
            weights="auto", fold: int | None = None, params=None, device=None,
-           restart: bool = False) -> dict:
+           restart: bool = False, feature_cache: bool = True) -> dict:
     """Train ``backbone`` on every fold (or fold ``fold``) and assemble its predictions.
 
     Parameters
@@ -316,6 +435,11 @@ def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
         ``cpu``, ``cuda``, ``mps``; default: the best available.
     restart : bool
         Retrain even folds that are done (only ``fold`` when given).
+    feature_cache : bool
+        When the config trains nothing in the backbone (no norm layer, no block), embed every
+        patch and view once (``runs/features/``) and train the heads on the cached vectors:
+        the same files for a fraction of the compute, without pixel augmentation (colour
+        jitter, CutMix; flips become a random cached view). False: always train on pixels.
 
     Returns
     -------
@@ -341,13 +465,21 @@ def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
         _restart(out, fold)
     marks = _check_folds_unchanged(out, folds_sha, n_folds)
     keys = {"train": train.key, "test": test.key}
+    path = training_path(cfg, feature_cache)
+    dtype = load_config("features")["dtype"] if path == "feature_cache" else None
     ctx = dict(paths=paths, backbone=backbone, weights=weights, seed=int(seed), cfg=cfg,
                views=views, folds=folds, folds_sha=folds_sha, train=train, test=test, out=out,
                keys=keys, n_folds=n_folds, device=pick_device(device), params_desc=params_desc,
-               hash=config_hash(backbone, weights, seed, cfg, keys))
+               training_path=path, hash=config_hash(backbone, weights, seed, cfg, keys, path,
+                                                    dtype))
     print(f"{backbone}: {n_folds} folds, {len(folds)} training images, {len(test.samples)} "
           f"test images, device {ctx['device']}, params: {params_desc}")
+    if path == "feature_cache":
+        _explain_feature_cache(backbone, cfg, views)
+    elif training_path(cfg) == "feature_cache":
+        print(f"{backbone}: frozen backbone, but --no-feature-cache: training on pixels")
     t0 = time.perf_counter()
+    todo = []
     for k in ([int(fold)] if fold is not None else range(n_folds)):
         mark = marks.get(k)
         if mark is not None and mark.get("config_hash") == ctx["hash"]:
@@ -355,7 +487,12 @@ def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
             continue
         if mark is not None:
             print(f"{backbone} fold {k}: config changed since it was trained; retraining")
-        marks[k] = _train_fold(k, ctx)
+        todo.append(k)
+    if todo and path == "feature_cache":  # one embedding pass, then a head per fold
+        marks.update(_feature_folds(todo, ctx))
+    elif todo:
+        for k in todo:
+            marks[k] = _train_fold(k, ctx)
     pending = [k for k in range(n_folds)
                if k not in marks or marks[k].get("config_hash") != ctx["hash"]]
     if pending:
@@ -369,3 +506,16 @@ def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
           f"{metrics['trainable_params']:,} trainable parameters, "
           f"{time.perf_counter() - t0:.0f} s -> {out}")
     return metrics
+
+
+def _explain_feature_cache(backbone: str, cfg: dict, views) -> None:
+    """Say which path runs and what it does not apply, before any work starts."""
+    from kit.features import cache_views
+
+    skipped = pixel_augment_not_applied(cfg)
+    print(f"{backbone}: frozen backbone: training heads on cached embeddings (runs/features/"
+          f"{backbone}/; --no-feature-cache trains on pixels instead)")
+    if skipped:
+        print(f"{backbone}: pixel augmentation is not applied on this path ("
+              f"{', '.join(f'{k}={v}' for k, v in skipped.items())}); each patch is drawn in "
+              f"a random cached view ({', '.join(cache_views(views))}) per epoch instead")

@@ -14,6 +14,10 @@ import numpy as np
 import yaml
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class KitError(Exception):
     """An error the user can fix; the CLI prints it as one line per problem, no traceback.
 
@@ -43,6 +47,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        if tmp.exists():  # mkstemp creates 0600; give the file the mode a plain open() would
+            os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -1,9 +1,6 @@
 """``./run.sh clean``: flag junk training images -> folds/outliers.csv and a review page."""
 from __future__ import annotations
 
-import sys
-import warnings
-
 from kit.paths import Paths
 
 
@@ -31,12 +28,8 @@ def run(args) -> int:
            "workers": args.workers}
     cfg = _drop_none(cfg)
     paths = Paths.from_root(args.workdir)
-    with warnings.catch_warnings(record=True) as caught:  # one plain line each, no source line
-        warnings.simplefilter("always")
-        dataset = load_dataset(args.data, skip_bad=args.skip_bad)
-        outliers = clean.run_clean(dataset, paths, cfg)
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
+    dataset = load_dataset(args.data, skip_bad=args.skip_bad)
+    outliers = clean.run_clean(dataset, paths, cfg)
     counts = outliers["reason"].value_counts()
     print(f"{dataset.root}: {len(outliers)} of {len(dataset.train)} training images flagged")
     for reason in clean.REASONS:

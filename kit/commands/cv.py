@@ -19,6 +19,14 @@ def add_arguments(parser):
                         help="override train.yaml batch_size (lower it on out-of-memory)")
     parser.add_argument("--unfreeze-last", type=int, default=None,
                         help="also train the last N blocks of the backbone (default: 0)")
+    parser.add_argument("--train-norm", default=None,
+                        help="norm layers left trainable: comma list of batchnorm, groupnorm, "
+                             "layernorm, or none (default: train.yaml's, all three); with none "
+                             "and no unfrozen block, heads train on cached embeddings")
+    parser.add_argument("--no-feature-cache", action="store_true",
+                        help="train on pixels even when nothing in the backbone trains (the "
+                             "default then trains heads on cached embeddings: no colour "
+                             "jitter or CutMix)")
     parser.add_argument("--device", choices=("cpu", "cuda", "mps"), default=None,
                         help="default: cuda, else mps, else cpu")
     parser.add_argument("--restart", action="store_true",
@@ -31,6 +39,9 @@ def run(args) -> int:
 
     overrides = {"epochs": args.epochs, "batch_size": args.batch_size,
                  "unfreeze_last": args.unfreeze_last}
+    if args.train_norm is not None:
+        kinds = [k.strip() for k in args.train_norm.split(",") if k.strip()]
+        overrides["train_norm"] = [k for k in kinds if k.lower() != "none"]
     for key in ("epochs", "batch_size"):
         if overrides[key] is not None and overrides[key] < 1:
             from kit.utils import KitError
@@ -38,5 +49,5 @@ def run(args) -> int:
             raise KitError(f"--{key.replace('_', '-')} must be >= 1 (got {overrides[key]})")
     run_cv(args.backbone, Paths.from_root(args.workdir), cfg=overrides, seed=args.seed,
            weights=args.weights, fold=args.fold, params=args.params, device=args.device,
-           restart=args.restart)
+           restart=args.restart, feature_cache=not args.no_feature_cache)
     return 0
