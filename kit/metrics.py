@@ -106,8 +106,8 @@ def classification_summary(y_true, probs, classes=CLASSES) -> dict:
     }
 
 
-def plot_confusion(cm, classes, path: str | os.PathLike, title: str | None = None) -> None:
-    """Save a confusion matrix (rows true, columns predicted) as a PNG, atomically."""
+def confusion_figure(cm, classes, title: str | None = None):
+    """A matplotlib figure of a confusion matrix (rows true, columns predicted)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,6 +127,14 @@ def plot_confusion(cm, classes, path: str | os.PathLike, title: str | None = Non
         ax.text(j, i, str(v), ha="center", va="center",
                 color="white" if v > threshold else "black")
     fig.tight_layout()
+    return fig
+
+
+def plot_confusion(cm, classes, path: str | os.PathLike, title: str | None = None) -> None:
+    """Save a confusion matrix (rows true, columns predicted) as a PNG, atomically."""
+    import matplotlib.pyplot as plt
+
+    fig = confusion_figure(cm, classes, title)
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=100)

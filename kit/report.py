@@ -287,21 +287,10 @@ def _confusion_figure(paths: Paths, name: str, m: dict) -> str:
 
 
 def confusion_png(cm, classes, title: str) -> bytes:
-    """PNG bytes of a confusion matrix, drawn like ``kit.metrics.plot_confusion``."""
-    plt = _pyplot()
-    cm = np.asarray(cm)
-    fig, ax = plt.subplots(figsize=(5, 4.4))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(classes)), labels=classes, rotation=30, ha="right")
-    ax.set_yticks(range(len(classes)), labels=classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    threshold = cm.max() / 2 if cm.size else 0
-    for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > threshold else "black")
-    fig.tight_layout()
-    return _fig_png(fig)
+    """PNG bytes of a confusion matrix, drawn as ``runs/<bb>/confusion.png`` is."""
+    from kit.metrics import confusion_figure
+
+    return _fig_png(confusion_figure(cm, classes, title))
 
 
 # ----------------------------------------------------------------------------- blend
