@@ -292,7 +292,17 @@ def _feature_folds(pending: list[int], ctx: dict) -> dict[int, dict]:
                                   patch_size=int(ctx["train"].array.shape[2]))
     if int(cfg.get("input_size") or 0) > 0:
         bb.input_size = int(cfg["input_size"])  # as build_model: the embeddings use it too
-    fcv = features.prepare(bb, ctx["paths"], cfg=cfg, seed=ctx["seed"], device=ctx["device"])
+    try:
+        fcv = features.prepare(bb, ctx["paths"], cfg=cfg, seed=ctx["seed"], device=ctx["device"])
+    except RuntimeError as exc:  # torch.OutOfMemoryError is one
+        from kit.train import _is_oom
+
+        if not _is_oom(exc):
+            raise
+        size = load_config("features")["batch_size"]
+        raise KitError(f"out of memory while embedding patches for the feature cache, {size} "
+                       f"patches a batch on {ctx['device']}; lower batch_size in "
+                       "kit/conf/features.yaml (finished folds are kept)")
     full = _full_checkpoint(cfg, bb.weights_source)
     info = {"views": list(fcv.train.views), "train_dir": str(fcv.train.path),
             "train_key": fcv.train.key, "test_dir": str(fcv.test.path),

@@ -1,3 +1,5 @@
+import contextlib
+import io
 import json
 import shutil
 import subprocess
@@ -221,3 +223,161 @@ def test_cli_runs_and_reports_missing_inputs(tmp_path):
     failed = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert failed.returncode == 2 and "run ./run.sh folds first" in failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+# --------------------------------------------------------------------------- feature cache
+FROZEN = {**CFG, "epochs": 4, "lr": 0.01, "train_norm": [], "unfreeze_last": 0}
+
+
+def _tree(out: Path) -> set[str]:
+    return {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    """A frozen-backbone run (cache path) counting the calls of both training paths."""
+    import kit.features
+    import kit.train
+
+    paths = make_workdir(tmp_path_factory.mktemp("cvf") / "w", n_folds=3)
+    calls = {"features_cv": 0, "fit_fold": 0}
+    real_features_cv, real_fit_fold = kit.features.features_cv, kit.train.fit_fold
+
+    def features_cv(*a, **kw):
+        calls["features_cv"] += 1
+        return real_features_cv(*a, **kw)
+
+    def fit_fold(*a, **kw):
+        calls["fit_fold"] += 1
+        return real_fit_fold(*a, **kw)
+
+    log = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(log):
+        mp.setattr(kit.features, "features_cv", features_cv)
+        mp.setattr(kit.train, "fit_fold", fit_fold)
+        metrics = _run(paths, cfg=FROZEN, seed=5)
+    return paths, metrics, dict(calls), log.getvalue()
+
+
+def test_a_frozen_backbone_trains_heads_on_cached_embeddings(cached):
+    paths, metrics, calls, log = cached
+    assert calls == {"features_cv": 1, "fit_fold": 0}  # one cache pass, no pixel training
+    assert metrics["training_path"] == "feature_cache"
+    assert "frozen backbone: training heads on cached embeddings" in log
+    assert "pixel augmentation is not applied" in log and "augment.cutmix_alpha=1.0" in log
+    assert metrics["feature_cache"]["not_applied"]["augment.color_jitter.p"] == 0.8
+    assert list((paths.features_dir / BB).glob("train-*/features.npy"))
+    assert list((paths.features_dir / BB).glob("test-*/features.npy"))
+    # Only the head trains: a linear 64 -> 256 -> 4 MLP, no BatchNorm of the backbone.
+    assert metrics["trainable_params"] == 64 * 256 + 256 + 256 * 4 + 4
+
+
+def test_cache_path_gives_the_oof_of_features_cv(cached):
+    from kit.features import features_cv
+
+    paths, metrics, _, _ = cached
+    out = paths.backbone_dir(BB)
+    res = features_cv(BB, paths, cfg=FROZEN, seed=5, weights="random")
+    oof, test = _csv(out / "oof.csv"), _csv(out / "test.csv")
+    assert oof.sample_index.tolist() == res.oof.sample_index.tolist()
+    assert oof.fold.tolist() == res.oof.fold.tolist()
+    np.testing.assert_allclose(oof[PROB_COLUMNS], res.oof[PROB_COLUMNS], atol=1e-6)
+    np.testing.assert_allclose(test[PROB_COLUMNS], res.test[PROB_COLUMNS], atol=1e-6)
+    for v in ("id", "hflip", "vflip"):
+        np.testing.assert_allclose(_csv(out / "tta" / f"oof_{v}.csv")[PROB_COLUMNS],
+                                   res.oof_views[v][PROB_COLUMNS], atol=1e-6)
+    assert metrics["oof_macro_f1"] == pytest.approx(res.oof_macro_f1)
+    assert [f["macro_f1"] for f in metrics["per_fold"]] == \
+        pytest.approx([f["macro_f1"] for f in res.per_fold])
+    assert metrics["oof_macro_f1"] > 0.5  # the tint is learnt from frozen random features
+
+
+def test_cache_path_writes_the_files_of_the_pixel_path(cached, done, tmp_path):
+    from kit.blend import load_inputs
+    from kit.train import build_model, load_checkpoint, predict
+    from kit.metrics import aggregate
+    from kit.patches import load_patches
+
+    paths, metrics, _, _ = cached
+    out = paths.backbone_dir(BB)
+    assert _tree(out) == _tree(done[0].backbone_dir(BB))  # model.pt and done.json included
+    for name in ("oof.csv", "test.csv", "tta/test_vflip.csv", "fold_1/tta/oof_id.csv"):
+        assert list(_csv(out / name).columns) == list(_csv(done[0].backbone_dir(BB) / name).columns)
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert set(done[1]) <= set(on_disk)  # every key of the pixel path's metrics.json
+    assert on_disk["folds_sha256"] == done[1]["folds_sha256"] != ""
+    assert "training_path: feature_cache" in (out / "config.yaml").read_text()
+    assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    # Fold k's checkpoint is the model behind its OOF rows (float16 cache: close, not equal).
+    train = load_patches(paths, "train")
+    folds = _csv(paths.folds_csv)
+    for k in range(3):
+        model, _ = build_model(BB, metrics["config"], "random", patch_size=32)
+        load_checkpoint(model, out / f"fold_{k}" / "model.pt")
+        rows = np.flatnonzero(folds.fold.to_numpy() == k)
+        probs = aggregate(predict(model, train.array, rows)["id"])
+        view = _csv(out / "tta" / "oof_id.csv").iloc[rows]
+        np.testing.assert_allclose(view[PROB_COLUMNS].to_numpy(), probs, atol=2e-3)
+    # The blender takes it beside a pixel-trained backbone.
+    shutil.copytree(done[0].backbone_dir(BB), paths.backbone_dir("tiny_vit"))
+    data = tmp_path / "data"
+    (data / "train_data").mkdir(parents=True)
+    (data / "test_data").mkdir()
+    for i in _csv(out / "test.csv").sample_index:
+        (data / "test_data" / i).touch()
+    try:
+        inputs = load_inputs(paths, data, [BB, "tiny_vit"], weight_views=True)
+    finally:
+        shutil.rmtree(paths.backbone_dir("tiny_vit"))
+    assert inputs.oof.shape == (6, 24, 4) and inputs.test.shape == (6, 8, 4)
+
+
+def test_cache_path_resumes_by_fold(cached, tmp_path, capsys):
+    paths = make_workdir(tmp_path / "w", n_folds=3)
+    out = paths.backbone_dir(BB)
+    partial = _run(paths, cfg=FROZEN, seed=5, fold=1)
+    assert partial["assembled"] is False and partial["pending"] == [0, 2]
+    stamp = (out / "fold_1" / "done.json").stat().st_mtime_ns
+    _run(paths, cfg=FROZEN, seed=5)
+    text = capsys.readouterr().out
+    assert "fold 1: done earlier" in text and "fold 2: 4 epochs" in text
+    assert "embedded" not in text.split("fold 1: done earlier")[1]  # the cache was reused
+    assert (out / "fold_1" / "done.json").stat().st_mtime_ns == stamp
+    for name in ("oof.csv", "test.csv", "tta/oof_hflip.csv"):
+        a = _csv(out / name)[PROB_COLUMNS].to_numpy()
+        b = _csv(cached[0].backbone_dir(BB) / name)[PROB_COLUMNS].to_numpy()
+        np.testing.assert_allclose(a, b, atol=1e-6)  # fold order does not matter
+
+
+def test_training_path_needs_everything_frozen():
+    from kit.cv import pixel_augment_not_applied, training_path
+    from kit.train import train_config
+
+    assert training_path(train_config()) == "pixels"  # the default trains the norm layers
+    assert training_path(train_config({"train_norm": []})) == "feature_cache"
+    assert training_path(train_config({"train_norm": []}), feature_cache=False) == "pixels"
+    assert training_path(train_config({"train_norm": [], "unfreeze_last": 1})) == "pixels"
+    cfg = train_config({"train_norm": [], "augment": {"cutmix_alpha": 0.0, "hflip": 0.0}})
+    assert set(pixel_augment_not_applied(cfg)) == {"augment.color_jitter.p", "augment.rot90",
+                                                   "augment.vflip"}
+
+
+def test_cli_frozen_backbone_and_no_feature_cache(tmp_path):
+    paths = make_workdir(tmp_path / "w", n_train=12, n_test=4, n_folds=2)
+    cmd = [str(REPO / "run.sh"), "cv", BB, "--workdir", str(paths.root), "--weights", "random",
+           "--epochs", "1", "--params", "none", "--device", "cpu", "--train-norm", "none"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "frozen backbone: training heads on cached embeddings" in done.stdout
+    metrics = json.loads((paths.backbone_dir(BB) / "metrics.json").read_text())
+    assert metrics["training_path"] == "feature_cache" and metrics["config"]["train_norm"] == []
+    done = subprocess.run(cmd + ["--no-feature-cache"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    # The cache path's folds are not taken for pixel-trained ones: both retrain.
+    assert "training on pixels" in done.stdout and "cached embeddings" not in done.stdout
+    assert done.stdout.count("config changed since it was trained; retraining") == 2
+    metrics = json.loads((paths.backbone_dir(BB) / "metrics.json").read_text())
+    assert metrics["training_path"] == "pixels" and "feature_cache" not in metrics
+    bad = subprocess.run(cmd[:-1] + ["instancenorm"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "train_norm: unknown kind" in bad.stderr
