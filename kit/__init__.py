@@ -11,3 +11,5 @@ __version__ = "0.1.0"
 
 # Label strings exactly as in train_labels.csv; this order is the kit's class order everywhere.
 CLASSES = ("Luminal A", "Luminal B", "HER2(+)", "Triple negative")
+# Probability columns of every OOF/test file: "p_" + the label string, in class order.
+PROB_COLUMNS = [f"p_{c}" for c in CLASSES]

@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kit import CLASSES
+from kit import CLASSES, PROB_COLUMNS
 from kit.config import load_config
-from kit.metrics import macro_f1
+from kit.metrics import macro_f1, macro_f1_batch, per_class_f1
 from kit.paths import Paths
 from kit.utils import (KitError, atomic_write_bytes, atomic_write_csv, atomic_write_json,
                        check_random_state, sha256_file, write_config)
@@ -42,7 +42,6 @@ OBJECTIVES = ("f1", "logloss")
 REQUIRED_FILES = ("oof.csv", "test.csv", "metrics.json")
 # runs/ sub-folders written by other stages: never backbones, whatever they hold.
 RESERVED_RUN_DIRS = frozenset({"blend", "tune", "patches", "clean", "features", "demo"})
-PROB_COLUMNS = tuple(f"p_{c}" for c in CLASSES)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -189,11 +188,11 @@ def _read_probs(path: Path, columns: tuple[str, ...], paths: Paths, files: dict)
     except Exception as exc:  # pandas raises several types for unparsable CSV
         raise KitError(f"{path}: cannot be read as CSV ({exc}); rerun the cv stage")
     files[_rel(paths, path)] = sha256_file(path)
-    lacking = [c for c in columns + PROB_COLUMNS if c not in df.columns]
+    lacking = [c for c in [*columns, *PROB_COLUMNS] if c not in df.columns]
     if lacking:
         raise KitError(f"{path}: missing column(s) {', '.join(lacking)}; expected "
-                       f"{','.join(columns + PROB_COLUMNS)}")
-    probs = df.loc[:, list(PROB_COLUMNS)].to_numpy(np.float64)
+                       f"{','.join([*columns, *PROB_COLUMNS])}")
+    probs = df.loc[:, PROB_COLUMNS].to_numpy(np.float64)
     bad = ~np.isfinite(probs).all(axis=1) | (probs < 0).any(axis=1) | (probs.sum(axis=1) <= 0)
     if bad.any():
         lines = ", ".join(str(i + 2) for i in np.flatnonzero(bad)[:10])
@@ -203,7 +202,7 @@ def _read_probs(path: Path, columns: tuple[str, ...], paths: Paths, files: dict)
     if len(dup):
         raise KitError(f"{path}: {len(dup)} duplicate sample_index values "
                        f"({', '.join(dup.head(5))}); rerun the cv stage")
-    df.loc[:, list(PROB_COLUMNS)] = probs / probs.sum(axis=1, keepdims=True)
+    df.loc[:, PROB_COLUMNS] = probs / probs.sum(axis=1, keepdims=True)
     return df.set_index("sample_index")
 
 
@@ -229,41 +228,16 @@ def _read_oof(path: Path, folds: pd.DataFrame, paths: Paths, files: dict) -> np.
     if wrong.any():
         raise KitError(f"{path}: fold or label of {int(wrong.sum())} images differ from "
                        f"{paths.folds_csv} (e.g. {df.index[wrong][0]}); rerun the cv stage")
-    return df.loc[:, list(PROB_COLUMNS)].to_numpy(np.float64)
+    return df.loc[:, PROB_COLUMNS].to_numpy(np.float64)
 
 
 def _read_test(path: Path, test_ids: list[str], paths: Paths, files: dict) -> np.ndarray:
     df = _read_probs(path, ("sample_index",), paths, files)
     _same_images(path, df.index, test_ids, "test_data/")
-    return df.loc[test_ids, list(PROB_COLUMNS)].to_numpy(np.float64)
+    return df.loc[test_ids, PROB_COLUMNS].to_numpy(np.float64)
 
 
 # ----------------------------------------------------------------------------- scoring
-
-def macro_f1_batch(pred: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
-    """Macro F1 of each row of ``pred`` (G x N class indices) against ``y`` (N), vectorised.
-
-    Same definition as :func:`kit.metrics.macro_f1`: classes absent from both truth and
-    prediction are left out of the average.
-    """
-    f1, present = _f1_counts(pred, y, n_classes)
-    return f1.sum(axis=1) / np.maximum(present.sum(axis=1), 1)
-
-
-def _f1_counts(pred, y, n_classes):
-    pred = np.atleast_2d(pred)
-    g = pred.shape[0]
-    cell = pred + n_classes * np.arange(g)[:, None]
-    predicted = np.bincount(cell.ravel(), minlength=g * n_classes).reshape(g, n_classes)
-    hits = np.bincount(cell[pred == y[None, :]], minlength=g * n_classes).reshape(g, n_classes)
-    denom = predicted + np.bincount(y, minlength=n_classes)[None, :]
-    f1 = np.divide(2.0 * hits, denom, out=np.zeros(denom.shape), where=denom > 0)
-    return f1, denom > 0
-
-
-def per_class_f1(y: np.ndarray, pred: np.ndarray, n_classes: int = len(CLASSES)) -> np.ndarray:
-    return _f1_counts(pred, y, n_classes)[0][0]
-
 
 def _score_batch(probs: np.ndarray, y: np.ndarray, objective: str, eps: float) -> np.ndarray:
     """Higher-is-better score of each candidate blend (G x N x C)."""
@@ -595,13 +569,13 @@ def _write_run_dir(paths: Paths, result: BlendResult) -> None:
     s, ids = result.search, result.inputs
     oof = pd.DataFrame({"sample_index": ids.ids, "fold": ids.folds,
                         "label": [CLASSES[i] for i in ids.y]})
-    oof[list(PROB_COLUMNS)] = s.oof_probs
+    oof[PROB_COLUMNS] = s.oof_probs
     oof[[f"nested_{c}" for c in PROB_COLUMNS]] = s.nested_probs
     oof["pred"] = [CLASSES[i] for i in s.pred_in_sample]
     oof["pred_nested"] = [CLASSES[i] for i in s.pred_nested]
     atomic_write_csv(out / "oof_blend.csv", oof, float_format="%.6f")
     test = pd.DataFrame({"sample_index": ids.test_ids})
-    test[list(PROB_COLUMNS)] = result.test_probs
+    test[PROB_COLUMNS] = result.test_probs
     test["label"] = result.test_labels
     atomic_write_csv(out / "test_blend.csv", test, float_format="%.6f")
 

@@ -28,14 +28,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kit import CLASSES
+from kit import CLASSES, PROB_COLUMNS
 from kit.config import load_config
-from kit.metrics import aggregate, classification_summary, macro_f1, plot_confusion, weighted_f1
+from kit.metrics import (aggregate, classification_summary, macro_f1, plot_confusion, prob_frame,
+                         weighted_f1)
 from kit.paths import Paths
 from kit.utils import (KitError, atomic_write_csv, atomic_write_json, package_versions, read_yaml,
                        sha256_text, write_config)
 
-PROB_COLUMNS = [f"p_{c}" for c in CLASSES]
 FLOAT_FORMAT = "%.7g"
 # Config keys that change speed, not results: they do not invalidate finished folds.
 _NOT_HASHED = ("num_workers", "eval_batch_size")
@@ -158,13 +158,6 @@ def _restart(out: Path, fold: int | None) -> None:
 
 
 # --------------------------------------------------------------------------- one fold
-def _prob_frame(ids, probs, **front) -> pd.DataFrame:
-    df = pd.DataFrame({"sample_index": list(ids), **front})
-    for j, col in enumerate(PROB_COLUMNS):
-        df[col] = probs[:, j]
-    return df
-
-
 def _image_probs(patch_probs: dict, how: str) -> dict[str, np.ndarray]:
     return {v: aggregate(p, how) for v, p in patch_probs.items()}
 
@@ -230,14 +223,14 @@ def _write_fold(k: int, ctx: dict, oof: dict, tst: dict, record: dict) -> dict:
     front = {"fold": k, "label": va.label.values}
     for v in ctx["views"]:
         atomic_write_csv(fold_dir / "tta" / f"oof_{v}.csv",
-                         _prob_frame(va.sample_index, oof[v], **front), FLOAT_FORMAT)
+                         prob_frame(va.sample_index, oof[v], **front), FLOAT_FORMAT)
         atomic_write_csv(fold_dir / "tta" / f"test_{v}.csv",
-                         _prob_frame(test.samples.sample_index, tst[v]), FLOAT_FORMAT)
+                         prob_frame(test.samples.sample_index, tst[v]), FLOAT_FORMAT)
     oof_mean = np.mean([oof[v] for v in ctx["views"]], axis=0)
     test_mean = np.mean([tst[v] for v in ctx["views"]], axis=0)
-    atomic_write_csv(fold_dir / "oof.csv", _prob_frame(va.sample_index, oof_mean, **front),
+    atomic_write_csv(fold_dir / "oof.csv", prob_frame(va.sample_index, oof_mean, **front),
                      FLOAT_FORMAT)
-    atomic_write_csv(fold_dir / "test.csv", _prob_frame(test.samples.sample_index, test_mean),
+    atomic_write_csv(fold_dir / "test.csv", prob_frame(test.samples.sample_index, test_mean),
                      FLOAT_FORMAT)
     mark = {
         "fold": k, "config_hash": ctx["hash"], "folds_sha256": ctx["folds_sha"],
@@ -361,11 +354,11 @@ def _assemble(ctx: dict, marks: dict[int, dict]) -> dict:
         if any(not t.sample_index.equals(ids) for t in tests):
             raise KitError(f"{out}: fold test predictions list different images; "
                            "rerun with --restart")
-        test_view[v] = _prob_frame(ids, np.mean([t[PROB_COLUMNS].to_numpy() for t in tests], 0))
+        test_view[v] = prob_frame(ids, np.mean([t[PROB_COLUMNS].to_numpy() for t in tests], 0))
     oof_main = oof_view[views[0]][["sample_index", "fold", "label"]].copy()
     probs = np.mean([oof_view[v][PROB_COLUMNS].to_numpy() for v in views], axis=0)
     oof_main[PROB_COLUMNS] = probs
-    test_main = _prob_frame(test_view[views[0]].sample_index,
+    test_main = prob_frame(test_view[views[0]].sample_index,
                             np.mean([test_view[v][PROB_COLUMNS].to_numpy() for v in views], 0))
 
     (out / "metrics.json").unlink(missing_ok=True)  # the commit mark of the assembled files

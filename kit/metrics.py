@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pandas as pd
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
-from kit import CLASSES
+from kit import CLASSES, PROB_COLUMNS
 from kit.utils import atomic_path
 
 AGGREGATIONS = ("mean_prob", "mean_logprob")
@@ -54,6 +55,14 @@ def aggregate(patch_probs, how: str = "mean_prob", k: int | None = None) -> np.n
     return out / out.sum(axis=1, keepdims=True)
 
 
+def prob_frame(ids, probs, **front) -> pd.DataFrame:
+    """``sample_index``, the ``front`` columns, then one ``p_<class>`` column per class."""
+    df = pd.DataFrame({"sample_index": list(ids), **front})
+    for j, col in enumerate(PROB_COLUMNS):
+        df[col] = probs[:, j]
+    return df
+
+
 def to_indices(y, classes=CLASSES) -> np.ndarray:
     """Class indices from labels (int indices, label strings, or N x C probabilities -> argmax)."""
     y = np.asarray(y)
@@ -76,6 +85,38 @@ def macro_f1(y_true, y_pred) -> float:
     """
     return float(f1_score(to_indices(y_true), to_indices(y_pred), average="macro",
                           zero_division=0))
+
+
+def macro_f1_batch(pred: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
+    """Macro F1 of each row of ``pred`` (G x N class indices) against ``y`` (N), vectorised.
+
+    Same definition as :func:`macro_f1` without scikit-learn's input checks (20 ms a call, a
+    fifth of a features trial): classes absent from both truth and prediction are left out of
+    the average.
+    """
+    f1, present = _f1_counts(pred, y, n_classes)
+    return f1.sum(axis=1) / np.maximum(present.sum(axis=1), 1)
+
+
+def _f1_counts(pred, y, n_classes):
+    pred = np.atleast_2d(pred)
+    g = pred.shape[0]
+    cell = pred + n_classes * np.arange(g)[:, None]
+    predicted = np.bincount(cell.ravel(), minlength=g * n_classes).reshape(g, n_classes)
+    hits = np.bincount(cell[pred == y[None, :]], minlength=g * n_classes).reshape(g, n_classes)
+    denom = predicted + np.bincount(y, minlength=n_classes)[None, :]
+    f1 = np.divide(2.0 * hits, denom, out=np.zeros(denom.shape), where=denom > 0)
+    return f1, denom > 0
+
+
+def per_class_f1(y: np.ndarray, pred: np.ndarray, n_classes: int = len(CLASSES)) -> np.ndarray:
+    return _f1_counts(pred, y, n_classes)[0][0]
+
+
+def fast_macro_f1(y_true, y_pred, num_classes: int = len(CLASSES)) -> float:
+    """:func:`macro_f1` of one prediction (class indices), through :func:`macro_f1_batch`."""
+    y_true, y_pred = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
+    return float(macro_f1_batch(y_pred[None], y_true, num_classes)[0])
 
 
 def weighted_f1(y_true, y_pred) -> float:

@@ -19,12 +19,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kit import CLASSES, __version__
+from kit import CLASSES, PROB_COLUMNS, __version__
 from kit.config import load_config
 from kit.paths import Paths
 from kit.utils import KitError, atomic_write_text, write_config
 
-PROB_COLUMNS = [f"p_{c}" for c in CLASSES]
 NESTED_COLUMNS = [f"nested_p_{c}" for c in CLASSES]
 # What a section may hit in files of an older or half-written run: shown, not raised.
 _READ_ERRORS = (KitError, OSError, ValueError, KeyError, TypeError, IndexError)

@@ -145,7 +145,8 @@ class FullEvaluator:
         self.context = {"patch_key": load_patches(paths, "train").key, "weights": str(weights)}
 
     def trial(self, params: dict, name: str):
-        from kit.cv import PROB_COLUMNS, run_cv
+        from kit import PROB_COLUMNS
+        from kit.cv import run_cv
         from kit.metrics import to_indices
 
         scratch = self.paths.tune_dir(self.backbone) / "trials" / name

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kit import CLASSES
+from kit import CLASSES, PROB_COLUMNS
 from kit.bench.blend import synthetic_problem
 from kit.paths import Paths
 from kit.utils import sha256_file
 
-PROB_COLUMNS = [f"p_{c}" for c in CLASSES]
+
 VIEWS = ("hflip", "orig")
 
 

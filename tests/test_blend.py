@@ -12,10 +12,10 @@ from blend_data import make_blend_workdir
 from kit import CLASSES
 from kit.bench.blend import synthetic_problem
 from kit.blend import (apply_rule, complete_backbones, fit_biases, fit_params, greedy_weights,
-                       load_inputs, macro_f1_batch, run_blend, search)
+                       load_inputs, run_blend, search)
 from kit.cli import main
 from kit.config import load_config
-from kit.metrics import macro_f1
+from kit.metrics import macro_f1, macro_f1_batch
 from kit.package import validate_submission
 from kit.utils import KitError
 

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from cv_data import make_workdir, write_folds
-from kit import CLASSES
-from kit.cv import PROB_COLUMNS, resolve_params, run_cv
+from kit import CLASSES, PROB_COLUMNS
+from kit.cv import resolve_params, run_cv
 from kit.paths import Paths
 from kit.utils import KitError
 

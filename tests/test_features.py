@@ -10,10 +10,10 @@ import torch
 
 from cv_data import make_workdir
 from kit import CLASSES
-from kit.features import (FeatureCV, Features, _publish, cache_views, embed_array, fast_macro_f1,
+from kit.features import (FeatureCV, Features, _publish, cache_views, embed_array,
                           features_cv, frozen_backbone, load_or_embed, prepare,
                           train_head_on_features, weights_digest)
-from kit.metrics import macro_f1
+from kit.metrics import fast_macro_f1, macro_f1
 from kit.patches import load_patches
 from kit.train import train_config
 from kit.utils import KitError
