@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import multiprocessing
 import os
 import warnings
@@ -32,7 +31,7 @@ import pandas as pd
 from PIL import Image
 
 from kit.config import load_config
-from kit.data import Dataset, Sample, load_dataset, to_rgb_array
+from kit.data import Dataset, Sample, jpeg_thumbnail, load_dataset, to_rgb_array
 from kit.paths import Paths
 from kit.utils import (KitError, atomic_write_csv, atomic_write_text, progress, sha256_file,
                        write_config)
@@ -125,7 +124,7 @@ def image_features(task: tuple[str, str], cfg: dict) -> dict:
     return {"green": float(green.mean()), "colour": colour, "smooth": smooth,
             "cartoon": w * colour + (1 - w) * smooth,
             "mask_sha256": sha256_file(mask),  # same definition as kit.data.mask_groups
-            "thumb": _thumb(im, cfg["thumb_side"])}
+            "thumb": jpeg_thumbnail(im, cfg["thumb_side"])}
 
 
 def _load_small(path: str, work_side: int) -> Image.Image:
@@ -162,14 +161,6 @@ def cartoon_parts(rgb: np.ndarray, hsv: np.ndarray, usable: np.ndarray, cfg: dic
     grad[:-1, :-1] = np.abs(np.diff(grey, axis=1))[:-1] + np.abs(np.diff(grey, axis=0))[:, :-1]
     flat = grad < cfg["smooth_gradient"]
     return float(odd_hue[coloured].mean()), float(flat[coloured].mean())
-
-
-def _thumb(im: Image.Image, side: int) -> bytes:
-    thumb = im.copy()
-    thumb.thumbnail((side, side), Image.BILINEAR)
-    buf = io.BytesIO()
-    thumb.save(buf, format="JPEG", quality=80)
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------

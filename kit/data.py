@@ -227,6 +227,17 @@ def to_rgb_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8)
 
 
+def jpeg_thumbnail(im: Image.Image, side: int, quality: int = 80) -> bytes:
+    """JPEG bytes of a copy of ``im`` shrunk to fit ``side`` x ``side`` (for review pages)."""
+    import io
+
+    thumb = im.convert("RGB") if im.mode != "RGB" else im.copy()
+    thumb.thumbnail((side, side), Image.BILINEAR)
+    buf = io.BytesIO()
+    thumb.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Decode an image file to uint8 ``H x W x 3`` RGB."""
     with Image.open(path) as im:

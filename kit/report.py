@@ -226,13 +226,11 @@ def thumbnail(path: Path, side: int) -> bytes:
     """A JPEG thumbnail (longest side ``side``) of an image file."""
     from PIL import Image
 
+    from kit.data import jpeg_thumbnail
+
     with Image.open(path) as im:
         im.draft("RGB", (side, side))  # cheap downscale on decode where the format allows it
-        im = im.convert("RGB")
-        im.thumbnail((side, side), Image.BILINEAR)
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=80)
-    return buf.getvalue()
+        return jpeg_thumbnail(im, side)
 
 
 # ----------------------------------------------------------------------------- cv
