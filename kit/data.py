@@ -253,11 +253,6 @@ def read_mask(path: str | Path) -> np.ndarray:
     return arr > 0
 
 
-def file_hashes(paths) -> list[str]:
-    """sha256 of each file, in order."""
-    return [sha256_file(p) for p in paths]
-
-
 def mask_groups(samples: list[Sample]) -> dict[str, str]:
     """Map each sample to a group id shared by every sample whose mask file is byte-identical."""
     by_hash: dict[str, str] = {}

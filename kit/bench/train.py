@@ -52,7 +52,6 @@ def _cache(folder: Path, n_images: int, k: int, size: int, seed: int) -> np.ndar
 
 def bench_backbone(name: str, array, labels, cfg: dict, device, repeats: int, seed: int) -> dict:
     """Seconds per epoch of the kit loop, the bare step and the data path alone (best of)."""
-    import torch
 
     from kit.augment import build_train_transform
     from kit.train import PatchDataset, Trainer, build_model, make_loader, set_train_mode
