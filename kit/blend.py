@@ -33,7 +33,7 @@ import pandas as pd
 
 from kit import CLASSES, PROB_COLUMNS
 from kit.config import load_config
-from kit.metrics import macro_f1, macro_f1_batch, per_class_f1
+from kit.metrics import macro_f1, macro_f1_batch, per_class_f1, to_indices
 from kit.paths import Paths
 from kit.utils import (KitError, atomic_write_bytes, atomic_write_csv, atomic_write_json,
                        check_random_state, sha256_file, write_config)
@@ -123,7 +123,7 @@ def load_inputs(paths: Paths, data, backbones=None, weight_views: bool = False) 
             test.append(_read_test(test_path, test_ids, paths, files))
             models.append(name if view is None else f"{name}/{view}")
     return BlendInputs(backbones=names, models=models, oof=np.stack(oof), test=np.stack(test),
-                       ids=list(folds.sample_index), y=_indices(folds.label),
+                       ids=list(folds.sample_index), y=to_indices(folds.label),
                        folds=folds.fold.to_numpy(np.int64), test_ids=test_ids, files=files,
                        meta=meta, folds_sha256=folds_sha)
 
@@ -132,11 +132,6 @@ def _test_dir(data) -> Path:
     from kit.data import find_root
 
     return find_root(data) / "test_data"
-
-
-def _indices(labels) -> np.ndarray:
-    lookup = {c: i for i, c in enumerate(CLASSES)}
-    return np.array([lookup[v] for v in labels], dtype=np.int64)
 
 
 def _rel(paths: Paths, path: Path) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import html
 import multiprocessing
-import os
 import warnings
 from functools import partial
 from pathlib import Path
@@ -33,8 +32,8 @@ from PIL import Image
 from kit.config import load_config
 from kit.data import Dataset, Sample, jpeg_thumbnail, load_dataset, to_rgb_array
 from kit.paths import Paths
-from kit.utils import (KitError, atomic_write_csv, atomic_write_text, progress, sha256_file,
-                       write_config)
+from kit.utils import (KitError, atomic_write_csv, atomic_write_text, n_workers, progress,
+                       sha256_file, write_config)
 
 REASONS = ("cartoon", "green")
 OUTLIER_COLUMNS = ["sample_index", "reason", "score"]
@@ -97,7 +96,7 @@ def scan(dataset: Dataset, cfg: dict) -> pd.DataFrame:
     samples = [("train", s) for s in dataset.train] + [("test", s) for s in dataset.test]
     tasks = [(str(s.image), str(s.mask)) for _, s in samples]
     work = partial(image_features, cfg=cfg)
-    workers = cfg["workers"] or len(os.sched_getaffinity(0))
+    workers = n_workers(cfg["workers"])
     bar = dict(total=len(tasks), desc="clean", unit="img")
     if workers <= 1 or len(tasks) < cfg["parallel_min"]:
         rows = [work(t) for t in progress(tasks, **bar)]

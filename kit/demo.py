@@ -33,7 +33,7 @@ from PIL import Image
 from scipy import ndimage
 
 from kit import CLASSES
-from kit.utils import KitError, check_random_state, progress
+from kit.utils import KitError, check_random_state, n_workers, progress
 
 JUNK_CSV = "junk_truth.csv"
 META_JSON = "demo.json"
@@ -225,7 +225,7 @@ def _write_all(root: Path, plan: list[Item], seed: int, workers: int = 0) -> Non
     for split in ("train", "test"):
         (root / f"{split}_data").mkdir(parents=True)
     work = partial(_write_one, root=root, seed=seed)
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = n_workers(workers)
     bar = dict(total=len(plan), desc="demo data", unit="img")
     if workers <= 1 or len(plan) < 32:
         for item in progress(plan, **bar):

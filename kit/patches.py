@@ -17,7 +17,6 @@ worker whatever the dataset size.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kit.utils import KitError
+from kit.utils import KitError, n_workers
 
 # Bump when the way patches are cut changes, so that old caches are rebuilt.
 CODE_VERSION = "patches-2"
@@ -336,12 +335,6 @@ class PatchSet:
     index: "object"  # pandas DataFrame
     key: str
     meta: dict = field(default_factory=dict)
-
-
-def n_workers(requested: int | None) -> int:
-    """Worker processes to use: ``requested``, or one per available core when 0/None."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, int(requested) if requested else int(cores or 1))
 
 
 def hash_files(files, workers: int = 2) -> list[str]:

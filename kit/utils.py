@@ -108,6 +108,12 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+def n_workers(requested: int | None) -> int:
+    """Worker processes to use: ``requested``, or one per available core when 0/None."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, int(requested) if requested else int(cores or 1))
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -51,7 +51,7 @@ def run(args) -> int:
     from kit.config import load_config
     from kit.data import load_dataset
     from kit.paths import Paths
-    from kit.patches import n_workers
+    from kit.utils import n_workers
     from kit.utils import atomic_write_json
 
     paths = Paths.from_root(args.workdir)
@@ -129,7 +129,7 @@ def _timed(fn) -> dict:
 
 
 def _cores() -> int:
-    from kit.patches import n_workers
+    from kit.utils import n_workers
 
     return n_workers(0)
 
