@@ -43,8 +43,6 @@ def _copy(done, tmp_path) -> Paths:
 
 
 def test_oof_covers_every_image_once_predicted_by_the_model_that_did_not_see_it(done):
-    from kit.train import build_model, load_checkpoint, predict
-    from kit.metrics import aggregate
     from kit.patches import load_patches
 
     paths, metrics = done
@@ -64,12 +62,20 @@ def test_oof_covers_every_image_once_predicted_by_the_model_that_did_not_see_it(
         assert not set(mark["train_samples"]) & val  # fold k's model never saw its OOF images
         assert set(mark["train_samples"]) | val == set(folds.sample_index)
         # ... and the OOF rows of fold k are what fold k's checkpoint predicts for them
-        model, _ = build_model(BB, metrics["config"], "random", patch_size=32)
-        load_checkpoint(model, out / f"fold_{k}" / "model.pt")
-        rows = np.flatnonzero(folds.fold.to_numpy() == k)
-        probs = aggregate(predict(model, train.array, rows)["id"])
-        view = _csv(out / "tta" / "oof_id.csv").iloc[rows]
-        np.testing.assert_allclose(view[PROB_COLUMNS].to_numpy(), probs, atol=1e-6)
+        _assert_checkpoint_gives_oof(out, metrics["config"], train, folds, k, atol=1e-6)
+
+
+def _assert_checkpoint_gives_oof(out, config, train, folds, k, atol):
+    """Fold k's model.pt predicts exactly (to ``atol``) the OOF rows cv wrote for fold k."""
+    from kit.metrics import aggregate
+    from kit.train import build_model, load_checkpoint, predict
+
+    model, _ = build_model(BB, config, "random", patch_size=32)
+    load_checkpoint(model, out / f"fold_{k}" / "model.pt")
+    rows = np.flatnonzero(folds.fold.to_numpy() == k)
+    probs = aggregate(predict(model, train.array, rows)["id"])
+    view = _csv(out / "tta" / "oof_id.csv").iloc[rows]
+    np.testing.assert_allclose(view[PROB_COLUMNS].to_numpy(), probs, atol=atol)
 
 
 def test_test_probs_are_fold_mean_and_tta_mean(done):
@@ -294,8 +300,6 @@ def test_cache_path_gives_the_oof_of_features_cv(cached):
 
 def test_cache_path_writes_the_files_of_the_pixel_path(cached, done, tmp_path):
     from kit.blend import load_inputs
-    from kit.train import build_model, load_checkpoint, predict
-    from kit.metrics import aggregate
     from kit.patches import load_patches
 
     paths, metrics, _, _ = cached
@@ -312,12 +316,7 @@ def test_cache_path_writes_the_files_of_the_pixel_path(cached, done, tmp_path):
     train = load_patches(paths, "train")
     folds = _csv(paths.folds_csv)
     for k in range(3):
-        model, _ = build_model(BB, metrics["config"], "random", patch_size=32)
-        load_checkpoint(model, out / f"fold_{k}" / "model.pt")
-        rows = np.flatnonzero(folds.fold.to_numpy() == k)
-        probs = aggregate(predict(model, train.array, rows)["id"])
-        view = _csv(out / "tta" / "oof_id.csv").iloc[rows]
-        np.testing.assert_allclose(view[PROB_COLUMNS].to_numpy(), probs, atol=2e-3)
+        _assert_checkpoint_gives_oof(out, metrics["config"], train, folds, k, atol=2e-3)
     # The blender takes it beside a pixel-trained backbone.
     shutil.copytree(done[0].backbone_dir(BB), paths.backbone_dir("tiny_vit"))
     data = tmp_path / "data"
