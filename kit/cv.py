@@ -400,6 +400,8 @@ def _assemble(ctx: dict, marks: dict[int, dict]) -> dict:
         "trainable_params": marks[0]["trainable_params"],
         "seconds": round(sum(m["seconds"] for m in marks.values()), 1),
         "training_path": ctx["training_path"],
+        # How the parameters were chosen (kit.cv.run_cv fills ctx["params_source"]).
+        "params_source": ctx.get("params_source", {"description": ctx["params_desc"]}),
         "versions": package_versions(),
     }
     if ctx["training_path"] == "feature_cache":

@@ -397,10 +397,15 @@ class FeatureCV:
         out.view_idx = [self.train.views.index(v) for v in out.views]
         return out
 
-    def fold(self, k: int, with_test: bool = False) -> FoldPrediction:
-        """Train fold ``k``'s head on the other folds, predict its images (and the test set)."""
+    def fold(self, k: int, with_test: bool = False, exclude=()) -> FoldPrediction:
+        """Train fold ``k``'s head on the other folds, predict its images (and the test set).
+
+        ``exclude``: folds left out of training as well (nested tuning keeps its outer fold
+        out of the inner search this way).
+        """
         f = self.folds
-        tr, va = f[f.fold != k], f[f.fold == k]
+        drop = {int(k)} | {int(e) for e in exclude}
+        tr, va = f[~f.fold.isin(drop)], f[f.fold == k]
         tr_rows, va_rows = _rows(tr.row), _rows(va.row)
         with threads(self.threads):
             fit = train_head_on_features(self.x[tr_rows], tr.y.values, self.x[va_rows],
