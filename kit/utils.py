@@ -147,6 +147,9 @@ def seed_everything(seed: int) -> None:
     except ImportError:  # data stages do not need torch
         return
     torch.manual_seed(seed)
+    # cuBLAS is only deterministic with a fixed workspace (CUDA >= 10.2); it reads this when
+    # its first handle is made, so set it here, before any CUDA matmul. A user's value wins.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
