@@ -166,11 +166,145 @@ def package_versions(names=("numpy", "pandas", "torch", "timm", "transformers", 
     return out
 
 
-def progress(iterable=None, **kwargs):
-    """tqdm progress bar on stderr; hidden when stderr is not a terminal unless KIT_PROGRESS=1."""
+# How progress is shown: KIT_PROGRESS=auto (default) | bar | log | off (1 = bar, 0 = off, as
+# before); KIT_PROGRESS_INTERVAL = seconds between log lines (default 5).
+PROGRESS_MODES = ("auto", "bar", "log", "off")
+PROGRESS_INTERVAL_S = 5.0
+
+
+def progress_mode(stream=None) -> str:
+    """``bar``, ``log`` or ``off``: how :func:`progress` shows loops now.
+
+    ``auto`` gives a bar on a terminal or in a Jupyter kernel (where ``tqdm.auto`` renders a
+    widget), and a log line every ``KIT_PROGRESS_INTERVAL`` seconds elsewhere: a ``!an2dl-kit``
+    cell, a CI log or ``nohup``, where a bar's carriage returns would be one unreadable line.
+    """
     import sys
 
-    from tqdm.auto import tqdm
+    value = os.environ.get("KIT_PROGRESS", "auto").strip().lower() or "auto"
+    value = {"1": "bar", "0": "off", "true": "bar", "false": "off"}.get(value, value)
+    if value not in PROGRESS_MODES:
+        raise KitError(f"KIT_PROGRESS={os.environ['KIT_PROGRESS']!r}: use one of "
+                       f"{', '.join(PROGRESS_MODES)} (or unset it)")
+    if value != "auto":
+        return value
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    if (isatty is not None and isatty()) or in_jupyter():
+        return "bar"
+    return "log"
 
-    disable = not (sys.stderr.isatty() or os.environ.get("KIT_PROGRESS") == "1")
-    return tqdm(iterable, disable=disable, dynamic_ncols=True, **kwargs)
+
+def progress_interval() -> float:
+    """Seconds between two log lines (``KIT_PROGRESS_INTERVAL``, default 5)."""
+    text = os.environ.get("KIT_PROGRESS_INTERVAL", "").strip()
+    if not text:
+        return PROGRESS_INTERVAL_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise KitError(f"KIT_PROGRESS_INTERVAL={text!r}: give a number of seconds > 0 "
+                       "(or unset it)")
+    return value
+
+
+def in_jupyter() -> bool:
+    """True inside a Jupyter kernel (notebook, lab, Colab, Kaggle, VS Code), as tqdm.auto sees it."""
+    import sys
+
+    if "ipykernel.zmqshell" not in sys.modules:
+        return False
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and "qt" not in type(shell).__name__.lower()
+
+
+def progress(iterable=None, **kwargs):
+    """A progress bar over ``iterable`` (tqdm's arguments: ``desc``, ``total``, ``unit``, ...).
+
+    On a terminal or in Jupyter: ``tqdm.auto`` (a widget in a notebook). Elsewhere (stderr
+    piped, e.g. a ``!an2dl-kit`` notebook cell or a log file): one plain line every few
+    seconds (:func:`progress_interval`) while the loop runs, and a last one when it ends; a
+    loop shorter than the interval prints nothing. ``KIT_PROGRESS`` forces a mode
+    (:func:`progress_mode`).
+    """
+    import sys
+
+    mode = progress_mode()
+    if mode == "log":
+        return _log_progress_class()(iterable, interval=progress_interval(), file=sys.stderr,
+                                     **kwargs)
+    import warnings
+
+    with warnings.catch_warnings():
+        # tqdm.auto warns once when a notebook lacks ipywidgets, then draws a text bar: fine.
+        warnings.simplefilter("ignore")
+        from tqdm.auto import tqdm
+    return tqdm(iterable, disable=mode == "off", dynamic_ncols=True, **kwargs)
+
+
+class _DropBlank:
+    """File wrapper that drops the blank writes (``\\r``, ``\\n``) tqdm makes around a bar."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        if text.strip():
+            self.stream.write(text)
+            self.stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+_LOG_CLASS = None
+
+
+def _log_progress_class():
+    """tqdm subclass that prints a full line per refresh instead of redrawing a bar."""
+    global _LOG_CLASS
+    if _LOG_CLASS is not None:
+        return _LOG_CLASS
+    from tqdm.std import tqdm
+
+    class LogProgress(tqdm):
+        monitor_interval = 0  # no monitor thread: it only shortens miniters, fixed at 1 here
+
+        def __init__(self, iterable=None, interval: float = PROGRESS_INTERVAL_S, file=None,
+                     **kwargs):
+            for key in ("dynamic_ncols", "ncols", "position", "ascii", "colour"):
+                kwargs.pop(key, None)  # bar geometry means nothing in a log
+            # delay = interval: a loop that ends sooner prints nothing; mininterval: at most
+            # one line per interval; miniters=1: time alone decides when.
+            super().__init__(iterable, file=_DropBlank(file), mininterval=interval,
+                             delay=interval, miniters=1, **kwargs)
+
+        def display(self, msg=None, pos=None):
+            if msg is not None:  # tqdm clears a bar with msg="": nothing to clear in a log
+                return True
+            if self.n == getattr(self, "_logged_n", None):
+                return True  # the closing line would repeat the last periodic one
+            self._logged_n = self.n
+            self.fp.write(self.log_line() + "\n")
+            return True
+
+        def log_line(self) -> str:
+            d = self.format_dict
+            rate = d["rate"] if d["rate"] else (d["n"] / d["elapsed"] if d["elapsed"] else 0)
+            unit = d["unit"] or "it"
+            desc = f"{d['prefix']}: " if d["prefix"] else ""
+            fmt = self.format_interval
+            if d["total"]:
+                left = (d["total"] - d["n"]) / rate if rate else None
+                pct = 100 * d["n"] / d["total"]
+                return (f"{desc}{d['n']}/{d['total']} {unit} ({pct:.0f}%), "
+                        f"{fmt(d['elapsed'])} elapsed, "
+                        f"{fmt(left) if left is not None else '?'} left, {rate:.3g} {unit}/s")
+            return f"{desc}{d['n']} {unit}, {fmt(d['elapsed'])} elapsed, {rate:.3g} {unit}/s"
+
+    _LOG_CLASS = LogProgress
+    return LogProgress
