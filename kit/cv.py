@@ -30,7 +30,7 @@ import pandas as pd
 
 from kit import CLASSES, PROB_COLUMNS
 from kit.config import load_config
-from kit.metrics import (aggregate, classification_summary, macro_f1, plot_confusion, prob_frame,
+from kit.metrics import (classification_summary, macro_f1, plot_confusion, prob_frame,
                          weighted_f1)
 from kit.paths import Paths
 from kit.utils import (KitError, atomic_write_csv, atomic_write_json, package_versions, read_yaml,
@@ -43,34 +43,29 @@ _ASSEMBLED = ("oof.csv", "test.csv", "metrics.json", "confusion.png", "config.ya
 
 
 # --------------------------------------------------------------------------- params
-def resolve_params(spec, paths: Paths, backbone: str) -> tuple[dict, str]:
+def resolve_params(spec, paths: Paths, backbone: str, cfg: dict | None = None,
+                   feature_cache: bool = True, with_source: bool = False):
     """Dotted-key overrides from ``--params``: ``tuned``, ``best``, ``none``, a file or a dict.
 
     ``tuned`` uses ``runs/tune/<bb>/best.yaml`` when it exists, else nothing; ``best``
-    requires it. Returns ``(params, description)``.
+    requires it. Keys tuned for another training path than the one cv takes with ``cfg``
+    (command-line overrides) over them are dropped, with a printed note
+    (:mod:`kit.params`). Returns ``(params, description)``, and with ``with_source`` also
+    the ``params_source`` record of metrics.json (how the params were chosen).
     """
-    if spec is None or (isinstance(spec, str) and spec.lower() == "none"):
-        return {}, "none"
-    if isinstance(spec, dict):
-        return dict(spec), "given"
-    best = paths.tune_dir(backbone) / "best.yaml"
-    if spec in ("tuned", "best"):
-        if not best.exists():
-            if spec == "best":
-                raise KitError(f"--params best: {best} not found; run ./run.sh tune {backbone} "
-                               "first, or use --params none")
-            return {}, f"none ({best} not found)"
-        path = best
-    else:
-        path = Path(spec)
-        if not path.exists():
-            raise KitError(f"--params {spec}: no such file; give best, tuned, none or a YAML "
-                           "file with a params: mapping of dotted keys")
-    data = read_yaml(path)
-    params = data.get("params", data)
-    if not isinstance(params, dict):
-        raise KitError(f"{path}: params must be a mapping of dotted config keys to values")
-    return dict(params), f"{path} ({len(params)} values)"
+    from kit.params import resolve
+
+    sha = None
+    if paths.folds_csv.exists():
+        from kit.utils import sha256_file
+
+        sha = sha256_file(paths.folds_csv)
+    found = resolve(spec, paths, backbone, cfg, feature_cache, sha)
+    for note in found.notes:
+        print(f"{backbone}: {note}")
+    if with_source:
+        return found.params, found.description, found.source
+    return found.params, found.description
 
 
 # --------------------------------------------------------------------------- inputs
@@ -104,15 +99,18 @@ def _inputs(paths: Paths):
 
 
 def config_hash(backbone: str, weights, seed: int, cfg: dict, keys: dict,
-                path: str = "pixels", features_dtype: str | None = None) -> str:
+                path: str = "pixels", features_dtype: str | None = None,
+                device_type: str = "cpu") -> str:
     """What a fold's outputs depend on, hashed (speed-only settings left out).
 
     ``path`` (and the cache's ``features_dtype``) enter only for the feature-cache path, so
-    that its folds are never taken for pixel-trained ones and the pixel hashes stay as they were.
+    that its folds are never taken for pixel-trained ones. The device type enters because
+    CPU and GPU kernels give different probabilities: folds trained on both are never
+    assembled together.
     """
     hashed = {k: v for k, v in cfg.items() if k not in _NOT_HASHED}
     payload = {"backbone": backbone, "weights": str(weights), "seed": int(seed), "cfg": hashed,
-               "patches": keys}
+               "patches": keys, "device_type": str(device_type)}
     if path != "pixels":
         payload.update(path=path, features_dtype=features_dtype)
     return sha256_text(json.dumps(payload, sort_keys=True, default=str))
@@ -158,10 +156,6 @@ def _restart(out: Path, fold: int | None) -> None:
 
 
 # --------------------------------------------------------------------------- one fold
-def _image_probs(patch_probs: dict, how: str) -> dict[str, np.ndarray]:
-    return {v: aggregate(p, how) for v, p in patch_probs.items()}
-
-
 def _full_checkpoint(cfg: dict, weights_source) -> bool:
     """Whether fold checkpoints hold the whole model (``checkpoint`` in train.yaml)."""
     if cfg["checkpoint"] not in ("auto", "full", "trainable"):
@@ -173,7 +167,8 @@ def _full_checkpoint(cfg: dict, weights_source) -> bool:
 
 def _train_fold(k: int, ctx: dict) -> dict:
     """Train fold ``k`` on pixels, write its outputs and finally its ``done.json``."""
-    from kit.train import build_model, fit_fold, predict
+    from kit.features import fold_groups
+    from kit.train import PixelSource, build_model, fit_fold
     from kit.utils import seed_everything
 
     folds, train, test, cfg = ctx["folds"], ctx["train"], ctx["test"], ctx["cfg"]
@@ -192,22 +187,46 @@ def _train_fold(k: int, ctx: dict) -> dict:
     desc = f"{ctx['backbone']} fold {k}"
     res = fit_fold(model, train.array, tr.row.values, tr.y.values, va.row.values, va.y.values,
                    cfg, seed=seed, device=ctx["device"], ckpt_path=fold_dir / "model.pt",
-                   full_checkpoint=full, desc=desc,
+                   full_checkpoint=full, desc=desc, groups=fold_groups(tr),
                    meta={"backbone": ctx["backbone"], "fold": k, "config_hash": ctx["hash"]})
-    eval_bs = int(cfg.get("eval_batch_size") or 0) or 2 * int(cfg["batch_size"])
-    opts = dict(views=ctx["views"], batch_size=eval_bs, device=ctx["device"], amp=cfg["amp"],
-                channels_last=cfg["channels_last"])
-    oof = _image_probs(predict(res.model, train.array, va.row.values, desc=f"{desc} oof", **opts),
-                       cfg["aggregate"])
-    tst = _image_probs(predict(res.model, test.array, None, desc=f"{desc} test", **opts),
-                       cfg["aggregate"])
+    source = PixelSource(train.array, cfg, ctx["device"])
+    oof = source.image_probs(res.model, va.row.values, ctx["views"], desc=f"{desc} oof")
+    tst = PixelSource(test.array, cfg, ctx["device"]).image_probs(
+        res.model, np.arange(len(test.samples)), ctx["views"], desc=f"{desc} test")
     mark = _write_fold(k, ctx, oof, tst, {
         "weights_source": model.backbone.weights_source, "trainable_params": n_trainable,
-        "best_epoch": res.best_epoch, "val_macro_f1": res.best_score, "epochs": res.epochs,
-        "seconds": round(res.seconds, 1), "history": res.history, "seed": seed})
-    print(f"{desc}: {res.epochs} epochs, best macro F1 {res.best_score:.3f} at epoch "
-          f"{res.best_epoch} (TTA {mark['macro_f1']:.3f}), {res.seconds:.0f} s")
+        **_fit_record(res, tr), "seed": seed})
+    print(f"{desc}: {_fit_line(res, mark)}")
     return mark
+
+
+def _fit_record(res, tr: pd.DataFrame) -> dict:
+    """What ``done.json`` keeps of a fit: the chosen epoch, how it was chosen (with the inner
+    split's images), the score that chose it and the history."""
+    sel = dict(res.selection)
+    pos = sel.pop("stop_positions", None)
+    if pos is not None:
+        sel["stop_samples"] = tr.sample_index.values[pos].tolist()
+    score = res.best_score if res.best_score == res.best_score else None  # NaN: nothing chose
+    return {"best_epoch": res.best_epoch, "val_macro_f1": score, "epochs": res.epochs,
+            "seconds": round(res.seconds, 1), "history": res.history, "selection": sel}
+
+
+def _fit_line(res, mark: dict) -> str:
+    """One line per fold: epochs, how the epoch was chosen, and the fold's OOF score."""
+    mode = res.selection["early_stopping"]
+    if mode == "none":
+        how = f"fixed {res.best_epoch} epochs"
+    elif mode == "refit":
+        how = (f"inner split chose epoch {res.best_epoch} (macro F1 {res.best_score:.3f}), "
+               f"refit on all {res.selection['n_fit']} training images")
+    elif mode == "inner":
+        how = f"inner split chose epoch {res.best_epoch} (macro F1 {res.best_score:.3f})"
+    else:
+        how = (f"epoch {res.best_epoch} chosen on these OOF images (macro F1 "
+               f"{res.best_score:.3f}, OPTIMISTIC)")
+    return (f"{res.epochs} epochs, {how}; OOF macro F1 {mark['macro_f1']:.3f} (TTA), "
+            f"{res.seconds:.0f} s")
 
 
 def _write_fold(k: int, ctx: dict, oof: dict, tst: dict, record: dict) -> dict:
@@ -314,18 +333,17 @@ def _feature_folds(pending: list[int], ctx: dict) -> dict[int, dict]:
             print(f"{ctx['backbone']}: {n_trainable:,} trainable parameters, the head only "
                   f"(weights: {bb.weights_source})")
             ctx["printed"] = True
+        tr = ctx["folds"][ctx["folds"].fold != k]
+        record = _fit_record(fit, tr)
         save_checkpoint(PatchClassifier(bb, fit.head), out / f"fold_{k}" / "model.pt", full,
                         {"backbone": ctx["backbone"], "fold": k, "config_hash": ctx["hash"],
                          "training_path": "feature_cache", "best_epoch": fit.best_epoch,
-                         "best_macro_f1": fit.best_score})
+                         "best_macro_f1": record["val_macro_f1"],
+                         "selection": record["selection"]})
         marks[k] = _write_fold(k, ctx, pred.per_view, pred.test_per_view, {
             "weights_source": bb.weights_source, "trainable_params": n_trainable,
-            "best_epoch": fit.best_epoch, "val_macro_f1": fit.best_score, "epochs": fit.epochs,
-            "seconds": round(fit.seconds, 1), "history": fit.history, "seed": ctx["seed"] + k,
-            "feature_cache": info})
-        print(f"{desc}: {fit.epochs} epochs, best macro F1 {fit.best_score:.3f} at epoch "
-              f"{fit.best_epoch} (TTA {marks[k]['macro_f1']:.3f}), {fit.seconds:.0f} s "
-              "(head on cached embeddings)")
+            **record, "seed": ctx["seed"] + k, "feature_cache": info})
+        print(f"{desc}: {_fit_line(fit, marks[k])} (head on cached embeddings)")
 
     features.features_cv(fcv, ctx["paths"], folds=pending, on_fold=write)
     return marks
@@ -400,6 +418,7 @@ def _assemble(ctx: dict, marks: dict[int, dict]) -> dict:
         "trainable_params": marks[0]["trainable_params"],
         "seconds": round(sum(m["seconds"] for m in marks.values()), 1),
         "training_path": ctx["training_path"],
+        "selection": _selection(ctx["cfg"]),
         # How the parameters were chosen (kit.cv.run_cv fills ctx["params_source"]).
         "params_source": ctx.get("params_source", {"description": ctx["params_desc"]}),
         "versions": package_versions(),
@@ -412,6 +431,21 @@ def _assemble(ctx: dict, marks: dict[int, dict]) -> dict:
     write_config(out / "config.yaml", cfg_record)
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def _selection(cfg: dict) -> dict:
+    """How every fold chose its epoch, for metrics.json, the blend manifest and the report."""
+    from kit.train import early_stopping_mode, is_honest
+
+    mode = early_stopping_mode(cfg)
+    text = {"inner": "early stopping on an inner split of each fold's training images",
+            "refit": "epoch count chosen on an inner split, then refit on all training images",
+            "none": f"a fixed {cfg['epochs']} epochs",
+            "oof": "early stopping on the fold's own OOF images (optimistic)"}[mode]
+    out = {"early_stopping": mode, "epochs_honest": is_honest(mode), "description": text}
+    if mode in ("inner", "refit"):
+        out["inner_folds"] = int(cfg["inner_folds"])
+    return out
 
 
 # --------------------------------------------------------------------------- stage
@@ -458,7 +492,8 @@ def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
     if backbone not in list_backbones():
         raise KitError(f"unknown backbone {backbone!r}; known backbones: "
                        f"{', '.join(list_backbones())}")
-    params, params_desc = resolve_params(params, paths, backbone)
+    params, params_desc, params_source = resolve_params(params, paths, backbone, cfg,
+                                                        feature_cache, with_source=True)
     cfg = train_config(cfg, params)
     views = tta_views(cfg["tta"])
     folds, folds_sha, train, test = _inputs(paths)
@@ -472,11 +507,13 @@ def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
     keys = {"train": train.key, "test": test.key}
     path = training_path(cfg, feature_cache)
     dtype = load_config("features")["dtype"] if path == "feature_cache" else None
+    dev = pick_device(device)
     ctx = dict(paths=paths, backbone=backbone, weights=weights, seed=int(seed), cfg=cfg,
                views=views, folds=folds, folds_sha=folds_sha, train=train, test=test, out=out,
-               keys=keys, n_folds=n_folds, device=pick_device(device), params_desc=params_desc,
+               keys=keys, n_folds=n_folds, device=dev, params_desc=params_desc,
+               params_source=params_source,
                training_path=path, hash=config_hash(backbone, weights, seed, cfg, keys, path,
-                                                    dtype))
+                                                    dtype, dev.type))
     print(f"{backbone}: {n_folds} folds, {len(folds)} training images, {len(test.samples)} "
           f"test images, device {ctx['device']}, params: {params_desc}")
     if path == "feature_cache":
@@ -506,7 +543,9 @@ def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
               f"once they are (./run.sh cv {backbone} trains them)")
         return {"assembled": False, "pending": pending, "folds": marks}
     metrics = _assemble(ctx, marks)
-    print(f"{backbone}: OOF macro F1 {metrics['oof_macro_f1']:.3f} (weighted "
+    tag = "" if metrics["selection"]["epochs_honest"] else \
+        " [OPTIMISTIC: epochs chosen on these OOF images, early_stopping oof]"
+    print(f"{backbone}: OOF macro F1 {metrics['oof_macro_f1']:.3f}{tag} (weighted "
           f"{metrics['oof_weighted_f1']:.3f}) over {metrics['n_oof']} images, "
           f"{metrics['trainable_params']:,} trainable parameters, "
           f"{time.perf_counter() - t0:.0f} s -> {out}")

@@ -16,10 +16,11 @@ is never read)::
 The key hashes the backbone's name and state dict (weights *and* BatchNorm statistics), its
 input size and normalisation, the patch cache key of the split, the views and the dtype.
 
-The head training mirrors :func:`kit.train.fit_fold` step for step (AdamW, warm-up + cosine
-per step, label smoothing, class weights or balanced sampling, early stopping on the fold's
-image-level macro F1 of the ``id`` view, best epoch kept); the only augmentation that exists
-in feature space is the choice of view, drawn at random per patch and epoch.
+Heads train with the kit's one loop, :func:`kit.train.fit`, over a :class:`FeatureSource`
+(the pixel path uses :class:`kit.train.PixelSource`): the optimiser, schedule, class balancing
+and epoch selection (``early_stopping``) are the same code on both paths. The only
+augmentation that exists in feature space is the choice of view, drawn at random per patch
+and epoch.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ import pandas as pd
 
 from kit import CLASSES, PROB_COLUMNS
 from kit.config import load_config
-from kit.metrics import aggregate, fast_macro_f1, macro_f1, prob_frame, weighted_f1
+from kit.metrics import aggregate, macro_f1, prob_frame, weighted_f1
 from kit.utils import KitError, atomic_write_json, progress, sha256_text, write_config
 
 CODE_VERSION = "features-1"
@@ -194,18 +195,6 @@ def _publish(tmp: Path, folder: Path, key: str) -> None:
 
 
 # --------------------------------------------------------------------------- head training
-@dataclass
-class HeadFit:
-    """What :func:`train_head_on_features` returns; ``head`` holds the best epoch's weights."""
-
-    head: object
-    best_epoch: int
-    best_score: float
-    epochs: int
-    seconds: float
-    history: list[dict] = field(default_factory=list)
-
-
 def _as_tensor(x):
     import torch
 
@@ -240,105 +229,110 @@ def _n_out(head) -> int:
     return [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
 
 
+class _PatchLoader:
+    """Batches of (patch, view) picks of cached embeddings; every pass draws a new order and a
+    random cached view per patch (the only augmentation that exists in feature space)."""
+
+    def __init__(self, n_patches: int, n_views: int, batch_size: int, sampler, generator):
+        self.n, self.n_views, self.bs = n_patches, n_views, int(batch_size)
+        self.sampler, self.g = sampler, generator
+
+    def __len__(self) -> int:
+        return max(1, math.ceil(self.n / self.bs))
+
+    def __iter__(self):
+        import torch
+
+        order = torch.as_tensor(list(self.sampler), dtype=torch.int64)
+        view = torch.randint(0, self.n_views, (len(order),), generator=self.g)
+        for a in range(0, len(order), self.bs):
+            yield order[a:a + self.bs], view[a:a + self.bs]
+
+
+class FeatureSource:
+    """Training batches from cached embeddings ``x`` (``n x K x V x D``): the data side of
+    :func:`kit.train.fit` on the feature-cache path (:class:`kit.train.PixelSource` is the
+    pixel one). Rows index the first axis of ``x``; view 0 is ``id``."""
+
+    def __init__(self, x, cfg: dict, device="cpu"):
+        import torch
+
+        self.x, self.cfg, self.device = _as_tensor(x), cfg, torch.device(device)
+        self._flat = None
+
+    def loader(self, rows, y, seed: int):
+        import torch
+
+        rows = np.asarray(rows, np.int64)
+        n, k, n_views, d = self.x.shape
+        # The rows' patches, flattened and moved to the device once per training run.
+        self._flat = self.x[torch.from_numpy(rows)].reshape(len(rows) * k, n_views, d) \
+            .to(self.device)
+        self._patch_y = torch.from_numpy(np.repeat(np.asarray(y, np.int64), k)).to(self.device)
+        g = torch.Generator().manual_seed(int(seed))
+        if self.cfg["class_balance"] == "sampler":
+            from kit.augment import balanced_sampler  # imports timm: only when needed
+
+            sampler = balanced_sampler(np.repeat(np.asarray(y, np.int64), k), seed)
+        else:
+            sampler = torch.utils.data.RandomSampler(range(len(rows) * k), generator=g)
+        return _PatchLoader(len(rows) * k, n_views, int(self.cfg["batch_size"]), sampler, g)
+
+    def prepare_fn(self, trainer):
+        from kit.train import one_hot
+
+        def prepare(idx, view):
+            idx = idx.to(self.device)
+            x = self._flat[idx, view.to(self.device)]
+            return x, one_hot(self._patch_y[idx], trainer.n_classes, trainer.smoothing)
+
+        return prepare
+
+    def image_probs(self, head, rows, views=("id",), desc: str = "predict"):
+        """Image probabilities of ``rows`` per view index or name (``id`` = 0)."""
+        idx = [0 if v == "id" else v for v in views]
+        patch = predict_features(head, self.x[_rows(rows)], idx)
+        return {v: aggregate(patch[i], self.cfg["aggregate"]) for v, i in zip(views, idx)}
+
+
 def train_head_on_features(x_train, y_train, x_val, y_val, cfg: dict, seed: int = 42,
                            device="cpu", num_classes: int = len(CLASSES),
-                           desc: str = "head") -> HeadFit:
-    """Train a head (``cfg["head"]``) on cached embeddings, early stopping on ``x_val``.
+                           desc: str = "head", groups=None):
+    """Train a head (``cfg["head"]``) on cached embeddings with :func:`kit.train.fit`.
 
     Parameters
     ----------
     x_train, x_val : array or tensor, ``n x K x V x D``
         Embeddings per image, patch and view; view 0 is ``id`` (see :func:`cache_views`).
+        ``x_val`` chooses the epoch only with ``early_stopping: oof``.
     y_train, y_val : int arrays
         Class index per image (every patch carries its image's label).
     cfg : dict
-        Resolved training config (:func:`kit.train.train_config`): epochs, batch_size, lr,
-        weight_decay, warmup_epochs, min_lr_ratio, patience, aggregate, class_balance,
-        label_smoothing (optional), head.
+        Resolved training config (:func:`kit.train.train_config`).
     seed : int
-        Seeds the head's initialisation, the patch order and the view draws.
+        Seeds the head's initialisation, the patch order, the view draws and the inner split.
 
     Returns
     -------
-    HeadFit
+    kit.train.FoldResult
+        ``.head`` (= ``.model``) holds the chosen epoch's weights.
     """
     import torch
 
     from kit.heads import create_head
-    from kit.train import one_hot, soft_cross_entropy, warmup_cosine
+    from kit.train import fit
     from kit.utils import seed_everything
 
-    t0 = time.perf_counter()
-    device = torch.device(device)
-    seed_everything(seed)
     x_train, x_val = _as_tensor(x_train), _as_tensor(x_val)
     y_train, y_val = np.asarray(y_train, np.int64), np.asarray(y_val, np.int64)
-    if len(y_train) == 0 or len(y_val) == 0:
-        raise KitError(f"{desc}: need training and validation images "
-                       f"(got {len(y_train)} and {len(y_val)})")
-    n, k, n_views, d = x_train.shape
-    head = create_head(d, num_classes, **cfg["head"]).to(device)
-    flat = x_train.reshape(n * k, n_views, d).to(device)
-    patch_y = torch.from_numpy(np.repeat(y_train, k)).to(device)
-    smoothing = float(cfg.get("label_smoothing", 0.0))
-    targets = one_hot(patch_y, num_classes, smoothing)
-    balance = cfg["class_balance"]
-    if balance not in ("none", "loss", "sampler", None):
-        raise KitError(f"train: class_balance must be none, loss or sampler (got {balance!r})")
-    weight = None
-    if balance == "loss":
-        from kit.augment import class_weights  # imports timm: only when needed
-
-        weight = class_weights(y_train, num_classes).to(device)
-    sample_w = None
-    if balance == "sampler":
-        counts = np.bincount(y_train, minlength=num_classes)
-        sample_w = torch.as_tensor(1.0 / counts[np.repeat(y_train, k)], dtype=torch.double)
-
-    g = torch.Generator().manual_seed(int(seed))
-    bs, epochs = int(cfg["batch_size"]), int(cfg["epochs"])
-    steps = max(1, math.ceil(n * k / bs))
-    # fused: one kernel per step instead of a dozen per tensor; a third of a small head's step
-    opt = torch.optim.AdamW(head.parameters(), lr=float(cfg["lr"]),
-                            weight_decay=float(cfg["weight_decay"]),
-                            fused=device.type in ("cpu", "cuda"))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(
-        s, epochs * steps, int(round(float(cfg["warmup_epochs"]) * steps)),
-        float(cfg["min_lr_ratio"])))
-    patience = int(cfg["patience"])
-    best = {"score": -1.0, "epoch": 0, "state": None}
-    history = []
-    for epoch in range(1, epochs + 1):
-        head.train()
-        order = (torch.multinomial(sample_w, n * k, replacement=True, generator=g)
-                 if sample_w is not None else torch.randperm(n * k, generator=g))
-        view = torch.randint(0, n_views, (n * k,), generator=g)
-        total, seen = 0.0, 0
-        for a in range(0, n * k, bs):
-            idx = order[a:a + bs].to(device)
-            if len(idx) < 2:
-                continue  # as fit_fold: BatchNorm cannot train on one sample
-            logits = head(flat[idx, view[a:a + bs].to(device)])
-            loss = soft_cross_entropy(logits, targets[idx], weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-            seen += len(idx)
-        probs = predict_features(head, x_val, views=[0])[0]
-        score = fast_macro_f1(y_val, aggregate(probs, cfg["aggregate"]).argmax(1), num_classes)
-        history.append({"epoch": epoch, "loss": total / max(1, seen), "val_macro_f1": score,
-                        "lr": opt.param_groups[0]["lr"]})
-        if score > best["score"]:
-            best.update(score=score, epoch=epoch,
-                        state={k_: v.detach().clone() for k_, v in head.state_dict().items()})
-        elif patience and epoch - best["epoch"] >= patience:
-            break
-    head.load_state_dict(best["state"])
-    head.eval()
-    return HeadFit(head, best["epoch"], best["score"], len(history),
-                   time.perf_counter() - t0, history)
+    if len(y_train) == 0:
+        raise KitError(f"{desc}: no training images")
+    seed_everything(seed)
+    head = create_head(x_train.shape[-1], num_classes, **cfg["head"])
+    source = FeatureSource(torch.cat([x_train, x_val]), cfg, device)
+    n = len(y_train)
+    return fit(head, source, np.arange(n), y_train, cfg, val_rows=np.arange(n, n + len(y_val)),
+               val_y=y_val, groups=groups, seed=seed, device=device, desc=desc)
 
 
 # --------------------------------------------------------------------------- cross-validation
@@ -352,7 +346,7 @@ class FoldPrediction:
     probs: np.ndarray  # n x C
     per_view: dict[str, np.ndarray]
     macro_f1: float
-    fit: HeadFit
+    fit: object  # kit.train.FoldResult
     test_probs: np.ndarray | None = None
     test_per_view: dict[str, np.ndarray] | None = None
 
@@ -403,21 +397,28 @@ class FeatureCV:
         ``exclude``: folds left out of training as well (nested tuning keeps its outer fold
         out of the inner search this way).
         """
+        from kit.heads import create_head
+        from kit.train import fit
+        from kit.utils import seed_everything
+
         f = self.folds
         drop = {int(k)} | {int(e) for e in exclude}
         tr, va = f[~f.fold.isin(drop)], f[f.fold == k]
-        tr_rows, va_rows = _rows(tr.row), _rows(va.row)
+        seed = self.seed + k
         with threads(self.threads):
-            fit = train_head_on_features(self.x[tr_rows], tr.y.values, self.x[va_rows],
-                                         va.y.values, self.cfg, seed=self.seed + k,
-                                         device=self.device, desc=f"fold {k}")
-            per_view = self._image_probs(fit.head, self.x[va_rows])
+            seed_everything(seed)
+            head = create_head(self.x.shape[-1], len(CLASSES), **self.cfg["head"])
+            source = FeatureSource(self.x, self.cfg, self.device)
+            res = fit(head, source, tr.row.values, tr.y.values, self.cfg,
+                      val_rows=va.row.values, val_y=va.y.values, groups=fold_groups(tr),
+                      seed=seed, device=self.device, desc=f"fold {k}")
+            per_view = self._image_probs(res.model, self.x[_rows(va.row)])
         probs = np.mean(list(per_view.values()), axis=0)
         pred = FoldPrediction(k, va.sample_index.values, va.y.values, probs, per_view,
-                              macro_f1(va.y.values, probs), fit)
+                              macro_f1(va.y.values, probs), res)
         if with_test and self.x_test is not None:
             with threads(self.threads):
-                pred.test_per_view = self._image_probs(fit.head, self.x_test)
+                pred.test_per_view = self._image_probs(res.model, self.x_test)
             pred.test_probs = np.mean(list(pred.test_per_view.values()), axis=0)
         return pred
 
@@ -425,6 +426,12 @@ class FeatureCV:
         patch = predict_features(head, x, self.view_idx)
         return {v: aggregate(patch[i], self.cfg["aggregate"])
                 for v, i in zip(self.views, self.view_idx)}
+
+
+def fold_groups(frame: pd.DataFrame):
+    """Groups the inner early-stopping split keeps together: the folds file's ``group``
+    column when it has one (images sharing a mask or a near-duplicate), else None."""
+    return frame.group.values if "group" in frame.columns else None
 
 
 def _rows(series):

@@ -21,7 +21,7 @@ from torch import nn
 
 from kit import CLASSES
 from kit.config import load_config, merge
-from kit.metrics import aggregate, macro_f1
+from kit.metrics import aggregate, fast_macro_f1
 from kit.utils import KitError, atomic_path, progress, seed_everything
 
 
@@ -397,6 +397,57 @@ def _n_outputs(model: nn.Module) -> int:
     return last.out_features
 
 
+# --------------------------------------------------------------------------- epoch selection
+EARLY_STOPPING = ("inner", "refit", "none", "oof")
+
+
+def early_stopping_mode(cfg: dict) -> str:
+    """``cfg["early_stopping"]``, checked: ``inner``, ``refit``, ``none`` or ``oof``."""
+    mode = str(cfg.get("early_stopping", "inner")).strip().lower()
+    if mode not in EARLY_STOPPING:
+        raise KitError(f"train: early_stopping must be one of {', '.join(EARLY_STOPPING)} "
+                       f"(got {cfg.get('early_stopping')!r})")
+    return mode
+
+
+def is_honest(mode: str) -> bool:
+    """Whether OOF scores of a fold trained with ``mode`` are free of epoch selection on them."""
+    return mode != "oof"
+
+
+def inner_split(y, groups=None, n_splits: int = 5, seed: int = 42):
+    """Positions ``(fit, stop)`` of an inner split of a fold's training images.
+
+    One of ``n_splits`` stratified, grouped folds (``groups``: images that must stay together,
+    e.g. a shared mask; default: each image alone), drawn with ``seed``. The number of splits
+    shrinks when a class has too few images, down to 2.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    y = np.asarray(y)
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+    smallest = int(np.bincount(np.unique(y, return_inverse=True)[1]).min()) if len(y) else 0
+    n = max(2, min(int(n_splits), smallest, len(np.unique(groups))))
+    if len(y) < 4 or len(np.unique(groups)) < 2:
+        raise KitError(f"train: {len(y)} training images are too few for an inner early-stopping "
+                       "split; use --early-stopping none (a fixed number of epochs)")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "least populated class" on tiny sets
+        splitter = StratifiedGroupKFold(n_splits=n, shuffle=True,
+                                        random_state=int(seed) % 2**32)
+        try:
+            fit, stop = next(iter(splitter.split(np.zeros(len(y)), y, groups)))
+        except ValueError:  # every class smaller than the splits: grouped, not stratified
+            from kit.utils import check_random_state
+
+            uniq = check_random_state(seed).permutation(np.unique(groups))
+            held = np.isin(groups, uniq[:max(1, len(uniq) // n)])
+            fit, stop = np.flatnonzero(~held), np.flatnonzero(held)
+    return np.sort(fit), np.sort(stop)
+
+
 # --------------------------------------------------------------------------- fitting
 def _snapshot(model: nn.Module) -> dict:
     """Copy of what training can change (trainable parameters and buffers); the frozen rest
@@ -407,7 +458,11 @@ def _snapshot(model: nn.Module) -> dict:
 
 @dataclass
 class FoldResult:
-    """What :func:`fit_fold` returns; ``model`` holds the best epoch's weights."""
+    """What :func:`fit` returns; ``model`` holds the chosen epoch's weights.
+
+    ``best_score`` is the macro F1 on the rows that chose the epoch (``selection["stop"]``):
+    the inner split, the fold's own images for ``oof``, nothing for ``none`` (NaN).
+    """
 
     model: nn.Module
     best_epoch: int
@@ -415,16 +470,23 @@ class FoldResult:
     epochs: int
     seconds: float
     history: list[dict] = field(default_factory=list)
-    val_probs: np.ndarray | None = None  # image-level, view "id", best epoch
+    val_probs: np.ndarray | None = None  # image-level, view "id", chosen epoch, stop rows
     n_trainable: int = 0
+    selection: dict = field(default_factory=dict)
+
+    @property
+    def head(self) -> nn.Module:  # the feature-cache path's name for the model
+        return self.model
 
 
 class Trainer:
     """The optimisation side of training: optimiser, schedule, precision, CutMix and loss.
 
-    ``epoch(loader)`` runs one pass of the kit's loop over uint8 batches (to the device,
-    normalise, mix, forward, backward, step); ``step(x, target)`` is the bare
-    forward/backward/step on a ready batch, which the training benchmark compares it with.
+    ``epoch(batches, prepare)`` runs one pass of the kit's loop (raw batch -> ``prepare`` ->
+    forward, backward, step); ``prepare`` turns a batch of the data source into the model's
+    input and soft target (pixels: to the device, normalise, mix; cached embeddings: pick the
+    vectors). ``step(x, target)`` is the bare forward/backward/step on a ready batch, which
+    the training benchmark compares the loop with.
     """
 
     def __init__(self, model: nn.Module, cfg: dict, device: torch.device, train_y,
@@ -452,8 +514,11 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise KitError("train: the model has no trainable parameters")
+        # fused: one kernel per step instead of a dozen per tensor (a third of a small head's
+        # step on a CPU)
         self.opt = torch.optim.AdamW(params, lr=float(cfg["lr"]),
-                                     weight_decay=float(cfg["weight_decay"]))
+                                     weight_decay=float(cfg["weight_decay"]),
+                                     fused=self.device.type in ("cpu", "cuda"))
         steps = max(1, int(steps_per_epoch))
         total = int(cfg["epochs"]) * steps
         warmup = int(round(float(cfg["warmup_epochs"]) * steps))
@@ -489,8 +554,9 @@ class Trainer:
         self.sched.step()
         return loss.detach()
 
-    def epoch(self, loader, desc: str = "train") -> float:
+    def epoch(self, loader, desc: str = "train", prepare=None) -> float:
         """One pass over ``loader``; returns the mean training loss."""
+        prepare = prepare or self.prepare
         set_train_mode(self.model)
         total, n = torch.zeros((), device=self.device), 0
         bs = int(self.cfg["batch_size"])
@@ -498,78 +564,183 @@ class Trainer:
             for xb, yb in progress(loader, desc=desc, unit="batch", leave=False):
                 if len(xb) < 2:
                     continue  # a lone last patch: BatchNorm cannot train on one sample
-                x, target = self.prepare(xb, yb)
+                x, target = prepare(xb, yb)
                 # Summed on the device: a .item() per batch would stall a GPU pipeline.
                 total += self.step(x, target) * len(x)
                 n += len(x)
         return float(total) / max(1, n)
 
 
-def fit_fold(model: nn.Module, array, train_rows, train_y, val_rows, val_y, cfg: dict, *,
-             seed: int = 42, device: torch.device | str = "cpu",
-             ckpt_path: str | os.PathLike | None = None, full_checkpoint: bool = True,
-             desc: str = "train", meta: dict | None = None) -> FoldResult:
-    """Train ``model`` on the patches of ``train_rows`` with early stopping on ``val_rows``.
+class PixelSource:
+    """Training batches of augmented uint8 patches from an ``N x K x P x P x 3`` array.
+
+    The data side of :func:`fit` on the pixel path; :class:`kit.features.FeatureSource` is
+    the same interface over cached embeddings.
+    """
+
+    def __init__(self, array, cfg: dict, device: torch.device | str = "cpu"):
+        self.array, self.cfg, self.device = array, cfg, torch.device(device)
+
+    def loader(self, rows, y, seed: int):
+        """A re-iterable loader over the patches of ``rows`` (one pass = one epoch)."""
+        from kit.augment import build_train_transform
+
+        ds = PatchDataset(self.array, rows, y,
+                          build_train_transform(self.cfg["augment"], seed=seed))
+        return make_loader(ds, self.cfg, seed, self.device)
+
+    def prepare_fn(self, trainer: Trainer):
+        return trainer.prepare
+
+    def image_probs(self, model: nn.Module, rows, views=("id",), desc: str = "predict"):
+        """Image probabilities of ``rows`` per view (patch probabilities aggregated)."""
+        cfg = self.cfg
+        eval_bs = int(cfg.get("eval_batch_size") or 0) or 2 * int(cfg["batch_size"])
+        patch = predict(model, self.array, rows, tuple(views), eval_bs, self.device, cfg["amp"],
+                        cfg["channels_last"], desc=desc)
+        return {v: aggregate(p, cfg["aggregate"]) for v, p in patch.items()}
+
+
+def fit(model: nn.Module, source, train_rows, train_y, cfg: dict, *, val_rows=None, val_y=None,
+        groups=None, seed: int = 42, device: torch.device | str = "cpu",
+        desc: str = "train") -> FoldResult:
+    """The kit's one training loop: train ``model`` on ``train_rows`` of ``source``.
+
+    How the epoch is chosen follows ``cfg["early_stopping"]`` (:data:`EARLY_STOPPING`):
+    ``inner`` stops early on an inner split of ``train_rows`` (:func:`inner_split`, from
+    ``groups`` and ``seed``) and keeps its best epoch; ``refit`` then retrains from the same
+    initial weights on all of ``train_rows`` for that many epochs; ``none`` trains
+    ``cfg["epochs"]`` and keeps the last; ``oof`` stops early on ``val_rows`` (optimistic
+    when those rows are then scored). Only ``oof`` reads ``val_rows``/``val_y``.
 
     Parameters
     ----------
-    model : PatchClassifier
-        Frozen as it should be (see :func:`build_model`); only parameters with
-        ``requires_grad`` are optimised.
-    array : N x K x P x P x 3 uint8 array (memmap fine)
-    train_rows, val_rows : int arrays
-        Image rows of ``array``.
-    train_y, val_y : int arrays
-        Class index per image.
-    cfg : dict
-        Resolved training config (:func:`train_config`).
+    model : nn.Module
+        Frozen as it should be; parameters with ``requires_grad`` are optimised.
+    source : PixelSource or kit.features.FeatureSource
+        ``loader(rows, y, seed)``, ``prepare_fn(trainer)``, ``image_probs(model, rows, views)``.
+    train_rows, train_y : int arrays
+        Rows of the source and their class indices.
     seed : int
-        Seeds torch, numpy, the sampler and the augmentation: on CPU the same seed gives the
-        same probabilities.
-    ckpt_path : path, optional
-        Where the best weights go (:func:`save_checkpoint`, atomic); written once, at the end.
-    full_checkpoint : bool
-        Save the whole state dict, or only the trainable parameters and buffers.
+        Seeds torch, numpy, the sampler, the augmentation and the inner split.
 
     Returns
     -------
     FoldResult
     """
-    from kit.augment import build_train_transform
     from kit.backbones import count_trainable
 
     t0 = time.perf_counter()
     device = torch.device(device)
+    mode = early_stopping_mode(cfg)
+    train_rows = np.asarray(train_rows, np.int64)
+    train_y = np.asarray(train_y, np.int64)
+    if len(train_rows) == 0:
+        raise KitError(f"{desc}: no training images")
+    selection = {"early_stopping": mode, "epochs_honest": is_honest(mode)}
+    fit_pos = np.arange(len(train_rows))
+    stop_rows = stop_y = None
+    if mode == "oof":
+        if val_rows is None or len(val_rows) == 0:
+            raise KitError(f"{desc}: early_stopping oof needs the fold's validation images")
+        stop_rows, stop_y = np.asarray(val_rows, np.int64), np.asarray(val_y, np.int64)
+        selection["stop"] = "the fold's own validation images (OOF rows): optimistic"
+    elif mode in ("inner", "refit"):
+        n_splits = int(cfg.get("inner_folds", 5))
+        fit_pos, stop_pos = inner_split(train_y, groups, n_splits, seed)
+        stop_rows, stop_y = train_rows[stop_pos], train_y[stop_pos]
+        selection.update(stop="inner split of the training images", inner_folds=n_splits,
+                         inner_seed=int(seed), stop_positions=stop_pos.tolist())
     seed_everything(seed)
-    train_y, val_y = np.asarray(train_y, np.int64), np.asarray(val_y, np.int64)
-    if len(train_rows) == 0 or len(val_rows) == 0:
-        raise KitError(f"{desc}: need training and validation images "
-                       f"(got {len(train_rows)} and {len(val_rows)})")
-    ds = PatchDataset(array, train_rows, train_y, build_train_transform(cfg["augment"], seed=seed))
-    loader = make_loader(ds, cfg, seed, device)
-    trainer = Trainer(model, cfg, device, train_y, len(loader))
-    eval_bs = int(cfg.get("eval_batch_size") or 0) or 2 * int(cfg["batch_size"])
-    epochs, patience = int(cfg["epochs"]), int(cfg["patience"])
+    initial = _snapshot(model) if mode == "refit" else None
+    run = _train(model, source, train_rows[fit_pos], train_y[fit_pos], cfg, stop_rows, stop_y,
+                 int(cfg["epochs"]), seed, device, desc)
+    history = run["history"]
+    if mode == "refit":
+        # The inner run chose the epoch count; the same initial weights and seed train on all
+        # the fold's images for that many epochs (same schedule, so epoch E means the same).
+        model.load_state_dict(initial, strict=False)
+        seed_everything(seed)
+        refit = _train(model, source, train_rows, train_y, cfg, None, None, run["epoch"], seed,
+                       device, f"{desc} refit")
+        history = history + [{**h, "refit": True} for h in refit["history"]]
+    selection.update(chosen_epoch=run["epoch"], stop_score=run["score"],
+                     n_fit=int(len(fit_pos) if mode != "refit" else len(train_rows)),
+                     n_stop=int(0 if stop_rows is None else len(stop_rows)))
+    model.eval()
+    return FoldResult(model=model, best_epoch=run["epoch"], best_score=run["score"],
+                      epochs=len(history), seconds=time.perf_counter() - t0, history=history,
+                      val_probs=run["probs"], n_trainable=count_trainable(model),
+                      selection=selection)
 
-    best = {"score": -1.0, "epoch": 0, "state": None, "probs": None}
+
+def _train(model, source, rows, y, cfg, stop_rows, stop_y, epochs: int, seed: int, device,
+           desc: str) -> dict:
+    """Train up to ``epochs`` epochs; with stop rows, keep the best epoch by their macro F1
+    (patience from ``cfg``), else the last. The schedule always spans ``cfg["epochs"]``."""
+    loader = source.loader(rows, y, seed)
+    trainer = Trainer(model, cfg, device, y, len(loader))
+    prepare = source.prepare_fn(trainer)
+    patience = int(cfg["patience"])
+    n_classes = trainer.n_classes
+    best = {"score": float("nan"), "epoch": 0, "state": None, "probs": None}
     history = []
-    for epoch in range(1, epochs + 1):
-        loss = trainer.epoch(loader, desc=f"{desc} epoch {epoch}/{epochs}")
-        probs = predict(model, array, val_rows, ("id",), eval_bs, device, cfg["amp"],
-                        cfg["channels_last"], desc=f"{desc} val")["id"]
-        img = aggregate(probs, cfg["aggregate"])
-        score = macro_f1(val_y, img)
-        history.append({"epoch": epoch, "loss": loss, "val_macro_f1": score,
-                        "lr": trainer.opt.param_groups[0]["lr"]})
-        if score > best["score"]:
+    for epoch in range(1, int(epochs) + 1):
+        loss = trainer.epoch(loader, desc=f"{desc} epoch {epoch}/{epochs}", prepare=prepare)
+        record = {"epoch": epoch, "loss": loss, "lr": trainer.opt.param_groups[0]["lr"]}
+        history.append(record)
+        if stop_rows is None:
+            best.update(epoch=epoch)
+            continue
+        img = source.image_probs(model, stop_rows, ("id",), desc=f"{desc} stop")["id"]
+        score = fast_macro_f1(stop_y, img.argmax(1), n_classes)
+        record["val_macro_f1"] = score
+        if best["state"] is None or score > best["score"]:
             best.update(score=score, epoch=epoch, probs=img, state=_snapshot(model))
         elif patience and epoch - best["epoch"] >= patience:
             break
-    model.load_state_dict(best["state"], strict=False)
-    model.eval()
+    if best["state"] is not None:
+        model.load_state_dict(best["state"], strict=False)
+    best["history"] = history
+    return best
+
+
+def fit_fold(model: nn.Module, array, train_rows, train_y, val_rows, val_y, cfg: dict, *,
+             seed: int = 42, device: torch.device | str = "cpu",
+             ckpt_path: str | os.PathLike | None = None, full_checkpoint: bool = True,
+             desc: str = "train", meta: dict | None = None, groups=None) -> FoldResult:
+    """Train ``model`` on the patches of ``train_rows`` (pixel path of :func:`fit`).
+
+    Parameters
+    ----------
+    model : PatchClassifier
+        Frozen as it should be (see :func:`build_model`).
+    array : N x K x P x P x 3 uint8 array (memmap fine)
+    train_rows, val_rows : int arrays
+        Image rows of ``array``; ``val_rows`` choose the epoch only with
+        ``early_stopping: oof``.
+    train_y, val_y : int arrays
+        Class index per image.
+    cfg : dict
+        Resolved training config (:func:`train_config`).
+    seed : int
+        On CPU the same seed gives the same probabilities.
+    ckpt_path : path, optional
+        Where the chosen weights go (:func:`save_checkpoint`, atomic), written at the end.
+    full_checkpoint : bool
+        Save the whole state dict, or only the trainable parameters and buffers.
+    groups : array, optional
+        Group of each training image, kept together by the inner split.
+
+    Returns
+    -------
+    FoldResult
+    """
+    device = torch.device(device)
+    res = fit(model, PixelSource(array, cfg, device), train_rows, train_y, cfg,
+              val_rows=val_rows, val_y=val_y, groups=groups, seed=seed, device=device, desc=desc)
     if ckpt_path is not None:
-        save_checkpoint(model, ckpt_path, full_checkpoint, {
-            **(meta or {}), "best_epoch": best["epoch"], "best_macro_f1": best["score"]})
-    return FoldResult(model=model, best_epoch=best["epoch"], best_score=best["score"],
-                      epochs=len(history), seconds=time.perf_counter() - t0, history=history,
-                      val_probs=best["probs"], n_trainable=count_trainable(model))
+        save_checkpoint(res.model, ckpt_path, full_checkpoint, {
+            **(meta or {}), "best_epoch": res.best_epoch, "best_macro_f1": res.best_score,
+            "selection": {k: v for k, v in res.selection.items() if k != "stop_positions"}})
+    return res

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from cv_data import make_patches
 from kit import CLASSES
 from kit.train import (PatchDataset, amp_dtype, build_model, checkpoint_keys, fit_fold,
+                       inner_split,
                        load_checkpoint, make_loader, pick_device, predict, save_checkpoint,
                        set_train_mode, soft_cross_entropy, train_config, tta_views,
                        warmup_cosine)
@@ -160,10 +161,69 @@ def test_early_stopping_keeps_the_best_epoch(data):
     assert res.best_epoch == 1 and res.epochs == 3
 
 
+# ------------------------------------------------------------------ choosing the epoch
+def test_inner_split_is_stratified_grouped_and_seeded():
+    y = np.repeat(np.arange(4), 10)
+    groups = np.arange(40) // 2  # pairs that must stay together
+    fit_a, stop_a = inner_split(y, groups, n_splits=5, seed=1)
+    fit_b, stop_b = inner_split(y, groups, n_splits=5, seed=1)
+    _, stop_c = inner_split(y, groups, n_splits=5, seed=2)
+    np.testing.assert_array_equal(stop_a, stop_b)
+    assert not np.array_equal(stop_a, stop_c)
+    assert sorted(np.concatenate([fit_a, stop_a]).tolist()) == list(range(40))
+    assert set(groups[fit_a]).isdisjoint(groups[stop_a])
+    assert np.bincount(y[stop_a], minlength=4).tolist() == [2, 2, 2, 2]
+    with pytest.raises(KitError, match="early-stopping none"):
+        inner_split(np.array([0, 1]), None, 5, 0)
+
+
+def _scrambled(y, va):
+    z = y.copy()
+    z[va] = (z[va] + 1) % len(CLASSES)
+    return z
+
+
+@pytest.mark.parametrize("mode", ["inner", "refit", "none"])
+def test_honest_modes_never_read_the_validation_labels(data, mode):
+    x, y = data
+    tr, va = _split()
+    cfg = _cfg(epochs=3, early_stopping=mode, patience=1)
+    a = fit_fold(_model(cfg, 0), x, tr, y[tr], va, y[va], cfg, seed=0)
+    b = fit_fold(_model(cfg, 0), x, tr, y[tr], va, _scrambled(y, va)[va], cfg, seed=0)
+    pa, pb = predict(a.model, x, va)["id"], predict(b.model, x, va)["id"]
+    np.testing.assert_array_equal(pa, pb)
+    assert a.selection["early_stopping"] == mode and a.selection["epochs_honest"]
+
+
+def test_oof_mode_chooses_on_the_validation_rows_and_says_so(data):
+    x, y = data
+    tr, va = _split()
+    cfg = _cfg(epochs=2, early_stopping="oof")
+    res = fit_fold(_model(cfg, 0), x, tr, y[tr], va, y[va], cfg, seed=0)
+    assert res.val_probs.shape == (len(va), len(CLASSES))
+    assert not res.selection["epochs_honest"] and "optimistic" in res.selection["stop"]
+
+
+def test_inner_keeps_its_best_epoch_and_refit_retrains_that_many_on_everything(data):
+    cfg = _cfg(epochs=4, early_stopping="inner", patience=0)
+    inner = _fit(data, cfg, seed=1)
+    scores = [h["val_macro_f1"] for h in inner.history]
+    assert inner.best_score == max(scores) == scores[inner.best_epoch - 1]
+    assert inner.selection["n_fit"] + inner.selection["n_stop"] == len(_split()[0])
+    refit = _fit(data, _cfg(epochs=4, early_stopping="refit", patience=0), seed=1)
+    assert refit.best_epoch == inner.best_epoch
+    again = [h for h in refit.history if h.get("refit")]
+    assert len(again) == inner.best_epoch and refit.selection["n_fit"] == len(_split()[0])
+    none = _fit(data, _cfg(epochs=3, early_stopping="none"), seed=1)
+    assert none.best_epoch == none.epochs == 3 and none.best_score != none.best_score  # NaN
+    with pytest.raises(KitError, match="early_stopping must be"):
+        _fit(data, _cfg(early_stopping="best"), seed=1)
+
+
 def test_class_balanced_loss_and_sampler_train(data):
     for balance in ("loss", "sampler"):
         res = _fit(data, _cfg(epochs=1, class_balance=balance), seed=0)
-        assert res.val_probs.shape == (8, len(CLASSES))
+        assert res.val_probs.shape == (res.selection["n_stop"], len(CLASSES))
     with pytest.raises(KitError, match="class_balance"):
         _fit(data, _cfg(epochs=1, class_balance="oversample"), seed=0)
 

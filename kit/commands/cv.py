@@ -27,6 +27,11 @@ def add_arguments(parser):
                         help="train on pixels even when nothing in the backbone trains (the "
                              "default then trains heads on cached embeddings: no colour "
                              "jitter or CutMix)")
+    parser.add_argument("--early-stopping", choices=("inner", "refit", "none", "oof"),
+                        default=None,
+                        help="how each fold chooses its epoch (default: train.yaml's): inner "
+                             "split of its training images, refit on them all after it, none "
+                             "(fixed epochs), or oof (on its own OOF images: optimistic scores)")
     parser.add_argument("--device", choices=("cpu", "cuda", "mps"), default=None,
                         help="default: cuda, else mps, else cpu")
     parser.add_argument("--restart", action="store_true",
@@ -38,7 +43,7 @@ def run(args) -> int:
     from kit.paths import Paths
 
     overrides = {"epochs": args.epochs, "batch_size": args.batch_size,
-                 "unfreeze_last": args.unfreeze_last}
+                 "unfreeze_last": args.unfreeze_last, "early_stopping": args.early_stopping}
     if args.train_norm is not None:
         kinds = [k.strip() for k in args.train_norm.split(",") if k.strip()]
         overrides["train_norm"] = [k for k in kinds if k.lower() != "none"]
