@@ -157,7 +157,58 @@ def _read_metrics(paths: Paths, name: str, folds_sha: str, files: dict) -> dict:
                        f"but {paths.folds_csv} is {folds_sha[:12]}...); rerun ./run.sh cv {name} "
                        "or leave it out of the blend")
     return {"config": metrics.get("config"), "weights_source": metrics.get("weights_source"),
-            "oof_macro_f1": metrics.get("oof_macro_f1"), "folds_sha256": recorded}
+            "oof_macro_f1": metrics.get("oof_macro_f1"), "folds_sha256": recorded,
+            "training_path": metrics.get("training_path"),
+            "selection": metrics.get("selection"), "params_source": metrics.get("params_source"),
+            **provenance(metrics)}
+
+
+EPOCH_WORDS = {"inner": "early stopping on an inner split of the training folds",
+               "refit": "epochs counted on an inner split, then a refit on all training folds",
+               "none": "a fixed number of epochs",
+               "oof": "early stopping on the fold's own OOF rows"}
+
+
+def provenance(metrics: dict) -> dict:
+    """How a backbone's OOF predictions chose their epochs and parameters, from its
+    ``metrics.json`` (``selection``, ``params_source``), and whether its OOF score is honest.
+
+    Returns ``{"honest", "epochs", "params", "why"}``: ``epochs``/``params`` in words, ``why``
+    the reasons it is not honest (empty when it is). A metrics.json without these records
+    (an older cv) is "unknown", hence not honest.
+    """
+    sel, src = metrics.get("selection"), metrics.get("params_source")
+    why = []
+    if isinstance(sel, dict) and sel.get("early_stopping"):
+        mode = str(sel["early_stopping"])
+        epochs = f"{mode}: {EPOCH_WORDS.get(mode, mode)}"
+        if not sel.get("epochs_honest", mode != "oof"):
+            why.append(f"epochs chosen on its own OOF rows (early_stopping {mode})")
+    else:
+        epochs = "unknown (metrics.json records no selection: an older cv)"
+        why.append("how its epochs were chosen is not recorded (an older cv): rerun "
+                   "./run.sh cv to record it")
+    if isinstance(src, dict) and "honest" in src:
+        params = src.get("description") or src.get("spec") or "?"
+        if src.get("dropped"):
+            params += f"; dropped for this path: {', '.join(src['dropped'])}"
+        if not src["honest"]:
+            why.append(f"params {src.get('why') or 'chosen on these folds'}")
+    else:
+        params = (src.get("description") if isinstance(src, dict) else None) or "unknown"
+        params += " (metrics.json does not say how they were chosen: an older cv)"
+        why.append("how its params were chosen is not recorded (an older cv)")
+    return {"honest": not why, "epochs": epochs, "params": params, "why": why}
+
+
+def expected_score(nested_macro_f1: float, meta: dict[str, dict]) -> dict:
+    """The blend's nested macro F1 with what it is worth: ``label`` ``expected`` when every
+    input's OOF predictions chose nothing on their own rows, else ``optimistic`` with ``why``
+    (backbone -> reasons)."""
+    why = {bb: list(m.get("why") or []) for bb, m in meta.items()
+           if not m.get("honest", False)}
+    return {"macro_f1": float(nested_macro_f1), "honest": not why,
+            "label": "expected" if not why else "optimistic", "why": why}
 
 
 def _view_files(paths: Paths, name: str, weight_views: bool):
@@ -462,6 +513,11 @@ class BlendResult:
     def scores(self) -> dict:
         return self.search.scores
 
+    @property
+    def expected(self) -> dict:
+        """The nested score, labelled ``expected`` or ``optimistic`` (:func:`expected_score`)."""
+        return expected_score(self.scores["nested"]["macro_f1"], self.inputs.meta)
+
     def submission_frame(self) -> pd.DataFrame:
         return pd.DataFrame({"sample_index": self.inputs.test_ids, "label": self.test_labels})
 
@@ -515,7 +571,8 @@ def run_blend(paths: Paths, data, backbones=None, name: str = "blend", objective
         folds_sha256=result.inputs.folds_sha256,
         outliers_sha256=sha256_file(paths.outliers_csv) if paths.outliers_csv.exists() else None,
         backbones=result.inputs.meta, inputs=result.inputs.files, blend=result.blend_record(),
-        scores=result.scores, seed=seed, created_utc=stamp.isoformat(timespec="seconds"))
+        scores=result.scores, seed=seed, created_utc=stamp.isoformat(timespec="seconds"),
+        expected_score=result.expected)
     manifest_path = csv_path.with_suffix(".json")
     atomic_write_json(manifest_path, manifest)
     result.csv_path, result.manifest_path, result.csv_sha256 = csv_path, manifest_path, digest
@@ -555,6 +612,10 @@ def _write_run_dir(paths: Paths, result: BlendResult) -> None:
                                        "weight_views": result.weight_views, "seed": result.seed})
     atomic_write_json(out / "blend.json", {
         **result.blend_record(), "scores": result.scores,
+        "expected_score": result.expected,
+        "inputs_provenance": {bb: {k: m.get(k) for k in ("honest", "epochs", "params", "why",
+                                                          "training_path")}
+                              for bb, m in result.inputs.meta.items()},
         "folds_sha256": result.inputs.folds_sha256,
         "fold_fits": {k: {"weights": dict(zip(result.inputs.models, map(float, f.weights))),
                           "biases": dict(zip(CLASSES, map(float, f.biases)))}
@@ -573,6 +634,20 @@ def _write_run_dir(paths: Paths, result: BlendResult) -> None:
     test[PROB_COLUMNS] = result.test_probs
     test["label"] = result.test_labels
     atomic_write_csv(out / "test_blend.csv", test, float_format="%.6f")
+
+
+def expected_lines(expected: dict, in_sample: float) -> list[str]:
+    """The expected-score line(s): labelled optimistic, naming the inputs and why, when any
+    input's OOF predictions chose something on their own rows."""
+    head = f"expected score (nested macro F1): {expected['macro_f1']:.4f}"
+    tail = f"in-sample (optimistic): {in_sample:.4f}"
+    if expected["honest"]:
+        return [f"{head}; {tail}",
+                "  every input chose its epochs and params without its own OOF rows"]
+    out = [f"{head} -- OPTIMISTIC, not the expected score: {len(expected['why'])} input(s) "
+           f"chose something on their own OOF rows; {tail}"]
+    out += [f"  {bb}: {'; '.join(reasons)}" for bb, reasons in expected["why"].items()]
+    return out
 
 
 def format_summary(result: BlendResult) -> str:
@@ -602,9 +677,8 @@ def format_summary(result: BlendResult) -> str:
         row("bias gain", gain_in, gain_nested, fmt="+.4f"),
         f"weights: {weights}",
         f"class biases (log p): {biases}",
-        f"expected score (nested macro F1): {nested['macro_f1']:.4f}; "
-        f"in-sample (optimistic): {in_sample['macro_f1']:.4f}",
     ]
+    lines += expected_lines(result.expected, in_sample["macro_f1"])
     if result.cfg.get("biases", True) and gain_nested < 0:
         lines.append("note: the class biases lower the nested score here (too few images to "
                      "tune them?); consider 'biases: false' in a --config file")

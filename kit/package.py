@@ -247,13 +247,16 @@ def build_manifest(*, name: str, csv_path, csv_sha256: str, csv_rows: int, comma
                    workdir, data_root, train_labels_sha256: str, test_ids: list[str],
                    folds_sha256: str, outliers_sha256: str | None, backbones: dict,
                    inputs: dict, blend: dict, scores: dict, seed: int,
-                   created_utc: str | None = None) -> dict:
+                   created_utc: str | None = None, expected_score: dict | None = None) -> dict:
     """Assemble a submission manifest (plain JSON types); see REQUIRED_FIELDS for its keys.
 
     Parameters
     ----------
     backbones : dict
-        ``{name: {"config", "weights_source", "oof_macro_f1", "folds_sha256"}}``.
+        ``{name: {"config", "weights_source", "oof_macro_f1", "folds_sha256", ...}}``, and
+        how each input chose its epochs and params: ``selection`` and ``params_source``
+        (from its metrics.json), ``epochs`` and ``params`` in words, ``honest`` and ``why``
+        (:func:`kit.blend.provenance`).
     inputs : dict
         ``{path relative to workdir: sha256}`` of every file the blend read.
     blend : dict
@@ -261,6 +264,9 @@ def build_manifest(*, name: str, csv_path, csv_sha256: str, csv_rows: int, comma
         ``params`` (resolved search config), ``seed``: enough to re-run it.
     scores : dict
         ``nested``, ``in_sample`` (each with ``macro_f1`` and ``per_class_f1``), ``baselines``.
+    expected_score : dict, optional
+        The nested score and what it is worth: ``macro_f1``, ``honest``, ``label``
+        (``expected`` | ``optimistic``), ``why`` (backbone -> reasons); older manifests lack it.
     """
     csv_path = Path(csv_path)
     manifest = {
@@ -280,6 +286,7 @@ def build_manifest(*, name: str, csv_path, csv_sha256: str, csv_rows: int, comma
         "inputs": dict(sorted(inputs.items())),
         "blend": blend,
         "scores": scores,
+        "expected_score": expected_score,
         "seeds": {"blend": int(seed)},
         "versions": package_versions(),
         "workdir": str(workdir),

@@ -45,6 +45,7 @@ def run_report(paths: Paths, data, cfg: dict | None = None) -> Path:
     sections = [
         ("data", "Data", lambda: data_section(paths, data, cfg)),
         ("cv", "Cross-validation", lambda: cv_section(paths)),
+        ("tune", "Tuning", lambda: tune_section(paths)),
         ("blend", "Blend", lambda: blend_section(paths)),
         ("calibration", "Reliability of the blended OOF probabilities",
          lambda: reliability_section(paths, cfg)),
@@ -266,9 +267,84 @@ def cv_section(paths: Paths) -> str:
         class_rows.append([name, *[per_class.get(c, {}).get("f1") for c in CLASSES]])
     per_class = _table(["backbone", *[f"F1 {c}" for c in CLASSES]], class_rows, "num")
     figures = "".join(_confusion_figure(paths, name, m) for name, m in metrics.items())
-    return (f"<h3>Macro F1, out of fold</h3>{scores}<h3>Per-class F1</h3>{per_class}"
+    return (f"<h3>Macro F1, out of fold</h3>{scores}"
+            f"<h3>Where each OOF score comes from</h3>{provenance_table(metrics)}"
+            f"<h3>Per-class F1</h3>{per_class}"
             f"<h3>Confusion matrices (rows true, columns predicted)</h3>"
             f"<div class=grid>{figures}</div>")
+
+
+def _verdict(honest: bool) -> tuple:
+    return ("raw", "<b class=ok>honest</b>" if honest else "<b class=warn>optimistic</b>")
+
+
+def provenance_table(metrics: dict[str, dict]) -> str:
+    """Per backbone: training path, how the epochs and the params were chosen, and whether
+    its OOF score is honest (nothing chosen on the OOF rows) or optimistic, and why."""
+    from kit.blend import provenance
+
+    rows = []
+    for name, m in metrics.items():
+        p = provenance(m)
+        rows.append([name, m.get("training_path") or "unknown", p["epochs"], p["params"],
+                     _verdict(p["honest"]), "; ".join(p["why"]) or None])
+    return ("<p>An OOF score is <b>honest</b> when neither the epochs nor the parameters of "
+            "its models were chosen on the rows it scores; otherwise it is a maximum over "
+            "noisy estimates and <b>optimistic</b> (README: Which numbers to trust).</p>"
+            + _table(["backbone", "training path", "epochs chosen by", "params", "OOF score",
+                      "why"], rows))
+
+
+# ----------------------------------------------------------------------------- tune
+
+def tune_records(paths: Paths) -> dict[str, dict]:
+    """``{backbone: {"best": best.yaml or None, "estimate": estimate.json or None}}``."""
+    from kit.utils import read_yaml
+
+    root = paths.runs_dir / "tune"
+    if not root.is_dir():
+        return {}
+    out = {}
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        best, est = d / "best.yaml", d / "estimate.json"
+        if best.is_file() or est.is_file():
+            out[d.name] = {"best": read_yaml(best) if best.is_file() else None,
+                           "estimate": _read_json(est) if est.is_file() else None}
+    return out
+
+
+def tune_section(paths: Paths) -> str:
+    """Per tuned backbone: the search score (best of N, optimistic), the winner on the folds
+    the search did not use, and the nested estimate of the tuned pipeline."""
+    found = tune_records(paths)
+    if not found:
+        return _missing("no tuning", "./run.sh tune <backbone>")
+    rows, outer = [], []
+    for name, r in found.items():
+        b, e = r["best"] or {}, r["estimate"] or {}
+        rows.append([name, b.get("objective", "features (assumed: not recorded)" if b else None),
+                     b.get("training_path"), b.get("early_stopping"), b.get("trials"),
+                     b.get("search_score"), b.get("search_score_kind"),
+                     b.get("holdout_score"), e.get("macro_f1"),
+                     (f"{e.get('trials_per_outer_fold')} trials per outer fold"
+                      + ("" if e.get("honest", True) else "; " + str(e.get("why"))))
+                     if e else None])
+        if e.get("outer"):
+            outer.append([name, *[o.get("macro_f1") for o in e["outer"]]])
+    parts = ["<p>The <b>search score</b> is the best of N trials on the rows that chose it: "
+             "optimistic. The <b>holdout</b> score re-scores the winner on folds the search "
+             "did not use (<code>--folds-per-trial</code>). The <b>nested estimate</b> "
+             "(<code>./run.sh tune BB --estimate</code>, <code>estimate.json</code>) scores "
+             "each outer fold with params searched without it: the honest score of the tuned "
+             "pipeline.</p>",
+             _table(["backbone", "objective", "training path", "early stopping", "trials",
+                     "search score", "what it is", "holdout score", "nested estimate",
+                     "estimate settings"], rows)]
+    if outer:
+        width = max(len(r) for r in outer) - 1
+        parts.append(_table(["nested estimate by outer fold",
+                             *[f"fold {k}" for k in range(width)]], outer, "num"))
+    return "\n".join(parts)
 
 
 def _confusion_figure(paths: Paths, name: str, m: dict) -> str:
@@ -311,6 +387,23 @@ def blend_section(paths: Paths) -> str:
         return _missing("no blend", "./run.sh blend")
     scores = blend.get("scores", {})
     nested, in_sample = scores.get("nested", {}), scores.get("in_sample", {})
+    expected = blend.get("expected_score")
+    if expected is None:
+        nested_head = "nested (inputs not recorded: rerun ./run.sh blend)"
+        verdict = ("<p class=warn>This blend does not record how its inputs chose their "
+                   "epochs and params (an older kit): treat its nested score as "
+                   "optimistic.</p>")
+    elif expected.get("honest"):
+        nested_head = "nested (expected)"
+        verdict = ("<p>Every input chose its epochs and params without its own OOF rows: the "
+                   "nested score is the <b>expected</b> leaderboard score.</p>")
+    else:
+        nested_head = "nested (optimistic)"
+        items = "".join(f"<li><b>{_e(bb)}</b>: {_e('; '.join(why))}</li>"
+                        for bb, why in (expected.get("why") or {}).items())
+        verdict = ("<p class=warn>The nested score is <b>optimistic</b>, not the expected "
+                   f"score: some inputs chose something on their own OOF rows.</p><ul>{items}"
+                   "</ul>")
     score_rows = [
         ["blend + class biases", in_sample.get("macro_f1"), nested.get("macro_f1")],
         ["blend, plain argmax", in_sample.get("macro_f1_no_bias"), nested.get("macro_f1_no_bias")],
@@ -323,10 +416,17 @@ def blend_section(paths: Paths) -> str:
         score_rows.append([f"best single: {best.get('model')}", best.get("macro_f1"), None])
     parts = [f"<p>From <code>{_e(source)}</code>: {len(blend.get('backbones', []))} backbone(s), "
              f"objective {_e(blend.get('objective', '?'))}. The <b>nested</b> score (weights and "
-             "biases fitted without the scored fold) is the expected leaderboard score; the "
-             "in-sample one is optimistic.</p>",
-             _table(["OOF macro F1", "in-sample (optimistic)", "nested (expected)"], score_rows,
+             "biases fitted without the scored fold) is the expected leaderboard score when "
+             "its inputs are honest; the in-sample one is optimistic.</p>", verdict,
+             _table(["OOF macro F1", "in-sample (optimistic)", nested_head], score_rows,
                     "num")]
+    prov = blend.get("inputs_provenance") or {}
+    if prov:
+        parts.append(_table(["input", "training path", "epochs chosen by", "params",
+                             "OOF score", "why"],
+                            [[bb, p.get("training_path"), p.get("epochs"), p.get("params"),
+                              _verdict(bool(p.get("honest"))), "; ".join(p.get("why") or [])
+                              or None] for bb, p in prov.items()]))
     per_fold = sorted((int(k), v) for k, v in (nested.get("per_fold") or {}).items())
     if per_fold:
         parts.append(_table(["nested macro F1 by fold", *[f"fold {k}" for k, _ in per_fold]],
@@ -468,8 +568,9 @@ def submissions_section(paths: Paths) -> str:
         commit = (git.get("commit") or "")[:10] + (" (dirty)" if git.get("dirty") else "")
         csv = m.get("files", {}).get("csv") or m.get("csv", path.stem)
         tag = " ← latest" if path.name == latest_name else ""
+        label = (m.get("expected_score") or {}).get("label", "not recorded")
         rows.append([csv + tag, m.get("created_utc"), m.get("csv_rows"),
-                     scores.get("nested", {}).get("macro_f1"),
+                     scores.get("nested", {}).get("macro_f1"), label,
                      scores.get("in_sample", {}).get("macro_f1"),
                      ", ".join(m.get("backbones", {}) or []), commit or None])
         for rec in m.get("submissions", []):
@@ -477,8 +578,8 @@ def submissions_section(paths: Paths) -> str:
                             rec.get("status"), rec.get("ref"), rec.get("public_score"),
                             scores.get("nested", {}).get("macro_f1"), rec.get("error")])
     parts = ["<h3>Submission files</h3>",
-             _table(["file", "created (UTC)", "rows", "nested macro F1", "in-sample macro F1",
-                     "backbones", "git commit"], rows, "num")]
+             _table(["file", "created (UTC)", "rows", "nested macro F1", "nested is",
+                     "in-sample macro F1", "backbones", "git commit"], rows, "num")]
     parts.append("<h3>Uploads to Kaggle</h3>")
     if uploads:
         uploads.sort(key=lambda r: str(r[0]), reverse=True)
@@ -504,6 +605,7 @@ figure {{ margin: 0; padding: 4px; border: 1px solid #ddd; }}
 figure img {{ max-width: 420px; }}
 figure.junk {{ border: 2px solid #c60; max-width: 172px; }} figure.junk img {{ display: block; }}
 figcaption {{ font-size: 11px; }} .todo {{ color: #8a5a00; }} .err {{ color: #b00; }}
+.warn {{ color: #a33; }} .ok {{ color: #276; }}
 .noimg {{ width: 160px; height: 100px; background: #eee; color: #888; font-size: 11px;
   display: flex; align-items: center; justify-content: center; }}
 code {{ background: #f4f4f4; padding: 0 3px; }}

@@ -2,6 +2,7 @@
 are missing, self-contained, and rendered by a real headless browser."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -17,8 +18,9 @@ from fake_kaggle import write_fake_submission
 from kit import CLASSES, package
 from kit.metrics import plot_confusion
 from kit.paths import Paths
+from kit.blend import expected_score, provenance
 from kit.report import reliability, run_report
-from kit.utils import atomic_write_csv, atomic_write_json
+from kit.utils import atomic_write_csv, atomic_write_json, write_config
 
 PROB = [f"p_{c}" for c in CLASSES]
 
@@ -30,7 +32,14 @@ def _probs(rng, y, n_classes=4, sharp=2.0):
     return p / p.sum(axis=1, keepdims=True)
 
 
-def _backbone(paths: Paths, name, ids, y, folds, rng, with_png):
+HONEST = {"selection": {"early_stopping": "inner", "epochs_honest": True},
+          "params_source": {"spec": "none", "description": "defaults (no params file)",
+                            "honest": True, "why": "no tuned parameters"},
+          "training_path": "pixels"}
+OOF_STOPPED = {**HONEST, "selection": {"early_stopping": "oof", "epochs_honest": False}}
+
+
+def _backbone(paths: Paths, name, ids, y, folds, rng, with_png, how=HONEST):
     out = paths.backbone_dir(name)
     probs = _probs(rng, y)
     oof = pd.DataFrame({"sample_index": ids, "fold": folds, "label": [CLASSES[i] for i in y]})
@@ -43,15 +52,17 @@ def _backbone(paths: Paths, name, ids, y, folds, rng, with_png):
                "oof_weighted_f1": 0.55, "n_oof": len(ids), "weights_source": "random init",
                "per_fold": [{"fold": k, "macro_f1": 0.4 + 0.01 * k} for k in range(3)],
                "per_class": {c: {"f1": 0.3 + 0.1 * i} for i, c in enumerate(CLASSES)},
-               "confusion": cm.tolist(), "classes": list(CLASSES), "folds_sha256": "1" * 64}
+               "confusion": cm.tolist(), "classes": list(CLASSES), "folds_sha256": "1" * 64,
+               **how}
     atomic_write_json(out / "metrics.json", metrics)
     if with_png:
         plot_confusion(cm, CLASSES, out / "confusion.png", title=f"{name} OOF")
     return probs
 
 
-def build_workdir(root: Path, blend_oof: bool = True) -> tuple[Paths, Path]:
-    """Data, outliers, folds, two backbones, a blend and an uploaded submission."""
+def build_workdir(root: Path, blend_oof: bool = True,
+                  convnext_how: dict = HONEST) -> tuple[Paths, Path]:
+    """Data, outliers, folds, two backbones, a tuning, a blend and an uploaded submission."""
     rng = np.random.default_rng(0)
     paths = Paths.from_root(root / "work")
     data = root / "data"
@@ -80,7 +91,7 @@ def build_workdir(root: Path, blend_oof: bool = True) -> tuple[Paths, Path]:
     y = np.array([i % 4 for i in clean])
     cids = [ids[i] for i in clean]
     pa = _backbone(paths, "effnet_b0", cids, y, folds, rng, with_png=True)
-    pb = _backbone(paths, "convnext_t", cids, y, folds, rng, with_png=False)
+    pb = _backbone(paths, "convnext_t", cids, y, folds, rng, with_png=False, how=convnext_how)
     weights = {"effnet_b0": 0.7, "convnext_t": 0.3}
     scores = {"nested": {"macro_f1": 0.4567, "macro_f1_no_bias": 0.4401,
                          "per_class_f1": {c: 0.4 for c in CLASSES},
@@ -89,11 +100,23 @@ def build_workdir(root: Path, blend_oof: bool = True) -> tuple[Paths, Path]:
                             "per_class_f1": {c: 0.5 for c in CLASSES}},
               "baselines": {"equal_weights": {"macro_f1": 0.49},
                             "best_single": {"model": "effnet_b0", "macro_f1": 0.5123}}}
+    prov = {"effnet_b0": {**provenance(HONEST), "training_path": "pixels"},
+            "convnext_t": {**provenance(convnext_how), "training_path": "pixels"}}
     atomic_write_json(paths.runs_dir / "blend" / "blend.json", {
         "backbones": list(weights), "objective": "f1", "weight_views": False,
         "models": list(weights), "weights": weights,
         "biases": {"Luminal A": 0.0, "Luminal B": -0.25, "HER2(+)": 0.1,
-                   "Triple negative": 0.65}, "scores": scores})
+                   "Triple negative": 0.65}, "scores": scores,
+        "expected_score": expected_score(0.4567, prov), "inputs_provenance": prov})
+    tune = paths.tune_dir("effnet_b0")
+    write_config(tune / "best.yaml", {
+        "params": {"lr": 0.001}, "objective": "features", "training_path": "feature_cache",
+        "early_stopping": "inner", "trials": 30, "search_score": 0.6789,
+        "search_score_kind": "search: best of 30 trials on all 3 folds: optimistic",
+        "score": 0.6789})
+    atomic_write_json(tune / "estimate.json", {
+        "macro_f1": 0.5432, "honest": True, "trials_per_outer_fold": 10,
+        "outer": [{"fold": k, "macro_f1": 0.51 + 0.01 * k} for k in range(3)]})
     if blend_oof:
         blended = 0.7 * pa + 0.3 * pb
         oof = pd.DataFrame({"sample_index": cids, "fold": folds, "label": [CLASSES[i] for i in y]})
@@ -129,7 +152,7 @@ def test_full_report_has_every_section(tmp_path):
     out = run_report(paths, data)
     assert out == paths.runs_dir / "report.html"
     text = out.read_text()
-    for anchor in ("data", "cv", "blend", "calibration", "submissions"):
+    for anchor in ("data", "cv", "tune", "blend", "calibration", "submissions"):
         assert f"<section id='{anchor}'>" in text
     assert "not run yet" not in text and "could not be built" not in text
     # data: counts per class, junk and clean, thumbnails (two found, one missing)
@@ -144,6 +167,15 @@ def test_full_report_has_every_section(tmp_path):
     # blend: weights, biases, nested beside in-sample, baselines
     assert "0.4567" in text and "0.5234" in text and "nested (expected)" in text
     assert "0.6500" in text and "0.7000" in text and "best single: effnet_b0" in text
+    # where each estimate comes from: per backbone, the tuning, the blend's inputs
+    cv = text.split("<section id='cv'>")[1].split("</section>")[0]
+    assert "Where each OOF score comes from" in cv and cv.count("<b class=ok>honest</b>") == 2
+    assert "inner: early stopping on an inner split" in cv and "defaults (no params file)" in cv
+    tune = text.split("<section id='tune'>")[1].split("</section>")[0]
+    assert "effnet_b0" in tune and "0.6789" in tune and "0.5432" in tune
+    assert "best of 30 trials" in tune and "0.5300" in tune  # outer fold 2
+    blend = text.split("<section id='blend'>")[1].split("</section>")[0]
+    assert "without its own OOF rows" in blend and "nested (optimistic)" not in blend
     # reliability diagram from oof_blend.csv, with nested curve
     assert "runs/blend/oof_blend.csv" in text and "nested weights" in text
     # submissions: the manifest, the upload with its public score beside the estimate
@@ -151,6 +183,38 @@ def test_full_report_has_every_section(tmp_path):
     assert "0.4321" in text and "an2dl2526c2v2" in text
     # written config beside it
     assert (paths.runs_dir / "report_config.yaml").is_file()
+
+
+def test_an_optimistic_input_is_named_in_cv_and_blend(tmp_path):
+    paths, data = build_workdir(tmp_path, convnext_how=OOF_STOPPED)
+    text = run_report(paths, data).read_text()
+    cv = text.split("<section id='cv'>")[1].split("</section>")[0]
+    where = cv.split("Where each OOF score comes from")[1].split("</table>")[0]
+    row = [r for r in where.split("<tr>") if "<td>convnext_t</td>" in r][0]
+    assert "<b class=warn>optimistic</b>" in row and "early_stopping oof" in row
+    blend = text.split("<section id='blend'>")[1].split("</section>")[0]
+    assert "nested (optimistic)" in blend and "nested (expected)" not in blend
+    assert "<b>convnext_t</b>: epochs chosen on its own OOF rows" in blend
+    assert "<b>effnet_b0</b>" not in blend  # the honest input is not blamed
+
+
+def test_old_files_without_records_are_unknown_hence_optimistic(tmp_path):
+    paths, data = build_workdir(tmp_path)
+    for name in ("effnet_b0", "convnext_t"):
+        f = paths.backbone_dir(name) / "metrics.json"
+        m = json.loads(f.read_text())
+        for key in ("selection", "params_source"):
+            m.pop(key)
+        f.write_text(json.dumps(m))
+    blend = paths.runs_dir / "blend" / "blend.json"
+    b = json.loads(blend.read_text())
+    b.pop("expected_score")
+    b.pop("inputs_provenance")
+    blend.write_text(json.dumps(b))
+    text = run_report(paths, data).read_text()
+    cv = text.split("<section id='cv'>")[1].split("</section>")[0]
+    assert cv.count("<b class=warn>optimistic</b>") == 2 and "an older cv" in cv
+    assert "does not record how its inputs chose" in text
 
 
 def test_self_contained_and_escaped(tmp_path):
