@@ -281,3 +281,71 @@ def test_demo_blend_step(workdir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "_demo.csv (40 rows, validated)" in out and "latest.csv" in out
     assert "nested" in out and "in-sample" in out
+
+
+def _record(paths, bb, early_stopping="inner", params_honest=True):
+    """Give ``runs/<bb>/metrics.json`` the records a current cv writes."""
+    path = paths.backbone_dir(bb) / "metrics.json"
+    m = json.loads(path.read_text())
+    m["selection"] = {"early_stopping": early_stopping,
+                      "epochs_honest": early_stopping != "oof"}
+    m["params_source"] = (
+        {"spec": "none", "description": "defaults (no params file)", "honest": True,
+         "why": "no tuned parameters"} if params_honest else
+        {"spec": "tuned", "description": "runs/tune/x/best.yaml (3 values)", "honest": False,
+         "why": "chosen as the best of 30 trials scored on these folds' OOF rows",
+         "dropped": ["lr"]})
+    path.write_text(json.dumps(m))
+
+
+def test_expected_score_is_optimistic_exactly_when_an_input_is(workdir, capsys):
+    paths, data = workdir
+    args = ["blend", "--data", str(data), "--workdir", str(paths.root)]
+
+    def blend():
+        assert main(args) == 0
+        out = capsys.readouterr().out
+        return out, json.loads((paths.submissions_dir / "latest.json").read_text())
+
+    for bb in ("bb_a", "bb_b", "bb_c"):
+        _record(paths, bb)
+    out, manifest = blend()
+    assert "expected score (nested macro F1)" in out and "OPTIMISTIC" not in out
+    assert "every input chose its epochs and params without its own OOF rows" in out
+    assert manifest["expected_score"]["label"] == "expected"
+    assert manifest["expected_score"]["macro_f1"] == manifest["scores"]["nested"]["macro_f1"]
+    for bb in ("bb_a", "bb_b", "bb_c"):  # per input: how its epochs and params were chosen
+        b = manifest["backbones"][bb]
+        assert b["honest"] is True and b["why"] == []
+        assert b["selection"]["early_stopping"] == "inner"
+        assert b["params_source"]["spec"] == "none" and b["epochs"].startswith("inner")
+
+    _record(paths, "bb_b", early_stopping="oof")
+    out, manifest = blend()
+    line = next(x for x in out.splitlines() if x.startswith("expected score"))
+    assert "OPTIMISTIC" in line
+    assert "  bb_b: epochs chosen on its own OOF rows (early_stopping oof)" in out
+    assert "  bb_a:" not in out and "  bb_c:" not in out
+    assert manifest["expected_score"]["label"] == "optimistic"
+    assert list(manifest["expected_score"]["why"]) == ["bb_b"]
+    assert manifest["backbones"]["bb_b"]["honest"] is False
+    run_dir = json.loads((paths.runs_dir / "blend" / "blend.json").read_text())
+    assert run_dir["expected_score"]["label"] == "optimistic"
+    assert run_dir["inputs_provenance"]["bb_a"]["honest"] is True
+
+    _record(paths, "bb_b")
+    _record(paths, "bb_c", params_honest=False)  # tuned on these folds: optimistic too
+    out, manifest = blend()
+    assert "  bb_c: params chosen as the best of 30 trials" in out and "  bb_b:" not in out
+    assert "dropped for this path: lr" in manifest["backbones"]["bb_c"]["params"]
+
+
+def test_inputs_from_an_older_cv_are_unknown_hence_optimistic(workdir):
+    paths, data = workdir  # blend_data's metrics.json have no selection/params_source
+    res = run_blend(paths, data, seed=1)
+    assert res.expected["label"] == "optimistic" and set(res.expected["why"]) == {
+        "bb_a", "bb_b", "bb_c"}
+    assert "not recorded (an older cv)" in "; ".join(res.expected["why"]["bb_a"])
+    from kit.blend import format_summary
+
+    assert "OPTIMISTIC" in format_summary(res)

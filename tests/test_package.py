@@ -197,6 +197,11 @@ def test_manifest_is_complete(blended):
                 rel = f"runs/{bb}/tta/{split}_{view}.csv"
                 assert m["inputs"][rel] == sha256_file(paths.root / rel)
         assert m["inputs"][f"runs/{bb}/metrics.json"]
+        # How its epochs and params were chosen: not recorded by this (older-style) input.
+        assert b["honest"] is False and "not recorded" in b["why"][0]
+        assert b["selection"] is None and b["params_source"] is None
+    assert m["expected_score"]["label"] == "optimistic"
+    assert m["expected_score"]["macro_f1"] == m["scores"]["nested"]["macro_f1"]
     blend = m["blend"]
     assert blend["backbones"] == ["bb_a", "bb_b", "bb_c"] and blend["weight_views"] is True
     assert blend["objective"] == "f1" and blend["seed"] == 11 and blend["params"]["iterations"]
