@@ -75,7 +75,7 @@ def test_rerun_reuses_or_replaces_and_never_deletes_foreign_folders(tmp_path):
     assert len(list((root / "train_data").glob("img_*.png"))) == 12  # no stale files left
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("precious")
-    with pytest.raises(KitError, match="not a demo dataset"):
+    with pytest.raises(KitError, match="not a generated dataset"):
         demo.generate(tmp_path / "mine", n_train=14, n_test=2, short_side=48)
     assert (tmp_path / "mine" / "notes.txt").exists()
 

@@ -12,9 +12,12 @@ from kit.paths import Paths
 def add_arguments(parser):
     parser.add_argument("--out", default="runs/demo",
                         help="work directory for the demo (default: runs/demo)")
-    parser.add_argument("--n-train", type=int, default=120, help="demo training images")
-    parser.add_argument("--n-test", type=int, default=40, help="demo test images")
-    parser.add_argument("--short-side", type=int, default=256, help="short image side in px")
+    # Defaults: kit.synth's demo preset (120 training and 40 test images, short side 256).
+    parser.add_argument("--n-train", type=int, default=None,
+                        help="demo training images (default: 120)")
+    parser.add_argument("--n-test", type=int, default=None, help="demo test images (default: 40)")
+    parser.add_argument("--short-side", type=int, default=None,
+                        help="short image side in px (default: 256)")
 
 
 def run(args) -> int:
@@ -22,8 +25,9 @@ def run(args) -> int:
 
     out = Path(args.out)
     paths = Paths.from_root(out)
-    data = demo.generate(out / "data", n_train=args.n_train, n_test=args.n_test,
-                         short_side=args.short_side, seed=args.seed)
+    given = {"n_train": args.n_train, "n_test": args.n_test, "short_side": args.short_side}
+    data = demo.generate(out / "data", seed=args.seed,
+                         **{k: v for k, v in given.items() if v is not None})
     print(f"demo data      -> {data}")
     outliers = clean.run_clean(data, paths)
     print(f"clean          -> {paths.outliers_csv} ({len(outliers)} flagged), "
