@@ -30,8 +30,8 @@ def add_arguments(parser):
                         help="cap on the generated long side, 1.5-4x the short side "
                              "(default: 4200, as in the real training set)")
     parser.add_argument("--generator", choices=("demo", "plain"), default="demo",
-                        help="demo: kit.demo's scans (textured, larger PNGs than the real "
-                             "ones); plain: "
+                        help="demo: kit.synth's scans (textured, larger PNGs than the real "
+                             "ones); plain: kit.synth's plain style, "
                              "flat background and smaller PNGs than the real ~0.7 MB, so "
                              "decoding is cheaper and the ratio harder (default: demo)")
     parser.add_argument("--limit", type=int, default=0,
@@ -170,75 +170,18 @@ def _print(r: dict) -> None:
 
 # --------------------------------------------------------------------------- data
 def _bench_dataset(bench_dir, args):
-    """A generated dataset at the real data's scale, reused while its parameters match."""
+    """A generated dataset at the real data's scale (kit.synth), reused while its arguments match."""
+    from kit import synth
+
     root = bench_dir / (f"data-{args.generator}-{args.n_train}-{args.n_test}-"
                         f"{args.short_side}-{args.long_side_max}-seed{args.seed}")
-    if (root / ".complete").exists():
-        return root
-    print(f"generating the benchmark dataset under {root} (once)")
-    if args.generator == "demo":
-        from kit import demo
+    if (root / ".complete").exists() and not (root / synth.META_JSON).exists():
+        import shutil
 
-        demo.generate(root, n_train=args.n_train, n_test=args.n_test,
-                      short_side=args.short_side, seed=args.seed,
-                      long_side_max=args.long_side_max)
-    else:
-        generate_plain(root, args.n_train, args.n_test, args.short_side, args.long_side_max,
-                       args.seed)
-    (root / ".complete").write_text("")
-    return root
-
-
-def generate_plain(root, n_train: int, n_test: int, short_side: int, long_side_max: int,
-                   seed: int) -> None:
-    """Plain scans in the challenge layout: noisy strips on a flat light-grey background.
-
-    Only the PNG statistics matter here, not class signal: the flat background compresses
-    better than the real scans, so decoding is cheaper and extraction's overhead shows more.
-    """
-    import pandas as pd
-    from PIL import Image
-
-    from kit import CLASSES
-    from kit.utils import atomic_write_csv, check_random_state
-
-    rng = check_random_state(seed)
-    labels = []
-    for split, n in (("train", n_train), ("test", n_test)):
-        folder = root / f"{split}_data"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            long_side = min(int(short_side * rng.uniform(1.5, 4.0)), long_side_max)
-            image, mask = _scan(rng, short_side, max(long_side, short_side))
-            Image.fromarray(image).save(folder / f"img_{i:04d}.png")
-            Image.fromarray(mask).save(folder / f"mask_{i:04d}.png")
-            if split == "train":
-                labels.append((f"img_{i:04d}.png", CLASSES[int(rng.integers(len(CLASSES)))]))
-    atomic_write_csv(root / "train_labels.csv",
-                     pd.DataFrame(labels, columns=["sample_index", "label"]))
-
-
-def _scan(rng, short: int, long: int):
-    import numpy as np
-
-    h, w = short, long
-    image = np.full((h, w, 3), rng.integers(205, 226), dtype=np.uint8)
-    mask = np.zeros((h, w), dtype=np.uint8)
-    yy = np.arange(h)[:, None]
-    xx = np.arange(w)[None, :]
-    for _ in range(int(rng.integers(1, 4))):
-        centre = rng.uniform(0.2, 0.8) * h + rng.uniform(0.05, 0.15) * h * np.sin(
-            2 * np.pi * xx / rng.uniform(0.5, 1.5) / w + rng.uniform(0, 6.3))
-        half = rng.uniform(0.04, 0.09) * h
-        x0, x1 = sorted(rng.uniform(0, w, 2))
-        strip = (np.abs(yy - centre) < half) & (xx >= x0) & (xx < x1)
-        ys, xs = np.nonzero(strip)
-        colour = np.array([rng.integers(150, 220), rng.integers(60, 130), rng.integers(140, 200)])
-        noise = rng.normal(0, 18, (len(ys), 3))
-        image[ys, xs] = np.clip(colour + noise, 0, 255).astype(np.uint8)
-        inner = strip & (np.abs(yy - centre) < half * 0.6)
-        cut = rng.uniform(x0, x1)
-        mask[inner & ((xx < cut) if rng.random() < 0.5 else (xx >= cut))] = 255
-    if rng.random() < 0.5:
-        image, mask = image.transpose(1, 0, 2).copy(), mask.T.copy()
-    return image, mask
+        shutil.rmtree(root)  # this bench's own folder from before kit.synth: regenerate it
+    print(f"benchmark dataset: {root} (generated once, reused while its arguments match)")
+    # "plain": flat background and noisy flat strips, smaller PNGs than the textured scans
+    return synth.generate(root, n_train=args.n_train, n_test=args.n_test,
+                          short_side=args.short_side, seed=args.seed,
+                          long_side_max=args.long_side_max,
+                          style="plain" if args.generator == "plain" else "scan")

@@ -42,11 +42,11 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _cache(folder: Path, n_images: int, k: int, size: int, seed: int) -> np.ndarray:
-    """A synthetic patch cache on disk, memory-mapped as cv reads the real one."""
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, size=(n_images, k, size, size, 3), dtype=np.uint8)
-    np.save(folder / "patches.npy", arr)
+def _cache(folder: Path, labels, k: int, size: int, seed: int) -> np.ndarray:
+    """A generated patch cache (kit.synth) on disk, memory-mapped as cv reads the real one."""
+    from kit.synth import tinted_patches
+
+    np.save(folder / "patches.npy", tinted_patches(len(labels), k, size, labels, seed))
     return np.load(folder / "patches.npy", mmap_mode="r")
 
 
@@ -121,7 +121,7 @@ def run(args) -> int:
           f"best of {args.repeats}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="kit-bench-") as tmp:
-        array = _cache(Path(tmp), n_images, args.top_k, args.size, args.seed)
+        array = _cache(Path(tmp), labels, args.top_k, args.size, args.seed)
         for name in names:
             r = bench_backbone(name, array, labels, cfg, device, args.repeats, args.seed)
             rows.append(r)

@@ -46,45 +46,30 @@ def add_arguments(parser):
 
 # --------------------------------------------------------------------------- synthetic data
 def synthetic_features(n: int, k: int, n_views: int, dim: int, n_folds: int, seed: int = 0):
-    """A :class:`kit.features.FeatureCV` over random embeddings with a class signal.
+    """A :class:`kit.features.FeatureCV` over generated embeddings (:func:`kit.synth.embeddings`).
 
-    Class means plus a per-image offset plus per-patch noise; the class counts follow the
-    real clean training set (LumA 158, LumB 204, HER2 150, TN 69 of 581).
+    Class means plus a per-image offset plus per-patch noise; the class shares follow the
+    real clean training set; stratified folds.
     """
     from pathlib import Path
 
-    import numpy as np
     import pandas as pd
 
     from kit import CLASSES
     from kit.features import FeatureCV, Features, cache_views
+    from kit.synth import embeddings, stratified_folds
     from kit.train import train_config, tta_views
 
-    rng = np.random.default_rng(seed)
-    share = np.array([158, 204, 150, 69]) / 581
-    y = rng.choice(len(CLASSES), size=n, p=share)
-    means = rng.normal(0, 0.06, (len(CLASSES), dim))
-    x = (means[y][:, None, None, :] + rng.normal(0, 0.5, (n, 1, 1, dim))
-         + rng.normal(0, 1.0, (n, k, n_views, dim))).astype(np.float16)
+    x, y = embeddings(n, k, n_views, dim, seed)
     ids = [f"img_{i:04d}.png" for i in range(n)]
     labels = [CLASSES[c] for c in y]
-    fold = np.zeros(n, dtype=np.int64)
-    for c in range(len(CLASSES)):  # stratified, as the real folds
-        members = rng.permutation(np.flatnonzero(y == c))
-        fold[members] = np.arange(len(members)) % n_folds
+    fold = stratified_folds(y, n_folds, rng=seed)
     samples = pd.DataFrame({"sample_index": ids, "label": labels, "fallback": False})
     folds = pd.DataFrame({"sample_index": ids, "label": labels, "fold": fold})
     cfg = train_config()
     views = tta_views(cfg["tta"])
     feats = Features(x, samples, cache_views(views), "synthetic", Path("<memory>"), True)
     return FeatureCV(feats, folds, cfg, views, device="cpu", seed=seed)
-
-
-def synthetic_patches(n: int, k: int, size: int, seed: int = 0):
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (n, k, size, size, 3), dtype=np.uint8)
 
 
 # --------------------------------------------------------------------------- measurements
@@ -112,12 +97,13 @@ def measure_full(backbone: str, subset: int, k: int, size: int, views, seed: int
     """Training and prediction throughput of the kit's loop for ``backbone`` (random weights)."""
     import numpy as np
 
+    from kit.synth import tinted_patches
     from kit.train import build_model, fit_fold, predict, train_config
 
     cfg = train_config({"epochs": 1, "patience": 0, "num_workers": 0})
     n_val = max(2, subset // 4)
-    array = synthetic_patches(subset + n_val, k, size, seed)
     y = np.arange(subset + n_val) % 4
+    array = tinted_patches(subset + n_val, k, size, y, seed)
     tr, va = np.arange(subset), np.arange(subset, subset + n_val)
     model, n_trainable = build_model(backbone, cfg, "random", patch_size=size)
     # Warm-up pass (allocator, kernels) so the timed epoch is a steady-state one.
@@ -153,36 +139,11 @@ def extrapolate(m: dict, n_images: int, n_test: int, k: int, n_views: int, fold_
 
 def complete_full_trial(backbone: str, args, workdir) -> float:
     """A real full trial (run_cv over every fold) of ``backbone`` on real-size patches."""
-    import json
-
-    import numpy as np
-    import pandas as pd
-
-    from kit import CLASSES
-    from kit.paths import Paths
+    from kit.synth import write_patch_workdir
     from kit.tune import FullEvaluator, evaluate
 
-    paths = Paths.from_root(workdir)
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 4, args.images)
-    ids = [f"img_{i:04d}.png" for i in range(args.images)]
-    for split, n, labels in (("train", args.images, [CLASSES[c] for c in y]),
-                             ("test", args.test_images, [""] * args.test_images)):
-        out = paths.patches_dir(split)
-        out.mkdir(parents=True, exist_ok=True)
-        names = ids if split == "train" else [f"img_{i:04d}.png" for i in range(n)]
-        np.save(out / "patches.npy", synthetic_patches(n, args.k, args.size, 1))
-        pd.DataFrame({"sample_index": names, "label": labels, "fallback": False}).to_csv(
-            out / "samples.csv", index=False)
-        pd.DataFrame({"sample_index": np.repeat(names, args.k),
-                      "patch": np.tile(np.arange(args.k), n), "x": 0, "y": 0,
-                      "coverage": 1.0}).to_csv(out / "index.csv", index=False)
-        (out / "meta.json").write_text(json.dumps({"key": f"bench-{split}"}))
-        (out / "config.yaml").write_text("bench: true\n")
-    paths.folds_dir.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"sample_index": ids, "label": [CLASSES[c] for c in y],
-                  "fold": np.arange(args.images) % args.folds}).to_csv(paths.folds_csv,
-                                                                       index=False)
+    paths = write_patch_workdir(workdir, n_train=args.images, n_test=args.test_images, k=args.k,
+                                size=args.size, n_folds=args.folds, seed=0)
     ev = FullEvaluator(backbone, paths, weights="random")
     run_fold, cleanup = ev.trial({}, "bench")
     t0 = time.perf_counter()
