@@ -117,15 +117,31 @@ class FeaturesEvaluator:
         self.context = {"patch_key": fcv.train.meta.get("patch_key"),
                         "weights_sha256": fcv.train.meta.get("weights_sha256")}
 
-    def trial(self, params: dict, name: str):
-        """``(run_fold, cleanup)`` for one trial with ``params`` (dotted keys)."""
+    def trial(self, params: dict, name: str, exclude=()):
+        """``(run_fold, cleanup)`` for one trial with ``params`` (dotted keys).
+
+        ``exclude``: folds that neither train nor score (the outer fold of a nested
+        estimate, which must play no part in its own search).
+        """
         fcv = self.fcv.configure(params)
+        exclude = tuple(int(e) for e in exclude)
 
         def run(k: int) -> FoldScore:
-            p = fcv.fold(k)
+            p = fcv.fold(k, exclude=exclude) if exclude else fcv.fold(k)
             self.last_fit = p.fit
             return FoldScore(k, p.y, p.probs, p.macro_f1)
         return run, lambda: None
+
+
+class _Excluding:
+    """An evaluator whose trials leave fold ``outer`` out of every fold's training."""
+
+    def __init__(self, evaluator, outer: int):
+        self.evaluator, self.outer = evaluator, int(outer)
+        self.objective, self.n_folds = evaluator.objective, evaluator.n_folds
+
+    def trial(self, params: dict, name: str):
+        return self.evaluator.trial(params, name, exclude=(self.outer,))
 
 
 class FullEvaluator:
@@ -385,11 +401,50 @@ def warm_start(study, source, space: Space, top: int) -> int:
 
 
 # --------------------------------------------------------------------------- outputs
+def applies_to(objective: str, params: dict) -> dict:
+    """The training path and epoch selection that params tuned with ``objective`` fit:
+    ``features`` trains heads on cached embeddings (cv's ``feature_cache`` path), ``full``
+    trains as cv does with these params (``pixels`` unless they freeze the whole backbone)."""
+    from kit.params import source_path
+    from kit.train import train_config
+
+    cfg = train_config(params=params)
+    return {"training_path": source_path({"objective": objective}, params),
+            "early_stopping": str(cfg.get("early_stopping", "oof"))}
+
+
+def score_kinds(n_trials: int, search_folds: list[int], n_folds: int,
+                early_stopping: str) -> dict:
+    """What each score of ``best.yaml`` is, in words (written beside the numbers)."""
+    epochs = ("; every fold also chose its epoch on the rows it scores (early_stopping oof)"
+              if early_stopping == "oof" else "")
+    subset = sorted(search_folds) != list(range(n_folds))
+    where = (f"folds {','.join(map(str, search_folds))}" if subset else f"all {n_folds} folds")
+    kinds = {"search_score_kind": f"search: best of {n_trials} trials on {where}, the rows "
+                                  f"that chose it: optimistic{epochs}"}
+    if subset:
+        kinds["score_kind"] = (f"the winner re-scored on all {n_folds} folds, "
+                               f"{len(search_folds)} of which chose it: partly optimistic{epochs}")
+        kinds["holdout_kind"] = ("the winner on the folds the search did not use: less biased "
+                                 "(no trial was chosen on them), but only "
+                                 f"{n_folds - len(search_folds)} folds{epochs}")
+    else:
+        kinds["score_kind"] = kinds["search_score_kind"]
+    return kinds
+
+
 def best_record(study, evaluator, space: Space, folds: list[int], seed: int,
-                rescore: bool = True) -> dict | None:
-    """``best.yaml``'s contents: the best trial's params and its score on all folds (re-scored
-    when the search used a subset; the result is kept in the study for the next run).
-    ``None`` without a complete trial, or when a re-score is needed but ``rescore`` is off."""
+                rescore: bool = True, context: dict | None = None) -> dict | None:
+    """``best.yaml``'s contents: the best trial's params, what it was tuned for and its scores,
+    each with a ``*_kind`` saying what it is.
+
+    ``search_score`` is the best trial's value on the search folds: the best of N noisy
+    trials, picked on those very rows, hence optimistic. With a fold subset
+    (``--folds-per-trial``) the winner is re-scored on every fold (kept in the study for the
+    next run): ``score`` on all folds, ``holdout_score`` on the folds the search never saw
+    (less biased). ``None`` without a complete trial, or when a re-score is needed but
+    ``rescore`` is off.
+    """
     from optuna.trial import TrialState
 
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -397,26 +452,44 @@ def best_record(study, evaluator, space: Space, folds: list[int], seed: int,
     best = study.best_trial
     params = dict(best.user_attrs.get("params") or {**best.params, **space.fixed})
     all_folds = list(range(evaluator.n_folds))
-    score = float(best.value)
-    if sorted(folds) != all_folds:
+    search_folds = sorted(int(k) for k in folds)
+    score, holdout = float(best.value), None
+    per_fold = {int(k): float(v) for k, v in sorted(best.intermediate_values.items())}
+    if search_folds != all_folds:
         cached = (study.user_attrs.get("rescored") or {}).get(str(best.number))
-        if cached is None and not rescore:
-            return None
-        if cached is None:
+        if not isinstance(cached, dict) and rescore:  # none yet, or an older kit's bare float
             print(f"tune: re-scoring trial {best.number} on all {len(all_folds)} folds")
             run_fold, cleanup = evaluator.trial(params, f"{study.study_name}-best{best.number}")
             try:
-                cached, _ = evaluate(run_fold, all_folds)
+                value, scores = evaluate(run_fold, all_folds)
             finally:
                 cleanup()
+            unused = [x for x in scores if x.fold not in search_folds]
+            cached = {"score": float(value), "holdout": float(pooled_f1(unused)),
+                      "per_fold": {str(x.fold): float(x.macro_f1) for x in scores}}
             rescored = dict(study.user_attrs.get("rescored") or {})
             rescored[str(best.number)] = cached
             study.set_user_attr("rescored", rescored)
-        score = float(cached)
-    return {"params": params, "score": score, "search_score": float(best.value),
-            "search_folds": sorted(folds), "trial": int(best.number),
-            "objective": evaluator.objective, "study": study.study_name,
-            "per_fold": {int(k): float(v) for k, v in sorted(best.intermediate_values.items())}}
+        if cached is None:
+            return None
+        if isinstance(cached, dict):
+            score, holdout = float(cached["score"]), float(cached["holdout"])
+            per_fold = {int(k): float(v) for k, v in sorted(cached["per_fold"].items(),
+                                                            key=lambda kv: int(kv[0]))}
+        else:
+            score = float(cached)
+    fits = applies_to(evaluator.objective, params)
+    n_trials = _finished(study)
+    record = {"params": params, "objective": evaluator.objective, **fits,
+              "score": score, "search_score": float(best.value), "search_folds": search_folds,
+              "holdout_score": holdout,
+              "holdout_folds": [k for k in all_folds if k not in search_folds] or None,
+              **score_kinds(n_trials, search_folds, len(all_folds), fits["early_stopping"]),
+              "trials": n_trials, "trial": int(best.number), "study": study.study_name,
+              "per_fold": per_fold}
+    if context:
+        record.update({k: context[k] for k in ("folds_sha256", "seed") if k in context})
+    return {k: v for k, v in record.items() if v is not None}
 
 
 def write_outputs(study, out: Path, record: dict | None, extra: dict) -> None:
@@ -430,7 +503,8 @@ def write_outputs(study, out: Path, record: dict | None, extra: dict) -> None:
     atomic_write_csv(out / "trials.csv", df)
     plot_study(study, out)
     if record is not None:
-        write_config(out / "best.yaml", {**record, **{k: extra[k] for k in ("storage", "backbone")}})
+        write_config(out / "best.yaml",
+                     {**record, **{k: extra[k] for k in ("storage", "backbone", "weights")}})
     write_config(out / "config.yaml", extra)
 
 
@@ -471,6 +545,131 @@ def plot_study(study, out: Path) -> list[str]:
     return notes
 
 
+# --------------------------------------------------------------------------- nested estimate
+ESTIMATE_KIND = ("nested: each outer fold scored by a head trained with the params of a search "
+                 "that never saw it (its own search trained and scored on the other folds only)")
+
+
+def nested_estimate(bb: str, paths, cfg: dict, space: Space, n_trials: int, weights="auto",
+                    seed: int = 42, device=None, evaluator=None) -> dict:
+    """An honest score of the tuned pipeline (features objective): for each outer fold ``o``,
+    search ``n_trials`` trials on the other folds (each inner fold's head trained without
+    ``o``), train the winner on every fold but ``o`` and score ``o``.
+
+    The search's own best (best of N on the rows that chose it) is optimistic; here no row
+    takes part in choosing the params that score it. Returns the ``estimate.json`` record.
+    """
+    import optuna
+
+    from kit.folds import load_folds
+
+    _quiet_optuna()
+    evaluator = evaluator or FeaturesEvaluator(bb, paths, weights=weights, seed=seed,
+                                               device=device)
+    _, folds_sha = load_folds(paths)
+    n_folds = evaluator.n_folds
+    if n_folds < 3:
+        raise KitError(f"tune --estimate needs at least 3 folds (an outer fold and 2 inner "
+                       f"ones for the pruner's paired scores); {paths.folds_csv} has {n_folds}")
+    t_all = time.perf_counter()
+    outer, preds = [], []
+    for o in range(n_folds):
+        t0 = time.perf_counter()
+        inner = [k for k in range(n_folds) if k != o]
+        entropy = np.random.SeedSequence([int(seed), 0xE57, o]).generate_state(1)[0]
+        study = optuna.create_study(
+            direction="maximize", pruner=make_pruner(cfg),
+            sampler=optuna.samplers.TPESampler(
+                seed=int(entropy), n_startup_trials=int(cfg["n_startup_trials"]),
+                multivariate=True))
+        label = f"{bb}-estimate-outer{o}"
+        study.optimize(make_objective(_Excluding(evaluator, o), space, inner, seed, n_trials,
+                                      label), n_trials=n_trials, catch=(SurplusTrial,),
+                       gc_after_trial=True)
+        done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if not done:
+            raise KitError(f"tune --estimate: no trial of outer fold {o} completed; raise "
+                           "--estimate-trials")
+        best = study.best_trial
+        params = dict(best.user_attrs.get("params") or {**best.params, **space.fixed})
+        # The winner trains on every inner fold (all but o) and predicts o: cv's fold o.
+        pred = evaluator.fcv.configure(params).fold(o)
+        preds.append(pred)
+        mode = str(evaluator.fcv.configure(params).cfg.get("early_stopping", "oof"))
+        outer.append({"fold": o, "inner_folds": inner, "n": int(len(pred.y)),
+                      "early_stopping": mode,
+                      "macro_f1": float(pred.macro_f1), "search_score": float(best.value),
+                      "trial": int(best.number), "trials": _finished(study),
+                      "params": params, "seconds": round(time.perf_counter() - t0, 2)})
+        print(f"tune {bb} --estimate: outer fold {o}: search on folds "
+              f"{','.join(map(str, inner))} best {best.value:.4f} (trial {best.number} of "
+              f"{_finished(study)}), outer fold macro F1 {pred.macro_f1:.4f}", flush=True)
+    y = np.concatenate([p.y for p in preds])
+    probs = np.concatenate([p.probs for p in preds])
+    fold_scores = [r["macro_f1"] for r in outer]
+    modes = sorted({r["early_stopping"] for r in outer})
+    mode = modes[0] if len(modes) == 1 else ",".join(modes)
+    honest = "oof" not in modes
+    return {
+        "backbone": bb, "objective": "features", "kind": ESTIMATE_KIND,
+        "macro_f1": float(macro_f1(y, probs)),
+        "mean_fold_macro_f1": float(np.mean(fold_scores)),
+        "std_fold_macro_f1": float(np.std(fold_scores)),
+        "honest": honest,
+        "why": ("no outer fold took part in choosing its params" + (
+            "" if honest else "; but each fold chose its epoch on the rows it scores "
+            "(early_stopping oof): optimistic")),
+        "early_stopping": mode, "trials_per_outer_fold": int(n_trials),
+        "n_folds": n_folds, "folds_sha256": folds_sha, "seed": int(seed),
+        "weights": str(weights), "space": space.to_dict(), "outer": outer,
+        "seconds": round(time.perf_counter() - t_all, 2),
+    }
+
+
+def run_estimate(bb: str, paths, cfg: dict, space_file, weights, seed: int, device,
+                 n_trials: int) -> dict:
+    """``tune --estimate`` for one backbone: :func:`nested_estimate`, written to
+    ``runs/tune/<bb>/estimate.json`` and printed beside best.yaml's search score."""
+    from datetime import datetime, timezone
+
+    from kit.utils import atomic_write_json, read_yaml
+
+    if cfg["objective"] != "features":
+        raise KitError(
+            f"tune --estimate supports the features objective only: a nested search with "
+            f"--objective {cfg['objective']} trains every fold's model once per trial and per "
+            "outer fold (outer folds x trials x inner folds trainings, hours each on a CPU); "
+            f"estimate the head search with ./run.sh tune {bb} --estimate, and judge a full "
+            "search by the holdout_score that --folds-per-trial N writes into best.yaml")
+    if n_trials < 1:
+        raise KitError(f"--estimate-trials must be >= 1 (got {n_trials})")
+    space = load_space(bb, "features", space_file, cfg["space"], known_param_keys())
+    print(f"tune {bb} --estimate: nested, {n_trials} trials per outer fold (the study and "
+          "best.yaml are not touched)", flush=True)
+    record = nested_estimate(bb, paths, cfg, space, n_trials, weights, seed, device)
+    best = paths.tune_dir(bb) / "best.yaml"
+    if best.is_file():
+        found = read_yaml(best)
+        if found.get("objective", "features") == "features" and "search_score" in found:
+            record["search_score"] = float(found["search_score"])
+            record["search_score_kind"] = found.get("search_score_kind", "search (optimistic)")
+            record["search_trials"] = found.get("trials")
+    out = paths.tune_dir(bb) / "estimate.json"
+    record["created_utc"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    atomic_write_json(out, record)
+    per_fold = ", ".join(f"{r['macro_f1']:.3f}" for r in record["outer"])
+    print(f"tune {bb} --estimate: nested macro F1 {record['macro_f1']:.4f} (pooled over "
+          f"{record['n_folds']} outer folds; per fold {per_fold}), {record['seconds']:.0f} s "
+          f"-> {out}")
+    if "search_score" in record:
+        print(f"tune {bb} --estimate: best.yaml's search score {record['search_score']:.4f} is "
+              f"the best of {record.get('search_trials') or 'N'} trials on the rows that chose "
+              f"it: {record['search_score'] - record['macro_f1']:+.4f} above the estimate")
+    if not record["honest"]:
+        print(f"tune {bb} --estimate: {record['why']}")
+    return record
+
+
 # --------------------------------------------------------------------------- stage
 def tune_config(overrides: dict | None = None) -> dict:
     return load_config("tune", overrides)
@@ -482,8 +681,10 @@ def run_tune(backbones, paths, objective: str | None = None, trials: int | None 
              space_file: str | Path | None = None, warm_start_from: str | None = None,
              weights="auto", n_jobs: int | None = None, seed: int = 42, device=None,
              heartbeat: int | None = None, grace: int | None = None,
-             create_only: bool = False) -> dict:
-    """Tune each backbone in turn; returns ``{backbone: best record or None}``.
+             create_only: bool = False, estimate: bool = False,
+             estimate_trials: int | None = None) -> dict:
+    """Tune each backbone in turn; returns ``{backbone: best record or None}`` (with
+    ``estimate``: ``{backbone: estimate.json record}``).
 
     Parameters
     ----------
@@ -511,14 +712,21 @@ def run_tune(backbones, paths, objective: str | None = None, trials: int | None 
     create_only : bool
         Create (or check) the studies and stop: run this once before starting many workers
         on an empty RDB, where workers would otherwise race to create Optuna's tables.
+    estimate : bool
+        Instead of the search: a nested estimate of the tuned pipeline (features objective),
+        ``runs/tune/<bb>/estimate.json`` (:func:`nested_estimate`); the study and best.yaml
+        are not touched.
+    estimate_trials : int
+        Trials of each outer fold's search (default: ``estimate_trials`` in tune.yaml).
     """
     cfg = tune_config({"objective": objective, "trials": trials, "timeout": timeout,
                        "storage": storage, "folds_per_trial": folds_per_trial, "n_jobs": n_jobs,
-                       "heartbeat_interval": heartbeat, "grace_period": grace})
+                       "heartbeat_interval": heartbeat, "grace_period": grace,
+                       "estimate_trials": estimate_trials})
     if cfg["objective"] not in OBJECTIVES:
         raise KitError(f"--objective must be one of {', '.join(OBJECTIVES)} "
                        f"(got {cfg['objective']!r})")
-    if not cfg["trials"] and not cfg["timeout"] and not create_only:
+    if not cfg["trials"] and not cfg["timeout"] and not create_only and not estimate:
         raise KitError("tune: --trials 0 and no --timeout would run forever; give one of them")
     from kit.backbones import list_backbones
 
@@ -535,6 +743,9 @@ def run_tune(backbones, paths, objective: str | None = None, trials: int | None 
     if unknown:
         raise KitError(f"unknown backbone(s) {', '.join(unknown)}; known backbones: "
                        f"{', '.join(list_backbones())}")
+    if estimate:
+        return {bb: run_estimate(bb, paths, cfg, space_file, weights, seed, device,
+                                 int(cfg["estimate_trials"])) for bb in backbones}
     store = make_storage(cfg["storage"], paths, int(cfg["heartbeat_interval"]),
                          int(cfg["grace_period"]), cfg["max_retry"])
     url = describe(cfg["storage"] or default_url(paths))
@@ -603,11 +814,21 @@ def tune_backbone(bb: str, paths, cfg: dict, store, url: str, suffix, space_file
     print(f"tune {bb}: {_finished(study)} finished trials, this run "
           f"{time.perf_counter() - t0:.0f} s")
     # After Ctrl-C, no re-scoring: best.yaml is written only if it needs no more training.
-    record = best_record(study, evaluator, space, folds, seed, rescore=interrupted is None)
+    record = best_record(study, evaluator, space, folds, seed, rescore=interrupted is None,
+                         context=context)
     write_outputs(study, out, record, extra)
     if record is not None:
-        print(f"tune {bb}: best trial {record['trial']} macro F1 {record['score']:.4f} "
-              f"-> {out / 'best.yaml'}")
+        print(f"tune {bb}: best trial {record['trial']}: search score {record['search_score']:.4f}"
+              f" ({record['search_score_kind']}) -> {out / 'best.yaml'}")
+        if "holdout_score" in record:
+            print(f"tune {bb}: on all folds {record['score']:.4f}; on the {len(record['holdout_folds'])}"
+                  f" folds the search did not use {record['holdout_score']:.4f} (less biased)")
+        if evaluator.objective == "features":
+            print(f"tune {bb}: an honest score of the tuned pipeline (nested): "
+                  f"./run.sh tune {bb} --estimate")
+        elif "holdout_score" not in record:
+            print(f"tune {bb}: a less biased score: --folds-per-trial N re-scores the winner "
+                  "on the folds the search did not use")
     if interrupted is not None:
         raise interrupted
     return record

@@ -197,8 +197,21 @@ def test_features_objective_equals_features_cv_and_writes_outputs(feat_work, tmp
     from kit.cv import resolve_params
     from kit.train import train_config
 
-    params, _ = resolve_params("best", paths, "tiny_cnn")
+    # On the path the search trained (heads on cached embeddings) every key applies...
+    params, _ = resolve_params("best", paths, "tiny_cnn", cfg={"train_norm": []})
     assert params == on_disk["params"] and train_config(params=params)["epochs"] == 12
+    # ... on pixels only the head's shape: lr, epochs and patience were tuned for the cache.
+    params, _ = resolve_params("best", paths, "tiny_cnn")
+    assert params == {"head.depth": on_disk["params"]["head.depth"]}
+    # best.yaml says what its score is and what it was tuned for.
+    assert on_disk["search_score"] == on_disk["score"] and on_disk["trials"] == 2
+    assert on_disk["search_score_kind"].startswith("search: best of 2 trials on all 5 folds")
+    assert "optimistic" in on_disk["search_score_kind"] and "holdout_score" not in on_disk
+    assert on_disk["training_path"] == "feature_cache"
+    assert on_disk["early_stopping"] == train_config()["early_stopping"]
+    from kit.folds import folds_hash
+
+    assert on_disk["folds_sha256"] == folds_hash(paths) and on_disk["weights"] == "random"
     table = pd.read_csv(out / "trials.csv")
     assert len(table) == 2 and {"number", "value", "state", "params_lr"} <= set(table.columns)
     assert (out / "history.png").stat().st_size > 0 and (out / "config.yaml").exists()
@@ -231,6 +244,15 @@ def test_folds_per_trial_searches_a_subset_and_rescores_the_best(feat_work, tmp_
     assert rec["score"] == pytest.approx(full.oof_macro_f1)
     assert rec["search_score"] == pytest.approx(part.oof_macro_f1)
     assert rec["search_folds"] == sub
+    # The folds the search never used score the winner less optimistically.
+    unused = [k for k in range(5) if k not in sub]
+    held = features_cv("tiny_cnn", feat_work, params=rec["params"], seed=42, weights="random",
+                       with_test=False, folds=unused)
+    assert rec["holdout_folds"] == unused
+    assert rec["holdout_score"] == pytest.approx(held.oof_macro_f1)
+    assert "less biased" in rec["holdout_kind"] and "partly optimistic" in rec["score_kind"]
+    assert f"folds {','.join(map(str, sub))}" in rec["search_score_kind"]
+    assert rec["per_fold"] == pytest.approx({r["fold"]: r["macro_f1"] for r in full.per_fold})
 
 
 def test_wilcoxon_prunes_a_hopeless_trial(feat_work, tmp_path):
@@ -392,7 +414,7 @@ def test_two_workers_share_one_study_on_postgresql(feat_work, tmp_path):
         from kit.cv import resolve_params
 
         best = yaml.safe_load((feat_work.tune_dir("tiny_cnn") / "best.yaml").read_text())
-        params, _ = resolve_params("best", feat_work, "tiny_cnn")
+        params, _ = resolve_params("best", feat_work, "tiny_cnn", cfg={"train_norm": []})
         assert best["study"] == name and params == best["params"]
         study = optuna.load_study(study_name=name, storage=PG_URL)
         assert study.best_trial.number == best["trial"]
@@ -484,3 +506,80 @@ def test_one_worker_on_the_default_storage_repeats_its_search(feat_work, tmp_pat
     a, b = (trials_of(feat_work, f"tiny_cnn-features-{s}") for s in ("det1", "det2"))
     assert [t.params for t in a] == [t.params for t in b]
     assert [t.value for t in a] == [t.value for t in b]
+
+
+# --------------------------------------------------------------------------- nested estimate
+def test_estimate_is_nested_and_its_outer_folds_never_choose_their_params(tmp_path, monkeypatch):
+    import json
+
+    from kit.features import FeatureCV
+
+    paths = make_workdir(tmp_path / "w", n_train=24, n_test=2, k=2, size=32, n_folds=3, seed=1,
+                         signal=0.3)
+    space = space_file(tmp_path, lr={"type": "float", "low": 0.0, "high": 0.02}, epochs=4,
+                       patience=0)
+    calls, real = [], FeatureCV.fold
+
+    def spy(self, k, with_test=False, exclude=()):
+        calls.append((int(k), tuple(sorted(int(e) for e in exclude))))
+        return real(self, k, with_test=with_test, exclude=exclude)
+
+    monkeypatch.setattr(FeatureCV, "fold", spy)
+    est = run_tune(["tiny_cnn"], paths, estimate=True, estimate_trials=2, space_file=space,
+                   weights="random")["tiny_cnn"]
+    on_disk = json.loads((paths.tune_dir("tiny_cnn") / "estimate.json").read_text())
+    assert on_disk["macro_f1"] == pytest.approx(est["macro_f1"])
+    assert [o["fold"] for o in on_disk["outer"]] == [0, 1, 2]
+    assert on_disk["trials_per_outer_fold"] == 2 and on_disk["objective"] == "features"
+    assert on_disk["honest"] is True and "nested" in on_disk["kind"]
+    assert not trials_of_any(paths)  # the estimate touches no study
+    # Each outer fold: a search whose every fold trains and scores without it, then the
+    # winner trained on all other folds (plain cv fold o) scores it.
+    segments, current = [], []
+    for k, exclude in calls:
+        current.append((k, exclude))
+        if not exclude:
+            segments.append(current)
+            current = []
+    assert len(segments) == 3 and not current
+    for o, segment in enumerate(segments):
+        *search, final = segment
+        assert final == (o, ()) and search
+        assert all(k != o and exclude == (o,) for k, exclude in search)
+        assert {k for k, _ in search} == {k for k in range(3) if k != o}
+        outer = on_disk["outer"][o]
+        assert outer["inner_folds"] == [k for k in range(3) if k != o]
+        again = features_cv("tiny_cnn", paths, params=outer["params"], seed=42,
+                            weights="random", with_test=False, folds=[o])
+        assert outer["macro_f1"] == pytest.approx(again.per_fold[0]["macro_f1"])
+    # Scrambling outer fold 0's labels changes nothing its search saw.
+    folds = pd.read_csv(paths.folds_csv)
+    rows = folds.fold == 0
+    folds.loc[rows, "label"] = folds.loc[rows, "label"].sample(frac=1, random_state=3).map(
+        {"Luminal A": "Triple negative", "Luminal B": "Luminal A", "HER2(+)": "Luminal B",
+         "Triple negative": "HER2(+)"}).to_numpy()
+    folds.to_csv(paths.folds_csv, index=False)
+    scrambled = run_tune(["tiny_cnn"], paths, estimate=True, estimate_trials=2,
+                         space_file=space, weights="random")["tiny_cnn"]
+    first, second = on_disk["outer"][0], scrambled["outer"][0]
+    assert second["params"] == first["params"]
+    assert second["search_score"] == pytest.approx(first["search_score"], abs=1e-12)
+
+
+def trials_of_any(paths) -> list:
+    db = paths.runs_dir / "optuna.db"
+    if not db.exists():
+        return []
+    return optuna.get_all_study_names(storage=f"sqlite:///{db}")
+
+
+def test_estimate_refuses_the_full_objective_with_the_fix(tmp_path, capsys):
+    from kit.cli import main
+
+    paths = make_workdir(tmp_path / "w", n_train=8, n_test=2, k=1, size=32, n_folds=2)
+    rc = main(["tune", "tiny_cnn", "--objective", "full", "--estimate", "--workdir",
+               str(paths.root), "--weights", "random"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "supports the features objective only" in err
+    assert "./run.sh tune tiny_cnn --estimate" in err and "--folds-per-trial" in err
+    assert "Traceback" not in err

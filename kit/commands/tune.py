@@ -25,7 +25,17 @@ def add_arguments(parser):
     parser.add_argument("--study-suffix", help="study name <backbone>-<objective>-<suffix>")
     parser.add_argument("--folds-per-trial", type=int,
                         help="evaluate this many folds (fixed per study) per trial; the best is "
-                             "re-scored on all folds (default: 0 = all)")
+                             "re-scored on all folds, and on the folds the search did not use "
+                             "(best.yaml holdout_score, less biased) (default: 0 = all)")
+    parser.add_argument("--estimate", action="store_true",
+                        help="instead of the search: an honest (nested) score of the tuned "
+                             "pipeline, features objective: per outer fold, a search on the "
+                             "other folds, then the winner scored on the outer fold -> "
+                             "runs/tune/<bb>/estimate.json (the study and best.yaml are not "
+                             "touched)")
+    parser.add_argument("--estimate-trials", type=int, metavar="N",
+                        help="trials of each outer fold's search with --estimate "
+                             "(default: tune.yaml estimate_trials, 10)")
     parser.add_argument("--space", dest="space_file", metavar="FILE",
                         help="YAML search space merged over kit/conf/tune.yaml's "
                              "(default:/<backbone>: entries of dotted keys)")
@@ -57,5 +67,6 @@ def run(args) -> int:
              study_suffix=args.study_suffix, folds_per_trial=args.folds_per_trial,
              space_file=args.space_file, warm_start_from=args.warm_start_from,
              weights=args.weights, n_jobs=args.n_jobs, seed=args.seed, device=args.device,
-             heartbeat=args.heartbeat, grace=args.grace, create_only=args.create_only)
+             heartbeat=args.heartbeat, grace=args.grace, create_only=args.create_only,
+             estimate=args.estimate, estimate_trials=args.estimate_trials)
     return 0
