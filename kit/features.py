@@ -288,6 +288,11 @@ class FeatureSource:
 
         return prepare
 
+    def features(self, head, rows):
+        """The cached vectors of ``rows`` (every patch and view), ``n x D``: the statistics of
+        the head's standardisation."""
+        return self.x[_rows(rows)].reshape(-1, self.x.shape[-1])
+
     def image_probs(self, head, rows, views=("id",), desc: str = "predict"):
         """Image probabilities of ``rows`` per view index or name (``id`` = 0)."""
         idx = [0 if v == "id" else v for v in views]

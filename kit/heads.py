@@ -11,14 +11,48 @@ NORMS = {"none": None, "layernorm": nn.LayerNorm, "batchnorm": nn.BatchNorm1d}
 MAX_DEPTH = 4
 
 
+class Standardize(nn.Module):
+    """Per-dimension ``(x - mean) / std`` with statistics set once from a fold's training
+    rows (:meth:`fit`) and kept as buffers, so checkpoints carry them.
+
+    Backbones differ in feature scale by orders of magnitude (a random frozen EfficientNet
+    gives ~3e-5); without this an MLP head can collapse to one class silently.
+    """
+
+    def __init__(self, in_features: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = float(eps)
+        self.register_buffer("mean", torch.zeros(in_features))
+        self.register_buffer("std", torch.ones(in_features))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor) -> "Standardize":
+        """Set the statistics from ``n x D`` features (float64 sums, then stored as float32)."""
+        f = features.detach().reshape(-1, self.mean.numel()).double()
+        if len(f) < 2:
+            raise KitError("head: need at least 2 feature vectors to standardise")
+        self.mean.copy_(f.mean(0).float())
+        # A dimension that never varies (a dead channel) is left unscaled, not blown up.
+        std = f.std(0)
+        self.std.copy_(torch.where(std > self.eps * (1 + f.abs().mean(0)), std,
+                                   torch.ones_like(std)).float())
+        self.fitted.fill_(True)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
 def create_head(in_features: int, num_classes: int, depth: int = 1, width: int = 256,
                 dropout: float = 0.3, activation: str = "relu",
-                norm: str = "none") -> nn.Sequential:
+                norm: str = "none", standardize: bool = True) -> nn.Sequential:
     """An MLP from features to logits.
 
-    Each of the ``depth`` hidden layers is Linear -> norm -> activation -> Dropout; the last
-    layer is a Linear to ``num_classes``. ``depth=0`` is a linear classifier with Dropout on
-    its input features.
+    With ``standardize`` the first module is a :class:`Standardize` (its statistics are set
+    by the training loop from the fold's training rows). Each of the ``depth`` hidden layers
+    is Linear -> norm -> activation -> Dropout; the last layer is a Linear to
+    ``num_classes``. ``depth=0`` is a linear classifier with Dropout on its input features.
 
     Parameters
     ----------
@@ -33,9 +67,11 @@ def create_head(in_features: int, num_classes: int, depth: int = 1, width: int =
     activation : {"relu", "gelu"}
     norm : {"none", "layernorm", "batchnorm"}
         ``batchnorm`` (BatchNorm1d) needs training batches of at least 2.
+    standardize : bool
+        Standardise the input features per dimension (statistics from the training rows).
     """
     activation, norm = _check(in_features, num_classes, depth, width, dropout, activation, norm)
-    layers: list[nn.Module] = []
+    layers: list[nn.Module] = [Standardize(in_features)] if standardize else []
     if depth == 0 and dropout > 0:
         layers.append(nn.Dropout(dropout))
     size = in_features
@@ -97,3 +133,8 @@ class PatchClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
+
+
+def standardizer(model: nn.Module) -> Standardize | None:
+    """The model's :class:`Standardize` layer, if its head has one."""
+    return next((m for m in model.modules() if isinstance(m, Standardize)), None)

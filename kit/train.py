@@ -592,6 +592,35 @@ class PixelSource:
     def prepare_fn(self, trainer: Trainer):
         return trainer.prepare
 
+    @torch.no_grad()
+    def features(self, model: nn.Module, rows, max_patches: int = 4096) -> torch.Tensor:
+        """Backbone features (``id`` view, eval mode) of up to ``max_patches`` patches of
+        ``rows``, evenly spread over them: the statistics of the head's standardisation."""
+        from kit.augment import normalize_batch
+
+        rows = np.asarray(rows, np.int64)
+        k = int(self.array.shape[1])
+        flat = np.arange(len(rows) * k)
+        if len(flat) > max_patches:
+            flat = flat[np.linspace(0, len(flat) - 1, max_patches).round().astype(np.int64)]
+        bb = model.backbone
+        bb.to(self.device)
+        was_training = bb.training
+        bb.eval()
+        bs = int(self.cfg.get("eval_batch_size") or 0) or 2 * int(self.cfg["batch_size"])
+        out = []
+        dtype = amp_dtype(self.device, self.cfg["amp"])
+        with oom_as_kit_error(bs, self.device, "computing feature statistics"):
+            for a in range(0, len(flat), bs):
+                sel = flat[a:a + bs]
+                x = torch.from_numpy(np.ascontiguousarray(
+                    self.array[rows[sel // k], sel % k]))
+                x = normalize_batch(x.to(self.device), bb.mean, bb.std, bb.input_size)
+                with _autocast(self.device, dtype):
+                    out.append(bb(x).float())
+        bb.train(was_training)
+        return torch.cat(out)
+
     def image_probs(self, model: nn.Module, rows, views=("id",), desc: str = "predict"):
         """Image probabilities of ``rows`` per view (patch probabilities aggregated)."""
         cfg = self.cfg
@@ -607,7 +636,8 @@ def fit(model: nn.Module, source, train_rows, train_y, cfg: dict, *, val_rows=No
     """The kit's one training loop: train ``model`` on ``train_rows`` of ``source``.
 
     How the epoch is chosen follows ``cfg["early_stopping"]`` (:data:`EARLY_STOPPING`):
-    ``inner`` stops early on an inner split of ``train_rows`` (:func:`inner_split`, from
+    A head that standardises its inputs (:class:`kit.heads.Standardize`) gets its statistics
+    from the features of all ``train_rows`` first. ``inner`` stops early on an inner split of ``train_rows`` (:func:`inner_split`, from
     ``groups`` and ``seed``) and keeps its best epoch; ``refit`` then retrains from the same
     initial weights on all of ``train_rows`` for that many epochs; ``none`` trains
     ``cfg["epochs"]`` and keeps the last; ``oof`` stops early on ``val_rows`` (optimistic
@@ -629,6 +659,7 @@ def fit(model: nn.Module, source, train_rows, train_y, cfg: dict, *, val_rows=No
     FoldResult
     """
     from kit.backbones import count_trainable
+    from kit.heads import standardizer
 
     t0 = time.perf_counter()
     device = torch.device(device)
@@ -651,6 +682,11 @@ def fit(model: nn.Module, source, train_rows, train_y, cfg: dict, *, val_rows=No
         stop_rows, stop_y = train_rows[stop_pos], train_y[stop_pos]
         selection.update(stop="inner split of the training images", inner_folds=n_splits,
                          inner_seed=int(seed), stop_positions=stop_pos.tolist())
+    std = standardizer(model)
+    if std is not None:
+        # From all the fold's training images (features only, no labels), before any step.
+        std.fit(source.features(model, train_rows))
+        selection["standardized"] = True
     seed_everything(seed)
     initial = _snapshot(model) if mode == "refit" else None
     run = _train(model, source, train_rows[fit_pos], train_y[fit_pos], cfg, stop_rows, stop_y,

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from kit.backbones import create_backbone
-from kit.heads import PatchClassifier, create_head
+from kit.heads import PatchClassifier, Standardize, create_head
 from kit.utils import KitError
 
 
@@ -21,9 +21,9 @@ def test_shapes_and_layer_count_for_each_depth(depth):
 
 
 def test_depth_zero_is_a_linear_classifier_with_input_dropout():
-    head = create_head(10, 3, depth=0, dropout=0.2)
+    head = create_head(10, 3, depth=0, dropout=0.2, standardize=False)
     assert [type(m) for m in head] == [nn.Dropout, nn.Linear]
-    assert [type(m) for m in create_head(10, 3, depth=0, dropout=0.0)] == [nn.Linear]
+    assert [type(m) for m in create_head(10, 3, depth=0, dropout=0.0)] == [Standardize, nn.Linear]
 
 
 @pytest.mark.parametrize("activation,cls",
@@ -36,7 +36,7 @@ def test_activation(activation, cls):
 
 @pytest.mark.parametrize("norm,cls", [("layernorm", nn.LayerNorm), ("batchnorm", nn.BatchNorm1d)])
 def test_norm_layers_follow_each_hidden_linear(norm, cls):
-    head = create_head(8, 2, depth=2, width=6, norm=norm, dropout=0.0)
+    head = create_head(8, 2, depth=2, width=6, norm=norm, dropout=0.0, standardize=False)
     kinds = [type(m) for m in head]
     assert kinds == [nn.Linear, cls, nn.ReLU, nn.Linear, cls, nn.ReLU, nn.Linear]
     assert all(m.normalized_shape == (6,) if cls is nn.LayerNorm else m.num_features == 6
@@ -97,7 +97,22 @@ def test_patch_classifier_maps_patches_to_logits():
     logits = model(x)
     assert logits.shape == (3, 4)
     logits.sum().backward()
-    assert model.head[0].weight.grad is not None and backbone.blocks()[0][0].weight.grad is not None
+    assert model.head[1].weight.grad is not None and backbone.blocks()[0][0].weight.grad is not None
     model.eval()
     with torch.no_grad():
         assert torch.allclose(model(x), model.head(model.features(x)))
+
+
+def test_standardize_scales_tiny_features_and_leaves_dead_dimensions_alone():
+    torch.manual_seed(0)
+    x = torch.randn(500, 3) * torch.tensor([3e-5, 10.0, 0.0]) + torch.tensor([1e-4, -5.0, 2.0])
+    std = Standardize(3)
+    assert not bool(std.fitted)
+    z = std.fit(x)(x)
+    assert bool(std.fitted)
+    torch.testing.assert_close(z[:, :2].mean(0), torch.zeros(2), atol=1e-3, rtol=0)
+    torch.testing.assert_close(z[:, :2].std(0), torch.ones(2), atol=1e-3, rtol=0)
+    assert torch.all(z[:, 2] == 0)  # a constant dimension: centred, never divided by ~0
+    assert set(dict(std.named_buffers())) == {"mean", "std", "fitted"}  # saved in checkpoints
+    with pytest.raises(KitError, match="at least 2"):
+        Standardize(3).fit(x[:1])

@@ -272,7 +272,8 @@ def test_checkpoint_loads_with_weights_only(data, tmp_path):
     save_checkpoint(res.model, tmp_path / "part.pt", full=False, meta={})
     part = torch.load(tmp_path / "part.pt", weights_only=True)["state_dict"]
     assert "backbone.features.0.0.weight" not in part  # a frozen conv
-    assert "backbone.features.0.1.running_mean" in part and "head.0.weight" in part
+    assert "backbone.features.0.1.running_mean" in part and "head.1.weight" in part
+    assert "head.0.mean" in part and "head.0.std" in part  # the standardisation statistics
     assert set(part) == set(checkpoint_keys(res.model, full=False))
     same_init = _model(cfg, seed=1)
     load_checkpoint(same_init, tmp_path / "part.pt")
