@@ -18,8 +18,14 @@ from kit.utils import KitError, check_random_state
 
 
 # --------------------------------------------------------------------------- patch pipeline
+HE_STAIN_METHODS = ("random_preset", "preset", "macenko", "vahadane")
+HE_STAIN_PRESETS = ("ruifrok", "macenko", "standard", "high_contrast", "h_heavy", "e_heavy",
+                    "dark", "light")
+
+
 def build_train_transform(cfg: dict | None = None, seed: int | None = None):
-    """The albumentations training pipeline: flips, 90-degree rotations, colour jitter.
+    """The albumentations training pipeline: flips, 90-degree rotations, H&E stain jitter
+    (``he_stain``, off by default), colour jitter.
 
     Parameters
     ----------
@@ -40,13 +46,23 @@ def build_train_transform(cfg: dict | None = None, seed: int | None = None):
     _check_augment(cfg)
     jitter = cfg["color_jitter"]
     b, c, s, h = (float(jitter[k]) for k in ("brightness", "contrast", "saturation", "hue"))
-    transform = A.Compose([
+    steps = [
         A.HorizontalFlip(p=float(cfg["hflip"])),
         A.VerticalFlip(p=float(cfg["vflip"])),
         A.RandomRotate90(p=float(cfg["rot90"])),
-        A.ColorJitter(brightness=(1 - b, 1 + b), contrast=(1 - c, 1 + c),
-                      saturation=(1 - s, 1 + s), hue=(-h, h), p=float(jitter["p"])),
-    ])
+    ]
+    stain = cfg["he_stain"]
+    if stain["p"] > 0:
+        # Left out at p = 0 rather than added with p = 0: its coin flip would consume a draw
+        # of the shared random stream and change every later draw of an existing recipe.
+        steps.append(A.HEStain(
+            method=stain["method"], preset=stain["preset"] if stain["method"] == "preset" else None,
+            intensity_scale_range=(1 - float(stain["scale"]), 1 + float(stain["scale"])),
+            intensity_shift_range=(-float(stain["shift"]), float(stain["shift"])),
+            augment_background=bool(stain["augment_background"]), p=float(stain["p"])))
+    steps.append(A.ColorJitter(brightness=(1 - b, 1 + b), contrast=(1 - c, 1 + c),
+                               saturation=(1 - s, 1 + s), hue=(-h, h), p=float(jitter["p"])))
+    transform = A.Compose(steps)
     if seed is not None:
         seed_transform(transform, seed)
     return transform
@@ -80,8 +96,31 @@ def _check_augment(cfg: dict) -> None:
         problems.append(f"color_jitter.hue must be in [0, 0.5] (got {jitter.get('hue')!r})")
     if not _number(cfg["cutmix_alpha"]) or cfg["cutmix_alpha"] < 0:
         problems.append(f"cutmix_alpha must be >= 0 (got {cfg['cutmix_alpha']!r})")
+    problems += _check_he_stain(cfg.get("he_stain") or {})
     if problems:
         raise KitError("augment config: " + "; ".join(problems), problems)
+
+
+def _check_he_stain(stain: dict) -> list[str]:
+    problems = []
+    p = stain.get("p")
+    if not _number(p) or not 0 <= p <= 1:
+        problems.append(f"he_stain.p is a probability in [0, 1] (got {p!r})")
+    if stain.get("method") not in HE_STAIN_METHODS:
+        problems.append(f"he_stain.method must be one of {', '.join(HE_STAIN_METHODS)} "
+                        f"(got {stain.get('method')!r})")
+    if stain.get("preset") not in HE_STAIN_PRESETS:
+        problems.append(f"he_stain.preset must be one of {', '.join(HE_STAIN_PRESETS)} "
+                        f"(got {stain.get('preset')!r})")
+    # The ranges albumentations documents: multipliers in [0.5, 1.5], shifts in [-0.3, 0.3].
+    for key, high in (("scale", 0.5), ("shift", 0.3)):
+        value = stain.get(key)
+        if not _number(value) or not 0 <= value <= high:
+            problems.append(f"he_stain.{key} must be in [0, {high}] (got {value!r})")
+    if not isinstance(stain.get("augment_background"), bool):
+        problems.append("he_stain.augment_background must be true or false "
+                        f"(got {stain.get('augment_background')!r})")
+    return problems
 
 
 def _number(value) -> bool:

@@ -29,6 +29,11 @@ def test_defaults_match_the_config_file():
     cfg = load_config("augment")
     assert cfg["cutmix_alpha"] == 1.0
     assert set(cfg["color_jitter"]) == {"p", "brightness", "contrast", "saturation", "hue"}
+    assert set(cfg["he_stain"]) == {"p", "method", "preset", "scale", "shift",
+                                    "augment_background"}
+    assert cfg["he_stain"]["p"] == 0.0  # off until it measures better (issue 9)
+    names = [type(t).__name__ for t in build_train_transform(seed=0).transforms]
+    assert "HEStain" not in names and names[-1] == "ColorJitter"
 
 
 def test_transform_keeps_shape_and_dtype():
@@ -80,6 +85,80 @@ def test_transform_is_reproducible_with_a_seed():
 def test_bad_augment_config(bad):
     with pytest.raises(KitError, match="augment config"):
         build_train_transform(bad)
+
+
+@pytest.mark.parametrize("bad,key", [
+    ({"p": 1.5}, "he_stain.p"), ({"method": "reinhard"}, "he_stain.method"),
+    ({"method": "preset", "preset": "pink"}, "he_stain.preset"), ({"scale": 0.8}, "he_stain.scale"),
+    ({"shift": -0.1}, "he_stain.shift"), ({"augment_background": "yes"}, "he_stain.augment_background"),
+])
+def test_bad_he_stain_config_names_the_key(bad, key):
+    with pytest.raises(KitError, match=f"augment config: .*{key}"):
+        build_train_transform({"he_stain": {"p": 0.5, **bad}})
+
+
+# --------------------------------------------------------------------------- H&E stain jitter
+STANDARD_HE = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]])  # rows: H, E optical densities
+
+
+def _he_patch(size=48, seed=0):
+    """A synthetic H&E patch: nuclei (haematoxylin), stroma (eosin), white background."""
+    rng = np.random.default_rng(seed)
+    conc = np.zeros((size, size, 2))
+    conc[..., 1] = rng.gamma(2.0, 0.3, (size, size))  # eosin everywhere
+    yy, xx = np.mgrid[:size, :size]
+    for cy, cx in rng.integers(0, size, (6, 2)):  # round nuclei
+        conc[(yy - cy) ** 2 + (xx - cx) ** 2 < 25, 0] = rng.uniform(0.8, 1.6)
+    conc[: size // 6] = 0  # a band of background
+    od = conc @ STANDARD_HE
+    return np.clip(255 * np.exp(-od), 0, 255).round().astype(np.uint8)
+
+
+def _stain_only(**stain):
+    return {"hflip": 0.0, "vflip": 0.0, "rot90": 0.0, "color_jitter": {"p": 0.0},
+            "he_stain": {"p": 1.0, **stain}}
+
+
+@pytest.mark.parametrize("method", ["random_preset", "preset", "macenko"])
+def test_he_stain_changes_colours_not_geometry(method):
+    img = _he_patch()
+    out = build_train_transform(_stain_only(method=method), seed=3)(image=img)["image"]
+    assert out.shape == img.shape and out.dtype == np.uint8
+    tissue = img.astype(int).sum(-1) < 3 * 250
+    assert (out != img).any(-1)[tissue].mean() > 0.5  # colours moved
+    # a per-pixel colour map: the same draw on a flipped patch gives the flipped result
+    flipped = build_train_transform(_stain_only(method=method), seed=3)(image=img[:, ::-1])
+    assert np.array_equal(flipped["image"], out[:, ::-1])
+    # equal input pixels stay equal, and the white background stays white
+    background = img[: img.shape[0] // 6]
+    assert (background >= 250).all() and (out[: img.shape[0] // 6] >= 250).all()
+    colours, inverse = np.unique(img.reshape(-1, 3), axis=0, return_inverse=True)
+    per_colour = out.reshape(-1, 3)
+    for c in range(0, len(colours), max(1, len(colours) // 50)):
+        assert (per_colour[inverse.ravel() == c] == per_colour[inverse.ravel() == c][0]).all()
+
+
+def test_he_stain_scales_the_stains_within_the_configured_range():
+    img = _he_patch(seed=1)
+    tissue = img.reshape(-1, 3)[(img.reshape(-1, 3).astype(int).sum(1) < 3 * 230)]
+    od_in = -np.log(np.maximum(tissue / 255.0, 1e-6)).sum(1).mean()
+    ratios = []
+    for seed in range(30):
+        cfg = _stain_only(method="preset", preset="standard", scale=0.2, shift=0.0)
+        out = build_train_transform(cfg, seed=seed)(image=img)["image"]
+        t_out = out.reshape(-1, 3)[(img.reshape(-1, 3).astype(int).sum(1) < 3 * 230)]
+        ratios.append(-np.log(np.maximum(t_out / 255.0, 1e-6)).sum(1).mean() / od_in)
+    # the image's own stain matrix, no shift: total optical density scales by 0.8..1.2
+    assert 0.78 < min(ratios) < 0.95 and 1.05 < max(ratios) < 1.22
+
+
+def test_he_stain_is_reproducible_with_the_seed():
+    img = _he_patch(seed=2)
+    t1, t2, t3 = (build_train_transform(_stain_only(), seed=s) for s in (5, 5, 6))
+    a, b, c = ([t(image=img)["image"] for _ in range(4)] for t in (t1, t2, t3))
+    assert all(np.array_equal(u, v) for u, v in zip(a, b))
+    assert not all(np.array_equal(u, v) for u, v in zip(a, c))
+    assert not all(np.array_equal(a[0], u) for u in a[1:])  # a new draw per call
 
 
 def test_unknown_augment_key_is_refused():
