@@ -266,7 +266,7 @@ class FeatureSource:
         rows = np.asarray(rows, np.int64)
         n, k, n_views, d = self.x.shape
         # The rows' patches, flattened and moved to the device once per training run.
-        self._flat = self.x[torch.from_numpy(rows)].reshape(len(rows) * k, n_views, d) \
+        self._flat = self.x[_rows(rows)].reshape(len(rows) * k, n_views, d) \
             .to(self.device)
         self._patch_y = torch.from_numpy(np.repeat(np.asarray(y, np.int64), k)).to(self.device)
         g = torch.Generator().manual_seed(int(seed))

@@ -380,3 +380,44 @@ def test_cli_frozen_backbone_and_no_feature_cache(tmp_path):
     assert metrics["training_path"] == "pixels" and "feature_cache" not in metrics
     bad = subprocess.run(cmd[:-1] + ["instancenorm"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "train_norm: unknown kind" in bad.stderr
+
+
+# --------------------------------------------------------------------------- honesty
+def _scramble_fold(paths: Paths, fold: int) -> None:
+    """Give every image of ``fold`` another label, in the folds file and the patch cache."""
+    folds = pd.read_csv(paths.folds_csv, dtype={"sample_index": str})
+    sel = folds.fold == fold
+    shifted = {c: CLASSES[(i + 1) % len(CLASSES)] for i, c in enumerate(CLASSES)}
+    folds.loc[sel, "label"] = folds.loc[sel, "label"].map(shifted)
+    write_folds(paths, folds.sample_index, folds.label, folds.fold)
+    samples_csv = paths.patches_dir("train") / "samples.csv"
+    samples = pd.read_csv(samples_csv, dtype={"sample_index": str}, keep_default_na=False)
+    relabel = dict(zip(folds.sample_index, folds.label))
+    samples["label"] = samples.sample_index.map(relabel)
+    samples.to_csv(samples_csv, index=False)
+
+
+@pytest.mark.parametrize("cfg", [{**CFG, "epochs": 3, "patience": 1},
+                                 {**CFG, "epochs": 4, "lr": 0.01, "train_norm": [],
+                                  "unfreeze_last": 0}], ids=["pixels", "feature_cache"])
+@pytest.mark.parametrize("mode", ["inner", "refit"])
+def test_scrambling_a_folds_labels_leaves_its_oof_rows_unchanged(tmp_path, cfg, mode):
+    paths = make_workdir(tmp_path / "w", n_folds=3)
+    cfg = {**cfg, "early_stopping": mode}
+    out = paths.backbone_dir(BB)
+
+    def fold_rows():
+        oof = _csv(out / "oof.csv").set_index("sample_index")
+        return {k: oof[oof.fold == k][PROB_COLUMNS].to_numpy() for k in range(3)}
+
+    before = _run(paths, cfg=cfg, seed=3)
+    rows_before = fold_rows()
+    _scramble_fold(paths, 1)
+    after = _run(paths, cfg=cfg, seed=3, restart=True)
+    rows_after = fold_rows()
+    assert before["training_path"] == after["training_path"]
+    assert after["selection"]["early_stopping"] == mode and after["selection"]["epochs_honest"]
+    # Fold 1's rows come from a model that never read fold 1's labels, before and after...
+    np.testing.assert_array_equal(rows_after[1], rows_before[1])
+    # ...while the folds that trained on the scrambled labels did change.
+    assert not all(np.array_equal(rows_after[k], rows_before[k]) for k in (0, 2))
