@@ -30,8 +30,8 @@ import pandas as pd
 
 from kit import CLASSES, PROB_COLUMNS
 from kit.config import load_config
-from kit.metrics import (classification_summary, macro_f1, plot_confusion, prob_frame,
-                         weighted_f1)
+from kit.metrics import (classification_summary, collapse_reason, macro_f1, plot_confusion,
+                         prob_frame, weighted_f1)
 from kit.paths import Paths
 from kit.utils import (KitError, atomic_write_csv, atomic_write_json, package_versions, read_yaml,
                        sha256_text, write_config)
@@ -225,8 +225,9 @@ def _fit_line(res, mark: dict) -> str:
     else:
         how = (f"epoch {res.best_epoch} chosen on these OOF images (macro F1 "
                f"{res.best_score:.3f}, OPTIMISTIC)")
+    warn = f"\n  WARNING: collapsed model: {mark['collapsed']}" if mark.get("collapsed") else ""
     return (f"{res.epochs} epochs, {how}; OOF macro F1 {mark['macro_f1']:.3f} (TTA), "
-            f"{res.seconds:.0f} s")
+            f"{res.seconds:.0f} s{warn}")
 
 
 def _write_fold(k: int, ctx: dict, oof: dict, tst: dict, record: dict) -> dict:
@@ -257,6 +258,7 @@ def _write_fold(k: int, ctx: dict, oof: dict, tst: dict, record: dict) -> dict:
         "training_path": ctx["training_path"], "views": list(ctx["views"]), **record,
         "macro_f1": macro_f1(va.y.values, oof_mean),
         "weighted_f1": weighted_f1(va.y.values, oof_mean),
+        "collapsed": collapse_reason(va.y.values, oof_mean),
         "train_samples": tr.sample_index.tolist(), "val_samples": va.sample_index.tolist(),
         "device": str(ctx["device"]),
     }
@@ -399,7 +401,8 @@ def _assemble(ctx: dict, marks: dict[int, dict]) -> dict:
         per_fold.append({"fold": k, "n": int(sel.sum()), "macro_f1": macro_f1(y[sel], probs[sel]),
                          "weighted_f1": weighted_f1(y[sel], probs[sel]),
                          "val_macro_f1_id": m["val_macro_f1"], "best_epoch": m["best_epoch"],
-                         "epochs": m["epochs"], "seconds": m["seconds"]})
+                         "epochs": m["epochs"], "seconds": m["seconds"],
+                         "collapsed": collapse_reason(y[sel], probs[sel])})
     cfg_record = {"backbone": ctx["backbone"], "weights": str(ctx["weights"]), "seed": ctx["seed"],
                   "params": ctx["params_desc"], "training_path": ctx["training_path"],
                   **ctx["cfg"]}
@@ -419,6 +422,10 @@ def _assemble(ctx: dict, marks: dict[int, dict]) -> dict:
         "seconds": round(sum(m["seconds"] for m in marks.values()), 1),
         "training_path": ctx["training_path"],
         "selection": _selection(ctx["cfg"]),
+        # Folds whose model predicts (nearly) one class or does no better than the majority
+        # class: flagged here, in the run output, the report and the blend.
+        "collapsed_folds": [f["fold"] for f in per_fold if f["collapsed"]],
+        "collapsed": collapse_reason(y, probs),
         # How the parameters were chosen (kit.cv.run_cv fills ctx["params_source"]).
         "params_source": ctx.get("params_source", {"description": ctx["params_desc"]}),
         "versions": package_versions(),
@@ -543,6 +550,12 @@ def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
               f"once they are (./run.sh cv {backbone} trains them)")
         return {"assembled": False, "pending": pending, "folds": marks}
     metrics = _assemble(ctx, marks)
+    for f in metrics["per_fold"]:
+        if f["collapsed"]:
+            print(f"{backbone} fold {f['fold']}: WARNING: collapsed model: {f['collapsed']}")
+    if metrics["collapsed"]:
+        print(f"{backbone}: WARNING: the OOF predictions look collapsed: {metrics['collapsed']}; "
+              "the model learnt nothing its score can show (check the weights and features)")
     tag = "" if metrics["selection"]["epochs_honest"] else \
         " [OPTIMISTIC: epochs chosen on these OOF images, early_stopping oof]"
     print(f"{backbone}: OOF macro F1 {metrics['oof_macro_f1']:.3f}{tag} (weighted "

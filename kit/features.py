@@ -39,7 +39,7 @@ import pandas as pd
 
 from kit import CLASSES, PROB_COLUMNS
 from kit.config import load_config
-from kit.metrics import aggregate, macro_f1, prob_frame, weighted_f1
+from kit.metrics import aggregate, collapse_reason, macro_f1, prob_frame, weighted_f1
 from kit.utils import KitError, atomic_write_json, progress, sha256_text, write_config
 
 CODE_VERSION = "features-1"
@@ -610,6 +610,7 @@ def _result(fcv: FeatureCV, preds: list[FoldPrediction]) -> FeaturesCVResult:
     per_fold = [{"fold": p.fold, "n": int(len(p.y)), "macro_f1": p.macro_f1,
                  "weighted_f1": weighted_f1(p.y, p.probs), "val_macro_f1_id": p.fit.best_score,
                  "best_epoch": p.fit.best_epoch, "epochs": p.fit.epochs,
+                 "collapsed": collapse_reason(p.y, p.probs),
                  "seconds": round(p.fit.seconds, 2)} for p in preds]
     info = {"train_key": fcv.train.key, "train_dir": str(fcv.train.path),
             "train_hit": fcv.train.hit, "weights_sha256": fcv.train.meta.get("weights_sha256"),

@@ -119,6 +119,33 @@ def fast_macro_f1(y_true, y_pred, num_classes: int = len(CLASSES)) -> float:
     return float(macro_f1_batch(y_pred[None], y_true, num_classes)[0])
 
 
+COLLAPSE_SHARE = 0.9
+
+
+def collapse_reason(y_true, y_pred, max_share: float = COLLAPSE_SHARE) -> str | None:
+    """Why a model's predictions look collapsed, or None.
+
+    Collapsed: one class predicted for at least ``max_share`` of the images, or a macro F1 no
+    better than always predicting the most frequent true class. Such a model learnt nothing
+    that its score can show (e.g. a head on features too small to train on).
+    """
+    y = to_indices(y_true)
+    pred = to_indices(y_pred)
+    if len(y) == 0:
+        return None
+    counts = np.bincount(pred, minlength=len(CLASSES))
+    top = int(counts.argmax())
+    share = counts[top] / len(pred)
+    if share >= max_share:
+        return f"predicts {CLASSES[top]} for {share:.0%} of its images"
+    majority = np.full_like(y, np.bincount(y, minlength=len(CLASSES)).argmax())
+    score, base = macro_f1(y, pred), macro_f1(y, majority)
+    if score <= base + 1e-12:
+        return (f"macro F1 {score:.3f} is no better than always predicting the most frequent "
+                f"class ({base:.3f})")
+    return None
+
+
 def weighted_f1(y_true, y_pred) -> float:
     """F1 averaged over classes weighted by their support (reported, never optimised)."""
     return float(f1_score(to_indices(y_true), to_indices(y_pred), average="weighted",

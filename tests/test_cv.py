@@ -95,6 +95,20 @@ def test_test_probs_are_fold_mean_and_tta_mean(done):
     assert not np.allclose(per_view[0], per_view[1])  # views really differ
 
 
+def test_metrics_flag_collapsed_folds_and_how_epochs_were_chosen(done):
+    _, metrics = done
+    assert set(metrics["collapsed_folds"]) == {f["fold"] for f in metrics["per_fold"]
+                                              if f["collapsed"]}
+    assert "collapsed" in metrics
+    assert metrics["selection"]["early_stopping"] == "inner"
+    assert metrics["selection"]["epochs_honest"] is True
+    mark = json.loads((done[0].backbone_dir(BB) / "fold_0" / "done.json").read_text())
+    sel = mark["selection"]
+    assert sel["early_stopping"] == "inner" and sel["stop_samples"]
+    assert set(sel["stop_samples"]) <= set(mark["train_samples"])  # never the OOF images
+    assert not set(sel["stop_samples"]) & set(mark["val_samples"])
+
+
 def test_metrics_and_records(done):
     paths, metrics = done
     out = paths.backbone_dir(BB)

@@ -74,3 +74,17 @@ def test_classification_summary_counts(tmp_path):
     plot_confusion(s["confusion"], CLASSES, path, title="test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in path.parent.iterdir()] == ["confusion.png"]  # no temp file left
+
+
+def test_collapse_reason_flags_one_class_and_majority_level_models():
+    from kit.metrics import collapse_reason
+
+    y = np.array([0] * 10 + [1] * 5 + [2] * 3 + [3] * 2)
+    assert f"predicts {CLASSES[0]} for 100%" in collapse_reason(y, np.zeros(20, int))
+    assert collapse_reason(y, y) is None  # perfect
+    # 85 % one class, the rest wrong: below the share rule, but no better than the majority.
+    pred = np.array([1] * 17 + [0] * 3)
+    reason = collapse_reason(y, pred)
+    assert reason is not None and "no better than" in reason
+    probs = np.eye(4)[y]
+    assert collapse_reason(y, probs) is None  # probabilities are argmaxed
