@@ -53,12 +53,22 @@ def add_arguments(parser):
     parser.add_argument("--grace", type=int, metavar="S",
                         help="RDB storages: seconds without heartbeat before a trial is failed "
                              "and retried (default: 180)")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="start N worker processes on this host sharing the study (after "
+                             "creating it once); with GPUs, spread over them round-robin")
+    parser.add_argument("--gpus", metavar="LIST",
+                        help="one worker per GPU, each with its own CUDA_VISIBLE_DEVICES: "
+                             "0,1 | all (with --workers N: N workers over these GPUs)")
     parser.add_argument("--create-only", action="store_true",
                         help="create the studies (and the embedding cache) and stop: run once "
                              "before starting workers on an empty database")
 
 
 def run(args) -> int:
+    if getattr(args, "workers", None) is not None or getattr(args, "gpus", None):
+        from kit.tune_workers import launch  # several worker processes, see that module
+
+        return launch(args)
     from kit.paths import Paths
     from kit.tune import run_tune
 
