@@ -168,7 +168,7 @@ def _full_checkpoint(cfg: dict, weights_source) -> bool:
 def _train_fold(k: int, ctx: dict) -> dict:
     """Train fold ``k`` on pixels, write its outputs and finally its ``done.json``."""
     from kit.features import fold_groups
-    from kit.train import PixelSource, build_model, fit_fold
+    from kit.train import PixelSource, build_model, fit_fold, recalibrate_random
     from kit.utils import seed_everything
 
     folds, train, test, cfg = ctx["folds"], ctx["train"], ctx["test"], ctx["cfg"]
@@ -179,6 +179,7 @@ def _train_fold(k: int, ctx: dict) -> dict:
     seed_everything(seed)
     model, n_trainable = build_model(ctx["backbone"], cfg, ctx["weights"],
                                      patch_size=int(train.array.shape[2]))
+    recalibrate_random(model.backbone, cfg, train.array, tr.row.values, ctx["device"])
     if not ctx.get("printed"):
         print(f"{ctx['backbone']}: {n_trainable:,} trainable parameters "
               f"(weights: {model.backbone.weights_source})")
@@ -306,6 +307,8 @@ def _feature_folds(pending: list[int], ctx: dict) -> dict[int, dict]:
                                   patch_size=int(ctx["train"].array.shape[2]))
     if int(cfg.get("input_size") or 0) > 0:
         bb.input_size = int(cfg["input_size"])  # as build_model: the embeddings use it too
+    # All training images (pixels, no labels) so that every fold shares one cache, as tune's.
+    recalibrate_random(bb, cfg, ctx["train"].array, None, ctx["device"])
     try:
         fcv = features.prepare(bb, ctx["paths"], cfg=cfg, seed=ctx["seed"], device=ctx["device"])
     except RuntimeError as exc:  # torch.OutOfMemoryError is one

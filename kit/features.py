@@ -158,17 +158,25 @@ def load_or_embed(backbone, patches, paths, split: str, views, cfg: dict | None 
         tmp.mkdir(parents=True)
         try:
             t0 = time.perf_counter()
-            out = open_memmap(tmp / "features.npy", mode="w+", dtype=dtype, shape=shape)
+            # float32 in memory first: float16's range is checked before anything is stored.
+            full = np.zeros(shape, np.float32)
             if device is None:
                 device = pick_device(None if cfg["device"] == "auto" else cfg["device"])
-            embed_array(backbone, patches.array, views, out, int(cfg["batch_size"]), device,
+            embed_array(backbone, patches.array, views, full, int(cfg["batch_size"]), device,
                         desc=f"embed {backbone.name} {split}")
+            stored, problem = storage_dtype(full, dtype)
+            if problem:
+                print(f"features: {backbone.name} {split}: {problem}; stored as {stored} "
+                      "instead of float16")
+            out = open_memmap(tmp / "features.npy", mode="w+", dtype=stored, shape=shape)
+            out[:] = full
             out.flush()
-            del out
+            del out, full
             meta = {"key": key, "backbone": backbone.name, "weights_sha256": digest,
                     "weights_source": str(backbone.weights_source), "split": split,
                     "patch_key": patches.key, "views": list(views), "shape": list(shape),
-                    "dtype": dtype, "input_size": int(backbone.input_size),
+                    "dtype": dtype, "stored_dtype": stored, "range_problem": problem,
+                    "input_size": int(backbone.input_size),
                     "seconds": round(time.perf_counter() - t0, 2), "version": CODE_VERSION}
             write_config(tmp / "config.yaml", {"features": cfg, "views": list(views)})
             atomic_write_json(tmp / "meta.json", meta)
@@ -183,6 +191,29 @@ def load_or_embed(backbone, patches, paths, split: str, views, cfg: dict | None 
         raise KitError(f"{folder}: cached features do not match the patch cache; delete the "
                        "folder and rerun")
     return Features(array, patches.samples, views, key, folder, hit, meta)
+
+
+FP16_MAX = 65504.0
+FP16_TINY = 6.104e-5  # smallest normal float16; below it precision drains away
+
+
+def storage_dtype(features: np.ndarray, dtype: str) -> tuple[str, str | None]:
+    """The dtype to store ``features`` in: ``dtype``, or float32 when float16 would overflow
+    (any value above 65504) or underflow (over 1 % of the non-zero values below 6.1e-5, as
+    with a random frozen EfficientNet's ~3e-5 embeddings). Returns ``(dtype, problem)``."""
+    if dtype != "float16" or features.size == 0:
+        return dtype, None
+    mag = np.abs(features)
+    top = float(mag.max())
+    if not np.isfinite(top) or top > FP16_MAX:
+        return "float32", f"values up to {top:.3g} overflow float16 (max {FP16_MAX:g})"
+    nonzero = mag[mag > 0]
+    tiny = float((nonzero < FP16_TINY).mean()) if nonzero.size else 0.0
+    if tiny > 0.01:
+        return "float32", (f"{tiny:.0%} of the values are below {FP16_TINY:.2g} and would "
+                           "underflow float16 (median magnitude "
+                           f"{float(np.median(nonzero)):.2g})")
+    return dtype, None
 
 
 def _publish(tmp: Path, folder: Path, key: str) -> None:
@@ -520,12 +551,17 @@ def prepare(backbone, paths, params: dict | None = None, cfg: dict | None = None
     folds, _ = load_folds(paths)
     train = load_patches(paths, "train")
     test = load_patches(paths, "test") if with_test else None
-    if isinstance(backbone, str):
-        backbone = frozen_backbone(backbone, tcfg, weights, seed,
-                                   patch_size=int(train.array.shape[2]))
     fcfg = load_config("features", features_cfg)
     dev = pick_device(None if fcfg["device"] == "auto" else fcfg["device"]) \
         if device is None else pick_device(device)
+    if isinstance(backbone, str):
+        from kit.train import recalibrate_random
+
+        backbone = frozen_backbone(backbone, tcfg, weights, seed,
+                                   patch_size=int(train.array.shape[2]))
+        if int(tcfg.get("input_size") or 0) > 0:
+            backbone.input_size = int(tcfg["input_size"])  # as cv builds it
+        recalibrate_random(backbone, tcfg, train.array, None, dev)
     digest = weights_digest(backbone)
     ftrain = load_or_embed(backbone, train, paths, "train", views, fcfg, dev, digest)
     ftest = load_or_embed(backbone, test, paths, "test", views, fcfg, dev, digest) \

@@ -147,6 +147,29 @@ def build_model(backbone: str, cfg: dict, weights="auto", num_classes: int = len
     return model, count_trainable(model)
 
 
+def recalibrate_random(backbone, cfg: dict, array, rows=None, device="cpu",
+                       max_patches: int = 4096) -> int:
+    """AdaBN for randomly initialised backbones (``recalibrate_bn: auto``): their BatchNorm
+    statistics are re-estimated on the training patches, with a warning that random
+    features carry little signal. Returns the patches used (0: nothing done)."""
+    from kit.backbones import recalibrate_batchnorm
+
+    when = str(cfg.get("recalibrate_bn", "auto")).strip().lower()
+    if when not in ("auto", "true", "false"):
+        raise KitError(f"train: recalibrate_bn must be auto, true or false (got {when!r})")
+    random = str(backbone.weights_source).startswith("random")
+    if when == "false" or (when == "auto" and not random):
+        return 0
+    bs = int(cfg.get("eval_batch_size") or 0) or 2 * int(cfg["batch_size"])
+    used = recalibrate_batchnorm(backbone, array, rows, batch_size=bs, device=device,
+                                 max_batches=max(1, max_patches // bs))
+    if random:
+        print(f"{backbone.name}: WARNING: random weights: features of a random frozen network "
+              "carry little signal (BatchNorm statistics recalibrated on "
+              f"{used} training patches); use pretrained weights for a real score")
+    return used
+
+
 def set_train_mode(model: nn.Module) -> None:
     """``model.train()``, except that norm layers with frozen parameters keep their statistics.
 

@@ -219,3 +219,33 @@ def test_nothing_trains_detects_a_fully_frozen_config():
     assert nothing_trains(train_config({"train_norm": []}))
     assert nothing_trains(train_config({"train_norm": "none"}))
     assert not nothing_trains(train_config({"train_norm": [], "unfreeze_last": 1}))
+
+
+def test_float16_cache_checks_its_range():
+    from kit.features import storage_dtype
+
+    rng = np.random.default_rng(0)
+    normal = rng.normal(0, 1, (50, 8)).astype(np.float32)
+    assert storage_dtype(normal, "float16") == ("float16", None)
+    stored, problem = storage_dtype(normal * 3e-5, "float16")  # a random EfficientNet's scale
+    assert stored == "float32" and "underflow" in problem
+    stored, problem = storage_dtype(normal * 1e6, "float16")
+    assert stored == "float32" and "overflow" in problem
+    assert storage_dtype(normal * 3e-5, "float32") == ("float32", None)
+
+
+def test_tiny_embeddings_are_stored_as_float32_and_said_so(work, backbone, capsys):
+    import copy
+
+    import torch
+
+    patches = load_patches(work, "train")
+    tiny = copy.deepcopy(backbone)
+    with torch.no_grad():  # scale the last block's BatchNorm down: embeddings ~1e-6
+        last_bn = [m for m in tiny.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1]
+        last_bn.weight.mul_(1e-6)
+        last_bn.bias.mul_(1e-6)
+    feats = load_or_embed(tiny, patches, work, "train", ("id",))
+    assert feats.array.dtype == np.float32 and feats.meta["stored_dtype"] == "float32"
+    assert "underflow" in capsys.readouterr().out
+    assert np.abs(np.asarray(feats.array)).max() > 0

@@ -301,3 +301,20 @@ def test_bench_train_times_both_loops(data):
     r = bench_backbone("tiny_cnn", x, y, _cfg(), torch.device("cpu"), repeats=1, seed=0)
     assert r["patches"] == N * K and r["kit_s"] > 0 and r["bare_s"] > 0 and r["data_s"] > 0
     assert r["ratio"] == pytest.approx(r["kit_s"] / r["bare_s"])
+
+
+def test_random_backbones_get_their_batchnorm_recalibrated_with_a_warning(data, capsys):
+    from kit.train import recalibrate_random
+
+    x, _ = data
+    cfg = _cfg()
+    model = _model(cfg)
+    bn = model.backbone.features[0][1]
+    assert torch.all(bn.running_mean == 0)
+    assert recalibrate_random(model.backbone, cfg, x, np.arange(8)) > 0
+    assert not torch.all(bn.running_mean == 0)
+    assert "random weights" in capsys.readouterr().out
+    model.backbone.weights_source = "local:/somewhere"  # pretrained: left alone under auto
+    assert recalibrate_random(model.backbone, cfg, x) == 0
+    with pytest.raises(KitError, match="recalibrate_bn"):
+        recalibrate_random(model.backbone, {**cfg, "recalibrate_bn": "sometimes"}, x)
