@@ -8,6 +8,9 @@ native resolution and stored in one uint8 array per split,
 ``runs/patches/<split>/patches.npy`` (``N x K x P x P x 3``), beside ``samples.csv``,
 ``index.csv``, ``meta.json`` and ``config.yaml``.
 
+Optionally (``stain_norm.method: macenko``), each image's patches are Macenko-normalised
+to a reference stain (:mod:`kit.stain`) in the same worker, right after cutting.
+
 The cache key hashes every image and mask file with the parameters that change the output,
 so a rerun with the same inputs only re-hashes the files, and any changed file or parameter
 rebuilds the split. Images are decoded in worker processes that send back only their K
@@ -271,8 +274,11 @@ def _bool_mask(im) -> np.ndarray:
 def extract_file(task):
     """Worker: decode one image/mask pair from disk and cut its patches.
 
-    ``task`` is ``(image_path, mask_path, cfg)``. Returns ``(patches, rows, seconds)`` with
-    ``seconds`` = ``{"decode", "score", "crop"}`` (for the benchmark). Only the small patch
+    ``task`` is ``(image_path, mask_path, cfg)``; ``cfg["_stain"]``, when present, is a
+    :func:`kit.stain.stain_payload` to normalise the patches with. Returns ``(patches, rows,
+    seconds)`` with ``seconds`` = ``{"decode", "score", "crop", "stain"}`` (for the
+    benchmark) and each row's ``stain_normalised`` (None when off, False when the image had
+    too little tissue to estimate its stains and was left as it is). Only the small patch
     array crosses the process boundary, never the decoded scan.
     """
     from PIL import Image
@@ -296,6 +302,12 @@ def extract_file(task):
         t2 = time.perf_counter()
         patches = cut_windows(im, xs, ys, size, cfg["pad_value"])
         t3 = time.perf_counter()
+        normalised = None  # stain normalisation off
+        if cfg.get("_stain") is not None:
+            from kit.stain import apply_payload
+
+            patches, normalised = apply_payload(patches, cfg["_stain"])
+        t4 = time.perf_counter()
     except KitError:
         raise
     except Exception as exc:  # PIL raises many types for broken files
@@ -304,8 +316,11 @@ def extract_file(task):
     finally:
         if im is not None:
             im.close()
-    seconds = {"decode": t1 - t0, "score": t2 - t1, "crop": t3 - t2}
-    return patches, _rows(xs, ys, cov, fallback), seconds
+    seconds = {"decode": t1 - t0, "score": t2 - t1, "crop": t3 - t2, "stain": t4 - t3}
+    rows = _rows(xs, ys, cov, fallback)
+    for row in rows:
+        row["stain_normalised"] = normalised
+    return patches, rows, seconds
 
 
 def decode_file(task):
@@ -349,7 +364,14 @@ def hash_files(files, workers: int = 2) -> list[str]:
 
 
 def _key_cfg(cfg: dict) -> dict:
-    return {k: cfg[k] for k in ("size", "stride", "top_k", "tissue_threshold", "pad_value")}
+    from kit.stain import stain_key
+
+    out = {k: cfg[k] for k in ("size", "stride", "top_k", "tissue_threshold", "pad_value")}
+    stain = stain_key(cfg.get("stain_norm"))
+    if stain is not None:
+        # Only when on: the keys of caches built without stain normalisation stay valid.
+        out["stain_norm"] = stain
+    return out
 
 
 def cache_key(samples, cfg: dict, split: str, workers: int = 2) -> str:
@@ -396,22 +418,27 @@ def imap_ordered(func, tasks, workers: int):
 
 
 def build_split(samples, out: Path, cfg: dict, workers: int, desc: str = "patches",
-                stats: dict | None = None):
+                stats: dict | None = None, stain_skipped: list | None = None):
     """Cut the patches of ``samples`` and write ``patches.npy``, ``samples.csv`` and
     ``index.csv`` under ``out`` (each atomically). Returns the per-sample fallback flags.
 
     ``stats``, when given, receives the summed worker seconds per phase (``decode``,
-    ``score``, ``crop``) and the main process's ``write`` seconds.
+    ``score``, ``crop``, ``stain``) and the main process's ``write`` seconds.
+    ``stain_skipped``, when given, receives the sample indices that stain normalisation left
+    as they were (too little tissue).
     """
     import pandas as pd
 
+    from kit.stain import stain_payload
     from kit.utils import atomic_path, atomic_write_csv, progress
 
     size, k = cfg["size"], cfg["top_k"]
     shape = (len(samples), k, size, size, 3)
-    tasks = [(s.image, s.mask, cfg) for s in samples]
+    payload = stain_payload(cfg.get("stain_norm"))  # the reference is fitted once, here
+    task_cfg = cfg if payload is None else {**cfg, "_stain": payload}
+    tasks = [(s.image, s.mask, task_cfg) for s in samples]
     index_rows, fallback = [], []
-    totals = {"decode": 0.0, "score": 0.0, "crop": 0.0, "write": 0.0}
+    totals = {"decode": 0.0, "score": 0.0, "crop": 0.0, "stain": 0.0, "write": 0.0}
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "patches.npy") as tmp, open(tmp, "wb") as f:
         # Streamed writes, not a memmap: pages written through a mapping count as resident
@@ -423,9 +450,11 @@ def build_split(samples, out: Path, cfg: dict, workers: int, desc: str = "patche
             t = time.perf_counter()
             f.write(np.ascontiguousarray(patches, dtype=np.uint8).data)
             totals["write"] += time.perf_counter() - t
-            for phase in ("decode", "score", "crop"):
+            for phase in ("decode", "score", "crop", "stain"):
                 totals[phase] += secs[phase]
             fallback.append(bool(rows[0]["fallback"]))
+            if rows[0]["stain_normalised"] is False and stain_skipped is not None:
+                stain_skipped.append(s.sample_index)
             index_rows += [{"sample_index": s.sample_index, "patch": r["patch"], "x": r["x"],
                             "y": r["y"], "coverage": r["coverage"]} for r in rows]
     samples_df = pd.DataFrame({"sample_index": [s.sample_index for s in samples],
@@ -461,7 +490,7 @@ def run_patches(data, paths, cfg: dict | None = None, splits=SPLITS, skip_bad: b
         Work directory; writes ``paths.patches_dir(split)``.
     cfg : dict, optional
         Overrides of ``kit/conf/patches.yaml`` (``size``, ``stride``, ``top_k``,
-        ``tissue_threshold``, ``pad_value``, ``workers``).
+        ``tissue_threshold``, ``pad_value``, ``workers``, ``stain_norm``).
     splits : tuple of str
         ``train`` holds the clean training images only (``kit.clean.clean_train_samples``:
         needs ``./run.sh clean`` first); ``test`` every test image.
@@ -474,10 +503,13 @@ def run_patches(data, paths, cfg: dict | None = None, splits=SPLITS, skip_bad: b
     from kit.data import Dataset, load_dataset
     from kit.utils import atomic_write_json, write_config
 
+    from kit.stain import check_stain_config
+
     cfg = load_config("patches", cfg)
     for name in ("size", "stride", "top_k"):
         if int(cfg[name]) < 1:
             raise KitError(f"patches: {name} must be >= 1 (got {cfg[name]})")
+    check_stain_config(cfg["stain_norm"])
     dataset = data if isinstance(data, Dataset) else load_dataset(data, skip_bad=skip_bad)
     workers = n_workers(cfg.get("workers"))
     out_sets = {}
@@ -493,16 +525,25 @@ def run_patches(data, paths, cfg: dict | None = None, splits=SPLITS, skip_bad: b
             out_sets[split] = load_patches(paths, split)
             continue
         (out / "meta.json").unlink(missing_ok=True)  # meta.json is written last: the commit mark
-        fallback = build_split(samples, out, cfg, workers, desc=f"patches {split}")
+        skipped: list = []
+        fallback = build_split(samples, out, cfg, workers, desc=f"patches {split}",
+                               stain_skipped=skipped)
         write_config(out / "config.yaml", cfg)
         flagged = [s.sample_index for s, fb in zip(samples, fallback) if fb]
-        atomic_write_json(out / "meta.json", {
-            "key": key, "version": CODE_VERSION, "split": split, "config": cfg,
-            "dataset": str(dataset.root), "n_samples": len(samples), "shape": list(shape),
-            "n_fallback": len(flagged), "fallback": flagged})
+        meta = {"key": key, "version": CODE_VERSION, "split": split, "config": cfg,
+                "dataset": str(dataset.root), "n_samples": len(samples), "shape": list(shape),
+                "n_fallback": len(flagged), "fallback": flagged}
+        if cfg["stain_norm"]["method"] != "none":
+            meta["stain_norm"] = {"method": cfg["stain_norm"]["method"],
+                                  "n_skipped": len(skipped), "skipped": skipped}
+        atomic_write_json(out / "meta.json", meta)
         if flagged:
             print(f"warning: patches {split}: {len(flagged)} image(s) with an empty mask, "
                   f"ranked by tissue coverage instead: {', '.join(flagged)}", file=sys.stderr)
+        if skipped:
+            print(f"warning: patches {split}: {len(skipped)} image(s) with too little tissue "
+                  f"for stain normalisation, left as they are: {', '.join(skipped)}",
+                  file=sys.stderr)
         print(f"patches {split}: built {len(samples)} x {cfg['top_k']} patches of "
               f"{cfg['size']} px -> {out} ({time.perf_counter() - t0:.1f} s)")
         out_sets[split] = load_patches(paths, split)

@@ -355,6 +355,106 @@ def test_bench_patches_times_both_passes(tmp_path, capsys):
     assert result["images"] == 4 and result["workers"] == 1
     assert result["ratio"] == pytest.approx(result["extraction"]["wall"]
                                             / result["decode_only"]["wall"])
-    assert set(result["extraction"]["split"]) == {"decode", "score", "crop", "write"}
+    assert set(result["extraction"]["split"]) == {"decode", "score", "crop", "stain", "write"}
     patches = np.load(tmp_path / "runs" / "bench" / "patches" / "patches.npy")
     assert patches.shape == (4, 2, 16, 16, 3)
+
+
+# --------------------------------------------------------------------------- stain normalisation
+def _he_dataset(root, stains, n=3, seed=0, uptake=(1.0, 1.0)):
+    """Train and test scans of H&E-like tissue rendered through ``stains`` (2 x 3) with stain
+    ``uptake`` factors, each with a mask over its tissue block; the same tissue for the same
+    seed whatever the staining."""
+    rng = np.random.default_rng(seed)
+    labels = []
+    for split in ("train", "test"):
+        folder = root / f"{split}_data"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            conc = np.zeros((48, 64, 2))
+            conc[8:40, 8:56, 0] = rng.gamma(1.5, 0.15, (32, 48))
+            conc[8:40, 8:56, 1] = rng.gamma(2.0, 0.4, (32, 48))
+            nuclei = rng.random((32, 48)) < 0.25
+            conc[8:40, 8:56, 0][nuclei] += rng.uniform(0.6, 1.6, nuclei.sum())
+            od = (conc * np.asarray(uptake)) @ stains
+            img = np.clip(240 * np.exp(-od), 0, 255).round().astype(np.uint8)
+            Image.fromarray(img).save(folder / f"img_{i:04d}.png")
+            mask = np.zeros((48, 64), np.uint8)
+            mask[8:40, 8:56] = 255
+            Image.fromarray(mask).save(folder / f"mask_{i:04d}.png")
+            if split == "train":
+                labels.append((f"img_{i:04d}.png", CLASSES[i % 4]))
+    pd.DataFrame(labels, columns=["sample_index", "label"]).to_csv(root / "train_labels.csv",
+                                                                   index=False)
+    return root
+
+
+STANDARD_HE = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]])
+DARK_HE = np.array([[0.78, 0.55, 0.28], [0.09, 0.97, 0.21]])
+MACENKO = {"stain_norm": {"method": "macenko"}}
+
+
+def test_stain_norm_off_keeps_the_cache_key_of_older_caches():
+    from kit.config import load_config
+    from kit.patches import _key_cfg
+
+    cfg = load_config("patches")
+    assert cfg["stain_norm"]["method"] == "none"
+    assert "stain_norm" not in _key_cfg(cfg)  # off: caches built before it existed stay valid
+    on = load_config("patches", MACENKO)
+    assert _key_cfg(on)["stain_norm"]["method"] == "macenko"
+
+
+def test_stain_norm_brings_two_labs_together_and_rebuilds_the_cache(tmp_path, capsys):
+    cfg = {"size": 16, "stride": 16, "top_k": 4, "workers": 1}
+    sets = {}
+    for name, stains, uptake in (("std", STANDARD_HE, (1, 1)), ("dark", DARK_HE, (1.3, 0.8))):
+        root = _he_dataset(tmp_path / name, stains, uptake=uptake)
+        paths = Paths.from_root(tmp_path / f"work_{name}")
+        _write_outliers(paths)
+        plain = run_patches(root, paths, cfg)
+        normed = run_patches(root, paths, {**cfg, **MACENKO})
+        out = capsys.readouterr().out
+        assert out.count("built") == 4 and "cache hit" not in out  # a new key: rebuilt
+        assert normed["train"].key != plain["train"].key
+        assert normed["train"].meta["stain_norm"] == {"method": "macenko", "n_skipped": 0,
+                                                      "skipped": []}
+        assert "stain_norm" not in plain["train"].meta
+        # same windows, other colours
+        assert plain["train"].index.equals(normed["train"].index)
+        sets[name] = (np.asarray(plain["train"].array), np.asarray(normed["train"].array))
+        again = run_patches(root, paths, {**cfg, **MACENKO})
+        assert capsys.readouterr().out.count("cache hit") == 2
+        assert again["train"].key == normed["train"].key
+        other = run_patches(root, paths, {**cfg, "stain_norm": {"method": "macenko", "alpha": 2}},
+                            splits=("train",))
+        assert other["train"].key != normed["train"].key
+        capsys.readouterr()
+    (std_plain, std_norm), (dark_plain, dark_norm) = sets["std"], sets["dark"]
+    before = np.abs(std_plain.astype(int) - dark_plain).mean()  # ~11 grey levels
+    after = np.abs(std_norm.astype(int) - dark_norm).mean()  # ~0.5
+    assert before > 8 and after < before / 5
+
+
+def test_stain_norm_skips_images_without_tissue(patches_ds, capsys):
+    root, paths = patches_ds  # flat grey blocks: 1-2 % of the pixels pass the OD threshold
+    sets = run_patches(root, paths, {**CFG, "stain_norm": {"method": "macenko",
+                                                           "min_tissue": 0.9}})
+    skipped = sets["train"].meta["stain_norm"]["skipped"]
+    assert sorted(skipped) == sorted(sets["train"].samples.sample_index)
+    assert "too little tissue for stain normalisation" in capsys.readouterr().err
+    # left as they are: the same bytes as without normalisation
+    plain = Paths.from_root(paths.root.parent / "plain")
+    _write_outliers(plain, [("img_0001.png", "green", 0.9)])
+    ref = run_patches(root, plain, CFG, splits=("train",))["train"]
+    assert np.array_equal(np.asarray(ref.array), np.asarray(sets["train"].array))
+
+
+@pytest.mark.parametrize("bad,key", [({"method": "vahadane"}, "stain_norm.method"),
+                                     ({"beta": -1}, "stain_norm.beta"),
+                                     ({"reference": "no/such.png"}, "stain_norm.reference")])
+def test_bad_stain_settings_are_refused_before_any_work(patches_ds, bad, key):
+    root, paths = patches_ds
+    with pytest.raises(KitError, match=key):
+        run_patches(root, paths, {**CFG, "stain_norm": {"method": "macenko", **bad}})
+    assert not paths.patches_dir("train").exists()
