@@ -53,6 +53,10 @@ def build_train_transform(cfg: dict | None = None, seed: int | None = None):
     ]
     stain = cfg["he_stain"]
     if stain["p"] > 0:
+        if not hasattr(A, "HEStain"):  # added in albumentations 2.0.x (early 2025)
+            raise KitError(f"augment.he_stain needs albumentations' HEStain, which "
+                           f"albumentations {A.__version__} lacks; install the pinned "
+                           "albumentations==2.0.8 (requirements.txt) or set he_stain.p: 0")
         # Left out at p = 0 rather than added with p = 0: its coin flip would consume a draw
         # of the shared random stream and change every later draw of an existing recipe.
         steps.append(A.HEStain(

@@ -31,6 +31,7 @@ RUNTIME = {
     "huggingface-hub": "0.25",
     "safetensors": "0.4.3",
     "albumentations": "2.0",
+    "torchstain": "1.4",
     "numpy": "1.26",
     "pandas": "2.2",
     "scikit-learn": "1.5",
