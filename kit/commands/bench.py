@@ -16,6 +16,7 @@ BENCHES = {
     "train": "training throughput of the backbones",
     "tune": "Optuna trials throughput",
     "blend": "blend search and submission writing",
+    "gpu": "CUDA paths: short cv with AMP, CPU/GPU agreement, loop and embedding throughput",
 }
 
 
