@@ -298,7 +298,7 @@ def _feature_folds(pending: list[int], ctx: dict) -> dict[int, dict]:
     features_cv`), written exactly like pixel-trained folds (model.pt included)."""
     from kit import features
     from kit.heads import PatchClassifier
-    from kit.train import save_checkpoint
+    from kit.train import recalibrate_random, save_checkpoint
 
     cfg, out = ctx["cfg"], ctx["out"]
     for k in pending:  # not done until their outputs are rewritten
