@@ -569,8 +569,6 @@ def _timm_vit_builder(name: str):
     spec = FOUNDATION_MODELS[name]
 
     def build(weights, patch_size, phikon_mode, vit_config) -> Backbone:
-        import timm
-
         _check_mode(name, phikon_mode)
         path = _weights_path(name, weights)
         source = "random"
@@ -578,6 +576,8 @@ def _timm_vit_builder(name: str):
             source = f"local:{path}"
         elif str(weights) == "auto":
             path, source = _find_pretrained(name, spec.repo, need_config=False, gated=spec.gated)
+        import timm  # after the lookup: a missing-weights error comes without timm's import
+
         kwargs = {**spec.timm_kwargs, **_timm_layers(spec)}
         if phikon_mode == "interpolate":
             kwargs["dynamic_img_size"] = True  # position embeddings resampled per input size

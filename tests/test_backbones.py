@@ -507,12 +507,22 @@ def _tiny_dinov2(seed=0):
     return Dinov2Model(config).eval()
 
 
-def test_phikon_v2_is_a_dinov2_vit_l16():
-    with torch.device("meta"):  # the full-size architecture, without allocating it
-        bb = create_backbone("phikon_v2", weights="random")
-    assert type(bb.model).__name__ == "Dinov2Model" and bb.num_features == 1024
-    assert (bb.model.config.patch_size, bb.model.config.num_hidden_layers) == (16, 24)
-    assert bb.input_size == 224 and len(bb.blocks()) == 24
+@pytest.mark.parametrize("name,params_m,features,depth", [
+    ("phikon_v2", 303, 1024, 24), ("uni", 303, 1024, 24), ("h_optimus_0", 1135, 1536, 40),
+    ("virchow2", 631, 2560, 32)])
+def test_full_size_architectures_match_the_model_cards(name, params_m, features, depth):
+    """Parameter counts as published (ViT-L 303 M, H-optimus-0 1.1 B, Virchow2 632 M), built
+    on the meta device: the real shapes without allocating gigabytes."""
+    with torch.device("meta"):
+        bb = create_backbone(name, weights="random").eval()
+        out = bb(torch.empty(2, 3, 224, 224))
+    n = sum(p.numel() for p in bb.parameters()) / 1e6
+    assert abs(n - params_m) / params_m < 0.01, n
+    assert out.shape == (2, features) == (2, bb.num_features)
+    assert bb.input_size == 224 and len(bb.blocks()) == depth
+    if name == "phikon_v2":
+        assert type(bb.model).__name__ == "Dinov2Model"
+        assert bb.model.config.patch_size == 16
 
 
 def test_phikon_v2_loads_a_save_pretrained_folder(backbones_offline, tmp_path):
