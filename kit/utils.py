@@ -175,9 +175,10 @@ PROGRESS_INTERVAL_S = 5.0
 def progress_mode(stream=None) -> str:
     """``bar``, ``log`` or ``off``: how :func:`progress` shows loops now.
 
-    ``auto`` gives a bar on a terminal or in a Jupyter kernel (where ``tqdm.auto`` renders a
-    widget), and a log line every ``KIT_PROGRESS_INTERVAL`` seconds elsewhere: a ``!an2dl-kit``
-    cell, a CI log or ``nohup``, where a bar's carriage returns would be one unreadable line.
+    ``auto`` gives a bar on a terminal or in a Jupyter kernel with ipywidgets (where
+    ``tqdm.auto`` renders a widget), and a log line every ``KIT_PROGRESS_INTERVAL`` seconds
+    elsewhere: a ``!an2dl-kit`` cell, a CI log or ``nohup``, where a bar's carriage returns
+    would be one unreadable line.
     """
     import sys
 
@@ -190,8 +191,14 @@ def progress_mode(stream=None) -> str:
         return value
     stream = sys.stderr if stream is None else stream
     isatty = getattr(stream, "isatty", None)
-    if (isatty is not None and isatty()) or in_jupyter():
+    if isatty is not None and isatty():
         return "bar"
+    if in_jupyter():
+        # tqdm.auto draws a widget with ipywidgets; without it, a text bar whose cursor
+        # moves (nested bars) come out as stray escape codes in the cell: log lines instead.
+        import importlib.util
+
+        return "bar" if importlib.util.find_spec("ipywidgets") is not None else "log"
     return "log"
 
 

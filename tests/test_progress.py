@@ -58,7 +58,7 @@ def test_mode_follows_the_stream_and_the_environment(monkeypatch):
         progress_mode()
 
 
-def test_jupyter_kernel_gets_the_bar(monkeypatch):
+def test_jupyter_kernel_gets_the_bar_with_widgets(monkeypatch):
     class ZMQInteractiveShell:  # the class name ipykernel's shell has
         pass
 
@@ -67,7 +67,15 @@ def test_jupyter_kernel_gets_the_bar(monkeypatch):
     monkeypatch.setitem(sys.modules, "IPython", ipython)
     monkeypatch.setitem(sys.modules, "ipykernel.zmqshell", types.ModuleType("ipykernel.zmqshell"))
     assert utils.in_jupyter()
-    assert progress_mode(Stream(tty=False)) == "bar"
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "ipywidgets" else real(name, *a))
+    assert progress_mode(Stream(tty=False)) == "bar"  # tqdm.auto draws a widget
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ipywidgets" else real(name, *a))
+    assert progress_mode(Stream(tty=False)) == "log"  # no widgets: lines, not escape codes
     ipython.get_ipython = lambda: None  # IPython imported, but no kernel running
     assert not utils.in_jupyter()
     assert progress_mode(Stream(tty=False)) == "log"
