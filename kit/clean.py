@@ -11,8 +11,9 @@ Two rules, thresholds in ``kit/conf/clean.yaml``:
   score flags an image.
 
 ``run_clean`` writes ``folds/outliers.csv`` (``sample_index,reason,score``), a review page with
-thumbnails of everything flagged and of the borderline cases, and a report of suspicious test
-images (never dropped: every test image needs a prediction). ``clean_train_samples`` applies
+thumbnails of everything flagged, of the borderline cases and of the near-duplicate groups,
+a report of suspicious test images (never dropped: every test image needs a prediction) and
+``runs/clean/near_duplicates.csv`` (perceptual-hash groups, :mod:`kit.neardup`) for ``folds``. ``clean_train_samples`` applies
 ``outliers.csv`` and the user's ``folds/overrides.csv`` (``sample_index,action``, keep|drop),
 which wins over the detector.
 """
@@ -29,8 +30,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from kit import neardup
 from kit.config import load_config
-from kit.data import Dataset, Sample, jpeg_thumbnail, load_dataset, to_rgb_array
+from kit.data import Dataset, Sample, jpeg_thumbnail, load_dataset, read_mask, to_rgb_array
 from kit.paths import Paths
 from kit.utils import (KitError, atomic_write_csv, atomic_write_text, n_workers, progress,
                        sha256_file, write_config)
@@ -50,7 +52,9 @@ def run_clean(data, paths: Paths, cfg: dict | None = None, skip_bad: bool = Fals
     data : path or Dataset
         Dataset root (validated with :func:`kit.data.load_dataset`) or a loaded dataset.
     paths : Paths
-        Work directory layout; writes ``paths.outliers_csv`` and ``paths.clean_dir``.
+        Work directory layout; writes ``paths.outliers_csv`` and, in ``paths.clean_dir``,
+        ``review.html``, ``test_suspicious.csv``, ``scores.csv``, ``near_duplicates.csv`` and
+        ``config.yaml``.
     cfg : dict, optional
         Overrides of ``kit/conf/clean.yaml``.
     skip_bad : bool
@@ -69,17 +73,21 @@ def run_clean(data, paths: Paths, cfg: dict | None = None, skip_bad: bool = Fals
     is_train = feats["split"] == "train"
     outliers = _flagged(feats[is_train])
     suspicious = _flagged(feats[~is_train])
+    near = neardup.find_groups(feats, cfg["near_duplicates"])
 
     paths.clean_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_csv(paths.outliers_csv, outliers, float_format="%.6g")
     atomic_write_csv(paths.clean_dir / "test_suspicious.csv", suspicious, float_format="%.6g")
     atomic_write_csv(paths.clean_dir / "scores.csv", feats.drop(columns=["thumb"]),
                      float_format="%.6g")
-    atomic_write_text(paths.clean_dir / "review.html", review_html(feats, cfg, overrides))
+    atomic_write_csv(neardup.near_duplicates_csv(paths), near)
+    atomic_write_text(paths.clean_dir / "review.html", review_html(feats, cfg, overrides, near))
     write_config(paths.clean_dir / "config.yaml",
                  {**cfg, "data": str(dataset.root), "n_train": len(dataset.train),
                   "n_test": len(dataset.test),
-                  "flagged": outliers["reason"].value_counts().to_dict()})
+                  "flagged": outliers["reason"].value_counts().to_dict(),
+                  "near_duplicate_groups": int(near["group"].nunique())})
+    _warn_big_groups(near, cfg["near_duplicates"]["warn_group_size"], paths)
     if len(suspicious):
         warnings.warn(f"{len(suspicious)} test image(s) look like junk (kept: every test image "
                       f"needs a prediction): {', '.join(suspicious['sample_index'])}; see "
@@ -113,16 +121,21 @@ def scan(dataset: Dataset, cfg: dict) -> pd.DataFrame:
 
 
 def image_features(task: tuple[str, str], cfg: dict) -> dict:
-    """Green share, cartoon score parts, mask hash and a JPEG thumbnail of one image."""
+    """Green share, cartoon score parts, mask hashes, perceptual hashes and a JPEG thumbnail."""
     image, mask = task
     im = _load_small(image, cfg["work_side"])
     rgb = np.asarray(im)
     green = green_pixels(rgb, cfg["green"])
     colour, smooth = cartoon_parts(rgb, np.asarray(im.convert("HSV")), ~green, cfg["cartoon"])
     w = cfg["cartoon"]["colour_weight"]
+    nd = cfg["near_duplicates"]
+    mask_phash, mask_share = neardup.mask_hash(read_mask(mask), cfg["work_side"], nd["hash_size"],
+                                               nd["mask_min_share"])
     return {"green": float(green.mean()), "colour": colour, "smooth": smooth,
             "cartoon": w * colour + (1 - w) * smooth,
             "mask_sha256": sha256_file(mask),  # same definition as kit.data.mask_groups
+            "image_phash": neardup.image_hash(im, nd["hash_size"]),  # the shrunk copy: cheap
+            "mask_phash": mask_phash, "mask_share": mask_share,
             "thumb": jpeg_thumbnail(im, cfg["thumb_side"])}
 
 
@@ -267,8 +280,13 @@ def clean_train_samples(dataset: Dataset, paths: Paths) -> list[Sample]:
 # Review page
 
 
-def review_html(feats: pd.DataFrame, cfg: dict, overrides: pd.DataFrame | None = None) -> str:
-    """A self-contained page (thumbnails inlined) to check the detector by eye."""
+def review_html(feats: pd.DataFrame, cfg: dict, overrides: pd.DataFrame | None = None,
+                near: pd.DataFrame | None = None) -> str:
+    """A self-contained page (thumbnails inlined) to check the detector by eye.
+
+    ``near`` (:func:`kit.neardup.find_groups`) adds the near-duplicate groups, except those
+    that are exactly a group of byte-identical masks (shown in their own section).
+    """
     action = {} if overrides is None else dict(zip(overrides["sample_index"], overrides["action"]))
     train, test = feats[feats["split"] == "train"], feats[feats["split"] == "test"]
     sections = []
@@ -289,6 +307,8 @@ def review_html(feats: pd.DataFrame, cfg: dict, overrides: pd.DataFrame | None =
     sections.append((f"Test images reported (kept): {int((test['reason'] != '').sum())}",
                      test[test["reason"] != ""], {}))
     body = "\n".join(_section(title, rows, act) for title, rows, act in sections)
+    if near is not None:
+        body += "\n" + _near_section(feats, near, cfg["near_duplicates"], action)
     counts = train["reason"].value_counts()
     summary = (f"{len(train)} training images: {int(counts.get('cartoon', 0))} cartoon, "
                f"{int(counts.get('green', 0))} green flagged; {len(test)} test images. "
@@ -305,15 +325,55 @@ def _section(title: str, rows: pd.DataFrame, action: dict) -> str:
     return f"<h2>{html.escape(title)}</h2><div class=grid>{cards}</div>"
 
 
-def _card(r, override: str | None) -> str:
+def _near_section(feats: pd.DataFrame, near: pd.DataFrame, cfg: dict, action: dict) -> str:
+    """Near-duplicate groups, one row of thumbnails each, with how each member matched."""
+    limits = (f"image hash within {cfg['image_distance']}, mask hash within "
+              f"{cfg['mask_distance']} of {cfg['hash_size'] ** 2} bits")
+    title = f"Near-duplicate groups ({near['group'].nunique()}; {limits}; kept in one fold)"
+    if near.empty:
+        return f"<h2>{html.escape(title)}</h2><p class=none>none</p>"
+    rows = near.merge(feats, on=["split", "sample_index"], how="left", sort=False)
+    same_mask = rows.groupby("group")["mask_sha256"].transform("nunique") == 1
+    shown = rows[~same_mask]
+    parts = [f"<h2>{html.escape(title)}</h2>"]
+    n_hidden = rows.loc[same_mask, "group"].nunique()
+    if n_hidden:
+        parts.append(f"<p>{n_hidden} group(s) are images sharing one mask file byte for byte: "
+                     "see that section above.</p>")
+    for number, group in shown.groupby("group", sort=True):
+        cards = "\n".join(
+            _card(r, action.get(r.sample_index) if r.split == "train" else None,
+                  note=f"near-duplicate group {number}: {r.kind} hash {r.distance} bits from "
+                       f"{r.nearest}")
+            for r in group.itertuples(index=False))
+        parts.append(f"<h3>Group {number}: {len(group)} images</h3><div class=grid>{cards}</div>")
+    return "\n".join(parts)
+
+
+def _warn_big_groups(near: pd.DataFrame, limit: int, paths: Paths) -> None:
+    """Warn about groups larger than ``limit``: a loose threshold chains unrelated images."""
+    if near.empty or not limit:
+        return
+    sizes = near.groupby("group").size()
+    big = sizes[sizes > limit]
+    if len(big):
+        warnings.warn(f"{len(big)} near-duplicate group(s) with more than {limit} images "
+                      f"(largest: {int(big.max())}); check them in "
+                      f"{paths.clean_dir / 'review.html'}, and lower near_duplicates."
+                      "image_distance / mask_distance in kit/conf/clean.yaml if they are not "
+                      "copies of one another", stacklevel=3)
+
+
+def _card(r, override: str | None, note: str = "") -> str:
     src = "data:image/jpeg;base64," + base64.b64encode(r.thumb).decode("ascii")
     tag = f"{r.reason} {r.score:.4g}" if r.reason else "not flagged"
     if override:
         tag += f" · override: {override}"
     group = f" · mask shared by {r.group_size} (rank {r.group_rank})" if r.group_size > 1 else ""
+    extra = f"<br>{html.escape(note)}" if note else ""
     return (f"<figure class='{r.reason or 'ok'}'><img src='{src}' loading=lazy>"
             f"<figcaption><b>{html.escape(r.split)}/{html.escape(r.sample_index)}</b> "
-            f"{html.escape(r.label)}<br>{html.escape(tag)}{group}<br>"
+            f"{html.escape(r.label)}<br>{html.escape(tag)}{group}{extra}<br>"
             f"green {r.green:.4f} · cartoon {r.cartoon:.3f} (colour {r.colour:.2f}, "
             f"flat {r.smooth:.2f})</figcaption></figure>")
 

@@ -7,7 +7,9 @@
     <root>/train_labels.csv         # sample_index,label  (img_0000.png,Luminal B)
 
 ``load_dataset`` checks everything before any work starts and reports every problem at once,
-one line each with the file name; non-RGB images are converted on read, not rejected.
+one line each with the file name; non-RGB images are converted on read, not rejected. With
+``skip_bad`` the samples and label rows with problems are dropped instead, one warning line
+each.
 """
 from __future__ import annotations
 
@@ -84,8 +86,11 @@ def load_dataset(root: str | Path, skip_bad: bool = False, check_pixels: bool = 
     root : path
         Dataset root (see :func:`find_root`).
     skip_bad : bool
-        Drop samples with problems (with a warning) instead of refusing the dataset.
-        Problems with the labels file itself are always fatal.
+        Drop samples with problems (with one warning line per problem) instead of refusing
+        the dataset: broken or unpaired files, and the ``train_labels.csv`` rows with an
+        unknown label, with a conflicting repeat (the image is dropped) or without an image.
+        An identical repeated row collapses to one. Problems with the labels file as a whole
+        (missing, unreadable, wrong header) and missing folders are always fatal.
     check_pixels : bool
         Verify every PNG's chunks (catches truncated and corrupt files).
 
@@ -96,8 +101,9 @@ def load_dataset(root: str | Path, skip_bad: bool = False, check_pixels: bool = 
     """
     root = find_root(root)
     fatal: list[str] = []
-    labels = _read_labels(root / LABELS_CSV, fatal)
     per_sample: dict[tuple[str, str], list[str]] = {}
+    repeated: dict[tuple[str, str], list[str]] = {}  # identical repeats: fixed by collapsing
+    labels = _read_labels(root / LABELS_CSV, fatal, per_sample, repeated)
 
     splits = {}
     for split in SPLITS:
@@ -118,22 +124,25 @@ def load_dataset(root: str | Path, skip_bad: bool = False, check_pixels: bool = 
                     "or restore the image")
         train = []
         for s in splits["train"]:
-            if s.sample_index not in labels.index:
-                per_sample.setdefault(("train", s.sample_index), []).append(
-                    f"{s.image}: image has no label in {LABELS_CSV}; add a row or delete the image")
-            else:
+            if s.sample_index in labels.index:
                 train.append(Sample(s.sample_index, s.image, s.mask, str(labels[s.sample_index])))
+            elif ("train", s.sample_index) not in per_sample:  # else its row's problem says it
+                per_sample[("train", s.sample_index)] = [
+                    f"{s.image}: image has no label in {LABELS_CSV}; add a row or delete the image"]
         splits["train"] = train
 
     if fatal:
-        raise KitError(f"{root}: dataset is not usable ({len(fatal) + _count(per_sample)} problems)",
-                       fatal + _lines(per_sample))
-    dropped = _lines(per_sample)
-    if per_sample and not skip_bad:
-        raise KitError(f"{root}: {len(dropped)} problems; fix them or pass --skip-bad to drop "
-                       "those samples", dropped)
-    if per_sample:
-        warnings.warn(f"--skip-bad: dropping {len(per_sample)} samples with problems:\n  "
+        problems = fatal + _lines(_merge(per_sample, repeated))
+        raise KitError(f"{root}: dataset is not usable ({len(problems)} problems)", problems)
+    if (per_sample or repeated) and not skip_bad:
+        problems = _lines(_merge(per_sample, repeated))
+        raise KitError(f"{root}: {len(problems)} problems; fix them or pass --skip-bad to drop "
+                       "those samples", problems)
+    dropped = _lines(_merge(per_sample, repeated))
+    if dropped:
+        also = (f" and {_count(repeated)} repeated row(s) of {LABELS_CSV} (one kept)"
+                if repeated else "")
+        warnings.warn(f"--skip-bad: dropping {len(per_sample)} samples with problems{also}:\n  "
                       + "\n  ".join(dropped), stacklevel=2)
         for split in SPLITS:
             splits[split] = [s for s in splits[split] if (split, s.sample_index) not in per_sample]
@@ -148,7 +157,37 @@ def _lines(per_sample):
     return [line for key in sorted(per_sample) for line in per_sample[key]]
 
 
-def _read_labels(path: Path, fatal: list[str]) -> pd.Series | None:
+def _merge(a: dict, b: dict) -> dict:
+    """Problem lines of both dicts, per sample key (``a``'s lines first)."""
+    out = {key: list(lines) for key, lines in a.items()}
+    for key, lines in b.items():
+        out.setdefault(key, []).extend(lines)
+    return out
+
+
+def _squash(text: str) -> str:
+    return "".join(text.split()).casefold()
+
+
+_SQUASHED = {_squash(c): c for c in CLASSES}
+
+
+def suggest_label(label: str) -> str | None:
+    """The class ``label`` means when it differs from it only in case and spacing, else None.
+
+    ``"triple  negative"``, ``"Luminal a"`` and ``"HER2(+) "`` give the exact class string.
+    """
+    return _SQUASHED.get(_squash(label))
+
+
+def _read_labels(path: Path, fatal: list[str], per_sample: dict, repeated: dict) -> pd.Series | None:
+    """The usable ``sample_index -> label`` rows of the labels file.
+
+    Problems with the file itself go to ``fatal``. Row problems (unknown label, rows of one
+    image with different labels) go to ``per_sample`` under ``("train", name)``, so that
+    ``--skip-bad`` drops that image; identical repeated rows go to ``repeated`` (``--skip-bad``
+    keeps one of them).
+    """
     if not path.exists():
         fatal.append(f"{path}: labels file missing; it must hold sample_index,label rows")
         return None
@@ -166,13 +205,24 @@ def _read_labels(path: Path, fatal: list[str]) -> pd.Series | None:
     df = df[["sample_index", "label"]]
     for i, row in df.iterrows():
         if row.label not in CLASSES:
-            fatal.append(f"{path}: line {i + 2}: unknown label {row.label!r} for {row.sample_index}; "
-                         f"allowed: {', '.join(CLASSES)}")
+            guess = suggest_label(row.label)
+            fix = (f"did you mean {guess!r}?" if guess
+                   else f"allowed: {', '.join(CLASSES)}")
+            per_sample.setdefault(("train", row.sample_index), []).append(
+                f"{path}: line {i + 2}: unknown label {row.label!r} for {row.sample_index}; {fix}")
     dup = df[df.duplicated("sample_index", keep=False)]
     for name, rows in dup.groupby("sample_index", sort=True):
         lines = ", ".join(str(i + 2) for i in rows.index)
-        fatal.append(f"{path}: {name} appears on {len(rows)} lines ({lines}); keep one row per image")
-    df = df.drop_duplicates("sample_index")
+        if rows.label.nunique() == 1:
+            repeated.setdefault(("train", name), []).append(
+                f"{path}: {name} appears on {len(rows)} lines ({lines}); keep one row per image")
+        else:
+            found = ", ".join(f"{lab!r}" for lab in rows.label)
+            per_sample.setdefault(("train", name), []).append(
+                f"{path}: {name} appears on {len(rows)} lines ({lines}) with different labels "
+                f"({found}); keep the one right row")
+    bad = {name for (_, name) in per_sample}
+    df = df[~df.sample_index.isin(bad)].drop_duplicates("sample_index")
     return df.set_index("sample_index")["label"]
 
 

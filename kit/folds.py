@@ -4,12 +4,16 @@ Every image is its own group unless it shares a group with others:
 
 - images whose mask files are byte-identical (:func:`kit.data.mask_groups`; on the real data
   each cartoon reuses a real image's mask, so a pair must never straddle two folds);
+- near-duplicate images or masks found by ``clean`` with perceptual hashes
+  (``runs/clean/near_duplicates.csv``, :mod:`kit.neardup`);
 - images given the same ``group`` in the optional, user-edited ``folds/groups.csv``
   (``sample_index,group``), the hook for any other near-duplicates found by hand.
 
-Groups are merged transitively. The split is scikit-learn's ``StratifiedGroupKFold``; the
-file it produces is sorted by ``sample_index`` and byte-identical for the same inputs and
-seed. Later stages record :func:`folds_hash` so that predictions made with one split are
+Groups are merged transitively. ``runs/folds/config.yaml`` records which of these sources
+were used (with the files' sha256), and a refused overwrite names the source that changed.
+
+The split is scikit-learn's ``StratifiedGroupKFold``; the file it produces is sorted by
+``sample_index`` and byte-identical for the same inputs and seed. Later stages record :func:`folds_hash` so that predictions made with one split are
 never mixed with another; hence :func:`run_folds` refuses to overwrite a different split
 unless ``force=True``.
 """
@@ -22,10 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from kit import CLASSES
 from kit.config import load_config
 from kit.data import Dataset, Sample, load_dataset, mask_groups
+from kit.neardup import near_duplicates_csv, read_near_duplicates
 from kit.paths import Paths
 from kit.utils import KitError, atomic_write_bytes, check_random_state, sha256_bytes, sha256_file, write_config
 
@@ -124,8 +130,9 @@ def assign_folds(sample_ids, labels, groups, n_splits: int = 5, seed=42) -> np.n
     return folds
 
 
-def build_groups(samples: list[Sample], extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Group id of each sample: shared mask files and ``extra`` groups, merged transitively.
+def build_groups(samples: list[Sample], extra: dict[str, str] | None = None,
+                 near: dict[str, str] | None = None) -> dict[str, str]:
+    """Group id of each sample: shared mask files, ``near`` and ``extra`` groups, merged transitively.
 
     Parameters
     ----------
@@ -133,6 +140,10 @@ def build_groups(samples: list[Sample], extra: dict[str, str] | None = None) -> 
     extra : dict, optional
         ``sample_index -> group label`` from ``folds/groups.csv``; names not among
         ``samples`` (e.g. dropped as outliers) are ignored.
+    near : dict, optional
+        ``sample_index -> group label`` of the near-duplicate groups
+        (:func:`kit.neardup.read_near_duplicates`); same rules as ``extra``, and the two
+        sources' labels never mix (group "3" of one is not group "3" of the other).
 
     Returns
     -------
@@ -154,10 +165,11 @@ def build_groups(samples: list[Sample], extra: dict[str, str] | None = None) -> 
 
     for name, first in mask_groups(samples).items():
         union(name, first)
-    by_label: dict[str, str] = {}
-    for name, label in sorted((extra or {}).items()):
-        if name in parent:
-            union(name, by_label.setdefault(label, name))
+    for source in (near, extra):
+        by_label: dict[str, str] = {}
+        for name, label in sorted((source or {}).items()):
+            if name in parent:
+                union(name, by_label.setdefault(label, name))
     return {name: find(name) for name in parent}
 
 
@@ -217,8 +229,9 @@ def run_folds(data, paths: Paths, cfg: dict | None = None, seed: int = 42, force
     Raises
     ------
     KitError
-        Clean stage not run, too few images, a bad ``folds/groups.csv``, or a different
-        split already on disk without ``force``.
+        Clean stage not run, too few images, a bad ``folds/groups.csv``, a
+        ``near_duplicates.csv`` from another dataset, or a different split already on disk
+        without ``force`` (the message names a grouping source that changed since).
     """
     from kit.clean import clean_train_samples
 
@@ -228,8 +241,15 @@ def run_folds(data, paths: Paths, cfg: dict | None = None, seed: int = 42, force
     if not samples:
         raise KitError(f"{paths.outliers_csv}: no clean training images left to split; "
                        "check the clean stage's output and folds/overrides.csv")
-    extra = read_group_overrides(paths.groups_csv, known={s.sample_index for s in dataset.train})
-    groups = build_groups(samples, extra)
+    known = {s.sample_index for s in dataset.train}
+    extra = read_group_overrides(paths.groups_csv, known=known)
+    near_csv = near_duplicates_csv(paths)
+    near = read_near_duplicates(near_csv, known=known)
+    if near is None:
+        warnings.warn(f"{near_csv} not found: near-duplicate images are not kept in one fold "
+                      "(only byte-identical masks and folds/groups.csv are); rerun ./run.sh clean "
+                      "to find them", stacklevel=2)
+    groups = build_groups(samples, extra, near)
     ids = [s.sample_index for s in samples]
     folds = assign_folds(ids, [s.label for s in samples], [groups[i] for i in ids],
                          int(cfg["n_splits"]), seed)
@@ -237,19 +257,70 @@ def run_folds(data, paths: Paths, cfg: dict | None = None, seed: int = 42, force
     df = df.sort_values("sample_index", kind="stable").reset_index(drop=True)
 
     content = df.to_csv(index=False, lineterminator="\n").encode()
-    _guard_overwrite(paths.folds_csv, content, force)
+    config_path = paths.runs_dir / "folds" / "config.yaml"
+    grouping = grouping_sources(paths, extra, near)
+    _guard_overwrite(paths.folds_csv, content, force, _grouping_change(config_path, grouping))
     if not (paths.folds_csv.exists() and paths.folds_csv.read_bytes() == content):
         atomic_write_bytes(paths.folds_csv, content)
     n_groups = len(set(groups.values()))
-    write_config(paths.runs_dir / "folds" / "config.yaml", {
+    write_config(config_path, {
         **cfg, "seed": seed, "data": str(dataset.root), "n_images": len(df), "n_groups": n_groups,
-        "groups_csv": str(paths.groups_csv) if extra else None,
+        "groups_csv": str(paths.groups_csv) if extra else None, "grouping": grouping,
         "outliers_csv_sha256": sha256_file(paths.outliers_csv) if paths.outliers_csv.exists() else None,
         "folds_csv": str(paths.folds_csv), "folds_sha256": sha256_bytes(content)})
     print(f"{len(df)} clean training images in {n_groups} groups "
-          f"({len(df) - n_groups} images share a group with another)")
+          f"({len(df) - n_groups} images share a group with another; grouped by "
+          f"{', '.join(grouping['sources'])})")
     print(fold_table(df, int(cfg["n_splits"])))
     return df
+
+
+def grouping_sources(paths: Paths, extra: dict | None, near: dict | None) -> dict:
+    """What grouped the images, as recorded in ``runs/folds/config.yaml``.
+
+    ``sources`` lists the sources used (``shared_masks`` always; ``near_duplicates`` when
+    ``clean`` wrote its file; ``groups_csv`` when the user's file has rows), with each file's
+    path and sha256, so that a changed grouping can be told apart from a changed seed.
+    """
+    near_csv = near_duplicates_csv(paths)
+    sources = ["shared_masks"]
+    out: dict = {"near_duplicates": None, "groups_csv": None}
+    for key, path, mapping in (("near_duplicates", near_csv, near),
+                               ("groups_csv", paths.groups_csv, extra)):
+        if mapping is None or (key == "groups_csv" and not mapping):
+            continue
+        sources.append(key)
+        out[key] = {"file": str(path), "sha256": sha256_file(path),
+                    "groups": len(set(mapping.values())), "partition": _partition_hash(mapping)}
+    return {"sources": sources, **out}
+
+
+def _partition_hash(mapping: dict[str, str]) -> str:
+    """sha256 of the grouping itself (which names go together), whatever the group labels."""
+    members: dict[str, list[str]] = {}
+    for name, label in mapping.items():
+        members.setdefault(label, []).append(name)
+    parts = sorted(sorted(names) for names in members.values())
+    return sha256_bytes(repr(parts).encode())
+
+
+def _grouping_change(config_path: Path, grouping: dict) -> str:
+    """Which grouping sources differ from the last run's config (``""`` when none or unknown)."""
+    try:
+        old = yaml.safe_load(config_path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return ""
+    if not isinstance(old, dict) or "grouping" not in old:
+        return ""
+    before = old["grouping"] or {}
+    changed = []
+    for key, name in (("near_duplicates", "runs/clean/near_duplicates.csv"),
+                      ("groups_csv", "folds/groups.csv")):
+        a, b = before.get(key), grouping.get(key)
+        if (a or {}).get("partition") != (b or {}).get("partition"):
+            state = "added" if a is None else "removed" if b is None else "changed"
+            changed.append(f"{name} {state}")
+    return ", ".join(changed)
 
 
 def fold_table(df: pd.DataFrame, n_splits: int | None = None) -> str:
@@ -264,13 +335,15 @@ def fold_table(df: pd.DataFrame, n_splits: int | None = None) -> str:
     return table.reset_index().to_string(index=False)
 
 
-def _guard_overwrite(path: Path, content: bytes, force: bool) -> None:
+def _guard_overwrite(path: Path, content: bytes, force: bool, grouping_change: str = "") -> None:
     if not path.exists():
         return
     old = path.read_bytes()
     if old == content:
         return
     change = _describe_change(old, content)
+    if grouping_change:
+        change += f"; grouping since the last split: {grouping_change}"
     if not force:
         raise KitError(f"{path} already holds a different split ({change}); out-of-fold "
                        "predictions and tuning results made with it (runs/<backbone>/oof.csv) "

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -128,7 +129,16 @@ def _unknown_label(root):
     lines = _labels(root)
     lines[4] = "img_0003.png,Triple Negative"  # capital N: not the challenge's spelling
     _set_labels(root, lines)
-    return "train_labels.csv", "line 5: unknown label 'Triple Negative'"
+    return "train_labels.csv", ("line 5: unknown label 'Triple Negative' for img_0003.png; "
+                                "did you mean 'Triple negative'?")
+
+
+def _conflicting_rows(root):
+    lines = _labels(root)
+    first = lines.index("img_0004.png,Luminal A") + 1
+    _set_labels(root, lines + ["img_0004.png,HER2(+)"])
+    return "train_labels.csv", (f"img_0004.png appears on 2 lines ({first}, {len(lines) + 1}) "
+                                "with different labels ('Luminal A', 'HER2(+)')")
 
 
 def _duplicate_rows(root):
@@ -151,7 +161,7 @@ def _image_without_label(root):
 
 BAD_KINDS = [_unreadable, _truncated, _truncated_mask, _image_without_mask, _mask_without_image,
              _size_mismatch, _missing_columns, _unknown_label, _duplicate_rows,
-             _row_without_image, _image_without_label]
+             _conflicting_rows, _row_without_image, _image_without_label]
 
 
 @pytest.mark.parametrize("breaker", BAD_KINDS, ids=lambda f: f.__name__.strip("_"))
@@ -218,11 +228,72 @@ def test_skip_bad_drops_bad_samples_with_warning(ds):
 
 
 def test_skip_bad_does_not_hide_labels_file_problems(ds):
-    _unknown_label(ds)
+    _missing_columns(ds)  # the file as a whole is wrong: nothing to drop row by row
     _truncated(ds)
     message, problems = _problems(ds, skip_bad=True)
     assert "not usable" in message
     assert len(problems) == 2
+
+
+def test_skip_bad_drops_label_row_problems_one_warning_line_each(ds):
+    lines = _labels(ds)
+    lines[2] = "img_0001.png,Luminal  b"  # unknown label (double space, lower-case b)
+    lines.append("img_0004.png,HER2(+)")  # conflicts with img_0004.png,Luminal A
+    lines.append("img_0005.png,Luminal B")  # identical repeat: collapses to one row
+    lines.append("img_0099.png,Luminal A")  # no such image
+    _set_labels(ds, lines)
+    with pytest.warns(UserWarning) as rec:
+        d = load_dataset(ds, skip_bad=True)
+    assert len(rec) == 1
+    text = str(rec[0].message).splitlines()
+    assert text[0] == ("--skip-bad: dropping 3 samples with problems and 1 repeated row(s) of "
+                       "train_labels.csv (one kept):")
+    body = text[1:]
+    assert len(body) == 4 and all(line.startswith("  ") and "train_labels.csv" in line
+                                  for line in body)
+    assert sum("img_0001.png" in l and "did you mean 'Luminal B'?" in l for l in body) == 1
+    assert sum("img_0004.png" in l and "different labels" in l for l in body) == 1
+    assert sum("img_0005.png" in l and "appears on 2 lines" in l for l in body) == 1
+    assert sum("img_0099.png" in l and "has no image" in l for l in body) == 1
+    names = [s.sample_index for s in d.train]
+    assert names == ["img_0000.png", "img_0002.png", "img_0003.png", "img_0005.png",
+                     "img_0006.png", "img_0007.png"]
+    assert dict((s.sample_index, s.label) for s in d.train)["img_0005.png"] == "Luminal B"
+    assert len(d.test) == 3 and len(d.dropped) == 4
+
+
+def test_row_problems_without_skip_bad_all_reported(ds):
+    lines = _labels(ds)
+    lines[2] = "img_0001.png,Luminal  b"
+    _set_labels(ds, lines + ["img_0004.png,HER2(+)", "img_0005.png,Luminal B"])
+    _truncated(ds)
+    message, problems = _problems(ds)
+    assert "4 problems" in message and "--skip-bad" in message
+    assert len(problems) == 4
+
+
+@pytest.mark.parametrize("typed, meant", [
+    ("triple  negative", "Triple negative"), ("Luminal a", "Luminal A"), ("HER2(+) ", "HER2(+)"),
+    (" luminal B", "Luminal B"), ("her2 (+)", "HER2(+)"), ("TRIPLE NEGATIVE", "Triple negative"),
+])
+def test_unknown_label_suggests_the_class_it_spells(ds, typed, meant):
+    lines = _labels(ds)
+    lines[3] = f"img_0002.png,{typed}"
+    _set_labels(ds, lines)
+    _, problems = _problems(ds)
+    assert problems == [f"{ds / 'train_labels.csv'}: line 4: unknown label {typed!r} for "
+                        f"img_0002.png; did you mean {meant!r}?"]
+
+
+@pytest.mark.parametrize("typed", ["HER2+", "Luminal C", "TNBC", ""])
+def test_unknown_label_without_a_near_class_lists_the_allowed_ones(ds, typed):
+    lines = _labels(ds)
+    lines[3] = f"img_0002.png,{typed}"
+    _set_labels(ds, lines)
+    _, problems = _problems(ds)
+    assert len(problems) == 1 and "did you mean" not in problems[0]
+    assert f"unknown label {typed!r}" in problems[0]
+    assert "allowed: Luminal A, Luminal B, HER2(+), Triple negative" in problems[0]
 
 
 def test_cli_skip_bad(ds):
@@ -231,6 +302,28 @@ def test_cli_skip_bad(ds):
     assert r.returncode == 0, r.stderr
     assert "7 training pairs" in r.stdout
     assert "dropping 1 samples" in r.stderr and "img_0002.png" in r.stderr
+
+
+def test_cli_clean_skip_bad_unknown_label_and_duplicate_row(ds, tmp_path):
+    """Issue 11's check: clean --skip-bad goes through, one warning line per dropped row."""
+    lines = _labels(ds)
+    lines[4] = "img_0003.png,triple  negative"
+    _set_labels(ds, lines + ["img_0006.png,Luminal B"])  # img_0006 is HER2(+) above
+    work = tmp_path / "work"
+    r = _cli("clean", "--data", str(ds), "--workdir", str(work))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    errors = r.stderr.strip().splitlines()
+    assert len(errors) == 3 and "--skip-bad" in errors[0]
+    assert "did you mean 'Triple negative'?" in errors[1] + errors[2]
+    r = _cli("clean", "--data", str(ds), "--workdir", str(work), "--skip-bad")
+    assert r.returncode == 0, r.stderr
+    warned = [l for l in r.stderr.splitlines() if l.startswith("  ") and "train_labels.csv" in l]
+    assert len(warned) == 2, r.stderr
+    assert "warning: --skip-bad: dropping 2 samples with problems:" in r.stderr
+    assert "of 6 training images flagged" in r.stdout
+    scores = pd.read_csv(work / "runs" / "clean" / "scores.csv")
+    assert sorted(scores[scores.split == "train"].sample_index) == [
+        f"img_{i:04d}.png" for i in (0, 1, 2, 4, 5, 7)]
 
 
 # --- non-RGB inputs ------------------------------------------------------------------------
