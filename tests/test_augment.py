@@ -90,7 +90,8 @@ def test_bad_augment_config(bad):
 @pytest.mark.parametrize("bad,key", [
     ({"p": 1.5}, "he_stain.p"), ({"method": "reinhard"}, "he_stain.method"),
     ({"method": "preset", "preset": "pink"}, "he_stain.preset"), ({"scale": 0.8}, "he_stain.scale"),
-    ({"shift": -0.1}, "he_stain.shift"), ({"augment_background": "yes"}, "he_stain.augment_background"),
+    ({"shift": -0.1}, "he_stain.shift"),
+    ({"augment_background": "yes"}, "he_stain.augment_background"),
 ])
 def test_bad_he_stain_config_names_the_key(bad, key):
     with pytest.raises(KitError, match=f"augment config: .*{key}"):

@@ -466,7 +466,8 @@ def test_timm_foundation_models_load_weights(backbones_offline, tmp_path, name):
     auto = create_backbone(name, vit_config=TINY_TIMM)
     assert auto.weights_source.startswith("local:") and _same_weights(auto.model, src.model)
     shutil.rmtree(backbones_offline / "weights" / name)
-    _fake_hf_cache(backbones_offline, spec.repo, {"pytorch_model.bin": folder / "pytorch_model.bin"})
+    _fake_hf_cache(backbones_offline, spec.repo,
+                   {"pytorch_model.bin": folder / "pytorch_model.bin"})
     cached = create_backbone(name, vit_config=TINY_TIMM)
     assert cached.weights_source == f"hf-cache:{spec.repo}"
     assert _same_weights(cached.model, src.model)
