@@ -416,7 +416,7 @@ def _assemble(ctx: dict, marks: dict[int, dict]) -> dict:
         "confusion": summary["confusion"], "classes": list(CLASSES),
         "per_view_macro_f1": {v: macro_f1(y, oof_view[v][PROB_COLUMNS].to_numpy())
                               for v in views},
-        "views": list(views), "aggregate": ctx["cfg"]["aggregate"],
+        "views": list(views), "aggregate": ctx["cfg"]["head"]["pool"],
         "n_oof": len(oof_main), "n_test": len(test_main),
         "folds_sha256": ctx["folds_sha"], "patch_keys": ctx["keys"],
         "config_hash": ctx["hash"], "config": cfg_record,
@@ -526,6 +526,10 @@ def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
                                                     dtype, dev.type))
     print(f"{backbone}: {n_folds} folds, {len(folds)} training images, {len(test.samples)} "
           f"test images, device {ctx['device']}, params: {params_desc}")
+    if cfg["head"].get("pool") == "attention" and path != "feature_cache":
+        raise KitError(f"{backbone}: head.pool attention trains on cached embeddings only "
+                       "(the whole backbone frozen): add --train-norm none, or use "
+                       "head.pool mean_prob for pixel training")
     if path == "feature_cache":
         _explain_feature_cache(backbone, cfg, views)
     elif training_path(cfg) == "feature_cache":

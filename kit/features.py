@@ -280,6 +280,59 @@ class _PatchLoader:
             yield order[a:a + self.bs], view[a:a + self.bs]
 
 
+class _ImageLoader:
+    """Batches of whole images for attention heads: image indices and a random cached view
+    per patch (``B x K``)."""
+
+    def __init__(self, n_images: int, k: int, n_views: int, batch_size: int, sampler, generator):
+        self.n, self.k, self.n_views, self.bs = n_images, k, n_views, int(batch_size)
+        self.sampler, self.g = sampler, generator
+
+    def __len__(self) -> int:
+        return max(1, math.ceil(self.n / self.bs))
+
+    def __iter__(self):
+        import torch
+
+        order = torch.as_tensor(list(self.sampler), dtype=torch.int64)
+        view = torch.randint(0, self.n_views, (len(order), self.k), generator=self.g)
+        for a in range(0, len(order), self.bs):
+            yield order[a:a + self.bs], view[a:a + self.bs]
+
+
+def image_probs_from_features(head, x, views, pool: str,
+                              batch_size: int = 4096) -> dict[int, np.ndarray]:
+    """Image probabilities ``n x C`` per view index of ``x`` (``n x K x V x D``): patch
+    probabilities pooled by ``pool``, or an attention head's own image prediction."""
+    import torch
+
+    from kit.heads import is_mil
+
+    if not is_mil(head):
+        patch = predict_features(head, x, views, batch_size)
+        return {v: aggregate(patch[v], pool) for v in views}
+    x = _as_tensor(x)
+    device = next(head.parameters()).device
+    per = max(1, batch_size // max(1, x.shape[1]))
+    head.eval()
+    out = {}
+    with torch.inference_mode():
+        for v in views:
+            parts = [torch.softmax(head(x[a:a + per, :, v].to(device)).float(), 1).cpu()
+                     for a in range(0, len(x), per)]
+            out[v] = (torch.cat(parts) if parts else torch.zeros(0, _n_out(head))).numpy()
+    return out
+
+
+def attention_weights(head, x, view: int = 0) -> np.ndarray:
+    """An attention head's weights ``n x K`` over each image's patches in one view."""
+    import torch
+
+    with torch.inference_mode():
+        device = next(head.parameters()).device
+        return head.eval().attention(_as_tensor(x)[:, :, view].to(device)).float().cpu().numpy()
+
+
 class FeatureSource:
     """Training batches from cached embeddings ``x`` (``n x K x V x D``): the data side of
     :func:`kit.train.fit` on the feature-cache path (:class:`kit.train.PixelSource` is the
@@ -296,6 +349,8 @@ class FeatureSource:
 
         rows = np.asarray(rows, np.int64)
         n, k, n_views, d = self.x.shape
+        if self.cfg["head"].get("pool") == "attention":
+            return self._image_loader(rows, y, seed)
         # The rows' patches, flattened and moved to the device once per training run.
         self._flat = self.x[_rows(rows)].reshape(len(rows) * k, n_views, d) \
             .to(self.device)
@@ -309,8 +364,37 @@ class FeatureSource:
             sampler = torch.utils.data.RandomSampler(range(len(rows) * k), generator=g)
         return _PatchLoader(len(rows) * k, n_views, int(self.cfg["batch_size"]), sampler, g)
 
+    def _image_loader(self, rows, y, seed: int):
+        import torch
+
+        n, k, n_views, d = self.x.shape
+        self._images = self.x[_rows(rows)].to(self.device)  # rows x K x V x D
+        self._image_y = torch.from_numpy(np.asarray(y, np.int64)).to(self.device)
+        g = torch.Generator().manual_seed(int(seed))
+        if self.cfg["class_balance"] == "sampler":
+            from kit.augment import balanced_sampler
+
+            sampler = balanced_sampler(np.asarray(y, np.int64), seed)
+        else:
+            sampler = torch.utils.data.RandomSampler(range(len(rows)), generator=g)
+        # batch_size counts patches, as on every path: whole images of K patches each.
+        per = max(2, int(self.cfg["batch_size"]) // k)
+        return _ImageLoader(len(rows), k, n_views, per, sampler, g)
+
     def prepare_fn(self, trainer):
+        import torch
+
         from kit.train import one_hot
+
+        if self.cfg["head"].get("pool") == "attention":
+            def prepare_images(idx, view):
+                idx, view = idx.to(self.device), view.to(self.device)
+                k = self._images.shape[1]
+                patch = torch.arange(k, device=self.device)
+                x = self._images[idx[:, None], patch[None, :], view]  # B x K x D
+                return x, one_hot(self._image_y[idx], trainer.n_classes, trainer.smoothing)
+
+            return prepare_images
 
         def prepare(idx, view):
             idx = idx.to(self.device)
@@ -327,8 +411,9 @@ class FeatureSource:
     def image_probs(self, head, rows, views=("id",), desc: str = "predict"):
         """Image probabilities of ``rows`` per view index or name (``id`` = 0)."""
         idx = [0 if v == "id" else v for v in views]
-        patch = predict_features(head, self.x[_rows(rows)], idx)
-        return {v: aggregate(patch[i], self.cfg["aggregate"]) for v, i in zip(views, idx)}
+        probs = image_probs_from_features(head, self.x[_rows(rows)], idx,
+                                          self.cfg["head"]["pool"])
+        return {v: probs[i] for v, i in zip(views, idx)}
 
 
 def train_head_on_features(x_train, y_train, x_val, y_val, cfg: dict, seed: int = 42,
@@ -459,9 +544,8 @@ class FeatureCV:
         return pred
 
     def _image_probs(self, head, x) -> dict[str, np.ndarray]:
-        patch = predict_features(head, x, self.view_idx)
-        return {v: aggregate(patch[i], self.cfg["aggregate"])
-                for v, i in zip(self.views, self.view_idx)}
+        probs = image_probs_from_features(head, x, self.view_idx, self.cfg["head"]["pool"])
+        return {v: probs[i] for v, i in zip(self.views, self.view_idx)}
 
 
 def fold_groups(frame: pd.DataFrame):

@@ -44,10 +44,14 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.std
 
 
+POOLS = ("mean_prob", "mean_logprob", "attention")
+
+
 def create_head(in_features: int, num_classes: int, depth: int = 1, width: int = 256,
                 dropout: float = 0.3, activation: str = "relu",
-                norm: str = "none", standardize: bool = True) -> nn.Sequential:
-    """An MLP from features to logits.
+                norm: str = "none", standardize: bool = True,
+                pool: str = "mean_prob") -> nn.Module:
+    """A head from features to logits: a patch MLP, or attention MIL over an image's patches.
 
     With ``standardize`` the first module is a :class:`Standardize` (its statistics are set
     by the training loop from the fold's training rows). Each of the ``depth`` hidden layers
@@ -69,11 +73,30 @@ def create_head(in_features: int, num_classes: int, depth: int = 1, width: int =
         ``batchnorm`` (BatchNorm1d) needs training batches of at least 2.
     standardize : bool
         Standardise the input features per dimension (statistics from the training rows).
+    pool : {"mean_prob", "mean_logprob", "attention"}
+        How an image's patches make one prediction. The first two: the head classifies each
+        patch (a ``nn.Sequential`` on ``B x D``) and the image probability is the mean of the
+        patch probabilities, or the softmax of their mean log-probability. ``attention``:
+        an :class:`AttentionMIL` head on ``B x K x D`` giving image logits.
     """
     activation, norm = _check(in_features, num_classes, depth, width, dropout, activation, norm)
+    if pool not in POOLS:
+        raise KitError(f"head config: pool must be one of {', '.join(POOLS)} (got {pool!r})")
+    if pool == "attention":
+        return AttentionMIL(in_features, num_classes, depth, width, dropout, activation, norm,
+                            standardize)
     layers: list[nn.Module] = [Standardize(in_features)] if standardize else []
     if depth == 0 and dropout > 0:
         layers.append(nn.Dropout(dropout))
+    hidden, size = _hidden(in_features, depth, width, dropout, activation, norm)
+    layers += hidden
+    layers.append(nn.Linear(size, num_classes))
+    return nn.Sequential(*layers)
+
+
+def _hidden(in_features, depth, width, dropout, activation, norm):
+    """The hidden layers of a head and the size they end with."""
+    layers: list[nn.Module] = []
     size = in_features
     for _ in range(depth):
         layers.append(nn.Linear(size, width))
@@ -83,8 +106,57 @@ def create_head(in_features: int, num_classes: int, depth: int = 1, width: int =
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         size = width
-    layers.append(nn.Linear(size, num_classes))
-    return nn.Sequential(*layers)
+    return layers, size
+
+
+class AttentionMIL(nn.Module):
+    """Gated attention pooling over an image's patch embeddings (Ilse et al., 2018).
+
+    ``B x K x D`` -> standardise -> hidden layers per patch (``h_k``) -> attention weights
+    ``a = softmax_k(w^T (tanh(V h_k) * sigmoid(U h_k)))`` -> ``z = sum_k a_k h_k`` -> Linear
+    to the class logits. Trained with the image label, so a patch without tumour can get
+    little weight instead of inheriting the image's class.
+    """
+
+    is_mil = True
+
+    def __init__(self, in_features: int, num_classes: int, depth: int = 1, width: int = 256,
+                 dropout: float = 0.3, activation: str = "relu", norm: str = "none",
+                 standardize: bool = True, attention_dim: int = 128):
+        super().__init__()
+        self.standardize = Standardize(in_features) if standardize else nn.Identity()
+        hidden, size = _hidden(in_features, depth, width, dropout, activation, norm)
+        self.encoder = nn.Sequential(*hidden)
+        self.attention_v = nn.Linear(size, attention_dim)
+        self.attention_u = nn.Linear(size, attention_dim)
+        self.attention_w = nn.Linear(attention_dim, 1)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.classifier = nn.Linear(size, num_classes)  # last Linear: the output size
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3:
+            raise KitError(f"attention head: expected B x K x D patch embeddings, got shape "
+                           f"{tuple(x.shape)}")
+        b, k, d = x.shape
+        return self.encoder(self.standardize(x.reshape(b * k, d))).reshape(b, k, -1)
+
+    def _weights(self, h: torch.Tensor) -> torch.Tensor:
+        gate = torch.tanh(self.attention_v(h)) * torch.sigmoid(self.attention_u(h))
+        return torch.softmax(self.attention_w(gate).squeeze(-1).float(), dim=1).to(h.dtype)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention weights ``B x K`` (rows sum to 1)."""
+        return self._weights(self._encode(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self._encode(x)
+        z = (self._weights(h).unsqueeze(-1) * h).sum(1)
+        return self.classifier(self.dropout(z))
+
+
+def is_mil(head: nn.Module) -> bool:
+    """Whether ``head`` maps a whole image's patches to one prediction."""
+    return bool(getattr(head, "is_mil", False))
 
 
 def _is_int(value) -> bool:

@@ -34,7 +34,7 @@ PATH_WORDS = {"feature_cache": "heads on cached embeddings of a frozen backbone"
 # cache path either way (cv says so). Everything else (lr, weight_decay, epochs, patience,
 # warmup_epochs, min_lr_ratio, batch_size, any future key) describes one optimisation
 # problem and is dropped when the path changes.
-PATH_FREE = ("head.", "augment.", "class_balance", "label_smoothing", "aggregate", "tta",
+PATH_FREE = ("head.", "augment.", "class_balance", "label_smoothing", "tta",
              "early_stopping", "inner_folds", "input_size", "phikon_mode", "train_norm",
              "unfreeze_last", "eval_batch_size", "num_workers", "amp", "channels_last",
              "checkpoint")
@@ -51,6 +51,8 @@ def path_free(key: str) -> bool:
 def split_for_path(params: dict) -> tuple[dict, dict]:
     """``(kept, dropped)``: the keys of ``params`` that carry to another path, and the rest."""
     kept = {k: v for k, v in params.items() if path_free(k)}
+    if kept.get("head.pool") == "attention":
+        del kept["head.pool"]  # attention pooling exists on the cache path only
     return kept, {k: v for k, v in params.items() if k not in kept}
 
 

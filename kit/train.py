@@ -142,6 +142,9 @@ def build_model(backbone: str, cfg: dict, weights="auto", num_classes: int = len
     if int(cfg.get("input_size") or 0) > 0:
         bb.input_size = int(cfg["input_size"])  # normalize_batch resizes to it on the device
     freeze_backbone(bb, train_norm=cfg["train_norm"], unfreeze_last=cfg["unfreeze_last"])
+    if cfg["head"].get("pool") == "attention":
+        raise KitError(f"{backbone}: head.pool attention trains on cached embeddings only; "
+                       "add --train-norm none (or use head.pool mean_prob on pixels)")
     head = create_head(bb.num_features, num_classes, **cfg["head"])
     model = PatchClassifier(bb, head)
     return model, count_trainable(model)
@@ -650,7 +653,7 @@ class PixelSource:
         eval_bs = int(cfg.get("eval_batch_size") or 0) or 2 * int(cfg["batch_size"])
         patch = predict(model, self.array, rows, tuple(views), eval_bs, self.device, cfg["amp"],
                         cfg["channels_last"], desc=desc)
-        return {v: aggregate(p, cfg["aggregate"]) for v, p in patch.items()}
+        return {v: aggregate(p, cfg["head"]["pool"]) for v, p in patch.items()}
 
 
 def fit(model: nn.Module, source, train_rows, train_y, cfg: dict, *, val_rows=None, val_y=None,

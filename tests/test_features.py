@@ -249,3 +249,23 @@ def test_tiny_embeddings_are_stored_as_float32_and_said_so(work, backbone, capsy
     assert feats.array.dtype == np.float32 and feats.meta["stored_dtype"] == "float32"
     assert "underflow" in capsys.readouterr().out
     assert np.abs(np.asarray(feats.array)).max() > 0
+
+
+def test_attention_head_learns_from_one_informative_patch_per_image():
+    from kit.features import attention_weights
+
+    rng = np.random.default_rng(0)
+    n, k, d = 64, 6, 8
+    y = np.arange(n) % 4
+    x = rng.normal(0, 1, (n, k, 1, d)).astype(np.float32)
+    where = rng.integers(0, k, n)
+    x[np.arange(n), where, 0, :4] += 4 * np.eye(4)[y]  # the class lives in one patch only
+    cfg = train_config(params={"epochs": 30, "lr": 0.01, "batch_size": 48, "head.pool": "attention",
+                               "head.dropout": 0.0, "early_stopping": "none"})
+    fit = train_head_on_features(x[:48], y[:48], x[48:], y[48:], cfg, seed=0)
+    from kit.features import FeatureSource
+
+    probs = FeatureSource(x, cfg).image_probs(fit.head, np.arange(48, n))["id"]
+    assert (probs.argmax(1) == y[48:]).mean() >= 0.75
+    w = attention_weights(fit.head, x[48:])
+    assert (w.argmax(1) == where[48:]).mean() >= 0.6  # it looks at the informative patch

@@ -116,3 +116,25 @@ def test_standardize_scales_tiny_features_and_leaves_dead_dimensions_alone():
     assert set(dict(std.named_buffers())) == {"mean", "std", "fitted"}  # saved in checkpoints
     with pytest.raises(KitError, match="at least 2"):
         Standardize(3).fit(x[:1])
+
+
+def test_attention_mil_pools_an_images_patches_into_one_prediction():
+    from kit.heads import AttentionMIL, is_mil
+
+    torch.manual_seed(0)
+    head = create_head(12, 4, depth=1, width=16, dropout=0.0, pool="attention")
+    assert isinstance(head, AttentionMIL) and is_mil(head)
+    assert not is_mil(create_head(12, 4))
+    x = torch.randn(5, 7, 12)
+    head.eval()
+    logits = head(x)
+    assert logits.shape == (5, 4)
+    w = head.attention(x)
+    assert w.shape == (5, 7)
+    torch.testing.assert_close(w.sum(1), torch.ones(5))
+    perm = torch.randperm(7)  # a bag: the order of the patches does not matter
+    torch.testing.assert_close(head(x[:, perm]), logits)
+    with pytest.raises(KitError, match="B x K x D"):
+        head(torch.randn(5, 12))
+    with pytest.raises(KitError, match="pool"):
+        create_head(12, 4, pool="max")
