@@ -17,6 +17,7 @@ BENCHES = {
     "tune": "Optuna trials throughput",
     "blend": "blend search and submission writing",
     "gpu": "CUDA paths: short cv with AMP, CPU/GPU agreement, loop and embedding throughput",
+    "honesty": "|OOF - test| macro F1 per training path and early-stopping mode, on generated data",
 }
 
 
