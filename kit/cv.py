@@ -268,8 +268,8 @@ def _write_fold(k: int, ctx: dict, oof: dict, tst: dict, record: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- feature cache
-PIXEL_AUGMENT = ("augment.cutmix_alpha", "augment.color_jitter.p", "augment.rot90",
-                 "augment.hflip", "augment.vflip")
+PIXEL_AUGMENT = ("augment.cutmix_alpha", "augment.color_jitter.p", "augment.he_stain.p",
+                 "augment.rot90", "augment.hflip", "augment.vflip")
 
 
 def training_path(cfg: dict, feature_cache: bool = True) -> str:
@@ -526,10 +526,10 @@ def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
                                                     dtype, dev.type))
     print(f"{backbone}: {n_folds} folds, {len(folds)} training images, {len(test.samples)} "
           f"test images, device {ctx['device']}, params: {params_desc}")
-    if cfg["head"].get("pool") == "attention" and path != "feature_cache":
-        raise KitError(f"{backbone}: head.pool attention trains on cached embeddings only "
-                       "(the whole backbone frozen): add --train-norm none, or use "
-                       "head.pool mean_prob for pixel training")
+    if cfg["head"].get("pool") == "attention" and path == "pixels" and \
+            float(cfg["augment"].get("cutmix_alpha") or 0) > 0:
+        print(f"{backbone}: head.pool attention trains on whole images: CutMix (which mixes "
+              "patches of two classes) is not applied")
     if path == "feature_cache":
         _explain_feature_cache(backbone, cfg, views)
     elif training_path(cfg) == "feature_cache":

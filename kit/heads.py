@@ -210,3 +210,23 @@ class PatchClassifier(nn.Module):
 def standardizer(model: nn.Module) -> Standardize | None:
     """The model's :class:`Standardize` layer, if its head has one."""
     return next((m for m in model.modules() if isinstance(m, Standardize)), None)
+
+
+class MILClassifier(nn.Module):
+    """A backbone and an :class:`AttentionMIL` head: ``forward(x)`` maps whole images,
+    ``B x K x C x H x W`` normalised patches, to image logits ``B x classes``."""
+
+    is_mil = True
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone features of patches, ``N x num_features``."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, k = x.shape[:2]
+        return self.head(self.backbone(x.flatten(0, 1)).reshape(b, k, -1))

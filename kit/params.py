@@ -51,8 +51,6 @@ def path_free(key: str) -> bool:
 def split_for_path(params: dict) -> tuple[dict, dict]:
     """``(kept, dropped)``: the keys of ``params`` that carry to another path, and the rest."""
     kept = {k: v for k, v in params.items() if path_free(k)}
-    if kept.get("head.pool") == "attention":
-        del kept["head.pool"]  # attention pooling exists on the cache path only
     return kept, {k: v for k, v in params.items() if k not in kept}
 
 

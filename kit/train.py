@@ -135,18 +135,15 @@ def build_model(backbone: str, cfg: dict, weights="auto", num_classes: int = len
         The model and its number of trainable parameters.
     """
     from kit.backbones import count_trainable, create_backbone, freeze_backbone
-    from kit.heads import PatchClassifier, create_head
+    from kit.heads import MILClassifier, PatchClassifier, create_head, is_mil
 
     bb = create_backbone(backbone, weights=weights, patch_size=patch_size,
                          phikon_mode=cfg.get("phikon_mode", "resize"), **backbone_kwargs)
     if int(cfg.get("input_size") or 0) > 0:
         bb.input_size = int(cfg["input_size"])  # normalize_batch resizes to it on the device
     freeze_backbone(bb, train_norm=cfg["train_norm"], unfreeze_last=cfg["unfreeze_last"])
-    if cfg["head"].get("pool") == "attention":
-        raise KitError(f"{backbone}: head.pool attention trains on cached embeddings only; "
-                       "add --train-norm none (or use head.pool mean_prob on pixels)")
     head = create_head(bb.num_features, num_classes, **cfg["head"])
-    model = PatchClassifier(bb, head)
+    model = MILClassifier(bb, head) if is_mil(head) else PatchClassifier(bb, head)
     return model, count_trainable(model)
 
 
@@ -269,6 +266,26 @@ class PatchDataset(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(self.labels[img])
 
 
+class ImageBagDataset(PatchDataset):
+    """Training samples for attention heads: item ``j`` is all K patches of image
+    ``rows[j]`` (``K x P x P x 3``, each patch augmented on its own) with the image's label."""
+
+    bag = True
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def patch_labels(self) -> np.ndarray:  # one sample per image here
+        return self.labels
+
+    def __getitems__(self, js):
+        js = np.asarray(js, dtype=np.int64)
+        x = np.asarray(self.array[self.rows[js]])  # B x K x P x P x 3, one read
+        if self.transform is not None:
+            x = np.stack([[self.transform(image=p)["image"] for p in bag] for bag in x])
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(self.labels[js])
+
+
 def _identity_collate(batch):
     return batch
 
@@ -301,6 +318,8 @@ def make_loader(dataset: PatchDataset, cfg: dict, seed: int, device: torch.devic
         sampler = torch.utils.data.SequentialSampler(dataset)
     workers = n_workers(cfg["num_workers"], device)
     bs = int(cfg["batch_size"])
+    if getattr(dataset, "bag", False):  # batch_size counts patches on every path
+        bs = max(2, bs // dataset.k)
     return torch.utils.data.DataLoader(
         dataset, batch_size=bs, sampler=sampler, num_workers=workers,
         collate_fn=_identity_collate, pin_memory=device.type == "cuda",
@@ -386,8 +405,11 @@ def predict(model: nn.Module, array, rows=None, views=("id",), batch_size: int =
 
     device = torch.device(device)
     rows = np.arange(len(array)) if rows is None else np.asarray(rows, dtype=np.int64)
+    from kit.heads import is_mil
+
     k = int(array.shape[1])
     bb = model.backbone
+    mil = is_mil(model)
     dtype = amp_dtype(device, amp)
     cl = _flag(channels_last, device)
     per_chunk = max(1, batch_size // k)
@@ -403,10 +425,12 @@ def predict(model: nn.Module, array, rows=None, views=("id",), batch_size: int =
                 xv = apply_view(x, v)
                 if cl:
                     xv = xv.contiguous(memory_format=torch.channels_last)
+                if mil:
+                    xv = xv.reshape(len(sel), k, *xv.shape[1:])
                 with _autocast(device, dtype):
                     logits = model(xv)
                 p = torch.softmax(logits.float(), dim=1).cpu().numpy()
-                out[v].append(p.reshape(len(sel), k, -1))
+                out[v].append(p if mil else p.reshape(len(sel), k, -1))
     n_classes = None
     result = {}
     for v in views:
@@ -414,7 +438,7 @@ def predict(model: nn.Module, array, rows=None, views=("id",), batch_size: int =
             result[v] = np.concatenate(out[v]).astype(np.float32)
         else:
             n_classes = n_classes or _n_outputs(model)
-            result[v] = np.zeros((0, k, n_classes), np.float32)
+            result[v] = np.zeros((0, n_classes) if mil else (0, k, n_classes), np.float32)
     return result
 
 
@@ -557,9 +581,14 @@ class Trainer:
         from kit.augment import normalize_batch
 
         bb = self.model.backbone
-        x = normalize_batch(xb.to(self.device, non_blocking=True), bb.mean, bb.std,
+        bag = xb.dim() == 5  # B x K x P x P x 3: whole images for an attention head
+        flat = xb.reshape(-1, *xb.shape[-3:]) if bag else xb
+        x = normalize_batch(flat.to(self.device, non_blocking=True), bb.mean, bb.std,
                             bb.input_size)
         y = yb.to(self.device, non_blocking=True)
+        if bag:  # CutMix mixes patches of two classes; an image bag keeps its own label
+            return x.reshape(*xb.shape[:2], *x.shape[1:]), one_hot(y, self.n_classes,
+                                                                   self.smoothing)
         if mix and self.mixer is not None:
             x, target = self.mixer(x, y)
         else:
@@ -611,8 +640,8 @@ class PixelSource:
         """A re-iterable loader over the patches of ``rows`` (one pass = one epoch)."""
         from kit.augment import build_train_transform
 
-        ds = PatchDataset(self.array, rows, y,
-                          build_train_transform(self.cfg["augment"], seed=seed))
+        cls = ImageBagDataset if self.cfg["head"].get("pool") == "attention" else PatchDataset
+        ds = cls(self.array, rows, y, build_train_transform(self.cfg["augment"], seed=seed))
         return make_loader(ds, self.cfg, seed, self.device)
 
     def prepare_fn(self, trainer: Trainer):
@@ -653,7 +682,9 @@ class PixelSource:
         eval_bs = int(cfg.get("eval_batch_size") or 0) or 2 * int(cfg["batch_size"])
         patch = predict(model, self.array, rows, tuple(views), eval_bs, self.device, cfg["amp"],
                         cfg["channels_last"], desc=desc)
-        return {v: aggregate(p, cfg["head"]["pool"]) for v, p in patch.items()}
+        # An attention model predicts images already (n x C); patch heads give n x K x C.
+        return {v: p if p.ndim == 2 else aggregate(p, cfg["head"]["pool"])
+                for v, p in patch.items()}
 
 
 def fit(model: nn.Module, source, train_rows, train_y, cfg: dict, *, val_rows=None, val_y=None,

@@ -437,7 +437,7 @@ def test_scrambling_a_folds_labels_leaves_its_oof_rows_unchanged(tmp_path, cfg, 
     assert not all(np.array_equal(rows_after[k], rows_before[k]) for k in (0, 2))
 
 
-def test_attention_pooling_runs_on_the_cache_path_and_is_refused_on_pixels(tmp_path):
+def test_attention_pooling_runs_on_both_paths(tmp_path):
     paths = make_workdir(tmp_path / "w", n_folds=3)
     frozen = {**CFG, "epochs": 3, "lr": 0.01, "train_norm": [], "unfreeze_last": 0,
               "head": {"pool": "attention"}}
@@ -445,5 +445,7 @@ def test_attention_pooling_runs_on_the_cache_path_and_is_refused_on_pixels(tmp_p
     assert metrics["training_path"] == "feature_cache" and metrics["aggregate"] == "attention"
     oof = _csv(paths.backbone_dir(BB) / "oof.csv")
     np.testing.assert_allclose(oof[PROB_COLUMNS].sum(axis=1), 1.0, atol=1e-5)
-    with pytest.raises(KitError, match="--train-norm none"):
-        _run(paths, cfg={**CFG, "head": {"pool": "attention"}}, restart=True)
+    pixels = _run(paths, cfg={**CFG, "epochs": 2, "head": {"pool": "attention"}}, restart=True)
+    assert pixels["training_path"] == "pixels" and pixels["aggregate"] == "attention"
+    test = _csv(paths.backbone_dir(BB) / "test.csv")
+    np.testing.assert_allclose(test[PROB_COLUMNS].sum(axis=1), 1.0, atol=1e-5)

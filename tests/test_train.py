@@ -318,3 +318,19 @@ def test_random_backbones_get_their_batchnorm_recalibrated_with_a_warning(data, 
     assert recalibrate_random(model.backbone, cfg, x) == 0
     with pytest.raises(KitError, match="recalibrate_bn"):
         recalibrate_random(model.backbone, {**cfg, "recalibrate_bn": "sometimes"}, x)
+
+
+def test_attention_model_trains_on_whole_images_and_predicts_images(data):
+    from kit.heads import MILClassifier
+
+    x, y = data
+    cfg = _cfg(epochs=2, **{"head": {"pool": "attention"}})
+    model = _model(cfg)
+    assert isinstance(model, MILClassifier)
+    tr, va = _split()
+    res = fit_fold(model, x, tr, y[tr], va, y[va], cfg, seed=0)
+    probs = predict(res.model, x, va, views=("id", "hflip"))
+    assert probs["id"].shape == (len(va), len(CLASSES))  # one prediction per image
+    np.testing.assert_allclose(probs["hflip"].sum(1), 1.0, atol=1e-5)
+    again = fit_fold(_model(cfg), x, tr, y[tr], va, y[va], cfg, seed=0)
+    np.testing.assert_array_equal(predict(again.model, x, va)["id"], probs["id"])
