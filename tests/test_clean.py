@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+import shutil
 import warnings
 
 import numpy as np
@@ -11,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from kit import clean, demo
+from kit import clean, demo, neardup
 from kit.cli import main
 from kit.config import load_config
 from kit.data import load_dataset
@@ -172,13 +173,175 @@ def test_image_features_accept_non_rgb_inputs(tmp_path):
 
 
 def test_real_scale_counts(tmp_path):
-    """v2 proportions: 691 training images with 60 cartoons and 50 green -> exactly those."""
+    """v2 proportions: 691 training images with 60 cartoons and 50 green -> exactly those.
+
+    Also the near-duplicate false-positive check at real scale (238,000 pairs): the only
+    groups are the 60 cartoon/host pairs, matched by their identical masks.
+    """
     root = demo.generate(tmp_path / "data", n_train=691, n_test=4, short_side=64, seed=2,
                          n_cartoon=60, n_green=50, long_side_max=192, n_test_green=0)
-    outliers = clean.run_clean(root, Paths.from_root(tmp_path / "work"), {"workers": 2})
+    paths = Paths.from_root(tmp_path / "work")
+    outliers = clean.run_clean(root, paths, {"workers": 2})
     assert outliers.reason.value_counts().to_dict() == {"cartoon": 60, "green": 50}
     junk = pd.read_csv(root / demo.JUNK_CSV)
     assert dict(zip(outliers.sample_index, outliers.reason)) == dict(zip(junk.sample_index, junk.kind))
+    near = pd.read_csv(neardup.near_duplicates_csv(paths))
+    assert _pairs(near) == _cartoon_pairs(junk)
+
+
+# --- near-duplicates -----------------------------------------------------------------------
+
+def _pairs(near: pd.DataFrame) -> set[frozenset]:
+    return {frozenset(f"{r.split}/{r.sample_index}" for r in g.itertuples())
+            for _, g in near.groupby("group")}
+
+
+def _cartoon_pairs(junk: pd.DataFrame) -> set[frozenset]:
+    return {frozenset({f"train/{r.sample_index}", f"train/{r.mask_of}"})
+            for r in junk[junk.kind == "cartoon"].itertuples()}
+
+
+def test_near_duplicate_file_holds_only_the_shared_mask_pairs(cleaned):
+    root, paths, _, junk, caught = cleaned
+    near = pd.read_csv(neardup.near_duplicates_csv(paths))
+    assert list(near.columns) == neardup.COLUMNS
+    assert _pairs(near) == _cartoon_pairs(junk) and len(junk[junk.kind == "cartoon"]) == 3
+    assert set(near.kind) == {"mask"} and (near.distance == 0).all()
+    assert sorted(near.group.unique()) == [1, 2, 3]
+    page = (paths.clean_dir / "review.html").read_text()
+    assert "Near-duplicate groups (3;" in page and "3 group(s) are images sharing one mask" in page
+    assert not any("near-duplicate group" in str(w.message) for w in caught)
+
+
+def _resized(path, factor, resample):
+    with Image.open(path) as im:
+        return im.resize((round(im.width * factor), round(im.height * factor)), resample)
+
+
+def _jpeg_round_trip(im: Image.Image, quality: int = 60) -> Image.Image:
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def planted(cleaned, tmp_path_factory):
+    """The demo dataset with three planted near-duplicate pairs (none byte-identical).
+
+    (a, b): b is a rescaled, JPEG-recompressed, brightened copy of a, mask rescaled too;
+    (c, d): d is c darkened, with a new mask of two rectangles (image match only);
+    (e, f): f keeps its own image and gets e's mask rescaled to f's size (mask match only).
+    """
+    root, _, _, junk, _ = cleaned
+    data = tmp_path_factory.mktemp("planted") / "data"
+    shutil.copytree(root, data)
+    busy = set(junk.sample_index) | set(junk.mask_of)
+    free = [i for i in range(40) if f"img_{i:04d}.png" not in busy]
+    a, b, c, d, e, f = free[:6]
+    img = lambda i: data / "train_data" / f"img_{i:04d}.png"
+    msk = lambda i: data / "train_data" / f"mask_{i:04d}.png"
+    from PIL import ImageEnhance
+
+    copy = _jpeg_round_trip(_resized(img(a), 0.8, Image.BILINEAR))
+    ImageEnhance.Brightness(copy).enhance(1.1).save(img(b))
+    _resized(msk(a), 0.8, Image.NEAREST).save(msk(b))
+    with Image.open(img(c)) as im:
+        ImageEnhance.Brightness(im.convert("RGB")).enhance(0.9).save(img(d))
+        new = np.zeros((im.height, im.width), np.uint8)
+    new[: im.height // 3, : im.width // 4] = 255
+    new[im.height // 2:, im.width // 2: im.width * 3 // 4] = 255
+    Image.fromarray(new).save(msk(d))
+    with Image.open(img(f)) as im:
+        size = im.size
+    with Image.open(msk(e)) as m:
+        m.resize(size, Image.NEAREST).save(msk(f))
+    paths = Paths.from_root(data.parent / "work")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clean.run_clean(data, paths)
+    near = pd.read_csv(neardup.near_duplicates_csv(paths))
+    name = lambda i: f"train/img_{i:04d}.png"
+    return data, paths, near, {"image": [(name(a), name(b)), (name(c), name(d))],
+                               "mask": [(name(e), name(f))]}
+
+
+def test_planted_near_duplicates_are_grouped_and_nothing_else(planted, cleaned):
+    _, paths, near, truth = planted
+    expected = _cartoon_pairs(cleaned[3]) | {frozenset(p) for ps in truth.values() for p in ps}
+    assert _pairs(near) == expected
+    rows = near.assign(key=near.split + "/" + near.sample_index).set_index("key")
+    for kind, pairs in truth.items():
+        for x, y in pairs:
+            assert rows.loc[x, "kind"] == rows.loc[y, "kind"] == kind
+            assert rows.loc[x, "nearest"] == y and rows.loc[y, "nearest"] == x
+            assert 0 < rows.loc[x, "distance"] <= 24
+    page = (paths.clean_dir / "review.html").read_text()
+    assert page.count("<h3>Group ") == 3  # the planted pairs; the shared-mask pairs are above
+    for x, _ in truth["image"]:
+        assert f"near-duplicate group {rows.loc[x, 'group']}: image hash" in page
+
+
+@pytest.mark.filterwarnings("ignore:class 'Triple negative' has only")
+def test_planted_near_duplicates_share_a_fold(planted):
+    from kit.folds import run_folds
+
+    data, paths, _, truth = planted
+    for seed in (0, 1, 2):
+        folds = run_folds(data, paths, seed=seed, force=True).set_index("sample_index").fold
+        for pairs in truth.values():
+            for x, y in pairs:
+                assert folds[x.split("/")[1]] == folds[y.split("/")[1]], (seed, x, y)
+
+
+def test_find_groups_chains_kinds_and_order():
+    h = lambda bits: f"{bits:016x}"
+    table = pd.DataFrame({
+        "split": ["train", "train", "train", "test", "train", "train", "train"],
+        "sample_index": ["z.png", "y.png", "x.png", "a.png", "m.png", "n.png", "o.png"],
+        "image_phash": [h(0), h(0b1), h(0b111), h(0b11), h(0xFF00), "", h(0xFFFF_0000)],
+        "mask_phash": [h(0xF0), "", "", h(0xF0F0), h(0xFFFF), h(0xFFFE), ""],
+    })
+    cfg = {"image_distance": 1, "mask_distance": 1}
+    near = neardup.find_groups(table, cfg)
+    assert near.to_dict("records") == [
+        # m-n through their masks (1 bit); an empty hash never matches
+        {"group": 1, "split": "train", "sample_index": "m.png", "kind": "mask",
+         "nearest": "train/n.png", "distance": 1},
+        {"group": 1, "split": "train", "sample_index": "n.png", "kind": "mask",
+         "nearest": "train/m.png", "distance": 1},
+        # z-y, y-a, a-x: 1 bit each through the image hashes, one chain; train rows first
+        {"group": 2, "split": "train", "sample_index": "x.png", "kind": "image",
+         "nearest": "test/a.png", "distance": 1},
+        {"group": 2, "split": "train", "sample_index": "y.png", "kind": "image",
+         "nearest": "train/z.png", "distance": 1},
+        {"group": 2, "split": "train", "sample_index": "z.png", "kind": "image",
+         "nearest": "train/y.png", "distance": 1},
+        {"group": 2, "split": "test", "sample_index": "a.png", "kind": "image",
+         "nearest": "train/x.png", "distance": 1},
+    ]
+    assert neardup.find_groups(table, {"image_distance": -1, "mask_distance": -1}).empty
+    only_masks = neardup.find_groups(table, {"image_distance": -1, "mask_distance": 1})
+    assert set(only_masks.sample_index) == {"m.png", "n.png"}
+
+
+def test_empty_and_flat_inputs_get_no_hash():
+    assert neardup.mask_hash(np.zeros((64, 96), bool), 256, 16, 0.001) == ("", 0.0)
+    full = neardup.mask_hash(np.ones((64, 96), bool), 256, 16, 0.001)
+    assert full == ("", 1.0)
+    blob = np.zeros((64, 96), bool)
+    blob[10:30, 20:50] = True
+    hexed, share = neardup.mask_hash(blob, 256, 16, 0.001)
+    assert len(hexed) == 64 and share == pytest.approx(600 / (64 * 96))
+    assert neardup.image_hash(Image.new("RGB", (96, 64), (210, 210, 215)), 16) == ""
+
+
+def test_large_groups_are_warned_about(tmp_path):
+    near = pd.DataFrame({"group": [1] * 6 + [2] * 2, "split": "train",
+                         "sample_index": [f"img_{i:04d}.png" for i in range(8)], "kind": "image",
+                         "nearest": "", "distance": 3})
+    with pytest.warns(UserWarning, match=r"1 near-duplicate group\(s\) with more than 4 images "
+                                         r"\(largest: 6\)"):
+        clean._warn_big_groups(near, 4, Paths.from_root(tmp_path))
 
 
 def test_command_prints_counts_and_review_path(cleaned, tmp_path, capsys):

@@ -17,6 +17,7 @@ from kit.cli import main
 from kit.data import load_dataset
 from kit.folds import (StratifiedGroupFolds, assign_folds, build_groups, fold_table, folds_hash,
                        load_folds, run_folds)
+from kit.neardup import COLUMNS as NEAR_COLUMNS, near_duplicates_csv
 from kit.paths import Paths
 from kit.utils import KitError, sha256_file
 
@@ -56,12 +57,22 @@ def make_folds_dataset(root: Path) -> Path:
     return root
 
 
-def make_workdir(root: Path) -> Paths:
-    """A work directory whose clean stage has run (hand-written outliers.csv)."""
+def make_workdir(root: Path, near: str = "") -> Paths:
+    """A work directory whose clean stage has run (hand-written outliers.csv and
+    near_duplicates.csv, by default with no near-duplicates)."""
     paths = Paths.from_root(root)
     paths.folds_dir.mkdir(parents=True)
     paths.outliers_csv.write_text(OUTLIERS)
+    write_near(paths, near)
     return paths
+
+
+def write_near(paths: Paths, rows: str) -> None:
+    """``near_duplicates.csv`` as clean writes it, from ``group,split,sample_index`` lines."""
+    lines = [",".join([*r.split(","), "image", "train/x.png", "3"]) for r in rows.split()]
+    path = near_duplicates_csv(paths)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(",".join(NEAR_COLUMNS) + "\n" + "".join(f"{l}\n" for l in lines))
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +195,16 @@ def test_assign_folds_too_few_groups():
         assign_folds(ids, ["Luminal A", "Luminal B"] * 3, ["a", "a", "b", "b", "c", "c"], 5, 0)
 
 
+def test_build_groups_keeps_each_sources_labels_apart(data):
+    ds = load_dataset(data)
+    near = {_name(40): "1", _name(41): "1", _name(50): "2"}
+    extra = {_name(42): "1", _name(43): "1"}
+    groups = build_groups(ds.train, extra, near)
+    assert groups[_name(40)] == groups[_name(41)] == _name(40)
+    assert groups[_name(42)] == groups[_name(43)] == _name(42)
+    assert groups[_name(50)] == _name(50)  # a group of one is no group
+
+
 def test_build_groups_merges_masks_and_extra_transitively(data):
     ds = load_dataset(data)
     # img_0045 shares img_0030's mask file, so "y" chains img_0050 to both
@@ -237,6 +258,70 @@ def test_no_group_split_across_folds(data, paths):
     cfg = yaml.safe_load((paths.runs_dir / "folds" / "config.yaml").read_text())
     assert cfg["n_groups"] == len(df) - 1 - 2 - 2 - 1  # (1,2), (20,21,22), (30,45,50), (40,41)
     assert cfg["groups_csv"] == str(paths.groups_csv)
+
+
+def test_near_duplicate_groups_share_a_fold_and_are_recorded(data, paths):
+    # group 1: two training images and a test image; group 2: a training image and a test
+    # image only (no effect on the split); img_0045 also shares img_0030's mask file
+    write_near(paths, f"1,train,{_name(40)} 1,train,{_name(41)} 1,test,{_name(2)} "
+                      f"2,train,{_name(3)} 2,test,{_name(1)} 3,train,{_name(45)} 3,train,{_name(50)}")
+    for seed in (3, 4):
+        df = run_folds(data, paths, seed=seed, force=True).set_index("sample_index").fold
+        for group in SHARED_MASKS + [(40, 41), (30, 45, 50)]:
+            kept = [_name(i) for i in group if _name(i) not in DROPPED]
+            assert df.loc[kept].nunique() == 1, {k: df[k] for k in kept}
+    cfg = yaml.safe_load((paths.runs_dir / "folds" / "config.yaml").read_text())
+    assert cfg["n_groups"] == len(df) - 1 - 2 - 2 - 1  # (1,2), (20,21,22), (30,45,50), (40,41)
+    grouping = cfg["grouping"]
+    assert grouping["sources"] == ["shared_masks", "near_duplicates"]
+    near_csv = near_duplicates_csv(paths)
+    assert grouping["near_duplicates"]["file"] == str(near_csv)
+    assert grouping["near_duplicates"]["sha256"] == sha256_file(near_csv)
+    assert grouping["near_duplicates"]["groups"] == 3 and grouping["groups_csv"] is None
+    # the user's file is merged on top, with its own group labels ("1" is not near's "1")
+    paths.groups_csv.write_text(f"sample_index,group\n{_name(6)},1\n{_name(7)},1\n")
+    df = run_folds(data, paths, seed=3, force=True).set_index("sample_index").fold
+    assert df[_name(6)] == df[_name(7)]
+    cfg = yaml.safe_load((paths.runs_dir / "folds" / "config.yaml").read_text())
+    assert cfg["grouping"]["sources"] == ["shared_masks", "near_duplicates", "groups_csv"]
+    assert cfg["n_groups"] == len(df) - 1 - 2 - 2 - 1 - 1
+
+
+def test_missing_near_duplicates_file_warns_and_is_recorded(data, paths):
+    near_duplicates_csv(paths).unlink()
+    with pytest.warns(UserWarning, match=r"near_duplicates.csv not found.*rerun ./run.sh clean"):
+        run_folds(data, paths, seed=1)
+    cfg = yaml.safe_load((paths.runs_dir / "folds" / "config.yaml").read_text())
+    assert cfg["grouping"] == {"sources": ["shared_masks"], "near_duplicates": None,
+                               "groups_csv": None}
+
+
+def test_near_duplicates_of_another_dataset_are_refused(data, paths):
+    write_near(paths, "1,train,img_0001.png 1,train,img_0500.png 2,test,img_0900.png")
+    with pytest.raises(KitError, match=r"near_duplicates.csv: lists 1 training image\(s\) not in "
+                                       r"the dataset \(img_0500.png\); rerun ./run.sh clean"):
+        run_folds(data, paths)
+    near_duplicates_csv(paths).write_text("sample_index,cluster\nimg_0001.png,1\n")
+    with pytest.raises(KitError, match="missing column"):
+        run_folds(data, paths)
+
+
+def test_changed_grouping_is_named_when_the_split_changes(data, paths):
+    run_folds(data, paths, seed=1)
+    first = paths.folds_csv.read_bytes()
+    # near-duplicates found since: many pairs, so the split cannot stay the same
+    write_near(paths, " ".join(f"{k},train,{_name(i)} {k},train,{_name(i + 25)}"
+                               for k, i in enumerate(range(12, 24), start=1)))
+    with pytest.raises(KitError) as exc:
+        run_folds(data, paths, seed=1)
+    assert "different split" in str(exc.value)
+    assert "grouping since the last split: runs/clean/near_duplicates.csv changed" in str(exc.value)
+    assert paths.folds_csv.read_bytes() == first
+    run_folds(data, paths, seed=1, force=True)
+    paths.groups_csv.write_text(f"sample_index,group\n{_name(0)},a\n{_name(3)},a\n"
+                                f"{_name(4)},b\n{_name(6)},b\n{_name(7)},b\n")
+    with pytest.raises(KitError, match="folds/groups.csv added"):
+        run_folds(data, paths, seed=1)
 
 
 def test_run_folds_stratifies(data, paths):
