@@ -39,7 +39,8 @@ from kit.utils import (KitError, atomic_write_csv, atomic_write_json, package_ve
 FLOAT_FORMAT = "%.7g"
 # Config keys that change speed, not results: they do not invalidate finished folds.
 _NOT_HASHED = ("num_workers", "eval_batch_size")
-_ASSEMBLED = ("oof.csv", "test.csv", "metrics.json", "confusion.png", "config.yaml")
+_ASSEMBLED = ("oof.csv", "test.csv", "metrics.json", "confusion.png", "config.yaml",
+              "attention.csv")
 
 
 # --------------------------------------------------------------------------- params
@@ -194,6 +195,7 @@ def _train_fold(k: int, ctx: dict) -> dict:
     oof = source.image_probs(res.model, va.row.values, ctx["views"], desc=f"{desc} oof")
     tst = PixelSource(test.array, cfg, ctx["device"]).image_probs(
         res.model, np.arange(len(test.samples)), ctx["views"], desc=f"{desc} test")
+    _write_attention(k, ctx, source.attention(res.model, va.row.values))
     mark = _write_fold(k, ctx, oof, tst, {
         "weights_source": model.backbone.weights_source, "trainable_params": n_trainable,
         **_fit_record(res, tr), "seed": seed})
@@ -229,6 +231,20 @@ def _fit_line(res, mark: dict) -> str:
     warn = f"\n  WARNING: collapsed model: {mark['collapsed']}" if mark.get("collapsed") else ""
     return (f"{res.epochs} epochs, {how}; OOF macro F1 {mark['macro_f1']:.3f} (TTA), "
             f"{res.seconds:.0f} s{warn}")
+
+
+def _write_attention(k: int, ctx: dict, weights: np.ndarray | None) -> None:
+    """An attention head's weights over each OOF image's patches (``id`` view), for the
+    report: ``fold_k/attention.csv`` with ``sample_index,patch,weight``."""
+    if weights is None:  # a patch head: no weights, and none left from an earlier run
+        (ctx["out"] / f"fold_{k}" / "attention.csv").unlink(missing_ok=True)
+        return
+    va = ctx["folds"][ctx["folds"].fold == k]
+    n, n_patches = weights.shape
+    frame = pd.DataFrame({"sample_index": np.repeat(va.sample_index.values, n_patches),
+                          "patch": np.tile(np.arange(n_patches), n),
+                          "weight": weights.reshape(-1)})
+    atomic_write_csv(ctx["out"] / f"fold_{k}" / "attention.csv", frame, FLOAT_FORMAT)
 
 
 def _write_fold(k: int, ctx: dict, oof: dict, tst: dict, record: dict) -> dict:
@@ -297,7 +313,7 @@ def _feature_folds(pending: list[int], ctx: dict) -> dict[int, dict]:
     """Folds ``pending`` with the head trained on cached embeddings (:func:`kit.features.
     features_cv`), written exactly like pixel-trained folds (model.pt included)."""
     from kit import features
-    from kit.heads import PatchClassifier
+    from kit.heads import PatchClassifier, is_mil
     from kit.train import recalibrate_random, save_checkpoint
 
     cfg, out = ctx["cfg"], ctx["out"]
@@ -340,6 +356,8 @@ def _feature_folds(pending: list[int], ctx: dict) -> dict[int, dict]:
             ctx["printed"] = True
         tr = ctx["folds"][ctx["folds"].fold != k]
         record = _fit_record(fit, tr)
+        _write_attention(k, ctx, features.attention_weights(fit.head, fcv.x[
+            features._rows(va.row)]) if is_mil(fit.head) else None)
         save_checkpoint(PatchClassifier(bb, fit.head), out / f"fold_{k}" / "model.pt", full,
                         {"backbone": ctx["backbone"], "fold": k, "config_hash": ctx["hash"],
                          "training_path": "feature_cache", "best_epoch": fit.best_epoch,
@@ -393,6 +411,13 @@ def _assemble(ctx: dict, marks: dict[int, dict]) -> dict:
         atomic_write_csv(tta_dir / f"oof_{v}.csv", oof_view[v], FLOAT_FORMAT)
         atomic_write_csv(tta_dir / f"test_{v}.csv", test_view[v], FLOAT_FORMAT)
     atomic_write_csv(out / "oof.csv", oof_main, FLOAT_FORMAT)
+    attention = [out / f"fold_{k}" / "attention.csv" for k in range(n_folds)]
+    if all(p.exists() for p in attention):
+        atomic_write_csv(out / "attention.csv",
+                         pd.concat([_read_probs(p) for p in attention], ignore_index=True),
+                         FLOAT_FORMAT)
+    else:
+        (out / "attention.csv").unlink(missing_ok=True)
     atomic_write_csv(out / "test.csv", test_main, FLOAT_FORMAT)
 
     y = oof_main.label.to_numpy()

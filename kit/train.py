@@ -676,6 +676,20 @@ class PixelSource:
         bb.train(was_training)
         return torch.cat(out)
 
+    def attention(self, model: nn.Module, rows) -> np.ndarray | None:
+        """An attention model's weights ``n x K`` over the patches of ``rows`` (``id`` view);
+        None for a patch head."""
+        from kit.heads import is_mil
+
+        if not is_mil(model):
+            return None
+        rows = np.asarray(rows, np.int64)
+        k = int(self.array.shape[1])
+        feats = self.features(model, rows, max_patches=len(rows) * k)
+        with torch.no_grad():
+            model.head.eval()
+            return model.head.attention(feats.reshape(len(rows), k, -1)).float().cpu().numpy()
+
     def image_probs(self, model: nn.Module, rows, views=("id",), desc: str = "predict"):
         """Image probabilities of ``rows`` per view (patch probabilities aggregated)."""
         cfg = self.cfg

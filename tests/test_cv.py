@@ -445,7 +445,18 @@ def test_attention_pooling_runs_on_both_paths(tmp_path):
     assert metrics["training_path"] == "feature_cache" and metrics["aggregate"] == "attention"
     oof = _csv(paths.backbone_dir(BB) / "oof.csv")
     np.testing.assert_allclose(oof[PROB_COLUMNS].sum(axis=1), 1.0, atol=1e-5)
+
+    def attention_sums():
+        att = _csv(paths.backbone_dir(BB) / "attention.csv")
+        assert set(att.sample_index) == set(oof.sample_index)
+        assert att.groupby("sample_index").patch.count().eq(4).all()  # K = 4
+        return att.groupby("sample_index").weight.sum().to_numpy()
+
+    np.testing.assert_allclose(attention_sums(), 1.0, atol=1e-4)
     pixels = _run(paths, cfg={**CFG, "epochs": 2, "head": {"pool": "attention"}}, restart=True)
     assert pixels["training_path"] == "pixels" and pixels["aggregate"] == "attention"
     test = _csv(paths.backbone_dir(BB) / "test.csv")
     np.testing.assert_allclose(test[PROB_COLUMNS].sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(attention_sums(), 1.0, atol=1e-4)
+    _run(paths, cfg=CFG)  # a patch head retrains every fold: no attention file left behind
+    assert not (paths.backbone_dir(BB) / "attention.csv").exists()
