@@ -351,4 +351,5 @@ def test_command_prints_counts_and_review_path(cleaned, tmp_path, capsys):
     assert code == 0
     assert re.search(r"cartoon\s+3", out) and re.search(r"green\s+0", out)  # 0.5: no stain that big
     assert "review.html" in out
+    assert "near-duplicate groups: 3 (6 training images" in out and "near_duplicates.csv" in out
     assert main(["clean", "--data", str(tmp_path / "nowhere"), "--workdir", str(tmp_path)]) == 2

@@ -6,7 +6,8 @@ from kit.paths import Paths
 
 def add_arguments(parser):
     parser.add_argument("--skip-bad", action="store_true",
-                        help="drop samples with problems (with a warning) instead of failing")
+                        help="drop the samples and train_labels.csv rows with problems (one "
+                             "warning line each) instead of failing")
     parser.add_argument("--green-share", type=float, default=None, metavar="F",
                         help="flag an image when saturated-green pixels cover more than this "
                              "share of it (default 0.001 = 0.1%%)")
@@ -20,8 +21,11 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    import pandas as pd
+
     from kit import clean
     from kit.data import load_dataset
+    from kit.neardup import near_duplicates_csv
 
     cfg = {"green": {"min_share": args.green_share},
            "cartoon": {"strict": args.cartoon_strict, "paired": args.cartoon_paired},
@@ -39,7 +43,12 @@ def run(args) -> int:
         kept = len(clean.clean_train_samples(dataset, paths))
         print(f"overrides: {len(overrides)} row(s) in {paths.overrides_csv} -> "
               f"{kept} training images kept")
+    near = pd.read_csv(near_duplicates_csv(paths))
+    print(f"near-duplicate groups: {near['group'].nunique()} "
+          f"({int((near['split'] == 'train').sum())} training images; folds keeps each group "
+          "in one fold)")
     print(f"outliers -> {paths.outliers_csv}")
+    print(f"near-dup -> {near_duplicates_csv(paths)}")
     print(f"review   -> {paths.clean_dir / 'review.html'}")
     return 0
 

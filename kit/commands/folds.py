@@ -12,7 +12,8 @@ def add_arguments(parser):
                         help="overwrite an existing folds/folds.csv that holds a different split "
                              "(out-of-fold predictions made with the old one become invalid)")
     parser.add_argument("--skip-bad", action="store_true",
-                        help="drop samples with problems (with a warning) instead of failing")
+                        help="drop the samples and train_labels.csv rows with problems (one "
+                             "warning line each) instead of failing")
 
 
 def run(args) -> int:

@@ -8,7 +8,8 @@ from kit.data import load_dataset
 
 def add_arguments(parser):
     parser.add_argument("--skip-bad", action="store_true",
-                        help="drop samples with problems (with a warning) instead of failing")
+                        help="drop the samples and train_labels.csv rows with problems (one "
+                             "warning line each) instead of failing")
 
 
 def run(args) -> int:
