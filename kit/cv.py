@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,32 @@ FLOAT_FORMAT = "%.7g"
 _NOT_HASHED = ("num_workers", "eval_batch_size")
 _ASSEMBLED = ("oof.csv", "test.csv", "metrics.json", "confusion.png", "config.yaml",
               "attention.csv")
+
+
+# --------------------------------------------------------------------------- one run
+@dataclass
+class CVRun:
+    """Everything the fold trainers and the assembly share about one ``cv`` run."""
+
+    paths: Paths
+    backbone: str
+    weights: object  # "auto" | "random" | a path
+    seed: int
+    cfg: dict  # resolved train.yaml (+ augment)
+    views: tuple  # test-time views
+    folds: pd.DataFrame  # folds.csv + row (patch cache row) + y (class index)
+    folds_sha: str
+    train: object  # kit.patches.PatchSet
+    test: object
+    out: Path  # runs/<backbone>/
+    keys: dict  # patch cache keys
+    n_folds: int
+    device: object  # torch.device
+    params_desc: str
+    params_source: dict | None
+    training_path: str  # pixels | feature_cache
+    hash: str  # config_hash: what a fold's outputs depend on
+    printed: bool = False  # the trainable-parameter line, once per run
 
 
 # --------------------------------------------------------------------------- params
@@ -166,35 +193,35 @@ def _full_checkpoint(cfg: dict, weights_source) -> bool:
         cfg["checkpoint"] == "auto" and str(weights_source).startswith("random"))
 
 
-def _train_fold(k: int, ctx: dict) -> dict:
+def _train_fold(k: int, ctx: CVRun) -> dict:
     """Train fold ``k`` on pixels, write its outputs and finally its ``done.json``."""
     from kit.features import fold_groups
     from kit.train import PixelSource, build_model, fit_fold, recalibrate_random
     from kit.utils import seed_everything
 
-    folds, train, test, cfg = ctx["folds"], ctx["train"], ctx["test"], ctx["cfg"]
-    fold_dir = ctx["out"] / f"fold_{k}"
+    folds, train, test, cfg = ctx.folds, ctx.train, ctx.test, ctx.cfg
+    fold_dir = ctx.out / f"fold_{k}"
     (fold_dir / "done.json").unlink(missing_ok=True)  # not done until its outputs are rewritten
     tr, va = folds[folds.fold != k], folds[folds.fold == k]
-    seed = ctx["seed"] + k
+    seed = ctx.seed + k
     seed_everything(seed)
-    model, n_trainable = build_model(ctx["backbone"], cfg, ctx["weights"],
+    model, n_trainable = build_model(ctx.backbone, cfg, ctx.weights,
                                      patch_size=int(train.array.shape[2]))
-    recalibrate_random(model.backbone, cfg, train.array, tr.row.values, ctx["device"])
-    if not ctx.get("printed"):
-        print(f"{ctx['backbone']}: {n_trainable:,} trainable parameters "
+    recalibrate_random(model.backbone, cfg, train.array, tr.row.values, ctx.device)
+    if not ctx.printed:
+        print(f"{ctx.backbone}: {n_trainable:,} trainable parameters "
               f"(weights: {model.backbone.weights_source})")
-        ctx["printed"] = True
+        ctx.printed = True
     full = _full_checkpoint(cfg, model.backbone.weights_source)
-    desc = f"{ctx['backbone']} fold {k}"
+    desc = f"{ctx.backbone} fold {k}"
     res = fit_fold(model, train.array, tr.row.values, tr.y.values, va.row.values, va.y.values,
-                   cfg, seed=seed, device=ctx["device"], ckpt_path=fold_dir / "model.pt",
+                   cfg, seed=seed, device=ctx.device, ckpt_path=fold_dir / "model.pt",
                    full_checkpoint=full, desc=desc, groups=fold_groups(tr),
-                   meta={"backbone": ctx["backbone"], "fold": k, "config_hash": ctx["hash"]})
-    source = PixelSource(train.array, cfg, ctx["device"])
-    oof = source.image_probs(res.model, va.row.values, ctx["views"], desc=f"{desc} oof")
-    tst = PixelSource(test.array, cfg, ctx["device"]).image_probs(
-        res.model, np.arange(len(test.samples)), ctx["views"], desc=f"{desc} test")
+                   meta={"backbone": ctx.backbone, "fold": k, "config_hash": ctx.hash})
+    source = PixelSource(train.array, cfg, ctx.device)
+    oof = source.image_probs(res.model, va.row.values, ctx.views, desc=f"{desc} oof")
+    tst = PixelSource(test.array, cfg, ctx.device).image_probs(
+        res.model, np.arange(len(test.samples)), ctx.views, desc=f"{desc} test")
     _write_attention(k, ctx, source.attention(res.model, va.row.values))
     mark = _write_fold(k, ctx, oof, tst, {
         "weights_source": model.backbone.weights_source, "trainable_params": n_trainable,
@@ -233,51 +260,51 @@ def _fit_line(res, mark: dict) -> str:
             f"{res.seconds:.0f} s{warn}")
 
 
-def _write_attention(k: int, ctx: dict, weights: np.ndarray | None) -> None:
+def _write_attention(k: int, ctx: CVRun, weights: np.ndarray | None) -> None:
     """An attention head's weights over each OOF image's patches (``id`` view), for the
     report: ``fold_k/attention.csv`` with ``sample_index,patch,weight``."""
     if weights is None:  # a patch head: no weights, and none left from an earlier run
-        (ctx["out"] / f"fold_{k}" / "attention.csv").unlink(missing_ok=True)
+        (ctx.out / f"fold_{k}" / "attention.csv").unlink(missing_ok=True)
         return
-    va = ctx["folds"][ctx["folds"].fold == k]
+    va = ctx.folds[ctx.folds.fold == k]
     n, n_patches = weights.shape
     frame = pd.DataFrame({"sample_index": np.repeat(va.sample_index.values, n_patches),
                           "patch": np.tile(np.arange(n_patches), n),
                           "weight": weights.reshape(-1)})
-    atomic_write_csv(ctx["out"] / f"fold_{k}" / "attention.csv", frame, FLOAT_FORMAT)
+    atomic_write_csv(ctx.out / f"fold_{k}" / "attention.csv", frame, FLOAT_FORMAT)
 
 
-def _write_fold(k: int, ctx: dict, oof: dict, tst: dict, record: dict) -> dict:
+def _write_fold(k: int, ctx: CVRun, oof: dict, tst: dict, record: dict) -> dict:
     """Write fold ``k``'s per-view and TTA-mean image probabilities, then ``done.json`` (last).
 
     ``oof``/``tst`` map each view to ``n x C`` probabilities of the fold's validation images
     (folds-file order) and of the test images; ``record`` is how the fold was trained. Both
     training paths end here, so their fold files cannot differ in format.
     """
-    folds, test = ctx["folds"], ctx["test"]
-    fold_dir = ctx["out"] / f"fold_{k}"
+    folds, test = ctx.folds, ctx.test
+    fold_dir = ctx.out / f"fold_{k}"
     tr, va = folds[folds.fold != k], folds[folds.fold == k]
     front = {"fold": k, "label": va.label.values}
-    for v in ctx["views"]:
+    for v in ctx.views:
         atomic_write_csv(fold_dir / "tta" / f"oof_{v}.csv",
                          prob_frame(va.sample_index, oof[v], **front), FLOAT_FORMAT)
         atomic_write_csv(fold_dir / "tta" / f"test_{v}.csv",
                          prob_frame(test.samples.sample_index, tst[v]), FLOAT_FORMAT)
-    oof_mean = np.mean([oof[v] for v in ctx["views"]], axis=0)
-    test_mean = np.mean([tst[v] for v in ctx["views"]], axis=0)
+    oof_mean = np.mean([oof[v] for v in ctx.views], axis=0)
+    test_mean = np.mean([tst[v] for v in ctx.views], axis=0)
     atomic_write_csv(fold_dir / "oof.csv", prob_frame(va.sample_index, oof_mean, **front),
                      FLOAT_FORMAT)
     atomic_write_csv(fold_dir / "test.csv", prob_frame(test.samples.sample_index, test_mean),
                      FLOAT_FORMAT)
     mark = {
-        "fold": k, "config_hash": ctx["hash"], "folds_sha256": ctx["folds_sha"],
-        "patch_keys": ctx["keys"], "backbone": ctx["backbone"],
-        "training_path": ctx["training_path"], "views": list(ctx["views"]), **record,
+        "fold": k, "config_hash": ctx.hash, "folds_sha256": ctx.folds_sha,
+        "patch_keys": ctx.keys, "backbone": ctx.backbone,
+        "training_path": ctx.training_path, "views": list(ctx.views), **record,
         "macro_f1": macro_f1(va.y.values, oof_mean),
         "weighted_f1": weighted_f1(va.y.values, oof_mean),
         "collapsed": collapse_reason(va.y.values, oof_mean),
         "train_samples": tr.sample_index.tolist(), "val_samples": va.sample_index.tolist(),
-        "device": str(ctx["device"]),
+        "device": str(ctx.device),
     }
     atomic_write_json(fold_dir / "done.json", mark)
     return mark
@@ -309,24 +336,24 @@ def pixel_augment_not_applied(cfg: dict) -> dict:
     return out
 
 
-def _feature_folds(pending: list[int], ctx: dict) -> dict[int, dict]:
+def _feature_folds(pending: list[int], ctx: CVRun) -> dict[int, dict]:
     """Folds ``pending`` with the head trained on cached embeddings (:func:`kit.features.
     features_cv`), written exactly like pixel-trained folds (model.pt included)."""
     from kit import features
     from kit.heads import PatchClassifier, is_mil
     from kit.train import recalibrate_random, save_checkpoint
 
-    cfg, out = ctx["cfg"], ctx["out"]
+    cfg, out = ctx.cfg, ctx.out
     for k in pending:  # not done until their outputs are rewritten
         (out / f"fold_{k}" / "done.json").unlink(missing_ok=True)
-    bb = features.frozen_backbone(ctx["backbone"], cfg, ctx["weights"], ctx["seed"],
-                                  patch_size=int(ctx["train"].array.shape[2]))
+    bb = features.frozen_backbone(ctx.backbone, cfg, ctx.weights, ctx.seed,
+                                  patch_size=int(ctx.train.array.shape[2]))
     if int(cfg.get("input_size") or 0) > 0:
         bb.input_size = int(cfg["input_size"])  # as build_model: the embeddings use it too
     # All training images (pixels, no labels) so that every fold shares one cache, as tune's.
-    recalibrate_random(bb, cfg, ctx["train"].array, None, ctx["device"])
+    recalibrate_random(bb, cfg, ctx.train.array, None, ctx.device)
     try:
-        fcv = features.prepare(bb, ctx["paths"], cfg=cfg, seed=ctx["seed"], device=ctx["device"])
+        fcv = features.prepare(bb, ctx.paths, cfg=cfg, seed=ctx.seed, device=ctx.device)
     except RuntimeError as exc:  # torch.OutOfMemoryError is one
         from kit.train import _is_oom
 
@@ -334,7 +361,7 @@ def _feature_folds(pending: list[int], ctx: dict) -> dict[int, dict]:
             raise
         size = load_config("features")["batch_size"]
         raise KitError(f"out of memory while embedding patches for the feature cache, {size} "
-                       f"patches a batch on {ctx['device']}; lower batch_size in "
+                       f"patches a batch on {ctx.device}; lower batch_size in "
                        "kit/conf/features.yaml (finished folds are kept)")
     full = _full_checkpoint(cfg, bb.weights_source)
     info = {"views": list(fcv.train.views), "train_dir": str(fcv.train.path),
@@ -344,31 +371,31 @@ def _feature_folds(pending: list[int], ctx: dict) -> dict[int, dict]:
     marks = {}
 
     def write(k: int, pred) -> None:
-        va = ctx["folds"][ctx["folds"].fold == k]
+        va = ctx.folds[ctx.folds.fold == k]
         if list(pred.sample_index) != list(va.sample_index):
-            raise KitError(f"{fcv.train.path}: fold {k} rows do not match {ctx['paths'].folds_csv}"
+            raise KitError(f"{fcv.train.path}: fold {k} rows do not match {ctx.paths.folds_csv}"
                            "; rerun with --restart")  # cannot happen: both read load_folds
-        fit, desc = pred.fit, f"{ctx['backbone']} fold {k}"
+        fit, desc = pred.fit, f"{ctx.backbone} fold {k}"
         n_trainable = sum(p.numel() for p in fit.head.parameters())
-        if not ctx.get("printed"):
-            print(f"{ctx['backbone']}: {n_trainable:,} trainable parameters, the head only "
+        if not ctx.printed:
+            print(f"{ctx.backbone}: {n_trainable:,} trainable parameters, the head only "
                   f"(weights: {bb.weights_source})")
-            ctx["printed"] = True
-        tr = ctx["folds"][ctx["folds"].fold != k]
+            ctx.printed = True
+        tr = ctx.folds[ctx.folds.fold != k]
         record = _fit_record(fit, tr)
         _write_attention(k, ctx, features.attention_weights(fit.head, fcv.x[
             features._rows(va.row)]) if is_mil(fit.head) else None)
         save_checkpoint(PatchClassifier(bb, fit.head), out / f"fold_{k}" / "model.pt", full,
-                        {"backbone": ctx["backbone"], "fold": k, "config_hash": ctx["hash"],
+                        {"backbone": ctx.backbone, "fold": k, "config_hash": ctx.hash,
                          "training_path": "feature_cache", "best_epoch": fit.best_epoch,
                          "best_macro_f1": record["val_macro_f1"],
                          "selection": record["selection"]})
         marks[k] = _write_fold(k, ctx, pred.per_view, pred.test_per_view, {
             "weights_source": bb.weights_source, "trainable_params": n_trainable,
-            **record, "seed": ctx["seed"] + k, "feature_cache": info})
+            **record, "seed": ctx.seed + k, "feature_cache": info})
         print(f"{desc}: {_fit_line(fit, marks[k])} (head on cached embeddings)")
 
-    features.features_cv(fcv, ctx["paths"], folds=pending, on_fold=write)
+    features.features_cv(fcv, ctx.paths, folds=pending, on_fold=write)
     return marks
 
 
@@ -377,9 +404,9 @@ def _read_probs(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"sample_index": str, "label": str}, keep_default_na=False)
 
 
-def _assemble(ctx: dict, marks: dict[int, dict]) -> dict:
+def _assemble(ctx: CVRun, marks: dict[int, dict]) -> dict:
     """Fold outputs -> ``oof.csv``, ``test.csv``, ``tta/``, ``metrics.json`` (last)."""
-    out, folds, views, n_folds = ctx["out"], ctx["folds"], ctx["views"], ctx["n_folds"]
+    out, folds, views, n_folds = ctx.out, ctx.folds, ctx.views, ctx.n_folds
     oof_view, test_view = {}, {}
     for v in views:
         parts = [_read_probs(out / f"fold_{k}" / "tta" / f"oof_{v}.csv") for k in range(n_folds)]
@@ -388,7 +415,7 @@ def _assemble(ctx: dict, marks: dict[int, dict]) -> dict:
         if len(oof) != len(folds) or set(oof.sample_index) != set(folds.sample_index) \
                 or counts.max() != 1:
             raise KitError(f"{out}: fold predictions do not cover every image of "
-                           f"{ctx['paths'].folds_csv} exactly once; rerun with --restart")
+                           f"{ctx.paths.folds_csv} exactly once; rerun with --restart")
         oof_view[v] = oof.set_index("sample_index").loc[folds.sample_index].reset_index()
         tests = [_read_probs(out / f"fold_{k}" / "tta" / f"test_{v}.csv") for k in range(n_folds)]
         ids = tests[0].sample_index
@@ -431,38 +458,38 @@ def _assemble(ctx: dict, marks: dict[int, dict]) -> dict:
                          "val_macro_f1_id": m["val_macro_f1"], "best_epoch": m["best_epoch"],
                          "epochs": m["epochs"], "seconds": m["seconds"],
                          "collapsed": collapse_reason(y[sel], probs[sel])})
-    cfg_record = {"backbone": ctx["backbone"], "weights": str(ctx["weights"]), "seed": ctx["seed"],
-                  "params": ctx["params_desc"], "training_path": ctx["training_path"],
-                  **ctx["cfg"]}
+    cfg_record = {"backbone": ctx.backbone, "weights": str(ctx.weights), "seed": ctx.seed,
+                  "params": ctx.params_desc, "training_path": ctx.training_path,
+                  **ctx.cfg}
     metrics = {
-        "backbone": ctx["backbone"], "oof_macro_f1": summary["macro_f1"],
+        "backbone": ctx.backbone, "oof_macro_f1": summary["macro_f1"],
         "oof_weighted_f1": summary["weighted_f1"], "oof_accuracy": summary["accuracy"],
         "per_fold": per_fold, "per_class": summary["per_class"],
         "confusion": summary["confusion"], "classes": list(CLASSES),
         "per_view_macro_f1": {v: macro_f1(y, oof_view[v][PROB_COLUMNS].to_numpy())
                               for v in views},
-        "views": list(views), "aggregate": ctx["cfg"]["head"]["pool"],
+        "views": list(views), "aggregate": ctx.cfg["head"]["pool"],
         "n_oof": len(oof_main), "n_test": len(test_main),
-        "folds_sha256": ctx["folds_sha"], "patch_keys": ctx["keys"],
-        "config_hash": ctx["hash"], "config": cfg_record,
+        "folds_sha256": ctx.folds_sha, "patch_keys": ctx.keys,
+        "config_hash": ctx.hash, "config": cfg_record,
         "weights_source": marks[0]["weights_source"],
         "trainable_params": marks[0]["trainable_params"],
         "seconds": round(sum(m["seconds"] for m in marks.values()), 1),
-        "training_path": ctx["training_path"],
-        "selection": _selection(ctx["cfg"]),
+        "training_path": ctx.training_path,
+        "selection": _selection(ctx.cfg),
         # Folds whose model predicts (nearly) one class or does no better than the majority
         # class: flagged here, in the run output, the report and the blend.
         "collapsed_folds": [f["fold"] for f in per_fold if f["collapsed"]],
         "collapsed": collapse_reason(y, probs),
-        # How the parameters were chosen (kit.cv.run_cv fills ctx["params_source"]).
-        "params_source": ctx.get("params_source", {"description": ctx["params_desc"]}),
+        # How the parameters were chosen (kit.cv.run_cv fills ctx.params_source).
+        "params_source": ctx.params_source or {"description": ctx.params_desc},
         "versions": package_versions(),
     }
-    if ctx["training_path"] == "feature_cache":
+    if ctx.training_path == "feature_cache":
         metrics["feature_cache"] = {**marks[0].get("feature_cache", {}),
-                                    "not_applied": pixel_augment_not_applied(ctx["cfg"])}
+                                    "not_applied": pixel_augment_not_applied(ctx.cfg)}
     plot_confusion(summary["confusion"], CLASSES, out / "confusion.png",
-                   title=f"{ctx['backbone']} OOF, macro F1 {summary['macro_f1']:.3f}")
+                   title=f"{ctx.backbone} OOF, macro F1 {summary['macro_f1']:.3f}")
     write_config(out / "config.yaml", cfg_record)
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
@@ -543,14 +570,13 @@ def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
     path = training_path(cfg, feature_cache)
     dtype = load_config("features")["dtype"] if path == "feature_cache" else None
     dev = pick_device(device)
-    ctx = dict(paths=paths, backbone=backbone, weights=weights, seed=int(seed), cfg=cfg,
-               views=views, folds=folds, folds_sha=folds_sha, train=train, test=test, out=out,
-               keys=keys, n_folds=n_folds, device=dev, params_desc=params_desc,
-               params_source=params_source,
-               training_path=path, hash=config_hash(backbone, weights, seed, cfg, keys, path,
-                                                    dtype, dev.type))
+    ctx = CVRun(paths=paths, backbone=backbone, weights=weights, seed=int(seed), cfg=cfg,
+                views=views, folds=folds, folds_sha=folds_sha, train=train, test=test, out=out,
+                keys=keys, n_folds=n_folds, device=dev, params_desc=params_desc,
+                params_source=params_source, training_path=path,
+                hash=config_hash(backbone, weights, seed, cfg, keys, path, dtype, dev.type))
     print(f"{backbone}: {n_folds} folds, {len(folds)} training images, {len(test.samples)} "
-          f"test images, device {ctx['device']}, params: {params_desc}")
+          f"test images, device {ctx.device}, params: {params_desc}")
     if cfg["head"].get("pool") == "attention" and path == "pixels" and \
             float(cfg["augment"].get("cutmix_alpha") or 0) > 0:
         print(f"{backbone}: head.pool attention trains on whole images: CutMix (which mixes "
@@ -563,7 +589,7 @@ def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
     todo = []
     for k in ([int(fold)] if fold is not None else range(n_folds)):
         mark = marks.get(k)
-        if mark is not None and mark.get("config_hash") == ctx["hash"]:
+        if mark is not None and mark.get("config_hash") == ctx.hash:
             print(f"{backbone} fold {k}: done earlier (macro F1 {mark['macro_f1']:.3f}), skipped")
             continue
         if mark is not None:
@@ -575,7 +601,7 @@ def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
         for k in todo:
             marks[k] = _train_fold(k, ctx)
     pending = [k for k in range(n_folds)
-               if k not in marks or marks[k].get("config_hash") != ctx["hash"]]
+               if k not in marks or marks[k].get("config_hash") != ctx.hash]
     if pending:
         names = ", ".join(map(str, pending))
         print(f"{backbone}: fold(s) {names} not done with this config yet; outputs assemble "

@@ -706,10 +706,10 @@ def fit(model: nn.Module, source, train_rows, train_y, cfg: dict, *, val_rows=No
         desc: str = "train") -> FoldResult:
     """The kit's one training loop: train ``model`` on ``train_rows`` of ``source``.
 
-    How the epoch is chosen follows ``cfg["early_stopping"]`` (:data:`EARLY_STOPPING`):
     A head that standardises its inputs (:class:`kit.heads.Standardize`) gets its statistics
-    from the features of all ``train_rows`` first. ``inner`` stops early on an inner split of ``train_rows`` (:func:`inner_split`, from
-    ``groups`` and ``seed``) and keeps its best epoch; ``refit`` then retrains from the same
+    from the features of all ``train_rows`` first (no labels). How the epoch is chosen
+    follows ``cfg["early_stopping"]`` (:data:`EARLY_STOPPING`): ``inner`` stops early on an
+    inner split of ``train_rows`` (:func:`inner_split`, from ``groups`` and ``seed``) and keeps its best epoch; ``refit`` then retrains from the same
     initial weights on all of ``train_rows`` for that many epochs; ``none`` trains
     ``cfg["epochs"]`` and keeps the last; ``oof`` stops early on ``val_rows`` (optimistic
     when those rows are then scored). Only ``oof`` reads ``val_rows``/``val_y``.
