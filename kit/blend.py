@@ -160,7 +160,28 @@ def _read_metrics(paths: Paths, name: str, folds_sha: str, files: dict) -> dict:
             "oof_macro_f1": metrics.get("oof_macro_f1"), "folds_sha256": recorded,
             "training_path": metrics.get("training_path"),
             "selection": metrics.get("selection"), "params_source": metrics.get("params_source"),
-            **provenance(metrics)}
+            "collapsed": _collapse_note(metrics), **provenance(metrics)}
+
+
+def _collapse_note(metrics: dict) -> str | None:
+    """The collapse guard's verdict on a backbone (``metrics.json``), in words, or None."""
+    folds = metrics.get("collapsed_folds") or []
+    if metrics.get("collapsed"):
+        return f"its OOF predictions look collapsed: {metrics['collapsed']}"
+    if folds:
+        return f"fold(s) {', '.join(map(str, folds))} collapsed (one class, or no better than " \
+               "the majority class)"
+    return None
+
+
+def collapse_warnings(weights: dict[str, float], meta: dict[str, dict]) -> list[str]:
+    """One warning per backbone whose collapsed model(s) got blend weight."""
+    out = []
+    for bb, m in meta.items():
+        got = sum(w for name, w in weights.items() if name.split("/")[0] == bb)
+        if m.get("collapsed") and got > 0:
+            out.append(f"WARNING: {bb} gets weight {got:.3f} but {m['collapsed']}")
+    return out
 
 
 EPOCH_WORDS = {"inner": "early stopping on an inner split of the training folds",
@@ -679,6 +700,7 @@ def format_summary(result: BlendResult) -> str:
         f"class biases (log p): {biases}",
     ]
     lines += expected_lines(result.expected, in_sample["macro_f1"])
+    lines += collapse_warnings(result.weights, ins.meta)
     if result.cfg.get("biases", True) and gain_nested < 0:
         lines.append("note: the class biases lower the nested score here (too few images to "
                      "tune them?); consider 'biases: false' in a --config file")

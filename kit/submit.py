@@ -494,7 +494,10 @@ def _report_score(record: dict, manifest: dict | None, echo) -> None:
     in_sample = scores.get("in_sample", {}).get("macro_f1")
     line = f"public score {record['public_score']:.4f}"
     if nested is not None:
-        line += f" | nested CV macro F1 {nested:.4f} (the kit's estimate)"
+        optimistic = ((manifest or {}).get("expected_score") or {}).get("honest") is False
+        what = ("OPTIMISTIC: an input chose something on its own OOF rows" if optimistic
+                else "the kit's estimate")
+        line += f" | nested CV macro F1 {nested:.4f} ({what})"
     if in_sample is not None:
         line += f" | in-sample {in_sample:.4f}"
     echo(line)

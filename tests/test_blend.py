@@ -349,3 +349,19 @@ def test_inputs_from_an_older_cv_are_unknown_hence_optimistic(workdir):
     from kit.blend import format_summary
 
     assert "OPTIMISTIC" in format_summary(res)
+
+
+def test_a_collapsed_input_with_weight_is_warned_about(workdir, capsys):
+    paths, data = workdir
+    args = ["blend", "--data", str(data), "--workdir", str(paths.root)]
+    assert main(args) == 0
+    assert "WARNING" not in capsys.readouterr().out
+    weights = json.loads((paths.runs_dir / "blend" / "blend.json").read_text())["weights"]
+    heavy = max(weights, key=weights.get).split("/")[0]
+    metrics_path = paths.backbone_dir(heavy) / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics.update(collapsed_folds=[2], collapsed=None)
+    metrics_path.write_text(json.dumps(metrics))
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"WARNING: {heavy} gets weight" in out and "fold(s) 2 collapsed" in out

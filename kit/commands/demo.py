@@ -99,6 +99,9 @@ def _blend(paths: Paths, data, seed: int) -> None:
                         if m.get("oof_macro_f1") is not None)
     print(f"blend          -> {result.csv_path} ({len(result.test_labels)} rows, validated), "
           f"{result.manifest_path.name}, {result.latest_csv}")
-    print(f"                  macro F1 nested {s['nested']['macro_f1']:.4f} (expected score), "
+    label = "expected score" if result.expected["honest"] else \
+        "OPTIMISTIC: " + "; ".join(f"{bb}: {', '.join(why)}"
+                                   for bb, why in result.expected["why"].items())
+    print(f"                  macro F1 nested {s['nested']['macro_f1']:.4f} ({label}), "
           f"in-sample {s['in_sample']['macro_f1']:.4f} (optimistic); single backbones' OOF: "
           f"{singles}")
