@@ -160,10 +160,10 @@ def _read_metrics(paths: Paths, name: str, folds_sha: str, files: dict) -> dict:
             "oof_macro_f1": metrics.get("oof_macro_f1"), "folds_sha256": recorded,
             "training_path": metrics.get("training_path"),
             "selection": metrics.get("selection"), "params_source": metrics.get("params_source"),
-            "collapsed": _collapse_note(metrics), **provenance(metrics)}
+            "collapsed": collapse_note(metrics), **provenance(metrics)}
 
 
-def _collapse_note(metrics: dict) -> str | None:
+def collapse_note(metrics: dict) -> str | None:
     """The collapse guard's verdict on a backbone (``metrics.json``), in words, or None."""
     folds = metrics.get("collapsed_folds") or []
     if metrics.get("collapsed"):

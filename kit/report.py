@@ -45,6 +45,7 @@ def run_report(paths: Paths, data, cfg: dict | None = None) -> Path:
     sections = [
         ("data", "Data", lambda: data_section(paths, data, cfg)),
         ("cv", "Cross-validation", lambda: cv_section(paths)),
+        ("attention", "Attention over patches", lambda: attention_section(paths, cfg)),
         ("tune", "Tuning", lambda: tune_section(paths)),
         ("blend", "Blend", lambda: blend_section(paths)),
         ("calibration", "Reliability of the blended OOF probabilities",
@@ -267,11 +268,67 @@ def cv_section(paths: Paths) -> str:
         class_rows.append([name, *[per_class.get(c, {}).get("f1") for c in CLASSES]])
     per_class = _table(["backbone", *[f"F1 {c}" for c in CLASSES]], class_rows, "num")
     figures = "".join(_confusion_figure(paths, name, m) for name, m in metrics.items())
-    return (f"<h3>Macro F1, out of fold</h3>{scores}"
+    return (f"<h3>Macro F1, out of fold</h3>{scores}{collapse_notes(metrics)}"
             f"<h3>Where each OOF score comes from</h3>{provenance_table(metrics)}"
             f"<h3>Per-class F1</h3>{per_class}"
             f"<h3>Confusion matrices (rows true, columns predicted)</h3>"
             f"<div class=grid>{figures}</div>")
+
+
+def collapse_notes(metrics: dict[str, dict]) -> str:
+    """The collapse guard's flags: backbones whose fold models predict (nearly) one class or
+    do no better than the majority class."""
+    from kit.blend import collapse_note
+
+    notes = [(name, collapse_note(m)) for name, m in metrics.items()]
+    items = "".join(f"<li><b class=warn>collapsed</b> {_e(name)}: {_e(note)}</li>"
+                    for name, note in notes if note)
+    return f"<ul>{items}</ul>" if items else ""
+
+
+def attention_section(paths: Paths, cfg: dict) -> str:
+    """For backbones with an attention head: a few OOF images' patches, each captioned with
+    its attention weight (highest first)."""
+    from kit.patches import load_patches
+
+    found = {name: d / "attention.csv" for name in backbone_metrics(paths)
+             if (d := paths.backbone_dir(name)) and (d / "attention.csv").is_file()}
+    if not found:
+        return ("<p>No backbone with an attention head (<code>head.pool: attention</code> in "
+                "train.yaml, or searched by <code>./run.sh tune</code>).</p>")
+    try:
+        patches = load_patches(paths, "train")
+    except KitError as exc:
+        return f"<p>patch cache unavailable: {_e(exc)}</p>"
+    rows = {s: i for i, s in enumerate(patches.samples.sample_index)}
+    parts = []
+    for name, path in found.items():
+        att = pd.read_csv(path, dtype={"sample_index": str})
+        peak = att.groupby("sample_index").weight.max().sort_values(ascending=False, kind="stable")
+        shown = [s for s in peak.index if s in rows][:int(cfg["attention_images"])]
+        figs = "".join(_img(attention_png(patches.array[rows[s]],
+                                          att[att.sample_index == s].sort_values("patch")
+                                          .weight.to_numpy(), s), alt=s)
+                       for s in shown)
+        parts.append(f"<h3>{_e(name)}</h3><p>{len(shown)} of {att.sample_index.nunique()} OOF "
+                     f"images, most concentrated attention first; weights sum to 1 per image "
+                     f"(uniform = {1 / max(1, att.groupby('sample_index').size().max()):.3f})."
+                     f"</p><div>{figs}</div>")
+    return "".join(parts)
+
+
+def attention_png(patches: np.ndarray, weights: np.ndarray, title: str) -> bytes:
+    """One image's K patches in a row, highest attention first, each titled with its weight."""
+    plt = _pyplot()
+    order = np.argsort(-weights, kind="stable")
+    k = len(order)
+    fig, axes = plt.subplots(1, k, figsize=(1.1 * k, 1.5), squeeze=False)
+    for ax, j in zip(axes[0], order):
+        ax.imshow(patches[j])
+        ax.set_title(f"{weights[j]:.2f}", fontsize=8)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=8)
+    return _fig_png(fig)
 
 
 def _verdict(honest: bool) -> tuple:

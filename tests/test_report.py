@@ -297,3 +297,21 @@ def test_renders_in_headless_chromium(tmp_path):
     assert img[1000:].std() > 10
     if os.environ.get("KIT_KEEP_SCREENSHOT"):  # to look at it by eye
         shutil.copy(shot, os.environ["KIT_KEEP_SCREENSHOT"])
+
+
+def test_attention_patches_and_collapsed_models_are_shown(tmp_path):
+    from cv_data import make_workdir
+    from kit.cv import run_cv
+
+    paths = make_workdir(tmp_path / "w", n_folds=3)
+    run_cv("tiny_cnn", paths, weights="random", seed=0,
+           cfg={"epochs": 2, "batch_size": 32, "train_norm": [], "unfreeze_last": 0,
+                "head": {"pool": "attention"}})
+    metrics_path = paths.backbone_dir("tiny_cnn") / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics["collapsed_folds"] = [1]
+    metrics_path.write_text(json.dumps(metrics))
+    html_text = run_report(paths, tmp_path / "nodata", {"attention_images": 3}).read_text()
+    section = html_text[html_text.index("Attention over patches"):]
+    assert section.count("<img") >= 3 and "most concentrated attention first" in section
+    assert "collapsed</b> tiny_cnn: fold(s) 1 collapsed" in html_text
