@@ -212,20 +212,11 @@ def standardizer(model: nn.Module) -> Standardize | None:
     return next((m for m in model.modules() if isinstance(m, Standardize)), None)
 
 
-class MILClassifier(nn.Module):
+class MILClassifier(PatchClassifier):
     """A backbone and an :class:`AttentionMIL` head: ``forward(x)`` maps whole images,
     ``B x K x C x H x W`` normalised patches, to image logits ``B x classes``."""
 
     is_mil = True
-
-    def __init__(self, backbone: nn.Module, head: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Backbone features of patches, ``N x num_features``."""
-        return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, k = x.shape[:2]
