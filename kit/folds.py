@@ -35,7 +35,10 @@ from kit.neardup import near_duplicates_csv, read_near_duplicates
 from kit.paths import Paths
 from kit.utils import KitError, atomic_write_bytes, check_random_state, sha256_bytes, sha256_file, write_config
 
-COLUMNS = ("sample_index", "label", "fold")
+COLUMNS = ("sample_index", "label", "fold", "group")
+# Written before the group column existed: still read (cv's inner split then keeps each image
+# alone).
+OLD_COLUMNS = ("sample_index", "label", "fold")
 GROUP_COLUMNS = ("sample_index", "group")
 
 
@@ -253,7 +256,9 @@ def run_folds(data, paths: Paths, cfg: dict | None = None, seed: int = 42, force
     ids = [s.sample_index for s in samples]
     folds = assign_folds(ids, [s.label for s in samples], [groups[i] for i in ids],
                          int(cfg["n_splits"]), seed)
-    df = pd.DataFrame({"sample_index": ids, "label": [s.label for s in samples], "fold": folds})
+    # The group travels with the split: cv's inner early-stopping split keeps groups together.
+    df = pd.DataFrame({"sample_index": ids, "label": [s.label for s in samples], "fold": folds,
+                       "group": [groups[i] for i in ids]})
     df = df.sort_values("sample_index", kind="stable").reset_index(drop=True)
 
     content = df.to_csv(index=False, lineterminator="\n").encode()
@@ -388,7 +393,7 @@ def load_folds(paths: Paths) -> tuple[pd.DataFrame, str]:
         df = pd.read_csv(io.BytesIO(content), dtype=str, keep_default_na=False)
     except Exception as exc:  # pandas raises several types for unparsable CSV
         raise KitError(f"{path}: cannot be read as CSV ({exc}); {fix}")
-    if tuple(df.columns) != COLUMNS:
+    if tuple(df.columns) not in (COLUMNS, OLD_COLUMNS):
         raise KitError(f"{path}: columns are {','.join(df.columns)}, expected "
                        f"{','.join(COLUMNS)}; {fix}")
     problems = []

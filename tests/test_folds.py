@@ -227,8 +227,8 @@ def test_build_groups_merges_masks_and_extra_transitively(data):
 def test_run_folds_writes_the_documented_file(data, paths, capsys):
     df = run_folds(data, paths, seed=42)
     text = paths.folds_csv.read_bytes().decode()
-    assert text.startswith("sample_index,label,fold\n") and "\r" not in text
-    written = pd.read_csv(paths.folds_csv, dtype={"sample_index": str})
+    assert text.startswith("sample_index,label,fold,group\n") and "\r" not in text
+    written = pd.read_csv(paths.folds_csv, dtype={"sample_index": str, "group": str})
     pd.testing.assert_frame_equal(written, df)
     assert list(written.sample_index) == sorted(written.sample_index)
     assert set(written.sample_index) == {_name(i) for i in range(N_TRAIN)} - DROPPED
@@ -437,3 +437,16 @@ def test_load_folds_rejects_bad_files(tmp_path, content, expected):
     text = " ".join([str(exc.value), *exc.value.problems])
     assert expected in text and str(paths.folds_csv) in text
     assert "./run.sh folds --force" in text
+
+
+def test_the_group_column_keeps_groups_whole_and_old_files_still_load(data, paths):
+    df = run_folds(data, paths, seed=42)
+    assert (df.groupby("group").fold.nunique() == 1).all()
+    assert df.group.nunique() < len(df)  # the shared-mask pairs share a group
+    loaded, _ = load_folds(paths)
+    assert list(loaded.group) == list(df.group)
+    old = paths.folds_csv.with_name("old.csv")
+    df.drop(columns="group").to_csv(old, index=False, lineterminator="\n")
+    old.replace(paths.folds_csv)
+    loaded, _ = load_folds(paths)
+    assert "group" not in loaded.columns and list(loaded.fold) == list(df.fold)
