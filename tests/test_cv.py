@@ -460,3 +460,22 @@ def test_attention_pooling_runs_on_both_paths(tmp_path):
     np.testing.assert_allclose(attention_sums(), 1.0, atol=1e-4)
     _run(paths, cfg=CFG)  # a patch head retrains every fold: no attention file left behind
     assert not (paths.backbone_dir(BB) / "attention.csv").exists()
+
+
+def test_the_inner_split_keeps_the_folds_files_groups_together(tmp_path):
+    paths = make_workdir(tmp_path / "w", n_train=36, n_folds=3)
+    folds = pd.read_csv(paths.folds_csv, dtype={"sample_index": str})
+    # Pair images of one fold and one class into groups of two.
+    folds["group"] = folds.sample_index
+    for (_, _), part in folds.groupby(["fold", "label"]):
+        names = part.sample_index.tolist()
+        for a, b in zip(names[::2], names[1::2]):
+            folds.loc[folds.sample_index == b, "group"] = a
+    folds.to_csv(paths.folds_csv, index=False, lineterminator="\n")
+    _run(paths, cfg={**CFG, "epochs": 2})
+    group = dict(zip(folds.sample_index, folds.group))
+    for k in range(3):
+        mark = json.loads((paths.backbone_dir(BB) / f"fold_{k}" / "done.json").read_text())
+        stop = set(mark["selection"]["stop_samples"])
+        fit = set(mark["train_samples"]) - stop
+        assert stop and {group[s] for s in stop}.isdisjoint({group[s] for s in fit})
