@@ -15,17 +15,9 @@ each one's repository, architecture, normalisation and embedding):
   token concatenated with the mean of the patch tokens, 2560-d), through timm with the
   architecture arguments of their model cards.
 
-Weights (``weights=``):
-
-- ``"auto"``: pretrained weights from ``$KIT_WEIGHTS_DIR/<name>``, else the Hugging Face
-  cache (or, for timm, torch's hub cache), else a download through the hub client when the
-  network allows. Offline with nothing found: one :class:`KitError` saying where the kit
-  looked and how to fetch the weights -- never a silent random fallback. The tiny test
-  backbones have no pretrained weights, so for them ``auto`` means random.
-- a path: a state-dict file (``.safetensors``, ``.pth``, ``.bin``) or a folder (a
-  ``save_pretrained`` folder for the ViTs; ``model.safetensors`` / ``pytorch_model.bin``
-  for the others).
-- ``"random"``: explicit random initialisation.
+Weights (``weights=``): ``"auto"`` (pretrained, looked up by :mod:`kit.weights`; the tiny
+test backbones have none, so for them ``auto`` means random), a file or folder path, or
+``"random"``. :mod:`kit.weights` describes the lookup and loads state dicts strictly.
 """
 from __future__ import annotations
 
@@ -37,19 +29,17 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
 from torch import nn
 
 from kit.utils import KitError
+from kit.weights import (find_pretrained, first_line, load_module_weights, weight_file,
+                          weights_path)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# Weight file names looked for inside a folder, in order of preference.
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt", "model.bin")
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 PHIKON_REPO = "owkin/phikon"
 PHIKON_MODES = ("resize", "interpolate")
 # Phikon is a ViT-B/16 (iBOT) at 224 px; these are also transformers' ViTConfig defaults.
@@ -70,7 +60,6 @@ NORM_KINDS = {
     "groupnorm": nn.GroupNorm,
     "layernorm": nn.LayerNorm,
 }
-DOWNLOAD_TIMEOUT_S = 10  # the hub probe; an unreachable hub must not stall "auto" for long
 
 _REGISTRY: dict[str, Callable[..., "Backbone"]] = {}
 
@@ -280,7 +269,7 @@ def create_backbone(name: str, weights: str | os.PathLike = "auto", **kwargs) ->
     name : str
         One of :func:`list_backbones`.
     weights : {"auto", "random"} or path
-        See the module docstring.
+        See :mod:`kit.weights`.
     patch_size : int, optional
         Side of the cached patches (default: ``kit/conf/patches.yaml``); CNNs and the ViTs
         in ``interpolate`` mode take patches at this size.
@@ -314,17 +303,6 @@ def create_backbone(name: str, weights: str | os.PathLike = "auto", **kwargs) ->
     return _REGISTRY[name](weights, **kwargs)
 
 
-def _weights_path(name: str, weights) -> Path | None:
-    """``None`` for the keywords, else the existing path (KitError when it does not exist)."""
-    if str(weights) in ("auto", "random"):
-        return None
-    path = Path(weights).expanduser()
-    if not path.exists():
-        raise KitError(f"{name}: weights {path} not found; pass an existing file or folder, "
-                       "'auto' (pretrained) or 'random'")
-    return path.resolve()
-
-
 VIT_BACKBONES = ("phikon", "phikon_v2", "uni", "h_optimus_0", "virchow2", "tiny_vit")
 
 
@@ -340,18 +318,18 @@ def _timm_builder(name: str, arch: str, cls: type[TimmBackbone]):
         import timm
 
         _no_vit_config(name, vit_config)
-        path = _weights_path(name, weights)
+        path = weights_path(name, weights)
         source = "random"
         if path is None and str(weights) == "auto":
             cfg = timm.models.get_pretrained_cfg(arch)
-            path, source = _find_pretrained(name, cfg.hf_hub_id, need_config=False, url=cfg.url)
+            path, source = find_pretrained(name, cfg.hf_hub_id, need_config=False, url=cfg.url)
         elif path is not None:
             source = f"local:{path}"
         model = timm.create_model(arch, pretrained=False, num_classes=0)
         if path is not None:
             ignore = model.pretrained_cfg.get("classifier") or ()
             ignore = (ignore,) if isinstance(ignore, str) else tuple(ignore)
-            _load_module_weights(model, path, name, ignore=ignore)
+            load_module_weights(model, path, name, ignore=ignore)
         return cls(name, model, patch_size, source)
     return build
 
@@ -365,10 +343,10 @@ register_backbone("convnext_tiny")(_timm_builder("convnext_tiny", "convnext_tiny
 @register_backbone("tiny_cnn")
 def _build_tiny_cnn(weights, patch_size, phikon_mode, vit_config) -> Backbone:
     _no_vit_config("tiny_cnn", vit_config)
-    path = _weights_path("tiny_cnn", weights)
+    path = weights_path("tiny_cnn", weights)
     model = TinyCNN(patch_size)
     if path is not None:
-        _load_module_weights(model, path, "tiny_cnn")
+        load_module_weights(model, path, "tiny_cnn")
         model.weights_source = f"local:{path}"
     elif str(weights) == "random":
         model.weights_source = "random"
@@ -406,11 +384,11 @@ def _vit_input_size(name: str, phikon_mode: str, native: int, patch: int, patch_
 def _vit_builder(name: str, repo: str | None, base_config: dict, family: str = "vit"):
     def build(weights, patch_size, phikon_mode, vit_config) -> Backbone:
         _check_mode(name, phikon_mode)
-        path = _weights_path(name, weights)
+        path = weights_path(name, weights)
         if path is not None:
             source = f"local:{path}"
         elif str(weights) == "auto" and repo is not None:
-            path, source = _find_pretrained(name, repo, need_config=True)
+            path, source = find_pretrained(name, repo, need_config=True)
         elif str(weights) == "auto":
             source = f"random ({name} has no pretrained weights)"
         else:
@@ -461,7 +439,7 @@ def _load_vit(name: str, path: Path | None, base: dict, overrides: dict, family:
             if "mismatch" in str(exc):
                 raise KitError(f"{name}: weights in {path} do not fit the model (tensors of "
                                "another shape: another architecture, or a wrong vit_config?)")
-            raise KitError(f"{name}: cannot load weights from {path}: {_first_line(exc)}")
+            raise KitError(f"{name}: cannot load weights from {path}: {first_line(exc)}")
     bad = sorted(k for k in info.get("missing_keys") or [] if not k.endswith(_OPTIONAL_KEYS))
     bad += sorted(info.get("mismatched_keys") or [])
     if bad:
@@ -570,12 +548,12 @@ def _timm_vit_builder(name: str):
 
     def build(weights, patch_size, phikon_mode, vit_config) -> Backbone:
         _check_mode(name, phikon_mode)
-        path = _weights_path(name, weights)
+        path = weights_path(name, weights)
         source = "random"
         if path is not None:
             source = f"local:{path}"
         elif str(weights) == "auto":
-            path, source = _find_pretrained(name, spec.repo, need_config=False, gated=spec.gated)
+            path, source = find_pretrained(name, spec.repo, need_config=False, gated=spec.gated)
         import timm  # after the lookup: a missing-weights error comes without timm's import
 
         kwargs = {**spec.timm_kwargs, **_timm_layers(spec)}
@@ -586,7 +564,7 @@ def _timm_vit_builder(name: str):
             kwargs["weight_init"] = "skip"  # every tensor is overwritten (checked) below
         model = timm.create_model(spec.arch, pretrained=False, **kwargs)
         if path is not None:
-            _load_module_weights(model, path, name, ignore=("head",))
+            load_module_weights(model, path, name, ignore=("head",))
         native, patch = _side(model.patch_embed.img_size), _side(model.patch_embed.patch_size)
         input_size = _vit_input_size(name, phikon_mode, native, patch, patch_size)
         return TimmViTBackbone(name, model, input_size, spec.mean, spec.std, source,
@@ -627,7 +605,7 @@ def _pretrained_layout(name: str, path: Path, tmp: Path, base: dict, config_cls=
     """A folder with ``config.json`` and one weight file for ``from_pretrained``."""
     if path.is_dir() and (path / "config.json").is_file():
         return path
-    weight = _weight_file(name, path)
+    weight = weight_file(name, path)
     folder = path if path.is_dir() else path.parent
     config = folder / "config.json"
     if config.is_file():
@@ -652,162 +630,6 @@ def _preprocessor_norm(folder: Path):
         except (ValueError, KeyError, TypeError):
             raise KitError(f"{pre}: no 3-channel image_mean/image_std; fix or delete the file")
     return IMAGENET_MEAN, IMAGENET_STD
-
-
-# --------------------------------------------------------------------------- weight files
-def _weight_file(name: str, path: Path) -> Path:
-    """The weight file for ``path`` (itself, or the preferred file inside a folder)."""
-    if path.is_file():
-        return path
-    for fname in WEIGHT_FILES:
-        if (path / fname).is_file():
-            return path / fname
-    raise KitError(f"{name}: no weight file in {path} (looked for {', '.join(WEIGHT_FILES)})")
-
-
-def _read_state_dict(name: str, file: Path) -> dict:
-    from timm.models import load_state_dict  # unwraps 'state_dict'/'model', strips 'module.'
-
-    try:
-        sd = load_state_dict(str(file), weights_only=True)
-    except Exception as exc:  # any unreadable file is the user's to fix
-        raise KitError(f"{name}: cannot read weights {file}: {_first_line(exc)}")
-    if not isinstance(sd, dict) or not sd:
-        raise KitError(f"{name}: {file} holds no state dict")
-    # A state dict saved from the kit's Backbone wrapper has every key under "model.".
-    if all(k.startswith("model.") for k in sd):
-        sd = {k[len("model."):]: v for k, v in sd.items()}
-    return sd
-
-
-def _load_module_weights(module: nn.Module, path: Path, name: str, ignore=()) -> None:
-    """Load a state dict strictly; a file for another architecture is an error, not a warning."""
-    file = _weight_file(name, path)
-    sd = _read_state_dict(name, file)
-    sd = {k: v for k, v in sd.items() if not any(k.startswith(p + ".") for p in ignore)}
-    own = module.state_dict()
-    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in sd if k not in own]
-    if missing or unexpected:
-        example = (missing or unexpected)[0]
-        raise KitError(f"{name}: weights {file} do not fit the model ({len(missing)} tensors "
-                       f"missing, {len(unexpected)} unexpected, e.g. {example}); pass a "
-                       f"{name} state dict in timm's format or --weights random")
-    try:
-        module.load_state_dict(sd, strict=False)
-    except RuntimeError as exc:
-        raise KitError(f"{name}: weights {file} have tensors of another shape: {_first_line(exc)}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
-
-
-# --------------------------------------------------------------------------- "auto" lookup
-def _hf_cache_dir() -> Path:
-    """The hub cache as huggingface_hub resolves it, read now (tests change the env)."""
-    env = os.environ
-    if env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE"):
-        return Path(env.get("HF_HUB_CACHE") or env["HUGGINGFACE_HUB_CACHE"]).expanduser()
-    if env.get("HF_HOME"):
-        return Path(env["HF_HOME"]).expanduser() / "hub"
-    xdg = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
-    return xdg / "huggingface" / "hub"
-
-
-def _offline() -> str | None:
-    """The name of the variable that forbids downloads, if one is set."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
-            return var
-    return None
-
-
-def _local_weights(name: str) -> tuple[Path | None, str]:
-    """``$KIT_WEIGHTS_DIR/<name>`` (folder or ``<name>.<suffix>`` file) and a description."""
-    root = os.environ.get("KIT_WEIGHTS_DIR")
-    if not root:
-        return None, f"$KIT_WEIGHTS_DIR/{name} (KIT_WEIGHTS_DIR is not set)"
-    base = Path(root).expanduser() / name
-    for candidate in (base, *(base.with_name(name + s) for s in WEIGHT_SUFFIXES)):
-        if candidate.exists():
-            return candidate.resolve(), str(base)
-    return None, f"{base} (absent)"
-
-
-def _from_hf_cache(repo: str, cache: Path, need_config: bool) -> Path | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    def cached(fname):
-        hit = try_to_load_from_cache(repo, fname, cache_dir=cache)
-        return Path(hit) if isinstance(hit, str) else None
-
-    weight = next((p for p in map(cached, ("model.safetensors", "pytorch_model.bin")) if p), None)
-    if weight is None:
-        return None
-    if not need_config:
-        return weight
-    config = cached("config.json")
-    return weight.parent if config is not None and config.parent == weight.parent else None
-
-
-def _download(repo: str, cache: Path, need_config: bool) -> Path:
-    from huggingface_hub import hf_hub_download, model_info
-
-    # A short probe first: an unreachable hub fails here within DOWNLOAD_TIMEOUT_S.
-    names = {s.rfilename for s in (model_info(repo, timeout=DOWNLOAD_TIMEOUT_S).siblings or [])}
-    weight = next((f for f in ("model.safetensors", "pytorch_model.bin") if f in names), None)
-    if weight is None:
-        raise RuntimeError(f"{repo} has neither model.safetensors nor pytorch_model.bin")
-    path = Path(hf_hub_download(repo, weight, cache_dir=cache, etag_timeout=DOWNLOAD_TIMEOUT_S))
-    if not need_config:
-        return path
-    for extra in ("config.json", "preprocessor_config.json"):
-        if extra in names:
-            hf_hub_download(repo, extra, cache_dir=cache, etag_timeout=DOWNLOAD_TIMEOUT_S)
-    return path.parent
-
-
-def _find_pretrained(name: str, repo: str, need_config: bool, url: str | None = None,
-                     gated: bool = False) -> tuple[Path, str]:
-    """Path and source of pretrained weights for ``weights="auto"``, or one clear KitError.
-
-    ``gated``: the repository needs each user to accept its licence; the message says how.
-    """
-    local, where = _local_weights(name)
-    if local is not None:
-        return local, f"local:{local}"
-    looked = [where]
-    cache = _hf_cache_dir()
-    hit = _from_hf_cache(repo, cache, need_config)
-    if hit is not None:
-        return hit, f"hf-cache:{repo}"
-    looked.append(f"the Hugging Face cache {cache} ({repo} not there)")
-    if url:
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
-        if cached.is_file():
-            return cached, f"timm-cache:{cached}"
-        looked.append(f"the timm/torch cache {cached} (absent)")
-    offline = _offline()
-    if offline:
-        why = f"{offline} is set, so nothing was downloaded"
-    else:
-        try:
-            return _download(repo, cache, need_config), f"hub:{repo}"
-        except Exception as exc:  # no network, proxy, gated repo...: all end in the same advice
-            why = f"downloading {repo} failed ({_first_line(exc)})"
-    licence = ""
-    if gated:
-        licence = (f"{repo} is gated: sign in at https://huggingface.co/{repo} and accept its "
-                   "licence there (access may need the owner's approval), then log in where "
-                   "you download with `hf auth login` or an HF_TOKEN access token. ")
-    raise KitError(
-        f"{name}: no pretrained weights found: looked in {'; '.join(looked)}; {why}. {licence}"
-        f"Fetch them on a machine with internet: `hf download {repo} --local-dir {name}` "
-        f"(older clients: `huggingface-cli download {repo} --local-dir {name}`), copy the "
-        f"folder here and pass --weights PATH/{name} or set KIT_WEIGHTS_DIR=PATH; or copy that "
-        f"machine's Hugging Face cache to {cache}; --weights random trains from scratch")
 
 
 # --------------------------------------------------------------------------- freezing

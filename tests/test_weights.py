@@ -1,0 +1,108 @@
+"""The ``--weights`` lookup (kit.weights): auto from $KIT_WEIGHTS_DIR or the caches, a file or a
+folder, and the one offline message; exercised through ``create_backbone``."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kit import backbones as B
+from kit.backbones import create_backbone
+from kit.utils import KitError
+
+# backbones_offline and backbones_one_thread are test_backbones' autouse fixtures, imported so
+# that they apply here too: empty caches, HF_HUB_OFFLINE=1, one intra-op thread.
+from test_backbones import (TIMM_VITS, _fake_hf_cache, _same_weights, _tiny_vit_model,
+                            backbones_offline, backbones_one_thread)  # noqa: F401 (fixtures)
+
+
+# --------------------------------------------------------------------------- auto
+def test_phikon_auto_uses_kit_weights_dir(backbones_offline):
+    vit = _tiny_vit_model(seed=1)
+    vit.save_pretrained(backbones_offline / "weights" / "phikon")
+    bb = create_backbone("phikon")  # weights="auto"
+    assert bb.weights_source.startswith("local:") and bb.weights_source.endswith("phikon")
+    assert _same_weights(bb.model, vit)
+
+
+def test_phikon_auto_uses_the_hf_cache(backbones_offline, tmp_path):
+    vit = _tiny_vit_model(seed=2)
+    vit.save_pretrained(tmp_path / "src")
+    _fake_hf_cache(backbones_offline, "owkin/phikon",
+                   {f: tmp_path / "src" / f for f in ("config.json", "model.safetensors")})
+    bb = create_backbone("phikon")
+    assert bb.weights_source == "hf-cache:owkin/phikon"
+    assert _same_weights(bb.model, vit)
+
+
+# --------------------------------------------------------------------------- a file, a folder, the caches
+def test_timm_weights_from_file_folder_and_cache(backbones_offline, tmp_path):
+    import timm
+
+    torch.manual_seed(5)
+    src = timm.create_model("efficientnet_b0", pretrained=False)  # with its 1000-class classifier
+    save_file(src.state_dict(), str(tmp_path / "eff.safetensors"))
+    expected = {k: v for k, v in src.state_dict().items() if not k.startswith("classifier.")}
+
+    bb = create_backbone("efficientnet_b0", weights=tmp_path / "eff.safetensors")
+    assert bb.weights_source == f"local:{tmp_path / 'eff.safetensors'}"
+    assert bb.model.state_dict().keys() == expected.keys()
+    assert all(torch.equal(bb.model.state_dict()[k], v) for k, v in expected.items())
+
+    _fake_hf_cache(backbones_offline, "timm/efficientnet_b0.ra_in1k",
+                   {"model.safetensors": tmp_path / "eff.safetensors"})
+    bb = create_backbone("efficientnet_b0")
+    assert bb.weights_source == "hf-cache:timm/efficientnet_b0.ra_in1k"
+    assert torch.equal(bb.model.conv_stem.weight, src.conv_stem.weight)
+
+    with pytest.raises(KitError, match="do not fit"):
+        create_backbone("efficientnet_b0", weights=_tiny_cnn_file(tmp_path))
+
+
+def _tiny_cnn_file(tmp_path):
+    path = tmp_path / "tiny" / "model.safetensors"
+    path.parent.mkdir(exist_ok=True)
+    torch.manual_seed(7)
+    save_file(create_backbone("tiny_cnn", weights="random").state_dict(), str(path))
+    return path.parent
+
+
+def test_tiny_cnn_loads_its_own_state_dict(tmp_path):
+    folder = _tiny_cnn_file(tmp_path)
+    torch.manual_seed(7)
+    ref = create_backbone("tiny_cnn", weights="random")
+    bb = create_backbone("tiny_cnn", weights=folder)
+    assert _same_weights(bb, ref) and bb.weights_source.startswith("local:")
+    torch.save(ref.state_dict(), tmp_path / "tiny.pth")
+    assert _same_weights(create_backbone("tiny_cnn", weights=tmp_path / "tiny.pth"), ref)
+    auto = create_backbone("tiny_cnn")
+    assert "no pretrained weights" in auto.weights_source
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(KitError, match="no weight file"):
+        create_backbone("tiny_cnn", weights=tmp_path / "empty")
+
+
+@pytest.mark.parametrize("name", ["phikon", "efficientnet_b0", "convnext_tiny", "phikon_v2",
+                                  *TIMM_VITS])
+def test_offline_without_weights_is_one_clear_error(backbones_offline, name):
+    start = time.monotonic()
+    with pytest.raises(KitError) as err:
+        create_backbone(name)  # weights="auto", nothing anywhere, HF_HUB_OFFLINE=1
+    assert time.monotonic() - start < 10  # no network wait
+    msg = str(err.value)
+    assert str(backbones_offline / "weights" / name) in msg  # the local dir
+    assert str(backbones_offline / "hf" / "hub") in msg  # the HF cache
+    assert "HF_HUB_OFFLINE" in msg and "hf download" in msg and "--weights" in msg
+    assert "\n" not in msg
+    if name == "efficientnet_b0":  # also has a torch-hub URL (convnext_tiny is on the HF hub only)
+        assert str(backbones_offline / "torch" / "hub" / "checkpoints") in msg
+    spec = B.FOUNDATION_MODELS.get(name)
+    if spec is not None:
+        assert f"hf download {spec.repo} --local-dir {name}" in msg
+    if spec is not None and spec.gated:  # how to get access: accept the licence, log in
+        assert f"{spec.repo} is gated" in msg and f"https://huggingface.co/{spec.repo}" in msg
+        assert "accept its licence" in msg and "hf auth login" in msg and "HF_TOKEN" in msg
+    else:
+        assert "gated" not in msg
