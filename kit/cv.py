@@ -527,7 +527,7 @@ def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
     seed : int
         Fold ``k`` trains with seed ``seed + k``.
     weights : {"auto", "random"} or path
-        Backbone weights (see :mod:`kit.backbones`).
+        Backbone weights (see :mod:`kit.weights`).
     fold : int, optional
         Train this fold only; the backbone's files are assembled once every fold is done.
     params : dict or {"tuned", "best", "none"} or path, optional
