@@ -21,14 +21,15 @@ from importlib import metadata
 
 # Distribution name -> lowest supported version. Floors are where the kit's API use starts
 # (torch.OutOfMemoryError and torch.amp.GradScaler(device): torch 2.5; timm's
-# load_state_dict(weights_only=): 1.0.9; Optuna's RetryHeartbeatStaleTrialCallback: 4.9);
-# the tested versions are the exact pins of requirements.txt.
+# load_state_dict(weights_only=): 1.0.9; Optuna's RetryHeartbeatStaleTrialCallback: 4.9;
+# transformers 4.45 cannot load a .safetensors file without metadata, 4.51 can); the tested
+# versions are the exact pins of requirements.txt.
 RUNTIME = {
     "torch": "2.5",
     "torchvision": "0.20",
     "timm": "1.0.9",
-    "transformers": "4.45",
-    "huggingface-hub": "0.25",
+    "transformers": "4.51",
+    "huggingface-hub": "0.30",
     "safetensors": "0.4.3",
     "albumentations": "2.0",
     "torchstain": "1.4",
