@@ -361,10 +361,12 @@ def format_train(r: dict) -> str:
             f"[{r['workers']} loader workers]")
 
 
-def format_embed(r: dict) -> str:
+def format_embed(r: dict, device_type: str = "cuda") -> str:
+    amp = ("bare AMP + channels_last" if device_type == "cuda"
+           else "bare again (no AMP on the CPU)")
     return (f"{r['backbone']:<16} embed: kit {r['kit_ips']:8.1f} patches/s, bare fp32 forward "
-            f"{r['bare_ips']:8.1f} patches/s ({r['ratio']:.2f}x of bare), bare AMP + "
-            f"channels_last {r['bare_amp_ips']:8.1f} patches/s")
+            f"{r['bare_ips']:8.1f} patches/s ({r['ratio']:.2f}x of bare), {amp} "
+            f"{r['bare_amp_ips']:8.1f} patches/s")
 
 
 def markdown(info: dict, results: dict) -> str:
@@ -457,7 +459,7 @@ def run(args) -> int:
             if "embed" not in skip:
                 r = embed_throughput(name, speed, args.batch_size, device, args.repeats)
                 results["embed"].append(r)
-                print(format_embed(r), flush=True)
+                print(format_embed(r, device.type), flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     print(markdown(info, results))
