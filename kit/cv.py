@@ -351,7 +351,7 @@ def _feature_folds(pending: list[int], ctx: CVRun) -> dict[int, dict]:
     if int(cfg.get("input_size") or 0) > 0:
         bb.input_size = int(cfg["input_size"])  # as build_model: the embeddings use it too
     # All training images (pixels, no labels) so that every fold shares one cache, as tune's.
-    recalibrate_random(bb, cfg, ctx.train.array, None, ctx.device)
+    recalibrate_random(bb, cfg, ctx.train.array, None, ctx.device, data_key=ctx.train.key)
     try:
         fcv = features.prepare(bb, ctx.paths, cfg=cfg, seed=ctx.seed, device=ctx.device)
     except RuntimeError as exc:  # torch.OutOfMemoryError is one

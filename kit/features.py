@@ -52,10 +52,16 @@ def weights_digest(module) -> str:
     """sha256 over a module's state dict (names, dtypes, shapes, bytes) in key order.
 
     Covers the weights however they were obtained (file, hub, seeded random init) and the
-    BatchNorm running statistics that a frozen backbone in eval mode uses.
+    BatchNorm running statistics that a frozen backbone in eval mode uses. A backbone whose
+    statistics were recalibrated on data (:func:`kit.train.recalibrate_random`) carries
+    ``state_digest``: its weights' digest before that, combined with the data's key, because
+    re-estimated statistics differ in the last bits with the thread count while meaning the
+    same thing, and processes sharing a cache or a study must agree on its key.
     """
     import torch
 
+    if getattr(module, "state_digest", None):
+        return module.state_digest
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
@@ -645,7 +651,7 @@ def prepare(backbone, paths, params: dict | None = None, cfg: dict | None = None
                                    patch_size=int(train.array.shape[2]))
         if int(tcfg.get("input_size") or 0) > 0:
             backbone.input_size = int(tcfg["input_size"])  # as cv builds it
-        recalibrate_random(backbone, tcfg, train.array, None, dev)
+        recalibrate_random(backbone, tcfg, train.array, None, dev, data_key=train.key)
     digest = weights_digest(backbone)
     ftrain = load_or_embed(backbone, train, paths, "train", views, fcfg, dev, digest)
     ftest = load_or_embed(backbone, test, paths, "test", views, fcfg, dev, digest) \

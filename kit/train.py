@@ -22,7 +22,7 @@ from torch import nn
 from kit import CLASSES
 from kit.config import load_config, merge
 from kit.metrics import aggregate, fast_macro_f1
-from kit.utils import KitError, atomic_path, progress, seed_everything
+from kit.utils import KitError, atomic_path, progress, seed_everything, sha256_text
 
 
 # --------------------------------------------------------------------------- config
@@ -148,10 +148,14 @@ def build_model(backbone: str, cfg: dict, weights="auto", num_classes: int = len
 
 
 def recalibrate_random(backbone, cfg: dict, array, rows=None, device="cpu",
-                       max_patches: int = 4096) -> int:
+                       max_patches: int = 4096, data_key: str | None = None) -> int:
     """AdaBN for randomly initialised backbones (``recalibrate_bn: auto``): their BatchNorm
     statistics are re-estimated on the training patches, with a warning that random
-    features carry little signal. Returns the patches used (0: nothing done)."""
+    features carry little signal. Returns the patches used (0: nothing done).
+
+    With ``data_key`` (the patch cache's key) the backbone gets a ``state_digest`` naming its
+    weights before recalibration and the data (see :func:`kit.features.weights_digest`).
+    """
     from kit.backbones import recalibrate_batchnorm
 
     when = str(cfg.get("recalibrate_bn", "auto")).strip().lower()
@@ -161,8 +165,17 @@ def recalibrate_random(backbone, cfg: dict, array, rows=None, device="cpu",
     if when == "false" or (when == "auto" and not random):
         return 0
     bs = int(cfg.get("eval_batch_size") or 0) or 2 * int(cfg["batch_size"])
+    before = None
+    if data_key is not None:
+        from kit.features import weights_digest
+
+        before = weights_digest(backbone)
     used = recalibrate_batchnorm(backbone, array, rows, batch_size=bs, device=device,
                                  max_batches=max(1, max_patches // bs))
+    if before is not None and used:
+        rows_id = "all" if rows is None else sha256_text(",".join(map(str, np.asarray(rows))))
+        backbone.state_digest = sha256_text(
+            f"{before}|adabn|{data_key}|{rows_id}|{bs}|{max_patches}")
     if random:
         print(f"{backbone.name}: WARNING: random weights: features of a random frozen network "
               "carry little signal (BatchNorm statistics recalibrated on "
