@@ -181,7 +181,7 @@ def run_honesty(workdir, preset: Preset, seeds, modes=MODES, paths=DEFAULT_PATHS
         ``summary`` (averages over seeds) and where things are; also written to
         ``results.json``.
     """
-    from kit.utils import atomic_write_json
+    from kit.utils import atomic_write_json, progress
 
     root = workdir.runs_dir / "bench" / "honesty" / preset.name
     t_start = time.perf_counter()
@@ -189,17 +189,15 @@ def run_honesty(workdir, preset: Preset, seeds, modes=MODES, paths=DEFAULT_PATHS
     if any(PATH_SETUP[p][0] == "standin" for p in paths):
         standin = build_standin(root / "standin", preset, seeds[0], device)
     runs, blends, data_info = [], [], {}
-    for seed in seeds:
-        data, wpaths, info = prepare_seed(root / f"seed{seed}", preset, seed)
-        data_info[seed] = info
-        truth = heldout_labels(data)
-        warm_up(wpaths, device)
-        for mode in modes:
-            names = []
-            for path in paths:
-                runs.append(score_run(path, mode, wpaths, data, truth, preset, seed, standin,
-                                      device))
-                names.append(runs[-1]["name"])
+    jobs = [(seed, mode, path) for seed in seeds for mode in modes for path in paths]
+    for seed, mode, path in progress(jobs, desc="bench honesty", unit="cv run"):
+        if seed not in data_info:  # the seed's first run: its data, stages and held-back labels
+            data, wpaths, data_info[seed] = prepare_seed(root / f"seed{seed}", preset, seed)
+            truth = heldout_labels(data)
+            warm_up(wpaths, device)
+        runs.append(score_run(path, mode, wpaths, data, truth, preset, seed, standin, device))
+        if path == paths[-1]:  # every path of this mode done: blend them
+            names = [r["name"] for r in runs if r["seed"] == seed and r["mode"] == mode]
             blends.append(score_blend(names, mode, wpaths, data, truth, seed))
     result = {"preset": preset.name, "seeds": list(seeds), "modes": list(modes),
               "paths": list(paths), "backbone": BACKBONE, "standin": standin,
