@@ -28,8 +28,23 @@ COMMANDS = {
     "submit": "upload a submission file to Kaggle",
     "reproduce": "re-run a blend from its manifest and check the CSV is byte-identical",
     "report": "write runs/report.html summarising data, CV, blend and submissions",
-    "bench": "benchmarks: patches | train | tune | blend",
+    "bench": "benchmarks: patches | train | tune | blend | gpu | honesty",
 }
+
+
+# Stages with a config group: they take --config FILE and --set KEY=VALUE (kit.config).
+CONFIG_GROUPS = {"clean": "clean", "patches": "patches", "folds": "folds", "cv": "train",
+                 "tune": "tune", "blend": "blend", "submit": "submit", "report": "report"}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, group: str) -> None:
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help=f"YAML file of {group} settings (kit/conf/{group}.yaml's keys, "
+                             "nested or dotted), applied over the defaults")
+    parser.add_argument("--set", dest="sets", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="one setting, dotted key (e.g. --set head.depth=2); repeatable; "
+                             "wins over --config, loses to this command's own flags")
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,7 +71,7 @@ class _CommandListFormatter(argparse.RawDescriptionHelpFormatter):
 
 def build_parser(names=None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="./run.sh",
+        prog=os.environ.get("KIT_PROG", "./run.sh"),
         description="an2dl-kit: one command per stage, from raw data to a Kaggle submission.\n"
                     "  ./run.sh test        run the test suite\n"
                     "  ./run.sh kaggle ...  the venv's kaggle CLI",
@@ -68,6 +83,8 @@ def build_parser(names=None) -> argparse.ArgumentParser:
         if names is None or name in names:
             module = _module(name)
             add_common_arguments(p)
+            if name in CONFIG_GROUPS:
+                add_config_arguments(p, CONFIG_GROUPS[name])
             module.add_arguments(p)
             p.set_defaults(_run=module.run)
     return parser

@@ -2,6 +2,12 @@
 
 ``load_config("patches", {"size": 96})`` returns the defaults of that group with the
 overrides applied; unknown keys are refused so that a typo never goes unnoticed.
+
+One override syntax everywhere: dotted keys. On the command line every stage takes
+``--config FILE`` (a YAML mapping of its group, nested or dotted) and ``--set KEY=VALUE``
+(repeatable, e.g. ``--set head.depth=2 --set augment.cutmix_alpha=0.5``); a stage's own
+flags (``--epochs``) win over both. :func:`stage_overrides` turns them into the nested
+overrides the stage functions take.
 """
 from __future__ import annotations
 
@@ -24,10 +30,83 @@ def load_config(group: str, overrides: dict | None = None, file: str | Path | No
         raise KitError(f"no config group {group!r} (looked for {path})")
     cfg = read_yaml(path)
     if file is not None:
-        cfg = merge(cfg, read_yaml(file), source=str(file))
+        cfg = merge(cfg, dotted_to_nested(read_yaml(file), str(file)), source=str(file))
     if overrides:
         cfg = merge(cfg, {k: v for k, v in overrides.items() if v is not None}, source="overrides")
     return cfg
+
+
+def dotted_to_nested(values: dict, source: str = "config") -> dict:
+    """``{"head.depth": 2, "lr": 1e-3}`` -> ``{"head": {"depth": 2}, "lr": 1e-3}`` (nested
+    mappings pass through, so a file may mix both forms)."""
+    out: dict = {}
+    for key, value in values.items():
+        node = out
+        *parents, leaf = str(key).split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise KitError(f"{source}: {key!r} conflicts with another key")
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            node[leaf] = {**node[leaf], **dotted_to_nested(value, source)}
+        elif isinstance(value, dict):
+            node[leaf] = dotted_to_nested(value, source)
+        else:
+            node[leaf] = value
+    return out
+
+
+def parse_value(text: str):
+    """A ``--set`` value as YAML reads it (``2``, ``true``, ``[a, b]``, ``null``), with
+    ``3e-4`` read as a number (YAML 1.1 would keep it a string)."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def stage_overrides(file: str | Path | None = None, sets=None) -> dict:
+    """Nested overrides from ``--config FILE`` then ``--set KEY=VALUE`` items (later wins)."""
+    out: dict = {}
+    if file is not None:
+        if not Path(file).is_file():
+            raise KitError(f"--config {file}: no such file; give a YAML mapping of the stage's "
+                           "settings (see kit/conf/)")
+        data = read_yaml(file)
+        if not isinstance(data, dict):
+            raise KitError(f"{file}: expected a mapping of settings (dotted or nested keys)")
+        out = dotted_to_nested(data, str(file))
+    for item in sets or ():
+        key, sep, text = str(item).partition("=")
+        if not sep or not key.strip():
+            raise KitError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. "
+                           "--set head.depth=2")
+        out = _deep_update(out, dotted_to_nested({key.strip(): parse_value(text)}, "--set"))
+    return out
+
+
+def _deep_update(base: dict, new: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_update(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def with_flags(overrides: dict, flags: dict) -> dict:
+    """``overrides`` with the stage's own flags on top; ``None`` flags were not given."""
+    return _deep_update(overrides, dotted_to_nested(
+        {k: v for k, v in flags.items() if v is not None}, "flags"))
 
 
 def merge(base: dict, new: dict, source: str = "config") -> dict:

@@ -6,6 +6,7 @@ checkout, ``an2dl-kit kaggle ...`` the kaggle package's CLI in this environment.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -31,8 +32,6 @@ def main(argv=None) -> int:
                 import pytest
             except ImportError:
                 raise KitError("an2dl-kit test: pytest is not installed; pip install -e '.[dev]'")
-            import os
-
             os.chdir(tests.parent)  # the tests use paths relative to the repository
             return int(pytest.main(["-q", "tests", *argv[1:]]))
         if command == "kaggle":
@@ -48,6 +47,7 @@ def main(argv=None) -> int:
         return 2
     from kit.cli import main as kit_main
 
+    os.environ.setdefault("KIT_PROG", "an2dl-kit")  # --help names the command typed
     return kit_main(argv)
 
 

@@ -48,16 +48,9 @@ def train_config(overrides: dict | None = None, params: dict | None = None) -> d
 
 def dotted_to_nested(params: dict) -> dict:
     """``{"head.depth": 2}`` -> ``{"head": {"depth": 2}}``."""
-    out: dict = {}
-    for key, value in params.items():
-        node = out
-        *parents, leaf = str(key).split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise KitError(f"params: {key!r} conflicts with another key")
-        node[leaf] = value
-    return out
+    from kit.config import dotted_to_nested as nested
+
+    return nested(params, "params")
 
 
 def tta_views(spec) -> tuple[str, ...]:
@@ -99,8 +92,16 @@ def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
     if amp == "auto":
         if device.type != "cuda":
             return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Emulated bf16 (e.g. a T4) is slower than fp16 with loss scaling.
+        return torch.bfloat16 if _native_bf16() else torch.float16
     return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def _native_bf16() -> bool:
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # an older torch without the argument
+        return torch.cuda.is_bf16_supported()
 
 
 def _flag(value, device: torch.device) -> bool:

@@ -682,7 +682,7 @@ def run_tune(backbones, paths, objective: str | None = None, trials: int | None 
              weights="auto", n_jobs: int | None = None, seed: int = 42, device=None,
              heartbeat: int | None = None, grace: int | None = None,
              create_only: bool = False, estimate: bool = False,
-             estimate_trials: int | None = None) -> dict:
+             estimate_trials: int | None = None, cfg: dict | None = None) -> dict:
     """Tune each backbone in turn; returns ``{backbone: best record or None}`` (with
     ``estimate``: ``{backbone: estimate.json record}``).
 
@@ -718,11 +718,15 @@ def run_tune(backbones, paths, objective: str | None = None, trials: int | None 
         are not touched.
     estimate_trials : int
         Trials of each outer fold's search (default: ``estimate_trials`` in tune.yaml).
+    cfg : dict, optional
+        Nested overrides of tune.yaml (``--config`` / ``--set``); the arguments above win.
     """
-    cfg = tune_config({"objective": objective, "trials": trials, "timeout": timeout,
-                       "storage": storage, "folds_per_trial": folds_per_trial, "n_jobs": n_jobs,
-                       "heartbeat_interval": heartbeat, "grace_period": grace,
-                       "estimate_trials": estimate_trials})
+    from kit.config import with_flags
+
+    cfg = tune_config(with_flags(cfg or {}, {
+        "objective": objective, "trials": trials, "timeout": timeout, "storage": storage,
+        "folds_per_trial": folds_per_trial, "n_jobs": n_jobs, "heartbeat_interval": heartbeat,
+        "grace_period": grace, "estimate_trials": estimate_trials}))
     if cfg["objective"] not in OBJECTIVES:
         raise KitError(f"--objective must be one of {', '.join(OBJECTIVES)} "
                        f"(got {cfg['objective']!r})")

@@ -16,15 +16,13 @@ def add_arguments(parser):
     parser.add_argument("--weight-views", action="store_true",
                         help="weight each TTA view of each backbone (runs/<bb>/tta/) instead "
                              "of the TTA mean")
-    parser.add_argument("--config", default=None,
-                        help="YAML file overriding kit/conf/blend.yaml (search settings)")
 
 
 def run(args) -> int:
     from kit.blend import format_summary, run_blend
-    from kit.config import load_config
+    from kit.config import load_config, stage_overrides
 
-    cfg = load_config("blend", file=args.config)
+    cfg = load_config("blend", stage_overrides(args.config, args.sets))
     result = run_blend(Paths.from_root(args.workdir), args.data, backbones=args.backbones or None,
                        name=args.name, objective=args.objective, weight_views=args.weight_views,
                        seed=args.seed, cfg=cfg)

@@ -24,13 +24,14 @@ def run(args) -> int:
     import pandas as pd
 
     from kit import clean
+    from kit.config import stage_overrides, with_flags
     from kit.data import load_dataset
     from kit.neardup import near_duplicates_csv
 
     cfg = {"green": {"min_share": args.green_share},
            "cartoon": {"strict": args.cartoon_strict, "paired": args.cartoon_paired},
            "workers": args.workers}
-    cfg = _drop_none(cfg)
+    cfg = with_flags(stage_overrides(args.config, args.sets), _flat(_drop_none(cfg)))
     paths = Paths.from_root(args.workdir)
     dataset = load_dataset(args.data, skip_bad=args.skip_bad)
     outliers = clean.run_clean(dataset, paths, cfg)
@@ -51,6 +52,17 @@ def run(args) -> int:
     print(f"near-dup -> {near_duplicates_csv(paths)}")
     print(f"review   -> {paths.clean_dir / 'review.html'}")
     return 0
+
+
+def _flat(cfg: dict, prefix: str = "") -> dict:
+    """Nested -> dotted keys (the flags join the --set overrides that way)."""
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _drop_none(cfg: dict) -> dict:

@@ -39,6 +39,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    from kit.config import stage_overrides, with_flags
     from kit.cv import run_cv
     from kit.paths import Paths
 
@@ -52,6 +53,7 @@ def run(args) -> int:
             from kit.utils import KitError
 
             raise KitError(f"--{key.replace('_', '-')} must be >= 1 (got {overrides[key]})")
+    overrides = with_flags(stage_overrides(args.config, args.sets), overrides)
     run_cv(args.backbone, Paths.from_root(args.workdir), cfg=overrides, seed=args.seed,
            weights=args.weights, fold=args.fold, params=args.params, device=args.device,
            restart=args.restart, feature_cache=not args.no_feature_cache)

@@ -22,10 +22,12 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    from kit.config import stage_overrides, with_flags
     from kit.patches import SPLITS, run_patches
 
-    overrides = {"size": args.size, "stride": args.stride, "top_k": args.top_k,
-                 "workers": args.workers}
+    overrides = with_flags(stage_overrides(args.config, args.sets),
+                           {"size": args.size, "stride": args.stride, "top_k": args.top_k,
+                            "workers": args.workers})
     sets = run_patches(args.data, Paths.from_root(args.workdir), overrides,
                        splits=tuple(args.split or SPLITS), skip_bad=args.skip_bad)
     for split, ps in sets.items():

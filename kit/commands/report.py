@@ -9,9 +9,11 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from kit.paths import Paths
+    from kit.config import stage_overrides, with_flags
     from kit.report import run_report
 
     out = run_report(Paths.from_root(args.workdir), args.data,
-                     cfg={"max_thumbs": args.max_thumbs})
+                     cfg=with_flags(stage_overrides(args.config, args.sets),
+                                    {"max_thumbs": args.max_thumbs}))
     print(f"report -> {out}")
     return 0

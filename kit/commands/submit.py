@@ -25,10 +25,13 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from kit.paths import Paths
+    from kit.config import stage_overrides, with_flags
     from kit.submit import run_submit
 
     run_submit(Paths.from_root(args.workdir), args.message, csv=args.csv,
                competition=args.competition, wait=args.wait, dry_run=args.dry_run,
                data=Path(args.data) if args.data else None,
-               cfg={"poll_interval": args.poll_interval, "wait_timeout": args.wait_timeout})
+               cfg=with_flags(stage_overrides(args.config, args.sets),
+                              {"poll_interval": args.poll_interval,
+                               "wait_timeout": args.wait_timeout}))
     return 0

@@ -70,6 +70,7 @@ def run(args) -> int:
 
         return launch(args)
     from kit.paths import Paths
+    from kit.config import stage_overrides
     from kit.tune import run_tune
 
     run_tune(args.backbones, Paths.from_root(args.workdir), objective=args.objective,
@@ -78,5 +79,6 @@ def run(args) -> int:
              space_file=args.space_file, warm_start_from=args.warm_start_from,
              weights=args.weights, n_jobs=args.n_jobs, seed=args.seed, device=args.device,
              heartbeat=args.heartbeat, grace=args.grace, create_only=args.create_only,
-             estimate=args.estimate, estimate_trials=args.estimate_trials)
+             estimate=args.estimate, estimate_trials=args.estimate_trials,
+             cfg=stage_overrides(args.config, args.sets))
     return 0
