@@ -57,8 +57,7 @@ def test_unknown_command_exits_2_without_traceback():
 @pytest.mark.parametrize("name", list(COMMANDS))
 def test_command_help(name, capsys):
     module = f"kit.commands.{name.replace('-', '_')}"
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} not written yet")  # remove once every command exists
+    assert importlib.util.find_spec(module) is not None, f"{module} is missing"
     with pytest.raises(SystemExit) as exc:
         main([name, "--help"])
     assert exc.value.code == 0
