@@ -1,30 +1,16 @@
 """Blend the backbones' out-of-fold probabilities into one validated submission.
 
-Three fitted pieces, all on the OOF rows:
-
-- **weights**: non-negative, summing to 1, over a *library* of models (each backbone's TTA
-  mean, or with ``weight_views`` each TTA view of each backbone). Found by Caruana-style
-  greedy forward selection with replacement (Caruana et al., 2004): start from every model
-  once (equal weights) or the best singles, then repeatedly add the model whose addition
-  scores best, and keep the best prefix of that path. It needs no gradient, so it optimises
-  macro F1 (piecewise constant in the weights) directly; ``objective="logloss"`` optimises
-  log-loss instead. Optionally bagged over bootstrap resamples of the rows.
-- **class biases**: the decision rule is ``argmax(log p + b)`` with ``b[0] = 0``; each other
-  ``b[c]`` is tuned by coordinate ascent over a grid. Macro F1 rewards recall on small classes
-  that plain argmax under-predicts; the gain is measured and printed.
-- **honesty**: the whole fit (weights and biases) is repeated once per fold on the other
-  folds' rows and applied to the held-out fold; the concatenated held-out predictions give
-  the *nested* macro F1, the submission's expected score. The in-sample score is printed
-  beside it, labelled optimistic.
-
-Every search step is vectorised over the candidates (numpy), so a 581 x 3 x 4 blend with its
-nested fits takes well under a second.
+This module reads and cross-checks the inputs (every backbone's ``oof.csv``, ``test.csv`` and
+``metrics.json`` against ``folds/folds.csv`` and ``test_data/``), records their provenance
+(is the nested score the expected one, or optimistic?), and writes the submission, its
+manifest and ``runs/blend/``. The searches themselves (weights over the library, class
+biases, the nested per-fold fits) are :class:`kit.blend_search.BlendSearch`, on arrays.
 """
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,13 +18,13 @@ import numpy as np
 import pandas as pd
 
 from kit import CLASSES, PROB_COLUMNS
+from kit.blend_search import BlendSearch, SearchResult
 from kit.config import load_config
-from kit.metrics import macro_f1, macro_f1_batch, per_class_f1, to_indices
+from kit.metrics import to_indices
 from kit.paths import Paths
 from kit.utils import (KitError, atomic_write_bytes, atomic_write_csv, atomic_write_json,
-                       check_random_state, sha256_file, write_config)
+                       sha256_file, write_config)
 
-OBJECTIVES = ("f1", "logloss")
 REQUIRED_FILES = ("oof.csv", "test.csv", "metrics.json")
 # runs/ sub-folders written by other stages: never backbones, whatever they hold.
 RESERVED_RUN_DIRS = frozenset({"blend", "tune", "patches", "clean", "features", "demo"})
@@ -304,203 +290,6 @@ def _read_test(path: Path, test_ids: list[str], paths: Paths, files: dict) -> np
     return df.loc[test_ids, PROB_COLUMNS].to_numpy(np.float64)
 
 
-# ----------------------------------------------------------------------------- scoring
-
-def _score_batch(probs: np.ndarray, y: np.ndarray, objective: str, eps: float) -> np.ndarray:
-    """Higher-is-better score of each candidate blend (G x N x C)."""
-    if objective == "f1":
-        return macro_f1_batch(probs.argmax(axis=-1), y, probs.shape[-1])
-    picked = np.take_along_axis(probs, y[None, :, None], axis=-1)[..., 0]
-    return np.log(np.maximum(picked, eps)).mean(axis=-1)  # minus the log-loss
-
-
-def apply_rule(probs: np.ndarray, biases: np.ndarray, eps: float) -> np.ndarray:
-    """Class indices ``argmax(log p + b)``."""
-    return (np.log(np.maximum(probs, eps)) + biases).argmax(axis=-1)
-
-
-# ----------------------------------------------------------------------------- search
-
-def greedy_weights(P: np.ndarray, y: np.ndarray, objective: str = "f1", iterations: int = 40,
-                   init: str = "both", init_size: int = 1, eps: float = 1e-6):
-    """Caruana greedy forward selection with replacement over the models of ``P`` (M x N x C).
-
-    Returns ``(weights, score)``: the best prefix of the selection path (earliest on ties).
-    ``init="equal"`` starts from every model once, ``"best"`` from the ``init_size`` best
-    single models, ``"both"`` runs both paths and keeps the better (the equal start on ties):
-    the result then never scores below equal weights nor the best single model on these rows.
-    """
-    results = [_greedy_path(P, y, objective, iterations, counts, eps)
-               for counts in _start_counts(P, y, objective, init, init_size, eps)]
-    return max(results, key=lambda r: r[1])  # max keeps the first of equal scores
-
-
-def _greedy_path(P, y, objective, iterations, counts, eps):
-    counts = counts.copy()
-    total = np.tensordot(counts, P, axes=1)
-    best_counts = counts.copy()
-    best = float(_score_batch((total / counts.sum())[None], y, objective, eps)[0])
-    for _ in range(iterations if P.shape[0] > 1 else 0):
-        scores = _score_batch((total[None] + P) / (counts.sum() + 1), y, objective, eps)
-        j = int(np.argmax(scores))
-        counts[j] += 1
-        total += P[j]
-        if scores[j] > best + 1e-12:
-            best, best_counts = float(scores[j]), counts.copy()
-    return best_counts / best_counts.sum(), best
-
-
-def _start_counts(P, y, objective, init, init_size, eps) -> list[np.ndarray]:
-    """Where the greedy paths start: every model once and/or the ``init_size`` best singles."""
-    if init not in ("equal", "best", "both"):
-        raise KitError(f"blend config: init must be 'equal', 'best' or 'both', got {init!r}")
-    starts = []
-    if init in ("equal", "both"):
-        starts.append(np.ones(P.shape[0]))
-    if init in ("best", "both"):
-        singles = _score_batch(P, y, objective, eps)
-        counts = np.zeros(P.shape[0])
-        counts[np.argsort(-singles, kind="stable")[:max(1, init_size)]] = 1
-        starts.append(counts)
-    return starts
-
-
-def fit_weights(P, y, cfg: dict, objective: str, rng) -> np.ndarray:
-    """Weights from the greedy search, bagged over bootstrap row resamples when ``bags > 0``."""
-    kw = dict(objective=objective, iterations=int(cfg["iterations"]), init=cfg["init"],
-              init_size=int(cfg["init_size"]), eps=float(cfg["eps"]))
-    bags = int(cfg["bags"])
-    if bags <= 0 or P.shape[0] == 1:
-        return greedy_weights(P, y, **kw)[0]
-    n = P.shape[1]
-    bagged = np.mean([greedy_weights(P[:, idx], y[idx], **kw)[0]
-                      for idx in (rng.integers(0, n, n) for _ in range(bags))], axis=0)
-    # Never worse than where the paths start, on the rows the weights are fitted on.
-    starts = [c / c.sum() for c in _start_counts(P, y, objective, cfg["init"],
-                                                 int(cfg["init_size"]), float(cfg["eps"]))]
-    scores = _score_batch(np.tensordot(np.stack([bagged] + starts), P, axes=1), y, objective,
-                          float(cfg["eps"]))
-    return ([bagged] + starts)[int(np.argmax(scores))]
-
-
-def bias_grid(cfg: dict) -> np.ndarray:
-    grid = np.linspace(float(cfg["bias_low"]), float(cfg["bias_high"]), int(cfg["bias_steps"]))
-    return np.round(grid, 10)
-
-
-def fit_biases(probs: np.ndarray, y: np.ndarray, cfg: dict) -> np.ndarray:
-    """Per-class additive biases on ``log p`` maximising macro F1, by coordinate ascent.
-
-    ``b[0]`` stays 0 (only differences matter). Each step tries every grid value for one
-    class at once; among equal scores the value nearest 0 wins (no bias without evidence).
-    Sweeps stop when one brings no gain or after ``bias_rounds``.
-    """
-    c = probs.shape[-1]
-    logp = np.log(np.maximum(probs, float(cfg["eps"])))
-    grid = bias_grid(cfg)
-    b = np.zeros(c)
-    best = float(macro_f1_batch(logp.argmax(axis=1)[None], y, c)[0])
-    for _ in range(int(cfg["bias_rounds"])):
-        gained = False
-        for k in range(1, c):
-            cand = np.broadcast_to(logp + b, (len(grid),) + logp.shape).copy()
-            cand[:, :, k] = logp[None, :, k] + grid[:, None]
-            scores = macro_f1_batch(cand.argmax(axis=2), y, c)
-            top = scores.max()
-            ties = np.flatnonzero(scores >= top - 1e-12)
-            b[k] = grid[ties[np.argmin(np.abs(grid[ties]))]]
-            gained |= top > best + 1e-12
-            best = max(best, float(top))
-        if not gained:
-            break
-    return b
-
-
-@dataclass
-class Fitted:
-    """Weights over the library and class biases from one fit."""
-
-    weights: np.ndarray
-    biases: np.ndarray
-
-
-def fit_params(P, y, cfg: dict, objective: str, rng) -> Fitted:
-    """Weights, then (unless ``biases: false``) biases on the weighted blend of the same rows."""
-    w = fit_weights(P, y, cfg, objective, rng)
-    if not cfg.get("biases", True):
-        return Fitted(w, np.zeros(P.shape[-1]))
-    return Fitted(w, fit_biases(np.tensordot(w, P, axes=1), y, cfg))
-
-
-@dataclass
-class SearchResult:
-    """Fit on all OOF rows, nested predictions and baselines (no file names)."""
-
-    fitted: Fitted
-    oof_probs: np.ndarray            # N x C, in-sample weights
-    pred_in_sample: np.ndarray
-    pred_in_sample_no_bias: np.ndarray
-    nested_probs: np.ndarray         # N x C, each fold blended with weights fitted without it
-    pred_nested: np.ndarray
-    pred_nested_no_bias: np.ndarray
-    fold_fits: dict[int, Fitted]
-    scores: dict = field(default_factory=dict)
-
-
-def search(P: np.ndarray, y: np.ndarray, folds: np.ndarray, cfg: dict, objective: str = "f1",
-           seed=42, models=None) -> SearchResult:
-    """The whole blend fit on arrays: all rows, once per held-out fold, and the baselines.
-
-    Parameters
-    ----------
-    P : M x N x C OOF probabilities of the library models.
-    y, folds : N class indices and fold numbers.
-    """
-    if objective not in OBJECTIVES:
-        raise KitError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    eps = float(cfg["eps"])
-    fold_ids = np.unique(folds)
-    rngs = check_random_state(seed).spawn(len(fold_ids) + 1)
-    full = fit_params(P, y, cfg, objective, rngs[0])
-    oof = np.tensordot(full.weights, P, axes=1)
-    nested = np.zeros_like(oof)
-    nested_pred = np.zeros(len(y), dtype=np.int64)
-    fold_fits = {}
-    for k, rng in zip(fold_ids, rngs[1:]):
-        train, held = folds != k, folds == k
-        fit = fit_params(P[:, train], y[train], cfg, objective, rng)
-        nested[held] = np.tensordot(fit.weights, P[:, held], axes=1)
-        nested_pred[held] = apply_rule(nested[held], fit.biases, eps)
-        fold_fits[int(k)] = fit
-    res = SearchResult(fitted=full, oof_probs=oof, pred_in_sample=apply_rule(oof, full.biases, eps),
-                       pred_in_sample_no_bias=oof.argmax(axis=1), nested_probs=nested,
-                       pred_nested=nested_pred, pred_nested_no_bias=nested.argmax(axis=1),
-                       fold_fits=fold_fits)
-    res.scores = _scores(res, P, y, folds, models or [f"m{i}" for i in range(len(P))])
-    return res
-
-
-def _scores(res: SearchResult, P, y, folds, models) -> dict:
-    def block(pred, pred_no_bias):
-        return {"macro_f1": macro_f1(y, pred), "macro_f1_no_bias": macro_f1(y, pred_no_bias),
-                "per_class_f1": dict(zip(CLASSES, map(float, per_class_f1(y, pred))))}
-
-    singles = {m: macro_f1(y, P[i].argmax(axis=1)) for i, m in enumerate(models)}
-    best = max(singles, key=lambda m: (singles[m], -models.index(m)))
-    nested = block(res.pred_nested, res.pred_nested_no_bias)
-    nested["per_fold"] = {int(k): macro_f1(y[folds == k], res.pred_nested[folds == k])
-                          for k in np.unique(folds)}
-    in_sample = block(res.pred_in_sample, res.pred_in_sample_no_bias)
-    return {
-        "nested": nested,
-        "in_sample": in_sample,
-        "gap": in_sample["macro_f1"] - nested["macro_f1"],
-        "baselines": {"equal_weights": {"macro_f1": macro_f1(y, P.mean(axis=0).argmax(axis=1))},
-                      "best_single": {"model": best, "macro_f1": singles[best]},
-                      "singles": singles},
-    }
-
-
 # ----------------------------------------------------------------------------- stage
 
 @dataclass
@@ -521,6 +310,7 @@ class BlendResult:
     latest_csv: Path | None = None
     latest_manifest: Path | None = None
     csv_sha256: str | None = None
+    estimator: BlendSearch | None = None
 
     @property
     def weights(self) -> dict[str, float]:
@@ -558,12 +348,13 @@ def fit_blend(paths: Paths, data, backbones=None, name: str = "blend", objective
     """
     cfg = load_config("blend", cfg)
     inputs = load_inputs(paths, data, backbones, weight_views)
-    res = search(inputs.oof, inputs.y, inputs.folds, cfg, objective, seed, inputs.models)
-    test_probs = np.tensordot(res.fitted.weights, inputs.test, axes=1)
-    labels = [CLASSES[i] for i in apply_rule(test_probs, res.fitted.biases, float(cfg["eps"]))]
-    return BlendResult(inputs=inputs, search=res, cfg=cfg, objective=objective,
+    est = BlendSearch(objective, cfg, seed).fit(inputs.oof, inputs.y, inputs.folds,
+                                                models=inputs.models)
+    labels = [CLASSES[i] for i in est.predict(inputs.test)]
+    return BlendResult(inputs=inputs, search=est.result_, cfg=cfg, objective=objective,
                        weight_views=bool(weight_views), seed=int(seed), name=name,
-                       test_probs=test_probs, test_labels=labels)
+                       test_probs=est.predict_proba(inputs.test), test_labels=labels,
+                       estimator=est)
 
 
 def run_blend(paths: Paths, data, backbones=None, name: str = "blend", objective: str = "f1",
