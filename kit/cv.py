@@ -476,7 +476,8 @@ def _assemble(ctx: CVRun, marks: dict[int, dict]) -> dict:
         "trainable_params": marks[0]["trainable_params"],
         "seconds": round(sum(m["seconds"] for m in marks.values()), 1),
         "training_path": ctx.training_path,
-        "selection": _selection(ctx.cfg),
+        "selection": {**_selection(ctx.cfg, ctx.training_path),
+                      "configured": str(ctx.cfg.get("early_stopping"))},
         # Folds whose model predicts (nearly) one class or does no better than the majority
         # class: flagged here, in the run output, the report and the blend.
         "collapsed_folds": [f["fold"] for f in per_fold if f["collapsed"]],
@@ -495,11 +496,11 @@ def _assemble(ctx: CVRun, marks: dict[int, dict]) -> dict:
     return metrics
 
 
-def _selection(cfg: dict) -> dict:
+def _selection(cfg: dict, path: str = "pixels") -> dict:
     """How every fold chose its epoch, for metrics.json, the blend manifest and the report."""
     from kit.train import early_stopping_mode, is_honest
 
-    mode = early_stopping_mode(cfg)
+    mode = early_stopping_mode(cfg, path)
     text = {"inner": "early stopping on an inner split of each fold's training images",
             "refit": "epoch count chosen on an inner split, then refit on all training images",
             "none": f"a fixed {cfg['epochs']} epochs",

@@ -344,6 +344,8 @@ class FeatureSource:
     :func:`kit.train.fit` on the feature-cache path (:class:`kit.train.PixelSource` is the
     pixel one). Rows index the first axis of ``x``; view 0 is ``id``."""
 
+    path = "feature_cache"  # the training path, for early_stopping: auto
+
     def __init__(self, x, cfg: dict, device="cpu"):
         import torch
 

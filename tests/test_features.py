@@ -127,7 +127,8 @@ def _separable(n, k=4, views=2, d=16, seed=0, noise=1.0):
 
 def test_head_learns_and_is_deterministic():
     x, y = _separable(48)
-    cfg = train_config(params={"epochs": 15, "lr": 0.01, "patience": 5, "batch_size": 16})
+    cfg = train_config(params={"epochs": 15, "lr": 0.01, "patience": 5, "batch_size": 16,
+                               "early_stopping": "inner"})
     a = train_head_on_features(x[:32], y[:32], x[32:], y[32:], cfg, seed=3)
     b = train_head_on_features(x[:32], y[:32], x[32:], y[32:], cfg, seed=3)
     assert a.best_score == 1.0
@@ -138,7 +139,8 @@ def test_head_learns_and_is_deterministic():
 
 def test_head_stops_early_and_keeps_the_best_epoch():
     x, y = _separable(40, noise=8.0, seed=1)  # mostly noise: the score wanders
-    cfg = train_config(params={"epochs": 40, "lr": 0.05, "patience": 2, "batch_size": 16})
+    cfg = train_config(params={"epochs": 40, "lr": 0.05, "patience": 2, "batch_size": 16,
+                               "early_stopping": "inner"})
     fit = train_head_on_features(x[:28], y[:28], x[28:], y[28:], cfg, seed=0)
     scores = [h["val_macro_f1"] for h in fit.history]
     assert fit.epochs < 40 and fit.epochs - fit.best_epoch == 2
@@ -269,3 +271,11 @@ def test_attention_head_learns_from_one_informative_patch_per_image():
     assert (probs.argmax(1) == y[48:]).mean() >= 0.75
     w = attention_weights(fit.head, x[48:])
     assert (w.argmax(1) == where[48:]).mean() >= 0.6  # it looks at the informative patch
+
+
+def test_auto_early_stopping_is_a_fixed_budget_on_cached_embeddings():
+    x, y = _separable(32)
+    cfg = train_config(params={"epochs": 3, "batch_size": 16})
+    assert cfg["early_stopping"] == "auto"
+    fit = train_head_on_features(x[:24], y[:24], x[24:], y[24:], cfg, seed=0)
+    assert fit.selection["early_stopping"] == "none" and fit.epochs == fit.best_epoch == 3
