@@ -37,7 +37,7 @@ def _check_top_level_help(text: str) -> None:
 
 def test_python_m_kit_help_lists_every_command_on_one_line():
     r = subprocess.run([sys.executable, "-m", "kit", "--help"], cwd=REPO, env=ENV,
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr
     _check_top_level_help(r.stdout)
 
@@ -49,7 +49,7 @@ def test_no_arguments_prints_help(capsys):
 
 def test_unknown_command_exits_2_without_traceback():
     r = subprocess.run([sys.executable, "-m", "kit", "frobnicate"], cwd=REPO, env=ENV,
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=400)
     assert r.returncode == 2
     assert "invalid choice" in r.stderr and "Traceback" not in r.stderr
 

@@ -236,11 +236,11 @@ def test_cli_runs_and_reports_missing_inputs(tmp_path):
     paths = make_workdir(tmp_path / "w", n_train=12, n_test=4, n_folds=2)
     cmd = [str(REPO / "run.sh"), "cv", BB, "--workdir", str(paths.root), "--weights", "random",
            "--epochs", "1", "--params", "none", "--device", "cpu"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr
     assert "trainable parameters" in done.stdout and "OOF macro F1" in done.stdout
     paths.folds_csv.unlink()
-    failed = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    failed = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert failed.returncode == 2 and "run ./run.sh folds first" in failed.stderr
     assert "Traceback" not in failed.stderr
 
@@ -379,20 +379,20 @@ def test_cli_frozen_backbone_and_no_feature_cache(tmp_path):
     paths = make_workdir(tmp_path / "w", n_train=12, n_test=4, n_folds=2)
     cmd = [str(REPO / "run.sh"), "cv", BB, "--workdir", str(paths.root), "--weights", "random",
            "--epochs", "1", "--params", "none", "--device", "cpu", "--train-norm", "none"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr
     assert "frozen backbone: training heads on cached embeddings" in done.stdout
     metrics = json.loads((paths.backbone_dir(BB) / "metrics.json").read_text())
     assert metrics["training_path"] == "feature_cache" and metrics["config"]["train_norm"] == []
     done = subprocess.run(cmd + ["--no-feature-cache"], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=400)
     assert done.returncode == 0, done.stderr
     # The cache path's folds are not taken for pixel-trained ones: both retrain.
     assert "training on pixels" in done.stdout and "cached embeddings" not in done.stdout
     assert done.stdout.count("config changed since it was trained; retraining") == 2
     metrics = json.loads((paths.backbone_dir(BB) / "metrics.json").read_text())
     assert metrics["training_path"] == "pixels" and "feature_cache" not in metrics
-    bad = subprocess.run(cmd[:-1] + ["instancenorm"], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(cmd[:-1] + ["instancenorm"], capture_output=True, text=True, timeout=400)
     assert bad.returncode == 2 and "train_norm: unknown kind" in bad.stderr
 
 

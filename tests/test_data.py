@@ -61,7 +61,7 @@ def _cli(*args, env_extra=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": str(REPO),
            **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "kit", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=400)
 
 
 # --- a good dataset ------------------------------------------------------------------------

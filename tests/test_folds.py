@@ -88,7 +88,7 @@ def paths(tmp_path):
 def _cli(*args) -> subprocess.CompletedProcess:
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "kit", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=400)
 
 
 # --- the scikit-learn style splitter -------------------------------------------------------
