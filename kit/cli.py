@@ -94,6 +94,14 @@ def _module(name: str):
     return importlib.import_module(f"kit.commands.{name.replace('-', '_')}")
 
 
+def print_kit_error(exc: KitError) -> int:
+    """The user's view of a bad input: one line, one more per problem, exit code 2."""
+    print(f"error: {exc}", file=sys.stderr)
+    for line in exc.problems:
+        print(f"  {line}", file=sys.stderr)
+    return 2
+
+
 def _plain_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"  # for users: no source file and line
 
@@ -110,10 +118,7 @@ def main(argv=None) -> int:
     try:
         result = args._run(args)
     except KitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        for line in exc.problems:
-            print(f"  {line}", file=sys.stderr)
-        return 2
+        return print_kit_error(exc)
     except KeyboardInterrupt:
         print("interrupted: finished outputs are kept; rerun the same command to resume",
               file=sys.stderr)

@@ -237,13 +237,12 @@ def main(argv=None) -> int:
     import warnings
 
     warnings.formatwarning = lambda message, *a, **k: f"warning: {message}\n"  # as kit.cli
+    from kit.cli import print_kit_error
+
     try:
         return _worker_main(argv[1])
     except KitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        for line in exc.problems:
-            print(f"  {line}", file=sys.stderr)
-        return 2
+        return print_kit_error(exc)
     except KeyboardInterrupt:
         print("interrupted: the running trial is marked failed; rerun to continue",
               file=sys.stderr)
