@@ -125,6 +125,32 @@ def test_the_stand_in_is_reused_and_loads_as_weights(tiny_run):
     assert again == meta  # same inputs: not retrained
 
 
+def _run(seed, path, mode, oof, test, seconds, recorded=None):
+    return {"seed": seed, "path": path, "mode": mode, "oof": oof, "test": test,
+            "gap": oof - test, "seconds": seconds, "cpu_seconds": 2 * seconds,
+            "recorded_mode": recorded or mode}
+
+
+def test_summary_averages_gaps_and_times_against_the_same_sets_oof_run():
+    runs = [_run(1, "pixels", "oof", 0.80, 0.70, 10.0),
+            _run(1, "pixels", "inner", 0.70, 0.72, 12.0),
+            _run(2, "pixels", "oof", 0.60, 0.64, 20.0),
+            _run(2, "pixels", "inner", 0.66, 0.62, 20.0),
+            _run(1, "pixels", "auto", 0.70, 0.72, 12.0, recorded="inner")]
+    blends = [{"seed": 1, "mode": "inner", "expected": 0.7, "test": 0.75, "gap": -0.05}]
+    rows = {(r["path"], r["mode"]): r for r in
+            honesty.summarise(runs, blends, ["inner", "oof", "auto"], ["pixels"])}
+    inner = rows[("pixels", "inner")]
+    assert inner["abs_gap"] == pytest.approx((0.02 + 0.04) / 2)  # mean of |gap|, not |mean|
+    assert inner["gap"] == pytest.approx((-0.02 + 0.04) / 2)
+    assert inner["seconds_ratio"] == pytest.approx((12 / 10 + 20 / 20) / 2)  # per set, then mean
+    assert rows[("pixels", "oof")]["oof"] == pytest.approx(0.70)
+    assert rows[("blend", "inner")]["abs_gap"] == pytest.approx(0.05)
+    table = honesty.format_table({"preset": "t", "seeds": [1, 2], "seconds": 1.0,
+                                  "summary": list(rows.values())})
+    assert "(auto = inner)" in table and "loop recorded" not in table
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--modes", "inner,early"], "--modes: unknown early"),
     (["--paths", "pixel"], "--paths: unknown pixel"),

@@ -170,7 +170,8 @@ def _print(r: dict) -> None:
 
 # --------------------------------------------------------------------------- data
 def _bench_dataset(bench_dir, args):
-    """A generated dataset at the real data's scale (kit.synth), reused while its arguments match."""
+    """A generated dataset (kit.synth) at the real data's scale, reused while its arguments
+    match."""
     from kit import synth
 
     root = bench_dir / (f"data-{args.generator}-{args.n_train}-{args.n_test}-"
