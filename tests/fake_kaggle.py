@@ -224,7 +224,7 @@ def write_fake_submission(workdir, n_test: int = 5, nested: float = 0.41,
     """A submission as ``./run.sh blend`` leaves it, on a tiny made-up test set.
 
     Writes ``<workdir>/data/test_data/img_*.png`` (empty files: only the names matter),
-    ``submissions/<time>_<name>.csv`` + ``.json`` (built with ``kit.package``) and the
+    ``submissions/<time>_<name>.csv`` + ``.json`` (built with ``kit.submission.package``) and the
     ``latest.csv``/``latest.json`` copies. Returns the timestamped CSV path.
     """
     import shutil
@@ -232,7 +232,8 @@ def write_fake_submission(workdir, n_test: int = 5, nested: float = 0.41,
 
     import pandas as pd
 
-    from kit import CLASSES, package
+    from kit import CLASSES
+    from kit.submission import package
 
     workdir = Path(workdir)
     test_dir = workdir / "data" / "test_data"

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from kit.augment import (CutMix, balanced_sampler, build_train_transform, class_weights,
-                         create_mixer, normalize_batch, seed_transform)
+from kit.training.augment import (CutMix, balanced_sampler, build_train_transform, class_weights,
+                                  create_mixer, normalize_batch, seed_transform)
 from kit.config import load_config
 from kit.utils import KitError, seed_everything
 

@@ -160,10 +160,10 @@ def test_cuda_short_bench_agrees_with_the_cpu(tmp_path):
 
 @needs_cuda
 def test_cuda_amp_picks_a_native_precision():
-    from kit.train import amp_dtype
+    from kit.training.train import amp_dtype
 
     dev = torch.device("cuda")
     major, minor = torch.cuda.get_device_capability(dev)
     picked = {torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype(dev, "auto")]
     assert precision_note(picked, (major, minor)) is None, (
-        "kit.train.amp_dtype picks emulated bf16 on this GPU")
+        "kit.training.train.amp_dtype picks emulated bf16 on this GPU")

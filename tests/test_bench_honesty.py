@@ -10,7 +10,8 @@ import sys
 import pandas as pd
 import pytest
 
-from kit import PROB_COLUMNS, synth
+from kit import PROB_COLUMNS
+from kit.data import synth
 from kit.bench import honesty
 from kit.cli import main
 from kit.paths import Paths
@@ -116,7 +117,7 @@ def test_held_back_labels_are_read_by_the_bench_only(tiny_run):
 
 
 def test_the_stand_in_is_reused_and_loads_as_weights(tiny_run):
-    from kit.backbones import create_backbone
+    from kit.models.backbones import create_backbone
 
     workdir, result, _ = tiny_run
     meta = result["standin"]

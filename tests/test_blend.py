@@ -9,10 +9,10 @@ import pytest
 
 from blend_data import make_blend_workdir
 from kit import CLASSES
-from kit.blend import complete_backbones, load_inputs, run_blend
+from kit.ensemble.blend import complete_backbones, load_inputs, run_blend
 from kit.cli import main
 from kit.metrics import macro_f1
-from kit.package import validate_submission
+from kit.submission.package import validate_submission
 from kit.utils import KitError
 
 
@@ -229,7 +229,7 @@ def test_inputs_from_an_older_cv_are_unknown_hence_optimistic(workdir):
     assert res.expected["label"] == "optimistic" and set(res.expected["why"]) == {
         "bb_a", "bb_b", "bb_c"}
     assert "not recorded (an older cv)" in "; ".join(res.expected["why"]["bb_a"])
-    from kit.blend import format_summary
+    from kit.ensemble.blend import format_summary
 
     assert "OPTIMISTIC" in format_summary(res)
 

@@ -8,8 +8,8 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
 from kit.bench.blend import synthetic_problem
-from kit.blend_search import (BlendSearch, apply_rule, fit_biases, fit_params, greedy_weights,
-                              search)
+from kit.ensemble.search import (BlendSearch, apply_rule, fit_biases, fit_params, greedy_weights,
+                                 search)
 from kit.config import load_config
 from kit.metrics import macro_f1, macro_f1_batch
 from kit.utils import KitError

@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from kit import clean, demo, neardup
+from kit.data import clean, demo, neardup
 from kit.cli import main
 from kit.config import load_config
-from kit.data import load_dataset
+from kit.data.dataset import load_dataset
 from kit.paths import Paths
 from kit.utils import KitError
 
@@ -283,7 +283,7 @@ def test_planted_near_duplicates_are_grouped_and_nothing_else(planted, cleaned):
 
 @pytest.mark.filterwarnings("ignore:class 'Triple negative' has only")
 def test_planted_near_duplicates_share_a_fold(planted):
-    from kit.folds import run_folds
+    from kit.data.folds import run_folds
 
     data, paths, _, truth = planted
     for seed in (0, 1, 2):

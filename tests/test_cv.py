@@ -11,7 +11,7 @@ import pytest
 
 from cv_data import make_workdir, write_folds
 from kit import CLASSES, PROB_COLUMNS
-from kit.cv import resolve_params, run_cv
+from kit.training.cv import resolve_params, run_cv
 from kit.paths import Paths
 from kit.utils import KitError
 
@@ -43,7 +43,7 @@ def _copy(done, tmp_path) -> Paths:
 
 
 def test_oof_covers_every_image_once_predicted_by_the_model_that_did_not_see_it(done):
-    from kit.patches import load_patches
+    from kit.data.patches import load_patches
 
     paths, metrics = done
     out = paths.backbone_dir(BB)
@@ -68,7 +68,7 @@ def test_oof_covers_every_image_once_predicted_by_the_model_that_did_not_see_it(
 def _assert_checkpoint_gives_oof(out, config, train, folds, k, atol):
     """Fold k's model.pt predicts exactly (to ``atol``) the OOF rows cv wrote for fold k."""
     from kit.metrics import aggregate
-    from kit.train import build_model, load_checkpoint, predict
+    from kit.training.train import build_model, load_checkpoint, predict
 
     model, _ = build_model(BB, config, "random", patch_size=32)
     load_checkpoint(model, out / f"fold_{k}" / "model.pt")
@@ -118,7 +118,7 @@ def test_metrics_and_records(done):
                 "confusion", "config", "weights_source", "versions", "trainable_params",
                 "patch_keys"):
         assert key in on_disk, key
-    from kit.folds import load_folds
+    from kit.data.folds import load_folds
     from kit.metrics import macro_f1
 
     assert on_disk["folds_sha256"] == load_folds(paths)[1]
@@ -256,12 +256,12 @@ def _tree(out: Path) -> set[str]:
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory):
     """A frozen-backbone run (cache path) counting the calls of both training paths."""
-    import kit.features
-    import kit.train
+    import kit.training.features
+    import kit.training.train
 
     paths = make_workdir(tmp_path_factory.mktemp("cvf") / "w", n_folds=3)
     calls = {"features_cv": 0, "fit_fold": 0}
-    real_features_cv, real_fit_fold = kit.features.features_cv, kit.train.fit_fold
+    real_features_cv, real_fit_fold = kit.training.features.features_cv, kit.training.train.fit_fold
 
     def features_cv(*a, **kw):
         calls["features_cv"] += 1
@@ -273,8 +273,8 @@ def cached(tmp_path_factory):
 
     log = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(log):
-        mp.setattr(kit.features, "features_cv", features_cv)
-        mp.setattr(kit.train, "fit_fold", fit_fold)
+        mp.setattr(kit.training.features, "features_cv", features_cv)
+        mp.setattr(kit.training.train, "fit_fold", fit_fold)
         metrics = _run(paths, cfg=FROZEN, seed=5)
     return paths, metrics, dict(calls), log.getvalue()
 
@@ -293,7 +293,7 @@ def test_a_frozen_backbone_trains_heads_on_cached_embeddings(cached):
 
 
 def test_cache_path_gives_the_oof_of_features_cv(cached):
-    from kit.features import features_cv
+    from kit.training.features import features_cv
 
     paths, metrics, _, _ = cached
     out = paths.backbone_dir(BB)
@@ -313,8 +313,8 @@ def test_cache_path_gives_the_oof_of_features_cv(cached):
 
 
 def test_cache_path_writes_the_files_of_the_pixel_path(cached, done, tmp_path):
-    from kit.blend import load_inputs
-    from kit.patches import load_patches
+    from kit.ensemble.blend import load_inputs
+    from kit.data.patches import load_patches
 
     paths, metrics, _, _ = cached
     out = paths.backbone_dir(BB)
@@ -363,8 +363,8 @@ def test_cache_path_resumes_by_fold(cached, tmp_path, capsys):
 
 
 def test_training_path_needs_everything_frozen():
-    from kit.cv import pixel_augment_not_applied, training_path
-    from kit.train import train_config
+    from kit.training.cv import pixel_augment_not_applied, training_path
+    from kit.training.train import train_config
 
     assert training_path(train_config()) == "pixels"  # the default trains the norm layers
     assert training_path(train_config({"train_norm": []})) == "feature_cache"

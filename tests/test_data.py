@@ -1,4 +1,5 @@
-"""kit.data: loading and validating a dataset in the challenge layout, and the validate CLI."""
+"""kit.data.dataset: loading and validating a dataset in the challenge layout, and the
+validate CLI."""
 from __future__ import annotations
 
 import os
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 
 from kit import CLASSES
-from kit.data import find_root, load_dataset, read_image, read_mask, to_rgb_array
+from kit.data.dataset import find_root, load_dataset, read_image, read_mask, to_rgb_array
 from kit.utils import KitError
 
 REPO = Path(__file__).resolve().parents[1]

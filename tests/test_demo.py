@@ -6,8 +6,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from kit import CLASSES, demo
-from kit.data import load_dataset, mask_groups, read_image, read_mask
+from kit import CLASSES
+from kit.data import demo
+from kit.data.dataset import load_dataset, mask_groups, read_image, read_mask
 from kit.utils import KitError
 
 

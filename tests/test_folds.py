@@ -1,4 +1,4 @@
-"""kit.folds: stratified, image-grouped K-fold split, its file and its overwrite guard."""
+"""kit.data.folds: stratified, image-grouped K-fold split, its file and its overwrite guard."""
 from __future__ import annotations
 
 import os
@@ -14,10 +14,10 @@ from PIL import Image
 
 from kit import CLASSES
 from kit.cli import main
-from kit.data import load_dataset
-from kit.folds import (StratifiedGroupFolds, assign_folds, build_groups, fold_table, folds_hash,
-                       load_folds, run_folds)
-from kit.neardup import COLUMNS as NEAR_COLUMNS, near_duplicates_csv
+from kit.data.dataset import load_dataset
+from kit.data.folds import (StratifiedGroupFolds, assign_folds, build_groups, fold_table,
+                            folds_hash, load_folds, run_folds)
+from kit.data.neardup import COLUMNS as NEAR_COLUMNS, near_duplicates_csv
 from kit.paths import Paths
 from kit.utils import KitError, sha256_file
 

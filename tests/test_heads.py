@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from kit.backbones import create_backbone
-from kit.heads import PatchClassifier, Standardize, create_head
+from kit.models.backbones import create_backbone
+from kit.models.heads import PatchClassifier, Standardize, create_head
 from kit.utils import KitError
 
 
@@ -119,7 +119,7 @@ def test_standardize_scales_tiny_features_and_leaves_dead_dimensions_alone():
 
 
 def test_attention_mil_pools_an_images_patches_into_one_prediction():
-    from kit.heads import AttentionMIL, is_mil
+    from kit.models.heads import AttentionMIL, is_mil
 
     torch.manual_seed(0)
     head = create_head(12, 4, depth=1, width=16, dropout=0.0, pool="attention")

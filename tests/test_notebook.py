@@ -47,7 +47,7 @@ def _outputs(nb):
 
 
 def test_the_notebook_runs_on_the_demo_data(tmp_path, monkeypatch):
-    from kit import demo
+    from kit.data import demo
 
     data = demo.generate(tmp_path / "data", n_train=48, n_test=12, short_side=256, seed=3)
     work = tmp_path / "work"

@@ -9,10 +9,11 @@ import pytest
 
 from blend_data import make_blend_workdir
 from kit import CLASSES
-from kit.blend import run_blend
-from kit.package import (REQUIRED_FIELDS, append_submission, check_manifest, command_line,
-                         expected_test_ids, git_info, test_files_sha256, load_manifest,
-                         update_manifest, validate_submission, write_submission)
+from kit.ensemble.blend import run_blend
+from kit.submission.package import (REQUIRED_FIELDS, append_submission, check_manifest,
+                                    command_line, expected_test_ids, git_info, test_files_sha256,
+                                    load_manifest, update_manifest, validate_submission,
+                                    write_submission)
 from kit.utils import KitError, sha256_file
 
 IDS = [f"img_{i:04d}.png" for i in range(6)]

@@ -1,14 +1,14 @@
 """``cv --params``: parameters tuned for one training path are not silently applied to
-another; where they come from is recorded (kit.params, kit.cv.resolve_params)."""
+another; where they come from is recorded (kit.training.params, kit.training.cv.resolve_params)."""
 from __future__ import annotations
 
 import pytest
 import yaml
 
 from cv_data import make_workdir
-from kit.cv import resolve_params, run_cv
+from kit.training.cv import resolve_params, run_cv
 from kit.paths import Paths
-from kit.train import train_config
+from kit.training.train import train_config
 from kit.utils import KitError
 
 BB = "tiny_cnn"
@@ -110,7 +110,7 @@ def test_params_tuned_on_another_folds_file_do_not_bias_this_cv(tmp_path):
     features_best(paths, folds_sha256="0" * 64)
     _, _, source = resolve_params("best", paths, BB, cfg=FROZEN, with_source=True)
     assert source["tuned_on_same_folds"] is False and source["honest"] is True
-    from kit.folds import folds_hash
+    from kit.data.folds import folds_hash
 
     features_best(paths, folds_sha256=folds_hash(paths))
     _, _, source = resolve_params("best", paths, BB, cfg=FROZEN, with_source=True)

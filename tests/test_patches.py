@@ -11,10 +11,10 @@ from PIL import Image
 
 from kit import CLASSES
 from kit.cli import main
-from kit.data import read_image, read_mask
+from kit.data.dataset import read_image, read_mask
 from kit.paths import Paths
-from kit.patches import (extract_patches, load_patches, rank_windows, run_patches,
-                         select_windows, tissue_mask, window_scores, window_starts)
+from kit.data.patches import (extract_patches, load_patches, rank_windows, run_patches,
+                              select_windows, tissue_mask, window_scores, window_starts)
 from kit.utils import KitError
 
 CFG = {"size": 16, "stride": 8, "top_k": 3, "workers": 1}
@@ -396,7 +396,7 @@ MACENKO = {"stain_norm": {"method": "macenko"}}
 
 def test_stain_norm_off_keeps_the_cache_key_of_older_caches():
     from kit.config import load_config
-    from kit.patches import _key_cfg
+    from kit.data.patches import _key_cfg
 
     cfg = load_config("patches")
     assert cfg["stain_norm"]["method"] == "none"

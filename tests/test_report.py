@@ -15,11 +15,12 @@ import pytest
 from PIL import Image
 
 from fake_kaggle import write_fake_submission
-from kit import CLASSES, package
+from kit import CLASSES
+from kit.submission import package
 from kit.metrics import plot_confusion
 from kit.paths import Paths
-from kit.blend import expected_score, provenance
-from kit.report import reliability, run_report
+from kit.ensemble.blend import expected_score, provenance
+from kit.submission.report import reliability, run_report
 from kit.utils import atomic_write_csv, atomic_write_json, write_config
 
 PROB = [f"p_{c}" for c in CLASSES]
@@ -301,7 +302,7 @@ def test_renders_in_headless_chromium(tmp_path):
 
 def test_attention_patches_and_collapsed_models_are_shown(tmp_path):
     from cv_data import make_workdir
-    from kit.cv import run_cv
+    from kit.training.cv import run_cv
 
     paths = make_workdir(tmp_path / "w", n_folds=3)
     run_cv("tiny_cnn", paths, weights="random", seed=0,

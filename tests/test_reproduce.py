@@ -9,9 +9,9 @@ import pytest
 
 from blend_data import make_blend_workdir
 from kit import CLASSES
-from kit.blend import run_blend
+from kit.ensemble.blend import run_blend
 from kit.cli import main
-from kit.reproduce import infer_workdir, reproduce
+from kit.submission.reproduce import infer_workdir, reproduce
 from kit.utils import KitError
 
 

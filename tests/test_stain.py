@@ -1,4 +1,4 @@
-"""Macenko stain normalisation (kit.stain): two stainings of the same tissue end up alike,
+"""Macenko stain normalisation (kit.data.stain): two stainings of the same tissue end up alike,
 a reference image sets the target, degenerate inputs are left alone, bad settings name their key."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kit.stain import (STANDARD_HE, STANDARD_MAX_C, _normalizer, check_stain_config,
-                       macenko_normalize, macenko_reference, stain_key, stain_payload,
-                       tissue_fraction)
+from kit.data.stain import (STANDARD_HE, STANDARD_MAX_C, _normalizer, check_stain_config,
+                            macenko_normalize, macenko_reference, stain_key, stain_payload,
+                            tissue_fraction)
 from kit.utils import KitError
 
 # Stain matrices (rows: haematoxylin, eosin; columns: R, G, B optical density per unit),

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fake_kaggle import FakeKaggle, write_fake_submission
-from kit import submit
+from kit.submission import submit
 from kit.cli import main
 from kit.utils import KitError
 
@@ -302,7 +302,7 @@ def test_http_reasons_are_one_line_with_a_fix():
 
 def test_client_import_does_not_run_kaggle_init(tmp_path):
     """``kaggle/__init__`` would authenticate and print at import; the kit skips it."""
-    code = ("import kit.submit as s; cls = s.load_kaggle_api(); import sys; "
+    code = ("import kit.submission.submit as s; cls = s.load_kaggle_api(); import sys; "
             "print(cls.__name__, hasattr(sys.modules['kaggle'], 'api') and "
             "not isinstance(sys.modules['kaggle'].api, cls))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

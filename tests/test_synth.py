@@ -1,4 +1,4 @@
-"""kit.synth, the one synthetic-data generator: presets, label noise, held-back test labels,
+"""kit.data.synth, the one synthetic-data generator: presets, label noise, held-back test labels,
 signal strength, plain style, and the in-memory patch caches and embeddings."""
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from kit import CLASSES, synth
-from kit.data import load_dataset
+from kit import CLASSES
+from kit.data import synth
+from kit.data.dataset import load_dataset
 from kit.utils import KitError
 
 
@@ -129,8 +130,8 @@ def test_bad_arguments_are_refused_with_one_line(tmp_path, kwargs, match):
 
 
 def test_patch_workdir_is_read_by_the_kits_loaders(tmp_path):
-    from kit.folds import load_folds
-    from kit.patches import load_patches
+    from kit.data.folds import load_folds
+    from kit.data.patches import load_patches
 
     paths = synth.write_patch_workdir(tmp_path / "w", n_train=16, n_test=3, k=2, size=16,
                                       n_folds=4, seed=2)

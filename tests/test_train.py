@@ -5,11 +5,10 @@ import torch.nn.functional as F
 
 from cv_data import make_patches
 from kit import CLASSES
-from kit.train import (PatchDataset, amp_dtype, build_model, checkpoint_keys, fit_fold,
-                       inner_split,
-                       load_checkpoint, make_loader, pick_device, predict, save_checkpoint,
-                       set_train_mode, soft_cross_entropy, train_config, tta_views,
-                       warmup_cosine)
+from kit.training.train import (PatchDataset, amp_dtype, build_model, checkpoint_keys, fit_fold,
+                                inner_split, load_checkpoint, make_loader, pick_device, predict,
+                                save_checkpoint, set_train_mode, soft_cross_entropy, train_config,
+                                tta_views, warmup_cosine)
 from kit.utils import KitError, seed_everything
 
 N, K, P = 24, 4, 32
@@ -89,7 +88,7 @@ def test_devices_and_precision():
     assert amp_dtype(cpu, "bf16") == torch.bfloat16 and amp_dtype(cpu, "off") is None
     with pytest.raises(KitError):
         amp_dtype(cpu, "fp8")
-    from kit.train import _flag, n_workers
+    from kit.training.train import _flag, n_workers
 
     assert _flag("auto", cpu) is False and _flag("false", cpu) is False and _flag(True, cpu)
     assert n_workers("auto", cpu) == 0 and n_workers(2, cpu) == 2
@@ -306,7 +305,7 @@ def test_bench_train_times_both_loops(data):
 
 
 def test_random_backbones_get_their_batchnorm_recalibrated_with_a_warning(data, capsys):
-    from kit.train import recalibrate_random
+    from kit.training.train import recalibrate_random
 
     x, _ = data
     cfg = _cfg()
@@ -323,7 +322,7 @@ def test_random_backbones_get_their_batchnorm_recalibrated_with_a_warning(data, 
 
 
 def test_attention_model_trains_on_whole_images_and_predicts_images(data):
-    from kit.heads import MILClassifier
+    from kit.models.heads import MILClassifier
 
     x, y = data
     cfg = _cfg(epochs=2, **{"head": {"pool": "attention"}})

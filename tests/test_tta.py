@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kit.tta import DEFAULT_VIEWS, VIEWS, apply_view, get_views, invert_view
+from kit.training.tta import DEFAULT_VIEWS, VIEWS, apply_view, get_views, invert_view
 from kit.utils import KitError
 
 

@@ -17,11 +17,11 @@ import yaml
 
 from cv_data import make_workdir
 from kit.config import load_config
-from kit.features import features_cv, prepare
-from kit.search_space import Param, load_space, parse_param
-from kit.tune import (fold_subset, known_param_keys, plot_study, run_tune, study_name,
-                      trial_order, warm_start)
-from kit.tune_storage import describe, make_storage
+from kit.training.features import features_cv, prepare
+from kit.tuning.search_space import Param, load_space, parse_param
+from kit.tuning.tune import (fold_subset, known_param_keys, plot_study, run_tune, study_name,
+                             trial_order, warm_start)
+from kit.tuning.storage import describe, make_storage
 from kit.utils import KitError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def env():
 
 # --------------------------------------------------------------------------- search space
 def test_default_space_parses_for_every_backbone_and_objective():
-    from kit.backbones import list_backbones
+    from kit.models.backbones import list_backbones
 
     keys = known_param_keys()
     for bb in list_backbones():
@@ -195,8 +195,8 @@ def test_features_objective_equals_features_cv_and_writes_outputs(feat_work, tmp
             {k: per_fold[k] for k in t.intermediate_values})
     assert on_disk["score"] == max(t.value for t in complete)
     # cv's params loader reads it as dotted overrides the training config accepts.
-    from kit.cv import resolve_params
-    from kit.train import train_config
+    from kit.training.cv import resolve_params
+    from kit.training.train import train_config
 
     # On the path the search trained (heads on cached embeddings) every key applies...
     params, _ = resolve_params("best", paths, "tiny_cnn", cfg={"train_norm": []})
@@ -210,7 +210,7 @@ def test_features_objective_equals_features_cv_and_writes_outputs(feat_work, tmp
     assert "optimistic" in on_disk["search_score_kind"] and "holdout_score" not in on_disk
     assert on_disk["training_path"] == "feature_cache"
     assert on_disk["early_stopping"] == train_config()["early_stopping"]
-    from kit.folds import folds_hash
+    from kit.data.folds import folds_hash
 
     assert on_disk["folds_sha256"] == folds_hash(paths) and on_disk["weights"] == "random"
     table = pd.read_csv(out / "trials.csv")
@@ -305,7 +305,7 @@ def test_a_changed_folds_file_is_not_mixed_into_a_study(tmp_path):
 
 
 def test_full_objective_equals_cv_and_cv_consumes_best_yaml(tmp_path):
-    from kit.cv import run_cv
+    from kit.training.cv import run_cv
 
     paths = make_workdir(tmp_path / "w", n_train=24, n_test=4, k=2, size=32, n_folds=3)
     space = space_file(tmp_path, lr={"type": "float", "low": 0.005, "high": 0.02}, epochs=2,
@@ -412,7 +412,7 @@ def test_two_workers_share_one_study_on_postgresql(feat_work, tmp_path):
         finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
         assert len(finished) == 6
         assert len({t.user_attrs["worker"] for t in finished}) == 2  # both did work
-        from kit.cv import resolve_params
+        from kit.training.cv import resolve_params
 
         best = yaml.safe_load((feat_work.tune_dir("tiny_cnn") / "best.yaml").read_text())
         params, _ = resolve_params("best", feat_work, "tiny_cnn", cfg={"train_norm": []})
@@ -455,7 +455,7 @@ def test_bench_tune_runs_and_records_both_trials(tmp_path):
 
 
 def test_ctrl_c_loses_only_the_running_trial(feat_work, tmp_path, monkeypatch):
-    from kit.features import FeatureCV
+    from kit.training.features import FeatureCV
 
     space = space_file(tmp_path, **FAST)
     kw = dict(space_file=space, weights="random", study_suffix="ctrlc")
@@ -510,7 +510,7 @@ def test_one_worker_on_the_default_storage_repeats_its_search(feat_work, tmp_pat
 def test_estimate_is_nested_and_its_outer_folds_never_choose_their_params(tmp_path, monkeypatch):
     import json
 
-    from kit.features import FeatureCV
+    from kit.training.features import FeatureCV
 
     paths = make_workdir(tmp_path / "w", n_train=24, n_test=2, k=2, size=32, n_folds=3, seed=1,
                          signal=0.3)

@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from cv_data import make_workdir
-from kit import tune_workers
-from kit.tune_workers import Worker, assign, parse_gpus, run_processes, worker_env
+from kit.tuning import workers as tune_workers
+from kit.tuning.workers import Worker, assign, parse_gpus, run_processes, worker_env
 from kit.utils import KitError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,5 +1,5 @@
-"""The ``--weights`` lookup (kit.weights): auto from $KIT_WEIGHTS_DIR or the caches, a file or a
-folder, and the one offline message; exercised through ``create_backbone``."""
+"""The ``--weights`` lookup (kit.models.weights): auto from $KIT_WEIGHTS_DIR or the caches, a
+file or a folder, and the one offline message; exercised through ``create_backbone``."""
 from __future__ import annotations
 
 import time
@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kit import backbones as B
-from kit.backbones import create_backbone
+from kit.models import backbones as B
+from kit.models.backbones import create_backbone
 from kit.utils import KitError
 
 # backbones_offline and backbones_one_thread are test_backbones' autouse fixtures, imported so

@@ -62,7 +62,7 @@ def synthetic_problem(n: int = 581, n_models: int = 3, n_folds: int = 5, n_test:
 
 
 def run(args) -> int:
-    from kit.blend_search import search
+    from kit.ensemble.search import search
     from kit.config import load_config
 
     cfg = load_config("blend")

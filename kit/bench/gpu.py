@@ -3,7 +3,7 @@
 For each backbone (default ``efficientnet_b0`` and ``phikon``, i.e. a Phikon-shaped
 ViT-B/16; random weights, nothing to download):
 
-1. **cv**: a short ``cv`` on generated tinted patches (:func:`kit.synth.write_patch_workdir`)
+1. **cv**: a short ``cv`` on generated tinted patches (:func:`kit.data.synth.write_patch_workdir`)
    on the pixel path, as a competitor runs it on a GPU: mixed precision (bf16 where the GPU
    has it natively, else fp16 with loss scaling), ``channels_last``, pinned memory and
    DataLoader workers (``train.yaml``'s ``auto`` settings). Seconds, patches/s, peak memory.
@@ -15,8 +15,8 @@ ViT-B/16; random weights, nothing to download):
 3. **train loop**: :func:`kit.bench.train.bench_backbone` on the GPU: an epoch of the kit's
    loop (memmap, augmentation in workers, pinned copies, CutMix, AMP step) against the bare
    step on batches already on the device.
-4. **embedding**: :func:`kit.features.embed_array` (what builds the embedding cache) against
-   the bare forward pass of the same backbone on the same batches already on the device.
+4. **embedding**: :func:`kit.training.features.embed_array` (what builds the embedding cache)
+   against the bare forward pass of the same backbone on the same batches already on the device.
 
 Without CUDA it stops with one line (exit 2). ``--device cpu`` runs the same steps on the
 CPU, to check the bench itself (the CPU-vs-device comparison is then CPU against CPU).
@@ -183,8 +183,8 @@ def agreement(name: str, array, labels, cfg: dict, device, steps: int, n_check: 
     """Same seed, same batches, CPU vs ``device``: fp32 after ``steps`` steps, and AMP."""
     import torch
 
-    from kit.train import (PatchDataset, Trainer, build_model, make_loader, predict,
-                           set_train_mode)
+    from kit.training.train import (PatchDataset, Trainer, build_model, make_loader, predict,
+                                    set_train_mode)
     from kit.utils import seed_everything
 
     cpu = torch.device("cpu")
@@ -233,8 +233,8 @@ def short_cv(name: str, paths, cfg: dict, device, seed: int) -> dict:
 
     import pandas as pd
 
-    from kit.cv import run_cv
-    from kit.train import n_workers
+    from kit.training.cv import run_cv
+    from kit.training.train import n_workers
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -264,14 +264,14 @@ def amp_name(device, amp) -> str:
     """``off``, ``bf16`` or ``fp16``: what ``amp`` resolves to on ``device``."""
     import torch
 
-    from kit.train import amp_dtype
+    from kit.training.train import amp_dtype
 
     return {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype(device, amp)]
 
 
 def speed_cache(folder: Path, labels, k: int, size: int, seed: int) -> np.ndarray:
     """Generated patches on disk, memory-mapped as cv and the embedding cache read them."""
-    from kit.synth import tinted_patches
+    from kit.data.synth import tinted_patches
 
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "patches.npy", tinted_patches(len(labels), k, size, labels, seed))
@@ -280,12 +280,12 @@ def speed_cache(folder: Path, labels, k: int, size: int, seed: int) -> np.ndarra
 
 # --------------------------------------------------------------------------- embedding
 def embed_throughput(name: str, array, batch_size: int, device, repeats: int) -> dict:
-    """:func:`kit.features.embed_array` vs the bare forward pass on the same batches."""
+    """:func:`kit.training.features.embed_array` vs the bare forward pass on the same batches."""
     import torch
 
-    from kit.augment import normalize_batch
-    from kit.backbones import create_backbone
-    from kit.features import embed_array
+    from kit.training.augment import normalize_batch
+    from kit.models.backbones import create_backbone
+    from kit.training.features import embed_array
 
     bb = create_backbone(name, weights="random", patch_size=int(array.shape[2]))
     bb.eval().to(device)
@@ -303,7 +303,7 @@ def embed_throughput(name: str, array, batch_size: int, device, repeats: int) ->
                 bb(x)
 
     def bare_amp():
-        from kit.train import amp_dtype
+        from kit.training.train import amp_dtype
 
         dtype = amp_dtype(device, "auto")
         ctx = (torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None
@@ -399,8 +399,8 @@ def run(args) -> int:
     import torch
 
     from kit.bench.train import bench_backbone
-    from kit.synth import write_patch_workdir
-    from kit.train import train_config
+    from kit.data.synth import write_patch_workdir
+    from kit.training.train import train_config
 
     device = require_device(args.device)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}

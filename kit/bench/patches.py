@@ -3,7 +3,7 @@
 Both passes run in the same process with the same worker count over the same files (page
 cache warmed first): the decode-only pass opens and fully decodes each image and mask with
 Pillow and nothing else, the floor any extraction must pay; the extraction pass is the real
-``kit.patches.build_split`` (decode, window scoring, cropping, streaming to ``patches.npy``).
+``kit.data.patches.build_split`` (decode, window scoring, cropping, streaming to ``patches.npy``).
 Each pass runs ``--repeat`` times, alternating, and the fastest of each is compared.
 Results are printed and written to ``runs/bench/patches.json``. Target: ratio <= 1.3.
 """
@@ -30,8 +30,8 @@ def add_arguments(parser):
                         help="cap on the generated long side, 1.5-4x the short side "
                              "(default: 4200, as in the real training set)")
     parser.add_argument("--generator", choices=("demo", "plain"), default="demo",
-                        help="demo: kit.synth's scans (textured, larger PNGs than the real "
-                             "ones); plain: kit.synth's plain style, "
+                        help="demo: kit.data.synth's scans (textured, larger PNGs than the real "
+                             "ones); plain: kit.data.synth's plain style, "
                              "flat background and smaller PNGs than the real ~0.7 MB, so "
                              "decoding is cheaper and the ratio harder (default: demo)")
     parser.add_argument("--limit", type=int, default=0,
@@ -49,7 +49,7 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from kit.config import load_config
-    from kit.data import load_dataset
+    from kit.data.dataset import load_dataset
     from kit.paths import Paths
     from kit.utils import n_workers
     from kit.utils import atomic_write_json
@@ -77,7 +77,7 @@ def measure(samples, cfg: dict, workers: int, out_dir, repeat: int = 2) -> dict:
     """Time decode-only and extraction passes over ``samples``; return the numbers."""
     from PIL import Image
 
-    from kit.patches import build_split, cache_key, decode_file, imap_ordered
+    from kit.data.patches import build_split, cache_key, decode_file, imap_ordered
 
     pixels = 0
     for s in samples:
@@ -170,16 +170,16 @@ def _print(r: dict) -> None:
 
 # --------------------------------------------------------------------------- data
 def _bench_dataset(bench_dir, args):
-    """A generated dataset (kit.synth) at the real data's scale, reused while its arguments
+    """A generated dataset (kit.data.synth) at the real data's scale, reused while its arguments
     match."""
-    from kit import synth
+    from kit.data import synth
 
     root = bench_dir / (f"data-{args.generator}-{args.n_train}-{args.n_test}-"
                         f"{args.short_side}-{args.long_side_max}-seed{args.seed}")
     if (root / ".complete").exists() and not (root / synth.META_JSON).exists():
         import shutil
 
-        shutil.rmtree(root)  # this bench's own folder from before kit.synth: regenerate it
+        shutil.rmtree(root)  # this bench's own folder from before kit.data.synth: regenerate it
     print(f"benchmark dataset: {root} (generated once, reused while its arguments match)")
     # "plain": flat background and noisy flat strips, smaller PNGs than the textured scans
     return synth.generate(root, n_train=args.n_train, n_test=args.n_test,

@@ -43,8 +43,8 @@ def _sync(device) -> None:
 
 
 def _cache(folder: Path, labels, k: int, size: int, seed: int) -> np.ndarray:
-    """A generated patch cache (kit.synth) on disk, memory-mapped as cv reads the real one."""
-    from kit.synth import tinted_patches
+    """A generated patch cache (kit.data.synth) on disk, memory-mapped as cv reads the real one."""
+    from kit.data.synth import tinted_patches
 
     np.save(folder / "patches.npy", tinted_patches(len(labels), k, size, labels, seed))
     return np.load(folder / "patches.npy", mmap_mode="r")
@@ -53,8 +53,8 @@ def _cache(folder: Path, labels, k: int, size: int, seed: int) -> np.ndarray:
 def bench_backbone(name: str, array, labels, cfg: dict, device, repeats: int, seed: int) -> dict:
     """Seconds per epoch of the kit loop, the bare step and the data path alone (best of)."""
 
-    from kit.augment import build_train_transform
-    from kit.train import PatchDataset, Trainer, build_model, make_loader, set_train_mode
+    from kit.training.augment import build_train_transform
+    from kit.training.train import PatchDataset, Trainer, build_model, make_loader, set_train_mode
     from kit.utils import seed_everything
 
     seed_everything(seed)
@@ -102,7 +102,7 @@ def bench_backbone(name: str, array, labels, cfg: dict, device, repeats: int, se
 def run(args) -> int:
     import torch
 
-    from kit.train import pick_device, train_config
+    from kit.training.train import pick_device, train_config
     from kit.utils import KitError
 
     device = pick_device(args.device)

@@ -4,9 +4,9 @@ On a synthetic feature set the size of the real data (581 images x 12 patches, 7
 test-time view, 5 folds) one trial of the ``features`` objective is timed end to end: the
 same code path as ``./run.sh tune`` (a head per fold, early stopping, pooled OOF macro F1).
 
-A ``full`` trial (:func:`kit.cv.run_cv` over 5 folds) of the same head on a CPU takes hours
+A ``full`` trial (:func:`kit.training.cv.run_cv` over 5 folds) of the same head on a CPU takes hours
 for ``efficientnet_b0``, so it is extrapolated from measured pieces of the kit's own loop
-(:func:`kit.train.fit_fold` and :func:`kit.train.predict`) on real-size patches:
+(:func:`kit.training.train.fit_fold` and :func:`kit.training.train.predict`) on real-size patches:
 
 - one training epoch on ``--subset`` images -> training patches/s,
 - a prediction pass over the TTA views -> predicted patches/s,
@@ -46,7 +46,8 @@ def add_arguments(parser):
 
 # --------------------------------------------------------------------------- synthetic data
 def synthetic_features(n: int, k: int, n_views: int, dim: int, n_folds: int, seed: int = 0):
-    """A :class:`kit.features.FeatureCV` over generated embeddings (:func:`kit.synth.embeddings`).
+    """A :class:`kit.training.features.FeatureCV` over generated embeddings
+    (:func:`kit.data.synth.embeddings`).
 
     Class means plus a per-image offset plus per-patch noise; the class shares follow the
     real clean training set; stratified folds.
@@ -56,9 +57,9 @@ def synthetic_features(n: int, k: int, n_views: int, dim: int, n_folds: int, see
     import pandas as pd
 
     from kit import CLASSES
-    from kit.features import FeatureCV, Features, cache_views
-    from kit.synth import embeddings, stratified_folds
-    from kit.train import train_config, tta_views
+    from kit.training.features import FeatureCV, Features, cache_views
+    from kit.data.synth import embeddings, stratified_folds
+    from kit.training.train import train_config, tta_views
 
     x, y = embeddings(n, k, n_views, dim, seed)
     ids = [f"img_{i:04d}.png" for i in range(n)]
@@ -75,7 +76,7 @@ def synthetic_features(n: int, k: int, n_views: int, dim: int, n_folds: int, see
 # --------------------------------------------------------------------------- measurements
 def time_features_trial(fcv, folds) -> dict:
     """One trial exactly as the tune objective runs it (default head and training config)."""
-    from kit.tune import FeaturesEvaluator, evaluate
+    from kit.tuning.tune import FeaturesEvaluator, evaluate
 
     ev = FeaturesEvaluator.from_feature_cv(fcv)
     epochs = []
@@ -97,8 +98,8 @@ def measure_full(backbone: str, subset: int, k: int, size: int, views, seed: int
     """Training and prediction throughput of the kit's loop for ``backbone`` (random weights)."""
     import numpy as np
 
-    from kit.synth import tinted_patches
-    from kit.train import build_model, fit_fold, predict, train_config
+    from kit.data.synth import tinted_patches
+    from kit.training.train import build_model, fit_fold, predict, train_config
 
     cfg = train_config({"epochs": 1, "patience": 0, "num_workers": 0})
     n_val = max(2, subset // 4)
@@ -139,8 +140,8 @@ def extrapolate(m: dict, n_images: int, n_test: int, k: int, n_views: int, fold_
 
 def complete_full_trial(backbone: str, args, workdir) -> float:
     """A real full trial (run_cv over every fold) of ``backbone`` on real-size patches."""
-    from kit.synth import write_patch_workdir
-    from kit.tune import FullEvaluator, evaluate
+    from kit.data.synth import write_patch_workdir
+    from kit.tuning.tune import FullEvaluator, evaluate
 
     paths = write_patch_workdir(workdir, n_train=args.images, n_test=args.test_images, k=args.k,
                                 size=args.size, n_folds=args.folds, seed=0)

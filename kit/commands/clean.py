@@ -23,10 +23,10 @@ def add_arguments(parser):
 def run(args) -> int:
     import pandas as pd
 
-    from kit import clean
+    from kit.data import clean
     from kit.config import stage_overrides, with_flags
-    from kit.data import load_dataset
-    from kit.neardup import near_duplicates_csv
+    from kit.data.dataset import load_dataset
+    from kit.data.neardup import near_duplicates_csv
 
     cfg = {"green": {"min_share": args.green_share},
            "cartoon": {"strict": args.cartoon_strict, "paired": args.cartoon_paired},

@@ -40,7 +40,7 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from kit.config import stage_overrides, with_flags
-    from kit.cv import run_cv
+    from kit.training.cv import run_cv
     from kit.paths import Paths
 
     overrides = {"epochs": args.epochs, "batch_size": args.batch_size,

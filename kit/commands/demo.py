@@ -12,7 +12,7 @@ from kit.paths import Paths
 def add_arguments(parser):
     parser.add_argument("--out", default="runs/demo",
                         help="work directory for the demo (default: runs/demo)")
-    # Defaults: kit.synth's demo preset (120 training and 40 test images, short side 256).
+    # Defaults: kit.data.synth's demo preset (120 training and 40 test images, short side 256).
     parser.add_argument("--n-train", type=int, default=None,
                         help="demo training images (default: 120)")
     parser.add_argument("--n-test", type=int, default=None, help="demo test images (default: 40)")
@@ -21,7 +21,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from kit import clean, demo, folds, patches
+    from kit.data import clean, demo, folds, patches
 
     out = Path(args.out)
     paths = Paths.from_root(out)
@@ -41,7 +41,7 @@ def run(args) -> int:
     # best params (runs/tiny_cnn/ stays the plain, stronger model).
     _tune(paths, args.seed)
     _blend(paths, data, args.seed)  # after both cv runs (it reads runs/<bb>/), before the report
-    from kit.report import run_report  # last: it summarises every stage above
+    from kit.submission.report import run_report  # last: it summarises every stage above
 
     print(f"report         -> {run_report(paths, data)}")
     return 0
@@ -53,8 +53,8 @@ def _tune(paths: Paths, seed: int, backbone: str = "tiny_vit", trials: int = 8) 
     cv keeps the backbone frozen as the features objective does (norm layers too), so it
     trains the heads on the search's embedding cache and reproduces the tuned score.
     """
-    from kit.cv import run_cv
-    from kit.tune import run_tune
+    from kit.training.cv import run_cv
+    from kit.tuning.tune import run_tune
 
     # The demo's own study file: a fresh study each run, as the demo data is regenerated.
     (paths.runs_dir / "optuna.db").unlink(missing_ok=True)
@@ -77,7 +77,7 @@ DEMO_CV = {"epochs": 6, "patience": 0, "lr": 3e-3, "unfreeze_last": 4}
 
 def _cv(paths: Paths, seed: int) -> None:
     """Cross-validated tiny_cnn: OOF and test probabilities for the blend."""
-    from kit.cv import run_cv
+    from kit.training.cv import run_cv
 
     metrics = run_cv("tiny_cnn", paths, cfg=DEMO_CV, seed=seed, weights="random", params="none")
     print(f"cv             -> {paths.backbone_dir('tiny_cnn')} (oof.csv, test.csv, tta/, "
@@ -87,7 +87,7 @@ def _cv(paths: Paths, seed: int) -> None:
 
 def _blend(paths: Paths, data, seed: int) -> None:
     """Blend every backbone the demo trained into a validated submission + manifest."""
-    from kit.blend import complete_backbones, run_blend
+    from kit.ensemble.blend import complete_backbones, run_blend
 
     if not complete_backbones(paths):  # only until the cv step runs before this one
         print("blend          skipped: no runs/<backbone>/ with oof.csv, test.csv and "

@@ -18,7 +18,7 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from kit.config import stage_overrides, with_flags
-    from kit.folds import folds_hash, run_folds
+    from kit.data.folds import folds_hash, run_folds
 
     if args.n_splits is not None and args.n_splits < 2:
         raise KitError(f"--n-splits {args.n_splits}: need at least 2 folds")

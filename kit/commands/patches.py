@@ -23,7 +23,7 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from kit.config import stage_overrides, with_flags
-    from kit.patches import SPLITS, run_patches
+    from kit.data.patches import SPLITS, run_patches
 
     overrides = with_flags(stage_overrides(args.config, args.sets),
                            {"size": args.size, "stride": args.stride, "top_k": args.top_k,

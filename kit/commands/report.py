@@ -10,7 +10,7 @@ def add_arguments(parser):
 def run(args) -> int:
     from kit.paths import Paths
     from kit.config import stage_overrides, with_flags
-    from kit.report import run_report
+    from kit.submission.report import run_report
 
     out = run_report(Paths.from_root(args.workdir), args.data,
                      cfg=with_flags(stage_overrides(args.config, args.sets),

@@ -14,7 +14,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from kit.reproduce import reproduce
+    from kit.submission.reproduce import reproduce
 
     # --workdir / --data given explicitly win; otherwise the manifest says where it lives
     # (<workdir>/submissions/) and which dataset it used.

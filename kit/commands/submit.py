@@ -26,7 +26,7 @@ def add_arguments(parser):
 def run(args) -> int:
     from kit.paths import Paths
     from kit.config import stage_overrides, with_flags
-    from kit.submit import run_submit
+    from kit.submission.submit import run_submit
 
     run_submit(Paths.from_root(args.workdir), args.message, csv=args.csv,
                competition=args.competition, wait=args.wait, dry_run=args.dry_run,

@@ -66,12 +66,12 @@ def add_arguments(parser):
 
 def run(args) -> int:
     if getattr(args, "workers", None) is not None or getattr(args, "gpus", None):
-        from kit.tune_workers import launch  # several worker processes, see that module
+        from kit.tuning.workers import launch  # several worker processes, see that module
 
         return launch(args)
     from kit.paths import Paths
     from kit.config import stage_overrides
-    from kit.tune import run_tune
+    from kit.tuning.tune import run_tune
 
     run_tune(args.backbones, Paths.from_root(args.workdir), objective=args.objective,
              trials=args.trials, timeout=args.timeout, storage=args.storage,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from kit.data import load_dataset
+from kit.data.dataset import load_dataset
 
 
 def add_arguments(parser):

@@ -2,8 +2,8 @@
 
 The data path: a Dataset over (image, patch) pairs reads uint8 patches from the memory-mapped
 cache and augments them with albumentations (on CPU, in DataLoader workers when there are
-any); batches stay uint8 until they reach the device, where :func:`kit.augment.normalize_batch`
-scales, normalises and resizes them, and CutMix mixes them. Early stopping watches the macro
+any); batches stay uint8 until they reach the device, where
+:func:`kit.training.augment.normalize_batch` scales, normalises and resizes them, and CutMix mixes them. Early stopping watches the macro
 F1 of the validation *images* (patch probabilities aggregated per image), the challenge metric.
 """
 from __future__ import annotations
@@ -55,8 +55,8 @@ def dotted_to_nested(params: dict) -> dict:
 
 def tta_views(spec) -> tuple[str, ...]:
     """View names from the ``tta`` config: ``none`` (original only), a set name of
-    :mod:`kit.tta` (``flips``, ``dihedral``) or a list of view names."""
-    from kit.tta import get_views
+    :mod:`kit.training.tta` (``flips``, ``dihedral``) or a list of view names."""
+    from kit.training.tta import get_views
 
     if isinstance(spec, str) and spec.strip().lower() in ("none", "off", ""):
         return ("id",)
@@ -135,8 +135,8 @@ def build_model(backbone: str, cfg: dict, weights="auto", num_classes: int = len
     (PatchClassifier, int)
         The model and its number of trainable parameters.
     """
-    from kit.backbones import count_trainable, create_backbone, freeze_backbone
-    from kit.heads import MILClassifier, PatchClassifier, create_head, is_mil
+    from kit.models.backbones import count_trainable, create_backbone, freeze_backbone
+    from kit.models.heads import MILClassifier, PatchClassifier, create_head, is_mil
 
     bb = create_backbone(backbone, weights=weights, patch_size=patch_size,
                          phikon_mode=cfg.get("phikon_mode", "resize"), **backbone_kwargs)
@@ -155,9 +155,9 @@ def recalibrate_random(backbone, cfg: dict, array, rows=None, device="cpu",
     features carry little signal. Returns the patches used (0: nothing done).
 
     With ``data_key`` (the patch cache's key) the backbone gets a ``state_digest`` naming its
-    weights before recalibration and the data (see :func:`kit.features.weights_digest`).
+    weights before recalibration and the data (see :func:`kit.training.features.weights_digest`).
     """
-    from kit.backbones import recalibrate_batchnorm
+    from kit.models.backbones import recalibrate_batchnorm
 
     when = str(cfg.get("recalibrate_bn", "auto")).strip().lower()
     if when not in ("auto", "true", "false"):
@@ -168,7 +168,7 @@ def recalibrate_random(backbone, cfg: dict, array, rows=None, device="cpu",
     bs = int(cfg.get("eval_batch_size") or 0) or 2 * int(cfg["batch_size"])
     before = None
     if data_key is not None:
-        from kit.features import weights_digest
+        from kit.training.features import weights_digest
 
         before = weights_digest(backbone)
     used = recalibrate_batchnorm(backbone, array, rows, batch_size=bs, device=device,
@@ -312,7 +312,7 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
     transform = getattr(info.dataset, "transform", None)
     if transform is not None:
-        from kit.augment import seed_transform
+        from kit.training.augment import seed_transform
 
         seed_transform(transform, seed)
 
@@ -321,7 +321,7 @@ def make_loader(dataset: PatchDataset, cfg: dict, seed: int, device: torch.devic
                 shuffle: bool = True) -> torch.utils.data.DataLoader:
     """A seeded DataLoader over ``dataset`` following ``cfg`` (batch_size, num_workers,
     class_balance)."""
-    from kit.augment import balanced_sampler
+    from kit.training.augment import balanced_sampler
 
     g = torch.Generator().manual_seed(seed)
     if cfg["class_balance"] == "sampler":
@@ -408,18 +408,18 @@ def predict(model: nn.Module, array, rows=None, views=("id",), batch_size: int =
     rows : int array, optional
         Images to predict (default: all), in this order.
     views : sequence of str
-        :mod:`kit.tta` view names.
+        :mod:`kit.training.tta` view names.
 
     Returns
     -------
     dict view -> float32 array ``len(rows) x K x C``
     """
-    from kit.augment import normalize_batch
-    from kit.tta import apply_view
+    from kit.training.augment import normalize_batch
+    from kit.training.tta import apply_view
 
     device = torch.device(device)
     rows = np.arange(len(array)) if rows is None else np.asarray(rows, dtype=np.int64)
-    from kit.heads import is_mil
+    from kit.models.heads import is_mil
 
     k = int(array.shape[1])
     bb = model.backbone
@@ -561,7 +561,7 @@ class Trainer:
 
     def __init__(self, model: nn.Module, cfg: dict, device: torch.device, train_y,
                  steps_per_epoch: int):
-        from kit.augment import class_weights, create_mixer
+        from kit.training.augment import class_weights, create_mixer
 
         self.model, self.cfg, self.device = model, cfg, torch.device(device)
         self.n_classes = _n_outputs(model)
@@ -598,7 +598,7 @@ class Trainer:
 
     def prepare(self, xb: torch.Tensor, yb: torch.Tensor, mix: bool = True):
         """uint8 ``B x P x P x 3`` batch and labels -> normalised (mixed) input and soft target."""
-        from kit.augment import normalize_batch
+        from kit.training.augment import normalize_batch
 
         bb = self.model.backbone
         bag = xb.dim() == 5  # B x K x P x P x 3: whole images for an attention head
@@ -649,7 +649,7 @@ class Trainer:
 class PixelSource:
     """Training batches of augmented uint8 patches from an ``N x K x P x P x 3`` array.
 
-    The data side of :func:`fit` on the pixel path; :class:`kit.features.FeatureSource` is
+    The data side of :func:`fit` on the pixel path; :class:`kit.training.features.FeatureSource` is
     the same interface over cached embeddings.
     """
 
@@ -660,7 +660,7 @@ class PixelSource:
 
     def loader(self, rows, y, seed: int):
         """A re-iterable loader over the patches of ``rows`` (one pass = one epoch)."""
-        from kit.augment import build_train_transform
+        from kit.training.augment import build_train_transform
 
         cls = ImageBagDataset if self.cfg["head"].get("pool") == "attention" else PatchDataset
         ds = cls(self.array, rows, y, build_train_transform(self.cfg["augment"], seed=seed))
@@ -673,7 +673,7 @@ class PixelSource:
     def features(self, model: nn.Module, rows, max_patches: int = 4096) -> torch.Tensor:
         """Backbone features (``id`` view, eval mode) of up to ``max_patches`` patches of
         ``rows``, evenly spread over them: the statistics of the head's standardisation."""
-        from kit.augment import normalize_batch
+        from kit.training.augment import normalize_batch
 
         rows = np.asarray(rows, np.int64)
         k = int(self.array.shape[1])
@@ -701,7 +701,7 @@ class PixelSource:
     def attention(self, model: nn.Module, rows) -> np.ndarray | None:
         """An attention model's weights ``n x K`` over the patches of ``rows`` (``id`` view);
         None for a patch head."""
-        from kit.heads import is_mil
+        from kit.models.heads import is_mil
 
         if not is_mil(model):
             return None
@@ -728,7 +728,7 @@ def fit(model: nn.Module, source, train_rows, train_y, cfg: dict, *, val_rows=No
         desc: str = "train") -> FoldResult:
     """The kit's one training loop: train ``model`` on ``train_rows`` of ``source``.
 
-    A head that standardises its inputs (:class:`kit.heads.Standardize`) gets its statistics
+    A head that standardises its inputs (:class:`kit.models.heads.Standardize`) gets its statistics
     from the features of all ``train_rows`` first (no labels). How the epoch is chosen
     follows ``cfg["early_stopping"]`` (:data:`EARLY_STOPPING`): ``inner`` stops early on an
     inner split of ``train_rows`` (:func:`inner_split`, from ``groups`` and ``seed``) and keeps its best epoch; ``refit`` then retrains from the same
@@ -740,7 +740,7 @@ def fit(model: nn.Module, source, train_rows, train_y, cfg: dict, *, val_rows=No
     ----------
     model : nn.Module
         Frozen as it should be; parameters with ``requires_grad`` are optimised.
-    source : PixelSource or kit.features.FeatureSource
+    source : PixelSource or kit.training.features.FeatureSource
         ``loader(rows, y, seed)``, ``prepare_fn(trainer)``, ``image_probs(model, rows, views)``.
     train_rows, train_y : int arrays
         Rows of the source and their class indices.
@@ -751,8 +751,8 @@ def fit(model: nn.Module, source, train_rows, train_y, cfg: dict, *, val_rows=No
     -------
     FoldResult
     """
-    from kit.backbones import count_trainable
-    from kit.heads import standardizer
+    from kit.models.backbones import count_trainable
+    from kit.models.heads import standardizer
 
     t0 = time.perf_counter()
     device = torch.device(device)

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kit import CLASSES, __version__
-from kit.package import expected_test_ids, test_files_sha256, load_manifest, write_submission
+from kit.submission.package import (expected_test_ids, test_files_sha256, load_manifest,
+                                    write_submission)
 from kit.paths import Paths
 from kit.utils import KitError, atomic_write_bytes, package_versions, sha256_bytes, sha256_file
 
@@ -56,7 +57,7 @@ def reproduce(manifest_path, data=None, workdir=None, out=None,
     out : path, optional
         Also write the reproduced CSV there.
     """
-    from kit.blend import fit_blend
+    from kit.ensemble.blend import fit_blend
 
     manifest_path = Path(manifest_path)
     m = load_manifest(manifest_path)
@@ -110,7 +111,7 @@ def _input_changes(paths: Paths, m: dict) -> list[str]:
 
 
 def _data_changes(paths: Paths, data, m: dict) -> list[str]:
-    from kit.data import LABELS_CSV, find_root
+    from kit.data.dataset import LABELS_CSV, find_root
 
     out = []
     try:

@@ -16,9 +16,9 @@ is never read)::
 The key hashes the backbone's name and state dict (weights *and* BatchNorm statistics), its
 input size and normalisation, the patch cache key of the split, the views and the dtype.
 
-Heads train with the kit's one loop, :func:`kit.train.fit`, over a :class:`FeatureSource`
-(the pixel path uses :class:`kit.train.PixelSource`): the optimiser, schedule, class balancing
-and epoch selection (``early_stopping``) are the same code on both paths. The only
+Heads train with the kit's one loop, :func:`kit.training.train.fit`, over a :class:`FeatureSource`
+(the pixel path uses :class:`kit.training.train.PixelSource`): the optimiser, schedule,
+class balancing and epoch selection (``early_stopping``) are the same code on both paths. The only
 augmentation that exists in feature space is the choice of view, drawn at random per patch
 and epoch.
 """
@@ -53,7 +53,7 @@ def weights_digest(module) -> str:
 
     Covers the weights however they were obtained (file, hub, seeded random init) and the
     BatchNorm running statistics that a frozen backbone in eval mode uses. A backbone whose
-    statistics were recalibrated on data (:func:`kit.train.recalibrate_random`) carries
+    statistics were recalibrated on data (:func:`kit.training.train.recalibrate_random`) carries
     ``state_digest``: its weights' digest before that, combined with the data's key, because
     re-estimated statistics differ in the last bits with the thread count while meaning the
     same thing, and processes sharing a cache or a study must agree on its key.
@@ -117,12 +117,12 @@ def embed_array(backbone, array, views, out, batch_size: int = 64, device="cpu",
     """Fill ``out[i, k, v]`` with the embedding of patch ``k`` of image ``i`` in view ``v``.
 
     ``array`` is ``N x K x P x P x 3`` uint8 (memmap fine); batches hold ``batch_size``
-    patches (whole images), normalised on ``device`` as :func:`kit.train.predict` does.
+    patches (whole images), normalised on ``device`` as :func:`kit.training.train.predict` does.
     """
     import torch
 
-    from kit.augment import normalize_batch
-    from kit.tta import apply_view
+    from kit.training.augment import normalize_batch
+    from kit.training.tta import apply_view
 
     device = torch.device(device)
     backbone.eval().to(device)
@@ -140,12 +140,12 @@ def embed_array(backbone, array, views, out, batch_size: int = 64, device="cpu",
 
 def load_or_embed(backbone, patches, paths, split: str, views, cfg: dict | None = None,
                   device=None, digest: str | None = None) -> Features:
-    """The cached embeddings of ``patches`` (a :class:`kit.patches.PatchSet`), computed now
+    """The cached embeddings of ``patches`` (a :class:`kit.data.patches.PatchSet`), computed now
     on a miss. Safe with several workers: each embeds into its own temporary folder and the
     first to finish renames it into place; the others drop theirs and read the winner's."""
     from numpy.lib.format import open_memmap
 
-    from kit.train import pick_device
+    from kit.training.train import pick_device
 
     cfg = load_config("features", cfg)
     dtype = str(cfg["dtype"])
@@ -312,7 +312,7 @@ def image_probs_from_features(head, x, views, pool: str,
     probabilities pooled by ``pool``, or an attention head's own image prediction."""
     import torch
 
-    from kit.heads import is_mil
+    from kit.models.heads import is_mil
 
     if not is_mil(head):
         patch = predict_features(head, x, views, batch_size)
@@ -341,8 +341,8 @@ def attention_weights(head, x, view: int = 0) -> np.ndarray:
 
 class FeatureSource:
     """Training batches from cached embeddings ``x`` (``n x K x V x D``): the data side of
-    :func:`kit.train.fit` on the feature-cache path (:class:`kit.train.PixelSource` is the
-    pixel one). Rows index the first axis of ``x``; view 0 is ``id``."""
+    :func:`kit.training.train.fit` on the feature-cache path
+    (:class:`kit.training.train.PixelSource` is the pixel one). Rows index the first axis of ``x``; view 0 is ``id``."""
 
     path = "feature_cache"  # the training path, for early_stopping: auto
 
@@ -365,7 +365,7 @@ class FeatureSource:
         self._patch_y = torch.from_numpy(np.repeat(np.asarray(y, np.int64), k)).to(self.device)
         g = torch.Generator().manual_seed(int(seed))
         if self.cfg["class_balance"] == "sampler":
-            from kit.augment import balanced_sampler  # imports timm: only when needed
+            from kit.training.augment import balanced_sampler  # imports timm: only when needed
 
             sampler = balanced_sampler(np.repeat(np.asarray(y, np.int64), k), seed)
         else:
@@ -380,7 +380,7 @@ class FeatureSource:
         self._image_y = torch.from_numpy(np.asarray(y, np.int64)).to(self.device)
         g = torch.Generator().manual_seed(int(seed))
         if self.cfg["class_balance"] == "sampler":
-            from kit.augment import balanced_sampler
+            from kit.training.augment import balanced_sampler
 
             sampler = balanced_sampler(np.asarray(y, np.int64), seed)
         else:
@@ -392,7 +392,7 @@ class FeatureSource:
     def prepare_fn(self, trainer):
         import torch
 
-        from kit.train import one_hot
+        from kit.training.train import one_hot
 
         if self.cfg["head"].get("pool") == "attention":
             def prepare_images(idx, view):
@@ -427,7 +427,7 @@ class FeatureSource:
 def train_head_on_features(x_train, y_train, x_val, y_val, cfg: dict, seed: int = 42,
                            device="cpu", num_classes: int = len(CLASSES),
                            desc: str = "head", groups=None):
-    """Train a head (``cfg["head"]``) on cached embeddings with :func:`kit.train.fit`.
+    """Train a head (``cfg["head"]``) on cached embeddings with :func:`kit.training.train.fit`.
 
     Parameters
     ----------
@@ -437,19 +437,19 @@ def train_head_on_features(x_train, y_train, x_val, y_val, cfg: dict, seed: int 
     y_train, y_val : int arrays
         Class index per image (every patch carries its image's label).
     cfg : dict
-        Resolved training config (:func:`kit.train.train_config`).
+        Resolved training config (:func:`kit.training.train.train_config`).
     seed : int
         Seeds the head's initialisation, the patch order, the view draws and the inner split.
 
     Returns
     -------
-    kit.train.FoldResult
+    kit.training.train.FoldResult
         ``.head`` (= ``.model``) holds the chosen epoch's weights.
     """
     import torch
 
-    from kit.heads import create_head
-    from kit.train import fit
+    from kit.models.heads import create_head
+    from kit.training.train import fit
     from kit.utils import seed_everything
 
     x_train, x_val = _as_tensor(x_train), _as_tensor(x_val)
@@ -475,7 +475,7 @@ class FoldPrediction:
     probs: np.ndarray  # n x C
     per_view: dict[str, np.ndarray]
     macro_f1: float
-    fit: object  # kit.train.FoldResult
+    fit: object  # kit.training.train.FoldResult
     test_probs: np.ndarray | None = None
     test_per_view: dict[str, np.ndarray] | None = None
 
@@ -483,8 +483,8 @@ class FoldPrediction:
 class FeatureCV:
     """Cached embeddings aligned with the folds; :meth:`fold` trains and predicts one fold.
 
-    Fold ``k`` is seeded with ``seed + k`` (as :func:`kit.cv.run_cv`), so a fold's result does
-    not depend on which folds ran before it: the tune objective may visit folds in any order.
+    Fold ``k`` is seeded with ``seed + k`` (as :func:`kit.training.cv.run_cv`), so a fold's
+    result does not depend on which folds ran before it: the tune objective may visit folds in any order.
     """
 
     def __init__(self, train: Features, folds: pd.DataFrame, cfg: dict, views,
@@ -506,7 +506,7 @@ class FeatureCV:
         (dotted keys) and ``cfg`` (nested overrides) over the defaults."""
         import copy
 
-        from kit.train import train_config, tta_views
+        from kit.training.train import train_config, tta_views
 
         tcfg = train_config(cfg, params)
         views = tta_views(tcfg["tta"])
@@ -526,8 +526,8 @@ class FeatureCV:
         ``exclude``: folds left out of training as well (nested tuning keeps its outer fold
         out of the inner search this way).
         """
-        from kit.heads import create_head
-        from kit.train import fit
+        from kit.models.heads import create_head
+        from kit.training.train import fit
         from kit.utils import seed_everything
 
         f = self.folds
@@ -616,7 +616,7 @@ def nothing_trains(cfg: dict) -> bool:
 def frozen_backbone(backbone: str, cfg: dict, weights="auto", seed: int = 42,
                     patch_size: int | None = None):
     """The backbone built as cv builds it (seeded), frozen entirely and in eval mode."""
-    from kit.backbones import create_backbone, freeze_backbone
+    from kit.models.backbones import create_backbone, freeze_backbone
     from kit.utils import seed_everything
 
     seed_everything(seed)
@@ -631,12 +631,13 @@ def prepare(backbone, paths, params: dict | None = None, cfg: dict | None = None
             features_cfg: dict | None = None) -> FeatureCV:
     """Load folds and patches, embed (or read the cache), and return a :class:`FeatureCV`.
 
-    ``backbone`` is a registered name or an already built :class:`kit.backbones.Backbone`;
-    ``params`` (dotted keys) and ``cfg`` (nested overrides) resolve as in :func:`kit.cv.run_cv`.
+    ``backbone`` is a registered name or an already built :class:`kit.models.backbones.Backbone`;
+    ``params`` (dotted keys) and ``cfg`` (nested overrides) resolve as in
+    :func:`kit.training.cv.run_cv`.
     """
-    from kit.folds import load_folds
-    from kit.patches import load_patches
-    from kit.train import pick_device, train_config, tta_views
+    from kit.data.folds import load_folds
+    from kit.data.patches import load_patches
+    from kit.training.train import pick_device, train_config, tta_views
 
     tcfg = train_config(cfg, params)
     views = tta_views(tcfg["tta"])
@@ -647,7 +648,7 @@ def prepare(backbone, paths, params: dict | None = None, cfg: dict | None = None
     dev = pick_device(None if fcfg["device"] == "auto" else fcfg["device"]) \
         if device is None else pick_device(device)
     if isinstance(backbone, str):
-        from kit.train import recalibrate_random
+        from kit.training.train import recalibrate_random
 
         backbone = frozen_backbone(backbone, tcfg, weights, seed,
                                    patch_size=int(train.array.shape[2]))
@@ -691,7 +692,7 @@ def features_cv(backbone, paths, params: dict | None = None, seed: int = 42,
     backbone : str or Backbone
     paths : kit.paths.Paths
     params, cfg : dict, optional
-        Dotted overrides (best.yaml) and nested overrides, as in :func:`kit.cv.run_cv`.
+        Dotted overrides (best.yaml) and nested overrides, as in :func:`kit.training.cv.run_cv`.
     seed : int
         Fold ``k`` trains with ``seed + k``; the backbone is built after seeding ``seed``.
     folds : list of int, optional

@@ -9,7 +9,7 @@ native resolution and stored in one uint8 array per split,
 ``index.csv``, ``meta.json`` and ``config.yaml``.
 
 Optionally (``stain_norm.method: macenko``), each image's patches are Macenko-normalised
-to a reference stain (:mod:`kit.stain`) in the same worker, right after cutting.
+to a reference stain (:mod:`kit.data.stain`) in the same worker, right after cutting.
 
 The cache key hashes every image and mask file with the parameters that change the output,
 so a rerun with the same inputs only re-hashes the files, and any changed file or parameter
@@ -152,7 +152,7 @@ def _crop(image, x: int, y: int, size: int, pad_value: int) -> np.ndarray:
     if isinstance(image, np.ndarray):
         region = image[y:y + size, x:x + size]
     else:
-        from kit.data import to_rgb_array
+        from kit.data.dataset import to_rgb_array
 
         w, h = image.size  # cropping the PIL image converts only the crop, not the whole scan
         region = to_rgb_array(image.crop((x, y, min(x + size, w), min(y + size, h))))
@@ -170,7 +170,7 @@ def _image_hw(image) -> tuple[int, int]:
 def _rgb(image) -> np.ndarray:
     if isinstance(image, np.ndarray):
         return image
-    from kit.data import to_rgb_array
+    from kit.data.dataset import to_rgb_array
 
     return to_rgb_array(image)
 
@@ -264,7 +264,7 @@ def _rows(xs, ys, coverage, fallback: bool) -> list[dict]:
 
 
 def _bool_mask(im) -> np.ndarray:
-    """A decoded PIL mask as bool H x W; the same rule as :func:`kit.data.read_mask`."""
+    """A decoded PIL mask as bool H x W; the same rule as :func:`kit.data.dataset.read_mask`."""
     arr = np.asarray(im)
     if arr.ndim == 3:
         arr = arr[..., :3].max(axis=2) if arr.shape[2] >= 3 else arr[..., 0]
@@ -275,7 +275,7 @@ def extract_file(task):
     """Worker: decode one image/mask pair from disk and cut its patches.
 
     ``task`` is ``(image_path, mask_path, cfg)``; ``cfg["_stain"]``, when present, is a
-    :func:`kit.stain.stain_payload` to normalise the patches with. Returns ``(patches, rows,
+    :func:`kit.data.stain.stain_payload` to normalise the patches with. Returns ``(patches, rows,
     seconds)`` with ``seconds`` = ``{"decode", "score", "crop", "stain"}`` (for the
     benchmark) and each row's ``stain_normalised`` (None when off, False when the image had
     too little tissue to estimate its stains and was left as it is). Only the small patch
@@ -304,7 +304,7 @@ def extract_file(task):
         t3 = time.perf_counter()
         normalised = None  # stain normalisation off
         if cfg.get("_stain") is not None:
-            from kit.stain import apply_payload
+            from kit.data.stain import apply_payload
 
             patches, normalised = apply_payload(patches, cfg["_stain"])
         t4 = time.perf_counter()
@@ -364,7 +364,7 @@ def hash_files(files, workers: int = 2) -> list[str]:
 
 
 def _key_cfg(cfg: dict) -> dict:
-    from kit.stain import stain_key
+    from kit.data.stain import stain_key
 
     out = {k: cfg[k] for k in ("size", "stride", "top_k", "tissue_threshold", "pad_value")}
     stain = stain_key(cfg.get("stain_norm"))
@@ -429,7 +429,7 @@ def build_split(samples, out: Path, cfg: dict, workers: int, desc: str = "patche
     """
     import pandas as pd
 
-    from kit.stain import stain_payload
+    from kit.data.stain import stain_payload
     from kit.utils import atomic_path, atomic_write_csv, progress
 
     size, k = cfg["size"], cfg["top_k"]
@@ -470,7 +470,7 @@ def build_split(samples, out: Path, cfg: dict, workers: int, desc: str = "patche
 
 def _split_samples(dataset, paths, split: str):
     if split == "train":
-        from kit.clean import clean_train_samples
+        from kit.data.clean import clean_train_samples
 
         return list(clean_train_samples(dataset, paths))
     if split == "test":
@@ -484,7 +484,7 @@ def run_patches(data, paths, cfg: dict | None = None, splits=SPLITS, skip_bad: b
 
     Parameters
     ----------
-    data : path or kit.data.Dataset
+    data : path or kit.data.dataset.Dataset
         Dataset root, or an already loaded dataset.
     paths : kit.paths.Paths
         Work directory; writes ``paths.patches_dir(split)``.
@@ -492,7 +492,7 @@ def run_patches(data, paths, cfg: dict | None = None, splits=SPLITS, skip_bad: b
         Overrides of ``kit/conf/patches.yaml`` (``size``, ``stride``, ``top_k``,
         ``tissue_threshold``, ``pad_value``, ``workers``, ``stain_norm``).
     splits : tuple of str
-        ``train`` holds the clean training images only (``kit.clean.clean_train_samples``:
+        ``train`` holds the clean training images only (``kit.data.clean.clean_train_samples``:
         needs ``./run.sh clean`` first); ``test`` every test image.
 
     Returns
@@ -500,10 +500,10 @@ def run_patches(data, paths, cfg: dict | None = None, splits=SPLITS, skip_bad: b
     dict split -> PatchSet
     """
     from kit.config import load_config
-    from kit.data import Dataset, load_dataset
+    from kit.data.dataset import Dataset, load_dataset
     from kit.utils import atomic_write_json, write_config
 
-    from kit.stain import check_stain_config
+    from kit.data.stain import check_stain_config
 
     cfg = load_config("patches", cfg)
     for name in ("size", "stride", "top_k"):

@@ -11,8 +11,9 @@ compares those paired per-fold scores with the best trial's and stops a trial on
 significantly worse. Two objectives:
 
 - ``features``: the head trained on cached embeddings of a fully frozen backbone
-  (:mod:`kit.features`); seconds per trial.
-- ``full``: :func:`kit.cv.run_cv` itself, fold by fold, in a scratch folder; what cv trains.
+  (:mod:`kit.training.features`); seconds per trial.
+- ``full``: :func:`kit.training.cv.run_cv` itself, fold by fold, in a scratch folder; what cv
+  trains.
 
 Outputs in ``runs/tune/<backbone>/``: ``best.yaml`` (``params`` as dotted config keys, which
 ``./run.sh cv <bb> --params best`` reads, ``score`` on all folds, ``trial``, ``objective``,
@@ -32,8 +33,8 @@ import numpy as np
 
 from kit.config import load_config
 from kit.metrics import macro_f1
-from kit.search_space import Space, dotted_keys, load_space
-from kit.tune_storage import default_url, describe, make_storage
+from kit.tuning.search_space import Space, dotted_keys, load_space
+from kit.tuning.storage import default_url, describe, make_storage
 from kit.utils import (KitError, atomic_path, atomic_write_csv, check_random_state, sha256_text,
                        write_config)
 
@@ -71,7 +72,7 @@ def trial_order(folds: list[int], seed: int, trial_number: int) -> list[int]:
 
 def known_param_keys() -> set[str]:
     """Dotted keys ``cv --params`` accepts (train.yaml, augment.yaml under ``augment.``)."""
-    from kit.train import train_config
+    from kit.training.train import train_config
 
     return dotted_keys(train_config())
 
@@ -100,14 +101,14 @@ class FeaturesEvaluator:
     objective = "features"
 
     def __init__(self, backbone: str, paths, weights="auto", seed: int = 42, device=None):
-        from kit import features
+        from kit.training import features
 
         self._init(features.prepare(backbone, paths, weights=weights, seed=seed,
                                     device=device, with_test=False))
 
     @classmethod
     def from_feature_cv(cls, fcv) -> "FeaturesEvaluator":
-        """An evaluator over an already prepared :class:`kit.features.FeatureCV`."""
+        """An evaluator over an already prepared :class:`kit.training.features.FeatureCV`."""
         self = cls.__new__(cls)
         self._init(fcv)
         return self
@@ -145,14 +146,14 @@ class _Excluding:
 
 
 class FullEvaluator:
-    """Trials of the ``full`` objective: :func:`kit.cv.run_cv` one fold at a time, writing
+    """Trials of the ``full`` objective: :func:`kit.training.cv.run_cv` one fold at a time, writing
     into a scratch folder (never ``runs/<backbone>/``), removed after the trial."""
 
     objective = "full"
 
     def __init__(self, backbone: str, paths, weights="auto", seed: int = 42, device=None):
-        from kit.folds import load_folds
-        from kit.patches import load_patches
+        from kit.data.folds import load_folds
+        from kit.data.patches import load_patches
 
         folds, _ = load_folds(paths)
         self.n_folds = int(folds.fold.max()) + 1
@@ -162,7 +163,7 @@ class FullEvaluator:
 
     def trial(self, params: dict, name: str):
         from kit import PROB_COLUMNS
-        from kit.cv import run_cv
+        from kit.training.cv import run_cv
         from kit.metrics import to_indices
 
         scratch = self.paths.tune_dir(self.backbone) / "trials" / name
@@ -405,8 +406,8 @@ def applies_to(objective: str, params: dict) -> dict:
     """The training path and epoch selection that params tuned with ``objective`` fit:
     ``features`` trains heads on cached embeddings (cv's ``feature_cache`` path), ``full``
     trains as cv does with these params (``pixels`` unless they freeze the whole backbone)."""
-    from kit.params import source_path
-    from kit.train import train_config
+    from kit.training.params import source_path
+    from kit.training.train import train_config
 
     cfg = train_config(params=params)
     return {"training_path": source_path({"objective": objective}, params),
@@ -561,7 +562,7 @@ def nested_estimate(bb: str, paths, cfg: dict, space: Space, n_trials: int, weig
     """
     import optuna
 
-    from kit.folds import load_folds
+    from kit.data.folds import load_folds
 
     _quiet_optuna()
     evaluator = evaluator or FeaturesEvaluator(bb, paths, weights=weights, seed=seed,
@@ -732,7 +733,7 @@ def run_tune(backbones, paths, objective: str | None = None, trials: int | None 
                        f"(got {cfg['objective']!r})")
     if not cfg["trials"] and not cfg["timeout"] and not create_only and not estimate:
         raise KitError("tune: --trials 0 and no --timeout would run forever; give one of them")
-    from kit.backbones import list_backbones
+    from kit.models.backbones import list_backbones
 
     if not backbones:
         backbones = [b for b in list_backbones()
@@ -765,7 +766,7 @@ def tune_backbone(bb: str, paths, cfg: dict, store, url: str, suffix, space_file
     """One backbone's study: open, (warm-start), optimise, write outputs."""
     import optuna
 
-    from kit.folds import load_folds
+    from kit.data.folds import load_folds
 
     objective = cfg["objective"]
     space = load_space(bb, objective, space_file, cfg["space"], known_param_keys())

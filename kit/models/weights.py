@@ -18,7 +18,7 @@
   in, why nothing was downloaded, and how to fetch the weights on a machine with internet;
   for a gated repository it also says how to accept the licence and log in. There is never
   a silent fallback to random weights. (The tiny test backbones have no pretrained weights:
-  for them ``auto`` means random, decided in :mod:`kit.backbones`.)
+  for them ``auto`` means random, decided in :mod:`kit.models.backbones`.)
 - a path (:func:`weights_path`): a state-dict file (``.safetensors``, ``.pth``, ``.bin``)
   or a folder (:data:`WEIGHT_FILES` inside it, or a ``save_pretrained`` folder for the
   transformers ViTs).

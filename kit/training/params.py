@@ -69,8 +69,8 @@ def source_path(record: dict, params: dict) -> str | None:
 
 def target_path(cfg: dict | None, params: dict, feature_cache: bool = True) -> str:
     """The path cv takes with nested overrides ``cfg`` over ``params`` (dotted)."""
-    from kit.cv import training_path
-    from kit.train import train_config
+    from kit.training.cv import training_path
+    from kit.training.train import train_config
 
     return training_path(train_config(cfg, params), feature_cache)
 

@@ -139,7 +139,7 @@ def _read_json(path: Path) -> dict:
 
 def data_section(paths: Paths, data, cfg: dict) -> str:
     """Counts per class (all, flagged as junk, clean) and thumbnails of the junk found."""
-    from kit.data import LABELS_CSV, find_root
+    from kit.data.dataset import LABELS_CSV, find_root
 
     try:
         root = find_root(data)
@@ -173,7 +173,7 @@ def data_section(paths: Paths, data, cfg: dict) -> str:
 
 def _dropped(paths: Paths) -> set[str] | None:
     """Images left out as junk: flagged and not kept by an override, plus overrides ``drop``."""
-    from kit.clean import load_outliers, load_overrides
+    from kit.data.clean import load_outliers, load_overrides
 
     if not paths.outliers_csv.is_file():
         return None
@@ -193,7 +193,7 @@ def _clean_labels(paths: Paths, labels: dict, dropped: set | None) -> dict | Non
 
 
 def _junk_part(paths: Paths, root: Path | None, cfg: dict) -> str:
-    from kit.clean import load_outliers
+    from kit.data.clean import load_outliers
 
     if not paths.outliers_csv.is_file():
         return "<h3>Junk found</h3>" + _missing("junk detection", "./run.sh clean")
@@ -228,7 +228,7 @@ def thumbnail(path: Path, side: int) -> bytes:
     """A JPEG thumbnail (longest side ``side``) of an image file."""
     from PIL import Image
 
-    from kit.data import jpeg_thumbnail
+    from kit.data.dataset import jpeg_thumbnail
 
     with Image.open(path) as im:
         im.draft("RGB", (side, side))  # cheap downscale on decode where the format allows it
@@ -239,7 +239,7 @@ def thumbnail(path: Path, side: int) -> bytes:
 
 def backbone_metrics(paths: Paths) -> dict[str, dict]:
     """``runs/<bb>/metrics.json`` of every backbone that has one, by name."""
-    from kit.blend import RESERVED_RUN_DIRS
+    from kit.ensemble.blend import RESERVED_RUN_DIRS
 
     if not paths.runs_dir.is_dir():
         return {}
@@ -278,7 +278,7 @@ def cv_section(paths: Paths) -> str:
 def collapse_notes(metrics: dict[str, dict]) -> str:
     """The collapse guard's flags: backbones whose fold models predict (nearly) one class or
     do no better than the majority class."""
-    from kit.blend import collapse_note
+    from kit.ensemble.blend import collapse_note
 
     notes = [(name, collapse_note(m)) for name, m in metrics.items()]
     items = "".join(f"<li><b class=warn>collapsed</b> {_e(name)}: {_e(note)}</li>"
@@ -289,7 +289,7 @@ def collapse_notes(metrics: dict[str, dict]) -> str:
 def attention_section(paths: Paths, cfg: dict) -> str:
     """For backbones with an attention head: a few OOF images' patches, each captioned with
     its attention weight (highest first)."""
-    from kit.patches import load_patches
+    from kit.data.patches import load_patches
 
     found = {name: d / "attention.csv" for name in backbone_metrics(paths)
              if (d := paths.backbone_dir(name)) and (d / "attention.csv").is_file()}
@@ -338,7 +338,7 @@ def _verdict(honest: bool) -> tuple:
 def provenance_table(metrics: dict[str, dict]) -> str:
     """Per backbone: training path, how the epochs and the params were chosen, and whether
     its OOF score is honest (nothing chosen on the OOF rows) or optimistic, and why."""
-    from kit.blend import provenance
+    from kit.ensemble.blend import provenance
 
     rows = []
     for name, m in metrics.items():

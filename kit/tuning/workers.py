@@ -2,7 +2,7 @@
 
 The launcher creates the studies once (what ``--create-only`` does: Optuna's tables, the
 study, and for the features objective the embedding cache), then starts the workers, each a
-``python -m kit.tune_workers --worker`` process running the same ``tune`` command with its
+``python -m kit.tuning.workers --worker`` process running the same ``tune`` command with its
 own ``CUDA_VISIBLE_DEVICES``, all on one storage (the default SQLite file, or ``--storage``).
 Optuna hands out the trials; ``--trials`` stays the study's total over every worker. Each
 output line comes back prefixed with its worker (``[w1 gpu1] ...``). When a worker fails, the
@@ -184,7 +184,7 @@ def _namespace_json(args, **changes) -> str:
 def launch(args) -> int:
     """``./run.sh tune`` with ``--workers``/``--gpus``: create the studies, run the workers."""
     from kit.paths import Paths
-    from kit.tune_storage import default_url
+    from kit.tuning.storage import default_url
 
     if getattr(args, "estimate", False):
         raise KitError("tune --estimate runs in one process; leave out --workers/--gpus")
@@ -194,14 +194,14 @@ def launch(args) -> int:
     gpus = assign(args.workers, parse_gpus(args.gpus))
     paths = Paths.from_root(args.workdir)
     # An explicit storage makes each worker seed its sampler with its own process id too
-    # (kit.tune.make_sampler), so workers that start together do not draw the same trials.
+    # (kit.tuning.tune.make_sampler), so workers that start together do not draw the same trials.
     storage = args.storage or default_url(paths)
     where = ", ".join(f"w{i}: {'GPU ' + g if g is not None else 'CPU'}"
                       for i, g in enumerate(gpus))
     print(f"tune: {len(gpus)} workers on one storage ({where})", flush=True)
-    here = str(Path(__file__).resolve().parent.parent)
+    here = str(Path(__file__).resolve().parents[2])
     pythonpath = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
-    base = [sys.executable, "-m", "kit.tune_workers", "--worker"]
+    base = [sys.executable, "-m", "kit.tuning.workers", "--worker"]
     first = gpus[0]
     create = Worker("create", base + [_namespace_json(args, storage=storage, create_only=True)],
                     {"PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1", **worker_env(first, 1)})
@@ -231,7 +231,7 @@ def _worker_main(payload: str) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 2 or argv[0] != "--worker":
-        print("usage: python -m kit.tune_workers --worker JSON (started by ./run.sh tune "
+        print("usage: python -m kit.tuning.workers --worker JSON (started by ./run.sh tune "
               "--workers/--gpus)", file=sys.stderr)
         return 2
     import warnings

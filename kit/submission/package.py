@@ -217,7 +217,7 @@ def git_info(repo_dir: str | os.PathLike | None = None) -> dict:
     Dirty means ``git status --porcelain`` lists anything (modified or untracked files that
     .gitignore does not cover), i.e. the code that ran may not be the commit.
     """
-    repo = Path(repo_dir) if repo_dir else Path(__file__).resolve().parent.parent
+    repo = Path(repo_dir) if repo_dir else Path(__file__).resolve().parents[2]
 
     def git(*args):
         return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
@@ -256,7 +256,7 @@ def build_manifest(*, name: str, csv_path, csv_sha256: str, csv_rows: int, comma
         ``{name: {"config", "weights_source", "oof_macro_f1", "folds_sha256", ...}}``, and
         how each input chose its epochs and params: ``selection`` and ``params_source``
         (from its metrics.json), ``epochs`` and ``params`` in words, ``honest`` and ``why``
-        (:func:`kit.blend.provenance`).
+        (:func:`kit.ensemble.blend.provenance`).
     inputs : dict
         ``{path relative to workdir: sha256}`` of every file the blend read.
     blend : dict

@@ -11,7 +11,7 @@ docs/DESIGN.md); ``metrics.json`` is written last.
 Two training paths write the same files. ``pixels`` trains the model on augmented patches.
 ``feature_cache`` runs when the config trains nothing in the backbone (norm layers frozen
 too, no unfrozen block): every patch and test-time view is embedded once by the frozen
-backbone (:mod:`kit.features`) and each fold trains only its head on the cached vectors,
+backbone (:mod:`kit.training.features`) and each fold trains only its head on the cached vectors,
 seconds instead of hours. A frozen backbone computes the same embeddings every epoch, so
 what is lost is the pixel augmentation: colour jitter and CutMix have no equivalent on
 cached vectors (flips become a random cached view). That path says so when it starts and
@@ -57,7 +57,7 @@ class CVRun:
     views: tuple  # test-time views
     folds: pd.DataFrame  # folds.csv + row (patch cache row) + y (class index)
     folds_sha: str
-    train: object  # kit.patches.PatchSet
+    train: object  # kit.data.patches.PatchSet
     test: object
     out: Path  # runs/<backbone>/
     keys: dict  # patch cache keys
@@ -78,10 +78,10 @@ def resolve_params(spec, paths: Paths, backbone: str, cfg: dict | None = None,
     ``tuned`` uses ``runs/tune/<bb>/best.yaml`` when it exists, else nothing; ``best``
     requires it. Keys tuned for another training path than the one cv takes with ``cfg``
     (command-line overrides) over them are dropped, with a printed note
-    (:mod:`kit.params`). Returns ``(params, description)``, and with ``with_source`` also
+    (:mod:`kit.training.params`). Returns ``(params, description)``, and with ``with_source`` also
     the ``params_source`` record of metrics.json (how the params were chosen).
     """
-    from kit.params import resolve
+    from kit.training.params import resolve
 
     sha = None
     if paths.folds_csv.exists():
@@ -99,8 +99,8 @@ def resolve_params(spec, paths: Paths, backbone: str, cfg: dict | None = None,
 # --------------------------------------------------------------------------- inputs
 def _inputs(paths: Paths):
     """Folds, their hash and both patch caches, checked against each other."""
-    from kit.folds import load_folds
-    from kit.patches import load_patches
+    from kit.data.folds import load_folds
+    from kit.data.patches import load_patches
 
     folds, folds_sha = load_folds(paths)
     train = load_patches(paths, "train")
@@ -195,8 +195,8 @@ def _full_checkpoint(cfg: dict, weights_source) -> bool:
 
 def _train_fold(k: int, ctx: CVRun) -> dict:
     """Train fold ``k`` on pixels, write its outputs and finally its ``done.json``."""
-    from kit.features import fold_groups
-    from kit.train import PixelSource, build_model, fit_fold, recalibrate_random
+    from kit.training.features import fold_groups
+    from kit.training.train import PixelSource, build_model, fit_fold, recalibrate_random
     from kit.utils import seed_everything
 
     folds, train, test, cfg = ctx.folds, ctx.train, ctx.test, ctx.cfg
@@ -316,9 +316,9 @@ PIXEL_AUGMENT = ("augment.cutmix_alpha", "augment.color_jitter.p", "augment.he_s
 
 
 def training_path(cfg: dict, feature_cache: bool = True) -> str:
-    """``feature_cache`` when nothing in the backbone trains (:func:`kit.features.nothing_trains`)
-    and the cache is allowed, else ``pixels``."""
-    from kit.features import nothing_trains
+    """``feature_cache`` when nothing in the backbone trains
+    (:func:`kit.training.features.nothing_trains`) and the cache is allowed, else ``pixels``."""
+    from kit.training.features import nothing_trains
 
     return "feature_cache" if feature_cache and nothing_trains(cfg) else "pixels"
 
@@ -337,11 +337,11 @@ def pixel_augment_not_applied(cfg: dict) -> dict:
 
 
 def _feature_folds(pending: list[int], ctx: CVRun) -> dict[int, dict]:
-    """Folds ``pending`` with the head trained on cached embeddings (:func:`kit.features.
+    """Folds ``pending`` with the head trained on cached embeddings (:func:`kit.training.features.
     features_cv`), written exactly like pixel-trained folds (model.pt included)."""
-    from kit import features
-    from kit.heads import PatchClassifier, is_mil
-    from kit.train import recalibrate_random, save_checkpoint
+    from kit.training import features
+    from kit.models.heads import PatchClassifier, is_mil
+    from kit.training.train import recalibrate_random, save_checkpoint
 
     cfg, out = ctx.cfg, ctx.out
     for k in pending:  # not done until their outputs are rewritten
@@ -355,7 +355,7 @@ def _feature_folds(pending: list[int], ctx: CVRun) -> dict[int, dict]:
     try:
         fcv = features.prepare(bb, ctx.paths, cfg=cfg, seed=ctx.seed, device=ctx.device)
     except RuntimeError as exc:  # torch.OutOfMemoryError is one
-        from kit.train import _is_oom
+        from kit.training.train import _is_oom
 
         if not _is_oom(exc):
             raise
@@ -482,7 +482,7 @@ def _assemble(ctx: CVRun, marks: dict[int, dict]) -> dict:
         # class: flagged here, in the run output, the report and the blend.
         "collapsed_folds": [f["fold"] for f in per_fold if f["collapsed"]],
         "collapsed": collapse_reason(y, probs),
-        # How the parameters were chosen (kit.cv.run_cv fills ctx.params_source).
+        # How the parameters were chosen (kit.training.cv.run_cv fills ctx.params_source).
         "params_source": ctx.params_source or {"description": ctx.params_desc},
         "versions": package_versions(),
     }
@@ -498,7 +498,7 @@ def _assemble(ctx: CVRun, marks: dict[int, dict]) -> dict:
 
 def _selection(cfg: dict, path: str = "pixels") -> dict:
     """How every fold chose its epoch, for metrics.json, the blend manifest and the report."""
-    from kit.train import early_stopping_mode, is_honest
+    from kit.training.train import early_stopping_mode, is_honest
 
     mode = early_stopping_mode(cfg, path)
     text = {"inner": "early stopping on an inner split of each fold's training images",
@@ -520,7 +520,7 @@ def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
     Parameters
     ----------
     backbone : str
-        A registered backbone (:func:`kit.backbones.list_backbones`).
+        A registered backbone (:func:`kit.models.backbones.list_backbones`).
     paths : kit.paths.Paths
         Reads ``folds/folds.csv`` and ``runs/patches/``; writes ``runs/<backbone>/``.
     cfg : dict, optional
@@ -528,7 +528,7 @@ def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
     seed : int
         Fold ``k`` trains with seed ``seed + k``.
     weights : {"auto", "random"} or path
-        Backbone weights (see :mod:`kit.weights`).
+        Backbone weights (see :mod:`kit.models.weights`).
     fold : int, optional
         Train this fold only; the backbone's files are assembled once every fold is done.
     params : dict or {"tuned", "best", "none"} or path, optional
@@ -549,8 +549,8 @@ def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
         The metrics (``metrics.json``) once assembled; otherwise ``{"assembled": False,
         "pending": [...], "folds": {k: done mark}}``.
     """
-    from kit.backbones import list_backbones
-    from kit.train import pick_device, train_config, tta_views
+    from kit.models.backbones import list_backbones
+    from kit.training.train import pick_device, train_config, tta_views
 
     if backbone not in list_backbones():
         raise KitError(f"unknown backbone {backbone!r}; known backbones: "
@@ -626,7 +626,7 @@ def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
 
 def _explain_feature_cache(backbone: str, cfg: dict, views) -> None:
     """Say which path runs and what it does not apply, before any work starts."""
-    from kit.features import cache_views
+    from kit.training.features import cache_views
 
     skipped = pixel_augment_not_applied(cfg)
     print(f"{backbone}: frozen backbone: training heads on cached embeddings (runs/features/"

@@ -2,10 +2,10 @@
 
 Every image is its own group unless it shares a group with others:
 
-- images whose mask files are byte-identical (:func:`kit.data.mask_groups`; on the real data
+- images whose mask files are byte-identical (:func:`kit.data.dataset.mask_groups`; on the real data
   each cartoon reuses a real image's mask, so a pair must never straddle two folds);
 - near-duplicate images or masks found by ``clean`` with perceptual hashes
-  (``runs/clean/near_duplicates.csv``, :mod:`kit.neardup`);
+  (``runs/clean/near_duplicates.csv``, :mod:`kit.data.neardup`);
 - images given the same ``group`` in the optional, user-edited ``folds/groups.csv``
   (``sample_index,group``), the hook for any other near-duplicates found by hand.
 
@@ -30,8 +30,8 @@ import yaml
 
 from kit import CLASSES
 from kit.config import load_config
-from kit.data import Dataset, Sample, load_dataset, mask_groups
-from kit.neardup import near_duplicates_csv, read_near_duplicates
+from kit.data.dataset import Dataset, Sample, load_dataset, mask_groups
+from kit.data.neardup import near_duplicates_csv, read_near_duplicates
 from kit.paths import Paths
 from kit.utils import KitError, atomic_write_bytes, check_random_state, sha256_bytes, sha256_file, write_config
 
@@ -145,7 +145,7 @@ def build_groups(samples: list[Sample], extra: dict[str, str] | None = None,
         ``samples`` (e.g. dropped as outliers) are ignored.
     near : dict, optional
         ``sample_index -> group label`` of the near-duplicate groups
-        (:func:`kit.neardup.read_near_duplicates`); same rules as ``extra``, and the two
+        (:func:`kit.data.neardup.read_near_duplicates`); same rules as ``extra``, and the two
         sources' labels never mix (group "3" of one is not group "3" of the other).
 
     Returns
@@ -214,7 +214,7 @@ def run_folds(data, paths: Paths, cfg: dict | None = None, seed: int = 42, force
     Parameters
     ----------
     data : path or Dataset
-        Dataset root (or an already loaded :class:`kit.data.Dataset`).
+        Dataset root (or an already loaded :class:`kit.data.dataset.Dataset`).
     paths : Paths
     cfg : dict, optional
         Overrides of ``kit/conf/folds.yaml`` (``n_splits``).
@@ -222,7 +222,7 @@ def run_folds(data, paths: Paths, cfg: dict | None = None, seed: int = 42, force
     force : bool
         Overwrite an existing ``folds/folds.csv`` that holds a different split.
     skip_bad : bool
-        Passed to :func:`kit.data.load_dataset`.
+        Passed to :func:`kit.data.dataset.load_dataset`.
 
     Returns
     -------
@@ -236,7 +236,7 @@ def run_folds(data, paths: Paths, cfg: dict | None = None, seed: int = 42, force
         ``near_duplicates.csv`` from another dataset, or a different split already on disk
         without ``force`` (the message names a grouping source that changed since).
     """
-    from kit.clean import clean_train_samples
+    from kit.data.clean import clean_train_samples
 
     cfg = load_config("folds", cfg)
     dataset = data if isinstance(data, Dataset) else load_dataset(data, skip_bad=skip_bad)

@@ -189,7 +189,7 @@ class PatchClassifier(nn.Module):
 
     Parameters
     ----------
-    backbone : kit.backbones.Backbone
+    backbone : kit.models.backbones.Backbone
     head : nn.Module
         Maps ``backbone.num_features`` features to logits (see :func:`create_head`).
     """

@@ -13,7 +13,8 @@ Two rules, thresholds in ``kit/conf/clean.yaml``:
 ``run_clean`` writes ``folds/outliers.csv`` (``sample_index,reason,score``), a review page with
 thumbnails of everything flagged, of the borderline cases and of the near-duplicate groups,
 a report of suspicious test images (never dropped: every test image needs a prediction) and
-``runs/clean/near_duplicates.csv`` (perceptual-hash groups, :mod:`kit.neardup`) for ``folds``. ``clean_train_samples`` applies
+``runs/clean/near_duplicates.csv`` (perceptual-hash groups, :mod:`kit.data.neardup`) for ``folds``.
+``clean_train_samples`` applies
 ``outliers.csv`` and the user's ``folds/overrides.csv`` (``sample_index,action``, keep|drop),
 which wins over the detector.
 """
@@ -30,9 +31,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from kit import neardup
+from kit.data import neardup
 from kit.config import load_config
-from kit.data import Dataset, Sample, jpeg_thumbnail, load_dataset, read_mask, to_rgb_array
+from kit.data.dataset import Dataset, Sample, jpeg_thumbnail, load_dataset, read_mask, to_rgb_array
 from kit.paths import Paths
 from kit.utils import (KitError, atomic_write_csv, atomic_write_text, n_workers, progress,
                        sha256_file, write_config)
@@ -50,7 +51,7 @@ def run_clean(data, paths: Paths, cfg: dict | None = None, skip_bad: bool = Fals
     Parameters
     ----------
     data : path or Dataset
-        Dataset root (validated with :func:`kit.data.load_dataset`) or a loaded dataset.
+        Dataset root (validated with :func:`kit.data.dataset.load_dataset`) or a loaded dataset.
     paths : Paths
         Work directory layout; writes ``paths.outliers_csv`` and, in ``paths.clean_dir``,
         ``review.html``, ``test_suspicious.csv``, ``scores.csv``, ``near_duplicates.csv`` and
@@ -133,7 +134,7 @@ def image_features(task: tuple[str, str], cfg: dict) -> dict:
                                                nd["mask_min_share"])
     return {"green": float(green.mean()), "colour": colour, "smooth": smooth,
             "cartoon": w * colour + (1 - w) * smooth,
-            "mask_sha256": sha256_file(mask),  # same definition as kit.data.mask_groups
+            "mask_sha256": sha256_file(mask),  # same definition as kit.data.dataset.mask_groups
             "image_phash": neardup.image_hash(im, nd["hash_size"]),  # the shrunk copy: cheap
             "mask_phash": mask_phash, "mask_share": mask_share,
             "thumb": jpeg_thumbnail(im, cfg["thumb_side"])}
@@ -284,7 +285,7 @@ def review_html(feats: pd.DataFrame, cfg: dict, overrides: pd.DataFrame | None =
                 near: pd.DataFrame | None = None) -> str:
     """A self-contained page (thumbnails inlined) to check the detector by eye.
 
-    ``near`` (:func:`kit.neardup.find_groups`) adds the near-duplicate groups, except those
+    ``near`` (:func:`kit.data.neardup.find_groups`) adds the near-duplicate groups, except those
     that are exactly a group of byte-identical masks (shown in their own section).
     """
     action = {} if overrides is None else dict(zip(overrides["sample_index"], overrides["action"]))

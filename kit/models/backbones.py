@@ -15,9 +15,9 @@ each one's repository, architecture, normalisation and embedding):
   token concatenated with the mean of the patch tokens, 2560-d), through timm with the
   architecture arguments of their model cards.
 
-Weights (``weights=``): ``"auto"`` (pretrained, looked up by :mod:`kit.weights`; the tiny
+Weights (``weights=``): ``"auto"`` (pretrained, looked up by :mod:`kit.models.weights`; the tiny
 test backbones have none, so for them ``auto`` means random), a file or folder path, or
-``"random"``. :mod:`kit.weights` describes the lookup and loads state dicts strictly.
+``"random"``. :mod:`kit.models.weights` describes the lookup and loads state dicts strictly.
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from kit.utils import KitError
-from kit.weights import (find_pretrained, first_line, load_module_weights, weight_file,
-                          weights_path)
+from kit.models.weights import (find_pretrained, first_line, load_module_weights, weight_file,
+                                weights_path)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -269,7 +269,7 @@ def create_backbone(name: str, weights: str | os.PathLike = "auto", **kwargs) ->
     name : str
         One of :func:`list_backbones`.
     weights : {"auto", "random"} or path
-        See :mod:`kit.weights`.
+        See :mod:`kit.models.weights`.
     patch_size : int, optional
         Side of the cached patches (default: ``kit/conf/patches.yaml``); CNNs and the ViTs
         in ``interpolate`` mode take patches at this size.
@@ -700,8 +700,8 @@ def recalibrate_batchnorm(backbone: Backbone, array, rows=None, batch_size: int 
     backbone : Backbone
         Moved to ``device``; left there, in eval mode.
     array : uint8 array ``N x K x P x P x 3``
-        Patches (a memmap is fine), normalised like :func:`kit.train.predict` does
-        (:func:`kit.augment.normalize_batch` with the backbone's mean, std and input size).
+        Patches (a memmap is fine), normalised like :func:`kit.training.train.predict` does
+        (:func:`kit.training.augment.normalize_batch` with the backbone's mean, std and input size).
     rows : int array, optional
         Images to use (default: all), e.g. the fold's training rows.
     batch_size : int
@@ -716,7 +716,7 @@ def recalibrate_batchnorm(backbone: Backbone, array, rows=None, batch_size: int 
         Number of patches used (0 when the backbone has no BatchNorm layer: nothing to do).
         Deterministic: the same inputs give the same statistics.
     """
-    from kit.augment import normalize_batch
+    from kit.training.augment import normalize_batch
 
     bns = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     backbone.eval()

@@ -8,7 +8,7 @@ angles in that plane (robust percentiles ``alpha`` and ``100 - alpha``) as the h
 and eosin vectors, solves every pixel's two stain concentrations, scales them so that their
 99th percentiles match the reference, and re-renders the pixels with the reference vectors.
 
-:mod:`kit.patches` applies it per image when ``stain_norm.method`` is ``macenko`` in
+:mod:`kit.data.patches` applies it per image when ``stain_norm.method`` is ``macenko`` in
 ``kit/conf/patches.yaml``: the stains are estimated from the image's K patches together (more
 tissue pixels than one patch, so a steadier estimate, and one colour mapping per image) and
 every patch of train and test is re-rendered with the same reference.
@@ -95,7 +95,7 @@ def stain_payload(cfg: dict | None) -> dict | None:
     check_stain_config(cfg)
     params = {k: float(cfg[k]) for k in ("intensity", "alpha", "beta", "min_tissue")}
     if cfg["reference"]:
-        from kit.data import read_image
+        from kit.data.dataset import read_image
 
         he, max_c = macenko_reference(read_image(cfg["reference"]), params["intensity"],
                                       params["alpha"], params["beta"], params["min_tissue"],

@@ -1,7 +1,7 @@
 """Near-duplicate images and masks: perceptual hashes and the groups they form.
 
 Two images that show the same tissue must share a fold, or the split leaks. Byte-identical
-mask files are caught by :func:`kit.data.mask_groups`; this module also catches copies that
+mask files are caught by :func:`kit.data.dataset.mask_groups`; this module also catches copies that
 were re-encoded, rescaled, recoloured or slightly edited. ``clean`` hashes every image (the
 downscaled copy it decodes anyway) and every mask with the DCT perceptual hash of the
 ``imagehash`` library (``phash``: ``hash_size`` x ``hash_size`` bits). Two images are

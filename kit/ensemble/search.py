@@ -3,7 +3,7 @@
 :class:`BlendSearch` is a scikit-learn-style estimator: ``fit(P, y, folds)`` on the OOF
 probabilities ``P`` (``M x N x C``: M library models, N rows, C classes), then
 ``predict_proba`` / ``predict`` on any ``M x T x C`` array (the test set). It reads and writes
-no files: :mod:`kit.blend` checks the inputs, calls it, and writes the submission.
+no files: :mod:`kit.ensemble.blend` checks the inputs, calls it, and writes the submission.
 
 Three fitted pieces, all on the OOF rows:
 
@@ -235,7 +235,7 @@ class BlendSearch(BaseEstimator):
         nested also ``per_fold``), ``gap`` (in-sample minus nested) and ``baselines``
         (``equal_weights``, ``best_single``, ``singles``).
     result_ : SearchResult
-        The same fit as one record (what :mod:`kit.blend` writes).
+        The same fit as one record (what :mod:`kit.ensemble.blend` writes).
 
     Examples
     --------

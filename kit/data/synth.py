@@ -693,7 +693,7 @@ def stratified_folds(y, n_folds: int, rng=None) -> np.ndarray:
 
 
 def write_patch_cache(out: Path, ids, labels, array: np.ndarray, key: str) -> None:
-    """A patch cache folder as ``kit.patches`` writes it (``patches.npy``, CSVs, meta)."""
+    """A patch cache folder as ``kit.data.patches`` writes it (``patches.npy``, CSVs, meta)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "patches.npy", array)
@@ -707,7 +707,7 @@ def write_patch_cache(out: Path, ids, labels, array: np.ndarray, key: str) -> No
 
 
 def write_folds(paths, ids, labels, fold) -> None:
-    """``folds/folds.csv`` (sorted by sample_index) as ``kit.folds`` writes it."""
+    """``folds/folds.csv`` (sorted by sample_index) as ``kit.data.folds`` writes it."""
     paths.folds_dir.mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame({"sample_index": ids, "label": labels, "fold": fold})
     df.sort_values("sample_index").to_csv(paths.folds_csv, index=False, lineterminator="\n")

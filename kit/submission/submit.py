@@ -32,7 +32,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from kit import CLASSES, package
+from kit import CLASSES
+from kit.submission import package
 from kit.config import load_config
 from kit.paths import Paths
 from kit.utils import KitError, atomic_write_json, sha256_file
@@ -376,8 +377,8 @@ def record_submission(record_path: Path, record: dict, is_manifest: bool,
     """Append ``record`` (or, with ``update``, merge it into the one with the same ``id``).
 
     ``is_manifest``: ``record_path`` is a blend manifest (edited through
-    ``kit.package.modify_manifest``, which keeps ``latest.json`` in step); otherwise it is the
-    small log of a CSV that has no manifest.
+    ``kit.submission.package.modify_manifest``, which keeps ``latest.json`` in step); otherwise
+    it is the small log of a CSV that has no manifest.
     """
 
     def change(manifest):

@@ -4,7 +4,7 @@ This module reads and cross-checks the inputs (every backbone's ``oof.csv``, ``t
 ``metrics.json`` against ``folds/folds.csv`` and ``test_data/``), records their provenance
 (is the nested score the expected one, or optimistic?), and writes the submission, its
 manifest and ``runs/blend/``. The searches themselves (weights over the library, class
-biases, the nested per-fold fits) are :class:`kit.blend_search.BlendSearch`, on arrays.
+biases, the nested per-fold fits) are :class:`kit.ensemble.search.BlendSearch`, on arrays.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from kit import CLASSES, PROB_COLUMNS
-from kit.blend_search import BlendSearch, SearchResult
+from kit.ensemble.search import BlendSearch, SearchResult
 from kit.config import load_config
 from kit.metrics import to_indices
 from kit.paths import Paths
@@ -73,8 +73,8 @@ def load_inputs(paths: Paths, data, backbones=None, weight_views: bool = False) 
         images of ``folds/folds.csv``, test rows that are not the images of ``test_data/``, or
         backbones (or views) covering different images.
     """
-    from kit.folds import load_folds
-    from kit.package import expected_test_ids
+    from kit.data.folds import load_folds
+    from kit.submission.package import expected_test_ids
 
     names = list(backbones) if backbones else complete_backbones(paths)
     if not names:
@@ -115,7 +115,7 @@ def load_inputs(paths: Paths, data, backbones=None, weight_views: bool = False) 
 
 
 def _test_dir(data) -> Path:
-    from kit.data import find_root
+    from kit.data.dataset import find_root
 
     return find_root(data) / "test_data"
 
@@ -368,7 +368,7 @@ def run_blend(paths: Paths, data, backbones=None, name: str = "blend", objective
     outputs, and ``kaggle ... -f submissions/latest.csv`` must read a real file); and
     ``runs/blend/{config.yaml,blend.json,oof_blend.csv,test_blend.csv}`` for the report.
     """
-    from kit.package import build_manifest, command_line, write_submission
+    from kit.submission.package import build_manifest, command_line, write_submission
 
     if not _NAME_RE.match(name) or name == "latest":
         raise KitError(f"--name {name!r}: use letters, digits, '_', '-' or '.', not 'latest'")
@@ -405,13 +405,13 @@ def _free_name(folder: Path, stem: str) -> Path:
 
 
 def _data_root(data) -> Path:
-    from kit.data import find_root
+    from kit.data.dataset import find_root
 
     return find_root(data).resolve()
 
 
 def _train_labels_sha(data) -> str | None:
-    from kit.data import LABELS_CSV
+    from kit.data.dataset import LABELS_CSV
 
     path = _data_root(data) / LABELS_CSV
     return sha256_file(path) if path.exists() else None
