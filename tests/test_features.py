@@ -99,6 +99,22 @@ def test_cache_invalidated_by_patches_weights_views_and_dtype(work, backbone, tm
     assert not np.allclose(np.asarray(new.array), np.asarray(base.array))
 
 
+def test_embedding_under_autocast_gets_its_own_key_and_close_vectors(work, backbone):
+    patches = load_patches(work, "train")
+    f32 = load_or_embed(backbone, patches, work, "train", ("id",), {"dtype": "float32"})
+    # auto is float32 on the CPU: the same key (and cache) as before autocast existed.
+    auto = load_or_embed(backbone, patches, work, "train", ("id",),
+                         {"dtype": "float32", "amp": "auto"})
+    assert auto.hit and auto.key == f32.key
+    bf16 = load_or_embed(backbone, patches, work, "train", ("id",),
+                         {"dtype": "float32", "amp": "bf16"})
+    assert not bf16.hit and bf16.key != f32.key and bf16.meta["autocast"] == "bf16"
+    a, b = np.asarray(f32.array), np.asarray(bf16.array)
+    assert not np.array_equal(a, b)  # bf16 really ran
+    scale = np.abs(a).max()
+    np.testing.assert_allclose(b, a, atol=0.05 * scale)
+
+
 def test_a_damaged_cache_is_rebuilt(work, backbone):
     patches = load_patches(work, "train")
     feats = load_or_embed(backbone, patches, work, "train", ("id", "transpose"))

@@ -14,7 +14,9 @@ is never read)::
                                                /config.yaml
 
 The key hashes the backbone's name and state dict (weights *and* BatchNorm statistics), its
-input size and normalisation, the patch cache key of the split, the views and the dtype.
+input size and normalisation, the patch cache key of the split, the views and the dtype, and
+the autocast dtype when embedding ran under one (``amp``: bf16/fp16 vectors differ from
+float32 ones in the last bits; a float32 run keeps the key it always had).
 
 Heads train with the kit's one loop, :func:`kit.training.train.fit`, over a :class:`FeatureSource`
 (the pixel path uses :class:`kit.training.train.PixelSource`): the optimiser, schedule,
@@ -76,7 +78,8 @@ def cache_views(views) -> tuple[str, ...]:
     return ("id",) + tuple(v for v in views if v != "id")
 
 
-def feature_key(backbone, patch_key: str, views, dtype: str, digest: str | None = None) -> str:
+def feature_key(backbone, patch_key: str, views, dtype: str, digest: str | None = None,
+                autocast: str | None = None) -> str:
     """Cache key of one split's embeddings (see the module docstring)."""
     payload = {
         "version": CODE_VERSION, "backbone": backbone.name,
@@ -85,6 +88,8 @@ def feature_key(backbone, patch_key: str, views, dtype: str, digest: str | None 
         "mean": list(backbone.mean), "std": list(backbone.std),
         "patch_key": str(patch_key), "views": list(views), "dtype": dtype,
     }
+    if autocast:
+        payload["autocast"] = autocast
     return sha256_text(json.dumps(payload, sort_keys=True))
 
 
@@ -113,22 +118,28 @@ def _valid(folder: Path, key: str) -> bool:
 
 
 def embed_array(backbone, array, views, out, batch_size: int = 64, device="cpu",
-                desc: str = "embed") -> None:
+                desc: str = "embed", amp: str = "off") -> None:
     """Fill ``out[i, k, v]`` with the embedding of patch ``k`` of image ``i`` in view ``v``.
 
     ``array`` is ``N x K x P x P x 3`` uint8 (memmap fine); batches hold ``batch_size``
     patches (whole images), normalised on ``device`` as :func:`kit.training.train.predict` does.
+    ``amp`` (auto|off|bf16|fp16, as in train.yaml) runs the forward pass under autocast; the
+    vectors are stored as float32 either way.
     """
     import torch
 
     from kit.training.augment import normalize_batch
+    from kit.training.train import amp_dtype
     from kit.training.tta import apply_view
 
     device = torch.device(device)
+    dtype = amp_dtype(device, amp)
     backbone.eval().to(device)
     n, k = array.shape[:2]
     per_chunk = max(1, int(batch_size) // k)
-    with torch.inference_mode():
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None
+                else contextlib.nullcontext())
+    with torch.inference_mode(), autocast:
         for a in progress(range(0, n, per_chunk), desc=desc, unit="batch"):
             sel = slice(a, min(n, a + per_chunk))
             x = torch.from_numpy(np.array(array[sel])).reshape(-1, *array.shape[2:])
@@ -145,7 +156,9 @@ def load_or_embed(backbone, patches, paths, split: str, views, cfg: dict | None 
     first to finish renames it into place; the others drop theirs and read the winner's."""
     from numpy.lib.format import open_memmap
 
-    from kit.training.train import pick_device
+    import torch
+
+    from kit.training.train import amp_dtype, pick_device
 
     cfg = load_config("features", cfg)
     dtype = str(cfg["dtype"])
@@ -153,7 +166,12 @@ def load_or_embed(backbone, patches, paths, split: str, views, cfg: dict | None 
         raise KitError(f"features.dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     views = cache_views(views)
     digest = digest or weights_digest(backbone)
-    key = feature_key(backbone, patches.key, views, dtype, digest)
+    if device is None:
+        device = pick_device(None if cfg["device"] == "auto" else cfg["device"])
+    # auto resolves here (bf16/fp16 on CUDA, off elsewhere), so the key names what ran.
+    autocast = {None: None, torch.bfloat16: "bf16", torch.float16: "fp16"}[
+        amp_dtype(torch.device(device), cfg["amp"])]
+    key = feature_key(backbone, patches.key, views, dtype, digest, autocast)
     folder = paths.features_dir / backbone.name / f"{split}-{key[:16]}"
     hit = _valid(folder, key)
     if not hit:
@@ -166,10 +184,8 @@ def load_or_embed(backbone, patches, paths, split: str, views, cfg: dict | None 
             t0 = time.perf_counter()
             # float32 in memory first: float16's range is checked before anything is stored.
             full = np.zeros(shape, np.float32)
-            if device is None:
-                device = pick_device(None if cfg["device"] == "auto" else cfg["device"])
             embed_array(backbone, patches.array, views, full, int(cfg["batch_size"]), device,
-                        desc=f"embed {backbone.name} {split}")
+                        desc=f"embed {backbone.name} {split}", amp=autocast or "off")
             stored, problem = storage_dtype(full, dtype)
             if problem:
                 print(f"features: {backbone.name} {split}: {problem}; stored as {stored} "
@@ -182,6 +198,7 @@ def load_or_embed(backbone, patches, paths, split: str, views, cfg: dict | None 
                     "weights_source": str(backbone.weights_source), "split": split,
                     "patch_key": patches.key, "views": list(views), "shape": list(shape),
                     "dtype": dtype, "stored_dtype": stored, "range_problem": problem,
+                    "autocast": autocast,
                     "input_size": int(backbone.input_size),
                     "seconds": round(time.perf_counter() - t0, 2), "version": CODE_VERSION}
             write_config(tmp / "config.yaml", {"features": cfg, "views": list(views)})
