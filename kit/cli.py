@@ -106,8 +106,20 @@ def _plain_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"  # for users: no source file and line
 
 
-def main(argv=None) -> int:
+def run_for_user(call, interrupted: str) -> int:
+    """Run ``call()`` as a process a user watches: warnings as plain lines, a
+    :class:`KitError` as one line (exit 2), Ctrl-C as the line ``interrupted`` (exit 130)."""
     warnings.formatwarning = _plain_warning
+    try:
+        return int(call() or 0)
+    except KitError as exc:
+        return print_kit_error(exc)
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
+
+
+def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(names={command} if command in COMMANDS else set())
@@ -115,12 +127,6 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     args = parser.parse_args(argv)
-    try:
-        result = args._run(args)
-    except KitError as exc:
-        return print_kit_error(exc)
-    except KeyboardInterrupt:
-        print("interrupted: finished outputs are kept; rerun the same command to resume",
-              file=sys.stderr)
-        return 130
-    return int(result or 0)
+    return run_for_user(lambda: args._run(args),
+                        "interrupted: finished outputs are kept; rerun the same command to "
+                        "resume")

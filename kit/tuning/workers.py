@@ -234,19 +234,10 @@ def main(argv=None) -> int:
         print("usage: python -m kit.tuning.workers --worker JSON (started by ./run.sh tune "
               "--workers/--gpus)", file=sys.stderr)
         return 2
-    import warnings
+    from kit.cli import run_for_user
 
-    warnings.formatwarning = lambda message, *a, **k: f"warning: {message}\n"  # as kit.cli
-    from kit.cli import print_kit_error
-
-    try:
-        return _worker_main(argv[1])
-    except KitError as exc:
-        return print_kit_error(exc)
-    except KeyboardInterrupt:
-        print("interrupted: the running trial is marked failed; rerun to continue",
-              file=sys.stderr)
-        return 130
+    return run_for_user(lambda: _worker_main(argv[1]),
+                        "interrupted: the running trial is marked failed; rerun to continue")
 
 
 if __name__ == "__main__":
