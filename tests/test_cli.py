@@ -81,3 +81,20 @@ def test_run_sh_passes_arguments_and_exit_code(tmp_path):
                        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2
     assert "dataset folder not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_run_for_user_turns_errors_and_ctrl_c_into_lines_and_exit_codes(capsys):
+    from kit.cli import run_for_user
+    from kit.utils import KitError
+
+    def bad():
+        raise KitError("data/x.csv: broken; fix it")
+
+    def stopped():
+        raise KeyboardInterrupt
+
+    assert run_for_user(bad, "interrupted") == 2
+    assert capsys.readouterr().err == "error: data/x.csv: broken; fix it\n"
+    assert run_for_user(stopped, "interrupted: rerun to resume") == 130
+    assert capsys.readouterr().err == "interrupted: rerun to resume\n"
+    assert run_for_user(lambda: None, "x") == 0 and run_for_user(lambda: 3, "x") == 3
