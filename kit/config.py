@@ -47,12 +47,11 @@ def dotted_to_nested(values: dict, source: str = "config") -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise KitError(f"{source}: {key!r} conflicts with another key")
-        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
-            node[leaf] = {**node[leaf], **dotted_to_nested(value, source)}
-        elif isinstance(value, dict):
-            node[leaf] = dotted_to_nested(value, source)
-        else:
-            node[leaf] = value
+        if isinstance(value, dict):
+            value = dotted_to_nested(value, source)
+            if isinstance(node.get(leaf), dict):  # "head.x.y" and "head: {x: {z}}" both kept
+                value = _deep_update(node[leaf], value)
+        node[leaf] = value
     return out
 
 
@@ -104,7 +103,8 @@ def _deep_update(base: dict, new: dict) -> dict:
 
 
 def with_flags(overrides: dict, flags: dict) -> dict:
-    """``overrides`` with the stage's own flags on top; ``None`` flags were not given."""
+    """``overrides`` with the stage's own flags (dotted or nested keys) on top; ``None``
+    flags were not given."""
     return _deep_update(overrides, dotted_to_nested(
         {k: v for k, v in flags.items() if v is not None}, "flags"))
 

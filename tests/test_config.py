@@ -16,6 +16,10 @@ def test_dotted_and_nested_keys_mean_the_same():
     assert dotted_to_nested({"head.depth": 2, "lr": 0.1}) == {"head": {"depth": 2}, "lr": 0.1}
     assert dotted_to_nested({"head": {"depth": 2}, "head.width": 8}) == \
         {"head": {"depth": 2, "width": 8}}
+    # a dotted key and a nested mapping below the same parent merge at every depth
+    assert dotted_to_nested({"augment.color_jitter.p": 0.5,
+                             "augment": {"color_jitter": {"hue": 0.1}}}) == \
+        {"augment": {"color_jitter": {"p": 0.5, "hue": 0.1}}}
     with pytest.raises(KitError, match="conflicts"):
         dotted_to_nested({"lr": 1, "lr.x": 2})
 

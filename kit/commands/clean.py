@@ -28,10 +28,9 @@ def run(args) -> int:
     from kit.data.dataset import load_dataset
     from kit.data.neardup import near_duplicates_csv
 
-    cfg = {"green": {"min_share": args.green_share},
-           "cartoon": {"strict": args.cartoon_strict, "paired": args.cartoon_paired},
-           "workers": args.workers}
-    cfg = with_flags(stage_overrides(args.config, args.sets), _flat(_drop_none(cfg)))
+    cfg = with_flags(stage_overrides(args.config, args.sets), {
+        "green.min_share": args.green_share, "cartoon.strict": args.cartoon_strict,
+        "cartoon.paired": args.cartoon_paired, "workers": args.workers})
     paths = Paths.from_root(args.workdir)
     dataset = load_dataset(args.data, skip_bad=args.skip_bad)
     outliers = clean.run_clean(dataset, paths, cfg)
@@ -44,35 +43,13 @@ def run(args) -> int:
         kept = len(clean.clean_train_samples(dataset, paths))
         print(f"overrides: {len(overrides)} row(s) in {paths.overrides_csv} -> "
               f"{kept} training images kept")
-    near = pd.read_csv(near_duplicates_csv(paths))
+    near_csv = near_duplicates_csv(paths)
+    near = pd.read_csv(near_csv)
     print(f"near-duplicate groups: {near['group'].nunique()} "
           f"({int((near['split'] == 'train').sum())} training images; folds keeps each group "
           "in one fold)")
     print(f"outliers -> {paths.outliers_csv}")
-    print(f"near-dup -> {near_duplicates_csv(paths)}")
+    print(f"near-dup -> {near_csv}")
     print(f"review   -> {paths.clean_dir / 'review.html'}")
     return 0
 
-
-def _flat(cfg: dict, prefix: str = "") -> dict:
-    """Nested -> dotted keys (the flags join the --set overrides that way)."""
-    out = {}
-    for key, value in cfg.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _drop_none(cfg: dict) -> dict:
-    """Nested dict without the options the user did not give (None), so defaults apply."""
-    out = {}
-    for key, value in cfg.items():
-        if isinstance(value, dict):
-            value = _drop_none(value)
-            if value:
-                out[key] = value
-        elif value is not None:
-            out[key] = value
-    return out
