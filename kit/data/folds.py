@@ -13,9 +13,9 @@ Groups are merged transitively. ``runs/folds/config.yaml`` records which of thes
 were used (with the files' sha256), and a refused overwrite names the source that changed.
 
 The split is scikit-learn's ``StratifiedGroupKFold``; the file it produces is sorted by
-``sample_index`` and byte-identical for the same inputs and seed. Later stages record :func:`folds_hash` so that predictions made with one split are
-never mixed with another; hence :func:`run_folds` refuses to overwrite a different split
-unless ``force=True``.
+``sample_index`` and byte-identical for the same inputs and seed. Later stages record
+:func:`folds_hash` so that predictions made with one split are never mixed with another;
+hence :func:`run_folds` refuses to overwrite a different split unless ``force=True``.
 """
 from __future__ import annotations
 
@@ -135,7 +135,8 @@ def assign_folds(sample_ids, labels, groups, n_splits: int = 5, seed=42) -> np.n
 
 def build_groups(samples: list[Sample], extra: dict[str, str] | None = None,
                  near: dict[str, str] | None = None) -> dict[str, str]:
-    """Group id of each sample: shared mask files, ``near`` and ``extra`` groups, merged transitively.
+    """Group id of each sample: shared mask files, ``near`` and ``extra`` groups, merged
+    transitively.
 
     Parameters
     ----------

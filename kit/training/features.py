@@ -359,7 +359,8 @@ def attention_weights(head, x, view: int = 0) -> np.ndarray:
 class FeatureSource:
     """Training batches from cached embeddings ``x`` (``n x K x V x D``): the data side of
     :func:`kit.training.train.fit` on the feature-cache path
-    (:class:`kit.training.train.PixelSource` is the pixel one). Rows index the first axis of ``x``; view 0 is ``id``."""
+    (:class:`kit.training.train.PixelSource` is the pixel one). Rows index the first axis
+    of ``x``; view 0 is ``id``."""
 
     path = "feature_cache"  # the training path, for early_stopping: auto
 
@@ -501,7 +502,8 @@ class FeatureCV:
     """Cached embeddings aligned with the folds; :meth:`fold` trains and predicts one fold.
 
     Fold ``k`` is seeded with ``seed + k`` (as :func:`kit.training.cv.run_cv`), so a fold's
-    result does not depend on which folds ran before it: the tune objective may visit folds in any order.
+    result does not depend on which folds ran before it: the tune objective may visit folds in
+    any order.
     """
 
     def __init__(self, train: Features, folds: pd.DataFrame, cfg: dict, views,

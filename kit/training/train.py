@@ -3,8 +3,9 @@
 The data path: a Dataset over (image, patch) pairs reads uint8 patches from the memory-mapped
 cache and augments them with albumentations (on CPU, in DataLoader workers when there are
 any); batches stay uint8 until they reach the device, where
-:func:`kit.training.augment.normalize_batch` scales, normalises and resizes them, and CutMix mixes them. Early stopping watches the macro
-F1 of the validation *images* (patch probabilities aggregated per image), the challenge metric.
+:func:`kit.training.augment.normalize_batch` scales, normalises and resizes them, and CutMix
+mixes them. Early stopping watches the macro F1 of the validation *images* (patch
+probabilities aggregated per image), the challenge metric.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from kit import CLASSES
-from kit.config import load_config, merge
+from kit.config import dotted_to_nested, load_config, merge
 from kit.metrics import aggregate, fast_macro_f1
 from kit.utils import KitError, atomic_path, progress, seed_everything, sha256_text
 
@@ -40,17 +41,10 @@ def train_config(overrides: dict | None = None, params: dict | None = None) -> d
     cfg = load_config("train")
     cfg["augment"] = load_config("augment")
     if params:
-        cfg = merge(cfg, dotted_to_nested(params), source="params")
+        cfg = merge(cfg, dotted_to_nested(params, "params"), source="params")
     if overrides:
         cfg = merge(cfg, {k: v for k, v in overrides.items() if v is not None}, source="config")
     return cfg
-
-
-def dotted_to_nested(params: dict) -> dict:
-    """``{"head.depth": 2}`` -> ``{"head": {"depth": 2}}``."""
-    from kit.config import dotted_to_nested as nested
-
-    return nested(params, "params")
 
 
 def tta_views(spec) -> tuple[str, ...]:
@@ -414,13 +408,12 @@ def predict(model: nn.Module, array, rows=None, views=("id",), batch_size: int =
     -------
     dict view -> float32 array ``len(rows) x K x C``
     """
+    from kit.models.heads import is_mil
     from kit.training.augment import normalize_batch
     from kit.training.tta import apply_view
 
     device = torch.device(device)
     rows = np.arange(len(array)) if rows is None else np.asarray(rows, dtype=np.int64)
-    from kit.models.heads import is_mil
-
     k = int(array.shape[1])
     bb = model.backbone
     mil = is_mil(model)
@@ -728,10 +721,11 @@ def fit(model: nn.Module, source, train_rows, train_y, cfg: dict, *, val_rows=No
         desc: str = "train") -> FoldResult:
     """The kit's one training loop: train ``model`` on ``train_rows`` of ``source``.
 
-    A head that standardises its inputs (:class:`kit.models.heads.Standardize`) gets its statistics
-    from the features of all ``train_rows`` first (no labels). How the epoch is chosen
-    follows ``cfg["early_stopping"]`` (:data:`EARLY_STOPPING`): ``inner`` stops early on an
-    inner split of ``train_rows`` (:func:`inner_split`, from ``groups`` and ``seed``) and keeps its best epoch; ``refit`` then retrains from the same
+    A head that standardises its inputs (:class:`kit.models.heads.Standardize`) gets its
+    statistics from the features of all ``train_rows`` first (no labels). How the epoch is
+    chosen follows ``cfg["early_stopping"]`` (:data:`EARLY_STOPPING`): ``inner`` stops early
+    on an inner split of ``train_rows`` (:func:`inner_split`, from ``groups`` and ``seed``)
+    and keeps its best epoch; ``refit`` then retrains from the same
     initial weights on all of ``train_rows`` for that many epochs; ``none`` trains
     ``cfg["epochs"]`` and keeps the last; ``oof`` stops early on ``val_rows`` (optimistic
     when those rows are then scored). Only ``oof`` reads ``val_rows``/``val_y``.
