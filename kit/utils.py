@@ -96,6 +96,51 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+def read_csv_columns(path: str | os.PathLike, columns, expected: str, fix: str = ""):
+    """A CSV file as strings (nothing read as NaN), column names stripped, with ``columns``
+    required and kept (in that order).
+
+    Raises
+    ------
+    KitError
+        One line naming ``path``: unparsable, or missing columns; each says the ``expected``
+        header, then ``fix`` when given.
+    """
+    import pandas as pd
+
+    then = f"; {fix}" if fix else ""
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as exc:  # pandas raises several types for unparsable CSV
+        raise KitError(f"{path}: cannot be read as CSV ({exc}); expected header {expected}{then}")
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise KitError(f"{path}: missing column(s) {', '.join(missing)}; expected header "
+                       f"{expected} (found: {','.join(df.columns)}){then}")
+    return df[list(columns)].copy()
+
+
+def connected_components(items, pairs) -> dict:
+    """Each of ``items`` -> the smallest item of its connected component under ``pairs``
+    (transitive: ``(a, b)`` and ``(b, c)`` put a, b and c together). Pairs naming an item
+    not in ``items`` are ignored."""
+    parent = {x: x for x in items}
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in pairs:
+        if a in parent and b in parent:
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+    return {x: find(x) for x in parent}
+
+
 def _plain(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _plain(v) for k, v in obj.items()}

@@ -36,7 +36,7 @@ from kit.config import load_config
 from kit.data.dataset import Dataset, Sample, jpeg_thumbnail, load_dataset, read_mask, to_rgb_array
 from kit.paths import Paths
 from kit.utils import (KitError, atomic_write_csv, atomic_write_text, n_workers, progress,
-                       sha256_file, write_config)
+                       read_csv_columns, sha256_file, write_config)
 
 REASONS = ("cartoon", "green")
 OUTLIER_COLUMNS = ["sample_index", "reason", "score"]
@@ -244,16 +244,7 @@ def load_overrides(paths: Paths) -> pd.DataFrame:
 
 
 def _read_csv(path: Path, columns: list[str], expected: str) -> pd.DataFrame:
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as exc:  # pandas raises several types for unparsable CSV
-        raise KitError(f"{path}: cannot be read as CSV ({exc}); expected header {expected}")
-    df.columns = [str(c).strip() for c in df.columns]
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise KitError(f"{path}: missing column(s) {', '.join(missing)}; expected header "
-                       f"{expected} (found: {','.join(df.columns)})")
-    df = df[columns].copy()
+    df = read_csv_columns(path, columns, expected)
     df["sample_index"] = df["sample_index"].str.strip()
     return df
 

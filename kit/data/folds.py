@@ -33,7 +33,8 @@ from kit.config import load_config
 from kit.data.dataset import Dataset, Sample, load_dataset, mask_groups
 from kit.data.neardup import near_duplicates_csv, read_near_duplicates
 from kit.paths import Paths
-from kit.utils import KitError, atomic_write_bytes, check_random_state, sha256_bytes, sha256_file, write_config
+from kit.utils import (KitError, atomic_write_bytes, check_random_state, connected_components,
+                       read_csv_columns, sha256_bytes, sha256_file, write_config)
 
 COLUMNS = ("sample_index", "label", "fold", "group")
 # Written before the group column existed: still read (cv's inner split then keeps each image
@@ -154,27 +155,13 @@ def build_groups(samples: list[Sample], extra: dict[str, str] | None = None,
     dict
         ``sample_index -> group id``, the id being the smallest sample_index in the group.
     """
-    parent = {s.sample_index: s.sample_index for s in samples}
-
-    def find(x):
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    def union(a, b):
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)  # the smallest name becomes the id
-
-    for name, first in mask_groups(samples).items():
-        union(name, first)
-    for source in (near, extra):
+    names = {s.sample_index for s in samples}
+    pairs = list(mask_groups(samples).items())
+    for source in (near, extra):  # each source's labels are its own
         by_label: dict[str, str] = {}
-        for name, label in sorted((source or {}).items()):
-            if name in parent:
-                union(name, by_label.setdefault(label, name))
-    return {name: find(name) for name in parent}
+        pairs += [(name, by_label.setdefault(label, name))
+                  for name, label in sorted((source or {}).items()) if name in names]
+    return connected_components([s.sample_index for s in samples], pairs)
 
 
 def read_group_overrides(path: str | Path, known: set[str] | None = None) -> dict[str, str]:
@@ -188,15 +175,7 @@ def read_group_overrides(path: str | Path, known: set[str] | None = None) -> dic
     path = Path(path)
     if not path.exists():
         return {}
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as exc:  # pandas raises several types for unparsable CSV
-        raise KitError(f"{path}: cannot be read as CSV ({exc}); expected header sample_index,group")
-    df.columns = [c.strip() for c in df.columns]
-    missing = [c for c in GROUP_COLUMNS if c not in df.columns]
-    if missing:
-        raise KitError(f"{path}: missing column(s) {', '.join(missing)}; expected header "
-                       f"sample_index,group (found: {','.join(df.columns)})")
+    df = read_csv_columns(path, GROUP_COLUMNS, "sample_index,group")
     problems = [f"{name}: listed more than once" for name in
                 sorted(df.loc[df.sample_index.duplicated(), "sample_index"].unique())]
     if known is not None:

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from kit.utils import KitError
+from kit.utils import KitError, connected_components, read_csv_columns
 
 FILE_NAME = "near_duplicates.csv"
 COLUMNS = ["group", "split", "sample_index", "kind", "nearest", "distance"]
@@ -138,25 +138,17 @@ def find_groups(table: pd.DataFrame, cfg: dict) -> pd.DataFrame:
     if not edges:
         return pd.DataFrame(columns=COLUMNS)
 
-    parent = list(range(len(keys)))
-
-    def find(x):
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
     nearest: dict[int, tuple] = {}
     for d, rank, i, j in sorted(edges):
-        parent[find(i)] = find(j)
         for a, b in ((i, j), (j, i)):
             best = nearest.get(a)
             if best is None or (d, rank, _order(keys[b])) < (best[0], best[1], _order(keys[best[2]])):
                 nearest[a] = (d, rank, b)
 
+    root = connected_components(nearest, [(i, j) for _, _, i, j in edges])
     members: dict[int, list[int]] = {}
     for i in nearest:
-        members.setdefault(find(i), []).append(i)
+        members.setdefault(root[i], []).append(i)
     groups = sorted((sorted(m, key=lambda i: _order(keys[i])) for m in members.values()),
                     key=lambda m: _order(keys[m[0]]))
     rows = []
@@ -194,14 +186,7 @@ def read_near_duplicates(path: str | Path, known: set[str] | None = None) -> dic
     if not path.exists():
         return None
     fix = "rerun ./run.sh clean to rewrite it"
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as exc:  # pandas raises several types for unparsable CSV
-        raise KitError(f"{path}: cannot be read as CSV ({exc}); {fix}")
-    missing = [c for c in ("group", "split", "sample_index") if c not in df.columns]
-    if missing:
-        raise KitError(f"{path}: missing column(s) {', '.join(missing)}; expected header "
-                       f"{','.join(COLUMNS)}; {fix}")
+    df = read_csv_columns(path, ("group", "split", "sample_index"), ",".join(COLUMNS), fix)
     train = df[df["split"] == "train"]
     if known is not None:
         stale = sorted(set(train["sample_index"]) - known)
