@@ -159,6 +159,12 @@ def is_mil(head: nn.Module) -> bool:
     return bool(getattr(head, "is_mil", False))
 
 
+def is_mil_config(head_cfg: dict) -> bool:
+    """Whether a head config (train.yaml's ``head``) builds such a head: training then
+    draws whole images, not patches."""
+    return head_cfg.get("pool") == "attention"
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

@@ -550,6 +550,7 @@ def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
         "pending": [...], "folds": {k: done mark}}``.
     """
     from kit.models.backbones import list_backbones
+    from kit.models.heads import is_mil_config
     from kit.training.train import pick_device, train_config, tta_views
 
     if backbone not in list_backbones():
@@ -578,7 +579,7 @@ def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
                 hash=config_hash(backbone, weights, seed, cfg, keys, path, dtype, dev.type))
     print(f"{backbone}: {n_folds} folds, {len(folds)} training images, {len(test.samples)} "
           f"test images, device {ctx.device}, params: {params_desc}")
-    if cfg["head"].get("pool") == "attention" and path == "pixels" and \
+    if is_mil_config(cfg["head"]) and path == "pixels" and \
             float(cfg["augment"].get("cutmix_alpha") or 0) > 0:
         print(f"{backbone}: head.pool attention trains on whole images: CutMix (which mixes "
               "patches of two classes) is not applied")

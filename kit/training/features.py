@@ -373,9 +373,11 @@ class FeatureSource:
     def loader(self, rows, y, seed: int):
         import torch
 
+        from kit.models.heads import is_mil_config
+
         rows = np.asarray(rows, np.int64)
         n, k, n_views, d = self.x.shape
-        if self.cfg["head"].get("pool") == "attention":
+        if is_mil_config(self.cfg["head"]):
             return self._image_loader(rows, y, seed)
         # The rows' patches, flattened and moved to the device once per training run.
         self._flat = self.x[_rows(rows)].reshape(len(rows) * k, n_views, d) \
@@ -410,9 +412,10 @@ class FeatureSource:
     def prepare_fn(self, trainer):
         import torch
 
+        from kit.models.heads import is_mil_config
         from kit.training.train import one_hot
 
-        if self.cfg["head"].get("pool") == "attention":
+        if is_mil_config(self.cfg["head"]):
             def prepare_images(idx, view):
                 idx, view = idx.to(self.device), view.to(self.device)
                 k = self._images.shape[1]

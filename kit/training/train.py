@@ -653,9 +653,10 @@ class PixelSource:
 
     def loader(self, rows, y, seed: int):
         """A re-iterable loader over the patches of ``rows`` (one pass = one epoch)."""
+        from kit.models.heads import is_mil_config
         from kit.training.augment import build_train_transform
 
-        cls = ImageBagDataset if self.cfg["head"].get("pool") == "attention" else PatchDataset
+        cls = ImageBagDataset if is_mil_config(self.cfg["head"]) else PatchDataset
         ds = cls(self.array, rows, y, build_train_transform(self.cfg["augment"], seed=seed))
         return make_loader(ds, self.cfg, seed, self.device)
 
