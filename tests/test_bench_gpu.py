@@ -77,11 +77,12 @@ def test_report_lines_and_markdown():
     tr = {"backbone": "phikon", "kit_ips": 510.0, "bare_ips": 540.0, "ratio": 1.06,
           "workers": 8}
     em = {"backbone": "phikon", "kit_ips": 900.0, "bare_ips": 1000.0, "ratio": 0.9,
-          "bare_amp_ips": 2500.0}
+          "bare_amp_ips": 2500.0, "kit_amp_ips": 2400.0}
     cv = {"backbone": "phikon", "seconds": 30.0, "oof_macro_f1": 0.5, "patches_per_s": 400.0,
           "peak_mem_gib": 3.25, "amp": "bf16", "channels_last": True, "num_workers": 8}
     assert "ratio 1.06x [8 loader workers]" in gpu.format_train(tr)
     assert "(0.90x of bare)" in gpu.format_embed(em)
+    assert "features.amp auto   2400.0 patches/s" in gpu.format_embed(em)
     assert "peak 3.25 GiB" in gpu.format_cv(cv) and "amp bf16" in gpu.format_cv(cv)
     table = gpu.markdown({"device": "cuda:0", "name": "NVIDIA H200", "capability": "9.0",
                           "memory_gib": 139.8, "torch": "2.14.1", "cuda": "13.0", "amp": "bf16"},

@@ -373,7 +373,7 @@ def format_embed(r: dict, device_type: str = "cuda") -> str:
     return (f"{r['backbone']:<16} embed: kit {r['kit_ips']:8.1f} patches/s, bare fp32 forward "
             f"{r['bare_ips']:8.1f} patches/s ({r['ratio']:.2f}x of bare), {amp} "
             f"{r['bare_amp_ips']:8.1f} patches/s, kit with features.amp auto "
-            f"{r.get('kit_amp_ips', float('nan')):8.1f} patches/s")
+            f"{r['kit_amp_ips']:8.1f} patches/s")
 
 
 def markdown(info: dict, results: dict) -> str:

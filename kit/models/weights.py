@@ -41,6 +41,8 @@ from kit.utils import KitError
 # Weight file names looked for inside a folder, in order of preference.
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt", "model.bin")
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+# Weight files of a Hugging Face repository, in order of preference (cache and download).
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 DOWNLOAD_TIMEOUT_S = 10  # the hub probe; an unreachable hub must not stall "auto" for long
 
 
@@ -197,7 +199,7 @@ def _from_hf_cache(repo: str, cache: Path, need_config: bool) -> Path | None:
         hit = try_to_load_from_cache(repo, fname, cache_dir=cache)
         return Path(hit) if isinstance(hit, str) else None
 
-    weight = next((p for p in map(cached, ("model.safetensors", "pytorch_model.bin")) if p), None)
+    weight = next((p for p in map(cached, HUB_WEIGHT_FILES) if p), None)
     if weight is None:
         return None
     if not need_config:
@@ -212,7 +214,7 @@ def _download(repo: str, cache: Path, need_config: bool) -> Path:
 
     # A short probe first: an unreachable hub fails here within DOWNLOAD_TIMEOUT_S.
     names = {s.rfilename for s in (model_info(repo, timeout=DOWNLOAD_TIMEOUT_S).siblings or [])}
-    weight = next((f for f in ("model.safetensors", "pytorch_model.bin") if f in names), None)
+    weight = next((f for f in HUB_WEIGHT_FILES if f in names), None)
     if weight is None:
         raise RuntimeError(f"{repo} has neither model.safetensors nor pytorch_model.bin")
     path = Path(hf_hub_download(repo, weight, cache_dir=cache, etag_timeout=DOWNLOAD_TIMEOUT_S))
