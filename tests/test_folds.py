@@ -245,11 +245,9 @@ def test_run_folds_writes_the_documented_file(data, paths, capsys):
     assert cfg["folds_sha256"] == sha256_file(paths.folds_csv)
 
 
-def test_no_group_split_across_folds(data, paths):
-    # a hand-made near-duplicate list; img_0045 also shares img_0030's mask file
-    paths.groups_csv.write_text("sample_index,group\n"
-                                f"{_name(40)},scan-7\n{_name(41)},scan-7\n"
-                                f"{_name(45)},scan-9\n{_name(50)},scan-9\n")
+def _assert_groups_share_a_fold(data, paths) -> dict:
+    """Two seeds' splits keep the shared masks, (40, 41) and (30, 45, 50) each in one fold;
+    the folds config, as written, is returned."""
     for seed in (3, 4):
         df = run_folds(data, paths, seed=seed, force=True).set_index("sample_index").fold
         for group in SHARED_MASKS + [(40, 41), (30, 45, 50)]:
@@ -257,6 +255,15 @@ def test_no_group_split_across_folds(data, paths):
             assert df.loc[kept].nunique() == 1, {k: df[k] for k in kept}
     cfg = yaml.safe_load((paths.runs_dir / "folds" / "config.yaml").read_text())
     assert cfg["n_groups"] == len(df) - 1 - 2 - 2 - 1  # (1,2), (20,21,22), (30,45,50), (40,41)
+    return cfg
+
+
+def test_no_group_split_across_folds(data, paths):
+    # a hand-made near-duplicate list; img_0045 also shares img_0030's mask file
+    paths.groups_csv.write_text("sample_index,group\n"
+                                f"{_name(40)},scan-7\n{_name(41)},scan-7\n"
+                                f"{_name(45)},scan-9\n{_name(50)},scan-9\n")
+    cfg = _assert_groups_share_a_fold(data, paths)
     assert cfg["groups_csv"] == str(paths.groups_csv)
 
 
@@ -265,13 +272,7 @@ def test_near_duplicate_groups_share_a_fold_and_are_recorded(data, paths):
     # image only (no effect on the split); img_0045 also shares img_0030's mask file
     write_near(paths, f"1,train,{_name(40)} 1,train,{_name(41)} 1,test,{_name(2)} "
                       f"2,train,{_name(3)} 2,test,{_name(1)} 3,train,{_name(45)} 3,train,{_name(50)}")
-    for seed in (3, 4):
-        df = run_folds(data, paths, seed=seed, force=True).set_index("sample_index").fold
-        for group in SHARED_MASKS + [(40, 41), (30, 45, 50)]:
-            kept = [_name(i) for i in group if _name(i) not in DROPPED]
-            assert df.loc[kept].nunique() == 1, {k: df[k] for k in kept}
-    cfg = yaml.safe_load((paths.runs_dir / "folds" / "config.yaml").read_text())
-    assert cfg["n_groups"] == len(df) - 1 - 2 - 2 - 1  # (1,2), (20,21,22), (30,45,50), (40,41)
+    cfg = _assert_groups_share_a_fold(data, paths)
     grouping = cfg["grouping"]
     assert grouping["sources"] == ["shared_masks", "near_duplicates"]
     near_csv = near_duplicates_csv(paths)
