@@ -38,6 +38,7 @@ RUNTIME = {
     "scikit-learn": "1.5",
     "scipy": "1.11",
     "optuna": "4.9",
+    "cleanlab": "2.6",
     "kaggle": "1.7",
     "six": "1.16",
     "pillow": "10.0",

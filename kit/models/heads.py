@@ -45,12 +45,40 @@ class Standardize(nn.Module):
 
 
 POOLS = ("mean_prob", "mean_logprob", "attention")
+HEAD_TYPES = ("mlp", "logreg")
+
+
+class LinearProbe(nn.Sequential):
+    """The ``logreg`` head: standardisation then one linear layer, whose weights are not
+    trained by gradient steps but fitted in closed form by scikit-learn's
+    ``LogisticRegression`` (:mod:`kit.training.probe`) on image-mean embeddings.
+
+    For a linear map, the mean of the patch logits is the logit of the mean patch, so this
+    head on patches pooled by ``mean_logprob`` predicts exactly what the probe was fitted to.
+    Its state dict is that of an ``mlp`` head of depth 0, so checkpoints load the same way.
+    """
+
+    closed_form = True
+
+    def __init__(self, in_features: int, num_classes: int, standardize: bool = True):
+        layers = [Standardize(in_features)] if standardize else []
+        super().__init__(*layers, nn.Linear(in_features, num_classes))
+
+    @property
+    def linear(self) -> nn.Linear:
+        return self[-1]
+
+
+def is_probe(model: nn.Module) -> bool:
+    """Whether ``model`` (a head, or a classifier holding one) is fitted in closed form."""
+    head = getattr(model, "head", model)
+    return bool(getattr(head, "closed_form", False))
 
 
 def create_head(in_features: int, num_classes: int, depth: int = 1, width: int = 256,
                 dropout: float = 0.3, activation: str = "relu",
                 norm: str = "none", standardize: bool = True,
-                pool: str = "mean_prob") -> nn.Module:
+                pool: str = "mean_prob", type: str = "mlp") -> nn.Module:
     """A head from features to logits: a patch MLP, or attention MIL over an image's patches.
 
     With ``standardize`` the first module is a :class:`Standardize` (its statistics are set
@@ -78,10 +106,20 @@ def create_head(in_features: int, num_classes: int, depth: int = 1, width: int =
         patch (a ``nn.Sequential`` on ``B x D``) and the image probability is the mean of the
         patch probabilities, or the softmax of their mean log-probability. ``attention``:
         an :class:`AttentionMIL` head on ``B x K x D`` giving image logits.
+    type : {"mlp", "logreg"}
+        ``logreg``: a :class:`LinearProbe` (the MLP settings do not apply; ``pool`` must be
+        ``mean_logprob`` or ``mean_prob``).
     """
     activation, norm = _check(in_features, num_classes, depth, width, dropout, activation, norm)
     if pool not in POOLS:
         raise KitError(f"head config: pool must be one of {', '.join(POOLS)} (got {pool!r})")
+    if type not in HEAD_TYPES:
+        raise KitError(f"head config: type must be one of {', '.join(HEAD_TYPES)} (got {type!r})")
+    if type == "logreg":
+        if pool == "attention":
+            raise KitError("head config: type logreg pools patches with mean_logprob, not "
+                           "attention; set head.pool=mean_logprob")
+        return LinearProbe(in_features, num_classes, standardize)
     if pool == "attention":
         return AttentionMIL(in_features, num_classes, depth, width, dropout, activation, norm,
                             standardize)

@@ -250,12 +250,27 @@ def class_weights(labels, num_classes: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def balanced_sampler(labels, seed) -> torch.utils.data.WeightedRandomSampler:
-    """A sampler drawing every class equally often (with replacement), ``len(labels)`` per epoch."""
+def balanced_sampler(labels, seed, weight=None) -> torch.utils.data.WeightedRandomSampler:
+    """A sampler drawing every class equally often (with replacement), ``len(labels)`` per
+    epoch; ``weight`` (per sample) multiplies each sample's chance within its class."""
     y = _labels(labels)
     counts = np.bincount(y)
+    w = 1.0 / counts[y] if weight is None else np.asarray(weight, np.float64) / counts[y]
+    return _sampler(w, seed)
+
+
+def weighted_sampler(weight, seed) -> torch.utils.data.WeightedRandomSampler:
+    """A sampler drawing each sample with probability proportional to ``weight`` (with
+    replacement), ``len(weight)`` per epoch: sample weights applied by sampling, which in
+    expectation is the weighted loss, the same way on pixels and on cached embeddings."""
+    return _sampler(np.asarray(weight, np.float64), seed)
+
+
+def _sampler(w: np.ndarray, seed) -> torch.utils.data.WeightedRandomSampler:
+    if len(w) == 0 or not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
+        raise KitError("sampler: sample weights must be finite, non-negative and not all zero")
     generator = torch.Generator()
     generator.manual_seed(int(check_random_state(seed).integers(2**63 - 1)))
     return torch.utils.data.WeightedRandomSampler(
-        torch.as_tensor(1.0 / counts[y], dtype=torch.double), num_samples=len(y),
-        replacement=True, generator=generator)
+        torch.as_tensor(w, dtype=torch.double), num_samples=len(w), replacement=True,
+        generator=generator)

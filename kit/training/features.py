@@ -370,40 +370,37 @@ class FeatureSource:
         self.x, self.cfg, self.device = _as_tensor(x), cfg, torch.device(device)
         self._flat = None
 
-    def loader(self, rows, y, seed: int):
+    def loader(self, rows, y, seed: int, weight=None):
         import torch
 
         from kit.models.heads import is_mil_config
+        from kit.training.train import sampler_for
 
         rows = np.asarray(rows, np.int64)
         n, k, n_views, d = self.x.shape
         if is_mil_config(self.cfg["head"]):
-            return self._image_loader(rows, y, seed)
+            return self._image_loader(rows, y, seed, weight)
         # The rows' patches, flattened and moved to the device once per training run.
         self._flat = self.x[_rows(rows)].reshape(len(rows) * k, n_views, d) \
             .to(self.device)
         self._patch_y = torch.from_numpy(np.repeat(np.asarray(y, np.int64), k)).to(self.device)
         g = torch.Generator().manual_seed(int(seed))
-        if self.cfg["class_balance"] == "sampler":
-            from kit.training.augment import balanced_sampler  # imports timm: only when needed
-
-            sampler = balanced_sampler(np.repeat(np.asarray(y, np.int64), k), seed)
-        else:
+        sampler = sampler_for(np.repeat(np.asarray(y, np.int64), k), self.cfg, seed, weight, k)
+        if sampler is None:
             sampler = torch.utils.data.RandomSampler(range(len(rows) * k), generator=g)
         return _PatchLoader(len(rows) * k, n_views, int(self.cfg["batch_size"]), sampler, g)
 
-    def _image_loader(self, rows, y, seed: int):
+    def _image_loader(self, rows, y, seed: int, weight=None):
         import torch
+
+        from kit.training.train import sampler_for
 
         n, k, n_views, d = self.x.shape
         self._images = self.x[_rows(rows)].to(self.device)  # rows x K x V x D
         self._image_y = torch.from_numpy(np.asarray(y, np.int64)).to(self.device)
         g = torch.Generator().manual_seed(int(seed))
-        if self.cfg["class_balance"] == "sampler":
-            from kit.training.augment import balanced_sampler
-
-            sampler = balanced_sampler(np.asarray(y, np.int64), seed)
-        else:
+        sampler = sampler_for(np.asarray(y, np.int64), self.cfg, seed, weight)
+        if sampler is None:
             sampler = torch.utils.data.RandomSampler(range(len(rows)), generator=g)
         # batch_size counts patches, as on every path: whole images of K patches each.
         per = max(2, int(self.cfg["batch_size"]) // k)
@@ -496,9 +493,11 @@ class FoldPrediction:
     probs: np.ndarray  # n x C
     per_view: dict[str, np.ndarray]
     macro_f1: float
-    fit: object  # kit.training.train.FoldResult
+    fit: object  # kit.training.train.FoldResult (bag member 0)
     test_probs: np.ndarray | None = None
     test_per_view: dict[str, np.ndarray] | None = None
+    members: list = field(default_factory=list)  # every bag member's FoldResult
+    issues: object = None  # kit.training.label_issues.FoldIssues, when label_issues is on
 
 
 class FeatureCV:
@@ -548,34 +547,75 @@ class FeatureCV:
         ``exclude``: folds left out of training as well (nested tuning keeps its outer fold
         out of the inner search this way).
         """
-        from kit.models.heads import create_head
-        from kit.training.train import fit
-        from kit.utils import seed_everything
+        from kit.training.label_issues import find_fold_issues
 
         f = self.folds
         drop = {int(k)} | {int(e) for e in exclude}
         tr, va = f[~f.fold.isin(drop)], f[f.fold == k]
         seed = self.seed + k
+        source = FeatureSource(self.x, self.cfg, self.device)
         with threads(self.threads):
-            seed_everything(seed)
-            head = create_head(self.x.shape[-1], len(CLASSES), **self.cfg["head"])
-            source = FeatureSource(self.x, self.cfg, self.device)
-            res = fit(head, source, tr.row.values, tr.y.values, self.cfg,
-                      val_rows=va.row.values, val_y=va.y.values, groups=fold_groups(tr),
-                      seed=seed, device=self.device, desc=f"fold {k}")
-            per_view = self._image_probs(res.model, self.x[_rows(va.row)])
+            issues = None
+            if self.cfg["label_issues"]["mode"] != "off":
+                # From the fold's training rows alone: its own (OOF) labels decide nothing.
+                issues = find_fold_issues(source, tr, self.cfg, seed, k, desc=f"fold {k} ")
+            test = self.x_test if with_test else None
+            members, per_view, test_per_view = train_bag(
+                source, tr, va.row.values, va.y.values, self.cfg, seed, self.device,
+                lambda m, x: self._image_probs(m, x), self.x[_rows(va.row)], test,
+                issues=issues, desc=f"fold {k}")
         probs = np.mean(list(per_view.values()), axis=0)
         pred = FoldPrediction(k, va.sample_index.values, va.y.values, probs, per_view,
-                              macro_f1(va.y.values, probs), res)
-        if with_test and self.x_test is not None:
-            with threads(self.threads):
-                pred.test_per_view = self._image_probs(res.model, self.x_test)
-            pred.test_probs = np.mean(list(pred.test_per_view.values()), axis=0)
+                              macro_f1(va.y.values, probs), members[0], members=members,
+                              issues=issues)
+        if test_per_view is not None:
+            pred.test_per_view = test_per_view
+            pred.test_probs = np.mean(list(test_per_view.values()), axis=0)
         return pred
 
     def _image_probs(self, head, x) -> dict[str, np.ndarray]:
         probs = image_probs_from_features(head, x, self.view_idx, self.cfg["head"]["pool"])
         return {v: probs[i] for v, i in zip(self.views, self.view_idx)}
+
+
+def train_bag(source, tr: pd.DataFrame, val_rows, val_y, cfg: dict, seed: int, device, predict,
+              x_val, x_test=None, issues=None, desc: str = "fold"):
+    """Train ``cfg["bag"]`` heads on the training images ``tr`` (less those label issues
+    drop, weighted as they say) and average their view probabilities.
+
+    ``predict(head, x)`` gives ``{view: n x C}``. Returns ``(members, per_view, test_per_view)``
+    with every member's :class:`kit.training.train.FoldResult`; member 0 is seeded ``seed``,
+    so ``bag: 1`` trains exactly the unbagged head.
+    """
+    from kit.models.heads import create_head
+    from kit.training.label_issues import training_weights
+    from kit.training.train import fit, member_seed
+    from kit.utils import seed_everything
+
+    keep, weight = training_weights(issues, cfg)
+    fit_tr = tr if keep is None else tr[keep]
+    members, val_views, test_views = [], [], []
+    n_bag = int(cfg.get("bag", 1))
+    for b in range(n_bag):
+        s = member_seed(seed, b)
+        seed_everything(s)
+        head = create_head(source.x.shape[-1], len(CLASSES), **cfg["head"])
+        res = fit(head, source, fit_tr.row.values, fit_tr.y.values, cfg, val_rows=val_rows,
+                  val_y=val_y, groups=fold_groups(fit_tr), seed=s, device=device,
+                  desc=desc if n_bag == 1 else f"{desc} bag {b + 1}/{n_bag}",
+                  sample_weight=None if weight is None else weight[keep])
+        members.append(res)
+        val_views.append(predict(res.model, x_val))
+        if x_test is not None:
+            test_views.append(predict(res.model, x_test))
+    return members, mean_views(val_views), mean_views(test_views) if test_views else None
+
+
+def mean_views(parts: list[dict]) -> dict:
+    """Per view, the mean of the bag members' probabilities (one member: its own, as is)."""
+    if len(parts) == 1:
+        return parts[0]
+    return {v: np.mean([p[v] for p in parts], axis=0) for v in parts[0]}
 
 
 def fold_groups(frame: pd.DataFrame):

@@ -44,7 +44,33 @@ def train_config(overrides: dict | None = None, params: dict | None = None) -> d
         cfg = merge(cfg, dotted_to_nested(params, "params"), source="params")
     if overrides:
         cfg = merge(cfg, {k: v for k, v in overrides.items() if v is not None}, source="config")
+    return _normalise(cfg)
+
+
+def _normalise(cfg: dict) -> dict:
+    """Checks and the settings one setting implies, so every consumer sees one form."""
+    head = cfg["head"]
+    head["type"] = str(head.get("type", "mlp")).lower()
+    if head["type"] == "logreg":
+        # A linear probe is fitted on image-mean embeddings; mean_logprob pooling of its
+        # patch logits is that model exactly (and attention has nothing to train).
+        head["pool"] = "mean_logprob"
+    issues = cfg["label_issues"]
+    mode = issues.get("mode")
+    issues["mode"] = "off" if mode is False or mode is None else str(mode).lower()
+    if issues["mode"] not in LABEL_ISSUE_MODES:
+        raise KitError(f"train: label_issues.mode must be one of {', '.join(LABEL_ISSUE_MODES)} "
+                       f"(got {mode!r})")
+    if str(issues.get("model")) not in ("head", "logreg"):
+        raise KitError(f"train: label_issues.model must be head or logreg "
+                       f"(got {issues.get('model')!r})")
+    bag = cfg.get("bag", 1)
+    if isinstance(bag, bool) or not isinstance(bag, int) or bag < 1:
+        raise KitError(f"train: bag must be an integer >= 1 (got {bag!r})")
     return cfg
+
+
+LABEL_ISSUE_MODES = ("off", "drop", "weight")
 
 
 def tta_views(spec) -> tuple[str, ...]:
@@ -312,18 +338,15 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def make_loader(dataset: PatchDataset, cfg: dict, seed: int, device: torch.device,
-                shuffle: bool = True) -> torch.utils.data.DataLoader:
+                shuffle: bool = True, weight=None) -> torch.utils.data.DataLoader:
     """A seeded DataLoader over ``dataset`` following ``cfg`` (batch_size, num_workers,
-    class_balance)."""
-    from kit.training.augment import balanced_sampler
-
+    class_balance); ``weight`` per image makes the sampler draw by it."""
     g = torch.Generator().manual_seed(seed)
-    if cfg["class_balance"] == "sampler":
-        sampler = balanced_sampler(dataset.patch_labels(), seed)
-    elif shuffle:
-        sampler = torch.utils.data.RandomSampler(dataset, generator=g)
-    else:
-        sampler = torch.utils.data.SequentialSampler(dataset)
+    sampler = sampler_for(dataset.patch_labels(), cfg, seed, weight,
+                          1 if getattr(dataset, "bag", False) else dataset.k)
+    if sampler is None:
+        sampler = torch.utils.data.RandomSampler(dataset, generator=g) if shuffle else \
+            torch.utils.data.SequentialSampler(dataset)
     workers = n_workers(cfg["num_workers"], device)
     bs = int(cfg["batch_size"])
     if getattr(dataset, "bag", False):  # batch_size counts patches on every path
@@ -333,6 +356,19 @@ def make_loader(dataset: PatchDataset, cfg: dict, seed: int, device: torch.devic
         collate_fn=_identity_collate, pin_memory=device.type == "cuda",
         persistent_workers=workers > 0, worker_init_fn=_seed_worker if workers else None,
         generator=g, prefetch_factor=4 if workers else None)
+
+
+def sampler_for(labels, cfg: dict, seed: int, weight=None, k: int = 1):
+    """The weighted sampler of a training run (class balancing and/or per-image weights
+    repeated over the ``k`` samples of each image), or None for plain shuffling."""
+    w = None if weight is None else np.repeat(np.asarray(weight, np.float64), k)
+    if cfg["class_balance"] != "sampler" and w is None:
+        return None
+    from kit.training.augment import balanced_sampler, weighted_sampler  # imports timm
+
+    if cfg["class_balance"] == "sampler":
+        return balanced_sampler(labels, seed, w)
+    return weighted_sampler(w, seed)
 
 
 # --------------------------------------------------------------------------- loss / schedule
@@ -512,6 +548,15 @@ def inner_split(y, groups=None, n_splits: int = 5, seed: int = 42):
 
 
 # --------------------------------------------------------------------------- fitting
+BAG_SEED_STRIDE = 1009  # bag member b of a fold seeded seed + 1009 b: member 0 is the unbagged run
+
+
+def member_seed(seed: int, member: int) -> int:
+    """Seed of bag member ``member`` (``train.bag``) of a fold seeded ``seed``: its own head
+    initialisation, sampler order, view draws and inner split."""
+    return int(seed) + BAG_SEED_STRIDE * int(member)
+
+
 def _snapshot(model: nn.Module) -> dict:
     """Copy of what training can change (trainable parameters and buffers); the frozen rest
     stays as it is, so restoring this snapshot restores the whole model."""
@@ -651,14 +696,15 @@ class PixelSource:
     def __init__(self, array, cfg: dict, device: torch.device | str = "cpu"):
         self.array, self.cfg, self.device = array, cfg, torch.device(device)
 
-    def loader(self, rows, y, seed: int):
-        """A re-iterable loader over the patches of ``rows`` (one pass = one epoch)."""
+    def loader(self, rows, y, seed: int, weight=None):
+        """A re-iterable loader over the patches of ``rows`` (one pass = one epoch);
+        ``weight`` per image: drawn by it (sample weights)."""
         from kit.models.heads import is_mil_config
         from kit.training.augment import build_train_transform
 
         cls = ImageBagDataset if is_mil_config(self.cfg["head"]) else PatchDataset
         ds = cls(self.array, rows, y, build_train_transform(self.cfg["augment"], seed=seed))
-        return make_loader(ds, self.cfg, seed, self.device)
+        return make_loader(ds, self.cfg, seed, self.device, weight=weight)
 
     def prepare_fn(self, trainer: Trainer):
         return trainer.prepare
@@ -719,7 +765,7 @@ class PixelSource:
 
 def fit(model: nn.Module, source, train_rows, train_y, cfg: dict, *, val_rows=None, val_y=None,
         groups=None, seed: int = 42, device: torch.device | str = "cpu",
-        desc: str = "train") -> FoldResult:
+        desc: str = "train", sample_weight=None) -> FoldResult:
     """The kit's one training loop: train ``model`` on ``train_rows`` of ``source``.
 
     A head that standardises its inputs (:class:`kit.models.heads.Standardize`) gets its
@@ -741,13 +787,24 @@ def fit(model: nn.Module, source, train_rows, train_y, cfg: dict, *, val_rows=No
         Rows of the source and their class indices.
     seed : int
         Seeds torch, numpy, the sampler, the augmentation and the inner split.
+    sample_weight : array, optional
+        Per training image: the sampler draws images in proportion to it.
+
+    A closed-form head (``head.type: logreg``) is fitted by :func:`kit.training.probe.fit_probe`
+    instead of this loop.
 
     Returns
     -------
     FoldResult
     """
     from kit.models.backbones import count_trainable
-    from kit.models.heads import standardizer
+    from kit.models.heads import is_probe, standardizer
+
+    if is_probe(model):
+        from kit.training.probe import fit_probe
+
+        return fit_probe(getattr(model, "head", model), source, train_rows, train_y, cfg,
+                         groups=groups, seed=seed, desc=desc, sample_weight=sample_weight)
 
     t0 = time.perf_counter()
     device = torch.device(device)
@@ -756,6 +813,7 @@ def fit(model: nn.Module, source, train_rows, train_y, cfg: dict, *, val_rows=No
     train_y = np.asarray(train_y, np.int64)
     if len(train_rows) == 0:
         raise KitError(f"{desc}: no training images")
+    weight = None if sample_weight is None else np.asarray(sample_weight, np.float64)
     selection = {"early_stopping": mode, "epochs_honest": is_honest(mode)}
     fit_pos = np.arange(len(train_rows))
     stop_rows = stop_y = None
@@ -778,7 +836,8 @@ def fit(model: nn.Module, source, train_rows, train_y, cfg: dict, *, val_rows=No
     seed_everything(seed)
     initial = _snapshot(model) if mode == "refit" else None
     run = _train(model, source, train_rows[fit_pos], train_y[fit_pos], cfg, stop_rows, stop_y,
-                 int(cfg["epochs"]), seed, device, desc)
+                 int(cfg["epochs"]), seed, device, desc,
+                 None if weight is None else weight[fit_pos])
     history = run["history"]
     if mode == "refit":
         # The inner run chose the epoch count; the same initial weights and seed train on all
@@ -786,7 +845,7 @@ def fit(model: nn.Module, source, train_rows, train_y, cfg: dict, *, val_rows=No
         model.load_state_dict(initial, strict=False)
         seed_everything(seed)
         refit = _train(model, source, train_rows, train_y, cfg, None, None, run["epoch"], seed,
-                       device, f"{desc} refit")
+                       device, f"{desc} refit", weight)
         history = history + [{**h, "refit": True} for h in refit["history"]]
     selection.update(chosen_epoch=run["epoch"], stop_score=run["score"],
                      n_fit=int(len(fit_pos) if mode != "refit" else len(train_rows)),
@@ -799,10 +858,11 @@ def fit(model: nn.Module, source, train_rows, train_y, cfg: dict, *, val_rows=No
 
 
 def _train(model, source, rows, y, cfg, stop_rows, stop_y, epochs: int, seed: int, device,
-           desc: str) -> dict:
+           desc: str, weight=None) -> dict:
     """Train up to ``epochs`` epochs; with stop rows, keep the best epoch by their macro F1
     (patience from ``cfg``), else the last. The schedule always spans ``cfg["epochs"]``."""
-    loader = source.loader(rows, y, seed)
+    loader = source.loader(rows, y, seed) if weight is None else \
+        source.loader(rows, y, seed, weight=weight)
     trainer = Trainer(model, cfg, device, y, len(loader))
     prepare = source.prepare_fn(trainer)
     patience = int(cfg["patience"])
