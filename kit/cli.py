@@ -24,6 +24,7 @@ COMMANDS = {
     "folds": "stratified, image-grouped K-fold split -> folds/folds.csv",
     "cv": "train one model per fold -> runs/<backbone>/oof.csv and test.csv",
     "tune": "Optuna search of head and augmentation settings per backbone",
+    "compare": "paired bootstrap of two cv runs' OOF macro F1: B - A, its interval, P(B > A)",
     "blend": "weighted blend of backbones + class biases -> submissions/latest.csv",
     "submit": "upload a submission file to Kaggle",
     "reproduce": "re-run a blend from its manifest and check the CSV is byte-identical",

@@ -152,6 +152,8 @@ def bootstrap_ci(y_true, y_pred, n_boot: int = N_BOOT, seed=BOOT_SEED, level: fl
     (lo, hi) : floats; ``(nan, nan)`` for no images.
     """
     y, pred = to_indices(y_true), to_indices(y_pred)
+    if len(y) != len(pred):  # indexing both with the same rows would pair other images
+        raise ValueError(f"bootstrap_ci: {len(y)} labels but {len(pred)} predictions")
     if len(y) == 0:
         return float("nan"), float("nan")
     idx = _boot_indices(len(y), n_boot, seed)
@@ -192,6 +194,8 @@ def paired_bootstrap(y_true, pred_a, pred_b, n_boot: int = N_BOOT, seed=BOOT_SEE
     if not len(y) == len(pa) == len(pb):
         raise ValueError(f"paired_bootstrap: {len(y)} labels, {len(pa)} and {len(pb)} "
                          "predictions")
+    if len(y) == 0:
+        raise ValueError("paired_bootstrap: no images to compare")
     idx = _boot_indices(len(y), n_boot, seed)
     fa = _batched_f1(pa[idx], y[idx], num_classes)
     fb = _batched_f1(pb[idx], y[idx], num_classes)

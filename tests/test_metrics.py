@@ -88,3 +88,86 @@ def test_collapse_reason_flags_one_class_and_majority_level_models():
     assert reason is not None and "no better than" in reason
     probs = np.eye(4)[y]
     assert collapse_reason(y, probs) is None  # probabilities are argmaxed
+
+
+# --------------------------------------------------------------------------- intervals
+def _noisy(n, accuracy, seed):
+    """Labels of ``n`` images and predictions right on about ``accuracy`` of them."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    wrong = rng.random(n) > accuracy
+    pred = np.where(wrong, (y + rng.integers(1, 4, n)) % 4, y)
+    return y, pred
+
+
+def test_bootstrap_ci_contains_the_score_and_narrows_with_more_images():
+    from kit.metrics import bootstrap_ci
+
+    widths = []
+    for n in (60, 600, 6000):
+        y, pred = _noisy(n, 0.6, seed=n)
+        lo, hi = bootstrap_ci(y, pred, n_boot=400)
+        assert lo < macro_f1(y, pred) < hi
+        widths.append(hi - lo)
+    # the width of a percentile interval shrinks as 1/sqrt(n): ~3.2x per 10x images
+    assert widths[0] > 2 * widths[1] > 4 * widths[2]
+
+
+def test_bootstrap_ci_is_deterministic_for_a_seed_and_accepts_labels_and_probabilities():
+    from kit.metrics import bootstrap_ci
+
+    y, pred = _noisy(200, 0.5, seed=1)
+    a = bootstrap_ci(y, pred, n_boot=300, seed=7)
+    assert bootstrap_ci(y, pred, n_boot=300, seed=7) == a
+    assert bootstrap_ci(y, pred, n_boot=300, seed=8) != a
+    names, probs = np.array(CLASSES)[y], np.eye(4)[pred]
+    assert bootstrap_ci(names, probs, n_boot=300, seed=7) == a
+    # a wider level gives a wider interval around the same resamples
+    lo90, hi90 = bootstrap_ci(y, pred, n_boot=300, seed=7, level=0.9)
+    assert a[0] <= lo90 and hi90 <= a[1]
+    assert all(np.isnan(bootstrap_ci([], [])))
+    with pytest.raises(ValueError, match="200 labels"):
+        bootstrap_ci(y, pred[:-1])
+
+
+def test_paired_bootstrap_of_identical_predictions_is_zero_and_a_coin_toss():
+    from kit.metrics import paired_bootstrap
+
+    y, pred = _noisy(150, 0.5, seed=2)
+    r = paired_bootstrap(y, pred, pred.copy(), n_boot=200, seed=0)
+    assert r["diff"] == 0 and r["ci95"] == [0.0, 0.0] and r["p_b_better"] == 0.5
+    assert r["a"] == r["b"] == pytest.approx(macro_f1(y, pred))
+    assert r["n"] == 150 and r["n_boot"] == 200
+    assert paired_bootstrap(y, pred, pred, n_boot=200, seed=0) == r  # deterministic
+
+
+def test_paired_bootstrap_finds_a_clearly_better_b_and_its_ci_holds_the_difference():
+    from kit.metrics import paired_bootstrap
+
+    y, worse = _noisy(400, 0.45, seed=3)
+    better = np.where(np.random.default_rng(4).random(400) < 0.5, y, worse)  # fixes half
+    r = paired_bootstrap(y, worse, better, n_boot=500, seed=1)
+    assert r["diff"] == pytest.approx(macro_f1(y, better) - macro_f1(y, worse))
+    assert r["diff"] > 0.1 and 0 < r["ci95"][0] < r["diff"] < r["ci95"][1]
+    assert r["p_b_better"] > 0.99
+    swapped = paired_bootstrap(y, better, worse, n_boot=500, seed=1)
+    assert swapped["p_b_better"] < 0.01
+    assert swapped["ci95"] == pytest.approx([-r["ci95"][1], -r["ci95"][0]])
+
+
+def test_paired_bootstrap_refuses_predictions_of_other_images():
+    from kit.metrics import paired_bootstrap
+
+    y, pred = _noisy(50, 0.5, seed=5)
+    with pytest.raises(ValueError, match="50 labels, 50 and 49 predictions"):
+        paired_bootstrap(y, pred, pred[:-1])
+    with pytest.raises(ValueError, match="no images"):
+        paired_bootstrap([], [], [])
+
+
+def test_format_ci():
+    from kit.metrics import format_ci
+
+    assert format_ci(0.4987, (0.4612, 0.5391)) == "0.499 [0.46, 0.54]"
+    assert format_ci(0.4987, None) == "0.499"
+    assert format_ci(0.4987, (float("nan"), float("nan"))) == "0.499"
