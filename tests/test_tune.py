@@ -507,9 +507,12 @@ def test_one_worker_on_the_default_storage_repeats_its_search(feat_work, tmp_pat
 
 
 # --------------------------------------------------------------------------- nested estimate
-def test_estimate_is_nested_and_its_outer_folds_never_choose_their_params(tmp_path, monkeypatch):
+def test_estimate_is_nested_and_its_outer_folds_never_choose_their_params(tmp_path, monkeypatch,
+                                                                          capsys):
     import json
 
+    from kit.cli import main
+    from kit.metrics import format_ci
     from kit.training.features import FeatureCV
 
     paths = make_workdir(tmp_path / "w", n_train=24, n_test=2, k=2, size=32, n_folds=3, seed=1,
@@ -523,11 +526,18 @@ def test_estimate_is_nested_and_its_outer_folds_never_choose_their_params(tmp_pa
         return real(self, k, with_test=with_test, exclude=exclude)
 
     monkeypatch.setattr(FeatureCV, "fold", spy)
-    est = run_tune(["tiny_cnn"], paths, estimate=True, estimate_trials=2, space_file=space,
-                   weights="random")["tiny_cnn"]
+    # Through the CLI: --estimate-trials takes a value as small as 2.
+    assert main(["tune", "tiny_cnn", "--estimate", "--estimate-trials", "2", "--space",
+                 str(space), "--weights", "random", "--workdir", str(paths.root)]) == 0
+    out = capsys.readouterr().out
     on_disk = json.loads((paths.tune_dir("tiny_cnn") / "estimate.json").read_text())
-    assert on_disk["macro_f1"] == pytest.approx(est["macro_f1"])
     assert [o["fold"] for o in on_disk["outer"]] == [0, 1, 2]
+    # The estimate carries its bootstrap interval over the outer folds' images, printed beside.
+    lo, hi = on_disk["estimate_ci95"]
+    assert lo <= on_disk["macro_f1"] <= hi and lo < hi
+    assert on_disk["n_images"] == sum(o["n"] for o in on_disk["outer"])
+    assert (f"nested macro F1 estimate {format_ci(on_disk['macro_f1'], [lo, hi])} (95% "
+            f"bootstrap interval over {on_disk['n_images']} images") in out
     assert on_disk["trials_per_outer_fold"] == 2 and on_disk["objective"] == "features"
     assert on_disk["honest"] is True and "nested" in on_disk["kind"]
     assert not trials_of_any(paths)  # the estimate touches no study
