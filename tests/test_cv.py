@@ -437,6 +437,52 @@ def test_scrambling_a_folds_labels_leaves_its_oof_rows_unchanged(tmp_path, cfg, 
     assert not all(np.array_equal(rows_after[k], rows_before[k]) for k in (0, 2))
 
 
+FROZEN = {**CFG, "epochs": 4, "lr": 0.01, "train_norm": [], "unfreeze_last": 0}
+
+
+@pytest.mark.parametrize("cfg", [
+    {**FROZEN, "label_issues": {"mode": "drop", "inner_folds": 3}, "bag": 2},
+    {**FROZEN, "label_issues": {"mode": "weight", "model": "logreg", "inner_folds": 3}},
+    {**FROZEN, "head": {"type": "logreg"}, "bag": 2},
+    {**CFG, "epochs": 2, "label_issues": {"mode": "drop", "inner_folds": 3}, "bag": 2},
+], ids=["cache-drop-bag", "cache-weight-probe", "cache-logreg-bag", "pixels-drop-bag"])
+def test_label_issues_and_bagging_never_read_a_folds_own_labels(tmp_path, cfg):
+    """The scramble test for the noise levers: fold 1's OOF rows do not move when its labels
+    are scrambled, every image is still predicted and scored, and no image is judged by the
+    fold it is scored in."""
+    paths = make_workdir(tmp_path / "w", n_folds=3)
+    out = paths.backbone_dir(BB)
+
+    def fold_rows():
+        oof = _csv(out / "oof.csv").set_index("sample_index")
+        return {k: oof[oof.fold == k][PROB_COLUMNS].to_numpy() for k in range(3)}
+
+    before = _run(paths, cfg=cfg, seed=3)
+    rows_before = fold_rows()
+    folds = _csv(paths.folds_csv)
+    assert before["n_oof"] == len(folds)  # scored on every image, flagged or not
+    assert before["bag"] == cfg.get("bag", 1)
+    mode = cfg.get("label_issues", {}).get("mode", "off")
+    assert before["label_issues"]["mode"] == mode
+    if mode != "off":
+        table = _csv(out / "label_issues.csv")
+        own = dict(zip(folds.sample_index, folds.fold))
+        assert set(table.sample_index) == set(folds.sample_index)
+        assert (table.n_folds == 2).all()  # judged by the two folds that train on it
+        for sid, by in zip(table.sample_index, table.flagged_by.astype(str)):
+            assert str(own[sid]) not in by.split(";")
+        for k in range(3):
+            mark = json.loads((out / f"fold_{k}" / "done.json").read_text())
+            assert mark["label_issues"]["n_train"] == len(mark["train_samples"])
+    _scramble_fold(paths, 1)
+    _run(paths, cfg=cfg, seed=3, restart=True)
+    rows_after = fold_rows()
+    np.testing.assert_array_equal(rows_after[1], rows_before[1])
+    assert not all(np.array_equal(rows_after[k], rows_before[k]) for k in (0, 2))
+    if cfg.get("bag", 1) > 1:
+        assert (out / "fold_0" / "model_bag1.pt").exists()
+
+
 def test_attention_pooling_runs_on_both_paths(tmp_path):
     paths = make_workdir(tmp_path / "w", n_folds=3)
     frozen = {**CFG, "epochs": 3, "lr": 0.01, "train_norm": [], "unfreeze_last": 0,

@@ -31,9 +31,10 @@ import pandas as pd
 
 from kit import CLASSES, PROB_COLUMNS
 from kit.config import load_config
-from kit.metrics import (classification_summary, collapse_reason, macro_f1, plot_confusion,
-                         prob_frame, weighted_f1)
+from kit.metrics import (bootstrap_ci, classification_summary, collapse_reason, format_ci,
+                         macro_f1, plot_confusion, prob_frame, weighted_f1)
 from kit.paths import Paths
+from kit.training import label_issues
 from kit.utils import (KitError, atomic_write_csv, atomic_write_json, package_versions, read_yaml,
                        sha256_text, write_config)
 
@@ -41,7 +42,7 @@ FLOAT_FORMAT = "%.7g"
 # Config keys that change speed, not results: they do not invalidate finished folds.
 _NOT_HASHED = ("num_workers", "eval_batch_size")
 _ASSEMBLED = ("oof.csv", "test.csv", "metrics.json", "confusion.png", "config.yaml",
-              "attention.csv")
+              "attention.csv", "label_issues.csv")
 
 
 # --------------------------------------------------------------------------- one run
@@ -68,6 +69,7 @@ class CVRun:
     training_path: str  # pixels | feature_cache
     hash: str  # config_hash: what a fold's outputs depend on
     printed: bool = False  # the trainable-parameter line, once per run
+    issue_source: object = None  # pixel path: the frozen embeddings label_issues trains on
 
 
 # --------------------------------------------------------------------------- params
@@ -194,9 +196,14 @@ def _full_checkpoint(cfg: dict, weights_source) -> bool:
 
 
 def _train_fold(k: int, ctx: CVRun) -> dict:
-    """Train fold ``k`` on pixels, write its outputs and finally its ``done.json``."""
-    from kit.training.features import fold_groups
-    from kit.training.train import PixelSource, build_model, fit_fold, recalibrate_random
+    """Train fold ``k`` on pixels, write its outputs and finally its ``done.json``.
+
+    With ``label_issues`` on, the fold's training images are first screened by an inner
+    cross-validation on them alone; with ``bag`` > 1, several models train (each its own
+    seed) and their probabilities are averaged.
+    """
+    from kit.training.features import fold_groups, mean_views
+    from kit.training.train import PixelSource, build_model, fit, member_seed, recalibrate_random
     from kit.utils import seed_everything
 
     folds, train, test, cfg = ctx.folds, ctx.train, ctx.test, ctx.cfg
@@ -204,30 +211,59 @@ def _train_fold(k: int, ctx: CVRun) -> dict:
     (fold_dir / "done.json").unlink(missing_ok=True)  # not done until its outputs are rewritten
     tr, va = folds[folds.fold != k], folds[folds.fold == k]
     seed = ctx.seed + k
-    seed_everything(seed)
-    model, n_trainable = build_model(ctx.backbone, cfg, ctx.weights,
-                                     patch_size=int(train.array.shape[2]))
-    recalibrate_random(model.backbone, cfg, train.array, tr.row.values, ctx.device)
-    if not ctx.printed:
-        print(f"{ctx.backbone}: {n_trainable:,} trainable parameters "
-              f"(weights: {model.backbone.weights_source})")
-        ctx.printed = True
-    full = _full_checkpoint(cfg, model.backbone.weights_source)
     desc = f"{ctx.backbone} fold {k}"
-    res = fit_fold(model, train.array, tr.row.values, tr.y.values, va.row.values, va.y.values,
-                   cfg, seed=seed, device=ctx.device, ckpt_path=fold_dir / "model.pt",
-                   full_checkpoint=full, desc=desc, groups=fold_groups(tr),
-                   meta={"backbone": ctx.backbone, "fold": k, "config_hash": ctx.hash})
+    issues = None
+    if cfg["label_issues"]["mode"] != "off":
+        issues = label_issues.find_fold_issues(_issue_source(ctx), tr, cfg, seed, k,
+                                               desc=f"{desc} ")
+    keep, weight = label_issues.training_weights(issues, cfg)
+    fit_tr = tr if keep is None else tr[keep]
+    n_bag = int(cfg.get("bag", 1))
+    members, oofs, tsts = [], [], []
     source = PixelSource(train.array, cfg, ctx.device)
-    oof = source.image_probs(res.model, va.row.values, ctx.views, desc=f"{desc} oof")
-    tst = PixelSource(test.array, cfg, ctx.device).image_probs(
-        res.model, np.arange(len(test.samples)), ctx.views, desc=f"{desc} test")
-    _write_attention(k, ctx, source.attention(res.model, va.row.values))
-    mark = _write_fold(k, ctx, oof, tst, {
+    for b in range(n_bag):
+        s = member_seed(seed, b)
+        seed_everything(s)
+        model, n_trainable = build_model(ctx.backbone, cfg, ctx.weights,
+                                         patch_size=int(train.array.shape[2]))
+        recalibrate_random(model.backbone, cfg, train.array, tr.row.values, ctx.device)
+        if not ctx.printed:
+            print(f"{ctx.backbone}: {n_trainable:,} trainable parameters "
+                  f"(weights: {model.backbone.weights_source})")
+            ctx.printed = True
+        full = _full_checkpoint(cfg, model.backbone.weights_source)
+        mdesc = desc if n_bag == 1 else f"{desc} bag {b + 1}/{n_bag}"
+        res = fit(model, source, fit_tr.row.values, fit_tr.y.values, cfg,
+                  val_rows=va.row.values, val_y=va.y.values, groups=fold_groups(fit_tr), seed=s,
+                  device=ctx.device, desc=mdesc,
+                  sample_weight=None if weight is None else weight[keep])
+        _save_member(ctx, k, b, res.model, res, full, {})
+        members.append(res)
+        oofs.append(source.image_probs(res.model, va.row.values, ctx.views,
+                                       desc=f"{mdesc} oof"))
+        tsts.append(PixelSource(test.array, cfg, ctx.device).image_probs(
+            res.model, np.arange(len(test.samples)), ctx.views, desc=f"{mdesc} test"))
+        if b == 0:
+            _write_attention(k, ctx, source.attention(res.model, va.row.values))
+    mark = _write_fold(k, ctx, mean_views(oofs), mean_views(tsts), {
         "weights_source": model.backbone.weights_source, "trainable_params": n_trainable,
-        **_fit_record(res, tr), "seed": seed})
-    print(f"{desc}: {_fit_line(res, mark)}")
+        **_fit_record(members[0], tr), **_bag_record(members, tr),
+        **_issues_record(k, ctx, issues), "seed": seed})
+    print(f"{desc}: {_fit_line(members[0], mark)}")
     return mark
+
+
+def _issue_source(ctx: CVRun):
+    """Pixel path: the frozen backbone's cached embeddings, on which label_issues' inner
+    cross-validation trains heads (seconds, where pixels would take hours); built once."""
+    if ctx.issue_source is None:
+        from kit.training.features import FeatureSource
+
+        print(f"{ctx.backbone}: label_issues: inner cross-validation on the frozen backbone's "
+              "cached embeddings")
+        _, fcv = _frozen_features(ctx)
+        ctx.issue_source = FeatureSource(fcv.x, ctx.cfg, ctx.device)
+    return ctx.issue_source
 
 
 def _fit_record(res, tr: pd.DataFrame) -> dict:
@@ -245,7 +281,10 @@ def _fit_record(res, tr: pd.DataFrame) -> dict:
 def _fit_line(res, mark: dict) -> str:
     """One line per fold: epochs, how the epoch was chosen, and the fold's OOF score."""
     mode = res.selection["early_stopping"]
-    if mode == "none":
+    if mode == "probe":
+        how = (f"inner split chose C={res.selection['chosen_C']:g} (macro F1 "
+               f"{res.best_score:.3f}), refit on all {res.selection['n_fit']} training images")
+    elif mode == "none":
         how = f"fixed {res.best_epoch} epochs"
     elif mode == "refit":
         how = (f"inner split chose epoch {res.best_epoch} (macro F1 {res.best_score:.3f}), "
@@ -256,7 +295,15 @@ def _fit_line(res, mark: dict) -> str:
         how = (f"epoch {res.best_epoch} chosen on these OOF images (macro F1 "
                f"{res.best_score:.3f}, OPTIMISTIC)")
     warn = f"\n  WARNING: collapsed model: {mark['collapsed']}" if mark.get("collapsed") else ""
-    return (f"{res.epochs} epochs, {how}; OOF macro F1 {mark['macro_f1']:.3f} (TTA), "
+    extra = ""
+    if mark.get("bag", 1) > 1:
+        extra += f", mean of {mark['bag']} bagged models"
+    issues = mark.get("label_issues")
+    if issues:
+        extra += (f", label_issues {issues['mode']}: {issues['n_flagged']} of "
+                  f"{issues['n_train']} training images flagged")
+    epochs = "linear probe" if mode == "probe" else f"{res.epochs} epochs"
+    return (f"{epochs}, {how}{extra}; OOF macro F1 {mark['macro_f1']:.3f} (TTA), "
             f"{res.seconds:.0f} s{warn}")
 
 
@@ -341,28 +388,11 @@ def _feature_folds(pending: list[int], ctx: CVRun) -> dict[int, dict]:
     features_cv`), written exactly like pixel-trained folds (model.pt included)."""
     from kit.training import features
     from kit.models.heads import PatchClassifier, is_mil
-    from kit.training.train import recalibrate_random, save_checkpoint
 
     cfg, out = ctx.cfg, ctx.out
     for k in pending:  # not done until their outputs are rewritten
         (out / f"fold_{k}" / "done.json").unlink(missing_ok=True)
-    bb = features.frozen_backbone(ctx.backbone, cfg, ctx.weights, ctx.seed,
-                                  patch_size=int(ctx.train.array.shape[2]))
-    if int(cfg.get("input_size") or 0) > 0:
-        bb.input_size = int(cfg["input_size"])  # as build_model: the embeddings use it too
-    # All training images (pixels, no labels) so that every fold shares one cache, as tune's.
-    recalibrate_random(bb, cfg, ctx.train.array, None, ctx.device, data_key=ctx.train.key)
-    try:
-        fcv = features.prepare(bb, ctx.paths, cfg=cfg, seed=ctx.seed, device=ctx.device)
-    except RuntimeError as exc:  # torch.OutOfMemoryError is one
-        from kit.training.train import _is_oom
-
-        if not _is_oom(exc):
-            raise
-        size = load_config("features")["batch_size"]
-        raise KitError(f"out of memory while embedding patches for the feature cache, {size} "
-                       f"patches a batch on {ctx.device}; lower batch_size in "
-                       "kit/conf/features.yaml (finished folds are kept)")
+    bb, fcv = _frozen_features(ctx)
     full = _full_checkpoint(cfg, bb.weights_source)
     info = {"views": list(fcv.train.views), "train_dir": str(fcv.train.path),
             "train_key": fcv.train.key, "test_dir": str(fcv.test.path),
@@ -383,20 +413,94 @@ def _feature_folds(pending: list[int], ctx: CVRun) -> dict[int, dict]:
             ctx.printed = True
         tr = ctx.folds[ctx.folds.fold != k]
         record = _fit_record(fit, tr)
+        # With bagging, member 0's attention (every member's would differ in scale only).
         _write_attention(k, ctx, features.attention_weights(fit.head, fcv.x[
             features._rows(va.row)]) if is_mil(fit.head) else None)
-        save_checkpoint(PatchClassifier(bb, fit.head), out / f"fold_{k}" / "model.pt", full,
-                        {"backbone": ctx.backbone, "fold": k, "config_hash": ctx.hash,
-                         "training_path": "feature_cache", "best_epoch": fit.best_epoch,
-                         "best_macro_f1": record["val_macro_f1"],
-                         "selection": record["selection"]})
+        for b, member in enumerate(pred.members or [fit]):
+            _save_member(ctx, k, b, PatchClassifier(bb, member.head), member, full,
+                         {"training_path": "feature_cache"})
         marks[k] = _write_fold(k, ctx, pred.per_view, pred.test_per_view, {
             "weights_source": bb.weights_source, "trainable_params": n_trainable,
-            **record, "seed": ctx.seed + k, "feature_cache": info})
+            **record, **_bag_record(pred.members or [fit], tr),
+            **_issues_record(k, ctx, pred.issues), "seed": ctx.seed + k,
+            "feature_cache": info})
         print(f"{desc}: {_fit_line(fit, marks[k])} (head on cached embeddings)")
 
     features.features_cv(fcv, ctx.paths, folds=pending, on_fold=write)
     return marks
+
+
+def _frozen_features(ctx: CVRun):
+    """The run's backbone frozen whole and its embedding cache (a :class:`kit.training.
+    features.FeatureCV`): the feature-cache path's inputs, and the inner models' of
+    label_issues on the pixel path."""
+    from kit.training import features
+    from kit.training.train import recalibrate_random
+
+    cfg = ctx.cfg
+    bb = features.frozen_backbone(ctx.backbone, cfg, ctx.weights, ctx.seed,
+                                  patch_size=int(ctx.train.array.shape[2]))
+    if int(cfg.get("input_size") or 0) > 0:
+        bb.input_size = int(cfg["input_size"])  # as build_model: the embeddings use it too
+    # All training images (pixels, no labels) so that every fold shares one cache, as tune's.
+    recalibrate_random(bb, cfg, ctx.train.array, None, ctx.device, data_key=ctx.train.key)
+    try:
+        fcv = features.prepare(bb, ctx.paths, cfg=cfg, seed=ctx.seed, device=ctx.device)
+    except RuntimeError as exc:  # torch.OutOfMemoryError is one
+        from kit.training.train import _is_oom
+
+        if not _is_oom(exc):
+            raise
+        size = load_config("features")["batch_size"]
+        raise KitError(f"out of memory while embedding patches for the feature cache, {size} "
+                       f"patches a batch on {ctx.device}; lower batch_size in "
+                       "kit/conf/features.yaml (finished folds are kept)")
+    return bb, fcv
+
+
+def _save_member(ctx: CVRun, k: int, b: int, model, res, full: bool, meta: dict) -> None:
+    """Bag member ``b`` of fold ``k``: ``model.pt`` for the first, ``model_bag<b>.pt`` after."""
+    from kit.training.train import save_checkpoint
+
+    name = "model.pt" if b == 0 else f"model_bag{b}.pt"
+    sel = {key: v for key, v in res.selection.items() if key != "stop_positions"}
+    save_checkpoint(model, ctx.out / f"fold_{k}" / name, full,
+                    {"backbone": ctx.backbone, "fold": k, "config_hash": ctx.hash,
+                     "bag_member": b, "best_epoch": res.best_epoch,
+                     "best_macro_f1": res.best_score, "selection": sel, **meta})
+    if b == 0:  # members of an earlier, larger bag are not this run's
+        n = int(ctx.cfg.get("bag", 1))
+        for old in (ctx.out / f"fold_{k}").glob("model_bag*.pt"):
+            member = old.stem[len("model_bag"):]
+            if not member.isdigit() or int(member) >= n:
+                old.unlink()
+
+
+def _bag_record(members: list, tr: pd.DataFrame) -> dict:
+    """What ``done.json`` keeps of the bag: each member's chosen epoch and score."""
+    if len(members) < 2:
+        return {"bag": 1}
+    return {"bag": len(members),
+            "bag_members": [{"best_epoch": m.best_epoch,
+                             "val_macro_f1": m.best_score if m.best_score == m.best_score
+                             else None, "seconds": round(m.seconds, 1)} for m in members]}
+
+
+def _issues_record(k: int, ctx: CVRun, issues) -> dict:
+    """Write ``fold_k/label_issues.csv`` (every training image's inner-CV verdict) and return
+    the summary ``done.json`` keeps; removes a stale file when label issues are off."""
+    path = ctx.out / f"fold_{k}" / label_issues.FILE
+    if issues is None:
+        path.unlink(missing_ok=True)
+        return {}
+    atomic_write_csv(path, issues.frame(), FLOAT_FORMAT)
+    mode = ctx.cfg["label_issues"]["mode"]
+    keep, _ = label_issues.training_weights(issues, ctx.cfg)
+    return {"label_issues": {"mode": mode, "model": ctx.cfg["label_issues"]["model"],
+                             "n_train": int(len(issues.y)),
+                             "n_flagged": int(issues.flagged.sum()),
+                             "n_trained_on": int(keep.sum()) if keep is not None
+                             else int(len(issues.y))}}
 
 
 # --------------------------------------------------------------------------- assembly
@@ -447,8 +551,10 @@ def _assemble(ctx: CVRun, marks: dict[int, dict]) -> dict:
         (out / "attention.csv").unlink(missing_ok=True)
     atomic_write_csv(out / "test.csv", test_main, FLOAT_FORMAT)
 
+    issues_summary = _assemble_issues(ctx)
     y = oof_main.label.to_numpy()
     summary = classification_summary(y, probs)
+    ci = bootstrap_ci(y, probs)
     per_fold = []
     for k in range(n_folds):
         sel = oof_main.fold.to_numpy() == k
@@ -463,6 +569,8 @@ def _assemble(ctx: CVRun, marks: dict[int, dict]) -> dict:
                   **ctx.cfg}
     metrics = {
         "backbone": ctx.backbone, "oof_macro_f1": summary["macro_f1"],
+        # Over images (1000 seeded resamples): how far another draw of images could move it.
+        "oof_macro_f1_ci95": list(ci),
         "oof_weighted_f1": summary["weighted_f1"], "oof_accuracy": summary["accuracy"],
         "per_fold": per_fold, "per_class": summary["per_class"],
         "confusion": summary["confusion"], "classes": list(CLASSES),
@@ -484,6 +592,8 @@ def _assemble(ctx: CVRun, marks: dict[int, dict]) -> dict:
         "collapsed": collapse_reason(y, probs),
         # How the parameters were chosen (kit.training.cv.run_cv fills ctx.params_source).
         "params_source": ctx.params_source or {"description": ctx.params_desc},
+        "bag": int(ctx.cfg.get("bag", 1)),
+        "label_issues": issues_summary,
         "versions": package_versions(),
     }
     if ctx.training_path == "feature_cache":
@@ -496,10 +606,32 @@ def _assemble(ctx: CVRun, marks: dict[int, dict]) -> dict:
     return metrics
 
 
+def _assemble_issues(ctx: CVRun) -> dict:
+    """``runs/<bb>/label_issues.csv`` from the folds' files (one row per training image: its
+    label, the suggested label, its quality and the folds that flagged it) and the summary
+    for metrics.json; removes a stale file when label issues are off."""
+    path = ctx.out / label_issues.FILE
+    mode = ctx.cfg["label_issues"]["mode"]
+    if mode == "off":
+        path.unlink(missing_ok=True)
+        return {"mode": "off"}
+    frames = [_read_probs(ctx.out / f"fold_{k}" / label_issues.FILE) for k in range(ctx.n_folds)]
+    table = label_issues.summarise(frames)
+    atomic_write_csv(path, table, FLOAT_FORMAT)
+    return {"mode": mode, "model": ctx.cfg["label_issues"]["model"],
+            "inner_folds": int(ctx.cfg["label_issues"]["inner_folds"]),
+            "n_images": int(len(table)), "n_flagged": int(table.flagged.sum()),
+            "file": str(path)}
+
+
 def _selection(cfg: dict, path: str = "pixels") -> dict:
     """How every fold chose its epoch, for metrics.json, the blend manifest and the report."""
     from kit.training.train import early_stopping_mode, is_honest
 
+    if cfg["head"].get("type") == "logreg":
+        return {"early_stopping": "probe", "epochs_honest": True, "inner_folds":
+                int(cfg["inner_folds"]), "description": "linear probe: C chosen on an inner "
+                "split of each fold's training images, then refit on them all"}
     mode = early_stopping_mode(cfg, path)
     text = {"inner": "early stopping on an inner split of each fold's training images",
             "refit": "epoch count chosen on an inner split, then refit on all training images",
@@ -618,7 +750,12 @@ def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
               "the model learnt nothing its score can show (check the weights and features)")
     tag = "" if metrics["selection"]["epochs_honest"] else \
         " [OPTIMISTIC: epochs chosen on these OOF images, early_stopping oof]"
-    print(f"{backbone}: OOF macro F1 {metrics['oof_macro_f1']:.3f}{tag} (weighted "
+    li = metrics["label_issues"]
+    if li["mode"] != "off":
+        print(f"{backbone}: label_issues {li['mode']}: {li['n_flagged']} of {li['n_images']} "
+              f"training images flagged by at least one fold -> {li['file']}")
+    print(f"{backbone}: OOF macro F1 "
+          f"{format_ci(metrics['oof_macro_f1'], metrics['oof_macro_f1_ci95'])}{tag} (weighted "
           f"{metrics['oof_weighted_f1']:.3f}) over {metrics['n_oof']} images, "
           f"{metrics['trainable_params']:,} trainable parameters, "
           f"{time.perf_counter() - t0:.0f} s -> {out}")

@@ -28,7 +28,7 @@ ABSENT_LOGIT = -30.0
 
 def image_means(source, head, rows) -> np.ndarray:
     """``n x V x D`` standardised embeddings of ``rows``, averaged over each image's patches."""
-    x = source.x[torch.from_numpy(np.asarray(rows, np.int64))].float()  # n x K x V x D
+    x = source.x[torch.from_numpy(np.array(rows, dtype=np.int64))].float()  # n x K x V x D
     if len(head) > 1:  # a Standardize layer first
         x = head[0](x)
     return x.mean(1).numpy()
