@@ -20,6 +20,7 @@ from kit.submission import package
 from kit.metrics import plot_confusion
 from kit.paths import Paths
 from kit.ensemble.blend import expected_score, provenance
+from kit.metrics import bootstrap_ci, macro_f1
 from kit.submission.report import reliability, run_report
 from kit.utils import atomic_write_csv, atomic_write_json, write_config
 
@@ -40,7 +41,7 @@ HONEST = {"selection": {"early_stopping": "inner", "epochs_honest": True},
 OOF_STOPPED = {**HONEST, "selection": {"early_stopping": "oof", "epochs_honest": False}}
 
 
-def _backbone(paths: Paths, name, ids, y, folds, rng, with_png, how=HONEST):
+def _backbone(paths: Paths, name, ids, y, folds, rng, with_png, how=HONEST, ci=None):
     out = paths.backbone_dir(name)
     probs = _probs(rng, y)
     oof = pd.DataFrame({"sample_index": ids, "fold": folds, "label": [CLASSES[i] for i in y]})
@@ -54,7 +55,7 @@ def _backbone(paths: Paths, name, ids, y, folds, rng, with_png, how=HONEST):
                "per_fold": [{"fold": k, "macro_f1": 0.4 + 0.01 * k} for k in range(3)],
                "per_class": {c: {"f1": 0.3 + 0.1 * i} for i, c in enumerate(CLASSES)},
                "confusion": cm.tolist(), "classes": list(CLASSES), "folds_sha256": "1" * 64,
-               **how}
+               **how, **({"oof_macro_f1_ci95": ci} if ci else {})}
     atomic_write_json(out / "metrics.json", metrics)
     if with_png:
         plot_confusion(cm, CLASSES, out / "confusion.png", title=f"{name} OOF")
@@ -92,7 +93,9 @@ def build_workdir(root: Path, blend_oof: bool = True,
     y = np.array([i % 4 for i in clean])
     cids = [ids[i] for i in clean]
     pa = _backbone(paths, "effnet_b0", cids, y, folds, rng, with_png=True)
-    pb = _backbone(paths, "convnext_t", cids, y, folds, rng, with_png=False, how=convnext_how)
+    # convnext_t records its interval (cv); effnet_b0's is bootstrapped from its oof.csv
+    pb = _backbone(paths, "convnext_t", cids, y, folds, rng, with_png=False, how=convnext_how,
+                   ci=[0.3456, 0.4567])
     weights = {"effnet_b0": 0.7, "convnext_t": 0.3}
     scores = {"nested": {"macro_f1": 0.4567, "macro_f1_no_bias": 0.4401,
                          "per_class_f1": {c: 0.4 for c in CLASSES},
@@ -116,7 +119,8 @@ def build_workdir(root: Path, blend_oof: bool = True,
         "search_score_kind": "search: best of 30 trials on all 3 folds: optimistic",
         "score": 0.6789})
     atomic_write_json(tune / "estimate.json", {
-        "macro_f1": 0.5432, "honest": True, "trials_per_outer_fold": 10,
+        "macro_f1": 0.5432, "estimate_ci95": [0.4876, 0.6012], "honest": True,
+        "trials_per_outer_fold": 10,
         "outer": [{"fold": k, "macro_f1": 0.51 + 0.01 * k} for k in range(3)]})
     if blend_oof:
         blended = 0.7 * pa + 0.3 * pb
@@ -162,18 +166,25 @@ def test_full_report_has_every_section(tmp_path):
     assert "Junk found: 3 images" in text and "image not found" in text
     assert text.count("data:image/jpeg;base64,") == 2
     # cv: both backbones, per-fold and per-class, a stored and a rendered confusion matrix
-    assert "effnet_b0" in text and "convnext_t" in text and "0.5123" in text
+    cv = text.split("<section id='cv'>")[1].split("</section>")[0]
+    assert "effnet_b0" in cv and "convnext_t" in cv
     assert "fold 2" in text and "F1 Triple negative" in text
     assert text.count("confusion matrix") == 2
+    # cv: every OOF macro F1 with its interval, recorded or bootstrapped from oof.csv
+    assert "OOF macro F1 [95% interval]" in cv and "bootstrap interval over images" in cv
+    assert "<td>convnext_t</td><td>0.401 [0.35, 0.46]</td>" in cv
+    oof = pd.read_csv(paths.backbone_dir("effnet_b0") / "oof.csv")
+    lo, hi = bootstrap_ci(oof.label.map(CLASSES.index).to_numpy(), oof[PROB].to_numpy())
+    assert f"<td>effnet_b0</td><td>0.512 [{lo:.2f}, {hi:.2f}]</td>" in cv
     # blend: weights, biases, nested beside in-sample, baselines
-    assert "0.4567" in text and "0.5234" in text and "nested (expected)" in text
+    assert "0.457" in text and "0.5234" in text and "nested (expected)" in text
     assert "0.6500" in text and "0.7000" in text and "best single: effnet_b0" in text
     # where each estimate comes from: per backbone, the tuning, the blend's inputs
     cv = text.split("<section id='cv'>")[1].split("</section>")[0]
     assert "Where each OOF score comes from" in cv and cv.count("<b class=ok>honest</b>") == 2
     assert "inner: early stopping on an inner split" in cv and "defaults (no params file)" in cv
     tune = text.split("<section id='tune'>")[1].split("</section>")[0]
-    assert "effnet_b0" in tune and "0.6789" in tune and "0.5432" in tune
+    assert "effnet_b0" in tune and "0.6789" in tune and "<td>0.543 [0.49, 0.60]</td>" in tune
     assert "best of 30 trials" in tune and "0.5300" in tune  # outer fold 2
     blend = text.split("<section id='blend'>")[1].split("</section>")[0]
     assert "without its own OOF rows" in blend and "nested (optimistic)" not in blend
@@ -218,6 +229,53 @@ def test_old_files_without_records_are_unknown_hence_optimistic(tmp_path):
     assert "does not record how its inputs chose" in text
 
 
+def _section(text, anchor):
+    return text.split(f"<section id='{anchor}'>")[1].split("</section>")[0]
+
+
+def test_the_blends_expected_score_carries_its_interval(tmp_path):
+    paths, data = build_workdir(tmp_path)
+    blend_json = paths.runs_dir / "blend" / "blend.json"
+    oof_path = paths.runs_dir / "blend" / "oof_blend.csv"
+    nested_row = "<td>blend + class biases</td><td>0.5234</td><td>0.457"
+    # neither recorded nor derivable (oof_blend.csv has no pred_nested): the score alone
+    blend = _section(run_report(paths, data).read_text(), "blend")
+    assert f"{nested_row}</td>" in blend and "nested (expected) [95% interval]" in blend
+    # bootstrapped from oof_blend.csv's nested predictions when they give the nested score
+    oof = pd.read_csv(oof_path)
+    y = oof.label.map(CLASSES.index).to_numpy()
+    pred = oof[[f"nested_{c}" for c in PROB]].to_numpy().argmax(1)
+    oof["pred_nested"] = [CLASSES[i] for i in pred]
+    atomic_write_csv(oof_path, oof)
+    b = json.loads(blend_json.read_text())
+    b["scores"]["nested"]["macro_f1"] = macro_f1(y, pred)
+    atomic_write_json(blend_json, b)
+    lo, hi = bootstrap_ci(y, pred)
+    blend = _section(run_report(paths, data).read_text(), "blend")
+    assert (f"<td>blend + class biases</td><td>0.5234</td><td>{macro_f1(y, pred):.3f} "
+            f"[{lo:.2f}, {hi:.2f}]</td>") in blend
+    # ... but not from predictions of another blend
+    b["scores"]["nested"]["macro_f1"] = 0.4567
+    atomic_write_json(blend_json, b)
+    assert f"{nested_row}</td>" in _section(run_report(paths, data).read_text(), "blend")
+    # the interval the blend records wins, in the blend and the submissions sections
+    b["expected_score"]["ci95"] = [0.4012, 0.5123]
+    atomic_write_json(blend_json, b)
+    manifest = paths.submissions_dir / "20250101T000000Z_blend.json"
+    m = json.loads(manifest.read_text())
+    m["expected_score"] = {**expected_score(0.4567, {}), "ci95": [0.4111, 0.5022]}
+    atomic_write_json(manifest, m)
+    text = run_report(paths, data).read_text()
+    assert f"{nested_row} [0.40, 0.51]</td>" in _section(text, "blend")
+    subs = _section(text, "submissions")
+    assert subs.count("<td>0.457 [0.41, 0.50]</td>") == 2  # the file and its upload
+    # without runs/blend/, the report reads latest.json, expected score and interval included
+    shutil.copy(manifest, paths.submissions_dir / "latest.json")
+    shutil.rmtree(paths.runs_dir / "blend")
+    blend = _section(run_report(paths, data).read_text(), "blend")
+    assert "nested (expected) [95% interval]" in blend and "0.457 [0.41, 0.50]" in blend
+
+
 def test_self_contained_and_escaped(tmp_path):
     paths, data = build_workdir(tmp_path)
     text = run_report(paths, data).read_text()
@@ -250,7 +308,7 @@ def test_reliability_recomputed_from_backbones_and_bad_file_isolated(tmp_path):
     assert "nested weights" not in text
     cv = text.split("<section id='cv'>")[1].split("</section>")[0]
     assert "could not be built" in cv and "not valid JSON" in cv
-    assert "0.4567" in text  # the other sections still there
+    assert "0.457" in text  # the other sections still there
 
 
 def test_reliability_statistics():

@@ -90,6 +90,24 @@ def _fmt(value, digits: int = 4) -> str:
     return _e(value)
 
 
+def _score_ci(score, ci) -> str | None:
+    """``0.499 [0.46, 0.54]`` (:func:`kit.metrics.format_ci`), the score alone when no
+    interval is known, None (a dash) when there is no score."""
+    from kit.metrics import format_ci
+
+    if not isinstance(score, (int, float)) or isinstance(score, bool) or score != score:
+        return score
+    return format_ci(float(score), _interval(ci))
+
+
+def _interval(ci) -> list[float] | None:
+    """``[lo, hi]`` from a recorded interval, or None when absent or malformed."""
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 \
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in ci):
+        return [float(ci[0]), float(ci[1])]
+    return None
+
+
 def _table(header: list, rows: list[list], cls: str = "") -> str:
     """A table; cells are escaped unless given as ``("raw", html)``."""
 
@@ -253,13 +271,14 @@ def cv_section(paths: Paths) -> str:
     if not metrics:
         return _missing("no backbone cross-validated", "./run.sh cv <backbone>")
     n_folds = max(len(m.get("per_fold", [])) for m in metrics.values())
+    cis = {name: oof_ci(paths, name, m) for name, m in metrics.items()}
     rows = []
     for name, m in metrics.items():
         folds = {int(f["fold"]): f.get("macro_f1") for f in m.get("per_fold", [])}
-        rows.append([name, m.get("oof_macro_f1"), m.get("oof_weighted_f1"),
+        rows.append([name, _score_ci(m.get("oof_macro_f1"), cis[name]), m.get("oof_weighted_f1"),
                      *[folds.get(k) for k in range(n_folds)],
                      m.get("weights_source"), m.get("n_oof")])
-    scores = _table(["backbone", "OOF macro F1", "OOF weighted F1",
+    scores = _table(["backbone", "OOF macro F1 [95% interval]", "OOF weighted F1",
                      *[f"fold {k}" for k in range(n_folds)], "weights", "OOF images"],
                     rows, "num")
     class_rows = []
@@ -267,12 +286,36 @@ def cv_section(paths: Paths) -> str:
         per_class = m.get("per_class", {})
         class_rows.append([name, *[per_class.get(c, {}).get("f1") for c in CLASSES]])
     per_class = _table(["backbone", *[f"F1 {c}" for c in CLASSES]], class_rows, "num")
-    figures = "".join(_confusion_figure(paths, name, m) for name, m in metrics.items())
-    return (f"<h3>Macro F1, out of fold</h3>{scores}{collapse_notes(metrics)}"
+    figures = "".join(_confusion_figure(paths, name, m, cis[name])
+                      for name, m in metrics.items())
+    return (f"<h3>Macro F1, out of fold</h3>{_CI_NOTE}{scores}{collapse_notes(metrics)}"
             f"<h3>Where each OOF score comes from</h3>{provenance_table(metrics)}"
             f"<h3>Per-class F1</h3>{per_class}"
             f"<h3>Confusion matrices (rows true, columns predicted)</h3>"
             f"<div class=grid>{figures}</div>")
+
+
+_CI_NOTE = ("<p>Each score with its 95 % bootstrap interval over images (1000 resamples): "
+            "two runs whose intervals overlap this much are not ranked by their scores; "
+            "<code>./run.sh compare A B</code> tests the difference on the same images.</p>")
+
+
+def oof_ci(paths: Paths, name: str, m: dict) -> list[float] | None:
+    """A backbone's OOF macro F1 interval: ``oof_macro_f1_ci95`` of its metrics.json, else
+    bootstrapped from its ``oof.csv`` (an older cv); None when neither can be read."""
+    from kit.metrics import bootstrap_ci, to_indices
+
+    recorded = _interval(m.get("oof_macro_f1_ci95"))
+    if recorded is not None:
+        return recorded
+    try:
+        oof = pd.read_csv(paths.backbone_dir(name) / "oof.csv",
+                          dtype={"sample_index": str, "label": str})
+        ci = bootstrap_ci(to_indices(oof["label"].to_numpy()),
+                          oof[PROB_COLUMNS].to_numpy(np.float64))
+    except _READ_ERRORS:  # no or a damaged oof.csv: the score is shown without an interval
+        return None
+    return _interval(ci) if ci[0] == ci[0] else None
 
 
 def collapse_notes(metrics: dict[str, dict]) -> str:
@@ -382,7 +425,8 @@ def tune_section(paths: Paths) -> str:
         rows.append([name, b.get("objective", "features (assumed: not recorded)" if b else None),
                      b.get("training_path"), b.get("early_stopping"), b.get("trials"),
                      b.get("search_score"), b.get("search_score_kind"),
-                     b.get("holdout_score"), e.get("macro_f1"),
+                     b.get("holdout_score"),
+                     _score_ci(e.get("macro_f1"), e.get("estimate_ci95")),
                      (f"{e.get('trials_per_outer_fold')} trials per outer fold"
                       + ("" if e.get("honest", True) else "; " + str(e.get("why"))))
                      if e else None])
@@ -395,7 +439,8 @@ def tune_section(paths: Paths) -> str:
              "each outer fold with params searched without it: the honest score of the tuned "
              "pipeline.</p>",
              _table(["backbone", "objective", "training path", "early stopping", "trials",
-                     "search score", "what it is", "holdout score", "nested estimate",
+                     "search score", "what it is", "holdout score",
+                     "nested estimate [95% interval]",
                      "estimate settings"], rows)]
     if outer:
         width = max(len(r) for r in outer) - 1
@@ -404,13 +449,14 @@ def tune_section(paths: Paths) -> str:
     return "\n".join(parts)
 
 
-def _confusion_figure(paths: Paths, name: str, m: dict) -> str:
+def _confusion_figure(paths: Paths, name: str, m: dict, ci=None) -> str:
     png = paths.backbone_dir(name) / "confusion.png"
     if png.is_file():
         data = png.read_bytes()
     elif m.get("confusion"):
         data = confusion_png(m["confusion"], m.get("classes", CLASSES),
-                             f"{name} OOF, macro F1 {_fmt(m.get('oof_macro_f1'), 3)}")
+                             f"{name} OOF, macro F1 "
+                             f"{_score_ci(m.get('oof_macro_f1'), ci) or '–'}")
     else:
         return f"<figure><figcaption>{_e(name)}: no confusion matrix recorded</figcaption></figure>"
     return f"<figure>{_img(data, alt=f'{name} confusion matrix')}</figure>"
@@ -433,7 +479,9 @@ def blend_record(paths: Paths) -> tuple[dict | None, str]:
     latest = paths.submissions_dir / "latest.json"
     if latest.is_file():
         manifest = _read_json(latest)
-        return {**manifest["blend"], "scores": manifest["scores"]}, "submissions/latest.json"
+        return ({**manifest["blend"], "scores": manifest["scores"],
+                 **{k: manifest[k] for k in ("expected_score", "expected_ci95") if k in manifest}},
+                "submissions/latest.json")
     return None, ""
 
 
@@ -462,7 +510,8 @@ def blend_section(paths: Paths) -> str:
                    f"score: some inputs chose something on their own OOF rows.</p><ul>{items}"
                    "</ul>")
     score_rows = [
-        ["blend + class biases", in_sample.get("macro_f1"), nested.get("macro_f1")],
+        ["blend + class biases", in_sample.get("macro_f1"),
+         _score_ci(nested.get("macro_f1"), blend_ci(paths, blend, source))],
         ["blend, plain argmax", in_sample.get("macro_f1_no_bias"), nested.get("macro_f1_no_bias")],
     ]
     base = scores.get("baselines", {})
@@ -475,8 +524,8 @@ def blend_section(paths: Paths) -> str:
              f"objective {_e(blend.get('objective', '?'))}. The <b>nested</b> score (weights and "
              "biases fitted without the scored fold) is the expected leaderboard score when "
              "its inputs are honest; the in-sample one is optimistic.</p>", verdict,
-             _table(["OOF macro F1", "in-sample (optimistic)", nested_head], score_rows,
-                    "num")]
+             _table(["OOF macro F1", "in-sample (optimistic)",
+                     f"{nested_head} [95% interval]"], score_rows, "num")]
     prov = blend.get("inputs_provenance") or {}
     if prov:
         parts.append(_table(["input", "training path", "epochs chosen by", "params",
@@ -500,6 +549,38 @@ def blend_section(paths: Paths) -> str:
                  + _table(["class", "bias on log p"], [[c, biases[c]] for c in order], "num")
                  + "</div>")
     return "\n".join(parts)
+
+
+def recorded_ci(record: dict) -> list[float] | None:
+    """The interval a blend record or manifest stores beside its nested (expected) score."""
+    expected = record.get("expected_score") or {}
+    nested = (record.get("scores") or {}).get("nested") or {}
+    for ci in (expected.get("ci95"), expected.get("macro_f1_ci95"), record.get("expected_ci95"),
+               nested.get("ci95"), nested.get("macro_f1_ci95")):
+        if _interval(ci) is not None:
+            return _interval(ci)
+    return None
+
+
+def blend_ci(paths: Paths, blend: dict, source: str) -> list[float] | None:
+    """The blend's expected-score interval: as recorded, else bootstrapped from the nested
+    predictions of ``runs/blend/oof_blend.csv`` when they give the recorded nested score (the
+    same blend); None otherwise."""
+    from kit.metrics import bootstrap_ci, macro_f1, to_indices
+
+    recorded = recorded_ci(blend)
+    if recorded is not None or source != "runs/blend/blend.json":
+        return recorded
+    nested = ((blend.get("scores") or {}).get("nested") or {}).get("macro_f1")
+    try:
+        oof = pd.read_csv(paths.runs_dir / "blend" / "oof_blend.csv", dtype=str,
+                          keep_default_na=False)
+        y, pred = to_indices(oof["label"].to_numpy()), to_indices(oof["pred_nested"].to_numpy())
+    except _READ_ERRORS:  # an older blend without pred_nested: no interval, not an error
+        return None
+    if nested is None or abs(macro_f1(y, pred) - float(nested)) > 1e-6:
+        return None  # oof_blend.csv is not the recorded blend's: its interval would mislead
+    return _interval(bootstrap_ci(y, pred))
 
 
 # ----------------------------------------------------------------------------- reliability
@@ -626,14 +707,14 @@ def submissions_section(paths: Paths) -> str:
         csv = m.get("files", {}).get("csv") or m.get("csv", path.stem)
         tag = " ← latest" if path.name == latest_name else ""
         label = (m.get("expected_score") or {}).get("label", "not recorded")
-        rows.append([csv + tag, m.get("created_utc"), m.get("csv_rows"),
-                     scores.get("nested", {}).get("macro_f1"), label,
+        expected = _score_ci(scores.get("nested", {}).get("macro_f1"), recorded_ci(m))
+        rows.append([csv + tag, m.get("created_utc"), m.get("csv_rows"), expected, label,
                      scores.get("in_sample", {}).get("macro_f1"),
                      ", ".join(m.get("backbones", {}) or []), commit or None])
         for rec in m.get("submissions", []):
             uploads.append([rec.get("time"), csv, rec.get("competition"), rec.get("message"),
                             rec.get("status"), rec.get("ref"), rec.get("public_score"),
-                            scores.get("nested", {}).get("macro_f1"), rec.get("error")])
+                            expected, rec.get("error")])
     parts = ["<h3>Submission files</h3>",
              _table(["file", "created (UTC)", "rows", "nested macro F1", "nested is",
                      "in-sample macro F1", "backbones", "git commit"], rows, "num")]
