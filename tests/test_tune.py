@@ -90,7 +90,8 @@ def test_user_space_overrides_ranges_removes_and_fixes(tmp_path):
     assert other.searched["lr"].high == 3e-3  # the phikon entry applies to phikon only
     trial = optuna.trial.FixedTrial({"head.depth": 2, "head.width": 128, "head.dropout": 0.1,
                                      "head.activation": "gelu", "head.pool": "attention",
-                                     "lr": 5e-5, "class_balance": "loss", "epochs": 20})
+                                     "lr": 5e-5, "class_balance": "loss", "epochs": 20,
+                                     "head.type": "mlp", "label_issues.mode": "off"})
     params = sp.suggest(trial)
     assert params["head.depth"] == 2 and params["head.norm"] == "layernorm"
     assert params["lr"] == 5e-5

@@ -37,7 +37,10 @@ PATH_WORDS = {"feature_cache": "heads on cached embeddings of a frozen backbone"
 PATH_FREE = ("head.", "augment.", "class_balance", "label_smoothing", "tta",
              "early_stopping", "inner_folds", "input_size", "phikon_mode", "train_norm",
              "unfreeze_last", "eval_batch_size", "num_workers", "amp", "channels_last",
-             "checkpoint")
+             "checkpoint", "label_issues.", "bag")
+# Under a path-free prefix, but bound to the path all the same: the linear probe exists on
+# cached embeddings only.
+PATH_BOUND = ("head.type",)
 # A file with one of these keys was written by ./run.sh tune (a hand-written params file has
 # only `params:`).
 _TUNE_KEYS = ("trial", "study", "search_score", "score")
@@ -45,6 +48,8 @@ _TUNE_KEYS = ("trial", "study", "search_score", "score")
 
 def path_free(key: str) -> bool:
     """Whether dotted key ``key`` means the same thing on every training path."""
+    if key in PATH_BOUND:
+        return False
     return any(key == p or (p.endswith(".") and key.startswith(p)) for p in PATH_FREE)
 
 
