@@ -374,3 +374,94 @@ def test_attention_patches_and_collapsed_models_are_shown(tmp_path):
     section = html_text[html_text.index("Attention over patches"):]
     assert section.count("<img") >= 3 and "most concentrated attention first" in section
     assert "collapsed</b> tiny_cnn: fold(s) 1 collapsed" in html_text
+
+
+def _label_issues(paths: Paths, data: Path, name: str, rows: list[tuple], mode="drop"):
+    """A hand-made runs/<name>/label_issues.csv (sample_index, label, suggested_label,
+    quality, flagged, n_folds, flagged_by, p_*), deliberately out of order, and the summary
+    cv records in metrics.json; a thumbnail file for every flagged image but img_0013.png."""
+    df = pd.DataFrame(rows, columns=["sample_index", "label", "suggested_label", "quality",
+                                     "flagged", "n_folds", "flagged_by"])
+    for c in PROB:
+        df[c] = 0.25
+    atomic_write_csv(paths.backbone_dir(name) / "label_issues.csv", df)
+    f = paths.backbone_dir(name) / "metrics.json"
+    m = json.loads(f.read_text())
+    m["label_issues"] = {"mode": mode, "model": "logreg", "inner_folds": 4,
+                         "n_images": len(df), "n_flagged": int(df.flagged.sum()),
+                         "file": str(paths.backbone_dir(name) / "label_issues.csv")}
+    f.write_text(json.dumps(m))
+    for r in df[df.flagged == 1].itertuples():
+        if r.sample_index != "img_0013.png" and not (data / "train_data" / r.sample_index).exists():
+            Image.fromarray(np.full((60, 90, 3), 120, np.uint8)).save(
+                data / "train_data" / r.sample_index)
+
+
+ISSUES = [  # sample_index, label, suggested, quality, flagged, n_folds, flagged_by
+    ("img_0020.png", "Luminal A", "Luminal A", 0.91, 0, 2, ""),
+    ("img_0013.png", "Luminal B", "HER2(+)", 0.05, 1, 2, "0;2"),
+    ("img_0021.png", "Luminal B", "Luminal B", 0.80, 0, 2, ""),
+    ("img_0010.png", "HER2(+)", "Triple negative", 0.02, 1, 2, "1"),
+    ("img_0011.png", "Triple negative", "Luminal A", 0.12, 1, 2, "0;1"),
+    ("img_0022.png", "HER2(+)", "HER2(+)", 0.70, 0, 1, ""),
+]
+
+
+def test_suspected_label_errors_section(tmp_path):
+    paths, data = build_workdir(tmp_path)
+    _label_issues(paths, data, "effnet_b0", ISSUES)
+    text = run_report(paths, data, {"label_issues_top": 2}).read_text()
+    assert "<a href='#label_issues'>Suspected label errors</a>" in text
+    # after the scores: the cv section comes first
+    assert text.index("<section id='cv'>") < text.index("<section id='label_issues'>")
+    sec = _section(text, "label_issues")
+    # how the flags were made, and what overrides.csv can and cannot do
+    assert "training</b> images only" in sec and "still computed on every image" in sec
+    assert "img_XXXX.png,drop" in sec and "folds/overrides.csv" in sec
+    assert "cannot be corrected" in sec and "./run.sh folds --force" in sec
+    # the summary line: mode, flagged of all, by how many folds
+    assert ("<b>effnet_b0</b> (mode drop, model logreg, 4 inner folds): <b>3</b> of 6 "
+            "training images flagged (by 1 fold: 1, by 2 folds: 2); each image assessed by up "
+            "to 2 folds.") in sec
+    # convnext_t has no label_issues.csv and metrics saying off: not listed
+    assert "convnext_t" not in sec
+    # thumbnails folded away, the top 2 flagged by quality (lowest first), captioned
+    details = sec.split("<details>")[1].split("</details>")[0]
+    assert "<summary>2 of 3 (report.label_issues_top) most confident suspects" in details
+    cap_10 = ("img_0010.png · HER2(+) → Triple negative · quality 0.020 · "
+              "flagged by fold(s) 1")
+    cap_13 = ("img_0013.png · Luminal B → HER2(+) · quality 0.050 · "
+              "flagged by fold(s) 0, 2")
+    assert details.index(cap_10) < details.index(cap_13)
+    assert "img_0011.png" not in details and "img_0020.png" not in details
+    assert details.count("<figure class=suspect>") == 2
+    assert details.count("data:image/jpeg;base64,") == 1  # img_0013.png has no file
+    assert "image not found" in details
+    assert "not run yet" not in text and "could not be built" not in text
+
+
+def test_suspected_label_errors_missing_nothing_flagged_and_broken(tmp_path):
+    paths, data = build_workdir(tmp_path)
+    sec = _section(run_report(paths, data).read_text(), "label_issues")
+    assert "no run with label_issues" in sec
+    assert "./run.sh cv &lt;backbone&gt; --set label_issues.mode=drop" in sec
+    assert "<details>" not in sec
+    # a run that flagged nothing: the summary line, no thumbnails
+    clean = [r[:4] + (0,) + r[5:6] + ("",) for r in ISSUES]
+    _label_issues(paths, data, "convnext_t", clean, mode="weight")
+    sec = _section(run_report(paths, data).read_text(), "label_issues")
+    assert "(mode weight, model logreg, 4 inner folds): <b>0</b> of 6 training" in sec
+    assert "<details>" not in sec and "no run with label_issues" not in sec
+    # a broken file is named; the other run still shows; no dataset -> no thumbnails
+    _label_issues(paths, data, "effnet_b0", ISSUES)
+    atomic_write_csv(paths.backbone_dir("convnext_t") / "label_issues.csv",
+                     pd.DataFrame({"sample_index": ["img_0001.png"], "quality": [0.5]}))
+    text = run_report(paths, tmp_path / "nowhere").read_text()
+    sec = _section(text, "label_issues")
+    assert "could not be read" in sec and "no column(s) label, suggested_label" in sec
+    assert "<b>effnet_b0</b>" in sec and sec.count("image not found") == 3
+    assert "not found: no thumbnails" in sec and "data:image/jpeg" not in sec
+    # metrics.json says a mode but the file is gone
+    (paths.backbone_dir("effnet_b0") / "label_issues.csv").unlink()
+    sec = _section(run_report(paths, data).read_text(), "label_issues")
+    assert "records label_issues mode drop but" in sec

@@ -45,6 +45,8 @@ def run_report(paths: Paths, data, cfg: dict | None = None) -> Path:
     sections = [
         ("data", "Data", lambda: data_section(paths, data, cfg)),
         ("cv", "Cross-validation", lambda: cv_section(paths)),
+        ("label_issues", "Suspected label errors",
+         lambda: label_issues_section(paths, data, cfg)),
         ("attention", "Attention over patches", lambda: attention_section(paths, cfg)),
         ("tune", "Tuning", lambda: tune_section(paths)),
         ("blend", "Blend", lambda: blend_section(paths)),
@@ -232,13 +234,17 @@ def _junk_part(paths: Paths, root: Path | None, cfg: dict) -> str:
     return "".join(parts) + "<div class=grid>" + "".join(cards) + "</div>"
 
 
-def _thumb_card(root: Path | None, row, side: int) -> str:
-    caption = f"{row.sample_index} · {row.reason} {_fmt(row.score, 3)}"
+def _thumb_card(root: Path | None, row, side: int, caption: str | None = None,
+                cls: str = "junk") -> str:
+    """A training image's thumbnail (``root/train_data/<sample_index>``) with a caption (by
+    default the junk reason and score); "image not found" when there is no such file."""
+    if caption is None:
+        caption = f"{row.sample_index} · {row.reason} {_fmt(row.score, 3)}"
     path = root / "train_data" / row.sample_index if root is not None else None
     if path is None or not path.is_file():
-        return f"<figure class=junk><div class=noimg>image not found</div>" \
+        return f"<figure class={cls}><div class=noimg>image not found</div>" \
                f"<figcaption>{_e(caption)}</figcaption></figure>"
-    return (f"<figure class=junk>{_img(thumbnail(path, side), 'image/jpeg', row.sample_index)}"
+    return (f"<figure class={cls}>{_img(thumbnail(path, side), 'image/jpeg', row.sample_index)}"
             f"<figcaption>{_e(caption)}</figcaption></figure>")
 
 
@@ -327,6 +333,111 @@ def collapse_notes(metrics: dict[str, dict]) -> str:
     items = "".join(f"<li><b class=warn>collapsed</b> {_e(name)}: {_e(note)}</li>"
                     for name, note in notes if note)
     return f"<ul>{items}</ul>" if items else ""
+
+
+# ----------------------------------------------------------------------------- label issues
+
+_ISSUE_COLUMNS = ["sample_index", "label", "suggested_label", "quality", "flagged", "flagged_by"]
+_ISSUES_NOTE = (
+    "<p>Flagged by <code>label_issues</code> in cv: for each outer fold, an inner "
+    "cross-validation on that fold's <b>training</b> images only gave them out-of-fold "
+    "probabilities, and cleanlab's confident learning flagged the labels those probabilities "
+    "contradict (quality: cleanlab's label quality in [0, 1], the mean over the folds that "
+    "assessed the image; lowest = most confident suspect); a fold's own images never decide "
+    "what its model drops, and the OOF score is still computed on every image. If you agree, "
+    "add a row <code>img_XXXX.png,drop</code> to <code>folds/overrides.csv</code> (actions are "
+    "keep or drop only: a label cannot be corrected there), then <code>./run.sh folds "
+    "--force</code> and cv again: a dropped image leaves <code>folds/folds.csv</code>, so it "
+    "is neither trained on nor scored, and the new OOF scores are on fewer images than the "
+    "old ones.</p>")
+
+
+def label_issues_section(paths: Paths, data, cfg: dict) -> str:
+    """Per backbone run with a ``label_issues.csv``: how many images its inner
+    cross-validations flagged, and thumbnails of the most confident suspects."""
+    from kit.data.dataset import find_root
+
+    metrics = backbone_metrics(paths)
+    found = {name: f for name in metrics
+             if (f := paths.backbone_dir(name) / "label_issues.csv").is_file()}
+    lost = [name for name, m in metrics.items() if name not in found
+            and (m.get("label_issues") or {}).get("mode", "off") != "off"]
+    lost_note = "".join(f"<p class=warn>{_e(name)}: metrics.json records label_issues mode "
+                        f"{_e(metrics[name]['label_issues']['mode'])} but "
+                        f"<code>runs/{_e(name)}/label_issues.csv</code> is missing.</p>"
+                        for name in lost)
+    if not found:
+        return ("<p class=todo>no run with label_issues: <code>./run.sh cv &lt;backbone&gt; "
+                "--set label_issues.mode=drop</code> (or <code>weight</code>) writes "
+                "<code>runs/&lt;backbone&gt;/label_issues.csv</code>.</p>" + lost_note)
+    try:
+        root = find_root(data)
+    except KitError:
+        root = None
+    parts = [_ISSUES_NOTE, lost_note]
+    if root is None:
+        parts.append(f"<p class=todo>dataset <code>{_e(data)}</code> not found: no "
+                     "thumbnails.</p>")
+    for name, path in found.items():
+        try:
+            parts.append(_issues_part(name, path, metrics[name], root, cfg))
+        except _READ_ERRORS as exc:
+            print(f"report: label issues of {name} skipped: {exc}", file=sys.stderr)
+            parts.append(f"<h3>{_e(name)}</h3><p class=err>could not be read: {_e(exc)}</p>")
+    return "".join(parts)
+
+
+def read_label_issues(path: Path) -> pd.DataFrame:
+    """A cv run's ``label_issues.csv``: flagged as int, quality as float, flagged_by as text
+    (``0;2``), sorted by quality (then sample_index), the most confident suspects first."""
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in _ISSUE_COLUMNS if c not in df.columns]
+    if missing:
+        raise KitError(f"{path}: no column(s) {', '.join(missing)}; expected "
+                       f"{','.join(_ISSUE_COLUMNS)},...; rerun ./run.sh cv")
+    df["quality"] = pd.to_numeric(df["quality"], errors="coerce")
+    df["flagged"] = pd.to_numeric(df["flagged"], errors="coerce").fillna(0).astype(int)
+    if "n_folds" in df.columns:
+        df["n_folds"] = pd.to_numeric(df["n_folds"], errors="coerce")
+    return df.sort_values(["quality", "sample_index"], kind="mergesort",
+                          na_position="last").reset_index(drop=True)
+
+
+def _issues_part(name: str, path: Path, m: dict, root: Path | None, cfg: dict) -> str:
+    df = read_label_issues(path)
+    info = m.get("label_issues") or {}
+    how = [f"mode {info.get('mode', 'not recorded')}"]
+    if info.get("model"):
+        how.append(f"model {info['model']}")
+    if info.get("inner_folds"):
+        how.append(f"{info['inner_folds']} inner folds")
+    flagged = df[df["flagged"] == 1]
+    n_by = flagged["flagged_by"].map(lambda s: len([f for f in str(s).split(";") if f.strip()]))
+    by = ", ".join(f"by {k} fold{'s' if k != 1 else ''}: {int(n)}"
+                   for k, n in sorted(n_by.value_counts().items()))
+    assessed = ""
+    if "n_folds" in df.columns and df["n_folds"].notna().any():
+        assessed = f"; each image assessed by up to {int(df['n_folds'].max())} folds"
+    summary = (f"<p><b>{_e(name)}</b> ({_e(', '.join(how))}): <b>{len(flagged)}</b> of "
+               f"{len(df)} training images flagged" + (f" ({_e(by)})" if by else "")
+               + f"{_e(assessed)}. <code>runs/{_e(name)}/label_issues.csv</code></p>")
+    if flagged.empty:
+        return f"<h3>{_e(name)}</h3>{summary}"
+    top = max(0, int(cfg["label_issues_top"]))
+    shown = flagged.head(top)
+    side = int(cfg["thumb_side"])
+    cards = "".join(_thumb_card(root, r, side, _issue_caption(r), cls="suspect")
+                    for r in shown.itertuples(index=False))
+    more = f" of {len(flagged)} (report.label_issues_top)" if len(flagged) > len(shown) else ""
+    return (f"<h3>{_e(name)}</h3>{summary}<details><summary>{len(shown)}{_e(more)} most "
+            f"confident suspects (lowest quality first): thumbnails</summary>"
+            f"<div class=grid>{cards}</div></details>")
+
+
+def _issue_caption(row) -> str:
+    folds = str(row.flagged_by).replace(";", ", ") or "–"
+    return (f"{row.sample_index} · {row.label} → {row.suggested_label} · quality "
+            f"{_fmt(row.quality, 3)} · flagged by fold(s) {folds}")
 
 
 def attention_section(paths: Paths, cfg: dict) -> str:
@@ -742,6 +853,8 @@ th {{ background: #f2f4f7; }} table.num td {{ font-variant-numeric: tabular-nums
 figure {{ margin: 0; padding: 4px; border: 1px solid #ddd; }}
 figure img {{ max-width: 420px; }}
 figure.junk {{ border: 2px solid #c60; max-width: 172px; }} figure.junk img {{ display: block; }}
+figure.suspect {{ border: 2px solid #a33; max-width: 172px; }} figure.suspect img {{ display: block; }}
+details {{ margin: 0.4em 0 1em; }} summary {{ cursor: pointer; color: #345; }}
 figcaption {{ font-size: 11px; }} .todo {{ color: #8a5a00; }} .err {{ color: #b00; }}
 .warn {{ color: #a33; }} .ok {{ color: #276; }}
 .noimg {{ width: 160px; height: 100px; background: #eee; color: #888; font-size: 11px;
