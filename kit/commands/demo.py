@@ -53,6 +53,7 @@ def _tune(paths: Paths, seed: int, backbone: str = "tiny_vit", trials: int = 8) 
     cv keeps the backbone frozen as the features objective does (norm layers too), so it
     trains the heads on the search's embedding cache and reproduces the tuned score.
     """
+    from kit.metrics import format_ci
     from kit.training.cv import run_cv
     from kit.tuning.tune import run_tune
 
@@ -64,7 +65,7 @@ def _tune(paths: Paths, seed: int, backbone: str = "tiny_vit", trials: int = 8) 
           f"of {trials}, features OOF macro F1 {best['score']:.4f})")
     metrics = run_cv(backbone, paths, cfg=FROZEN_CV, params="best", seed=seed, weights="random")
     print(f"cv --params best -> {paths.backbone_dir(backbone)} ({metrics['training_path']}): "
-          f"OOF macro F1 {metrics['oof_macro_f1']:.4f}")
+          f"OOF macro F1 {format_ci(metrics['oof_macro_f1'], metrics['oof_macro_f1_ci95'])}")
 
 
 # cv of the tuned backbone: nothing in it trains, as in the features objective.
@@ -77,11 +78,13 @@ DEMO_CV = {"epochs": 6, "patience": 0, "lr": 3e-3, "unfreeze_last": 4}
 
 def _cv(paths: Paths, seed: int) -> None:
     """Cross-validated tiny_cnn: OOF and test probabilities for the blend."""
+    from kit.metrics import format_ci
     from kit.training.cv import run_cv
 
     metrics = run_cv("tiny_cnn", paths, cfg=DEMO_CV, seed=seed, weights="random", params="none")
     print(f"cv             -> {paths.backbone_dir('tiny_cnn')} (oof.csv, test.csv, tta/, "
-          f"metrics.json): OOF macro F1 {metrics['oof_macro_f1']:.3f} "
+          f"metrics.json): OOF macro F1 "
+          f"{format_ci(metrics['oof_macro_f1'], metrics['oof_macro_f1_ci95'])} "
           f"(chance 0.25 for 4 classes)")
 
 
