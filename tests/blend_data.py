@@ -23,13 +23,16 @@ VIEWS = ("hflip", "orig")
 
 
 def make_blend_workdir(root, n_train: int = 150, n_test: int = 40,
-                       backbones=("bb_a", "bb_b", "bb_c"), n_folds: int = 5, seed: int = 0, minority_scale: float = 0.35):
-    """Write a complete blend input tree under ``root``; return ``(Paths, data_root)``."""
+                       backbones=("bb_a", "bb_b", "bb_c"), n_folds: int = 5, seed: int = 0,
+                       minority_scale: float = 0.35, test_prior=None):
+    """Write a complete blend input tree under ``root``; return ``(Paths, data_root)``.
+
+    ``test_prior``: the test images' class mix (default: the training mix)."""
     root = Path(root)
     paths = Paths.from_root(root / "work")
     data = root / "data"
     prob = synthetic_problem(n_train, len(backbones), n_folds, n_test, seed=seed,
-                             minority_scale=minority_scale)
+                             minority_scale=minority_scale, test_prior=test_prior)
     ids = [f"img_{i:04d}.png" for i in range(n_train)]
     junk = [f"img_{i:04d}.png" for i in range(n_train, n_train + 2)]
     test_ids = [f"img_{i:04d}.png" for i in range(n_test)]

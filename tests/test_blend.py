@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -193,7 +194,7 @@ def test_expected_score_is_optimistic_exactly_when_an_input_is(workdir, capsys):
     for bb in ("bb_a", "bb_b", "bb_c"):
         _record(paths, bb)
     out, manifest = blend()
-    assert "expected score (nested macro F1)" in out and "OPTIMISTIC" not in out
+    assert "expected macro F1 (nested): " in out and "OPTIMISTIC" not in out
     assert "every input chose its epochs and params without its own OOF rows" in out
     assert manifest["expected_score"]["label"] == "expected"
     assert manifest["expected_score"]["macro_f1"] == manifest["scores"]["nested"]["macro_f1"]
@@ -205,7 +206,7 @@ def test_expected_score_is_optimistic_exactly_when_an_input_is(workdir, capsys):
 
     _record(paths, "bb_b", early_stopping="oof")
     out, manifest = blend()
-    line = next(x for x in out.splitlines() if x.startswith("expected score"))
+    line = next(x for x in out.splitlines() if x.startswith("expected macro F1"))
     assert "OPTIMISTIC" in line
     assert "  bb_b: epochs chosen on its own OOF rows (early_stopping oof)" in out
     assert "  bb_a:" not in out and "  bb_c:" not in out
@@ -248,3 +249,83 @@ def test_a_collapsed_input_with_weight_is_warned_about(workdir, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert f"WARNING: {heavy} gets weight" in out and "fold(s) 2 collapsed" in out
+
+
+def test_expected_score_is_printed_and_stored_with_its_interval(workdir, capsys):
+    paths, data = workdir
+    assert main(["blend", "--data", str(data), "--workdir", str(paths.root)]) == 0
+    out = capsys.readouterr().out
+    manifest = json.loads((paths.submissions_dir / "latest.json").read_text())
+    run_dir = json.loads((paths.runs_dir / "blend" / "blend.json").read_text())
+    lo, hi = manifest["expected_ci95"]
+    assert lo <= manifest["expected_score"]["macro_f1"] <= hi
+    assert run_dir["expected_ci95"] == manifest["expected_ci95"] == \
+        manifest["scores"]["nested"]["ci95"]
+    line = next(x for x in out.splitlines() if x.startswith("expected macro F1"))
+    assert f"expected macro F1 (nested): {manifest['expected_score']['macro_f1']:.3f} " \
+           f"[{lo:.2f}, {hi:.2f}]" in line
+    number = r"\d\.\d{3} \[\d\.\d\d, \d\.\d\d\]"
+    for label in ("best single", "equal weights"):
+        assert re.search(rf"  {label}.*{number}", out)
+    for label in ("blend, argmax", "blend \\+ class biases"):  # in-sample and nested
+        assert re.search(rf"  {label}\s+{number}\s+{number}$", out, re.M)
+    assert re.search(r"bias gain \(paired\)\s+[+-]\d\.\d{3} \[[+-]\d\.\d\d, [+-]\d\.\d\d\]", out)
+    assert manifest["blend"]["prior"]["mode"] == "train"
+    assert "test class mix" not in out
+
+
+def test_prior_em_is_printed_recorded_and_reproduced(tmp_path, capsys):
+    from kit.submission.reproduce import reproduce
+
+    # many more Triple negative test images than in training: EM sees the shift
+    paths, data = make_blend_workdir(tmp_path, n_train=300, n_test=200,
+                                     test_prior=(0.1, 0.1, 0.2, 0.6))
+    assert main(["blend", "--data", str(data), "--workdir", str(paths.root),
+                 "--set", "prior=em"]) == 0
+    out = capsys.readouterr().out
+    manifest = json.loads((paths.submissions_dir / "latest.json").read_text())
+    prior = manifest["blend"]["prior"]
+    assert prior["mode"] == "em" and manifest["blend"]["params"]["prior"] == "em"
+    assert prior["shifted"] is True and prior["p_value"] < prior["alpha"] == 0.01
+    assert prior["test_mix"] == prior["em_mix"] and prior["em_mix"]["Triple negative"] > 0.4
+    assert sum(prior["test_mix"].values()) == pytest.approx(1.0)
+    assert prior["train_mix"] == {c: float(np.mean(np.array(
+        pd.read_csv(paths.folds_csv).label) == c)) for c in CLASSES}
+    mix = ", ".join(f"{c} {prior['em_mix'][c]:.3f}" for c in CLASSES)
+    assert f"test class mix by EM ({prior['em_iterations']} steps): {mix}" in out
+    assert "the test labels are decided for EM's mix" in out
+    assert "class biases applied for it" in out
+    run_dir = json.loads((paths.runs_dir / "blend" / "blend.json").read_text())
+    assert run_dir["prior"] == prior
+    assert all("em_mix" in f for f in run_dir["fold_fits"].values())
+    test = pd.read_csv(paths.runs_dir / "blend" / "test_blend.csv")
+    assert np.allclose(test[[f"p_{c}" for c in CLASSES]].sum(axis=1), 1, atol=1e-5)
+    assert (test.label == "Triple negative").mean() > 0.4
+    assert reproduce(paths.submissions_dir / "latest.json").identical
+    assert main(["blend", "--data", str(data), "--workdir", str(paths.root),
+                 "--set", "prior=mixed"]) == 2
+    assert "prior must be one of train, em" in capsys.readouterr().err
+
+
+def test_prior_em_keeps_the_training_mix_without_a_clear_shift(workdir, capsys):
+    paths, data = workdir
+    train = run_blend(paths, data, name="train")
+    em = run_blend(paths, data, name="em", cfg={"prior": "em"})
+    record = em.prior_record()
+    assert record["shifted"] is False and record["test_mix"] == record["train_mix"]
+    assert em.csv_path.read_bytes() == train.csv_path.read_bytes()
+    from kit.ensemble.blend import format_summary
+
+    assert "no clear shift, the OOF mix is kept" in format_summary(em)
+    assert "test class mix" not in format_summary(train)
+
+
+def test_bench_blend_scores_expected_vs_test_per_prior(capsys):
+    assert main(["bench", "blend", "--repeats", "1", "--images", "200", "--seeds", "2",
+                 "--test-mix", "1,1,1,2", "--fold-noise", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "2 generated problems (seeds 42..43)" in out and "0.20, 0.20, 0.20, 0.40" in out
+    assert re.search(r"^  train .*\+0\.0000 \+- 0\.0000", out, re.M)
+    assert re.search(r"^  em ", out, re.M)
+    assert main(["bench", "blend", "--repeats", "1", "--seeds", "1", "--test-mix", "1,2"]) == 2
+    assert "--test-mix '1,2': give 4 positive shares" in capsys.readouterr().err

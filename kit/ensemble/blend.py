@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 
 from kit import CLASSES, PROB_COLUMNS
-from kit.ensemble.search import BlendSearch, SearchResult
+from kit.ensemble.search import BlendSearch, PriorRule, SearchResult, apply_rule
 from kit.config import load_config
-from kit.metrics import to_indices
+from kit.metrics import format_ci, to_indices
 from kit.paths import Paths
 from kit.utils import (KitError, atomic_write_bytes, atomic_write_csv, atomic_write_json,
                        sha256_file, write_config)
@@ -311,6 +311,7 @@ class BlendResult:
     latest_manifest: Path | None = None
     csv_sha256: str | None = None
     estimator: BlendSearch | None = None
+    prior: PriorRule | None = None
 
     @property
     def weights(self) -> dict[str, float]:
@@ -329,6 +330,28 @@ class BlendResult:
         """The nested score, labelled ``expected`` or ``optimistic`` (:func:`expected_score`)."""
         return expected_score(self.scores["nested"]["macro_f1"], self.inputs.meta)
 
+    @property
+    def expected_ci95(self) -> list[float]:
+        """95 % bootstrap interval over images of the expected (nested) score."""
+        return list(self.scores["nested"]["ci95"])
+
+    def prior_record(self) -> dict | None:
+        """The class mix the test labels were decided for: ``mode`` (``train`` or ``em``), the
+        OOF labels' mix, the mix applied (``test_mix``) and the class biases applied to the
+        test rows; with ``em`` also EM's estimate, its steps and the likelihood-ratio test
+        (``shifted``: whether it rejected the OOF mix, hence whether ``test_mix`` is EM's)."""
+        rule = self.prior
+        if rule is None:
+            return None
+        out = {"mode": rule.mode, "train_mix": _per_class(rule.train_mix),
+               "test_mix": _per_class(rule.mix), "biases_applied": _per_class(rule.biases)}
+        if rule.estimate is not None:
+            est = rule.estimate
+            out.update(em_mix=_per_class(est.em), em_iterations=int(est.n_iter),
+                       lr_statistic=float(est.statistic), p_value=float(est.p_value),
+                       alpha=float(self.cfg["em_alpha"]), shifted=bool(est.shifted))
+        return out
+
     def submission_frame(self) -> pd.DataFrame:
         return pd.DataFrame({"sample_index": self.inputs.test_ids, "label": self.test_labels})
 
@@ -337,7 +360,7 @@ class BlendResult:
         return {"backbones": self.inputs.backbones, "objective": self.objective,
                 "weight_views": self.weight_views, "models": self.inputs.models,
                 "weights": self.weights, "biases": self.biases, "params": self.cfg,
-                "seed": self.seed}
+                "seed": self.seed, "prior": self.prior_record()}
 
 
 def fit_blend(paths: Paths, data, backbones=None, name: str = "blend", objective: str = "f1",
@@ -350,11 +373,11 @@ def fit_blend(paths: Paths, data, backbones=None, name: str = "blend", objective
     inputs = load_inputs(paths, data, backbones, weight_views)
     est = BlendSearch(objective, cfg, seed).fit(inputs.oof, inputs.y, inputs.folds,
                                                 models=inputs.models)
-    labels = [CLASSES[i] for i in est.predict(inputs.test)]
+    rule = est.prior_rule(inputs.test)  # prior: em estimates the test mix here, once
+    labels = [CLASSES[i] for i in apply_rule(rule.probs, rule.biases, float(cfg["eps"]))]
     return BlendResult(inputs=inputs, search=est.result_, cfg=cfg, objective=objective,
                        weight_views=bool(weight_views), seed=int(seed), name=name,
-                       test_probs=est.predict_proba(inputs.test), test_labels=labels,
-                       estimator=est)
+                       test_probs=rule.probs, test_labels=labels, estimator=est, prior=rule)
 
 
 def run_blend(paths: Paths, data, backbones=None, name: str = "blend", objective: str = "f1",
@@ -385,6 +408,7 @@ def run_blend(paths: Paths, data, backbones=None, name: str = "blend", objective
         backbones=result.inputs.meta, inputs=result.inputs.files, blend=result.blend_record(),
         scores=result.scores, seed=seed, created_utc=stamp.isoformat(timespec="seconds"),
         expected_score=result.expected)
+    manifest["expected_ci95"] = result.expected_ci95  # beside expected_score
     manifest_path = csv_path.with_suffix(".json")
     atomic_write_json(manifest_path, manifest)
     result.csv_path, result.manifest_path, result.csv_sha256 = csv_path, manifest_path, digest
@@ -424,13 +448,12 @@ def _write_run_dir(paths: Paths, result: BlendResult) -> None:
                                        "weight_views": result.weight_views, "seed": result.seed})
     atomic_write_json(out / "blend.json", {
         **result.blend_record(), "scores": result.scores,
-        "expected_score": result.expected,
+        "expected_score": result.expected, "expected_ci95": result.expected_ci95,
         "inputs_provenance": {bb: {k: m.get(k) for k in ("honest", "epochs", "params", "why",
                                                           "training_path")}
                               for bb, m in result.inputs.meta.items()},
         "folds_sha256": result.inputs.folds_sha256,
-        "fold_fits": {k: {"weights": dict(zip(result.inputs.models, map(float, f.weights))),
-                          "biases": dict(zip(CLASSES, map(float, f.biases)))}
+        "fold_fits": {k: _fold_fit_record(result.inputs.models, f)
                       for k, f in result.search.fold_fits.items()},
         "submission": str(result.csv_path), "manifest": str(result.manifest_path),
         "csv_sha256": result.csv_sha256})
@@ -448,11 +471,26 @@ def _write_run_dir(paths: Paths, result: BlendResult) -> None:
     atomic_write_csv(out / "test_blend.csv", test, float_format="%.6f")
 
 
-def expected_lines(expected: dict, in_sample: float) -> list[str]:
-    """The expected-score line(s): labelled optimistic, naming the inputs and why, when any
-    input's OOF predictions chose something on their own rows."""
-    head = f"expected score (nested macro F1): {expected['macro_f1']:.4f}"
-    tail = f"in-sample (optimistic): {in_sample:.4f}"
+def _per_class(values) -> dict[str, float]:
+    return dict(zip(CLASSES, map(float, values)))
+
+
+def _fold_fit_record(models: list[str], fit) -> dict:
+    out = {"weights": dict(zip(models, map(float, fit.weights))), "biases": _per_class(fit.biases)}
+    if fit.prior is not None:  # prior: em: the held-out fold's mix, biases applied for it
+        out.update(test_mix=_per_class(fit.prior.mix), em_mix=_per_class(fit.prior.estimate.em),
+                   p_value=float(fit.prior.estimate.p_value),
+                   biases_applied=_per_class(fit.prior.biases))
+    return out
+
+
+def expected_lines(expected: dict, in_sample: float, expected_ci=None,
+                   in_sample_ci=None) -> list[str]:
+    """The expected-score line(s), each macro F1 with its 95 % interval: labelled optimistic,
+    naming the inputs and why, when any input's OOF predictions chose something on their own
+    rows."""
+    head = f"expected macro F1 (nested): {format_ci(expected['macro_f1'], expected_ci)}"
+    tail = f"in-sample (optimistic): {format_ci(in_sample, in_sample_ci)}"
     if expected["honest"]:
         return [f"{head}; {tail}",
                 "  every input chose its epochs and params without its own OOF rows"]
@@ -462,14 +500,25 @@ def expected_lines(expected: dict, in_sample: float) -> list[str]:
     return out
 
 
+def _gain(gain: dict | None, plain: float) -> str:
+    """A paired difference with its interval: ``+0.012 [-0.01, +0.03]``."""
+    if not gain:
+        return f"{plain:+.3f}"
+    lo, hi = gain["ci95"]
+    return f"{gain['diff']:+.3f} [{lo:+.2f}, {hi:+.2f}]"
+
+
 def format_summary(result: BlendResult) -> str:
-    """The lines ``./run.sh blend`` prints: baselines, blend, bias gain, nested vs in-sample."""
+    """The lines ``./run.sh blend`` prints: baselines, blend, bias gain, nested vs in-sample,
+    each macro F1 with its 95 % bootstrap interval over images."""
     s, ins = result.scores, result.inputs
     base, nested, in_sample = s["baselines"], s["nested"], s["in_sample"]
 
-    def row(label, a, b="", fmt=".4f"):
-        a, b = (f"{v:{fmt}}" if isinstance(v, float) else v for v in (a, b))
-        return f"  {label:<34}{a:>24}{b:>20}"
+    def row(label, a, b=""):
+        return f"  {label:<34}{a:>24}{b:>24}"
+
+    def f1(block, key="macro_f1", ci="ci95"):
+        return format_ci(block[key], block.get(ci))
 
     weights = ", ".join(f"{m} {w:.3f}" for m, w in sorted(result.weights.items(),
                                                           key=lambda kv: -kv[1]) if w > 0)
@@ -480,17 +529,21 @@ def format_summary(result: BlendResult) -> str:
         f"blend of {len(ins.backbones)} backbone(s) ({', '.join(ins.backbones)}), "
         f"{len(ins.models)} library model(s), objective {result.objective}, "
         f"{len(ins.ids)} OOF images in {len(np.unique(ins.folds))} folds",
-        row("OOF macro F1", "in-sample (optimistic)", "nested (expected)"),
-        row(f"best single ({base['best_single']['model']})", base["best_single"]["macro_f1"],
+        row("OOF macro F1 [95% CI over images]", "in-sample (optimistic)", "nested (expected)"),
+        row(f"best single ({base['best_single']['model']})", f1(base["best_single"]),
             "(picked on OOF)"),
-        row("equal weights", base["equal_weights"]["macro_f1"], "(not fitted)"),
-        row("blend, argmax", in_sample["macro_f1_no_bias"], nested["macro_f1_no_bias"]),
-        row("blend + class biases", in_sample["macro_f1"], nested["macro_f1"]),
-        row("bias gain", gain_in, gain_nested, fmt="+.4f"),
+        row("equal weights", f1(base["equal_weights"]), "(not fitted)"),
+        row("blend, argmax", f1(in_sample, "macro_f1_no_bias", "ci95_no_bias"),
+            f1(nested, "macro_f1_no_bias", "ci95_no_bias")),
+        row("blend + class biases", f1(in_sample), f1(nested)),
+        row("bias gain (paired)", _gain(in_sample.get("bias_gain"), gain_in),
+            _gain(nested.get("bias_gain"), gain_nested)),
         f"weights: {weights}",
         f"class biases (log p): {biases}",
     ]
-    lines += expected_lines(result.expected, in_sample["macro_f1"])
+    lines += prior_lines(result)
+    lines += expected_lines(result.expected, in_sample["macro_f1"], nested.get("ci95"),
+                            in_sample.get("ci95"))
     lines += collapse_warnings(result.weights, ins.meta)
     if result.cfg.get("biases", True) and gain_nested < 0:
         lines.append("note: the class biases lower the nested score here (too few images to "
@@ -501,3 +554,29 @@ def format_summary(result: BlendResult) -> str:
                   f"manifest   -> {result.manifest_path}",
                   f"latest     -> {result.latest_csv} (+ {result.latest_manifest.name})"]
     return "\n".join(lines)
+
+
+def prior_lines(result: BlendResult) -> list[str]:
+    """With ``prior: em``: the test class mix EM found and the biases applied for it."""
+    rule = result.prior
+    if rule is None or rule.mode == "train":
+        return []
+
+    def mix(values):
+        return ", ".join(f"{c} {v:.3f}" for c, v in zip(CLASSES, values))
+
+    est, alpha = rule.estimate, float(result.cfg["em_alpha"])
+    verdict = (f"p = {est.p_value:.2g} < {alpha:g}: the test labels are decided for EM's mix"
+               if est.shifted else
+               f"p = {est.p_value:.2g} >= {alpha:g}: no clear shift, the OOF mix is kept")
+    lines = [f"test class mix by EM ({est.n_iter} steps): {mix(est.em)}; OOF labels: "
+             f"{mix(rule.train_mix)}",
+             f"  likelihood-ratio test against the OOF mix: {verdict}"]
+    if est.shifted:
+        lines.append("  class biases applied for it (log p, on the adjusted probabilities): "
+                     + ", ".join(f"{c} {b:+.2f}" for c, b in zip(CLASSES, rule.biases)))
+    shifted = sum(f.prior is not None and f.prior.estimate.shifted
+                  for f in result.search.fold_fits.values())
+    lines.append(f"  the nested score does the same on each held-out fold ({shifted} of "
+                 f"{len(result.search.fold_fits)} folds shifted)")
+    return lines

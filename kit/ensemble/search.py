@@ -20,7 +20,12 @@ Three fitted pieces, all on the OOF rows:
 - **honesty**: the whole fit (weights and biases) is repeated once per fold on the other
   folds' rows and applied to the held-out fold; the concatenated held-out predictions give
   the *nested* macro F1, the submission's expected score. The in-sample score is reported
-  beside it, labelled optimistic.
+  beside it, labelled optimistic. Every macro F1 comes with its 95 % bootstrap interval over
+  images (:func:`kit.metrics.bootstrap_ci`).
+- **class mix** (``prior: em``): the test rows' class mix is estimated by EM
+  (:mod:`kit.ensemble.prior`); where it differs significantly from the OOF labels' mix, the
+  test probabilities are adjusted to it and the biases refitted for it on the OOF rows
+  reweighted to that mix (:meth:`BlendSearch.prior_rule`).
 
 Every search step is vectorised over the candidates (numpy), so a 581 x 3 x 4 blend with its
 nested fits takes well under a second.
@@ -35,7 +40,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from kit import CLASSES
 from kit.config import load_config
-from kit.metrics import macro_f1, macro_f1_batch, per_class_f1
+from kit.ensemble.prior import PRIORS, MixEstimate, adjust_to_prior, class_mix, estimate_mix
+from kit.metrics import bootstrap_ci, macro_f1, macro_f1_batch, paired_bootstrap, per_class_f1
 from kit.utils import KitError, check_random_state
 
 OBJECTIVES = ("f1", "logloss")
@@ -125,24 +131,51 @@ def bias_grid(cfg: dict) -> np.ndarray:
     return np.round(grid, 10)
 
 
-def fit_biases(probs: np.ndarray, y: np.ndarray, cfg: dict) -> np.ndarray:
+def weighted_macro_f1_batch(pred: np.ndarray, y: np.ndarray, class_weight: np.ndarray,
+                            n_classes: int) -> np.ndarray:
+    """:func:`~kit.metrics.macro_f1_batch` with each row counted ``class_weight[y]`` times:
+    the expected macro F1 on a set whose class mix is the rows' mix times ``class_weight``."""
+    pred = np.atleast_2d(pred)
+    g = pred.shape[0]
+    w = np.broadcast_to(np.asarray(class_weight, np.float64)[y], pred.shape)
+    cell = pred + n_classes * np.arange(g)[:, None]
+    size = g * n_classes
+    predicted = np.bincount(cell.ravel(), w.ravel(), minlength=size).reshape(g, n_classes)
+    hit = pred == y[None, :]
+    hits = np.bincount(cell[hit], w[hit], minlength=size).reshape(g, n_classes)
+    denom = predicted + np.bincount(y, w[0], minlength=n_classes)[None, :]
+    present = denom > 0
+    f1 = np.divide(2.0 * hits, denom, out=np.zeros(denom.shape), where=present)
+    return f1.sum(axis=1) / np.maximum(present.sum(axis=1), 1)
+
+
+def fit_biases(probs: np.ndarray, y: np.ndarray, cfg: dict,
+               class_weight: np.ndarray | None = None) -> np.ndarray:
     """Per-class additive biases on ``log p`` maximising macro F1, by coordinate ascent.
 
     ``b[0]`` stays 0 (only differences matter). Each step tries every grid value for one
     class at once; among equal scores the value nearest 0 wins (no bias without evidence).
-    Sweeps stop when one brings no gain or after ``bias_rounds``.
+    Sweeps stop when one brings no gain or after ``bias_rounds``. ``class_weight`` (one per
+    class) scores macro F1 as if each class's rows were that many times as frequent: biases
+    for another class mix.
     """
     c = probs.shape[-1]
     logp = np.log(np.maximum(probs, float(cfg["eps"])))
     grid = bias_grid(cfg)
     b = np.zeros(c)
-    best = float(macro_f1_batch(logp.argmax(axis=1)[None], y, c)[0])
+    if class_weight is None:
+        def f1_batch(pred):
+            return macro_f1_batch(pred, y, c)
+    else:
+        def f1_batch(pred):
+            return weighted_macro_f1_batch(pred, y, class_weight, c)
+    best = float(f1_batch(logp.argmax(axis=1)[None])[0])
     for _ in range(int(cfg["bias_rounds"])):
         gained = False
         for k in range(1, c):
             cand = np.broadcast_to(logp + b, (len(grid),) + logp.shape).copy()
             cand[:, :, k] = logp[None, :, k] + grid[:, None]
-            scores = macro_f1_batch(cand.argmax(axis=2), y, c)
+            scores = f1_batch(cand.argmax(axis=2))
             top = scores.max()
             ties = np.flatnonzero(scores >= top - 1e-12)
             b[k] = grid[ties[np.argmin(np.abs(grid[ties]))]]
@@ -155,10 +188,62 @@ def fit_biases(probs: np.ndarray, y: np.ndarray, cfg: dict) -> np.ndarray:
 
 @dataclass
 class Fitted:
-    """Weights over the library and class biases from one fit."""
+    """Weights over the library and class biases from one fit (``prior``: the class mix of
+    the rows it was applied to, with ``prior: em``)."""
 
     weights: np.ndarray
     biases: np.ndarray
+    prior: "PriorRule | None" = None
+
+
+@dataclass
+class PriorRule:
+    """The decision rule for one set of rows: their class mix (``mix``; ``train_mix`` that of
+    the OOF labels the biases were fitted on), their probabilities adjusted to it and the
+    biases for it; rule ``argmax(log probs + biases)``. With ``prior: train``, or ``em`` when
+    EM's estimate (``estimate``) is not a significant shift, the mix is the OOF labels' and
+    probabilities and biases are the fitted ones, unchanged."""
+
+    mode: str
+    mix: np.ndarray
+    train_mix: np.ndarray
+    probs: np.ndarray
+    biases: np.ndarray
+    estimate: MixEstimate | None = None
+
+    @property
+    def n_iter(self) -> int:
+        return self.estimate.n_iter if self.estimate is not None else 0
+
+
+def prior_rule(fit_probs: np.ndarray, y: np.ndarray, biases: np.ndarray, probs: np.ndarray,
+               cfg: dict) -> PriorRule:
+    """The rule for the rows ``probs`` of a blend fitted on ``fit_probs`` (labels ``y``, class
+    biases ``biases``), for the class mix ``cfg["prior"]`` says.
+
+    ``em``: estimate the rows' mix (:func:`kit.ensemble.prior.estimate_mix`); when its
+    likelihood-ratio test rejects the OOF mix at ``em_alpha``, adjust ``probs`` to it and
+    refit the biases on ``fit_probs`` adjusted the same way, each row weighted by
+    ``mix / train_mix`` of its class; else keep everything as fitted. Measured: keeping the
+    training mix's biases on the adjusted probabilities loses macro F1 even with the true
+    mix, since the adjustment alone gives the rule best for accuracy, not for macro F1.
+    """
+    mode = cfg.get("prior", "train")
+    train_mix = class_mix(y, fit_probs.shape[-1])
+    if mode == "train":
+        return PriorRule(mode, train_mix, train_mix, probs, biases)
+    est = estimate_mix(fit_probs, y, probs, float(cfg["eps"]), tol=float(cfg["em_tol"]),
+                       max_iter=int(cfg["em_max_iter"]), alpha=float(cfg["em_alpha"]))
+    if not est.shifted:
+        return PriorRule(mode, train_mix, train_mix, probs, biases, est)
+    mix = est.mix
+    adjusted = adjust_to_prior(probs, train_mix, mix)
+    if cfg.get("biases", True):
+        biases = fit_biases(adjust_to_prior(fit_probs, train_mix, mix), y, cfg,
+                            class_weight=mix / train_mix)
+    else:
+        biases = np.zeros(probs.shape[-1])
+    return PriorRule(mode, mix, train_mix, adjusted, biases, est)
 
 
 def fit_params(P, y, cfg: dict, objective: str, rng) -> Fitted:
@@ -199,8 +284,8 @@ class BlendSearch(BaseEstimator):
         The biases always maximise macro F1.
     cfg : dict or None, default=None
         Overrides of the ``blend`` config group (``kit/conf/blend.yaml``: ``iterations``,
-        ``init``, ``init_size``, ``bags``, ``biases``, ``bias_*``, ``eps``); None: its
-        defaults. A full resolved config may be passed as it is.
+        ``init``, ``init_size``, ``bags``, ``biases``, ``bias_*``, ``eps``, ``prior``,
+        ``em_*``); None: its defaults. A full resolved config may be passed as it is.
     random_state : int, numpy.random.Generator or None, default=None
         Seeds the bootstrap bags (used only when ``bags > 0``): it is split into one child
         generator for the fit on all rows and one per fold, so the same value gives the
@@ -219,7 +304,12 @@ class BlendSearch(BaseEstimator):
     weights_ : ndarray of shape (M,)
         Non-negative weights summing to 1, fitted on all rows.
     biases_ : ndarray of shape (C,)
-        Additive biases on ``log p`` (``biases_[0] == 0``; all 0 with ``biases: false``).
+        Additive biases on ``log p`` (``biases_[0] == 0``; all 0 with ``biases: false``),
+        for the OOF rows' class mix.
+    train_prior_ : ndarray of shape (C,)
+        The class mix of the OOF labels.
+    y_ : ndarray of shape (N,)
+        The OOF labels (``prior: em`` refits the biases on them for another mix).
     oof_proba_ : ndarray of shape (N, C)
         The fitted rows blended with ``weights_`` (in-sample).
     in_sample_pred_ : ndarray of shape (N,)
@@ -227,13 +317,16 @@ class BlendSearch(BaseEstimator):
     fold_fits_ : dict of int to Fitted
         Per fold k: the weights and biases fitted on the rows of the other folds.
     nested_proba_ : ndarray of shape (N, C)
-        Each fold's rows blended with the weights fitted without them.
+        Each fold's rows blended with the weights fitted without them (with ``prior: em``,
+        adjusted to the class mix EM finds in that fold).
     nested_pred_ : ndarray of shape (N,)
         Each fold's rows predicted by the fit without them: the honest predictions.
     scores_ : dict
-        ``nested`` and ``in_sample`` (``macro_f1``, ``macro_f1_no_bias``, ``per_class_f1``;
-        nested also ``per_fold``), ``gap`` (in-sample minus nested) and ``baselines``
-        (``equal_weights``, ``best_single``, ``singles``).
+        ``nested`` and ``in_sample`` (``macro_f1``, ``macro_f1_no_bias``, ``per_class_f1``,
+        ``ci95`` and ``ci95_no_bias``: 95 % bootstrap intervals over images, ``bias_gain``:
+        paired bootstrap of with minus without biases; nested also ``per_fold``), ``gap``
+        (in-sample minus nested) and ``baselines`` (``equal_weights``, ``best_single``, each
+        with ``ci95``; ``singles``).
     result_ : SearchResult
         The same fit as one record (what :mod:`kit.ensemble.blend` writes).
 
@@ -279,6 +372,9 @@ class BlendSearch(BaseEstimator):
             raise KitError(f"objective must be one of {', '.join(OBJECTIVES)}, "
                            f"got {self.objective!r}")
         cfg = load_config("blend", self.cfg)
+        if cfg.get("prior", "train") not in PRIORS:
+            raise KitError(f"blend config: prior must be one of {', '.join(PRIORS)}, "
+                           f"got {cfg['prior']!r}")
         P, y, folds = np.asarray(P), np.asarray(y), np.asarray(folds)
         if P.ndim != 3:
             raise ValueError(f"P must be M x N x C (models x rows x classes), got shape {P.shape}")
@@ -299,8 +395,12 @@ class BlendSearch(BaseEstimator):
         for k, rng in zip(fold_ids, rngs[1:]):
             train, held = folds != k, folds == k
             fit = fit_params(P[:, train], y[train], cfg, self.objective, rng)
-            nested[held] = np.tensordot(fit.weights, P[:, held], axes=1)
-            nested_pred[held] = apply_rule(nested[held], fit.biases, eps)
+            rule = prior_rule(np.tensordot(fit.weights, P[:, train], axes=1), y[train],
+                              fit.biases, np.tensordot(fit.weights, P[:, held], axes=1), cfg)
+            nested[held] = rule.probs
+            nested_pred[held] = apply_rule(rule.probs, rule.biases, eps)
+            if rule.mode != "train":
+                fit.prior = rule
             fold_fits[int(k)] = fit
         res = SearchResult(fitted=full, oof_probs=oof,
                            pred_in_sample=apply_rule(oof, full.biases, eps),
@@ -312,6 +412,7 @@ class BlendSearch(BaseEstimator):
         self.n_models_, self.n_classes_ = P.shape[0], P.shape[2]
         self.models_ = models
         self.weights_, self.biases_ = full.weights, full.biases
+        self.y_, self.train_prior_ = y, class_mix(y, P.shape[2])
         self.oof_proba_, self.in_sample_pred_ = res.oof_probs, res.pred_in_sample
         self.fold_fits_ = fold_fits
         self.nested_proba_, self.nested_pred_ = res.nested_probs, res.pred_nested
@@ -319,8 +420,31 @@ class BlendSearch(BaseEstimator):
         self.result_ = res
         return self
 
+    def prior_rule(self, P) -> PriorRule:
+        """The rule for the rows of ``P``: the blend ``sum_m weights_[m] * P[m]``, with
+        ``prior: em`` adjusted to the class mix EM estimates from those rows, and the class
+        biases for that mix (:func:`prior_rule`).
+
+        Parameters
+        ----------
+        P : array-like of shape (M, T, C)
+            Probabilities of the same M models, in the order given to ``fit``.
+
+        Returns
+        -------
+        PriorRule
+        """
+        check_is_fitted(self)
+        P = np.asarray(P)
+        if P.ndim != 3 or P.shape[0] != self.n_models_ or P.shape[2] != self.n_classes_:
+            raise ValueError(f"P must be {self.n_models_} x T x {self.n_classes_} (the models "
+                             f"and classes seen in fit), got shape {P.shape}")
+        return prior_rule(self.oof_proba_, self.y_, self.biases_,
+                          np.tensordot(self.weights_, P, axes=1), self.cfg_)
+
     def predict_proba(self, P) -> np.ndarray:
-        """The blend ``sum_m weights_[m] * P[m]`` of the library models' probabilities.
+        """The blend ``sum_m weights_[m] * P[m]`` of the library models' probabilities
+        (``prior: em``: adjusted to the class mix of these rows).
 
         Parameters
         ----------
@@ -332,15 +456,11 @@ class BlendSearch(BaseEstimator):
         ndarray of shape (T, C)
             Blended probabilities (rows sum to 1 when each model's do).
         """
-        check_is_fitted(self)
-        P = np.asarray(P)
-        if P.ndim != 3 or P.shape[0] != self.n_models_ or P.shape[2] != self.n_classes_:
-            raise ValueError(f"P must be {self.n_models_} x T x {self.n_classes_} (the models "
-                             f"and classes seen in fit), got shape {P.shape}")
-        return np.tensordot(self.weights_, P, axes=1)
+        return self.prior_rule(P).probs
 
     def predict(self, P) -> np.ndarray:
-        """Class indices ``argmax(log(predict_proba(P)) + biases_)``.
+        """Class indices ``argmax(log(predict_proba(P)) + biases)`` (``biases_``, or with
+        ``prior: em`` the biases refitted for the rows' class mix).
 
         Parameters
         ----------
@@ -352,7 +472,8 @@ class BlendSearch(BaseEstimator):
         ndarray of shape (T,)
             Class indices in ``0..C-1``.
         """
-        return apply_rule(self.predict_proba(P), self.biases_, float(self.cfg_["eps"]))
+        rule = self.prior_rule(P)
+        return apply_rule(rule.probs, rule.biases, float(self.cfg_["eps"]))
 
     def score(self, P, y) -> float:
         """Macro F1 of ``predict(P)`` against ``y`` (in-sample when ``P`` is the fitted rows).
@@ -391,8 +512,16 @@ def search(P: np.ndarray, y: np.ndarray, folds: np.ndarray, cfg: dict, objective
 
 
 def _scores(res: SearchResult, P, y, folds, models) -> dict:
+    # One seeded bootstrap over images for every interval (kit.metrics' defaults), so the
+    # intervals of the blend and of each stage's scores are drawn alike.
+    def ci(pred):
+        return list(bootstrap_ci(y, pred, num_classes=P.shape[2]))
+
     def block(pred, pred_no_bias):
+        gain = paired_bootstrap(y, pred_no_bias, pred, num_classes=P.shape[2])
         return {"macro_f1": macro_f1(y, pred), "macro_f1_no_bias": macro_f1(y, pred_no_bias),
+                "ci95": ci(pred), "ci95_no_bias": ci(pred_no_bias),
+                "bias_gain": {k: gain[k] for k in ("diff", "ci95", "p_b_better")},
                 "per_class_f1": dict(zip(CLASSES, map(float, per_class_f1(y, pred))))}
 
     singles = {m: macro_f1(y, P[i].argmax(axis=1)) for i, m in enumerate(models)}
@@ -401,11 +530,13 @@ def _scores(res: SearchResult, P, y, folds, models) -> dict:
     nested["per_fold"] = {int(k): macro_f1(y[folds == k], res.pred_nested[folds == k])
                           for k in np.unique(folds)}
     in_sample = block(res.pred_in_sample, res.pred_in_sample_no_bias)
+    equal = P.mean(axis=0).argmax(axis=1)
     return {
         "nested": nested,
         "in_sample": in_sample,
         "gap": in_sample["macro_f1"] - nested["macro_f1"],
-        "baselines": {"equal_weights": {"macro_f1": macro_f1(y, P.mean(axis=0).argmax(axis=1))},
-                      "best_single": {"model": best, "macro_f1": singles[best]},
+        "baselines": {"equal_weights": {"macro_f1": macro_f1(y, equal), "ci95": ci(equal)},
+                      "best_single": {"model": best, "macro_f1": singles[best],
+                                      "ci95": ci(P[models.index(best)].argmax(axis=1))},
                       "singles": singles},
     }
