@@ -88,7 +88,7 @@ def test_round_trip_wait_records_ref_and_score(workdir):
     assert [c["json"]["fileName"] for c in server.calls("StartSubmissionUpload")] == ["latest.csv"]
     assert len(server.calls("ListSubmissions")) == 2  # pending, then complete
     score_line = next(l for l in proc.stdout.splitlines() if "public score" in l)
-    assert "public score 0.4321" in score_line and "nested CV macro F1 0.4100" in score_line
+    assert "public score 0.4321" in score_line and "nested CV macro F1 0.410" in score_line
     assert "in-sample 0.4700" in score_line
     # latest.json and the timestamped manifest it mirrors both hold the record
     for name in ("latest.json", "20250101T000000Z_blend.json"):

@@ -91,6 +91,7 @@ def _cv(paths: Paths, seed: int) -> None:
 def _blend(paths: Paths, data, seed: int) -> None:
     """Blend every backbone the demo trained into a validated submission + manifest."""
     from kit.ensemble.blend import complete_backbones, run_blend
+    from kit.metrics import format_ci
 
     if not complete_backbones(paths):  # only until the cv step runs before this one
         print("blend          skipped: no runs/<backbone>/ with oof.csv, test.csv and "
@@ -105,6 +106,7 @@ def _blend(paths: Paths, data, seed: int) -> None:
     label = "expected score" if result.expected["honest"] else \
         "OPTIMISTIC: " + "; ".join(f"{bb}: {', '.join(why)}"
                                    for bb, why in result.expected["why"].items())
-    print(f"                  macro F1 nested {s['nested']['macro_f1']:.4f} ({label}), "
+    print(f"                  macro F1 nested "
+          f"{format_ci(s['nested']['macro_f1'], s['nested'].get('ci95'))} ({label}), "
           f"in-sample {s['in_sample']['macro_f1']:.4f} (optimistic); single backbones' OOF: "
           f"{singles}")

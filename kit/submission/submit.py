@@ -35,6 +35,7 @@ import pandas as pd
 from kit import CLASSES
 from kit.submission import package
 from kit.config import load_config
+from kit.metrics import format_ci
 from kit.paths import Paths
 from kit.utils import KitError, atomic_write_json, sha256_file
 
@@ -498,7 +499,8 @@ def _report_score(record: dict, manifest: dict | None, echo) -> None:
         optimistic = ((manifest or {}).get("expected_score") or {}).get("honest") is False
         what = ("OPTIMISTIC: an input chose something on its own OOF rows" if optimistic
                 else "the kit's estimate")
-        line += f" | nested CV macro F1 {nested:.4f} ({what})"
+        ci = (manifest or {}).get("expected_ci95") or scores.get("nested", {}).get("ci95")
+        line += f" | nested CV macro F1 {format_ci(nested, ci)} ({what})"
     if in_sample is not None:
         line += f" | in-sample {in_sample:.4f}"
     echo(line)
