@@ -46,10 +46,14 @@ RUNTIME = {
     "matplotlib": "3.8",
     "pyyaml": "6.0",
     "imagehash": "4.3",
+    "jinja2": "3.1",
+    "filelock": "3.12",
 }
 # What `./run.sh test` needs on top (pyproject's `dev` extra).
 DEV = {
     "pytest": "8.0",
+    "pytest-xdist": "3.5",
+    "import-linter": "2.0",
     "psycopg2-binary": "2.9",
     "nbclient": "0.10",
     "nbformat": "5.10",
