@@ -353,3 +353,28 @@ def test_command_prints_counts_and_review_path(cleaned, tmp_path, capsys):
     assert "review.html" in out
     assert "near-duplicate groups: 3 (6 training images" in out and "near_duplicates.csv" in out
     assert main(["clean", "--data", str(tmp_path / "nowhere"), "--workdir", str(tmp_path)]) == 2
+
+
+def test_review_page_escapes_names_and_labels():
+    """Names and labels come from the user's files: the template escapes them, in text and in
+    the near-duplicate notes, and leaves no tag but its own."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 100, 150)).save(buf, "JPEG")
+    evil_name, evil_label = "img_<script>&x.png", "<script>alert('x')</script> & co"
+    names = [evil_name, "img_0002.png", "img_0003.png"]
+    feats = pd.DataFrame({"split": ["train", "train", "test"], "sample_index": names,
+                          "label": [evil_label, "Luminal A", ""], "green": [0.5, 0.0, 0.0],
+                          "colour": 0.1, "smooth": 0.1, "cartoon": 0.1,
+                          "mask_sha256": ["a", "b", "c"], "thumb": [buf.getvalue()] * 3})
+    cfg = load_config("clean")
+    feats = clean.decide(feats, cfg)
+    near = pd.DataFrame({"group": [1, 1], "split": "train", "sample_index": names[:2],
+                         "kind": "image", "nearest": [names[1], evil_name], "distance": 3})
+    overrides = pd.DataFrame({"sample_index": [evil_name], "action": ["keep"]})
+    page = clean.review_html(feats, cfg, overrides, near)
+    label = "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; co"
+    name = "img_&lt;script&gt;&amp;x.png"
+    assert f"<b>train/{name}</b> {label}<br>green 0.5 · override: keep<br>" in page
+    assert f"near-duplicate group 1: image hash 3 bits from {name}" in page
+    assert "<script" not in page and not re.search(r"&(?!amp;|lt;|gt;|#39;)", page)
+    assert page.count("<figure class='green'>") == 2  # flagged, and again in its group

@@ -1,9 +1,11 @@
 """``runs/report.html``: every section from a synthetic work directory, graceful when inputs
-are missing, self-contained, and rendered by a real headless browser."""
+are missing, self-contained, scores first and thumbnails folded, names from files escaped
+(Jinja2 templates), and rendered by a real headless browser."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -289,6 +291,68 @@ def test_self_contained_and_escaped(tmp_path):
     assert sum(v.startswith("data:image/png;base64,") for v in imgs) == 3  # 2 confusion + 1
 
 
+SCORE_SECTIONS = ["cv", "blend", "tune", "submissions", "calibration"]
+
+
+def test_scores_come_first_and_thumbnails_are_folded(tmp_path):
+    paths, data = build_workdir(tmp_path)
+    _label_issues(paths, data, "effnet_b0", ISSUES)
+    text = run_report(paths, data).read_text()
+    anchors = re.findall(r"<section id='(\w+)'>", text)
+    assert anchors == SCORE_SECTIONS + ["data", "label_issues", "attention"]
+    nav = re.findall(r"<a href='#(\w+)'>", text.split("<nav>")[1].split("</nav>")[0])
+    assert nav == anchors
+    # the first section is the cross-validation scores: its table before any image
+    first = text[:text.index("</section>")]
+    assert first.index("<section id='cv'>") < first.index("OOF macro F1 [95% interval]") \
+        < first.index("<img")
+    # every thumbnail grid is folded: none left once the <details> blocks are cut out
+    unfolded = re.sub(r"<details>.*?</details>", "", text, flags=re.S)
+    assert text.count("<details>") == 2  # junk, suspects
+    assert "data:image/jpeg" not in unfolded and "<figure class=junk>" not in unfolded
+    assert "<figure class=suspect>" not in unfolded and "image not found" not in unfolded
+    assert "<summary>3 thumbnails, by reason, highest score first</summary>" in text
+
+
+def test_scores_come_first_with_nothing_run(tmp_path):
+    text = run_report(Paths.from_root(tmp_path / "empty"), tmp_path / "no-data").read_text()
+    assert re.findall(r"<section id='(\w+)'>", text)[:5] == SCORE_SECTIONS
+    assert "<details>" not in text
+
+
+EVIL_LABEL = "<script>alert('label')</script> & co"
+EVIL_NAME = "img_<script>&x.png"
+
+
+def _unescaped_markup(text: str) -> list[str]:
+    """``&`` not starting an entity, and ``<`` not starting a tag the templates write."""
+    amp = re.findall(r"&(?!amp;|lt;|gt;|#39;|#34;|quot;)\S{0,12}", text)
+    return amp + [m for m in re.findall(r"<script[^>]*>", text)]
+
+
+def test_names_and_labels_from_files_are_escaped(tmp_path):
+    paths, data = build_workdir(tmp_path)
+    labels = pd.read_csv(data / "train_labels.csv", dtype=str)
+    labels.loc[len(labels)] = [EVIL_NAME, EVIL_LABEL]
+    labels.to_csv(data / "train_labels.csv", index=False)
+    outliers = pd.read_csv(paths.outliers_csv, dtype=str)
+    outliers.loc[len(outliers)] = [EVIL_NAME, "green", "0.5"]
+    outliers.to_csv(paths.outliers_csv, index=False)
+    _label_issues(paths, data, "effnet_b0",
+                  ISSUES + [(EVIL_NAME, EVIL_LABEL, "Luminal A", 0.01, 1, 2, "0")])
+    text = run_report(paths, data).read_text()
+    assert "could not be built" not in text
+    assert not _unescaped_markup(text), _unescaped_markup(text)
+    assert "script" not in _parse(text).tags
+    label = "&lt;script&gt;alert(&#39;label&#39;)&lt;/script&gt; &amp; co"
+    name = "img_&lt;script&gt;&amp;x.png"
+    assert f"<td>{label}</td><td>1</td><td>1</td><td>0</td>" in _section(text, "data")
+    assert f"<figcaption>{name} · green 0.500</figcaption>" in _section(text, "data")
+    assert f"alt='{name}'" in _section(text, "data")  # attributes too
+    assert f"<figcaption>{name} · {label} → Luminal A · quality 0.010" in \
+        _section(text, "label_issues")
+
+
 def test_missing_inputs_degrade_to_hints(tmp_path):
     paths = Paths.from_root(tmp_path / "empty")
     text = run_report(paths, tmp_path / "no-data").read_text()
@@ -371,8 +435,12 @@ def test_attention_patches_and_collapsed_models_are_shown(tmp_path):
     metrics["collapsed_folds"] = [1]
     metrics_path.write_text(json.dumps(metrics))
     html_text = run_report(paths, tmp_path / "nodata", {"attention_images": 3}).read_text()
-    section = html_text[html_text.index("Attention over patches"):]
-    assert section.count("<img") >= 3 and "most concentrated attention first" in section
+    section = _section(html_text, "attention")
+    assert section.count("<img") == 3 and "most concentrated attention first" in section
+    # the strips are folded away, in a container that scrolls rather than widen the page
+    strips = section.split("<details>")[1].split("</details>")[0]
+    assert "<div class=strips>" in strips and strips.count("<img") == 3
+    assert ".strips { max-width: 100%; overflow-x: auto; }" in html_text
     assert "collapsed</b> tiny_cnn: fold(s) 1 collapsed" in html_text
 
 

@@ -20,8 +20,6 @@ which wins over the detector.
 """
 from __future__ import annotations
 
-import base64
-import html
 import multiprocessing
 import warnings
 from functools import partial
@@ -35,6 +33,7 @@ from kit.data import neardup
 from kit.config import load_config
 from kit.data.dataset import Dataset, Sample, jpeg_thumbnail, load_dataset, read_mask, to_rgb_array
 from kit.paths import Paths
+from kit.templates import data_uri, render
 from kit.utils import (KitError, atomic_write_csv, atomic_write_text, n_workers, progress,
                        read_csv_columns, sha256_file, write_config)
 
@@ -274,7 +273,8 @@ def clean_train_samples(dataset: Dataset, paths: Paths) -> list[Sample]:
 
 def review_html(feats: pd.DataFrame, cfg: dict, overrides: pd.DataFrame | None = None,
                 near: pd.DataFrame | None = None) -> str:
-    """A self-contained page (thumbnails inlined) to check the detector by eye.
+    """A self-contained page (thumbnails inlined) to check the detector by eye, rendered from
+    ``kit/templates/review.html`` (which escapes every name and label).
 
     ``near`` (:func:`kit.data.neardup.find_groups`) adds the near-duplicate groups, except those
     that are exactly a group of byte-identical masks (shown in their own section).
@@ -298,48 +298,35 @@ def review_html(feats: pd.DataFrame, cfg: dict, overrides: pd.DataFrame | None =
                      "rank 0 of each group is kept)", dup, action))
     sections.append((f"Test images reported (kept): {int((test['reason'] != '').sum())}",
                      test[test["reason"] != ""], {}))
-    body = "\n".join(_section(title, rows, act) for title, rows, act in sections)
-    if near is not None:
-        body += "\n" + _near_section(feats, near, cfg["near_duplicates"], action)
     counts = train["reason"].value_counts()
-    summary = (f"{len(train)} training images: {int(counts.get('cartoon', 0))} cartoon, "
-               f"{int(counts.get('green', 0))} green flagged; {len(test)} test images. "
-               f"Overrides: {len(action)} row(s) in folds/overrides.csv (they win over the "
-               "detector). To keep or drop an image by hand, add <code>img_XXXX.png,keep</code> "
-               "or <code>,drop</code> there.")
-    return _PAGE.format(summary=summary, body=body)
+    page = render("review.html", n_train=len(train), n_cartoon=int(counts.get("cartoon", 0)),
+                  n_green=int(counts.get("green", 0)), n_test=len(test), n_overrides=len(action),
+                  sections=[{"title": title, "cards": [_card(r, act.get(r.sample_index))
+                                                       for r in rows.itertuples(index=False)]}
+                            for title, rows, act in sections],
+                  near=None if near is None else _near_section(feats, near,
+                                                               cfg["near_duplicates"], action))
+    return str(page)
 
 
-def _section(title: str, rows: pd.DataFrame, action: dict) -> str:
-    if rows.empty:
-        return f"<h2>{html.escape(title)}</h2><p class=none>none</p>"
-    cards = "\n".join(_card(r, action.get(r.sample_index)) for r in rows.itertuples(index=False))
-    return f"<h2>{html.escape(title)}</h2><div class=grid>{cards}</div>"
-
-
-def _near_section(feats: pd.DataFrame, near: pd.DataFrame, cfg: dict, action: dict) -> str:
-    """Near-duplicate groups, one row of thumbnails each, with how each member matched."""
+def _near_section(feats: pd.DataFrame, near: pd.DataFrame, cfg: dict, action: dict) -> dict:
+    """Near-duplicate groups, one row of thumbnails each, with how each member matched; the
+    groups that are exactly images sharing one mask file are counted, not shown again."""
     limits = (f"image hash within {cfg['image_distance']}, mask hash within "
               f"{cfg['mask_distance']} of {cfg['hash_size'] ** 2} bits")
     title = f"Near-duplicate groups ({near['group'].nunique()}; {limits}; kept in one fold)"
     if near.empty:
-        return f"<h2>{html.escape(title)}</h2><p class=none>none</p>"
+        return {"title": title, "n_hidden": 0, "groups": None}
     rows = near.merge(feats, on=["split", "sample_index"], how="left", sort=False)
     same_mask = rows.groupby("group")["mask_sha256"].transform("nunique") == 1
-    shown = rows[~same_mask]
-    parts = [f"<h2>{html.escape(title)}</h2>"]
-    n_hidden = rows.loc[same_mask, "group"].nunique()
-    if n_hidden:
-        parts.append(f"<p>{n_hidden} group(s) are images sharing one mask file byte for byte: "
-                     "see that section above.</p>")
-    for number, group in shown.groupby("group", sort=True):
-        cards = "\n".join(
-            _card(r, action.get(r.sample_index) if r.split == "train" else None,
-                  note=f"near-duplicate group {number}: {r.kind} hash {r.distance} bits from "
-                       f"{r.nearest}")
-            for r in group.itertuples(index=False))
-        parts.append(f"<h3>Group {number}: {len(group)} images</h3><div class=grid>{cards}</div>")
-    return "\n".join(parts)
+    groups = [{"number": number,
+               "cards": [_card(r, action.get(r.sample_index) if r.split == "train" else None,
+                               note=f"near-duplicate group {number}: {r.kind} hash "
+                                    f"{r.distance} bits from {r.nearest}")
+                         for r in group.itertuples(index=False)]}
+              for number, group in rows[~same_mask].groupby("group", sort=True)]
+    return {"title": title, "n_hidden": int(rows.loc[same_mask, "group"].nunique()),
+            "groups": groups}
 
 
 def _warn_big_groups(near: pd.DataFrame, limit: int, paths: Paths) -> None:
@@ -356,31 +343,14 @@ def _warn_big_groups(near: pd.DataFrame, limit: int, paths: Paths) -> None:
                       "copies of one another", stacklevel=3)
 
 
-def _card(r, override: str | None, note: str = "") -> str:
-    src = "data:image/jpeg;base64," + base64.b64encode(r.thumb).decode("ascii")
+def _card(r, override: str | None, note: str = "") -> dict:
+    """One image of the review page: thumbnail, flag, override, mask group and scores."""
     tag = f"{r.reason} {r.score:.4g}" if r.reason else "not flagged"
     if override:
         tag += f" · override: {override}"
-    group = f" · mask shared by {r.group_size} (rank {r.group_rank})" if r.group_size > 1 else ""
-    extra = f"<br>{html.escape(note)}" if note else ""
-    return (f"<figure class='{r.reason or 'ok'}'><img src='{src}' loading=lazy>"
-            f"<figcaption><b>{html.escape(r.split)}/{html.escape(r.sample_index)}</b> "
-            f"{html.escape(r.label)}<br>{html.escape(tag)}{group}{extra}<br>"
-            f"green {r.green:.4f} · cartoon {r.cartoon:.3f} (colour {r.colour:.2f}, "
-            f"flat {r.smooth:.2f})</figcaption></figure>")
-
-
-_PAGE = """<!doctype html>
-<html><head><meta charset=utf-8><title>clean: review</title>
-<style>
-body {{ font: 14px sans-serif; margin: 1.5em; }}
-.grid {{ display: flex; flex-wrap: wrap; gap: 10px; }}
-figure {{ margin: 0; padding: 6px; border: 3px solid #ccc; max-width: 340px; }}
-figure.cartoon {{ border-color: #c60; }} figure.green {{ border-color: #2a2; }}
-img {{ max-width: 320px; max-height: 320px; display: block; }}
-figcaption {{ font-size: 12px; }} .none {{ color: #888; }}
-</style></head><body>
-<h1>Junk review</h1><p>{summary}</p>
-{body}
-</body></html>
-"""
+    if r.group_size > 1:
+        tag += f" · mask shared by {r.group_size} (rank {r.group_rank})"
+    return {"cls": r.reason or "ok", "src": data_uri(r.thumb, "image/jpeg"),
+            "name": f"{r.split}/{r.sample_index}", "label": r.label, "tag": tag, "note": note,
+            "stats": f"green {r.green:.4f} · cartoon {r.cartoon:.3f} (colour {r.colour:.2f}, "
+                     f"flat {r.smooth:.2f})"}

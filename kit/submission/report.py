@@ -4,15 +4,16 @@ submissions.
 Every image is inlined (``data:`` URIs: PNG plots, JPEG thumbnails), so the file can be
 mailed or opened offline. Each section reads only the files its stage wrote and, when they
 do not exist yet, says which command makes them; a section whose files cannot be read shows
-why instead of failing the whole page. All text from files is HTML-escaped.
+why instead of failing the whole page. The sections here gather plain values (text, numbers,
+tables as lists of rows); the Jinja2 templates ``kit/templates/report.html`` and
+``kit/templates/report/<section>.html`` lay them out and escape them.
 """
 from __future__ import annotations
 
-import base64
-import html
 import io
 import json
 import sys
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import pandas as pd
 from kit import CLASSES, PROB_COLUMNS, __version__
 from kit.config import load_config
 from kit.paths import Paths
+from kit.templates import data_uri, render
 from kit.utils import KitError, atomic_write_text, write_config
 
 NESTED_COLUMNS = [f"nested_p_{c}" for c in CLASSES]
@@ -31,6 +33,9 @@ _READ_ERRORS = (KitError, OSError, ValueError, KeyError, TypeError, IndexError)
 
 def run_report(paths: Paths, data, cfg: dict | None = None) -> Path:
     """Write ``runs/report.html`` from whatever the stages have written so far; return its path.
+
+    The scores come first (cross-validation, blend, tuning, submissions), then the data, the
+    suspected label errors and the attention heads, whose thumbnails are folded away.
 
     Parameters
     ----------
@@ -43,53 +48,56 @@ def run_report(paths: Paths, data, cfg: dict | None = None) -> Path:
     """
     cfg = load_config("report", cfg)
     sections = [
-        ("data", "Data", lambda: data_section(paths, data, cfg)),
         ("cv", "Cross-validation", lambda: cv_section(paths)),
+        ("blend", "Blend", lambda: blend_section(paths)),
+        ("tune", "Tuning", lambda: tune_section(paths)),
+        ("submissions", "Submissions", lambda: submissions_section(paths)),
+        ("calibration", "Reliability of the blended OOF probabilities",
+         lambda: reliability_section(paths, cfg)),
+        ("data", "Data", lambda: data_section(paths, data, cfg)),
         ("label_issues", "Suspected label errors",
          lambda: label_issues_section(paths, data, cfg)),
         ("attention", "Attention over patches", lambda: attention_section(paths, cfg)),
-        ("tune", "Tuning", lambda: tune_section(paths)),
-        ("blend", "Blend", lambda: blend_section(paths)),
-        ("calibration", "Reliability of the blended OOF probabilities",
-         lambda: reliability_section(paths, cfg)),
-        ("submissions", "Submissions", lambda: submissions_section(paths)),
     ]
-    body = [_render(anchor, title, build) for anchor, title, build in sections]
-    nav = " · ".join(f"<a href='#{a}'>{_e(t)}</a>" for a, t, _ in sections)
-    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    head = (f"an2dl-kit {_e(__version__)} · generated {_e(stamp)} · work directory "
-            f"<code>{_e(paths.root)}</code> · data <code>{_e(data)}</code>")
+    page = render("report.html", version=__version__,
+                  stamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  workdir=str(paths.root), data=str(data),
+                  sections=[_section(anchor, title, build) for anchor, title, build in sections])
     out = paths.runs_dir / "report.html"
-    atomic_write_text(out, _PAGE.format(head=head, nav=nav, body="\n".join(body)))
+    atomic_write_text(out, str(page))
     write_config(paths.runs_dir / "report_config.yaml", {**cfg, "data": str(data)})
     return out
 
 
-def _render(anchor: str, title: str, build) -> str:
+@dataclass(frozen=True)
+class Todo:
+    """A section whose stage has not run: what is missing and the command that makes it."""
+    what: str
+    command: str
+
+
+def _section(anchor: str, title: str, build) -> dict:
+    """A section for the page: its template ``report/<anchor>.html`` filled with what
+    ``build`` returns, or the read error that stopped it."""
     try:
         content = build()
+        html = (render("report/todo.html", what=content.what, command=content.command)
+                if isinstance(content, Todo) else render(f"report/{anchor}.html", **content))
     except _READ_ERRORS as exc:
         print(f"report: section {title!r} skipped: {exc}", file=sys.stderr)
-        content = f"<p class=err>could not be built: {_e(exc)}</p>"
-    return f"<section id='{anchor}'><h2>{_e(title)}</h2>\n{content}</section>"
+        return {"anchor": anchor, "title": title, "error": str(exc), "html": ""}
+    return {"anchor": anchor, "title": title, "error": None, "html": html}
 
 
 # ----------------------------------------------------------------------------- small helpers
 
-def _e(value) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _missing(what: str, command: str) -> str:
-    return f"<p class=todo>{_e(what)}: not run yet: <code>{_e(command)}</code></p>"
-
-
 def _fmt(value, digits: int = 4) -> str:
+    """A table cell or caption number as text: floats to ``digits`` places, none as a dash."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "–"
     if isinstance(value, (float, np.floating)):
         return f"{value:.{digits}f}"
-    return _e(value)
+    return str(value)
 
 
 def _score_ci(score, ci) -> str | None:
@@ -110,22 +118,21 @@ def _interval(ci) -> list[float] | None:
     return None
 
 
-def _table(header: list, rows: list[list], cls: str = "") -> str:
-    """A table; cells are escaped unless given as ``("raw", html)``."""
-
-    def cell(v):
-        if isinstance(v, tuple) and v and v[0] == "raw":
-            return v[1]
-        return _fmt(v)
-
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
-    return f"<table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+@dataclass(frozen=True)
+class Bold:
+    """A table cell shown in bold (``cls``: ok or warn colours it)."""
+    text: str
+    cls: str = ""
 
 
-def _img(data: bytes, mime: str = "image/png", alt: str = "", cls: str = "") -> str:
-    src = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-    return f"<img class='{cls}' alt='{_e(alt)}' src='{src}'>"
+def _table(header: list, rows: list[list], cls: str = "") -> dict:
+    """A table for ``report/macros.html``: every cell text (:func:`_fmt`) or :class:`Bold`."""
+    return {"header": [str(h) for h in header], "cls": cls,
+            "rows": [[v if isinstance(v, Bold) else _fmt(v) for v in row] for row in rows]}
+
+
+def _img(data: bytes, mime: str = "image/png", alt: str = "", cls: str = "") -> dict:
+    return {"src": data_uri(data, mime), "alt": str(alt), "cls": cls}
 
 
 def _fig_png(fig) -> bytes:
@@ -157,17 +164,20 @@ def _read_json(path: Path) -> dict:
 
 # ----------------------------------------------------------------------------- data
 
-def data_section(paths: Paths, data, cfg: dict) -> str:
+def data_section(paths: Paths, data, cfg: dict) -> dict:
     """Counts per class (all, flagged as junk, clean) and thumbnails of the junk found."""
     from kit.data.dataset import LABELS_CSV, find_root
 
+    ctx = {"problem": None, "n_train": 0, "n_test": 0, "root": "", "clean_note": "",
+           "counts": None}
     try:
         root = find_root(data)
     except KitError as exc:
-        return f"<p class=todo>{_e(exc)}</p>" + _junk_part(paths, None, cfg)
+        return {**ctx, "problem": str(exc), "junk": _junk_part(paths, None, cfg)}
     labels_path = root / LABELS_CSV
     if not labels_path.is_file():
-        return f"<p class=todo>{_e(labels_path)}: not found</p>" + _junk_part(paths, root, cfg)
+        return {**ctx, "problem": f"{labels_path}: not found",
+                "junk": _junk_part(paths, root, cfg)}
     labels = pd.read_csv(labels_path, dtype=str, keep_default_na=False)
     labels = dict(zip(labels["sample_index"], labels["label"]))
     dropped = _dropped(paths)
@@ -179,16 +189,17 @@ def data_section(paths: Paths, data, cfg: dict) -> str:
         n_junk = sum(labels[i] == c for i in dropped if i in labels) if dropped is not None else None
         n_clean = sum(v == c for v in clean.values()) if clean is not None else None
         rows.append([c, n_all, n_junk, n_clean])
-    total = [("raw", "<b>total</b>"), len(labels),
+    total = [Bold("total"), len(labels),
              len([i for i in dropped if i in labels]) if dropped is not None else None,
              len(clean) if clean is not None else None]
     n_test = len(list((root / "test_data").glob("img_*.png"))) if (root / "test_data").is_dir() else 0
     clean_note = ("clean = the images in folds/folds.csv" if paths.folds_csv.is_file()
                   else "clean = labels minus dropped junk")
-    parts = [f"<p>{len(labels)} training images, {n_test} test images in "
-             f"<code>{_e(root)}</code>; {_e(clean_note)}.</p>",
-             _table(["class", "training images", "junk dropped", "clean"], rows + [total])]
-    return "\n".join(parts) + _junk_part(paths, root, cfg)
+    return {**ctx, "n_train": len(labels), "n_test": n_test, "root": str(root),
+            "clean_note": clean_note,
+            "counts": _table(["class", "training images", "junk dropped", "clean"],
+                             rows + [total]),
+            "junk": _junk_part(paths, root, cfg)}
 
 
 def _dropped(paths: Paths) -> set[str] | None:
@@ -212,40 +223,34 @@ def _clean_labels(paths: Paths, labels: dict, dropped: set | None) -> dict | Non
     return {i: c for i, c in labels.items() if i not in dropped}
 
 
-def _junk_part(paths: Paths, root: Path | None, cfg: dict) -> str:
+def _junk_part(paths: Paths, root: Path | None, cfg: dict) -> dict | None:
+    """The junk found: counts by reason and thumbnails (highest score first per reason, at
+    most ``report.max_thumbs``); None when clean has not run."""
     from kit.data.clean import load_outliers
 
     if not paths.outliers_csv.is_file():
-        return "<h3>Junk found</h3>" + _missing("junk detection", "./run.sh clean")
+        return None
     outliers = load_outliers(paths)
     counts = outliers["reason"].value_counts()
-    summary = ", ".join(f"{int(n)} {_e(r)}" for r, n in counts.items()) or "none"
-    parts = [f"<h3>Junk found: {len(outliers)} images ({summary})</h3>",
-             "<p>From <code>folds/outliers.csv</code>; <code>folds/overrides.csv</code> "
-             "(keep/drop) wins over the detector. Full review: "
-             "<code>runs/clean/review.html</code>.</p>"]
-    if outliers.empty:
-        return "".join(parts)
     shown = outliers.sort_values(["reason", "score"], ascending=[True, False])
     shown = shown.head(int(cfg["max_thumbs"]))
-    cards = [_thumb_card(root, r, int(cfg["thumb_side"])) for r in shown.itertuples(index=False)]
-    if len(outliers) > len(shown):
-        parts.append(f"<p>showing {len(shown)} of {len(outliers)} (report.max_thumbs)</p>")
-    return "".join(parts) + "<div class=grid>" + "".join(cards) + "</div>"
+    return {"n": len(outliers), "reasons": ", ".join(f"{int(n)} {r}" for r, n in counts.items()),
+            "cards": [_thumb_card(root, r, int(cfg["thumb_side"]))
+                      for r in shown.itertuples(index=False)]}
 
 
 def _thumb_card(root: Path | None, row, side: int, caption: str | None = None,
-                cls: str = "junk") -> str:
+                cls: str = "junk") -> dict:
     """A training image's thumbnail (``root/train_data/<sample_index>``) with a caption (by
-    default the junk reason and score); "image not found" when there is no such file."""
+    default the junk reason and score); no image (shown as "image not found") when there is
+    no such file."""
     if caption is None:
         caption = f"{row.sample_index} · {row.reason} {_fmt(row.score, 3)}"
     path = root / "train_data" / row.sample_index if root is not None else None
-    if path is None or not path.is_file():
-        return f"<figure class={cls}><div class=noimg>image not found</div>" \
-               f"<figcaption>{_e(caption)}</figcaption></figure>"
-    return (f"<figure class={cls}>{_img(thumbnail(path, side), 'image/jpeg', row.sample_index)}"
-            f"<figcaption>{_e(caption)}</figcaption></figure>")
+    image = None
+    if path is not None and path.is_file():
+        image = _img(thumbnail(path, side), "image/jpeg", row.sample_index)
+    return {"cls": cls, "img": image, "caption": caption}
 
 
 def thumbnail(path: Path, side: int) -> bytes:
@@ -271,11 +276,11 @@ def backbone_metrics(paths: Paths) -> dict[str, dict]:
             if d.is_dir() and d.name not in RESERVED_RUN_DIRS and (d / "metrics.json").is_file()}
 
 
-def cv_section(paths: Paths) -> str:
+def cv_section(paths: Paths) -> dict | Todo:
     """Per-backbone OOF scores (overall, per fold, per class) and confusion matrices."""
     metrics = backbone_metrics(paths)
     if not metrics:
-        return _missing("no backbone cross-validated", "./run.sh cv <backbone>")
+        return Todo("no backbone cross-validated", "./run.sh cv <backbone>")
     n_folds = max(len(m.get("per_fold", [])) for m in metrics.values())
     cis = {name: oof_ci(paths, name, m) for name, m in metrics.items()}
     rows = []
@@ -291,19 +296,11 @@ def cv_section(paths: Paths) -> str:
     for name, m in metrics.items():
         per_class = m.get("per_class", {})
         class_rows.append([name, *[per_class.get(c, {}).get("f1") for c in CLASSES]])
-    per_class = _table(["backbone", *[f"F1 {c}" for c in CLASSES]], class_rows, "num")
-    figures = "".join(_confusion_figure(paths, name, m, cis[name])
-                      for name, m in metrics.items())
-    return (f"<h3>Macro F1, out of fold</h3>{_CI_NOTE}{scores}{collapse_notes(metrics)}"
-            f"<h3>Where each OOF score comes from</h3>{provenance_table(metrics)}"
-            f"<h3>Per-class F1</h3>{per_class}"
-            f"<h3>Confusion matrices (rows true, columns predicted)</h3>"
-            f"<div class=grid>{figures}</div>")
-
-
-_CI_NOTE = ("<p>Each score with its 95 % bootstrap interval over images (1000 resamples): "
-            "two runs whose intervals overlap this much are not ranked by their scores; "
-            "<code>./run.sh compare A B</code> tests the difference on the same images.</p>")
+    return {"scores": scores, "collapsed": collapse_notes(metrics),
+            "provenance": provenance_table(metrics),
+            "per_class": _table(["backbone", *[f"F1 {c}" for c in CLASSES]], class_rows, "num"),
+            "figures": [_confusion_figure(paths, name, m, cis[name])
+                        for name, m in metrics.items()]}
 
 
 def oof_ci(paths: Paths, name: str, m: dict) -> list[float] | None:
@@ -324,35 +321,18 @@ def oof_ci(paths: Paths, name: str, m: dict) -> list[float] | None:
     return _interval(ci) if ci[0] == ci[0] else None
 
 
-def collapse_notes(metrics: dict[str, dict]) -> str:
-    """The collapse guard's flags: backbones whose fold models predict (nearly) one class or
-    do no better than the majority class."""
+def collapse_notes(metrics: dict[str, dict]) -> list[tuple[str, str]]:
+    """The collapse guard's flags, ``(backbone, note)``: backbones whose fold models predict
+    (nearly) one class or do no better than the majority class."""
     from kit.ensemble.blend import collapse_note
 
-    notes = [(name, collapse_note(m)) for name, m in metrics.items()]
-    items = "".join(f"<li><b class=warn>collapsed</b> {_e(name)}: {_e(note)}</li>"
-                    for name, note in notes if note)
-    return f"<ul>{items}</ul>" if items else ""
+    return [(name, note) for name, m in metrics.items() if (note := collapse_note(m))]
 
 
 # ----------------------------------------------------------------------------- label issues
 
 _ISSUE_COLUMNS = ["sample_index", "label", "suggested_label", "quality", "flagged", "flagged_by"]
-_ISSUES_NOTE = (
-    "<p>Flagged by <code>label_issues</code> in cv: for each outer fold, an inner "
-    "cross-validation on that fold's <b>training</b> images only gave them out-of-fold "
-    "probabilities, and cleanlab's confident learning flagged the labels those probabilities "
-    "contradict (quality: cleanlab's label quality in [0, 1], the mean over the folds that "
-    "assessed the image; lowest = most confident suspect); a fold's own images never decide "
-    "what its model drops, and the OOF score is still computed on every image. If you agree, "
-    "add a row <code>img_XXXX.png,drop</code> to <code>folds/overrides.csv</code> (actions are "
-    "keep or drop only: a label cannot be corrected there), then <code>./run.sh folds "
-    "--force</code> and cv again: a dropped image leaves <code>folds/folds.csv</code>, so it "
-    "is neither trained on nor scored, and the new OOF scores are on fewer images than the "
-    "old ones.</p>")
-
-
-def label_issues_section(paths: Paths, data, cfg: dict) -> str:
+def label_issues_section(paths: Paths, data, cfg: dict) -> dict:
     """Per backbone run with a ``label_issues.csv``: how many images its inner
     cross-validations flagged, and thumbnails of the most confident suspects."""
     from kit.data.dataset import find_root
@@ -360,31 +340,20 @@ def label_issues_section(paths: Paths, data, cfg: dict) -> str:
     metrics = backbone_metrics(paths)
     found = {name: f for name in metrics
              if (f := paths.backbone_dir(name) / "label_issues.csv").is_file()}
-    lost = [name for name, m in metrics.items() if name not in found
-            and (m.get("label_issues") or {}).get("mode", "off") != "off"]
-    lost_note = "".join(f"<p class=warn>{_e(name)}: metrics.json records label_issues mode "
-                        f"{_e(metrics[name]['label_issues']['mode'])} but "
-                        f"<code>runs/{_e(name)}/label_issues.csv</code> is missing.</p>"
-                        for name in lost)
-    if not found:
-        return ("<p class=todo>no run with label_issues: <code>./run.sh cv &lt;backbone&gt; "
-                "--set label_issues.mode=drop</code> (or <code>weight</code>) writes "
-                "<code>runs/&lt;backbone&gt;/label_issues.csv</code>.</p>" + lost_note)
+    lost = [(name, m["label_issues"]["mode"]) for name, m in metrics.items()
+            if name not in found and (m.get("label_issues") or {}).get("mode", "off") != "off"]
     try:
         root = find_root(data)
     except KitError:
         root = None
-    parts = [_ISSUES_NOTE, lost_note]
-    if root is None:
-        parts.append(f"<p class=todo>dataset <code>{_e(data)}</code> not found: no "
-                     "thumbnails.</p>")
+    runs = []
     for name, path in found.items():
         try:
-            parts.append(_issues_part(name, path, metrics[name], root, cfg))
+            runs.append(_issues_part(name, path, metrics[name], root, cfg))
         except _READ_ERRORS as exc:
             print(f"report: label issues of {name} skipped: {exc}", file=sys.stderr)
-            parts.append(f"<h3>{_e(name)}</h3><p class=err>could not be read: {_e(exc)}</p>")
-    return "".join(parts)
+            runs.append({"name": name, "error": str(exc)})
+    return {"runs": runs, "lost": lost, "no_data": str(data) if root is None else None}
 
 
 def read_label_issues(path: Path) -> pd.DataFrame:
@@ -403,7 +372,7 @@ def read_label_issues(path: Path) -> pd.DataFrame:
                           na_position="last").reset_index(drop=True)
 
 
-def _issues_part(name: str, path: Path, m: dict, root: Path | None, cfg: dict) -> str:
+def _issues_part(name: str, path: Path, m: dict, root: Path | None, cfg: dict) -> dict:
     df = read_label_issues(path)
     info = m.get("label_issues") or {}
     how = [f"mode {info.get('mode', 'not recorded')}"]
@@ -418,20 +387,12 @@ def _issues_part(name: str, path: Path, m: dict, root: Path | None, cfg: dict) -
     assessed = ""
     if "n_folds" in df.columns and df["n_folds"].notna().any():
         assessed = f"; each image assessed by up to {int(df['n_folds'].max())} folds"
-    summary = (f"<p><b>{_e(name)}</b> ({_e(', '.join(how))}): <b>{len(flagged)}</b> of "
-               f"{len(df)} training images flagged" + (f" ({_e(by)})" if by else "")
-               + f"{_e(assessed)}. <code>runs/{_e(name)}/label_issues.csv</code></p>")
-    if flagged.empty:
-        return f"<h3>{_e(name)}</h3>{summary}"
-    top = max(0, int(cfg["label_issues_top"]))
-    shown = flagged.head(top)
+    shown = flagged.head(max(0, int(cfg["label_issues_top"])))
     side = int(cfg["thumb_side"])
-    cards = "".join(_thumb_card(root, r, side, _issue_caption(r), cls="suspect")
-                    for r in shown.itertuples(index=False))
-    more = f" of {len(flagged)} (report.label_issues_top)" if len(flagged) > len(shown) else ""
-    return (f"<h3>{_e(name)}</h3>{summary}<details><summary>{len(shown)}{_e(more)} most "
-            f"confident suspects (lowest quality first): thumbnails</summary>"
-            f"<div class=grid>{cards}</div></details>")
+    return {"name": name, "error": None, "how": ", ".join(how), "n_flagged": len(flagged),
+            "n": len(df), "by": by, "assessed": assessed,
+            "cards": [_thumb_card(root, r, side, _issue_caption(r), cls="suspect")
+                      for r in shown.itertuples(index=False)]}
 
 
 def _issue_caption(row) -> str:
@@ -440,7 +401,7 @@ def _issue_caption(row) -> str:
             f"{_fmt(row.quality, 3)} · flagged by fold(s) {folds}")
 
 
-def attention_section(paths: Paths, cfg: dict) -> str:
+def attention_section(paths: Paths, cfg: dict) -> dict:
     """For backbones with an attention head: a few OOF images' patches, each captioned with
     its attention weight (highest first)."""
     from kit.data.patches import load_patches
@@ -448,27 +409,24 @@ def attention_section(paths: Paths, cfg: dict) -> str:
     found = {name: d / "attention.csv" for name in backbone_metrics(paths)
              if (d := paths.backbone_dir(name)) and (d / "attention.csv").is_file()}
     if not found:
-        return ("<p>No backbone with an attention head (<code>head.pool: attention</code> in "
-                "train.yaml, or searched by <code>./run.sh tune</code>).</p>")
+        return {"runs": None, "no_patches": None}
     try:
         patches = load_patches(paths, "train")
     except KitError as exc:
-        return f"<p>patch cache unavailable: {_e(exc)}</p>"
+        return {"runs": [], "no_patches": str(exc)}
     rows = {s: i for i, s in enumerate(patches.samples.sample_index)}
-    parts = []
+    runs = []
     for name, path in found.items():
         att = pd.read_csv(path, dtype={"sample_index": str})
         peak = att.groupby("sample_index").weight.max().sort_values(ascending=False, kind="stable")
         shown = [s for s in peak.index if s in rows][:int(cfg["attention_images"])]
-        figs = "".join(_img(attention_png(patches.array[rows[s]],
-                                          att[att.sample_index == s].sort_values("patch")
-                                          .weight.to_numpy(), s), alt=s)
-                       for s in shown)
-        parts.append(f"<h3>{_e(name)}</h3><p>{len(shown)} of {att.sample_index.nunique()} OOF "
-                     f"images, most concentrated attention first; weights sum to 1 per image "
-                     f"(uniform = {1 / max(1, att.groupby('sample_index').size().max()):.3f})."
-                     f"</p><div>{figs}</div>")
-    return "".join(parts)
+        strips = [_img(attention_png(patches.array[rows[s]],
+                                     att[att.sample_index == s].sort_values("patch")
+                                     .weight.to_numpy(), s), alt=s)
+                  for s in shown]
+        runs.append({"name": name, "strips": strips, "n_images": att.sample_index.nunique(),
+                     "uniform": 1 / max(1, att.groupby("sample_index").size().max())})
+    return {"runs": runs, "no_patches": None}
 
 
 def attention_png(patches: np.ndarray, weights: np.ndarray, title: str) -> bytes:
@@ -485,11 +443,11 @@ def attention_png(patches: np.ndarray, weights: np.ndarray, title: str) -> bytes
     return _fig_png(fig)
 
 
-def _verdict(honest: bool) -> tuple:
-    return ("raw", "<b class=ok>honest</b>" if honest else "<b class=warn>optimistic</b>")
+def _verdict(honest: bool) -> Bold:
+    return Bold("honest", "ok") if honest else Bold("optimistic", "warn")
 
 
-def provenance_table(metrics: dict[str, dict]) -> str:
+def provenance_table(metrics: dict[str, dict]) -> dict:
     """Per backbone: training path, how the epochs and the params were chosen, and whether
     its OOF score is honest (nothing chosen on the OOF rows) or optimistic, and why."""
     from kit.ensemble.blend import provenance
@@ -499,11 +457,8 @@ def provenance_table(metrics: dict[str, dict]) -> str:
         p = provenance(m)
         rows.append([name, m.get("training_path") or "unknown", p["epochs"], p["params"],
                      _verdict(p["honest"]), "; ".join(p["why"]) or None])
-    return ("<p>An OOF score is <b>honest</b> when neither the epochs nor the parameters of "
-            "its models were chosen on the rows it scores; otherwise it is a maximum over "
-            "noisy estimates and <b>optimistic</b> (README: Which numbers to trust).</p>"
-            + _table(["backbone", "training path", "epochs chosen by", "params", "OOF score",
-                      "why"], rows))
+    return _table(["backbone", "training path", "epochs chosen by", "params", "OOF score",
+                   "why"], rows)
 
 
 # ----------------------------------------------------------------------------- tune
@@ -524,12 +479,12 @@ def tune_records(paths: Paths) -> dict[str, dict]:
     return out
 
 
-def tune_section(paths: Paths) -> str:
+def tune_section(paths: Paths) -> dict | Todo:
     """Per tuned backbone: the search score (best of N, optimistic), the winner on the folds
     the search did not use, and the nested estimate of the tuned pipeline."""
     found = tune_records(paths)
     if not found:
-        return _missing("no tuning", "./run.sh tune <backbone>")
+        return Todo("no tuning", "./run.sh tune <backbone>")
     rows, outer = [], []
     for name, r in found.items():
         b, e = r["best"] or {}, r["estimate"] or {}
@@ -543,24 +498,18 @@ def tune_section(paths: Paths) -> str:
                      if e else None])
         if e.get("outer"):
             outer.append([name, *[o.get("macro_f1") for o in e["outer"]]])
-    parts = ["<p>The <b>search score</b> is the best of N trials on the rows that chose it: "
-             "optimistic. The <b>holdout</b> score re-scores the winner on folds the search "
-             "did not use (<code>--folds-per-trial</code>). The <b>nested estimate</b> "
-             "(<code>./run.sh tune BB --estimate</code>, <code>estimate.json</code>) scores "
-             "each outer fold with params searched without it: the honest score of the tuned "
-             "pipeline.</p>",
-             _table(["backbone", "objective", "training path", "early stopping", "trials",
-                     "search score", "what it is", "holdout score",
-                     "nested estimate [95% interval]",
-                     "estimate settings"], rows)]
-    if outer:
-        width = max(len(r) for r in outer) - 1
-        parts.append(_table(["nested estimate by outer fold",
-                             *[f"fold {k}" for k in range(width)]], outer, "num"))
-    return "\n".join(parts)
+    table = _table(["backbone", "objective", "training path", "early stopping", "trials",
+                    "search score", "what it is", "holdout score", "nested estimate [95% interval]",
+                    "estimate settings"], rows)
+    if not outer:
+        return {"runs": table, "outer": None}
+    width = max(len(r) for r in outer) - 1
+    return {"runs": table, "outer": _table(["nested estimate by outer fold",
+                                            *[f"fold {k}" for k in range(width)]], outer, "num")}
 
 
-def _confusion_figure(paths: Paths, name: str, m: dict, ci=None) -> str:
+def _confusion_figure(paths: Paths, name: str, m: dict, ci=None) -> dict:
+    """``runs/<bb>/confusion.png``, else drawn from metrics.json; no image when neither."""
     png = paths.backbone_dir(name) / "confusion.png"
     if png.is_file():
         data = png.read_bytes()
@@ -569,8 +518,8 @@ def _confusion_figure(paths: Paths, name: str, m: dict, ci=None) -> str:
                              f"{name} OOF, macro F1 "
                              f"{_score_ci(m.get('oof_macro_f1'), ci) or '–'}")
     else:
-        return f"<figure><figcaption>{_e(name)}: no confusion matrix recorded</figcaption></figure>"
-    return f"<figure>{_img(data, alt=f'{name} confusion matrix')}</figure>"
+        return {"name": name, "img": None}
+    return {"name": name, "img": _img(data, alt=f"{name} confusion matrix")}
 
 
 def confusion_png(cm, classes, title: str) -> bytes:
@@ -596,30 +545,22 @@ def blend_record(paths: Paths) -> tuple[dict | None, str]:
     return None, ""
 
 
-def blend_section(paths: Paths) -> str:
+def blend_section(paths: Paths) -> dict | Todo:
     """Weights, class biases and the nested (expected) vs in-sample (optimistic) scores."""
     blend, source = blend_record(paths)
     if blend is None:
-        return _missing("no blend", "./run.sh blend")
+        return Todo("no blend", "./run.sh blend")
     scores = blend.get("scores", {})
     nested, in_sample = scores.get("nested", {}), scores.get("in_sample", {})
     expected = blend.get("expected_score")
+    why_optimistic = []
     if expected is None:
-        nested_head = "nested (inputs not recorded: rerun ./run.sh blend)"
-        verdict = ("<p class=warn>This blend does not record how its inputs chose their "
-                   "epochs and params (an older kit): treat its nested score as "
-                   "optimistic.</p>")
+        nested_head, verdict = "nested (inputs not recorded: rerun ./run.sh blend)", "unrecorded"
     elif expected.get("honest"):
-        nested_head = "nested (expected)"
-        verdict = ("<p>Every input chose its epochs and params without its own OOF rows: the "
-                   "nested score is the <b>expected</b> leaderboard score.</p>")
+        nested_head, verdict = "nested (expected)", "honest"
     else:
-        nested_head = "nested (optimistic)"
-        items = "".join(f"<li><b>{_e(bb)}</b>: {_e('; '.join(why))}</li>"
-                        for bb, why in (expected.get("why") or {}).items())
-        verdict = ("<p class=warn>The nested score is <b>optimistic</b>, not the expected "
-                   f"score: some inputs chose something on their own OOF rows.</p><ul>{items}"
-                   "</ul>")
+        nested_head, verdict = "nested (optimistic)", "optimistic"
+        why_optimistic = [(bb, "; ".join(why)) for bb, why in (expected.get("why") or {}).items()]
     score_rows = [
         ["blend + class biases", in_sample.get("macro_f1"),
          _score_ci(nested.get("macro_f1"), blend_ci(paths, blend, source))],
@@ -631,35 +572,32 @@ def blend_section(paths: Paths) -> str:
     if "best_single" in base:
         best = base["best_single"]
         score_rows.append([f"best single: {best.get('model')}", best.get("macro_f1"), None])
-    parts = [f"<p>From <code>{_e(source)}</code>: {len(blend.get('backbones', []))} backbone(s), "
-             f"objective {_e(blend.get('objective', '?'))}. The <b>nested</b> score (weights and "
-             "biases fitted without the scored fold) is the expected leaderboard score when "
-             "its inputs are honest; the in-sample one is optimistic.</p>", verdict,
-             _table(["OOF macro F1", "in-sample (optimistic)",
-                     f"{nested_head} [95% interval]"], score_rows, "num")]
+    ctx = {"source": source, "n_backbones": len(blend.get("backbones", [])),
+           "objective": blend.get("objective", "?"), "verdict": verdict,
+           "why_optimistic": why_optimistic,
+           "scores": _table(["OOF macro F1", "in-sample (optimistic)",
+                             f"{nested_head} [95% interval]"], score_rows, "num"),
+           "provenance": None, "per_fold": None, "per_class": None}
     prov = blend.get("inputs_provenance") or {}
     if prov:
-        parts.append(_table(["input", "training path", "epochs chosen by", "params",
-                             "OOF score", "why"],
-                            [[bb, p.get("training_path"), p.get("epochs"), p.get("params"),
-                              _verdict(bool(p.get("honest"))), "; ".join(p.get("why") or [])
-                              or None] for bb, p in prov.items()]))
+        ctx["provenance"] = _table(
+            ["input", "training path", "epochs chosen by", "params", "OOF score", "why"],
+            [[bb, p.get("training_path"), p.get("epochs"), p.get("params"),
+              _verdict(bool(p.get("honest"))), "; ".join(p.get("why") or []) or None]
+             for bb, p in prov.items()])
     per_fold = sorted((int(k), v) for k, v in (nested.get("per_fold") or {}).items())
     if per_fold:
-        parts.append(_table(["nested macro F1 by fold", *[f"fold {k}" for k, _ in per_fold]],
-                            [["", *[v for _, v in per_fold]]], "num"))
+        ctx["per_fold"] = _table(["nested macro F1 by fold", *[f"fold {k}" for k, _ in per_fold]],
+                                 [["", *[v for _, v in per_fold]]], "num")
     pc_in, pc_nested = in_sample.get("per_class_f1", {}), nested.get("per_class_f1", {})
     if pc_in or pc_nested:
-        parts.append(_table(["class", "F1 in-sample", "F1 nested"],
-                            [[c, pc_in.get(c), pc_nested.get(c)] for c in CLASSES], "num"))
+        ctx["per_class"] = _table(["class", "F1 in-sample", "F1 nested"],
+                                  [[c, pc_in.get(c), pc_nested.get(c)] for c in CLASSES], "num")
     weights = sorted(blend.get("weights", {}).items(), key=lambda kv: -kv[1])
     biases = blend.get("biases", {})
     order = [c for c in CLASSES if c in biases] + sorted(set(biases) - set(CLASSES))
-    parts.append("<div class=row>"
-                 + _table(["model", "weight"], [[m, w] for m, w in weights], "num")
-                 + _table(["class", "bias on log p"], [[c, biases[c]] for c in order], "num")
-                 + "</div>")
-    return "\n".join(parts)
+    return {**ctx, "weights": _table(["model", "weight"], [[m, w] for m, w in weights], "num"),
+            "biases": _table(["class", "bias on log p"], [[c, biases[c]] for c in order], "num")}
 
 
 def recorded_ci(record: dict) -> list[float] | None:
@@ -744,10 +682,11 @@ def reliability(probs: np.ndarray, y: np.ndarray, bins: int = 10) -> dict:
     return {"edges": edges, "confidence": mean_conf, "accuracy": acc, "count": count, "ece": ece}
 
 
-def reliability_section(paths: Paths, cfg: dict) -> str:
+def reliability_section(paths: Paths, cfg: dict) -> dict | Todo:
+    """Top-label reliability diagram of the blended OOF probabilities, with their ECE."""
     oof, source = blended_oof(paths)
     if oof is None:
-        return _missing("no blended OOF probabilities", "./run.sh blend")
+        return Todo("no blended OOF probabilities", "./run.sh blend")
     lookup = {c: i for i, c in enumerate(CLASSES)}
     y = oof["label"].map(lookup).to_numpy()
     curves = {"in-sample weights": oof[PROB_COLUMNS].to_numpy(np.float64)}
@@ -755,12 +694,9 @@ def reliability_section(paths: Paths, cfg: dict) -> str:
         curves["nested weights"] = oof[NESTED_COLUMNS].to_numpy(np.float64)
     stats = {name: reliability(p, y, int(cfg["reliability_bins"])) for name, p in curves.items()}
     png = reliability_png(stats)
-    eces = ", ".join(f"{_e(n)} {s['ece']:.3f}" for n, s in stats.items())
-    return (f"<p>From {_e(source)}, {len(oof)} OOF images. Top-label reliability: in each "
-            "confidence bin, how often the most probable class is right (the diagonal is "
-            f"perfect calibration); class biases change the decision, not these "
-            f"probabilities. Expected calibration error: {eces}.</p>"
-            + _img(png, alt="reliability diagram"))
+    return {"source": source, "n": len(oof),
+            "eces": ", ".join(f"{n} {s['ece']:.3f}" for n, s in stats.items()),
+            "plot": _img(png, alt="reliability diagram")}
 
 
 def reliability_png(stats: dict) -> bytes:
@@ -802,10 +738,11 @@ def submission_manifests(paths: Paths) -> list[tuple[Path, dict]]:
     return found
 
 
-def submissions_section(paths: Paths) -> str:
+def submissions_section(paths: Paths) -> dict | Todo:
+    """Every submission file with its scores, and every upload with its public score."""
     found = submission_manifests(paths)
     if not found:
-        return _missing("no submission files", "./run.sh blend, then ./run.sh submit -m MSG")
+        return Todo("no submission files", "./run.sh blend, then ./run.sh submit -m MSG")
     latest = paths.submissions_dir / "latest.json"
     latest_name = None
     if latest.is_file():
@@ -826,43 +763,11 @@ def submissions_section(paths: Paths) -> str:
             uploads.append([rec.get("time"), csv, rec.get("competition"), rec.get("message"),
                             rec.get("status"), rec.get("ref"), rec.get("public_score"),
                             expected, rec.get("error")])
-    parts = ["<h3>Submission files</h3>",
-             _table(["file", "created (UTC)", "rows", "nested macro F1", "nested is",
-                     "in-sample macro F1", "backbones", "git commit"], rows, "num")]
-    parts.append("<h3>Uploads to Kaggle</h3>")
-    if uploads:
-        uploads.sort(key=lambda r: str(r[0]), reverse=True)
-        parts.append(_table(["time (UTC)", "file", "competition", "message", "status", "ref",
-                             "public score", "nested CV estimate", "error"], uploads, "num"))
-    else:
-        parts.append(_missing("nothing uploaded", "./run.sh submit -m MSG"))
-    return "\n".join(parts)
-
-
-_PAGE = """<!doctype html>
-<html lang=en><head><meta charset=utf-8><title>an2dl-kit report</title>
-<style>
-body {{ font: 14px/1.4 sans-serif; margin: 1.5em auto; max-width: 1150px; color: #222; }}
-h1 {{ margin-bottom: 0.2em; }} h2 {{ border-bottom: 2px solid #ddd; padding-bottom: 0.2em;
-  margin-top: 1.6em; }} nav {{ margin: 0.6em 0 1em; }}
-table {{ border-collapse: collapse; margin: 0.6em 1.2em 0.6em 0; }}
-th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
-th {{ background: #f2f4f7; }} table.num td {{ font-variant-numeric: tabular-nums; }}
-.grid {{ display: flex; flex-wrap: wrap; gap: 8px; align-items: flex-start; }} .row {{ display: flex; gap: 1em;
-  align-items: flex-start; }}
-figure {{ margin: 0; padding: 4px; border: 1px solid #ddd; }}
-figure img {{ max-width: 420px; }}
-figure.junk {{ border: 2px solid #c60; max-width: 172px; }} figure.junk img {{ display: block; }}
-figure.suspect {{ border: 2px solid #a33; max-width: 172px; }} figure.suspect img {{ display: block; }}
-details {{ margin: 0.4em 0 1em; }} summary {{ cursor: pointer; color: #345; }}
-figcaption {{ font-size: 11px; }} .todo {{ color: #8a5a00; }} .err {{ color: #b00; }}
-.warn {{ color: #a33; }} .ok {{ color: #276; }}
-.noimg {{ width: 160px; height: 100px; background: #eee; color: #888; font-size: 11px;
-  display: flex; align-items: center; justify-content: center; }}
-code {{ background: #f4f4f4; padding: 0 3px; }}
-</style></head><body>
-<h1>an2dl-kit report</h1><p class=meta>{head}</p>
-<nav>{nav}</nav>
-{body}
-</body></html>
-"""
+    files = _table(["file", "created (UTC)", "rows", "nested macro F1", "nested is",
+                    "in-sample macro F1", "backbones", "git commit"], rows, "num")
+    if not uploads:
+        return {"files": files, "uploads": None}
+    uploads.sort(key=lambda r: str(r[0]), reverse=True)
+    return {"files": files,
+            "uploads": _table(["time (UTC)", "file", "competition", "message", "status", "ref",
+                               "public score", "nested CV estimate", "error"], uploads, "num")}
