@@ -9,7 +9,6 @@ atomic read-modify-write so that the submit step can add its upload records.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import pandas as pd
+from filelock import FileLock
 
 from kit import __version__
 from kit.utils import (KitError, atomic_path, atomic_write_json, package_versions, sha256_file,
@@ -339,21 +339,10 @@ def load_manifest(path) -> dict:
     return manifest
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    """Exclusive lock around a read-modify-write (POSIX; elsewhere the rename is the guard)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    lock = path.parent / f".{path.name}.lock"
-    with open(lock, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def _locked(path: Path) -> FileLock:
+    """Exclusive lock around a read-modify-write of ``path`` (``.<name>.lock`` beside it; a
+    ``filelock.FileLock``, so it holds on every OS)."""
+    return FileLock(path.parent / f".{path.name}.lock")
 
 
 def modify_manifest(path, change: Callable[[dict], None]) -> dict:
