@@ -23,7 +23,8 @@ from importlib import metadata
 # (torch.OutOfMemoryError and torch.amp.GradScaler(device): torch 2.5; timm's
 # load_state_dict(weights_only=): 1.0.9; Optuna's RetryHeartbeatStaleTrialCallback: 4.9;
 # transformers 4.45 cannot load a .safetensors file without metadata, 4.51 can); the tested
-# versions are the exact pins of requirements.txt.
+# versions are the exact pins of requirements.in (locked, with everything they pull in, in
+# requirements.txt).
 RUNTIME = {
     "torch": "2.5",
     "torchvision": "0.20",

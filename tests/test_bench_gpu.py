@@ -120,6 +120,7 @@ def test_bad_device_and_skip_are_refused():
 
 
 # --------------------------------------------------------------------------- on the CPU
+@pytest.mark.slow
 def test_the_whole_bench_runs_on_the_cpu(tmp_path):
     """Every step on tiny backbones with --device cpu: the bench's own code, not GPU figures.
     CPU against CPU on the same seed must agree exactly."""
@@ -143,6 +144,7 @@ def test_the_whole_bench_runs_on_the_cpu(tmp_path):
 
 
 # --------------------------------------------------------------------------- on a GPU
+@pytest.mark.gpu
 @needs_cuda
 def test_cuda_short_bench_agrees_with_the_cpu(tmp_path):
     out = tmp_path / "gpu.json"
@@ -159,6 +161,7 @@ def test_cuda_short_bench_agrees_with_the_cpu(tmp_path):
         assert r["channels_last"] and r["num_workers"] >= 0 and r["peak_mem_gib"] > 0
 
 
+@pytest.mark.gpu
 @needs_cuda
 def test_cuda_amp_picks_a_native_precision():
     from kit.training.train import amp_dtype

@@ -375,6 +375,7 @@ def test_training_path_needs_everything_frozen():
                                                    "augment.vflip"}
 
 
+@pytest.mark.slow
 def test_cli_frozen_backbone_and_no_feature_cache(tmp_path):
     paths = make_workdir(tmp_path / "w", n_train=12, n_test=4, n_folds=2)
     cmd = [str(REPO / "run.sh"), "cv", BB, "--workdir", str(paths.root), "--weights", "random",

@@ -7,10 +7,12 @@ import subprocess
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_run_sh_demo_runs_every_stage_and_writes_a_valid_submission(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "KIT_PROGRESS": "off"}

@@ -46,6 +46,7 @@ def _outputs(nb):
             yield i, out
 
 
+@pytest.mark.slow
 def test_the_notebook_runs_on_the_demo_data(tmp_path, monkeypatch):
     from kit.data import demo
 

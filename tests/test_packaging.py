@@ -1,6 +1,7 @@
-"""Packaging: pyproject.toml (lower bounds, console script, dev extra) in step with the
-requirements.txt lock and kit/env_check.py, and KIT_PYTHON=... ./run.sh in an existing
-environment (no .venv, installs only what is missing, never another torch)."""
+"""Packaging: pyproject.toml (lower bounds, console script, dev extra) in step with the pins of
+requirements.in, their full transitive lock requirements.txt (hashes, what ./run.sh installs)
+and kit/env_check.py, and KIT_PYTHON=... ./run.sh in an existing environment (no .venv,
+installs only what is missing, never another torch)."""
 from __future__ import annotations
 
 import ast
@@ -32,15 +33,41 @@ def split(req: str) -> tuple[str, str, str]:
     return m.group(1).lower(), m.group(2), m.group(3)
 
 
-def lock() -> dict[str, str]:
-    """requirements.txt as name -> exact version (every line must be an exact pin)."""
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def direct() -> dict[str, str]:
+    """requirements.in as name -> exact version (every line must be an exact pin)."""
     out = {}
-    for line in (ROOT / "requirements.txt").read_text().splitlines():
+    for line in (ROOT / "requirements.in").read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             name, op, version = split(line)
-            assert op == "==", f"requirements.txt: {line!r} is not an exact pin"
-            out[name] = version
+            assert op == "==", f"requirements.in: {line!r} is not an exact pin"
+            out[canonical(name)] = version
+    return out
+
+
+def lock() -> list[tuple[str, str, str, list[str]]]:
+    """requirements.txt as (name, exact version, environment marker, sha256 hashes) entries.
+
+    Every entry must be ``name==version [; marker]`` followed by its ``--hash`` lines (the
+    form ``uv pip compile --generate-hashes`` writes); comments and blank lines are skipped.
+    """
+    text = (ROOT / "requirements.txt").read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        req, _, rest = line.partition(" --hash=")
+        req, _, marker = req.partition(";")
+        name, op, version = split(req)
+        assert op == "==", f"requirements.txt: {line!r} is not an exact pin"
+        hashes = re.findall(r"sha256:([0-9a-f]{64})", rest)
+        assert hashes, f"requirements.txt: {name}=={version} has no --hash"
+        out.append((canonical(name), version, marker.strip(), hashes))
     return out
 
 
@@ -64,13 +91,54 @@ def test_dependencies_are_lower_bounds_equal_to_env_check():
     assert {n: v for n, _, v in dev} == {k.lower(): v for k, v in env_check.DEV.items()}
 
 
-def test_lock_pins_every_declared_package_within_its_range():
-    pins = lock()
+def test_requirements_in_pins_every_declared_package_within_its_range():
+    pins = direct()
     project = pyproject()["project"]
     for req in project["dependencies"] + project["optional-dependencies"]["dev"]:
         name, _, floor = split(req)
-        assert name in pins, f"{name} is declared in pyproject.toml but not pinned in requirements.txt"
+        name = canonical(name)
+        assert name in pins, f"{name} is declared in pyproject.toml but not pinned in requirements.in"
         assert at_least(pins[name], floor), f"{name}=={pins[name]} is below pyproject's >={floor}"
+
+
+def test_the_lock_is_generated_from_requirements_in_and_hashes_everything():
+    """requirements.txt holds every pin of requirements.in at the same version, unconditionally
+    (a changed pin needs a new lock: the refresh command is at the top of requirements.in)."""
+    entries = lock()
+    head = (ROOT / "requirements.txt").read_text().splitlines()[:3]
+    assert any("uv pip compile requirements.in" in line and "--generate-hashes" in line
+               for line in head), head
+    locked = {}
+    for name, version, marker, _ in entries:
+        locked.setdefault(name, []).append((version, marker))
+    for name, version in direct().items():
+        assert locked.get(name) == [(version, "")], (
+            f"requirements.in pins {name}=={version}, requirements.txt has {locked.get(name)}: "
+            "regenerate the lock (see the top of requirements.in)")
+    assert len(locked) > len(direct())  # transitive dependencies are locked too
+
+
+def test_the_lock_is_closed_over_the_installed_dependencies():
+    """Every dependency (for this platform) of a locked package is locked as well: the lock is
+    the full transitive set, which is what pip install --require-hashes needs."""
+    from packaging.markers import Marker
+    from packaging.requirements import Requirement
+
+    entries = lock()
+    here = {name for name, _, marker, _ in entries if not marker or Marker(marker).evaluate()}
+    names = {name for name, *_ in entries}
+    missing = []
+    for name in sorted(here):
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue  # not installed in this environment (KIT_PYTHON=...): nothing to check
+        for text in requires:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                if canonical(req.name) not in names:
+                    missing.append(f"{req.name} (required by {name})")
+    assert not missing, f"not in requirements.txt: {missing}"
 
 
 def _optional(tree) -> set[int]:
@@ -192,7 +260,7 @@ def test_main_reports_and_exits_2_without_calling_pip(monkeypatch, capsys):
 def _copy_repo(dst: Path) -> Path:
     """run.sh + kit/ + requirements.txt: enough for run.sh, without the .venv."""
     dst.mkdir()
-    for name in ("run.sh", "requirements.txt", "pyproject.toml", "README.md"):
+    for name in ("run.sh", "requirements.in", "requirements.txt", "pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, dst / name)
     shutil.copytree(ROOT / "kit", dst / "kit", ignore=shutil.ignore_patterns("__pycache__"))
     return dst

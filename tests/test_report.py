@@ -395,6 +395,7 @@ def _chromium() -> str | None:
     return None
 
 
+@pytest.mark.browser
 def test_renders_in_headless_chromium(tmp_path):
     browser = _chromium()
     if browser is None:

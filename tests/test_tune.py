@@ -343,6 +343,7 @@ def _wait_for_running(paths, name, proc, url=None, limit=120):
     raise AssertionError("no trial started in time")
 
 
+@pytest.mark.slow
 def test_resume_after_a_killed_worker_retries_its_trial(feat_work, tmp_path):
     space = space_file(tmp_path, lr={"type": "float", "low": 0.005, "high": 0.02},
                        epochs=80, patience=0)  # a trial of a second or two
@@ -383,6 +384,7 @@ def _postgres_reachable(url: str) -> str | None:
         return str(exc).strip().splitlines()[0]
 
 
+@pytest.mark.postgres
 def test_two_workers_share_one_study_on_postgresql(feat_work, tmp_path):
     why = _postgres_reachable(PG_URL)
     if why is not None:

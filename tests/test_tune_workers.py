@@ -120,6 +120,7 @@ def test_launcher_refuses_estimate_and_create_only():
 
 
 # --------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_two_cpu_workers_share_one_study(tmp_path):
     paths = make_workdir(tmp_path / "w", n_train=24, n_test=4, k=2, size=32, n_folds=3)
     space = tmp_path / "space.yaml"
