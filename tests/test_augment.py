@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from kit.models.normalize import normalize_batch
 from kit.training.augment import (CutMix, balanced_sampler, build_train_transform, class_weights,
-                                  create_mixer, normalize_batch, seed_transform)
+                                  create_mixer, seed_transform)
 from kit.config import load_config
 from kit.utils import KitError, seed_everything
 

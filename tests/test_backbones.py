@@ -483,7 +483,7 @@ def _patch_array(seed=0, n=8, k=4, size=32):
 
 
 def _features(bb, arr):
-    from kit.training.augment import normalize_batch
+    from kit.models.normalize import normalize_batch
 
     x = normalize_batch(torch.from_numpy(arr.reshape(-1, *arr.shape[2:])), bb.mean, bb.std,
                         bb.input_size)
@@ -509,7 +509,7 @@ def test_recalibrate_batchnorm_lifts_random_efficientnet_embeddings():
 
 
 def test_recalibrate_batchnorm_statistics_match_the_data():
-    from kit.training.augment import normalize_batch
+    from kit.models.normalize import normalize_batch
 
     torch.manual_seed(0)
     bb = create_backbone("tiny_cnn", weights="random", patch_size=32)

@@ -164,7 +164,7 @@ def test_cuda_short_bench_agrees_with_the_cpu(tmp_path):
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_amp_picks_a_native_precision():
-    from kit.training.train import amp_dtype
+    from kit.training.device import amp_dtype
 
     dev = torch.device("cuda")
     major, minor = torch.cuda.get_device_capability(dev)

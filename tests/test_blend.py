@@ -10,7 +10,8 @@ import pytest
 
 from blend_data import make_blend_workdir
 from kit import CLASSES
-from kit.ensemble.blend import complete_backbones, load_inputs, run_blend
+from kit.ensemble.blend import complete_backbones, load_inputs
+from kit.submission.blend_output import run_blend
 from kit.cli import main
 from kit.metrics import macro_f1
 from kit.submission.package import validate_submission

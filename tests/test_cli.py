@@ -84,7 +84,7 @@ def test_run_sh_passes_arguments_and_exit_code(tmp_path):
 
 
 def test_run_for_user_turns_errors_and_ctrl_c_into_lines_and_exit_codes(capsys):
-    from kit.cli import run_for_user
+    from kit.process import run_for_user
     from kit.utils import KitError
 
     def bad():

@@ -68,7 +68,9 @@ def test_oof_covers_every_image_once_predicted_by_the_model_that_did_not_see_it(
 def _assert_checkpoint_gives_oof(out, config, train, folds, k, atol):
     """Fold k's model.pt predicts exactly (to ``atol``) the OOF rows cv wrote for fold k."""
     from kit.metrics import aggregate
-    from kit.training.train import build_model, load_checkpoint, predict
+    from kit.training.build import build_model
+    from kit.training.checkpoints import load_checkpoint
+    from kit.training.predict import predict
 
     model, _ = build_model(BB, config, "random", patch_size=32)
     load_checkpoint(model, out / f"fold_{k}" / "model.pt")
@@ -293,7 +295,7 @@ def test_a_frozen_backbone_trains_heads_on_cached_embeddings(cached):
 
 
 def test_cache_path_gives_the_oof_of_features_cv(cached):
-    from kit.training.features import features_cv
+    from kit.training.fold import features_cv
 
     paths, metrics, _, _ = cached
     out = paths.backbone_dir(BB)
@@ -363,8 +365,8 @@ def test_cache_path_resumes_by_fold(cached, tmp_path, capsys):
 
 
 def test_training_path_needs_everything_frozen():
-    from kit.training.cv import pixel_augment_not_applied, training_path
-    from kit.training.train import train_config
+    from kit.training.settings import pixel_augment_not_applied, training_path
+    from kit.training.settings import train_config
 
     assert training_path(train_config()) == "pixels"  # the default trains the norm layers
     assert training_path(train_config({"train_norm": []})) == "feature_cache"

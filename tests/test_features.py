@@ -10,12 +10,13 @@ import torch
 
 from cv_data import make_workdir
 from kit import CLASSES
-from kit.training.features import (FeatureCV, Features, _publish, cache_views, embed_array,
-                                   features_cv, frozen_backbone, load_or_embed, prepare,
-                                   train_head_on_features, weights_digest)
+from kit.training.checkpoints import weights_digest
+from kit.training.features import (Features, _publish, cache_views, embed_array, frozen_backbone,
+                                   load_or_embed)
+from kit.training.fold import FeatureCV, features_cv, prepare, train_head_on_features
 from kit.metrics import fast_macro_f1, macro_f1
 from kit.data.patches import load_patches
-from kit.training.train import train_config
+from kit.training.settings import train_config
 from kit.utils import KitError
 
 FAST = {"epochs": 12, "lr": 0.01, "patience": 0}
@@ -47,7 +48,7 @@ def test_cache_views_put_id_first():
 
 
 def test_embeddings_are_the_frozen_backbone_outputs_per_view(work, backbone):
-    from kit.training.augment import normalize_batch
+    from kit.models.normalize import normalize_batch
     from kit.training.tta import apply_view
 
     patches = load_patches(work, "train")
@@ -231,7 +232,7 @@ def test_in_memory_feature_sets_work_without_disk():
 
 
 def test_nothing_trains_detects_a_fully_frozen_config():
-    from kit.training.features import nothing_trains
+    from kit.training.settings import nothing_trains
 
     assert not nothing_trains(train_config())  # the default trains the norm layers
     assert nothing_trains(train_config({"train_norm": []}))
@@ -270,7 +271,7 @@ def test_tiny_embeddings_are_stored_as_float32_and_said_so(work, backbone, capsy
 
 
 def test_attention_head_learns_from_one_informative_patch_per_image():
-    from kit.training.features import attention_weights
+    from kit.training.sources import attention_weights
 
     rng = np.random.default_rng(0)
     n, k, d = 64, 6, 8
@@ -281,7 +282,7 @@ def test_attention_head_learns_from_one_informative_patch_per_image():
     cfg = train_config(params={"epochs": 30, "lr": 0.01, "batch_size": 48, "head.pool": "attention",
                                "head.dropout": 0.0, "early_stopping": "none"})
     fit = train_head_on_features(x[:48], y[:48], x[48:], y[48:], cfg, seed=0)
-    from kit.training.features import FeatureSource
+    from kit.training.sources import FeatureSource
 
     probs = FeatureSource(x, cfg).image_probs(fit.head, np.arange(48, n))["id"]
     assert (probs.argmax(1) == y[48:]).mean() >= 0.75

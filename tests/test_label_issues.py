@@ -5,8 +5,9 @@ import pytest
 
 from kit import CLASSES
 from kit.training import label_issues as li
-from kit.training.features import FeatureSource, train_bag
-from kit.training.train import train_config
+from kit.training.fold import train_bag
+from kit.training.sources import FeatureSource
+from kit.training.settings import train_config
 
 
 def _noisy(n=120, d=16, flip=0.2, seed=0):

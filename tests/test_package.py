@@ -9,7 +9,7 @@ import pytest
 
 from blend_data import make_blend_workdir
 from kit import CLASSES
-from kit.ensemble.blend import run_blend
+from kit.submission.blend_output import run_blend
 from kit.submission.package import (REQUIRED_FIELDS, append_submission, check_manifest,
                                     command_line, expected_test_ids, git_info, test_files_sha256,
                                     load_manifest, update_manifest, validate_submission,

@@ -8,7 +8,7 @@ import yaml
 from cv_data import make_workdir
 from kit.training.cv import resolve_params, run_cv
 from kit.paths import Paths
-from kit.training.train import train_config
+from kit.training.settings import train_config
 from kit.utils import KitError
 
 BB = "tiny_cnn"

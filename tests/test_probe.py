@@ -5,8 +5,9 @@ import torch
 
 from kit.metrics import aggregate
 from kit.models.heads import LinearProbe, create_head, is_probe
-from kit.training.features import FeatureSource, train_head_on_features
-from kit.training.train import train_config
+from kit.training.fold import train_head_on_features
+from kit.training.sources import FeatureSource
+from kit.training.settings import train_config
 from kit.utils import KitError
 
 
@@ -94,7 +95,7 @@ def test_sample_weights_reach_the_probe():
 
 def test_the_probe_refuses_the_pixel_path():
     from kit.training.probe import fit_probe
-    from kit.training.train import PixelSource
+    from kit.training.sources import PixelSource
 
     cfg = _cfg()
     head = create_head(16, 4, **cfg["head"])

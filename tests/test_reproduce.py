@@ -9,7 +9,7 @@ import pytest
 
 from blend_data import make_blend_workdir
 from kit import CLASSES
-from kit.ensemble.blend import run_blend
+from kit.submission.blend_output import run_blend
 from kit.cli import main
 from kit.submission.reproduce import infer_workdir, reproduce
 from kit.utils import KitError

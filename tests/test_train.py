@@ -5,10 +5,15 @@ import torch.nn.functional as F
 
 from cv_data import make_patches
 from kit import CLASSES
-from kit.training.train import (PatchDataset, amp_dtype, build_model, checkpoint_keys, fit_fold,
-                                inner_split, load_checkpoint, make_loader, pick_device, predict,
-                                save_checkpoint, set_train_mode, soft_cross_entropy, train_config,
-                                tta_views, warmup_cosine)
+from kit.training.build import build_model, set_train_mode
+from kit.training.checkpoints import checkpoint_keys, load_checkpoint, save_checkpoint
+from kit.training.device import amp_dtype, pick_device
+from kit.training.loaders import PatchDataset, make_loader
+from kit.training.losses import soft_cross_entropy, warmup_cosine
+from kit.training.predict import predict
+from kit.training.selection import inner_split
+from kit.training.settings import train_config, tta_views
+from kit.training.train import fit_fold
 from kit.utils import KitError, seed_everything
 
 N, K, P = 24, 4, 32
@@ -88,7 +93,7 @@ def test_devices_and_precision():
     assert amp_dtype(cpu, "bf16") == torch.bfloat16 and amp_dtype(cpu, "off") is None
     with pytest.raises(KitError):
         amp_dtype(cpu, "fp8")
-    from kit.training.train import _flag, n_workers
+    from kit.training.device import auto_flag as _flag, n_workers
 
     assert _flag("auto", cpu) is False and _flag("false", cpu) is False and _flag(True, cpu)
     assert n_workers("auto", cpu) == 0 and n_workers(2, cpu) == 2
@@ -305,7 +310,7 @@ def test_bench_train_times_both_loops(data):
 
 
 def test_random_backbones_get_their_batchnorm_recalibrated_with_a_warning(data, capsys):
-    from kit.training.train import recalibrate_random
+    from kit.training.build import recalibrate_random
 
     x, _ = data
     cfg = _cfg()

@@ -17,7 +17,7 @@ import yaml
 
 from cv_data import make_workdir
 from kit.config import load_config
-from kit.training.features import features_cv, prepare
+from kit.training.fold import features_cv, prepare
 from kit.tuning.search_space import Param, load_space, parse_param
 from kit.tuning.tune import (fold_subset, known_param_keys, plot_study, run_tune, study_name,
                              trial_order, warm_start)
@@ -197,7 +197,7 @@ def test_features_objective_equals_features_cv_and_writes_outputs(feat_work, tmp
     assert on_disk["score"] == max(t.value for t in complete)
     # cv's params loader reads it as dotted overrides the training config accepts.
     from kit.training.cv import resolve_params
-    from kit.training.train import train_config
+    from kit.training.settings import train_config
 
     # On the path the search trained (heads on cached embeddings) every key applies...
     params, _ = resolve_params("best", paths, "tiny_cnn", cfg={"train_norm": []})
@@ -458,7 +458,7 @@ def test_bench_tune_runs_and_records_both_trials(tmp_path):
 
 
 def test_ctrl_c_loses_only_the_running_trial(feat_work, tmp_path, monkeypatch):
-    from kit.training.features import FeatureCV
+    from kit.training.fold import FeatureCV
 
     space = space_file(tmp_path, **FAST)
     kw = dict(space_file=space, weights="random", study_suffix="ctrlc")
@@ -516,7 +516,7 @@ def test_estimate_is_nested_and_its_outer_folds_never_choose_their_params(tmp_pa
 
     from kit.cli import main
     from kit.metrics import format_ci
-    from kit.training.features import FeatureCV
+    from kit.training.fold import FeatureCV
 
     paths = make_workdir(tmp_path / "w", n_train=24, n_test=2, k=2, size=32, n_folds=3, seed=1,
                          signal=0.3)

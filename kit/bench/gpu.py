@@ -183,8 +183,10 @@ def agreement(name: str, array, labels, cfg: dict, device, steps: int, n_check: 
     """Same seed, same batches, CPU vs ``device``: fp32 after ``steps`` steps, and AMP."""
     import torch
 
-    from kit.training.train import (PatchDataset, Trainer, build_model, make_loader, predict,
-                                    set_train_mode)
+    from kit.training.build import build_model, set_train_mode
+    from kit.training.loaders import PatchDataset, make_loader
+    from kit.training.predict import predict
+    from kit.training.train import Trainer
     from kit.utils import seed_everything
 
     cpu = torch.device("cpu")
@@ -234,7 +236,7 @@ def short_cv(name: str, paths, cfg: dict, device, seed: int) -> dict:
     import pandas as pd
 
     from kit.training.cv import run_cv
-    from kit.training.train import n_workers
+    from kit.training.device import n_workers
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -264,7 +266,7 @@ def amp_name(device, amp) -> str:
     """``off``, ``bf16`` or ``fp16``: what ``amp`` resolves to on ``device``."""
     import torch
 
-    from kit.training.train import amp_dtype
+    from kit.training.device import amp_dtype
 
     return {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype(device, amp)]
 
@@ -283,7 +285,7 @@ def embed_throughput(name: str, array, batch_size: int, device, repeats: int) ->
     """:func:`kit.training.features.embed_array` vs the bare forward pass on the same batches."""
     import torch
 
-    from kit.training.augment import normalize_batch
+    from kit.models.normalize import normalize_batch
     from kit.models.backbones import create_backbone
     from kit.training.features import embed_array
 
@@ -303,7 +305,7 @@ def embed_throughput(name: str, array, batch_size: int, device, repeats: int) ->
                 bb(x)
 
     def bare_amp():
-        from kit.training.train import amp_dtype
+        from kit.training.device import amp_dtype
 
         dtype = amp_dtype(device, "auto")
         ctx = (torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None
@@ -407,7 +409,7 @@ def run(args) -> int:
 
     from kit.bench.train import bench_backbone
     from kit.data.synth import write_patch_workdir
-    from kit.training.train import train_config
+    from kit.training.settings import train_config
 
     device = require_device(args.device)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}

@@ -267,7 +267,7 @@ def warm_up(paths, device=None) -> None:
 
     from kit.models.backbones import create_backbone
     from kit.data.patches import load_patches
-    from kit.training.train import pick_device
+    from kit.training.device import pick_device
 
     for split in ("train", "test"):
         array = load_patches(paths, split).array

@@ -54,7 +54,9 @@ def bench_backbone(name: str, array, labels, cfg: dict, device, repeats: int, se
     """Seconds per epoch of the kit loop, the bare step and the data path alone (best of)."""
 
     from kit.training.augment import build_train_transform
-    from kit.training.train import PatchDataset, Trainer, build_model, make_loader, set_train_mode
+    from kit.training.build import build_model, set_train_mode
+    from kit.training.loaders import PatchDataset, make_loader
+    from kit.training.train import Trainer
     from kit.utils import seed_everything
 
     seed_everything(seed)
@@ -102,7 +104,8 @@ def bench_backbone(name: str, array, labels, cfg: dict, device, repeats: int, se
 def run(args) -> int:
     import torch
 
-    from kit.training.train import pick_device, train_config
+    from kit.training.device import pick_device
+    from kit.training.settings import train_config
     from kit.utils import KitError
 
     device = pick_device(args.device)

@@ -6,7 +6,7 @@ same code path as ``./run.sh tune`` (a head per fold, early stopping, pooled OOF
 
 A ``full`` trial (:func:`kit.training.cv.run_cv` over 5 folds) of the same head on a CPU takes hours
 for ``efficientnet_b0``, so it is extrapolated from measured pieces of the kit's own loop
-(:func:`kit.training.train.fit_fold` and :func:`kit.training.train.predict`) on real-size patches:
+(:func:`kit.training.train.fit_fold` and :func:`kit.training.predict.predict`) on real-size patches:
 
 - one training epoch on ``--subset`` images -> training patches/s,
 - a prediction pass over the TTA views -> predicted patches/s,
@@ -46,7 +46,7 @@ def add_arguments(parser):
 
 # --------------------------------------------------------------------------- synthetic data
 def synthetic_features(n: int, k: int, n_views: int, dim: int, n_folds: int, seed: int = 0):
-    """A :class:`kit.training.features.FeatureCV` over generated embeddings
+    """A :class:`kit.training.fold.FeatureCV` over generated embeddings
     (:func:`kit.data.synth.embeddings`).
 
     Class means plus a per-image offset plus per-patch noise; the class shares follow the
@@ -57,9 +57,10 @@ def synthetic_features(n: int, k: int, n_views: int, dim: int, n_folds: int, see
     import pandas as pd
 
     from kit import CLASSES
-    from kit.training.features import FeatureCV, Features, cache_views
+    from kit.training.features import Features, cache_views
+    from kit.training.fold import FeatureCV
     from kit.data.synth import embeddings, stratified_folds
-    from kit.training.train import train_config, tta_views
+    from kit.training.settings import train_config, tta_views
 
     x, y = embeddings(n, k, n_views, dim, seed)
     ids = [f"img_{i:04d}.png" for i in range(n)]
@@ -99,7 +100,10 @@ def measure_full(backbone: str, subset: int, k: int, size: int, views, seed: int
     import numpy as np
 
     from kit.data.synth import tinted_patches
-    from kit.training.train import build_model, fit_fold, predict, train_config
+    from kit.training.build import build_model
+    from kit.training.predict import predict
+    from kit.training.settings import train_config
+    from kit.training.train import fit_fold
 
     cfg = train_config({"epochs": 1, "patience": 0, "num_workers": 0})
     n_val = max(2, subset // 4)

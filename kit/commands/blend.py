@@ -19,7 +19,8 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from kit.ensemble.blend import format_summary, run_blend
+    from kit.ensemble.blend import format_summary
+    from kit.submission.blend_output import run_blend
     from kit.config import load_config, stage_overrides
 
     cfg = load_config("blend", stage_overrides(args.config, args.sets))

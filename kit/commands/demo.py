@@ -90,7 +90,8 @@ def _cv(paths: Paths, seed: int) -> None:
 
 def _blend(paths: Paths, data, seed: int) -> None:
     """Blend every backbone the demo trained into a validated submission + manifest."""
-    from kit.ensemble.blend import complete_backbones, run_blend
+    from kit.ensemble.blend import complete_backbones
+    from kit.submission.blend_output import run_blend
     from kit.metrics import format_ci
 
     if not complete_backbones(paths):  # only until the cv step runs before this one

@@ -13,6 +13,7 @@ each.
 """
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -312,3 +313,18 @@ def mask_groups(samples: list[Sample]) -> dict[str, str]:
         groups[s.sample_index] = by_hash.setdefault(h, s.sample_index)
     return groups
 
+
+def expected_test_ids(test_dir_or_ids) -> list[str]:
+    """Sorted test ``sample_index`` values: the ``img_*.png`` files of a folder, or given ids.
+
+    A dataset root holding ``test_data/`` is accepted in place of ``test_data/`` itself.
+    """
+    if isinstance(test_dir_or_ids, (str, os.PathLike)):
+        folder = Path(test_dir_or_ids)
+        if (folder / "test_data").is_dir():
+            folder = folder / "test_data"
+        if not folder.is_dir():
+            raise KitError(f"{folder}: test image folder not found; pass the dataset's test_data/ "
+                           "folder (or --data to the dataset root)")
+        return sorted(p.name for p in folder.glob("img_*.png"))
+    return sorted(str(i) for i in test_dir_or_ids)

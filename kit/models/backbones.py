@@ -700,7 +700,7 @@ def recalibrate_batchnorm(backbone: Backbone, array, rows=None, batch_size: int 
     backbone : Backbone
         Moved to ``device``; left there, in eval mode.
     array : uint8 array ``N x K x P x P x 3``
-        Patches (a memmap is fine), normalised like :func:`kit.training.train.predict` does
+        Patches (a memmap is fine), normalised like :func:`kit.training.predict.predict` does
         (:func:`kit.training.augment.normalize_batch` with the backbone's mean, std and input size).
     rows : int array, optional
         Images to use (default: all), e.g. the fold's training rows.
@@ -716,7 +716,7 @@ def recalibrate_batchnorm(backbone: Backbone, array, rows=None, batch_size: int 
         Number of patches used (0 when the backbone has no BatchNorm layer: nothing to do).
         Deterministic: the same inputs give the same statistics.
     """
-    from kit.training.augment import normalize_batch
+    from kit.models.normalize import normalize_batch
 
     bns = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     backbone.eval()

@@ -24,6 +24,7 @@ import pandas as pd
 from filelock import FileLock
 
 from kit import __version__
+from kit.data.dataset import expected_test_ids  # noqa: F401 (the submission's test ids)
 from kit.utils import (KitError, atomic_path, atomic_write_json, package_versions, sha256_file,
                        sha256_text)
 
@@ -60,22 +61,6 @@ REQUIRED_FIELDS = {
 
 
 # ----------------------------------------------------------------------------- submission CSV
-
-def expected_test_ids(test_dir_or_ids) -> list[str]:
-    """Sorted test ``sample_index`` values: the ``img_*.png`` files of a folder, or given ids.
-
-    A dataset root holding ``test_data/`` is accepted in place of ``test_data/`` itself.
-    """
-    if isinstance(test_dir_or_ids, (str, os.PathLike)):
-        folder = Path(test_dir_or_ids)
-        if (folder / "test_data").is_dir():
-            folder = folder / "test_data"
-        if not folder.is_dir():
-            raise KitError(f"{folder}: test image folder not found; pass the dataset's test_data/ "
-                           "folder (or --data to the dataset root)")
-        return sorted(p.name for p in folder.glob("img_*.png"))
-    return sorted(str(i) for i in test_dir_or_ids)
-
 
 def test_files_sha256(ids: Iterable[str]) -> str:
     """sha256 of the sorted test file names, one per line: identifies the test set."""

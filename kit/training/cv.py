@@ -31,12 +31,27 @@ import pandas as pd
 
 from kit import CLASSES, PROB_COLUMNS
 from kit.config import load_config
+from kit.data.folds import load_folds
+from kit.data.patches import load_patches
 from kit.metrics import (bootstrap_ci, classification_summary, collapse_reason, format_ci,
                          macro_f1, plot_confusion, prob_frame, weighted_f1)
+from kit.models.backbones import list_backbones
+from kit.models.heads import PatchClassifier, is_mil, is_mil_config
 from kit.paths import Paths
 from kit.training import label_issues
-from kit.utils import (KitError, atomic_write_csv, atomic_write_json, package_versions, read_yaml,
-                       sha256_text, write_config)
+from kit.training.build import build_model, recalibrate_random
+from kit.training.checkpoints import save_checkpoint
+from kit.training.device import is_oom, pick_device
+from kit.training.features import cache_views, frozen_backbone
+from kit.training.fold import features_cv, fold_groups, mean_views, prepare
+from kit.training.params import resolve
+from kit.training.selection import early_stopping_mode, is_honest, member_seed
+from kit.training.settings import (pixel_augment_not_applied, train_config, training_path,
+                                   tta_views)
+from kit.training.sources import FeatureSource, PixelSource, attention_weights, row_tensor
+from kit.training.train import fit
+from kit.utils import (KitError, atomic_write_csv, atomic_write_json, package_versions,
+                       seed_everything, sha256_file, sha256_text, write_config)
 
 FLOAT_FORMAT = "%.7g"
 # Config keys that change speed, not results: they do not invalidate finished folds.
@@ -83,11 +98,9 @@ def resolve_params(spec, paths: Paths, backbone: str, cfg: dict | None = None,
     (:mod:`kit.training.params`). Returns ``(params, description)``, and with ``with_source`` also
     the ``params_source`` record of metrics.json (how the params were chosen).
     """
-    from kit.training.params import resolve
 
     sha = None
     if paths.folds_csv.exists():
-        from kit.utils import sha256_file
 
         sha = sha256_file(paths.folds_csv)
     found = resolve(spec, paths, backbone, cfg, feature_cache, sha)
@@ -101,8 +114,6 @@ def resolve_params(spec, paths: Paths, backbone: str, cfg: dict | None = None,
 # --------------------------------------------------------------------------- inputs
 def _inputs(paths: Paths):
     """Folds, their hash and both patch caches, checked against each other."""
-    from kit.data.folds import load_folds
-    from kit.data.patches import load_patches
 
     folds, folds_sha = load_folds(paths)
     train = load_patches(paths, "train")
@@ -202,9 +213,6 @@ def _train_fold(k: int, ctx: CVRun) -> dict:
     cross-validation on them alone; with ``bag`` > 1, several models train (each its own
     seed) and their probabilities are averaged.
     """
-    from kit.training.features import fold_groups, mean_views
-    from kit.training.train import PixelSource, build_model, fit, member_seed, recalibrate_random
-    from kit.utils import seed_everything
 
     folds, train, test, cfg = ctx.folds, ctx.train, ctx.test, ctx.cfg
     fold_dir = ctx.out / f"fold_{k}"
@@ -257,7 +265,6 @@ def _issue_source(ctx: CVRun):
     """Pixel path: the frozen backbone's cached embeddings, on which label_issues' inner
     cross-validation trains heads (seconds, where pixels would take hours); built once."""
     if ctx.issue_source is None:
-        from kit.training.features import FeatureSource
 
         print(f"{ctx.backbone}: label_issues: inner cross-validation on the frozen backbone's "
               "cached embeddings")
@@ -358,36 +365,8 @@ def _write_fold(k: int, ctx: CVRun, oof: dict, tst: dict, record: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- feature cache
-PIXEL_AUGMENT = ("augment.cutmix_alpha", "augment.color_jitter.p", "augment.he_stain.p",
-                 "augment.rot90", "augment.hflip", "augment.vflip")
-
-
-def training_path(cfg: dict, feature_cache: bool = True) -> str:
-    """``feature_cache`` when nothing in the backbone trains
-    (:func:`kit.training.features.nothing_trains`) and the cache is allowed, else ``pixels``."""
-    from kit.training.features import nothing_trains
-
-    return "feature_cache" if feature_cache and nothing_trains(cfg) else "pixels"
-
-
-def pixel_augment_not_applied(cfg: dict) -> dict:
-    """The pixel augmentation settings of ``cfg`` that the feature-cache path cannot apply
-    (non-zero probabilities / alpha), as dotted keys."""
-    out = {}
-    for key in PIXEL_AUGMENT:
-        node = cfg
-        for part in key.split("."):
-            node = node.get(part, 0) if isinstance(node, dict) else 0
-        if node:
-            out[key] = node
-    return out
-
-
 def _feature_folds(pending: list[int], ctx: CVRun) -> dict[int, dict]:
-    """Folds ``pending`` with the head trained on cached embeddings (:func:`kit.training.features.
-    features_cv`), written exactly like pixel-trained folds (model.pt included)."""
-    from kit.training import features
-    from kit.models.heads import PatchClassifier, is_mil
+    """Folds ``pending`` with the head trained on cached embeddings (:func:`kit.training.fold.features_cv`), written exactly like pixel-trained folds (model.pt included)."""
 
     cfg, out = ctx.cfg, ctx.out
     for k in pending:  # not done until their outputs are rewritten
@@ -414,8 +393,8 @@ def _feature_folds(pending: list[int], ctx: CVRun) -> dict[int, dict]:
         tr = ctx.folds[ctx.folds.fold != k]
         record = _fit_record(fit, tr)
         # With bagging, member 0's attention (every member's would differ in scale only).
-        _write_attention(k, ctx, features.attention_weights(fit.head, fcv.x[
-            features._rows(va.row)]) if is_mil(fit.head) else None)
+        _write_attention(k, ctx, attention_weights(fit.head, fcv.x[
+            row_tensor(va.row)]) if is_mil(fit.head) else None)
         for b, member in enumerate(pred.members or [fit]):
             _save_member(ctx, k, b, PatchClassifier(bb, member.head), member, full,
                          {"training_path": "feature_cache"})
@@ -426,7 +405,7 @@ def _feature_folds(pending: list[int], ctx: CVRun) -> dict[int, dict]:
             "feature_cache": info})
         print(f"{desc}: {_fit_line(fit, marks[k])} (head on cached embeddings)")
 
-    features.features_cv(fcv, ctx.paths, folds=pending, on_fold=write)
+    features_cv(fcv, ctx.paths, folds=pending, on_fold=write)
     return marks
 
 
@@ -434,22 +413,19 @@ def _frozen_features(ctx: CVRun):
     """The run's backbone frozen whole and its embedding cache (a :class:`kit.training.
     features.FeatureCV`): the feature-cache path's inputs, and the inner models' of
     label_issues on the pixel path."""
-    from kit.training import features
-    from kit.training.train import recalibrate_random
 
     cfg = ctx.cfg
-    bb = features.frozen_backbone(ctx.backbone, cfg, ctx.weights, ctx.seed,
+    bb = frozen_backbone(ctx.backbone, cfg, ctx.weights, ctx.seed,
                                   patch_size=int(ctx.train.array.shape[2]))
     if int(cfg.get("input_size") or 0) > 0:
         bb.input_size = int(cfg["input_size"])  # as build_model: the embeddings use it too
     # All training images (pixels, no labels) so that every fold shares one cache, as tune's.
     recalibrate_random(bb, cfg, ctx.train.array, None, ctx.device, data_key=ctx.train.key)
     try:
-        fcv = features.prepare(bb, ctx.paths, cfg=cfg, seed=ctx.seed, device=ctx.device)
+        fcv = prepare(bb, ctx.paths, cfg=cfg, seed=ctx.seed, device=ctx.device)
     except RuntimeError as exc:  # torch.OutOfMemoryError is one
-        from kit.training.train import _is_oom
 
-        if not _is_oom(exc):
+        if not is_oom(exc):
             raise
         size = load_config("features")["batch_size"]
         raise KitError(f"out of memory while embedding patches for the feature cache, {size} "
@@ -460,7 +436,6 @@ def _frozen_features(ctx: CVRun):
 
 def _save_member(ctx: CVRun, k: int, b: int, model, res, full: bool, meta: dict) -> None:
     """Bag member ``b`` of fold ``k``: ``model.pt`` for the first, ``model_bag<b>.pt`` after."""
-    from kit.training.train import save_checkpoint
 
     name = "model.pt" if b == 0 else f"model_bag{b}.pt"
     sel = {key: v for key, v in res.selection.items() if key != "stop_positions"}
@@ -626,7 +601,6 @@ def _assemble_issues(ctx: CVRun) -> dict:
 
 def _selection(cfg: dict, path: str = "pixels") -> dict:
     """How every fold chose its epoch, for metrics.json, the blend manifest and the report."""
-    from kit.training.train import early_stopping_mode, is_honest
 
     if cfg["head"].get("type") == "logreg":
         return {"early_stopping": "probe", "epochs_honest": True, "inner_folds":
@@ -681,9 +655,6 @@ def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
         The metrics (``metrics.json``) once assembled; otherwise ``{"assembled": False,
         "pending": [...], "folds": {k: done mark}}``.
     """
-    from kit.models.backbones import list_backbones
-    from kit.models.heads import is_mil_config
-    from kit.training.train import pick_device, train_config, tta_views
 
     if backbone not in list_backbones():
         raise KitError(f"unknown backbone {backbone!r}; known backbones: "
@@ -764,7 +735,6 @@ def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
 
 def _explain_feature_cache(backbone: str, cfg: dict, views) -> None:
     """Say which path runs and what it does not apply, before any work starts."""
-    from kit.training.features import cache_views
 
     skipped = pixel_augment_not_applied(cfg)
     print(f"{backbone}: frozen backbone: training heads on cached embeddings (runs/features/"

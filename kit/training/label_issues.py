@@ -9,7 +9,7 @@ drops, and they are still predicted and scored, all of them. ``label_issues.mode
 trains without the flagged images; ``weight`` draws each image in proportion to its label
 quality (floored at ``min_weight``).
 
-The inner models are heads on cached embeddings (:class:`kit.training.features.FeatureSource`),
+The inner models are heads on cached embeddings (:class:`kit.training.sources.FeatureSource`),
 on the pixel path too (the same backbone, frozen), so the search stays cheap.
 """
 from __future__ import annotations
@@ -22,7 +22,9 @@ import numpy as np
 import pandas as pd
 
 from kit import CLASSES
-from kit.utils import KitError, check_random_state
+from kit.models.heads import create_head
+from kit.training.train import fit
+from kit.utils import KitError, check_random_state, seed_everything
 
 FILE = "label_issues.csv"
 COLUMNS = ("sample_index", "label", "suggested_label", "quality", "flagged", "n_folds",
@@ -89,10 +91,6 @@ def inner_oof_probs(source, rows, y, groups, cfg: dict, seed: int, desc: str = "
     """Out-of-fold image probabilities (``id`` view) of ``rows`` from an inner
     cross-validation on ``rows`` alone (``label_issues.inner_folds`` folds, drawn from
     ``seed``); the models are ``cfg``'s head (or the probe) on ``source``'s embeddings."""
-    from kit.models.heads import create_head
-    from kit.training.train import fit
-    from kit.utils import seed_everything
-
     rows, y = np.asarray(rows, np.int64), np.asarray(y, np.int64)
     icfg = inner_config(cfg)
     probs = np.zeros((len(rows), len(CLASSES)))

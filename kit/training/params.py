@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kit.training.settings import train_config, training_path
 from kit.utils import KitError, read_yaml
 
 OBJECTIVES = ("features", "full")
@@ -74,9 +75,6 @@ def source_path(record: dict, params: dict) -> str | None:
 
 def target_path(cfg: dict | None, params: dict, feature_cache: bool = True) -> str:
     """The path cv takes with nested overrides ``cfg`` over ``params`` (dotted)."""
-    from kit.training.cv import training_path
-    from kit.training.train import train_config
-
     return training_path(train_config(cfg, params), feature_cache)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from kit.metrics import fast_macro_f1
+from kit.training.selection import FoldResult, inner_split
 from kit.utils import KitError
 
 # Inverse regularisation strengths tried on the inner split (standardised features of a few
@@ -82,7 +83,7 @@ def fit_probe(head, source, train_rows, train_y, cfg: dict, *, groups=None, seed
     Parameters
     ----------
     head : LinearProbe
-    source : kit.training.features.FeatureSource
+    source : kit.training.sources.FeatureSource
         Cached embeddings; the probe has no pixel path.
     train_rows, train_y : int arrays
     cfg : dict
@@ -96,12 +97,10 @@ def fit_probe(head, source, train_rows, train_y, cfg: dict, *, groups=None, seed
 
     Returns
     -------
-    kit.training.train.FoldResult
+    kit.training.selection.FoldResult
         ``best_score``: the inner split's macro F1 at the chosen ``C``; ``history``: one
         record per ``C`` tried.
     """
-    from kit.training.train import FoldResult, inner_split
-
     if not hasattr(source, "x"):
         raise KitError(f"{desc}: head.type logreg trains on cached embeddings only; freeze the "
                        "whole backbone (--train-norm none, no --unfreeze-last) or use head.type "

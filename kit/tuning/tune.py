@@ -72,7 +72,7 @@ def trial_order(folds: list[int], seed: int, trial_number: int) -> list[int]:
 
 def known_param_keys() -> set[str]:
     """Dotted keys ``cv --params`` accepts (train.yaml, augment.yaml under ``augment.``)."""
-    from kit.training.train import train_config
+    from kit.training.settings import train_config
 
     return dotted_keys(train_config())
 
@@ -101,14 +101,14 @@ class FeaturesEvaluator:
     objective = "features"
 
     def __init__(self, backbone: str, paths, weights="auto", seed: int = 42, device=None):
-        from kit.training import features
+        from kit.training.fold import prepare
 
-        self._init(features.prepare(backbone, paths, weights=weights, seed=seed,
-                                    device=device, with_test=False))
+        self._init(prepare(backbone, paths, weights=weights, seed=seed, device=device,
+                           with_test=False))
 
     @classmethod
     def from_feature_cv(cls, fcv) -> "FeaturesEvaluator":
-        """An evaluator over an already prepared :class:`kit.training.features.FeatureCV`."""
+        """An evaluator over an already prepared :class:`kit.training.fold.FeatureCV`."""
         self = cls.__new__(cls)
         self._init(fcv)
         return self
@@ -407,7 +407,7 @@ def applies_to(objective: str, params: dict) -> dict:
     ``features`` trains heads on cached embeddings (cv's ``feature_cache`` path), ``full``
     trains as cv does with these params (``pixels`` unless they freeze the whole backbone)."""
     from kit.training.params import source_path
-    from kit.training.train import train_config
+    from kit.training.settings import train_config
 
     cfg = train_config(params=params)
     return {"training_path": source_path({"objective": objective}, params),

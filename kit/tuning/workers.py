@@ -21,6 +21,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kit.paths import Paths
+from kit.process import run_for_user
+from kit.tuning.storage import default_url
+from kit.tuning.tune import run_tune
 from kit.utils import KitError
 
 STOP_GRACE_S = 20  # after SIGINT, how long a stopped worker may take to mark its trial failed
@@ -174,28 +178,26 @@ def _stop(procs) -> None:
 
 
 # --------------------------------------------------------------------------- tune
-def _namespace_json(args, **changes) -> str:
-    """The parsed ``tune`` arguments as JSON (without the launcher's own options)."""
-    data = {k: v for k, v in vars(args).items() if not k.startswith("_") and not callable(v)}
-    data.update(workers=None, gpus=None, **changes)
-    return json.dumps(data)
+def _payload(paths, kwargs: dict, **changes) -> str:
+    """The tune stage's resolved arguments as JSON, for a worker."""
+    return json.dumps({"workdir": str(paths.root), "kwargs": {**kwargs, **changes}})
 
 
-def launch(args) -> int:
-    """``./run.sh tune`` with ``--workers``/``--gpus``: create the studies, run the workers."""
-    from kit.paths import Paths
-    from kit.tuning.storage import default_url
+def launch(paths, kwargs: dict, workers: int | None, gpus_spec: str | None) -> int:
+    """``./run.sh tune`` with ``--workers``/``--gpus``: create the studies, run the workers.
 
-    if getattr(args, "estimate", False):
+    ``kwargs`` are :func:`kit.tuning.tune.run_tune`'s arguments, resolved once by the command;
+    every worker runs that stage with them.
+    """
+    if kwargs.get("estimate"):
         raise KitError("tune --estimate runs in one process; leave out --workers/--gpus")
-    if args.create_only:
+    if kwargs.get("create_only"):
         raise KitError("tune --create-only creates the studies once; leave out --workers/--gpus "
                        "(the launcher does this step itself before starting them)")
-    gpus = assign(args.workers, parse_gpus(args.gpus))
-    paths = Paths.from_root(args.workdir)
+    gpus = assign(workers, parse_gpus(gpus_spec))
     # An explicit storage makes each worker seed its sampler with its own process id too
     # (kit.tuning.tune.make_sampler), so workers that start together do not draw the same trials.
-    storage = args.storage or default_url(paths)
+    storage = kwargs.get("storage") or default_url(paths)
     where = ", ".join(f"w{i}: {'GPU ' + g if g is not None else 'CPU'}"
                       for i, g in enumerate(gpus))
     print(f"tune: {len(gpus)} workers on one storage ({where})", flush=True)
@@ -203,29 +205,27 @@ def launch(args) -> int:
     pythonpath = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
     base = [sys.executable, "-m", "kit.tuning.workers", "--worker"]
     first = gpus[0]
-    create = Worker("create", base + [_namespace_json(args, storage=storage, create_only=True)],
+    create = Worker("create", base + [_payload(paths, kwargs, storage=storage, create_only=True)],
                     {"PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1", **worker_env(first, 1)})
     run_processes([create])
-    workers = []
+    procs = []
     for i, gpu in enumerate(gpus):
         label = f"w{i} {'gpu' + gpu if gpu is not None else 'cpu'}"
         env = {"PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1", "KIT_TUNE_WORKER": str(i),
                **worker_env(gpu, len(gpus))}
-        workers.append(Worker(label, base + [_namespace_json(args, storage=storage)], env))
+        procs.append(Worker(label, base + [_payload(paths, kwargs, storage=storage)], env))
     t0 = time.perf_counter()
-    run_processes(workers)
-    print(f"tune: {len(workers)} workers done in {time.perf_counter() - t0:.0f} s; each "
+    run_processes(procs)
+    print(f"tune: {len(procs)} workers done in {time.perf_counter() - t0:.0f} s; each "
           "backbone's best.yaml holds the study's best", flush=True)
     return 0
 
 
 def _worker_main(payload: str) -> int:
-    """One worker: the ``tune`` command's own ``run`` with the launcher's arguments."""
-    import argparse
-
-    from kit.commands import tune
-
-    return int(tune.run(argparse.Namespace(**json.loads(payload))) or 0)
+    """One worker: the tune stage with the launcher's resolved arguments."""
+    data = json.loads(payload)
+    run_tune(paths=Paths.from_root(data["workdir"]), **data["kwargs"])
+    return 0
 
 
 def main(argv=None) -> int:
@@ -234,8 +234,6 @@ def main(argv=None) -> int:
         print("usage: python -m kit.tuning.workers --worker JSON (started by ./run.sh tune "
               "--workers/--gpus)", file=sys.stderr)
         return 2
-    from kit.cli import run_for_user
-
     return run_for_user(lambda: _worker_main(argv[1]),
                         "interrupted: the running trial is marked failed; rerun to continue")
 

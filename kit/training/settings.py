@@ -1,0 +1,100 @@
+"""The resolved training config (train.yaml + augment.yaml) and what follows from it: the
+views, and which training path (pixels or cached embeddings) cv takes."""
+from __future__ import annotations
+
+from kit.config import dotted_to_nested, load_config, merge
+from kit.training.tta import get_views
+from kit.utils import KitError
+
+
+def train_config(overrides: dict | None = None, params: dict | None = None) -> dict:
+    """The resolved training config: ``train.yaml`` with ``augment.yaml`` as ``augment``.
+
+    Parameters
+    ----------
+    overrides : dict, optional
+        Nested values merged over the defaults (keys must exist), applied last.
+    params : dict, optional
+        Dotted keys (``{"head.depth": 2, "augment.cutmix_alpha": 0.5, "lr": 3e-4}``), as in
+        ``runs/tune/<bb>/best.yaml``; applied before ``overrides``.
+    """
+    cfg = load_config("train")
+    cfg["augment"] = load_config("augment")
+    if params:
+        cfg = merge(cfg, dotted_to_nested(params, "params"), source="params")
+    if overrides:
+        cfg = merge(cfg, {k: v for k, v in overrides.items() if v is not None}, source="config")
+    return _normalise(cfg)
+
+
+def _normalise(cfg: dict) -> dict:
+    """Checks and the settings one setting implies, so every consumer sees one form."""
+    head = cfg["head"]
+    head["type"] = str(head.get("type", "mlp")).lower()
+    if head["type"] == "logreg":
+        # A linear probe is fitted on image-mean embeddings; mean_logprob pooling of its
+        # patch logits is that model exactly (and attention has nothing to train).
+        head["pool"] = "mean_logprob"
+    issues = cfg["label_issues"]
+    mode = issues.get("mode")
+    issues["mode"] = "off" if mode is False or mode is None else str(mode).lower()
+    if issues["mode"] not in LABEL_ISSUE_MODES:
+        raise KitError(f"train: label_issues.mode must be one of {', '.join(LABEL_ISSUE_MODES)} "
+                       f"(got {mode!r})")
+    if str(issues.get("model")) not in ("head", "logreg"):
+        raise KitError(f"train: label_issues.model must be head or logreg "
+                       f"(got {issues.get('model')!r})")
+    bag = cfg.get("bag", 1)
+    if isinstance(bag, bool) or not isinstance(bag, int) or bag < 1:
+        raise KitError(f"train: bag must be an integer >= 1 (got {bag!r})")
+    return cfg
+
+
+LABEL_ISSUE_MODES = ("off", "drop", "weight")
+
+
+def tta_views(spec) -> tuple[str, ...]:
+    """View names from the ``tta`` config: ``none`` (original only), a set name of
+    :mod:`kit.training.tta` (``flips``, ``dihedral``) or a list of view names."""
+
+    if isinstance(spec, str) and spec.strip().lower() in ("none", "off", ""):
+        return ("id",)
+    return get_views(spec)
+
+
+def nothing_trains(cfg: dict) -> bool:
+    """Whether a training config leaves the whole backbone frozen (no norm layer, no block),
+    the case where :func:`features_cv` replaces cv's training at a fraction of the cost.
+
+    In feature space the training augmentation is the random choice among the cached views;
+    colour jitter and CutMix (pixel operations) have no equivalent there.
+    """
+    kinds = cfg.get("train_norm") or ()
+    if isinstance(kinds, str):
+        kinds = kinds.split(",")
+    kinds = [str(k).strip().lower() for k in kinds if str(k).strip().lower() not in ("", "none")]
+    return not kinds and int(cfg.get("unfreeze_last") or 0) == 0
+
+
+PIXEL_AUGMENT = ("augment.cutmix_alpha", "augment.color_jitter.p", "augment.he_stain.p",
+                 "augment.rot90", "augment.hflip", "augment.vflip")
+
+
+def training_path(cfg: dict, feature_cache: bool = True) -> str:
+    """``feature_cache`` when nothing in the backbone trains
+    (:func:`kit.training.settings.nothing_trains`) and the cache is allowed, else ``pixels``."""
+
+    return "feature_cache" if feature_cache and nothing_trains(cfg) else "pixels"
+
+
+def pixel_augment_not_applied(cfg: dict) -> dict:
+    """The pixel augmentation settings of ``cfg`` that the feature-cache path cannot apply
+    (non-zero probabilities / alpha), as dotted keys."""
+    out = {}
+    for key in PIXEL_AUGMENT:
+        node = cfg
+        for part in key.split("."):
+            node = node.get(part, 0) if isinstance(node, dict) else 0
+        if node:
+            out[key] = node
+    return out
