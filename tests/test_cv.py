@@ -258,32 +258,31 @@ def _tree(out: Path) -> set[str]:
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory):
     """A frozen-backbone run (cache path) counting the calls of both training paths."""
-    import kit.training.features
-    import kit.training.train
+    import kit.training.cv
 
     paths = make_workdir(tmp_path_factory.mktemp("cvf") / "w", n_folds=3)
-    calls = {"features_cv": 0, "fit_fold": 0}
-    real_features_cv, real_fit_fold = kit.training.features.features_cv, kit.training.train.fit_fold
+    calls = {"features_cv": 0, "pixel_fold": 0}
+    real_features_cv, real_train_fold = kit.training.cv.features_cv, kit.training.cv._train_fold
 
     def features_cv(*a, **kw):
         calls["features_cv"] += 1
         return real_features_cv(*a, **kw)
 
-    def fit_fold(*a, **kw):
-        calls["fit_fold"] += 1
-        return real_fit_fold(*a, **kw)
+    def pixel_fold(*a, **kw):
+        calls["pixel_fold"] += 1
+        return real_train_fold(*a, **kw)
 
     log = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(log):
-        mp.setattr(kit.training.features, "features_cv", features_cv)
-        mp.setattr(kit.training.train, "fit_fold", fit_fold)
+        mp.setattr(kit.training.cv, "features_cv", features_cv)
+        mp.setattr(kit.training.cv, "_train_fold", pixel_fold)
         metrics = _run(paths, cfg=FROZEN, seed=5)
     return paths, metrics, dict(calls), log.getvalue()
 
 
 def test_a_frozen_backbone_trains_heads_on_cached_embeddings(cached):
     paths, metrics, calls, log = cached
-    assert calls == {"features_cv": 1, "fit_fold": 0}  # one cache pass, no pixel training
+    assert calls == {"features_cv": 1, "pixel_fold": 0}  # one cache pass, no pixel training
     assert metrics["training_path"] == "feature_cache"
     assert "frozen backbone: training heads on cached embeddings" in log
     assert "pixel augmentation is not applied" in log and "augment.cutmix_alpha=1.0" in log
@@ -440,9 +439,6 @@ def test_scrambling_a_folds_labels_leaves_its_oof_rows_unchanged(tmp_path, cfg, 
     assert not all(np.array_equal(rows_after[k], rows_before[k]) for k in (0, 2))
 
 
-FROZEN = {**CFG, "epochs": 4, "lr": 0.01, "train_norm": [], "unfreeze_last": 0}
-
-
 @pytest.mark.parametrize("cfg", [
     {**FROZEN, "label_issues": {"mode": "drop", "inner_folds": 3}, "bag": 2},
     {**FROZEN, "label_issues": {"mode": "weight", "model": "logreg", "inner_folds": 3}},
@@ -528,3 +524,16 @@ def test_the_inner_split_keeps_the_folds_files_groups_together(tmp_path):
         stop = set(mark["selection"]["stop_samples"])
         fit = set(mark["train_samples"]) - stop
         assert stop and {group[s] for s in stop}.isdisjoint({group[s] for s in fit})
+
+
+def test_the_embedding_cache_settings_are_part_of_cvs_config(tmp_path):
+    """``cv --set features.<key>=...`` reaches the cache: one config, resolved once."""
+    from kit.config import stage_overrides
+
+    paths = make_workdir(tmp_path / "w", n_folds=3)
+    cfg = {**FROZEN, **stage_overrides(None, ["features.dtype=float32", "features.batch_size=8"])}
+    metrics = _run(paths, cfg=cfg, seed=1)
+    assert metrics["feature_cache"]["dtype"] == "float32"
+    assert metrics["config"]["features"]["batch_size"] == 8
+    meta = json.loads(next((paths.features_dir / BB).glob("train-*/meta.json")).read_text())
+    assert meta["dtype"] == "float32"

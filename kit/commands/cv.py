@@ -3,8 +3,10 @@ from __future__ import annotations
 
 
 def add_arguments(parser):
-    parser.add_argument("backbone", help="backbone to train (tiny_cnn, tiny_vit, efficientnet_b0, "
-                                         "convnext_tiny, phikon)")
+    from kit.models.backbones import describe_backbones  # the registry: every backbone
+
+    parser.add_argument("backbone", help="backbone to train: " + "; ".join(
+        describe_backbones(notes=False)))
     parser.add_argument("--weights", default="auto",
                         help="auto (pretrained: local folder, cache, else download), random, "
                              "or a weights file/folder (default: auto)")

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 
 def add_arguments(parser):
+    from kit.models.backbones import describe_backbones  # the registry: every backbone
+
     parser.add_argument("backbones", nargs="*", metavar="BACKBONE",
-                        help="backbones to tune, one study each (e.g. efficientnet_b0 phikon)")
+                        help="backbones to tune, one study each: " + "; ".join(
+                            describe_backbones(notes=False)))
     parser.add_argument("--objective", choices=("features", "full"),
                         help="features: head on cached frozen embeddings (seconds per trial); "
                              "full: trains as cv does (default: kit/conf/tune.yaml, features)")

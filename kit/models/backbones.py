@@ -247,18 +247,50 @@ def _side(size) -> int:
 
 
 # --------------------------------------------------------------------------- registry
-def register_backbone(name: str):
-    """Decorator: register ``builder(weights, **kwargs) -> Backbone`` under ``name``."""
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What the registry says of a backbone, for ``--help`` and the README."""
+
+    name: str
+    input_size: int | None  # the side it was trained at; None: a CNN, run at the patch size
+    gated: bool = False  # its weights need a licence accepted on the Hub first
+    note: str = ""
+
+
+_INFO: dict[str, BackboneInfo] = {}
+
+
+def register_backbone(name: str, input_size: int | None = None, gated: bool = False,
+                      note: str = ""):
+    """Decorator: register ``builder(weights, **kwargs) -> Backbone`` under ``name``, with
+    its native input size, whether its weights are gated, and a short note."""
     def decorate(builder):
         if name in _REGISTRY:
             raise ValueError(f"backbone {name!r} registered twice")
         _REGISTRY[name] = builder
+        _INFO[name] = BackboneInfo(name, input_size, gated, note)
         return builder
     return decorate
 
 
 def list_backbones() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def backbone_info(name: str) -> BackboneInfo:
+    return _INFO[name]
+
+
+def describe_backbones(notes: bool = True) -> list[str]:
+    """One line per registered backbone: name, input size, gated weights (and a note)."""
+    lines = []
+    for name in list_backbones():
+        info = _INFO[name]
+        size = f"{info.input_size} px" if info.input_size else "CNN, at the patch size"
+        gated = ", gated weights" if info.gated else ""
+        note = f": {info.note}" if notes and info.note else ""
+        lines.append(f"{name} ({size}{gated}){note}")
+    return lines
 
 
 def create_backbone(name: str, weights: str | os.PathLike = "auto", **kwargs) -> Backbone:
@@ -334,13 +366,13 @@ def _timm_builder(name: str, arch: str, cls: type[TimmBackbone]):
     return build
 
 
-register_backbone("efficientnet_b0")(_timm_builder("efficientnet_b0", "efficientnet_b0",
+register_backbone("efficientnet_b0", note="timm, ImageNet")(_timm_builder("efficientnet_b0", "efficientnet_b0",
                                                    EfficientNetBackbone))
-register_backbone("convnext_tiny")(_timm_builder("convnext_tiny", "convnext_tiny",
+register_backbone("convnext_tiny", note="timm, ImageNet")(_timm_builder("convnext_tiny", "convnext_tiny",
                                                  ConvNeXtBackbone))
 
 
-@register_backbone("tiny_cnn")
+@register_backbone("tiny_cnn", note="small CNN for tests and benchmarks, no pretrained weights")
 def _build_tiny_cnn(weights, patch_size, phikon_mode, vit_config) -> Backbone:
     _no_vit_config("tiny_cnn", vit_config)
     path = weights_path("tiny_cnn", weights)
@@ -400,10 +432,10 @@ def _vit_builder(name: str, repo: str | None, base_config: dict, family: str = "
     return build
 
 
-register_backbone("phikon")(_vit_builder("phikon", PHIKON_REPO, PHIKON_CONFIG))
-register_backbone("phikon_v2")(_vit_builder("phikon_v2", PHIKON_V2_REPO, PHIKON_V2_CONFIG,
+register_backbone("phikon", 224, note="Owkin, histology ViT-B/16")(_vit_builder("phikon", PHIKON_REPO, PHIKON_CONFIG))
+register_backbone("phikon_v2", 224, note="Owkin, histology ViT-L/16")(_vit_builder("phikon_v2", PHIKON_V2_REPO, PHIKON_V2_CONFIG,
                                             family="dinov2"))
-register_backbone("tiny_vit")(_vit_builder("tiny_vit", None, TINY_VIT_CONFIG))
+register_backbone("tiny_vit", 224, note="small ViT for tests, no pretrained weights")(_vit_builder("tiny_vit", None, TINY_VIT_CONFIG))
 
 
 def _hf_classes(family: str):
@@ -573,7 +605,9 @@ def _timm_vit_builder(name: str):
 
 
 for _name in ("uni", "h_optimus_0", "virchow2"):
-    register_backbone(_name)(_timm_vit_builder(_name))
+    _spec = FOUNDATION_MODELS[_name]
+    register_backbone(_name, _spec.input_size, _spec.gated, note=_spec.repo)(
+        _timm_vit_builder(_name))
 
 
 @contextlib.contextmanager

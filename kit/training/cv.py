@@ -30,7 +30,6 @@ import numpy as np
 import pandas as pd
 
 from kit import CLASSES, PROB_COLUMNS
-from kit.config import load_config
 from kit.data.folds import load_folds
 from kit.data.patches import load_patches
 from kit.metrics import (bootstrap_ci, classification_summary, collapse_reason, format_ci,
@@ -55,7 +54,9 @@ from kit.utils import (KitError, atomic_write_csv, atomic_write_json, package_ve
 
 FLOAT_FORMAT = "%.7g"
 # Config keys that change speed, not results: they do not invalidate finished folds.
-_NOT_HASHED = ("num_workers", "eval_batch_size")
+# The embedding cache's settings (``features``) are left out too: what changes the vectors (the
+# dtype, autocast) is in the cache key, and the dtype enters the hash on its own.
+_NOT_HASHED = ("num_workers", "eval_batch_size", "features")
 _ASSEMBLED = ("oof.csv", "test.csv", "metrics.json", "confusion.png", "config.yaml",
               "attention.csv", "label_issues.csv")
 
@@ -427,10 +428,10 @@ def _frozen_features(ctx: CVRun):
 
         if not is_oom(exc):
             raise
-        size = load_config("features")["batch_size"]
+        size = int(cfg["features"]["batch_size"])
         raise KitError(f"out of memory while embedding patches for the feature cache, {size} "
-                       f"patches a batch on {ctx.device}; lower batch_size in "
-                       "kit/conf/features.yaml (finished folds are kept)")
+                       f"patches a batch on {ctx.device}; lower it, e.g. --set "
+                       f"features.batch_size={max(1, size // 2)} (finished folds are kept)")
     return bb, fcv
 
 
@@ -673,7 +674,7 @@ def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
     marks = _check_folds_unchanged(out, folds_sha, n_folds)
     keys = {"train": train.key, "test": test.key}
     path = training_path(cfg, feature_cache)
-    dtype = load_config("features")["dtype"] if path == "feature_cache" else None
+    dtype = cfg["features"]["dtype"] if path == "feature_cache" else None
     dev = pick_device(device)
     ctx = CVRun(paths=paths, backbone=backbone, weights=weights, seed=int(seed), cfg=cfg,
                 views=views, folds=folds, folds_sha=folds_sha, train=train, test=test, out=out,

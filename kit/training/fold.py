@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from kit import CLASSES, PROB_COLUMNS
-from kit.config import load_config
+from kit.config import merge
 from kit.data.folds import load_folds
 from kit.data.patches import load_patches
 from kit.metrics import collapse_reason, macro_f1, prob_frame, weighted_f1
@@ -219,7 +219,7 @@ def prepare(backbone, paths, params: dict | None = None, cfg: dict | None = None
     folds, _ = load_folds(paths)
     train = load_patches(paths, "train")
     test = load_patches(paths, "test") if with_test else None
-    fcfg = load_config("features", features_cfg)
+    fcfg = merge(tcfg["features"], features_cfg or {}, source="features")
     dev = pick_device(None if fcfg["device"] == "auto" else fcfg["device"]) \
         if device is None else pick_device(device)
     if isinstance(backbone, str):

@@ -8,7 +8,8 @@ from kit.utils import KitError
 
 
 def train_config(overrides: dict | None = None, params: dict | None = None) -> dict:
-    """The resolved training config: ``train.yaml`` with ``augment.yaml`` as ``augment``.
+    """The resolved training config: ``train.yaml`` with ``augment.yaml`` as ``augment`` and
+    ``features.yaml`` (the embedding cache) as ``features``, so that one ``--set`` reaches all.
 
     Parameters
     ----------
@@ -20,6 +21,7 @@ def train_config(overrides: dict | None = None, params: dict | None = None) -> d
     """
     cfg = load_config("train")
     cfg["augment"] = load_config("augment")
+    cfg["features"] = load_config("features")
     if params:
         cfg = merge(cfg, dotted_to_nested(params, "params"), source="params")
     if overrides:
