@@ -109,14 +109,13 @@ def test_a_killed_worker_is_reported_as_killed():
 
 
 def test_launcher_refuses_estimate_and_create_only():
-    import argparse
+    from kit.paths import Paths
 
-    base = dict(workers=2, gpus=None, create_only=False, estimate=False, workdir=".",
-                storage=None)
+    paths = Paths.from_root(".")
     with pytest.raises(KitError, match="--estimate runs in one process"):
-        tune_workers.launch(argparse.Namespace(**{**base, "estimate": True}))
+        tune_workers.launch(paths, {"estimate": True, "create_only": False}, 2, None)
     with pytest.raises(KitError, match="--create-only creates the studies once"):
-        tune_workers.launch(argparse.Namespace(**{**base, "create_only": True}))
+        tune_workers.launch(paths, {"estimate": False, "create_only": True}, 2, None)
 
 
 # --------------------------------------------------------------------------- end to end
