@@ -13,3 +13,7 @@ __version__ = "0.1.0"
 CLASSES = ("Luminal A", "Luminal B", "HER2(+)", "Triple negative")
 # Probability columns of every OOF/test file: "p_" + the label string, in class order.
 PROB_COLUMNS = [f"p_{c}" for c in CLASSES]
+
+# The `kit` logger's console handler: every stage's status lines come out on stdout as plain
+# lines, whoever imports the kit (the CLI, a notebook, the tests).
+from kit import log  # noqa: E402,F401

@@ -12,6 +12,7 @@ import shutil
 import sys
 
 from kit import __version__
+from kit.log import set_verbosity
 from kit.process import run_for_user
 
 # name -> one-line help; the module is kit.commands.<name with - replaced by _>
@@ -54,6 +55,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default=os.environ.get("KIT_WORKDIR", "."),
                         help="where folds/, runs/ and submissions/ live (default: .)")
     parser.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
+    quiet = parser.add_mutually_exclusive_group()
+    quiet.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1,
+                       default=0, help="warnings and results only")
+    quiet.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1,
+                       help="debug lines too")
 
 
 class _CommandListFormatter(argparse.RawDescriptionHelpFormatter):
@@ -102,6 +108,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     args = parser.parse_args(argv)
+    set_verbosity(getattr(args, "verbosity", 0))
     return run_for_user(lambda: args._run(args),
                         "interrupted: finished outputs are kept; rerun the same command to "
                         "resume")

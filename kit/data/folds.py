@@ -20,6 +20,7 @@ hence :func:`run_folds` refuses to overwrite a different split unless ``force=Tr
 from __future__ import annotations
 
 import io
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -35,6 +36,8 @@ from kit.data.neardup import near_duplicates_csv, read_near_duplicates
 from kit.paths import Paths
 from kit.utils import (KitError, atomic_write_bytes, check_random_state, connected_components,
                        read_csv_columns, sha256_bytes, sha256_file, write_config)
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ("sample_index", "label", "fold", "group")
 # Written before the group column existed: still read (cv's inner split then keeps each image
@@ -253,10 +256,10 @@ def run_folds(data, paths: Paths, cfg: dict | None = None, seed: int = 42, force
         "groups_csv": str(paths.groups_csv) if extra else None, "grouping": grouping,
         "outliers_csv_sha256": sha256_file(paths.outliers_csv) if paths.outliers_csv.exists() else None,
         "folds_csv": str(paths.folds_csv), "folds_sha256": sha256_bytes(content)})
-    print(f"{len(df)} clean training images in {n_groups} groups "
-          f"({len(df) - n_groups} images share a group with another; grouped by "
-          f"{', '.join(grouping['sources'])})")
-    print(fold_table(df, int(cfg["n_splits"])))
+    log.info(f"{len(df)} clean training images in {n_groups} groups "
+             f"({len(df) - n_groups} images share a group with another; grouped by "
+             f"{', '.join(grouping['sources'])})")
+    log.info(fold_table(df, int(cfg["n_splits"])))
     return df
 
 

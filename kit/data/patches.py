@@ -20,6 +20,7 @@ worker whatever the dataset size.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from kit.utils import KitError, n_workers
+
+log = logging.getLogger(__name__)
 
 # Bump when the way patches are cut changes, so that old caches are rebuilt.
 CODE_VERSION = "patches-2"
@@ -520,8 +523,8 @@ def run_patches(data, paths, cfg: dict | None = None, splits=SPLITS, skip_bad: b
         key = cache_key(samples, cfg, split, workers)
         shape = (len(samples), cfg["top_k"], cfg["size"], cfg["size"], 3)
         if _cache_valid(out, key, shape):
-            print(f"patches {split}: cache hit ({out}, {len(samples)} images, "
-                  f"{time.perf_counter() - t0:.1f} s)")
+            log.info(f"patches {split}: cache hit ({out}, {len(samples)} images, "
+                     f"{time.perf_counter() - t0:.1f} s)")
             out_sets[split] = load_patches(paths, split)
             continue
         (out / "meta.json").unlink(missing_ok=True)  # meta.json is written last: the commit mark
@@ -544,8 +547,8 @@ def run_patches(data, paths, cfg: dict | None = None, splits=SPLITS, skip_bad: b
             print(f"warning: patches {split}: {len(skipped)} image(s) with too little tissue "
                   f"for stain normalisation, left as they are: {', '.join(skipped)}",
                   file=sys.stderr)
-        print(f"patches {split}: built {len(samples)} x {cfg['top_k']} patches of "
-              f"{cfg['size']} px -> {out} ({time.perf_counter() - t0:.1f} s)")
+        log.info(f"patches {split}: built {len(samples)} x {cfg['top_k']} patches of "
+                 f"{cfg['size']} px -> {out} ({time.perf_counter() - t0:.1f} s)")
         out_sets[split] = load_patches(paths, split)
     return out_sets
 

@@ -2,6 +2,7 @@
 for random weights."""
 from __future__ import annotations
 
+import logging
 import numpy as np
 from torch import nn
 
@@ -11,6 +12,8 @@ from kit.models.backbones import (count_trainable, create_backbone, freeze_backb
 from kit.models.heads import MILClassifier, PatchClassifier, create_head, is_mil
 from kit.training.checkpoints import weights_digest
 from kit.utils import KitError, sha256_text
+
+log = logging.getLogger(__name__)
 
 
 def build_model(backbone: str, cfg: dict, weights="auto", num_classes: int = len(CLASSES),
@@ -59,9 +62,9 @@ def recalibrate_random(backbone, cfg: dict, array, rows=None, device="cpu",
         backbone.state_digest = sha256_text(
             f"{before}|adabn|{data_key}|{rows_id}|{bs}|{max_patches}")
     if random:
-        print(f"{backbone.name}: WARNING: random weights: features of a random frozen network "
-              "carry little signal (BatchNorm statistics recalibrated on "
-              f"{used} training patches); use pretrained weights for a real score")
+        log.warning(f"{backbone.name}: WARNING: random weights: features of a random frozen network "
+                    "carry little signal (BatchNorm statistics recalibrated on "
+                    f"{used} training patches); use pretrained weights for a real score")
     return used
 
 

@@ -21,6 +21,7 @@ records it in ``metrics.json`` (``training_path``, ``feature_cache.not_applied``
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ from kit.training.sources import FeatureSource, PixelSource, attention_weights, 
 from kit.training.train import fit
 from kit.utils import (KitError, atomic_write_csv, atomic_write_json, package_versions,
                        seed_everything, sha256_file, sha256_text, write_config)
+
+log = logging.getLogger(__name__)
 
 FLOAT_FORMAT = "%.7g"
 # Config keys that change speed, not results: they do not invalidate finished folds.
@@ -106,7 +109,7 @@ def resolve_params(spec, paths: Paths, backbone: str, cfg: dict | None = None,
         sha = sha256_file(paths.folds_csv)
     found = resolve(spec, paths, backbone, cfg, feature_cache, sha)
     for note in found.notes:
-        print(f"{backbone}: {note}")
+        log.info(f"{backbone}: {note}")
     if with_source:
         return found.params, found.description, found.source
     return found.params, found.description
@@ -237,8 +240,8 @@ def _train_fold(k: int, ctx: CVRun) -> dict:
                                          patch_size=int(train.array.shape[2]))
         recalibrate_random(model.backbone, cfg, train.array, tr.row.values, ctx.device)
         if not ctx.printed:
-            print(f"{ctx.backbone}: {n_trainable:,} trainable parameters "
-                  f"(weights: {model.backbone.weights_source})")
+            log.info(f"{ctx.backbone}: {n_trainable:,} trainable parameters "
+                     f"(weights: {model.backbone.weights_source})")
             ctx.printed = True
         full = _full_checkpoint(cfg, model.backbone.weights_source)
         mdesc = desc if n_bag == 1 else f"{desc} bag {b + 1}/{n_bag}"
@@ -258,7 +261,7 @@ def _train_fold(k: int, ctx: CVRun) -> dict:
         "weights_source": model.backbone.weights_source, "trainable_params": n_trainable,
         **_fit_record(members[0], tr), **_bag_record(members, tr),
         **_issues_record(k, ctx, issues), "seed": seed})
-    print(f"{desc}: {_fit_line(members[0], mark)}")
+    log.info(f"{desc}: {_fit_line(members[0], mark)}")
     return mark
 
 
@@ -267,8 +270,8 @@ def _issue_source(ctx: CVRun):
     cross-validation trains heads (seconds, where pixels would take hours); built once."""
     if ctx.issue_source is None:
 
-        print(f"{ctx.backbone}: label_issues: inner cross-validation on the frozen backbone's "
-              "cached embeddings")
+        log.info(f"{ctx.backbone}: label_issues: inner cross-validation on the frozen backbone's "
+                 "cached embeddings")
         _, fcv = _frozen_features(ctx)
         ctx.issue_source = FeatureSource(fcv.x, ctx.cfg, ctx.device)
     return ctx.issue_source
@@ -388,8 +391,8 @@ def _feature_folds(pending: list[int], ctx: CVRun) -> dict[int, dict]:
         fit, desc = pred.fit, f"{ctx.backbone} fold {k}"
         n_trainable = sum(p.numel() for p in fit.head.parameters())
         if not ctx.printed:
-            print(f"{ctx.backbone}: {n_trainable:,} trainable parameters, the head only "
-                  f"(weights: {bb.weights_source})")
+            log.info(f"{ctx.backbone}: {n_trainable:,} trainable parameters, the head only "
+                     f"(weights: {bb.weights_source})")
             ctx.printed = True
         tr = ctx.folds[ctx.folds.fold != k]
         record = _fit_record(fit, tr)
@@ -404,7 +407,7 @@ def _feature_folds(pending: list[int], ctx: CVRun) -> dict[int, dict]:
             **record, **_bag_record(pred.members or [fit], tr),
             **_issues_record(k, ctx, pred.issues), "seed": ctx.seed + k,
             "feature_cache": info})
-        print(f"{desc}: {_fit_line(fit, marks[k])} (head on cached embeddings)")
+        log.info(f"{desc}: {_fit_line(fit, marks[k])} (head on cached embeddings)")
 
     features_cv(fcv, ctx.paths, folds=pending, on_fold=write)
     return marks
@@ -681,25 +684,25 @@ def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
                 keys=keys, n_folds=n_folds, device=dev, params_desc=params_desc,
                 params_source=params_source, training_path=path,
                 hash=config_hash(backbone, weights, seed, cfg, keys, path, dtype, dev.type))
-    print(f"{backbone}: {n_folds} folds, {len(folds)} training images, {len(test.samples)} "
-          f"test images, device {ctx.device}, params: {params_desc}")
+    log.info(f"{backbone}: {n_folds} folds, {len(folds)} training images, {len(test.samples)} "
+             f"test images, device {ctx.device}, params: {params_desc}")
     if is_mil_config(cfg["head"]) and path == "pixels" and \
             float(cfg["augment"].get("cutmix_alpha") or 0) > 0:
-        print(f"{backbone}: head.pool attention trains on whole images: CutMix (which mixes "
-              "patches of two classes) is not applied")
+        log.info(f"{backbone}: head.pool attention trains on whole images: CutMix (which mixes "
+                 "patches of two classes) is not applied")
     if path == "feature_cache":
         _explain_feature_cache(backbone, cfg, views)
     elif training_path(cfg) == "feature_cache":
-        print(f"{backbone}: frozen backbone, but --no-feature-cache: training on pixels")
+        log.info(f"{backbone}: frozen backbone, but --no-feature-cache: training on pixels")
     t0 = time.perf_counter()
     todo = []
     for k in ([int(fold)] if fold is not None else range(n_folds)):
         mark = marks.get(k)
         if mark is not None and mark.get("config_hash") == ctx.hash:
-            print(f"{backbone} fold {k}: done earlier (macro F1 {mark['macro_f1']:.3f}), skipped")
+            log.info(f"{backbone} fold {k}: done earlier (macro F1 {mark['macro_f1']:.3f}), skipped")
             continue
         if mark is not None:
-            print(f"{backbone} fold {k}: config changed since it was trained; retraining")
+            log.info(f"{backbone} fold {k}: config changed since it was trained; retraining")
         todo.append(k)
     if todo and path == "feature_cache":  # one embedding pass, then a head per fold
         marks.update(_feature_folds(todo, ctx))
@@ -710,27 +713,27 @@ def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
                if k not in marks or marks[k].get("config_hash") != ctx.hash]
     if pending:
         names = ", ".join(map(str, pending))
-        print(f"{backbone}: fold(s) {names} not done with this config yet; outputs assemble "
-              f"once they are (./run.sh cv {backbone} trains them)")
+        log.info(f"{backbone}: fold(s) {names} not done with this config yet; outputs assemble "
+                 f"once they are (./run.sh cv {backbone} trains them)")
         return {"assembled": False, "pending": pending, "folds": marks}
     metrics = _assemble(ctx, marks)
     for f in metrics["per_fold"]:
         if f["collapsed"]:
-            print(f"{backbone} fold {f['fold']}: WARNING: collapsed model: {f['collapsed']}")
+            log.warning(f"{backbone} fold {f['fold']}: WARNING: collapsed model: {f['collapsed']}")
     if metrics["collapsed"]:
-        print(f"{backbone}: WARNING: the OOF predictions look collapsed: {metrics['collapsed']}; "
-              "the model learnt nothing its score can show (check the weights and features)")
+        log.warning(f"{backbone}: WARNING: the OOF predictions look collapsed: {metrics['collapsed']}; "
+                    "the model learnt nothing its score can show (check the weights and features)")
     tag = "" if metrics["selection"]["epochs_honest"] else \
         " [OPTIMISTIC: epochs chosen on these OOF images, early_stopping oof]"
     li = metrics["label_issues"]
     if li["mode"] != "off":
-        print(f"{backbone}: label_issues {li['mode']}: {li['n_flagged']} of {li['n_images']} "
-              f"training images flagged by at least one fold -> {li['file']}")
-    print(f"{backbone}: OOF macro F1 "
-          f"{format_ci(metrics['oof_macro_f1'], metrics['oof_macro_f1_ci95'])}{tag} (weighted "
-          f"{metrics['oof_weighted_f1']:.3f}) over {metrics['n_oof']} images, "
-          f"{metrics['trainable_params']:,} trainable parameters, "
-          f"{time.perf_counter() - t0:.0f} s -> {out}")
+        log.info(f"{backbone}: label_issues {li['mode']}: {li['n_flagged']} of {li['n_images']} "
+                 f"training images flagged by at least one fold -> {li['file']}")
+    log.info(f"{backbone}: OOF macro F1 "
+             f"{format_ci(metrics['oof_macro_f1'], metrics['oof_macro_f1_ci95'])}{tag} (weighted "
+             f"{metrics['oof_weighted_f1']:.3f}) over {metrics['n_oof']} images, "
+             f"{metrics['trainable_params']:,} trainable parameters, "
+             f"{time.perf_counter() - t0:.0f} s -> {out}")
     return metrics
 
 
@@ -738,9 +741,9 @@ def _explain_feature_cache(backbone: str, cfg: dict, views) -> None:
     """Say which path runs and what it does not apply, before any work starts."""
 
     skipped = pixel_augment_not_applied(cfg)
-    print(f"{backbone}: frozen backbone: training heads on cached embeddings (runs/features/"
-          f"{backbone}/; --no-feature-cache trains on pixels instead)")
+    log.info(f"{backbone}: frozen backbone: training heads on cached embeddings (runs/features/"
+             f"{backbone}/; --no-feature-cache trains on pixels instead)")
     if skipped:
-        print(f"{backbone}: pixel augmentation is not applied on this path ("
-              f"{', '.join(f'{k}={v}' for k, v in skipped.items())}); each patch is drawn in "
-              f"a random cached view ({', '.join(cache_views(views))}) per epoch instead")
+        log.info(f"{backbone}: pixel augmentation is not applied on this path ("
+                 f"{', '.join(f'{k}={v}' for k, v in skipped.items())}); each patch is drawn in "
+                 f"a random cached view ({', '.join(cache_views(views))}) per epoch instead")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -21,6 +22,8 @@ from kit.training.checkpoints import weights_digest
 from kit.training.device import amp_dtype, pick_device
 from kit.training.tta import apply_view
 from kit.utils import KitError, atomic_write_json, progress, seed_everything, sha256_text, write_config
+
+log = logging.getLogger(__name__)
 
 
 CODE_VERSION = "features-1"
@@ -137,8 +140,8 @@ def load_or_embed(backbone, patches, paths, split: str, views, cfg: dict | None 
                         desc=f"embed {backbone.name} {split}", amp=autocast or "off")
             stored, problem = storage_dtype(full, dtype)
             if problem:
-                print(f"features: {backbone.name} {split}: {problem}; stored as {stored} "
-                      "instead of float16")
+                log.info(f"features: {backbone.name} {split}: {problem}; stored as {stored} "
+                         "instead of float16")
             out = open_memmap(tmp / "features.npy", mode="w+", dtype=stored, shape=shape)
             out[:] = full
             out.flush()
@@ -155,8 +158,8 @@ def load_or_embed(backbone, patches, paths, split: str, views, cfg: dict | None 
             _publish(tmp, folder, key)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        print(f"features: embedded {n} x {k} {split} patches x {len(views)} views with "
-              f"{backbone.name} in {meta['seconds']:.1f} s -> {folder}")
+        log.info(f"features: embedded {n} x {k} {split} patches x {len(views)} views with "
+                 f"{backbone.name} in {meta['seconds']:.1f} s -> {folder}")
     meta = json.loads((folder / "meta.json").read_text())
     array = np.load(folder / "features.npy", mmap_mode="r")
     if array.shape[:2] != patches.array.shape[:2]:

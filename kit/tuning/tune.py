@@ -21,6 +21,7 @@ Outputs in ``runs/tune/<backbone>/``: ``best.yaml`` (``params`` as dotted config
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -32,11 +33,14 @@ from pathlib import Path
 import numpy as np
 
 from kit.config import load_config
+from kit.log import capture
 from kit.metrics import bootstrap_ci, format_ci, macro_f1
 from kit.tuning.search_space import Space, dotted_keys, load_space
 from kit.tuning.storage import default_url, describe, make_storage
 from kit.utils import (KitError, atomic_path, atomic_write_csv, check_random_state, sha256_text,
                        write_config)
+
+log = logging.getLogger(__name__)
 
 OBJECTIVES = ("features", "full")
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # recorded per trial: who ran it
@@ -171,18 +175,14 @@ class FullEvaluator:
         paths = ScratchPaths(self.paths.root, scratch)
 
         def run(k: int) -> FoldScore:
-            import contextlib
-            import io
-
             import pandas as pd
 
-            log = io.StringIO()
-            with contextlib.redirect_stdout(log):  # cv's run-level lines would mislead here
+            with capture() as lines:  # cv's run-level lines would mislead here
                 run_cv(self.backbone, paths, seed=self.seed, weights=self.weights, fold=k,
                        params=dict(params), device=self.device)
-            for line in log.getvalue().splitlines():
+            for line in lines:
                 if line.startswith(f"{self.backbone} fold {k}:"):
-                    print(f"  {line}", flush=True)  # the fold's summary: epochs, F1, time
+                    log.info(f"  {line}")  # the fold's summary: epochs, F1, time
             df = pd.read_csv(scratch / self.backbone / f"fold_{k}" / "oof.csv",
                              dtype={"sample_index": str, "label": str}, keep_default_na=False)
             y, probs = to_indices(df.label.to_numpy()), df[PROB_COLUMNS].to_numpy()
@@ -374,9 +374,9 @@ def wait_for_running(study, n_trials: int, interval: float, limit: float | None 
         if limit is not None and time.monotonic() - t0 > limit:
             return max(0, n_trials - done)
         if not told:
-            print(f"tune: {done} finished + {running} running trial(s) fill the target of "
-                  f"{n_trials}; waiting for them (a dead worker's trial is failed and "
-                  "re-queued once its heartbeat is older than the grace period)", flush=True)
+            log.info(f"tune: {done} finished + {running} running trial(s) fill the target of "
+                     f"{n_trials}; waiting for them (a dead worker's trial is failed and "
+                     "re-queued once its heartbeat is older than the grace period)")
             told = True
         time.sleep(interval)
 
@@ -459,7 +459,7 @@ def best_record(study, evaluator, space: Space, folds: list[int], seed: int,
     if search_folds != all_folds:
         cached = (study.user_attrs.get("rescored") or {}).get(str(best.number))
         if not isinstance(cached, dict) and rescore:  # none yet, or an older kit's bare float
-            print(f"tune: re-scoring trial {best.number} on all {len(all_folds)} folds")
+            log.info(f"tune: re-scoring trial {best.number} on all {len(all_folds)} folds")
             run_fold, cleanup = evaluator.trial(params, f"{study.study_name}-best{best.number}")
             try:
                 value, scores = evaluate(run_fold, all_folds)
@@ -542,7 +542,7 @@ def plot_study(study, out: Path) -> list[str]:
             notes.append(f"{fname}: skipped ({str(exc).splitlines()[0][:120]})")
             plt.close("all")
     for note in notes:
-        print(f"tune: {note}")
+        log.info(f"tune: {note}")
     return notes
 
 
@@ -604,9 +604,9 @@ def nested_estimate(bb: str, paths, cfg: dict, space: Space, n_trials: int, weig
                       "macro_f1": float(pred.macro_f1), "search_score": float(best.value),
                       "trial": int(best.number), "trials": _finished(study),
                       "params": params, "seconds": round(time.perf_counter() - t0, 2)})
-        print(f"tune {bb} --estimate: outer fold {o}: search on folds "
-              f"{','.join(map(str, inner))} best {best.value:.4f} (trial {best.number} of "
-              f"{_finished(study)}), outer fold macro F1 {pred.macro_f1:.4f}", flush=True)
+        log.info(f"tune {bb} --estimate: outer fold {o}: search on folds "
+                 f"{','.join(map(str, inner))} best {best.value:.4f} (trial {best.number} of "
+                 f"{_finished(study)}), outer fold macro F1 {pred.macro_f1:.4f}")
     y = np.concatenate([p.y for p in preds])
     probs = np.concatenate([p.probs for p in preds])
     fold_scores = [r["macro_f1"] for r in outer]
@@ -649,8 +649,8 @@ def run_estimate(bb: str, paths, cfg: dict, space_file, weights, seed: int, devi
     if n_trials < 1:
         raise KitError(f"--estimate-trials must be >= 1 (got {n_trials})")
     space = load_space(bb, "features", space_file, cfg["space"], known_param_keys())
-    print(f"tune {bb} --estimate: nested, {n_trials} trials per outer fold (the study and "
-          "best.yaml are not touched)", flush=True)
+    log.info(f"tune {bb} --estimate: nested, {n_trials} trials per outer fold (the study and "
+             "best.yaml are not touched)")
     record = nested_estimate(bb, paths, cfg, space, n_trials, weights, seed, device)
     best = paths.tune_dir(bb) / "best.yaml"
     if best.is_file():
@@ -663,16 +663,16 @@ def run_estimate(bb: str, paths, cfg: dict, space_file, weights, seed: int, devi
     record["created_utc"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     atomic_write_json(out, record)
     per_fold = ", ".join(f"{r['macro_f1']:.3f}" for r in record["outer"])
-    print(f"tune {bb} --estimate: nested macro F1 estimate "
-          f"{format_ci(record['macro_f1'], record['estimate_ci95'])} (95% bootstrap interval "
-          f"over {record['n_images']} images; pooled over {record['n_folds']} outer folds; per "
-          f"fold {per_fold}), {record['seconds']:.0f} s -> {out}")
+    log.info(f"tune {bb} --estimate: nested macro F1 estimate "
+             f"{format_ci(record['macro_f1'], record['estimate_ci95'])} (95% bootstrap interval "
+             f"over {record['n_images']} images; pooled over {record['n_folds']} outer folds; per "
+             f"fold {per_fold}), {record['seconds']:.0f} s -> {out}")
     if "search_score" in record:
-        print(f"tune {bb} --estimate: best.yaml's search score {record['search_score']:.4f} is "
-              f"the best of {record.get('search_trials') or 'N'} trials on the rows that chose "
-              f"it: {record['search_score'] - record['macro_f1']:+.4f} above the estimate")
+        log.info(f"tune {bb} --estimate: best.yaml's search score {record['search_score']:.4f} is "
+                 f"the best of {record.get('search_trials') or 'N'} trials on the rows that chose "
+                 f"it: {record['search_score'] - record['macro_f1']:+.4f} above the estimate")
     if not record["honest"]:
-        print(f"tune {bb} --estimate: {record['why']}")
+        log.info(f"tune {bb} --estimate: {record['why']}")
     return record
 
 
@@ -747,7 +747,7 @@ def run_tune(backbones, paths, objective: str | None = None, trials: int | None 
             raise KitError("tune: name the backbones to tune (e.g. ./run.sh tune efficientnet_b0);"
                            f" without names it tunes those cv has run, and {paths.runs_dir} has "
                            "none")
-        print(f"tune: backbones with a cv run: {', '.join(backbones)}")
+        log.info(f"tune: backbones with a cv run: {', '.join(backbones)}")
 
     unknown = [b for b in backbones if b not in list_backbones()]
     if unknown:
@@ -787,9 +787,9 @@ def tune_backbone(bb: str, paths, cfg: dict, store, url: str, suffix, space_file
     extra = {"backbone": bb, "study": name, "storage": url, "objective": objective,
              "folds": folds, "tune": {k: v for k, v in cfg.items() if k != "space"},
              "space": space.to_dict(), "weights": str(weights), "seed": int(seed)}
-    print(f"tune {bb}: study {name} in {url}, objective {objective}, folds "
-          f"{','.join(map(str, folds))}, {_finished(study)} finished trials so far"
-          + (f", target {n_trials}" if n_trials else ""))
+    log.info(f"tune {bb}: study {name} in {url}, objective {objective}, folds "
+             f"{','.join(map(str, folds))}, {_finished(study)} finished trials so far"
+             + (f", target {n_trials}" if n_trials else ""))
     if create_only:
         return None
     if warm_start_from:
@@ -800,8 +800,8 @@ def tune_backbone(bb: str, paths, cfg: dict, store, url: str, suffix, space_file
         except KeyError:
             raise KitError(f"--warm-start-from {warm_start_from}: no study {src_name} in {url}; "
                            f"run ./run.sh tune {bb} --objective features first")
-        print(f"tune {bb}: queued {warm_start(study, source, space, int(cfg['warm_start_top']))} "
-              f"best trials of {src_name}")
+        log.info(f"tune {bb}: queued {warm_start(study, source, space, int(cfg['warm_start_top']))} "
+                 f"best trials of {src_name}")
     out = paths.tune_dir(bb)
     # Journal files have no heartbeat: a RUNNING trial there may belong to a dead worker.
     beats = getattr(store, "get_heartbeat_interval", lambda: None)() is not None
@@ -821,24 +821,24 @@ def tune_backbone(bb: str, paths, cfg: dict, store, url: str, suffix, space_file
                            gc_after_trial=True)
     except KeyboardInterrupt as exc:
         interrupted = exc  # write what is finished, then stop as the CLI expects
-    print(f"tune {bb}: {_finished(study)} finished trials, this run "
-          f"{time.perf_counter() - t0:.0f} s")
+    log.info(f"tune {bb}: {_finished(study)} finished trials, this run "
+             f"{time.perf_counter() - t0:.0f} s")
     # After Ctrl-C, no re-scoring: best.yaml is written only if it needs no more training.
     record = best_record(study, evaluator, space, folds, seed, rescore=interrupted is None,
                          context=context)
     write_outputs(study, out, record, extra)
     if record is not None:
-        print(f"tune {bb}: best trial {record['trial']}: search score {record['search_score']:.4f}"
-              f" ({record['search_score_kind']}) -> {out / 'best.yaml'}")
+        log.info(f"tune {bb}: best trial {record['trial']}: search score {record['search_score']:.4f}"
+                 f" ({record['search_score_kind']}) -> {out / 'best.yaml'}")
         if "holdout_score" in record:
-            print(f"tune {bb}: on all folds {record['score']:.4f}; on the {len(record['holdout_folds'])}"
-                  f" folds the search did not use {record['holdout_score']:.4f} (less biased)")
+            log.info(f"tune {bb}: on all folds {record['score']:.4f}; on the {len(record['holdout_folds'])}"
+                     f" folds the search did not use {record['holdout_score']:.4f} (less biased)")
         if evaluator.objective == "features":
-            print(f"tune {bb}: an honest score of the tuned pipeline (nested): "
-                  f"./run.sh tune {bb} --estimate")
+            log.info(f"tune {bb}: an honest score of the tuned pipeline (nested): "
+                     f"./run.sh tune {bb} --estimate")
         elif "holdout_score" not in record:
-            print(f"tune {bb}: a less biased score: --folds-per-trial N re-scores the winner "
-                  "on the folds the search did not use")
+            log.info(f"tune {bb}: a less biased score: --folds-per-trial N re-scores the winner "
+                     "on the folds the search did not use")
     if interrupted is not None:
         raise interrupted
     return record
@@ -859,5 +859,5 @@ def _progress_line(bb: str):
             best = f"best {study.best_value:.4f} (trial {study.best_trial.number})"
         except ValueError:
             best = "no complete trial yet"
-        print(f"tune {bb}: trial {trial.number} {what}; {best}", flush=True)
+        log.info(f"tune {bb}: trial {trial.number} {what}; {best}")
     return callback

@@ -12,6 +12,7 @@ command continues the study.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -26,6 +27,8 @@ from kit.process import run_for_user
 from kit.tuning.storage import default_url
 from kit.tuning.tune import run_tune
 from kit.utils import KitError
+
+log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 20  # after SIGINT, how long a stopped worker may take to mark its trial failed
 
@@ -200,7 +203,7 @@ def launch(paths, kwargs: dict, workers: int | None, gpus_spec: str | None) -> i
     storage = kwargs.get("storage") or default_url(paths)
     where = ", ".join(f"w{i}: {'GPU ' + g if g is not None else 'CPU'}"
                       for i, g in enumerate(gpus))
-    print(f"tune: {len(gpus)} workers on one storage ({where})", flush=True)
+    log.info(f"tune: {len(gpus)} workers on one storage ({where})")
     here = str(Path(__file__).resolve().parents[2])
     pythonpath = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
     base = [sys.executable, "-m", "kit.tuning.workers", "--worker"]
@@ -216,8 +219,8 @@ def launch(paths, kwargs: dict, workers: int | None, gpus_spec: str | None) -> i
         procs.append(Worker(label, base + [_payload(paths, kwargs, storage=storage)], env))
     t0 = time.perf_counter()
     run_processes(procs)
-    print(f"tune: {len(procs)} workers done in {time.perf_counter() - t0:.0f} s; each "
-          "backbone's best.yaml holds the study's best", flush=True)
+    log.info(f"tune: {len(procs)} workers done in {time.perf_counter() - t0:.0f} s; each "
+             "backbone's best.yaml holds the study's best")
     return 0
 
 
