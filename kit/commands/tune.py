@@ -1,7 +1,7 @@
 """``./run.sh tune``: Optuna search of head and augmentation settings per backbone.
 
 Start the same command on several machines with the same ``--storage`` and they share the
-study; rerunning it continues where it stopped. See the README's "Tuning" section.
+study; rerunning it continues where it stopped. See docs/tuning.md.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from kit.utils import KitError, check_random_state
 
 
 EARLY_STOPPING = ("auto", "inner", "refit", "none", "oof")
-# What ``auto`` means on each training path, chosen by measuring (README, bench honesty):
+# What ``auto`` means on each training path, chosen by measuring (docs/training.md, bench honesty):
 # heads on cached embeddings train in seconds, so a fixed budget of epochs costs nothing and
 # scored best; on pixels an epoch costs minutes, and the inner split stops early on 80 % of
 # the images (cheaper than today) without looking at the OOF rows.
