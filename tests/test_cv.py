@@ -399,6 +399,12 @@ def test_cli_frozen_backbone_and_no_feature_cache(tmp_path):
 
 
 # --------------------------------------------------------------------------- honesty
+def _fold_rows(out) -> dict:
+    """Each fold's OOF probability rows of a finished run in ``out``."""
+    oof = _csv(out / "oof.csv").set_index("sample_index")
+    return {k: oof[oof.fold == k][PROB_COLUMNS].to_numpy() for k in range(3)}
+
+
 def _scramble_fold(paths: Paths, fold: int) -> None:
     """Give every image of ``fold`` another label, in the folds file and the patch cache."""
     folds = pd.read_csv(paths.folds_csv, dtype={"sample_index": str})
@@ -422,15 +428,11 @@ def test_scrambling_a_folds_labels_leaves_its_oof_rows_unchanged(tmp_path, cfg, 
     cfg = {**cfg, "early_stopping": mode}
     out = paths.backbone_dir(BB)
 
-    def fold_rows():
-        oof = _csv(out / "oof.csv").set_index("sample_index")
-        return {k: oof[oof.fold == k][PROB_COLUMNS].to_numpy() for k in range(3)}
-
     before = _run(paths, cfg=cfg, seed=3)
-    rows_before = fold_rows()
+    rows_before = _fold_rows(out)
     _scramble_fold(paths, 1)
     after = _run(paths, cfg=cfg, seed=3, restart=True)
-    rows_after = fold_rows()
+    rows_after = _fold_rows(out)
     assert before["training_path"] == after["training_path"]
     assert after["selection"]["early_stopping"] == mode and after["selection"]["epochs_honest"]
     # Fold 1's rows come from a model that never read fold 1's labels, before and after...
@@ -452,12 +454,8 @@ def test_label_issues_and_bagging_never_read_a_folds_own_labels(tmp_path, cfg):
     paths = make_workdir(tmp_path / "w", n_folds=3)
     out = paths.backbone_dir(BB)
 
-    def fold_rows():
-        oof = _csv(out / "oof.csv").set_index("sample_index")
-        return {k: oof[oof.fold == k][PROB_COLUMNS].to_numpy() for k in range(3)}
-
     before = _run(paths, cfg=cfg, seed=3)
-    rows_before = fold_rows()
+    rows_before = _fold_rows(out)
     folds = _csv(paths.folds_csv)
     assert before["n_oof"] == len(folds)  # scored on every image, flagged or not
     assert before["bag"] == cfg.get("bag", 1)
@@ -475,7 +473,7 @@ def test_label_issues_and_bagging_never_read_a_folds_own_labels(tmp_path, cfg):
             assert mark["label_issues"]["n_train"] == len(mark["train_samples"])
     _scramble_fold(paths, 1)
     _run(paths, cfg=cfg, seed=3, restart=True)
-    rows_after = fold_rows()
+    rows_after = _fold_rows(out)
     np.testing.assert_array_equal(rows_after[1], rows_before[1])
     assert not all(np.array_equal(rows_after[k], rows_before[k]) for k in (0, 2))
     if cfg.get("bag", 1) > 1:
