@@ -18,6 +18,7 @@ BENCHES = {
     "blend": "blend search and submission writing",
     "gpu": "CUDA paths: short cv with AMP, CPU/GPU agreement, loop and embedding throughput",
     "honesty": "|OOF - test| macro F1 per training path and early-stopping mode, on generated data",
+    "noise": "label_issues, bag and head levers vs a baseline on noisy generated labels (test F1)",
 }
 
 
