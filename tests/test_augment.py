@@ -334,3 +334,14 @@ def test_balanced_sampler_roughly_balances():
     again = list(balanced_sampler(labels, seed=0))
     assert again == list(balanced_sampler(labels, seed=0))
     assert again != list(balanced_sampler(labels, seed=1))
+
+
+def test_balanced_sampler_with_weights_keeps_classes_equal_and_weights_within_them():
+    y = np.array([0] * 50 + [1] * 50)
+    w = np.where(y == 0, 1.0, 0.2)
+    w[:10] = 5.0  # within class 0, these ten images count more
+    draws = np.concatenate([np.fromiter(balanced_sampler(y, seed, w), int) for seed in range(40)])
+    share = np.bincount(y[draws], minlength=2) / len(draws)
+    assert abs(share[0] - 0.5) < 0.02
+    first_ten = np.isin(draws, np.arange(10)).mean() / share[0]
+    assert abs(first_ten - 50 / 90) < 0.03  # 10 x 5 of class 0's total weight 90

@@ -203,8 +203,12 @@ def balanced_sampler(labels, seed, weight=None) -> torch.utils.data.WeightedRand
     """A sampler drawing every class equally often (with replacement), ``len(labels)`` per
     epoch; ``weight`` (per sample) multiplies each sample's chance within its class."""
     y = _labels(labels)
-    counts = np.bincount(y)
-    w = 1.0 / counts[y] if weight is None else np.asarray(weight, np.float64) / counts[y]
+    if weight is None:
+        w = 1.0 / np.bincount(y)[y]
+    else:  # each class still drawn equally often: weights are shares within their class
+        w = np.asarray(weight, np.float64)
+        totals = np.bincount(y, weights=w)
+        w = np.divide(w, totals[y], out=np.zeros_like(w), where=totals[y] > 0)
     return _sampler(w, seed)
 
 
