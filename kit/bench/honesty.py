@@ -105,14 +105,43 @@ def _presets() -> dict[str, Preset]:
     }
 
 
-def add_arguments(parser):
-    parser.set_defaults(data=None)  # bench honesty generates its data (with test labels)
+def generated_data_arguments(parser, bench: str) -> None:
+    """The options of a bench that generates its own data (it needs held-back test labels):
+    ``--data`` unused, ``--seed`` the first set's seed, ``--epochs`` and ``--device``."""
+    parser.set_defaults(data=None)
     for action in parser._actions:
         if action.dest == "data":
-            action.help = "not used: bench honesty generates its own data (it needs test labels)"
+            action.help = f"not used: bench {bench} generates its own data (it needs test labels)"
         elif action.dest == "seed":
             action.help = ("first seed: the sets are generated with --seed, --seed + 1, ... "
                            "(default: 42)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs of every scored cv run (default: the preset's)")
+    parser.add_argument("--device", choices=("cpu", "cuda", "mps"), default=None,
+                        help="training device (default: the best available)")
+
+
+def preset_and_seeds(args, preset, bench: str):
+    """``(preset, seeds)`` of such a bench from its options: ``--data`` refused, ``--epochs``
+    over the preset's training, ``--seeds`` sets from ``--seed`` on."""
+    from kit.utils import KitError
+
+    if getattr(args, "data", None):
+        raise KitError(f"bench {bench} generates its own data (it needs held-back test labels); "
+                       "drop --data")
+    if args.epochs is not None:
+        if args.epochs < 1:
+            raise KitError(f"--epochs must be >= 1 (got {args.epochs})")
+        preset = replace(preset, train={**preset.train, "epochs": args.epochs})
+    seed = int(getattr(args, "seed", 42) or 0)
+    n_seeds = preset.seeds if args.seeds is None else args.seeds
+    if n_seeds < 1:
+        raise KitError(f"--seeds must be >= 1 (got {n_seeds})")
+    return preset, [seed + i for i in range(n_seeds)]
+
+
+def add_arguments(parser):
+    generated_data_arguments(parser, "honesty")
     parser.add_argument("--preset", choices=("quick", "realistic"), default="quick",
                         help="quick: 100/120 small scans, 3 folds, 8 epochs (minutes on a CPU); "
                              "realistic: 691/477 scans of 1024 x <= 1433 px with the v2 counts "
@@ -126,30 +155,13 @@ def add_arguments(parser):
     parser.add_argument("--paths", default=",".join(DEFAULT_PATHS),
                         help=f"training paths, comma-separated, of {', '.join(PATHS)} "
                              f"(default: {','.join(DEFAULT_PATHS)})")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs of every scored cv run (default: the preset's)")
-    parser.add_argument("--device", choices=("cpu", "cuda", "mps"), default=None,
-                        help="training device (default: the best available)")
 
 
 def run(args) -> int:
     from kit.paths import Paths
-    from kit.utils import KitError
 
-    if getattr(args, "data", None):
-        raise KitError("bench honesty generates its own data (it needs held-back test labels); "
-                       "drop --data")
-    preset = _presets()[args.preset]
-    if args.epochs is not None:
-        if args.epochs < 1:
-            raise KitError(f"--epochs must be >= 1 (got {args.epochs})")
-        preset = replace(preset, train={**preset.train, "epochs": args.epochs})
-    seed = int(getattr(args, "seed", 42) or 0)
-    n_seeds = preset.seeds if args.seeds is None else args.seeds
-    if n_seeds < 1:
-        raise KitError(f"--seeds must be >= 1 (got {n_seeds})")
-    result = run_honesty(Paths.from_root(getattr(args, "workdir", None)), preset,
-                         seeds=[seed + i for i in range(n_seeds)],
+    preset, seeds = preset_and_seeds(args, _presets()[args.preset], "honesty")
+    result = run_honesty(Paths.from_root(getattr(args, "workdir", None)), preset, seeds=seeds,
                          modes=_names(args.modes, MODES, "--modes"),
                          paths=_names(args.paths, PATHS, "--paths"), device=args.device)
     print(format_table(result))

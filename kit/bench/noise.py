@@ -144,13 +144,9 @@ def _presets() -> dict[str, Preset]:
 
 
 def add_arguments(parser):
-    parser.set_defaults(data=None)  # the bench generates its data (with test labels)
-    for action in parser._actions:
-        if action.dest == "data":
-            action.help = "not used: bench noise generates its own data (it needs test labels)"
-        elif action.dest == "seed":
-            action.help = ("first seed: the sets are generated with --seed, --seed + 1, ... "
-                           "(default: 42)")
+    from kit.bench.honesty import generated_data_arguments
+
+    generated_data_arguments(parser, "noise")
     parser.add_argument("--preset", choices=tuple(_presets()), default="quick",
                         help="quick: 100/120 small scans, 3 folds, 8 epochs (minutes on a CPU); "
                              "standard: the v2 counts (691/477) on 256 px scans, 5 folds, "
@@ -167,36 +163,20 @@ def add_arguments(parser):
     parser.add_argument("--hard-noise", type=float, default=None,
                         help=f"label_noise of the hard regime (default: {HARD_NOISE}, "
                              "calibrated so the baseline scores ~0.5 on test)")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs of every scored cv run (default: the preset's)")
-    parser.add_argument("--device", choices=("cpu", "cuda", "mps"), default=None,
-                        help="training device (default: the best available)")
 
 
 def run(args) -> int:
-    from kit.bench.honesty import _names
+    from kit.bench.honesty import _names, preset_and_seeds
     from kit.paths import Paths
     from kit.utils import KitError
 
-    if getattr(args, "data", None):
-        raise KitError("bench noise generates its own data (it needs held-back test labels); "
-                       "drop --data")
-    preset = _presets()[args.preset]
-    if args.epochs is not None:
-        if args.epochs < 1:
-            raise KitError(f"--epochs must be >= 1 (got {args.epochs})")
-        preset = replace(preset, train={**preset.train, "epochs": args.epochs})
+    preset, seeds = preset_and_seeds(args, _presets()[args.preset], "noise")
     if args.hard_noise is not None:
         if not 0 <= args.hard_noise < 0.75:
             raise KitError(f"--hard-noise must be in [0, 0.75) (got {args.hard_noise}): at 0.75 "
                            "a flipped label is as likely as the drawn one")
         preset = replace(preset, noise={**preset.noise, "hard": args.hard_noise})
-    seed = int(getattr(args, "seed", 42) or 0)
-    n_seeds = preset.seeds if args.seeds is None else args.seeds
-    if n_seeds < 1:
-        raise KitError(f"--seeds must be >= 1 (got {n_seeds})")
-    result = run_noise(Paths.from_root(getattr(args, "workdir", None)), preset,
-                       seeds=[seed + i for i in range(n_seeds)],
+    result = run_noise(Paths.from_root(getattr(args, "workdir", None)), preset, seeds=seeds,
                        arms=_names(args.arms, tuple(ARMS), "--arms"),
                        regimes=_names(args.regimes, REGIMES, "--regimes"), device=args.device)
     print(format_table(result))
