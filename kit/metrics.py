@@ -88,7 +88,8 @@ def macro_f1(y_true, y_pred) -> float:
 
 
 def macro_f1_batch(pred: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
-    """Macro F1 of each row of ``pred`` (G x N class indices) against ``y`` (N), vectorised.
+    """Macro F1 of each row of ``pred`` (G x N class indices) against ``y``, vectorised:
+    ``y`` is one truth for every row (N) or a truth per row (G x N, as bootstrap resamples).
 
     Same definition as :func:`macro_f1` without scikit-learn's input checks (20 ms a call, a
     fifth of a features trial): classes absent from both truth and prediction are left out of
@@ -101,10 +102,16 @@ def macro_f1_batch(pred: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarra
 def _f1_counts(pred, y, n_classes):
     pred = np.atleast_2d(pred)
     g = pred.shape[0]
-    cell = pred + n_classes * np.arange(g)[:, None]
-    predicted = np.bincount(cell.ravel(), minlength=g * n_classes).reshape(g, n_classes)
-    hits = np.bincount(cell[pred == y[None, :]], minlength=g * n_classes).reshape(g, n_classes)
-    denom = predicted + np.bincount(y, minlength=n_classes)[None, :]
+    offset = n_classes * np.arange(g)[:, None]
+    cell = pred + offset
+    size = g * n_classes
+    predicted = np.bincount(cell.ravel(), minlength=size).reshape(g, n_classes)
+    hits = np.bincount(cell[pred == y], minlength=size).reshape(g, n_classes)
+    if y.ndim == 1:
+        actual = np.bincount(y, minlength=n_classes)[None, :]
+    else:
+        actual = np.bincount((y + offset).ravel(), minlength=size).reshape(g, n_classes)
+    denom = predicted + actual
     f1 = np.divide(2.0 * hits, denom, out=np.zeros(denom.shape), where=denom > 0)
     return f1, denom > 0
 
@@ -157,24 +164,10 @@ def bootstrap_ci(y_true, y_pred, n_boot: int = N_BOOT, seed=BOOT_SEED, level: fl
     if len(y) == 0:
         return float("nan"), float("nan")
     idx = _boot_indices(len(y), n_boot, seed)
-    scores = _batched_f1(pred[idx], y[idx], num_classes)
+    scores = macro_f1_batch(pred[idx], y[idx], num_classes)
     a = (1 - level) / 2
     lo, hi = np.quantile(scores, [a, 1 - a])
     return float(lo), float(hi)
-
-
-def _batched_f1(pred_b: np.ndarray, y_b: np.ndarray, num_classes: int) -> np.ndarray:
-    """Macro F1 of each resample ``g``: ``pred_b[g]`` against ``y_b[g]`` (both G x N)."""
-    g = pred_b.shape[0]
-    cell_p = pred_b + num_classes * np.arange(g)[:, None]
-    cell_y = y_b + num_classes * np.arange(g)[:, None]
-    size = g * num_classes
-    predicted = np.bincount(cell_p.ravel(), minlength=size).reshape(g, num_classes)
-    actual = np.bincount(cell_y.ravel(), minlength=size).reshape(g, num_classes)
-    hits = np.bincount(cell_p[pred_b == y_b], minlength=size).reshape(g, num_classes)
-    denom = predicted + actual
-    f1 = np.divide(2.0 * hits, denom, out=np.zeros(denom.shape), where=denom > 0)
-    return f1.sum(axis=1) / np.maximum((denom > 0).sum(axis=1), 1)
 
 
 def paired_bootstrap(y_true, pred_a, pred_b, n_boot: int = N_BOOT, seed=BOOT_SEED,
@@ -197,8 +190,8 @@ def paired_bootstrap(y_true, pred_a, pred_b, n_boot: int = N_BOOT, seed=BOOT_SEE
     if len(y) == 0:
         raise ValueError("paired_bootstrap: no images to compare")
     idx = _boot_indices(len(y), n_boot, seed)
-    fa = _batched_f1(pa[idx], y[idx], num_classes)
-    fb = _batched_f1(pb[idx], y[idx], num_classes)
+    fa = macro_f1_batch(pa[idx], y[idx], num_classes)
+    fb = macro_f1_batch(pb[idx], y[idx], num_classes)
     d = fb - fa
     a = (1 - level) / 2
     lo, hi = np.quantile(d, [a, 1 - a])

@@ -108,6 +108,15 @@ def _examples(items) -> str:
     return ", ".join(items[:3]) + (" ..." if len(items) > 3 else "")
 
 
+def _refuse_differing(a, b, column: str, what: str, path_a: Path, path_b: Path) -> None:
+    """KitError when images (same index order) differ in ``column`` between the two runs."""
+    differ = a.index[a[column].to_numpy() != b[column].to_numpy()]
+    if len(differ):
+        raise KitError(f"{path_b}: {len(differ)} images {what} than in {path_a} "
+                       f"(e.g. {_examples(differ)}); rerun ./run.sh cv for both on the same "
+                       "folds/folds.csv")
+
+
 def check_same_rows(a, b, path_a: Path, path_b: Path, metrics_a, metrics_b) -> list[str]:
     """Raise unless both OOF files hold the same images, labels and folds; return notes.
 
@@ -122,11 +131,7 @@ def check_same_rows(a, b, path_a: Path, path_b: Path, metrics_a, metrics_b) -> l
             + (f", e.g. {_examples(only_b)}" if only_b else "") + "); a paired comparison "
             "needs the same images: rerun ./run.sh cv for both on the same folds/folds.csv")
     b = b.loc[a.index]
-    differ = a.index[a.label.to_numpy() != b.label.to_numpy()]
-    if len(differ):
-        raise KitError(f"{path_b}: {len(differ)} images have another label than in {path_a} "
-                       f"(e.g. {_examples(differ)}); rerun ./run.sh cv for both on the same "
-                       "folds/folds.csv")
+    _refuse_differing(a, b, "label", "have another label", path_a, path_b)
     sha_a = (metrics_a or {}).get("folds_sha256")
     sha_b = (metrics_b or {}).get("folds_sha256")
     if sha_a and sha_b:
@@ -136,11 +141,7 @@ def check_same_rows(a, b, path_a: Path, path_b: Path, metrics_a, metrics_b) -> l
                            f"vs {sha_a[:12]}...); rerun ./run.sh cv for both on the same "
                            "folds/folds.csv")
         return []
-    moved = a.index[a.fold.to_numpy() != b.fold.to_numpy()]
-    if len(moved):
-        raise KitError(f"{path_b}: {len(moved)} images are in another fold than in {path_a} "
-                       f"(e.g. {_examples(moved)}); rerun ./run.sh cv for both on the same "
-                       "folds/folds.csv")
+    _refuse_differing(a, b, "fold", "are in another fold", path_a, path_b)
     lacking = [str(p.parent / "metrics.json") for p, m in ((path_a, metrics_a),
                                                            (path_b, metrics_b))
                if not (m or {}).get("folds_sha256")]
