@@ -23,8 +23,9 @@ import pandas as pd
 
 from kit import CLASSES
 from kit.models.heads import create_head
+from kit.training.selection import grouped_splits
 from kit.training.train import fit
-from kit.utils import KitError, check_random_state, seed_everything
+from kit.utils import seed_everything
 
 FILE = "label_issues.csv"
 COLUMNS = ("sample_index", "label", "suggested_label", "quality", "flagged", "n_folds",
@@ -52,30 +53,6 @@ class FoldIssues:
         return df
 
 
-def inner_splits(y, groups=None, n_splits: int = 5, seed: int = 42) -> list[tuple]:
-    """``(fit, held)`` positions of a stratified, grouped K-fold of a fold's training images
-    (fewer splits when a class is too small, at least 2)."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    y = np.asarray(y)
-    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
-    smallest = int(np.bincount(np.unique(y, return_inverse=True)[1]).min()) if len(y) else 0
-    n = max(2, min(int(n_splits), max(smallest, 2), len(np.unique(groups))))
-    if len(y) < 4 or len(np.unique(groups)) < 2:
-        raise KitError(f"label_issues: {len(y)} training images are too few for an inner "
-                       "cross-validation; set label_issues.mode=off")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "least populated class" on tiny sets
-        splitter = StratifiedGroupKFold(n_splits=n, shuffle=True, random_state=int(seed) % 2**32)
-        try:
-            return [(np.sort(a), np.sort(b)) for a, b in splitter.split(np.zeros(len(y)), y, groups)]
-        except ValueError:  # a class smaller than the splits: grouped, not stratified
-            uniq = check_random_state(seed).permutation(np.unique(groups))
-            parts = np.array_split(uniq, n)
-            return [(np.flatnonzero(~np.isin(groups, p)), np.flatnonzero(np.isin(groups, p)))
-                    for p in parts]
-
-
 def inner_config(cfg: dict) -> dict:
     """The config of the inner models: the run's, without label issues or bagging, and the
     linear probe when ``label_issues.model`` is ``logreg``."""
@@ -94,7 +71,9 @@ def inner_oof_probs(source, rows, y, groups, cfg: dict, seed: int, desc: str = "
     rows, y = np.asarray(rows, np.int64), np.asarray(y, np.int64)
     icfg = inner_config(cfg)
     probs = np.zeros((len(rows), len(CLASSES)))
-    splits = inner_splits(y, groups, int(cfg["label_issues"]["inner_folds"]), seed)
+    splits = grouped_splits(y, groups, int(cfg["label_issues"]["inner_folds"]), seed,
+                            too_few="label_issues: {n} training images are too few for an "
+                                    "inner cross-validation; set label_issues.mode=off")
     for j, (a, b) in enumerate(splits):
         s = int(seed) + 101 * (j + 1)
         seed_everything(s)

@@ -34,12 +34,17 @@ def is_honest(mode: str) -> bool:
     return mode != "oof"
 
 
-def inner_split(y, groups=None, n_splits: int = 5, seed: int = 42):
-    """Positions ``(fit, stop)`` of an inner split of a fold's training images.
+def grouped_splits(y, groups=None, n_splits: int = 5, seed: int = 42,
+                   too_few: str = "train: {n} training images are too few for an inner "
+                                  "split") -> list[tuple[np.ndarray, np.ndarray]]:
+    """Positions ``(fit, held)`` of every fold of a stratified, grouped K-fold of a fold's
+    training images.
 
-    One of ``n_splits`` stratified, grouped folds (``groups``: images that must stay together,
-    e.g. a shared mask; default: each image alone), drawn with ``seed``. The number of splits
-    shrinks when a class has too few images, down to 2.
+    ``groups``: images that must stay together (e.g. a shared mask; default: each image
+    alone); drawn with ``seed``. The number of splits shrinks when a class has too few images,
+    down to 2; when no stratified split exists, the groups are dealt into blocks in a seeded
+    order (the last block takes the remainder). ``too_few`` (with ``{n}``) is the error for
+    fewer than 4 images or a single group.
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
@@ -48,21 +53,30 @@ def inner_split(y, groups=None, n_splits: int = 5, seed: int = 42):
     smallest = int(np.bincount(np.unique(y, return_inverse=True)[1]).min()) if len(y) else 0
     n = max(2, min(int(n_splits), smallest, len(np.unique(groups))))
     if len(y) < 4 or len(np.unique(groups)) < 2:
-        raise KitError(f"train: {len(y)} training images are too few for an inner early-stopping "
-                       "split; use --early-stopping none (a fixed number of epochs)")
-
+        raise KitError(too_few.format(n=len(y)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "least populated class" on tiny sets
         splitter = StratifiedGroupKFold(n_splits=n, shuffle=True,
                                         random_state=int(seed) % 2**32)
         try:
-            fit, stop = next(iter(splitter.split(np.zeros(len(y)), y, groups)))
+            return [(np.sort(a), np.sort(b))
+                    for a, b in splitter.split(np.zeros(len(y)), y, groups)]
         except ValueError:  # every class smaller than the splits: grouped, not stratified
-
             uniq = check_random_state(seed).permutation(np.unique(groups))
-            held = np.isin(groups, uniq[:max(1, len(uniq) // n)])
-            fit, stop = np.flatnonzero(~held), np.flatnonzero(held)
-    return np.sort(fit), np.sort(stop)
+            size = max(1, len(uniq) // n)
+            blocks = [uniq[k * size:(k + 1) * size] for k in range(n - 1)]
+            blocks.append(uniq[(n - 1) * size:])
+            return [(np.flatnonzero(~np.isin(groups, b)), np.flatnonzero(np.isin(groups, b)))
+                    for b in blocks]
+
+
+def inner_split(y, groups=None, n_splits: int = 5, seed: int = 42):
+    """Positions ``(fit, stop)`` of the inner split early stopping uses: the first fold of
+    :func:`grouped_splits`."""
+    return grouped_splits(y, groups, n_splits, seed,
+                          too_few="train: {n} training images are too few for an inner "
+                                  "early-stopping split; use --early-stopping none (a fixed "
+                                  "number of epochs)")[0]
 
 
 BAG_SEED_STRIDE = 1009  # bag member b of a fold seeded seed + 1009 b: member 0 is the unbagged run
