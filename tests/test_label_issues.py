@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 
 from kit import CLASSES
+from kit.models.heads import create_head
 from kit.training import label_issues as li
 from kit.training.fold import train_bag
 from kit.training.sources import FeatureSource
@@ -114,11 +115,16 @@ def test_bag_of_one_is_the_plain_head_and_more_members_average():
     src = FeatureSource(x, cfg)
     tr = _frame(y[:48])
     predict = lambda head, xx: src.image_probs(head, xx, ("id",))  # noqa: E731
-    one, p1, _ = train_bag(src, tr, None, None, cfg, 7, "cpu", predict, np.arange(48, 60))
-    again, p1b, _ = train_bag(src, tr, None, None, cfg, 7, "cpu", predict, np.arange(48, 60))
+
+    def bag():
+        return train_bag(src, lambda: create_head(16, 4, **cfg["head"]), tr, cfg, 7, "cpu",
+                         lambda head: predict(head, np.arange(48, 60)))
+
+    one, p1, _ = bag()
+    again, p1b, _ = bag()
     np.testing.assert_array_equal(p1["id"], p1b["id"])
     cfg["bag"] = 3
-    three, p3, _ = train_bag(src, tr, None, None, cfg, 7, "cpu", predict, np.arange(48, 60))
+    three, p3, _ = bag()
     assert len(three) == 3
     np.testing.assert_array_equal(predict(three[0].model, np.arange(48, 60))["id"], p1["id"])
     mean = np.mean([predict(m.model, np.arange(48, 60))["id"] for m in three], axis=0)

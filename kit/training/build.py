@@ -53,7 +53,6 @@ def recalibrate_random(backbone, cfg: dict, array, rows=None, device="cpu",
     bs = int(cfg.get("eval_batch_size") or 0) or 2 * int(cfg["batch_size"])
     before = None
     if data_key is not None:
-
         before = weights_digest(backbone)
     used = recalibrate_batchnorm(backbone, array, rows, batch_size=bs, device=device,
                                  max_batches=max(1, max_patches // bs))

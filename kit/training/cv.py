@@ -43,15 +43,14 @@ from kit.training.build import build_model, recalibrate_random
 from kit.training.checkpoints import save_checkpoint
 from kit.training.device import is_oom, pick_device
 from kit.training.features import cache_views, frozen_backbone
-from kit.training.fold import features_cv, fold_groups, mean_views, prepare
+from kit.training.fold import features_cv, prepare, train_bag
 from kit.training.params import resolve
-from kit.training.selection import early_stopping_mode, is_honest, member_seed
+from kit.training.selection import early_stopping_mode, is_honest
 from kit.training.settings import (pixel_augment_not_applied, train_config, training_path,
                                    tta_views)
 from kit.training.sources import FeatureSource, PixelSource, attention_weights, row_tensor
-from kit.training.train import fit
 from kit.utils import (KitError, atomic_write_csv, atomic_write_json, package_versions,
-                       seed_everything, sha256_file, sha256_text, write_config)
+                       sha256_file, sha256_text, write_config)
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +104,6 @@ def resolve_params(spec, paths: Paths, backbone: str, cfg: dict | None = None,
 
     sha = None
     if paths.folds_csv.exists():
-
         sha = sha256_file(paths.folds_csv)
     found = resolve(spec, paths, backbone, cfg, feature_cache, sha)
     for note in found.notes:
@@ -228,14 +226,9 @@ def _train_fold(k: int, ctx: CVRun) -> dict:
     if cfg["label_issues"]["mode"] != "off":
         issues = label_issues.find_fold_issues(_issue_source(ctx), tr, cfg, seed, k,
                                                desc=f"{desc} ")
-    keep, weight = label_issues.training_weights(issues, cfg)
-    fit_tr = tr if keep is None else tr[keep]
-    n_bag = int(cfg.get("bag", 1))
-    members, oofs, tsts = [], [], []
     source = PixelSource(train.array, cfg, ctx.device)
-    for b in range(n_bag):
-        s = member_seed(seed, b)
-        seed_everything(s)
+
+    def make_model():
         model, n_trainable = build_model(ctx.backbone, cfg, ctx.weights,
                                          patch_size=int(train.array.shape[2]))
         recalibrate_random(model.backbone, cfg, train.array, tr.row.values, ctx.device)
@@ -243,22 +236,21 @@ def _train_fold(k: int, ctx: CVRun) -> dict:
             log.info(f"{ctx.backbone}: {n_trainable:,} trainable parameters "
                      f"(weights: {model.backbone.weights_source})")
             ctx.printed = True
-        full = _full_checkpoint(cfg, model.backbone.weights_source)
-        mdesc = desc if n_bag == 1 else f"{desc} bag {b + 1}/{n_bag}"
-        res = fit(model, source, fit_tr.row.values, fit_tr.y.values, cfg,
-                  val_rows=va.row.values, val_y=va.y.values, groups=fold_groups(fit_tr), seed=s,
-                  device=ctx.device, desc=mdesc,
-                  sample_weight=None if weight is None else weight[keep])
+        return model
+
+    members, oof, tst = train_bag(
+        source, make_model, tr, cfg, seed, ctx.device,
+        lambda m: source.image_probs(m, va.row.values, ctx.views, desc=f"{desc} oof"),
+        lambda m: PixelSource(test.array, cfg, ctx.device).image_probs(
+            m, np.arange(len(test.samples)), ctx.views, desc=f"{desc} test"),
+        val_rows=va.row.values, val_y=va.y.values, issues=issues, desc=desc)
+    backbone = members[0].model.backbone
+    full = _full_checkpoint(cfg, backbone.weights_source)
+    for b, res in enumerate(members):
         _save_member(ctx, k, b, res.model, res, full, {})
-        members.append(res)
-        oofs.append(source.image_probs(res.model, va.row.values, ctx.views,
-                                       desc=f"{mdesc} oof"))
-        tsts.append(PixelSource(test.array, cfg, ctx.device).image_probs(
-            res.model, np.arange(len(test.samples)), ctx.views, desc=f"{mdesc} test"))
-        if b == 0:
-            _write_attention(k, ctx, source.attention(res.model, va.row.values))
-    mark = _write_fold(k, ctx, mean_views(oofs), mean_views(tsts), {
-        "weights_source": model.backbone.weights_source, "trainable_params": n_trainable,
+    _write_attention(k, ctx, source.attention(members[0].model, va.row.values))
+    mark = _write_fold(k, ctx, oof, tst, {
+        "weights_source": backbone.weights_source, "trainable_params": members[0].n_trainable,
         **_fit_record(members[0], tr), **_bag_record(members, tr),
         **_issues_record(k, ctx, issues), "seed": seed})
     log.info(f"{desc}: {_fit_line(members[0], mark)}")
@@ -269,7 +261,6 @@ def _issue_source(ctx: CVRun):
     """Pixel path: the frozen backbone's cached embeddings, on which label_issues' inner
     cross-validation trains heads (seconds, where pixels would take hours); built once."""
     if ctx.issue_source is None:
-
         log.info(f"{ctx.backbone}: label_issues: inner cross-validation on the frozen backbone's "
                  "cached embeddings")
         _, fcv = _frozen_features(ctx)

@@ -133,11 +133,13 @@ class FeatureCV:
             if self.cfg["label_issues"]["mode"] != "off":
                 # From the fold's training rows alone: its own (OOF) labels decide nothing.
                 issues = label_issues.find_fold_issues(source, tr, self.cfg, seed, k, desc=f"fold {k} ")
-            test = self.x_test if with_test else None
+            x_val = self.x[row_tensor(va.row)]
             members, per_view, test_per_view = train_bag(
-                source, tr, va.row.values, va.y.values, self.cfg, seed, self.device,
-                lambda m, x: self._image_probs(m, x), self.x[row_tensor(va.row)], test,
-                issues=issues, desc=f"fold {k}")
+                source, lambda: create_head(self.x.shape[-1], len(CLASSES), **self.cfg["head"]),
+                tr, self.cfg, seed, self.device, lambda m: self._image_probs(m, x_val),
+                (lambda m: self._image_probs(m, self.x_test))
+                if with_test and self.x_test is not None else None,
+                val_rows=va.row.values, val_y=va.y.values, issues=issues, desc=f"fold {k}")
         probs = np.mean(list(per_view.values()), axis=0)
         pred = FoldPrediction(k, va.sample_index.values, va.y.values, probs, per_view,
                               macro_f1(va.y.values, probs), members[0], members=members,
@@ -152,14 +154,19 @@ class FeatureCV:
         return {v: probs[i] for v, i in zip(self.views, self.view_idx)}
 
 
-def train_bag(source, tr: pd.DataFrame, val_rows, val_y, cfg: dict, seed: int, device, predict,
-              x_val, x_test=None, issues=None, desc: str = "fold"):
-    """Train ``cfg["bag"]`` heads on the training images ``tr`` (less those label issues
-    drop, weighted as they say) and average their view probabilities.
+def train_bag(source, make_model, tr: pd.DataFrame, cfg: dict, seed: int, device, predict_val,
+              predict_test=None, *, val_rows=None, val_y=None, issues=None,
+              desc: str = "fold"):
+    """Train ``cfg["bag"]`` models on the training images ``tr`` (less those label issues
+    drop, weighted as they say) and average their view probabilities: the one fold driver of
+    both paths (a head on ``source``'s cached embeddings, or a backbone and head on pixels).
 
-    ``predict(head, x)`` gives ``{view: n x C}``. Returns ``(members, per_view, test_per_view)``
-    with every member's :class:`kit.training.selection.FoldResult`; member 0 is seeded ``seed``,
-    so ``bag: 1`` trains exactly the unbagged head.
+    Each member is seeded, then built by ``make_model()`` and trained by
+    :func:`kit.training.train.fit`; ``predict_val(model)`` and ``predict_test(model)`` give
+    ``{view: n x C}``. Returns ``(members, val_views, test_views)`` with every member's
+    :class:`kit.training.selection.FoldResult`; member 0 is seeded ``seed``, so ``bag: 1``
+    trains exactly the unbagged model. ``val_rows``/``val_y`` choose the epoch only with
+    ``early_stopping: oof``.
     """
     keep, weight = label_issues.training_weights(issues, cfg)
     fit_tr = tr if keep is None else tr[keep]
@@ -168,15 +175,14 @@ def train_bag(source, tr: pd.DataFrame, val_rows, val_y, cfg: dict, seed: int, d
     for b in range(n_bag):
         s = member_seed(seed, b)
         seed_everything(s)
-        head = create_head(source.x.shape[-1], len(CLASSES), **cfg["head"])
-        res = fit(head, source, fit_tr.row.values, fit_tr.y.values, cfg, val_rows=val_rows,
-                  val_y=val_y, groups=fold_groups(fit_tr), seed=s, device=device,
-                  desc=desc if n_bag == 1 else f"{desc} bag {b + 1}/{n_bag}",
+        res = fit(make_model(), source, fit_tr.row.values, fit_tr.y.values, cfg,
+                  val_rows=val_rows, val_y=val_y, groups=fold_groups(fit_tr), seed=s,
+                  device=device, desc=desc if n_bag == 1 else f"{desc} bag {b + 1}/{n_bag}",
                   sample_weight=None if weight is None else weight[keep])
         members.append(res)
-        val_views.append(predict(res.model, x_val))
-        if x_test is not None:
-            test_views.append(predict(res.model, x_test))
+        val_views.append(predict_val(res.model))
+        if predict_test is not None:
+            test_views.append(predict_test(res.model))
     return members, mean_views(val_views), mean_views(test_views) if test_views else None
 
 
@@ -223,7 +229,6 @@ def prepare(backbone, paths, params: dict | None = None, cfg: dict | None = None
     dev = pick_device(None if fcfg["device"] == "auto" else fcfg["device"]) \
         if device is None else pick_device(device)
     if isinstance(backbone, str):
-
         backbone = frozen_backbone(backbone, tcfg, weights, seed,
                                    patch_size=int(train.array.shape[2]))
         if int(tcfg.get("input_size") or 0) > 0:

@@ -94,7 +94,6 @@ class PixelSource:
 
 
 def as_tensor(x):
-
     if isinstance(x, torch.Tensor):
         return x.float()
     return torch.from_numpy(np.array(x, dtype=np.float32))  # a writable copy, even of a memmap
@@ -120,44 +119,26 @@ def predict_features(head, x, views=None, batch_size: int = 4096) -> dict[int, n
 
 
 def n_logits(head) -> int:
-
     return [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
 
 
-class _PatchLoader:
-    """Batches of (patch, view) picks of cached embeddings; every pass draws a new order and a
-    random cached view per patch (the only augmentation that exists in feature space)."""
+class _CachedBatches:
+    """Batches of picks of cached embeddings: indices (patches, or whole images for attention
+    heads) in a new sampled order every pass, each with a random cached view (one per patch:
+    ``B`` views, or ``B x K`` with ``k``), the only augmentation that exists in feature space."""
 
-    def __init__(self, n_patches: int, n_views: int, batch_size: int, sampler, generator):
-        self.n, self.n_views, self.bs = n_patches, n_views, int(batch_size)
+    def __init__(self, n: int, n_views: int, batch_size: int, sampler, generator,
+                 k: int | None = None):
+        self.n, self.n_views, self.bs, self.k = n, n_views, int(batch_size), k
         self.sampler, self.g = sampler, generator
 
     def __len__(self) -> int:
         return max(1, math.ceil(self.n / self.bs))
 
     def __iter__(self):
-
         order = torch.as_tensor(list(self.sampler), dtype=torch.int64)
-        view = torch.randint(0, self.n_views, (len(order),), generator=self.g)
-        for a in range(0, len(order), self.bs):
-            yield order[a:a + self.bs], view[a:a + self.bs]
-
-
-class _ImageLoader:
-    """Batches of whole images for attention heads: image indices and a random cached view
-    per patch (``B x K``)."""
-
-    def __init__(self, n_images: int, k: int, n_views: int, batch_size: int, sampler, generator):
-        self.n, self.k, self.n_views, self.bs = n_images, k, n_views, int(batch_size)
-        self.sampler, self.g = sampler, generator
-
-    def __len__(self) -> int:
-        return max(1, math.ceil(self.n / self.bs))
-
-    def __iter__(self):
-
-        order = torch.as_tensor(list(self.sampler), dtype=torch.int64)
-        view = torch.randint(0, self.n_views, (len(order), self.k), generator=self.g)
+        shape = (len(order),) if self.k is None else (len(order), self.k)
+        view = torch.randint(0, self.n_views, shape, generator=self.g)
         for a in range(0, len(order), self.bs):
             yield order[a:a + self.bs], view[a:a + self.bs]
 
@@ -201,12 +182,10 @@ class FeatureSource:
     path = "feature_cache"  # the training path, for early_stopping: auto
 
     def __init__(self, x, cfg: dict, device="cpu"):
-
         self.x, self.cfg, self.device = as_tensor(x), cfg, torch.device(device)
         self._flat = None
 
     def loader(self, rows, y, seed: int, weight=None):
-
 
         rows = np.asarray(rows, np.int64)
         n, k, n_views, d = self.x.shape
@@ -220,10 +199,9 @@ class FeatureSource:
         sampler = sampler_for(np.repeat(np.asarray(y, np.int64), k), self.cfg, seed, weight, k)
         if sampler is None:
             sampler = torch.utils.data.RandomSampler(range(len(rows) * k), generator=g)
-        return _PatchLoader(len(rows) * k, n_views, int(self.cfg["batch_size"]), sampler, g)
+        return _CachedBatches(len(rows) * k, n_views, int(self.cfg["batch_size"]), sampler, g)
 
     def _image_loader(self, rows, y, seed: int, weight=None):
-
 
         n, k, n_views, d = self.x.shape
         self._images = self.x[row_tensor(rows)].to(self.device)  # rows x K x V x D
@@ -234,10 +212,9 @@ class FeatureSource:
             sampler = torch.utils.data.RandomSampler(range(len(rows)), generator=g)
         # batch_size counts patches, as on every path: whole images of K patches each.
         per = max(2, int(self.cfg["batch_size"]) // k)
-        return _ImageLoader(len(rows), k, n_views, per, sampler, g)
+        return _CachedBatches(len(rows), n_views, per, sampler, g, k=k)
 
     def prepare_fn(self, trainer):
-
 
         if is_mil_config(self.cfg["head"]):
             def prepare_images(idx, view):
@@ -270,7 +247,6 @@ class FeatureSource:
 
 
 def row_tensor(series):
-
     return torch.from_numpy(np.array(series, dtype=np.int64))  # pandas hands out read-only views
 
 

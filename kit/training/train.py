@@ -154,7 +154,6 @@ def fit(model: nn.Module, source, train_rows, train_y, cfg: dict, *, val_rows=No
     FoldResult
     """
     if is_probe(model):
-
         return fit_probe(getattr(model, "head", model), source, train_rows, train_y, cfg,
                          groups=groups, seed=seed, desc=desc, sample_weight=sample_weight)
 
