@@ -281,6 +281,18 @@ def backbone_info(name: str) -> BackboneInfo:
     return _INFO[name]
 
 
+# ImageNet CNNs were trained on 224 px crops; ``patches.size: auto`` cuts windows this size for
+# a backbone that declares no input size of its own.
+CNN_NATIVE_SIZE = 224
+
+
+def native_size(name: str) -> int:
+    """The window side a backbone was pretrained at: its declared input size, else 224."""
+    if name not in _INFO:
+        raise KitError(f"unknown backbone {name!r}; registered: {', '.join(list_backbones())}")
+    return int(_INFO[name].input_size or CNN_NATIVE_SIZE)
+
+
 def describe_backbones(notes: bool = True) -> list[str]:
     """One line per registered backbone: name, input size, gated weights (and a note)."""
     lines = []
