@@ -36,6 +36,15 @@ def load_config(group: str, overrides: dict | None = None, file: str | Path | No
     return cfg
 
 
+def given(cfg, group: str) -> dict:
+    """The resolved ``group`` config a stage was handed (commands resolve it once with
+    :func:`load_config`); a missing one is refused with the fix, never filled from YAML here."""
+    if not isinstance(cfg, dict):
+        raise KitError(f"the {group} stage takes its resolved config, e.g. "
+                       f"kit.config.load_config({group!r}, overrides) (got {type(cfg).__name__})")
+    return cfg
+
+
 def dotted_to_nested(values: dict, source: str = "config") -> dict:
     """``{"head.depth": 2, "lr": 1e-3}`` -> ``{"head": {"depth": 2}, "lr": 1e-3}`` (nested
     mappings pass through, so a file may mix both forms)."""

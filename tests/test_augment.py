@@ -33,12 +33,12 @@ def test_defaults_match_the_config_file():
     assert set(cfg["he_stain"]) == {"p", "method", "preset", "scale", "shift",
                                     "augment_background"}
     assert cfg["he_stain"]["p"] == 0.0  # off until it measures better (issue 9)
-    names = [type(t).__name__ for t in build_train_transform(seed=0).transforms]
+    names = [type(t).__name__ for t in build_train_transform(load_config("augment"), seed=0).transforms]
     assert "HEStain" not in names and names[-1] == "ColorJitter"
 
 
 def test_transform_keeps_shape_and_dtype():
-    t = build_train_transform(seed=0)
+    t = build_train_transform(load_config("augment"), seed=0)
     img = _patch(40)
     for _ in range(10):
         out = t(image=img)["image"]
@@ -46,7 +46,7 @@ def test_transform_keeps_shape_and_dtype():
 
 
 def test_geometry_only_gives_a_dihedral_view_of_the_patch():
-    t = build_train_transform({"color_jitter": {"p": 0.0}}, seed=1)
+    t = build_train_transform(load_config("augment", {"color_jitter": {"p": 0.0}}), seed=1)
     img = _patch()
     seen = set()
     for _ in range(60):
@@ -60,18 +60,18 @@ def test_geometry_only_gives_a_dihedral_view_of_the_patch():
 def test_each_transform_follows_its_probability():
     img = _patch()
     only_hflip = {"hflip": 1.0, "vflip": 0.0, "rot90": 0.0, "color_jitter": {"p": 0.0}}
-    assert np.array_equal(build_train_transform(only_hflip)(image=img)["image"], img[:, ::-1])
+    assert np.array_equal(build_train_transform(load_config("augment", only_hflip))(image=img)["image"], img[:, ::-1])
     nothing = {"hflip": 0.0, "vflip": 0.0, "rot90": 0.0, "color_jitter": {"p": 0.0}}
-    assert np.array_equal(build_train_transform(nothing)(image=img)["image"], img)
+    assert np.array_equal(build_train_transform(load_config("augment", nothing))(image=img)["image"], img)
     jitter_only = {"hflip": 0.0, "vflip": 0.0, "rot90": 0.0,
                    "color_jitter": {"p": 1.0, "brightness": 0.5, "hue": 0.1}}
-    out = build_train_transform(jitter_only, seed=0)(image=img)["image"]
+    out = build_train_transform(load_config("augment", jitter_only), seed=0)(image=img)["image"]
     assert out.shape == img.shape and not np.array_equal(out, img)
 
 
 def test_transform_is_reproducible_with_a_seed():
     img = _patch()
-    t1, t2, t3 = (build_train_transform(seed=s) for s in (7, 7, 8))
+    t1, t2, t3 = (build_train_transform(load_config("augment"), seed=s) for s in (7, 7, 8))
     a, b, c = ([t(image=img)["image"] for _ in range(5)] for t in (t1, t2, t3))
     assert all(np.array_equal(u, v) for u, v in zip(a, b))
     assert not all(np.array_equal(u, v) for u, v in zip(a, c))
@@ -85,7 +85,7 @@ def test_transform_is_reproducible_with_a_seed():
 ])
 def test_bad_augment_config(bad):
     with pytest.raises(KitError, match="augment config"):
-        build_train_transform(bad)
+        build_train_transform(load_config("augment", bad))
 
 
 @pytest.mark.parametrize("bad,key", [
@@ -96,7 +96,7 @@ def test_bad_augment_config(bad):
 ])
 def test_bad_he_stain_config_names_the_key(bad, key):
     with pytest.raises(KitError, match=f"augment config: .*{key}"):
-        build_train_transform({"he_stain": {"p": 0.5, **bad}})
+        build_train_transform(load_config("augment", {"he_stain": {"p": 0.5, **bad}}))
 
 
 # --------------------------------------------------------------------------- H&E stain jitter
@@ -124,12 +124,12 @@ def _stain_only(**stain):
 @pytest.mark.parametrize("method", ["random_preset", "preset", "macenko"])
 def test_he_stain_changes_colours_not_geometry(method):
     img = _he_patch()
-    out = build_train_transform(_stain_only(method=method), seed=3)(image=img)["image"]
+    out = build_train_transform(load_config("augment", _stain_only(method=method)), seed=3)(image=img)["image"]
     assert out.shape == img.shape and out.dtype == np.uint8
     tissue = img.astype(int).sum(-1) < 3 * 250
     assert (out != img).any(-1)[tissue].mean() > 0.5  # colours moved
     # a per-pixel colour map: the same draw on a flipped patch gives the flipped result
-    flipped = build_train_transform(_stain_only(method=method), seed=3)(image=img[:, ::-1])
+    flipped = build_train_transform(load_config("augment", _stain_only(method=method)), seed=3)(image=img[:, ::-1])
     assert np.array_equal(flipped["image"], out[:, ::-1])
     # equal input pixels stay equal, and the white background stays white
     background = img[: img.shape[0] // 6]
@@ -147,7 +147,7 @@ def test_he_stain_scales_the_stains_within_the_configured_range():
     ratios = []
     for seed in range(30):
         cfg = _stain_only(method="preset", preset="standard", scale=0.2, shift=0.0)
-        out = build_train_transform(cfg, seed=seed)(image=img)["image"]
+        out = build_train_transform(load_config("augment", cfg), seed=seed)(image=img)["image"]
         t_out = out.reshape(-1, 3)[(img.reshape(-1, 3).astype(int).sum(1) < 3 * 230)]
         ratios.append(-np.log(np.maximum(t_out / 255.0, 1e-6)).sum(1).mean() / od_in)
     # the image's own stain matrix, no shift: total optical density scales by 0.8..1.2
@@ -156,7 +156,7 @@ def test_he_stain_scales_the_stains_within_the_configured_range():
 
 def test_he_stain_is_reproducible_with_the_seed():
     img = _he_patch(seed=2)
-    t1, t2, t3 = (build_train_transform(_stain_only(), seed=s) for s in (5, 5, 6))
+    t1, t2, t3 = (build_train_transform(load_config("augment", _stain_only()), seed=s) for s in (5, 5, 6))
     a, b, c = ([t(image=img)["image"] for _ in range(4)] for t in (t1, t2, t3))
     assert all(np.array_equal(u, v) for u, v in zip(a, b))
     assert not all(np.array_equal(u, v) for u, v in zip(a, c))
@@ -165,7 +165,7 @@ def test_he_stain_is_reproducible_with_the_seed():
 
 def test_unknown_augment_key_is_refused():
     with pytest.raises(KitError, match="unknown key"):
-        build_train_transform({"hflp": 0.5})
+        build_train_transform(load_config("augment", {"hflp": 0.5}))
 
 
 # --------------------------------------------------------------------------- normalisation

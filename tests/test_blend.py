@@ -16,6 +16,7 @@ from kit.cli import main
 from kit.metrics import macro_f1
 from kit.submission.package import validate_submission
 from kit.utils import KitError
+from kit.config import load_config
 
 
 @pytest.fixture
@@ -96,7 +97,7 @@ def test_refuses_mismatched_tta_views(workdir):
 
 def test_run_blend_writes_submission_latest_and_run_dir(workdir):
     paths, data = workdir
-    res = run_blend(paths, data, name="first", seed=3)
+    res = run_blend(paths, data, load_config("blend"), name="first", seed=3)
     sub = paths.submissions_dir
     assert res.csv_path.parent == sub and res.csv_path.name.endswith("_first.csv")
     assert validate_submission(res.csv_path, data / "test_data", CLASSES) == []
@@ -111,7 +112,7 @@ def test_run_blend_writes_submission_latest_and_run_dir(workdir):
     oof = pd.read_csv(paths.runs_dir / "blend" / "oof_blend.csv")
     assert len(oof) == 150 and macro_f1(oof.label.to_numpy(), oof.pred_nested.to_numpy()) == \
         pytest.approx(res.scores["nested"]["macro_f1"])
-    second = run_blend(paths, data, name="first", weight_views=True)
+    second = run_blend(paths, data, load_config("blend"), name="first", weight_views=True)
     assert second.csv_path != res.csv_path                  # same second: a -2 suffix
     assert (sub / "latest.csv").read_bytes() == second.csv_path.read_bytes()
     assert not [p for p in sub.iterdir() if p.name.endswith(".tmp")]
@@ -119,7 +120,7 @@ def test_run_blend_writes_submission_latest_and_run_dir(workdir):
 
 def test_run_blend_refuses_bad_name(workdir):
     with pytest.raises(KitError, match="--name"):
-        run_blend(*workdir, name="../x")
+        run_blend(*workdir, load_config("blend"), name="../x")
 
 
 def test_cli_blend_prints_baselines_nested_and_paths(workdir, capsys):
@@ -227,7 +228,7 @@ def test_expected_score_is_optimistic_exactly_when_an_input_is(workdir, capsys):
 
 def test_inputs_from_an_older_cv_are_unknown_hence_optimistic(workdir):
     paths, data = workdir  # blend_data's metrics.json have no selection/params_source
-    res = run_blend(paths, data, seed=1)
+    res = run_blend(paths, data, load_config("blend"), seed=1)
     assert res.expected["label"] == "optimistic" and set(res.expected["why"]) == {
         "bb_a", "bb_b", "bb_c"}
     assert "not recorded (an older cv)" in "; ".join(res.expected["why"]["bb_a"])
@@ -310,8 +311,8 @@ def test_prior_em_is_printed_recorded_and_reproduced(tmp_path, capsys):
 
 def test_prior_em_keeps_the_training_mix_without_a_clear_shift(workdir, capsys):
     paths, data = workdir
-    train = run_blend(paths, data, name="train")
-    em = run_blend(paths, data, name="em", cfg={"prior": "em"})
+    train = run_blend(paths, data, load_config("blend"), name="train")
+    em = run_blend(paths, data, load_config("blend", {"prior": "em"}), name="em")
     record = em.prior_record()
     assert record["shifted"] is False and record["test_mix"] == record["train_mix"]
     assert em.csv_path.read_bytes() == train.csv_path.read_bytes()

@@ -12,6 +12,7 @@ from kit.ensemble.prior import (adjust_to_prior, calibrate, class_mix, em_prior,
 from kit.ensemble.search import BlendSearch, apply_rule, weighted_macro_f1_batch
 from kit.metrics import macro_f1, macro_f1_batch
 from kit.utils import KitError
+from kit.config import load_config
 
 TRAIN_MIX = np.array([0.27, 0.35, 0.26, 0.12])
 
@@ -131,7 +132,7 @@ def test_weighted_macro_f1_counts_each_row_its_class_weight_times():
 
 def test_prior_train_is_the_plain_blend_and_biases():
     p = synthetic_problem(200, 3, seed=6)
-    est = BlendSearch(random_state=0).fit(p["oof"], p["y"], p["folds"])
+    est = BlendSearch(random_state=0, cfg=load_config("blend")).fit(p["oof"], p["y"], p["folds"])
     rule = est.prior_rule(p["test"])
     assert rule.mode == "train" and rule.n_iter == 0
     assert np.allclose(rule.mix, class_mix(p["y"], 4)) and np.array_equal(rule.mix,
@@ -146,8 +147,8 @@ def test_prior_em_finds_a_shifted_test_mix_and_gains_macro_f1():
     shifted = (0.15, 0.2, 0.25, 0.4)  # many more of the small class than in training
     p = synthetic_problem(581, 3, seed=7, test_prior=shifted)
     truth = class_mix(p["y_test"], 4)
-    train = BlendSearch(random_state=0).fit(p["oof"], p["y"], p["folds"])
-    em = BlendSearch(cfg={"prior": "em"}, random_state=0).fit(p["oof"], p["y"], p["folds"])
+    train = BlendSearch(random_state=0, cfg=load_config("blend")).fit(p["oof"], p["y"], p["folds"])
+    em = BlendSearch(cfg=load_config("blend", {"prior": "em"}), random_state=0).fit(p["oof"], p["y"], p["folds"])
     rule = em.prior_rule(p["test"])
     assert rule.mode == "em" and rule.n_iter > 1
     assert np.abs(rule.mix - truth).sum() < 0.5 * np.abs(rule.train_mix - truth).sum()
@@ -163,13 +164,13 @@ def test_prior_em_finds_a_shifted_test_mix_and_gains_macro_f1():
 
 def test_prior_em_changes_nothing_without_a_significant_shift():
     p = synthetic_problem(581, 3, seed=11)  # test drawn with the training mix
-    train = BlendSearch(random_state=0).fit(p["oof"], p["y"], p["folds"])
-    em = BlendSearch(cfg={"prior": "em"}, random_state=0).fit(p["oof"], p["y"], p["folds"])
+    train = BlendSearch(random_state=0, cfg=load_config("blend")).fit(p["oof"], p["y"], p["folds"])
+    em = BlendSearch(cfg=load_config("blend", {"prior": "em"}), random_state=0).fit(p["oof"], p["y"], p["folds"])
     rule = em.prior_rule(p["test"])
     assert rule.mode == "em" and not rule.estimate.shifted
     assert rule.estimate.p_value >= 0.01 and np.array_equal(rule.mix, rule.train_mix)
     assert np.array_equal(em.predict(p["test"]), train.predict(p["test"]))
-    always = BlendSearch(cfg={"prior": "em", "em_alpha": 1.0}, random_state=0).fit(
+    always = BlendSearch(cfg=load_config("blend", {"prior": "em", "em_alpha": 1.0}), random_state=0).fit(
         p["oof"], p["y"], p["folds"]).prior_rule(p["test"])
     assert always.estimate.shifted and np.array_equal(always.mix, always.estimate.em)
 
@@ -187,17 +188,17 @@ def test_shift_test_allows_for_the_training_mix_being_a_sample():
 def test_prior_em_nested_predictions_never_see_the_held_out_labels():
     p = synthetic_problem(300, 3, seed=2)
     cfg = {"prior": "em", "em_alpha": 1.0}  # every fold adjusted, whatever the test says
-    a = BlendSearch(cfg=cfg, random_state=7).fit(p["oof"], p["y"], p["folds"])
+    a = BlendSearch(cfg=load_config("blend", cfg), random_state=7).fit(p["oof"], p["y"], p["folds"])
     held = p["folds"] == 0
     y2 = p["y"].copy()
     y2[held] = np.random.default_rng(0).permutation(4)[y2[held]]
-    b = BlendSearch(cfg=cfg, random_state=7).fit(p["oof"], y2, p["folds"])
+    b = BlendSearch(cfg=load_config("blend", cfg), random_state=7).fit(p["oof"], y2, p["folds"])
     assert np.array_equal(a.nested_pred_[held], b.nested_pred_[held])
 
 
 def test_prior_em_without_biases_adjusts_only():
     p = synthetic_problem(200, 2, seed=8, test_prior=(0.1, 0.2, 0.3, 0.4))
-    est = BlendSearch(cfg={"prior": "em", "biases": False, "em_alpha": 1.0}, random_state=0).fit(
+    est = BlendSearch(cfg=load_config("blend", {"prior": "em", "biases": False, "em_alpha": 1.0}), random_state=0).fit(
         p["oof"], p["y"], p["folds"])
     rule = est.prior_rule(p["test"])
     assert np.all(rule.biases == 0)
@@ -207,14 +208,14 @@ def test_prior_em_without_biases_adjusts_only():
 def test_unknown_prior_is_refused():
     p = synthetic_problem(60, 2, seed=0)
     with pytest.raises(KitError, match="prior must be one of train, em, got 'test'"):
-        BlendSearch(cfg={"prior": "test"}).fit(p["oof"], p["y"], p["folds"])
+        BlendSearch(cfg=load_config("blend", {"prior": "test"})).fit(p["oof"], p["y"], p["folds"])
 
 
 # ----------------------------------------------------------------------------- intervals
 
 def test_every_blend_score_carries_its_interval():
     p = synthetic_problem(300, 3, seed=9)
-    s = BlendSearch(random_state=0).fit(p["oof"], p["y"], p["folds"]).scores_
+    s = BlendSearch(random_state=0, cfg=load_config("blend")).fit(p["oof"], p["y"], p["folds"]).scores_
     blocks = [(s["nested"], "macro_f1", "ci95"), (s["nested"], "macro_f1_no_bias", "ci95_no_bias"),
               (s["in_sample"], "macro_f1", "ci95"),
               (s["in_sample"], "macro_f1_no_bias", "ci95_no_bias"),
@@ -228,5 +229,5 @@ def test_every_blend_score_carries_its_interval():
         assert gain["diff"] == pytest.approx(block["macro_f1"] - block["macro_f1_no_bias"])
         assert gain["ci95"][0] <= gain["diff"] <= gain["ci95"][1]
         assert 0 <= gain["p_b_better"] <= 1
-    again = BlendSearch(random_state=0).fit(p["oof"], p["y"], p["folds"]).scores_
+    again = BlendSearch(random_state=0, cfg=load_config("blend")).fit(p["oof"], p["y"], p["folds"]).scores_
     assert again["nested"]["ci95"] == s["nested"]["ci95"]  # seeded: the same interval

@@ -133,16 +133,16 @@ def test_constructor_only_stores_its_arguments():
     p = synthetic_problem(60, 2, seed=0)
     with pytest.raises(KitError, match="objective must be one of f1, logloss"):
         est.fit(p["oof"], p["y"], p["folds"])
-    with pytest.raises(KitError, match="unknown key 'not_a_key'"):
-        est.set_params(objective="f1").fit(p["oof"], p["y"], p["folds"])
+    with pytest.raises(KitError, match="takes its resolved config"):  # it reads no YAML itself
+        est.set_params(objective="f1", cfg=None).fit(p["oof"], p["y"], p["folds"])
     assert not [k for k in vars(est) if k.endswith("_")]  # a failed fit leaves no attributes
 
 
 def test_fit_returns_self_and_sets_fitted_attributes(cfg):
     p = synthetic_problem(200, 3, seed=6)
-    est = BlendSearch(random_state=5)
+    est = BlendSearch(random_state=5, cfg=load_config("blend"))
     assert est.fit(p["oof"], p["y"], p["folds"], models=["a", "b", "c"]) is est
-    assert est.cfg_ == cfg and est.cfg is None
+    assert est.cfg_ == cfg and est.cfg == cfg
     assert (est.n_models_, est.n_classes_, est.models_) == (3, 4, ["a", "b", "c"])
     assert est.weights_.shape == (3,) and est.weights_.sum() == pytest.approx(1.0)
     assert est.biases_.shape == (4,) and est.biases_[0] == 0
@@ -169,18 +169,18 @@ def test_predict_before_fit_raises_a_clear_error():
     p = synthetic_problem(60, 2, seed=0)
     for method in ("predict", "predict_proba"):
         with pytest.raises(NotFittedError, match="not fitted yet. Call 'fit'"):
-            getattr(BlendSearch(), method)(p["test"])
+            getattr(BlendSearch(cfg=load_config("blend")), method)(p["test"])
 
 
 def test_predict_refuses_other_models_or_classes():
     p = synthetic_problem(100, 3, seed=1)
-    est = BlendSearch().fit(p["oof"], p["y"], p["folds"])
+    est = BlendSearch(cfg=load_config("blend")).fit(p["oof"], p["y"], p["folds"])
     with pytest.raises(ValueError, match="must be 3 x T x 4"):
         est.predict(p["test"][:2])
     with pytest.raises(ValueError, match="must be 3 x T x 4"):
         est.predict_proba(p["test"][0])
     with pytest.raises(ValueError, match="one per row"):
-        BlendSearch().fit(p["oof"], p["y"][:-1], p["folds"])
+        BlendSearch(cfg=load_config("blend")).fit(p["oof"], p["y"][:-1], p["folds"])
 
 
 def test_same_random_state_same_result(cfg):
@@ -188,7 +188,7 @@ def test_same_random_state_same_result(cfg):
     bagged = {"bags": 5}
 
     def fit(rs):
-        return BlendSearch(cfg=bagged, random_state=rs).fit(p["oof"], p["y"], p["folds"])
+        return BlendSearch(cfg=load_config("blend", bagged), random_state=rs).fit(p["oof"], p["y"], p["folds"])
 
     a, b = fit(11), fit(11)
     c = fit(np.random.default_rng(11))  # a Generator seeded alike draws the same bags
@@ -207,6 +207,6 @@ def test_same_random_state_same_result(cfg):
 
 def test_biases_off_gives_plain_argmax():
     p = synthetic_problem(150, 2, seed=3)
-    est = BlendSearch(cfg={"biases": False}).fit(p["oof"], p["y"], p["folds"])
+    est = BlendSearch(cfg=load_config("blend", {"biases": False})).fit(p["oof"], p["y"], p["folds"])
     assert np.all(est.biases_ == 0)
     assert np.array_equal(est.predict(p["test"]), est.predict_proba(p["test"]).argmax(axis=1))

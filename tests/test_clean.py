@@ -29,7 +29,7 @@ def cleaned(tmp_path_factory):
     paths = Paths.from_root(base / "work")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        outliers = clean.run_clean(root, paths)
+        outliers = clean.run_clean(root, paths, load_config("clean"))
     junk = pd.read_csv(root / demo.JUNK_CSV, keep_default_na=False)
     return root, paths, outliers, junk, caught
 
@@ -53,11 +53,11 @@ def test_real_image_of_each_duplicate_mask_pair_is_kept(cleaned):
 def test_duplicate_masks_alone_catch_the_cartoons(cleaned, tmp_path):
     """With the stand-alone colour rule out of reach, the mask pairs still find every cartoon."""
     root, _, outliers, junk, _ = cleaned
-    strict_off = clean.run_clean(root, Paths.from_root(tmp_path), {"cartoon": {"strict": 1.01}})
+    strict_off = clean.run_clean(root, Paths.from_root(tmp_path), load_config("clean", {"cartoon": {"strict": 1.01}}))
     cartoons = set(junk[junk.kind == "cartoon"].sample_index)
     assert set(strict_off[strict_off.reason == "cartoon"].sample_index) == cartoons
     no_pairs = clean.run_clean(root, Paths.from_root(tmp_path),
-                               {"cartoon": {"strict": 1.01, "paired": 1.01}})
+                               load_config("clean", {"cartoon": {"strict": 1.01, "paired": 1.01}}))
     assert set(no_pairs.reason) == {"green"}  # so the pairing, not luck, did it
 
 
@@ -181,7 +181,7 @@ def test_real_scale_counts(tmp_path):
     root = demo.generate(tmp_path / "data", n_train=691, n_test=4, short_side=64, seed=2,
                          n_cartoon=60, n_green=50, long_side_max=192, n_test_green=0)
     paths = Paths.from_root(tmp_path / "work")
-    outliers = clean.run_clean(root, paths, {"workers": 2})
+    outliers = clean.run_clean(root, paths, load_config("clean", {"workers": 2}))
     assert outliers.reason.value_counts().to_dict() == {"cartoon": 60, "green": 50}
     junk = pd.read_csv(root / demo.JUNK_CSV)
     assert dict(zip(outliers.sample_index, outliers.reason)) == dict(zip(junk.sample_index, junk.kind))
@@ -258,7 +258,7 @@ def planted(cleaned, tmp_path_factory):
     paths = Paths.from_root(data.parent / "work")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        clean.run_clean(data, paths)
+        clean.run_clean(data, paths, load_config("clean"))
     near = pd.read_csv(neardup.near_duplicates_csv(paths))
     name = lambda i: f"train/img_{i:04d}.png"
     return data, paths, near, {"image": [(name(a), name(b)), (name(c), name(d))],
@@ -287,7 +287,7 @@ def test_planted_near_duplicates_share_a_fold(planted):
 
     data, paths, _, truth = planted
     for seed in (0, 1, 2):
-        folds = run_folds(data, paths, seed=seed, force=True).set_index("sample_index").fold
+        folds = run_folds(data, paths, load_config("folds"), seed=seed, force=True).set_index("sample_index").fold
         for pairs in truth.values():
             for x, y in pairs:
                 assert folds[x.split("/")[1]] == folds[y.split("/")[1]], (seed, x, y)

@@ -15,6 +15,7 @@ from kit.submission.package import (REQUIRED_FIELDS, append_submission, check_ma
                                     load_manifest, update_manifest, validate_submission,
                                     write_submission)
 from kit.utils import KitError, sha256_file
+from kit.config import load_config
 
 IDS = [f"img_{i:04d}.png" for i in range(6)]
 LABELS = ["Luminal A", "Luminal B", "HER2(+)", "Triple negative", "Luminal B", "HER2(+)"]
@@ -171,7 +172,7 @@ def test_command_line_shows_run_sh():
 @pytest.fixture
 def blended(tmp_path):
     paths, data = make_blend_workdir(tmp_path)
-    result = run_blend(paths, data, name="man", weight_views=True, seed=11,
+    result = run_blend(paths, data, load_config("blend"), name="man", weight_views=True, seed=11,
                        command="./run.sh blend --weight-views")
     return paths, data, result
 

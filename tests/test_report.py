@@ -25,6 +25,7 @@ from kit.ensemble.blend import expected_score, provenance
 from kit.metrics import bootstrap_ci, macro_f1
 from kit.submission.report import reliability, run_report
 from kit.utils import atomic_write_csv, atomic_write_json, write_config
+from kit.config import load_config
 
 PROB = [f"p_{c}" for c in CLASSES]
 
@@ -156,7 +157,7 @@ def _parse(text):
 
 def test_full_report_has_every_section(tmp_path):
     paths, data = build_workdir(tmp_path)
-    out = run_report(paths, data)
+    out = run_report(paths, data, load_config("report"))
     assert out == paths.runs_dir / "report.html"
     text = out.read_text()
     for anchor in ("data", "cv", "tune", "blend", "calibration", "submissions"):
@@ -201,7 +202,7 @@ def test_full_report_has_every_section(tmp_path):
 
 def test_an_optimistic_input_is_named_in_cv_and_blend(tmp_path):
     paths, data = build_workdir(tmp_path, convnext_how=OOF_STOPPED)
-    text = run_report(paths, data).read_text()
+    text = run_report(paths, data, load_config("report")).read_text()
     cv = text.split("<section id='cv'>")[1].split("</section>")[0]
     where = cv.split("Where each OOF score comes from")[1].split("</table>")[0]
     row = [r for r in where.split("<tr>") if "<td>convnext_t</td>" in r][0]
@@ -225,7 +226,7 @@ def test_old_files_without_records_are_unknown_hence_optimistic(tmp_path):
     b.pop("expected_score")
     b.pop("inputs_provenance")
     blend.write_text(json.dumps(b))
-    text = run_report(paths, data).read_text()
+    text = run_report(paths, data, load_config("report")).read_text()
     cv = text.split("<section id='cv'>")[1].split("</section>")[0]
     assert cv.count("<b class=warn>optimistic</b>") == 2 and "an older cv" in cv
     assert "does not record how its inputs chose" in text
@@ -241,7 +242,7 @@ def test_the_blends_expected_score_carries_its_interval(tmp_path):
     oof_path = paths.runs_dir / "blend" / "oof_blend.csv"
     nested_row = "<td>blend + class biases</td><td>0.5234</td><td>0.457"
     # neither recorded nor derivable (oof_blend.csv has no pred_nested): the score alone
-    blend = _section(run_report(paths, data).read_text(), "blend")
+    blend = _section(run_report(paths, data, load_config("report")).read_text(), "blend")
     assert f"{nested_row}</td>" in blend and "nested (expected) [95% interval]" in blend
     # bootstrapped from oof_blend.csv's nested predictions when they give the nested score
     oof = pd.read_csv(oof_path)
@@ -253,13 +254,13 @@ def test_the_blends_expected_score_carries_its_interval(tmp_path):
     b["scores"]["nested"]["macro_f1"] = macro_f1(y, pred)
     atomic_write_json(blend_json, b)
     lo, hi = bootstrap_ci(y, pred)
-    blend = _section(run_report(paths, data).read_text(), "blend")
+    blend = _section(run_report(paths, data, load_config("report")).read_text(), "blend")
     assert (f"<td>blend + class biases</td><td>0.5234</td><td>{macro_f1(y, pred):.3f} "
             f"[{lo:.2f}, {hi:.2f}]</td>") in blend
     # ... but not from predictions of another blend
     b["scores"]["nested"]["macro_f1"] = 0.4567
     atomic_write_json(blend_json, b)
-    assert f"{nested_row}</td>" in _section(run_report(paths, data).read_text(), "blend")
+    assert f"{nested_row}</td>" in _section(run_report(paths, data, load_config("report")).read_text(), "blend")
     # the interval the blend records wins, in the blend and the submissions sections
     b["expected_score"]["ci95"] = [0.4012, 0.5123]
     atomic_write_json(blend_json, b)
@@ -267,20 +268,20 @@ def test_the_blends_expected_score_carries_its_interval(tmp_path):
     m = json.loads(manifest.read_text())
     m["expected_score"] = {**expected_score(0.4567, {}), "ci95": [0.4111, 0.5022]}
     atomic_write_json(manifest, m)
-    text = run_report(paths, data).read_text()
+    text = run_report(paths, data, load_config("report")).read_text()
     assert f"{nested_row} [0.40, 0.51]</td>" in _section(text, "blend")
     subs = _section(text, "submissions")
     assert subs.count("<td>0.457 [0.41, 0.50]</td>") == 2  # the file and its upload
     # without runs/blend/, the report reads latest.json, expected score and interval included
     shutil.copy(manifest, paths.submissions_dir / "latest.json")
     shutil.rmtree(paths.runs_dir / "blend")
-    blend = _section(run_report(paths, data).read_text(), "blend")
+    blend = _section(run_report(paths, data, load_config("report")).read_text(), "blend")
     assert "nested (expected) [95% interval]" in blend and "0.457 [0.41, 0.50]" in blend
 
 
 def test_self_contained_and_escaped(tmp_path):
     paths, data = build_workdir(tmp_path)
-    text = run_report(paths, data).read_text()
+    text = run_report(paths, data, load_config("report")).read_text()
     parsed = _parse(text)
     assert parsed.refs, "expected inlined images and in-page links"
     for tag, attr, value in parsed.refs:
@@ -297,7 +298,7 @@ SCORE_SECTIONS = ["cv", "blend", "tune", "submissions", "calibration"]
 def test_scores_come_first_and_thumbnails_are_folded(tmp_path):
     paths, data = build_workdir(tmp_path)
     _label_issues(paths, data, "effnet_b0", ISSUES)
-    text = run_report(paths, data).read_text()
+    text = run_report(paths, data, load_config("report")).read_text()
     anchors = re.findall(r"<section id='(\w+)'>", text)
     assert anchors == SCORE_SECTIONS + ["data", "label_issues", "attention"]
     nav = re.findall(r"<a href='#(\w+)'>", text.split("<nav>")[1].split("</nav>")[0])
@@ -315,7 +316,7 @@ def test_scores_come_first_and_thumbnails_are_folded(tmp_path):
 
 
 def test_scores_come_first_with_nothing_run(tmp_path):
-    text = run_report(Paths.from_root(tmp_path / "empty"), tmp_path / "no-data").read_text()
+    text = run_report(Paths.from_root(tmp_path / "empty"), tmp_path / "no-data", load_config("report")).read_text()
     assert re.findall(r"<section id='(\w+)'>", text)[:5] == SCORE_SECTIONS
     assert "<details>" not in text
 
@@ -340,7 +341,7 @@ def test_names_and_labels_from_files_are_escaped(tmp_path):
     outliers.to_csv(paths.outliers_csv, index=False)
     _label_issues(paths, data, "effnet_b0",
                   ISSUES + [(EVIL_NAME, EVIL_LABEL, "Luminal A", 0.01, 1, 2, "0")])
-    text = run_report(paths, data).read_text()
+    text = run_report(paths, data, load_config("report")).read_text()
     assert "could not be built" not in text
     assert not _unescaped_markup(text), _unescaped_markup(text)
     assert "script" not in _parse(text).tags
@@ -355,7 +356,7 @@ def test_names_and_labels_from_files_are_escaped(tmp_path):
 
 def test_missing_inputs_degrade_to_hints(tmp_path):
     paths = Paths.from_root(tmp_path / "empty")
-    text = run_report(paths, tmp_path / "no-data").read_text()
+    text = run_report(paths, tmp_path / "no-data", load_config("report")).read_text()
     for hint in ("./run.sh clean", "./run.sh cv &lt;backbone&gt;", "./run.sh blend",
                  "./run.sh submit -m MSG"):
         assert hint in text
@@ -367,7 +368,7 @@ def test_missing_inputs_degrade_to_hints(tmp_path):
 def test_reliability_recomputed_from_backbones_and_bad_file_isolated(tmp_path):
     paths, data = build_workdir(tmp_path, blend_oof=False)
     (paths.backbone_dir("convnext_t") / "metrics.json").write_text("{ not json")
-    text = run_report(paths, data).read_text()
+    text = run_report(paths, data, load_config("report")).read_text()
     assert "backbone oof.csv files weighted as in runs/blend/blend.json" in text
     assert "nested weights" not in text
     cv = text.split("<section id='cv'>")[1].split("</section>")[0]
@@ -404,7 +405,7 @@ def test_renders_in_headless_chromium(tmp_path):
         pytest.skip("chromium not installed (apt-get install -y chromium, or bash "
                     ".ci/install-chromium.sh); the render check needs a real browser")
     paths, data = build_workdir(tmp_path)
-    report = run_report(paths, data)
+    report = run_report(paths, data, load_config("report"))
     shot = tmp_path / "shot.png"
     cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
            "--no-first-run", "--disable-background-networking", "--disable-component-update",
@@ -435,7 +436,7 @@ def test_attention_patches_and_collapsed_models_are_shown(tmp_path):
     metrics = json.loads(metrics_path.read_text())
     metrics["collapsed_folds"] = [1]
     metrics_path.write_text(json.dumps(metrics))
-    html_text = run_report(paths, tmp_path / "nodata", {"attention_images": 3}).read_text()
+    html_text = run_report(paths, tmp_path / "nodata", load_config("report", {"attention_images": 3})).read_text()
     section = _section(html_text, "attention")
     assert section.count("<img") == 3 and "most concentrated attention first" in section
     # the strips are folded away, in a container that scrolls rather than widen the page
@@ -479,7 +480,7 @@ ISSUES = [  # sample_index, label, suggested, quality, flagged, n_folds, flagged
 def test_suspected_label_errors_section(tmp_path):
     paths, data = build_workdir(tmp_path)
     _label_issues(paths, data, "effnet_b0", ISSUES)
-    text = run_report(paths, data, {"label_issues_top": 2}).read_text()
+    text = run_report(paths, data, load_config("report", {"label_issues_top": 2})).read_text()
     assert "<a href='#label_issues'>Suspected label errors</a>" in text
     # after the scores: the cv section comes first
     assert text.index("<section id='cv'>") < text.index("<section id='label_issues'>")
@@ -511,26 +512,26 @@ def test_suspected_label_errors_section(tmp_path):
 
 def test_suspected_label_errors_missing_nothing_flagged_and_broken(tmp_path):
     paths, data = build_workdir(tmp_path)
-    sec = _section(run_report(paths, data).read_text(), "label_issues")
+    sec = _section(run_report(paths, data, load_config("report")).read_text(), "label_issues")
     assert "no run with label_issues" in sec
     assert "./run.sh cv &lt;backbone&gt; --set label_issues.mode=drop" in sec
     assert "<details>" not in sec
     # a run that flagged nothing: the summary line, no thumbnails
     clean = [r[:4] + (0,) + r[5:6] + ("",) for r in ISSUES]
     _label_issues(paths, data, "convnext_t", clean, mode="weight")
-    sec = _section(run_report(paths, data).read_text(), "label_issues")
+    sec = _section(run_report(paths, data, load_config("report")).read_text(), "label_issues")
     assert "(mode weight, model logreg, 4 inner folds): <b>0</b> of 6 training" in sec
     assert "<details>" not in sec and "no run with label_issues" not in sec
     # a broken file is named; the other run still shows; no dataset -> no thumbnails
     _label_issues(paths, data, "effnet_b0", ISSUES)
     atomic_write_csv(paths.backbone_dir("convnext_t") / "label_issues.csv",
                      pd.DataFrame({"sample_index": ["img_0001.png"], "quality": [0.5]}))
-    text = run_report(paths, tmp_path / "nowhere").read_text()
+    text = run_report(paths, tmp_path / "nowhere", load_config("report")).read_text()
     sec = _section(text, "label_issues")
     assert "could not be read" in sec and "no column(s) label, suggested_label" in sec
     assert "<b>effnet_b0</b>" in sec and sec.count("image not found") == 3
     assert "not found: no thumbnails" in sec and "data:image/jpeg" not in sec
     # metrics.json says a mode but the file is gone
     (paths.backbone_dir("effnet_b0") / "label_issues.csv").unlink()
-    sec = _section(run_report(paths, data).read_text(), "label_issues")
+    sec = _section(run_report(paths, data, load_config("report")).read_text(), "label_issues")
     assert "records label_issues mode drop but" in sec

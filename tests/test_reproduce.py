@@ -13,12 +13,13 @@ from kit.submission.blend_output import run_blend
 from kit.cli import main
 from kit.submission.reproduce import infer_workdir, reproduce
 from kit.utils import KitError
+from kit.config import load_config
 
 
 @pytest.fixture
 def blended(tmp_path):
     paths, data = make_blend_workdir(tmp_path)
-    return paths, data, run_blend(paths, data, name="rep", weight_views=True, seed=5)
+    return paths, data, run_blend(paths, data, load_config("blend"), name="rep", weight_views=True, seed=5)
 
 
 def test_identical_from_manifest_and_latest(blended, tmp_path):

@@ -27,8 +27,9 @@ from kit.utils import KitError
 ROOT = Path(__file__).resolve().parents[1]
 PG_URL = os.environ.get("KIT_TEST_POSTGRES_URL",
                         "postgresql+psycopg2://kit:kit@127.0.0.1:55432/kit_optuna")
+SPACE = load_config("tune")["space"]
 # Every parameter of the shipped default space, removed (a test then adds its own).
-NULLS = {k: None for k in load_config("tune")["space"]["default"] if k != "lr"}
+NULLS = {k: None for k in SPACE["default"] if k != "lr"}
 
 
 def space_file(tmp_path, name="space.yaml", **default):
@@ -62,8 +63,8 @@ def test_default_space_parses_for_every_backbone_and_objective():
 
     keys = known_param_keys()
     for bb in list_backbones():
-        full = load_space(bb, "full", known_keys=keys)
-        feats = load_space(bb, "features", known_keys=keys)
+        full = load_space(bb, "full", SPACE, known_keys=keys)
+        feats = load_space(bb, "features", SPACE, known_keys=keys)
         for name in ("head.depth", "head.dropout", "augment.cutmix_alpha", "lr",
                      "weight_decay", "class_balance", "epochs", "head.width",
                      "head.activation"):
@@ -81,12 +82,12 @@ def test_user_space_overrides_ranges_removes_and_fixes(tmp_path):
                     "head.norm": "layernorm"},
         "phikon": {"lr": {"type": "float", "low": 1e-5, "high": 1e-4, "log": True}},
     }))
-    sp = load_space("phikon", "features", user, known_keys=known_param_keys())
+    sp = load_space("phikon", "features", SPACE, user, known_keys=known_param_keys())
     assert (sp.searched["head.depth"].low, sp.searched["head.depth"].high) == (1, 2)
     assert "weight_decay" not in sp.params
     assert sp.fixed == {"head.norm": "layernorm"}
     assert sp.searched["lr"].high == 1e-4 and sp.searched["lr"].log
-    other = load_space("tiny_cnn", "features", user)
+    other = load_space("tiny_cnn", "features", SPACE, user)
     assert other.searched["lr"].high == 3e-3  # the phikon entry applies to phikon only
     trial = optuna.trial.FixedTrial({"head.depth": 2, "head.width": 128, "head.dropout": 0.1,
                                      "head.activation": "gelu", "head.pool": "attention",
@@ -98,7 +99,7 @@ def test_user_space_overrides_ranges_removes_and_fixes(tmp_path):
 
 
 def test_the_conf_space_of_a_backbone_merges_over_default():
-    sp = load_space("phikon", "features")
+    sp = load_space("phikon", "features", SPACE)
     assert sp.searched["lr"].high == 1e-3 and sp.searched["lr"].low == 3e-5
     assert "head.depth" in sp.searched
 
@@ -122,14 +123,14 @@ def test_unknown_parameter_names_and_shapes_are_refused(tmp_path):
     bad = tmp_path / "typo.yaml"
     bad.write_text(yaml.safe_dump({"default": {"head.dept": {"type": "int", "low": 0, "high": 2}}}))
     with pytest.raises(KitError, match=r"typo.yaml: unknown parameter\(s\) head.dept"):
-        load_space("tiny_cnn", "features", bad, known_keys=known_param_keys())
+        load_space("tiny_cnn", "features", SPACE, bad, known_keys=known_param_keys())
     flat = tmp_path / "flat.yaml"
     flat.write_text("lr: 0.1\n")
     with pytest.raises(KitError, match="default:"):
-        load_space("tiny_cnn", "features", flat)
+        load_space("tiny_cnn", "features", SPACE, flat)
     empty = space_file(tmp_path, "none.yaml", lr=None)
     with pytest.raises(KitError, match="nothing to search"):
-        load_space("tiny_cnn", "features", empty)
+        load_space("tiny_cnn", "features", SPACE, empty)
 
 
 def test_param_domains():
@@ -178,8 +179,7 @@ def feat_work(tmp_path_factory):
 def test_features_objective_equals_features_cv_and_writes_outputs(feat_work, tmp_path):
     paths = feat_work
     space = space_file(tmp_path, **FAST, **{"head.depth": {"type": "int", "low": 0, "high": 1}})
-    best = run_tune(["tiny_cnn"], paths, objective="features", trials=2, space_file=space,
-                    weights="random", seed=42, study_suffix="eq")["tiny_cnn"]
+    best = run_tune(["tiny_cnn"], paths, load_config("tune", {"objective": "features", "trials": 2}), space_file=space, weights="random", seed=42, study_suffix="eq")["tiny_cnn"]
     out = paths.tune_dir("tiny_cnn")
     on_disk = yaml.safe_load((out / "best.yaml").read_text())
     assert on_disk["params"] == best["params"] and on_disk["trial"] == best["trial"]
@@ -218,8 +218,7 @@ def test_features_objective_equals_features_cv_and_writes_outputs(feat_work, tmp
     assert len(table) == 2 and {"number", "value", "state", "params_lr"} <= set(table.columns)
     assert (out / "history.png").stat().st_size > 0 and (out / "config.yaml").exists()
     # A rerun with the same target starts no trial.
-    run_tune(["tiny_cnn"], paths, trials=2, space_file=space, weights="random",
-             study_suffix="eq")
+    run_tune(["tiny_cnn"], paths, load_config("tune", {"trials": 2}), space_file=space, weights="random", study_suffix="eq")
     assert len(trials_of(paths, "tiny_cnn-features-eq")) == 2
 
 
@@ -234,8 +233,7 @@ def test_plots_are_skipped_with_too_few_trials(tmp_path):
 
 def test_folds_per_trial_searches_a_subset_and_rescores_the_best(feat_work, tmp_path):
     space = space_file(tmp_path, **FAST)
-    rec = run_tune(["tiny_cnn"], feat_work, trials=2, space_file=space, weights="random",
-                   folds_per_trial=3, study_suffix="sub")["tiny_cnn"]
+    rec = run_tune(["tiny_cnn"], feat_work, load_config("tune", {"trials": 2, "folds_per_trial": 3}), space_file=space, weights="random", study_suffix="sub")["tiny_cnn"]
     sub = fold_subset(5, 3, 42)
     for t in trials_of(feat_work, "tiny_cnn-features-sub"):
         assert sorted(t.intermediate_values) == sub
@@ -260,12 +258,12 @@ def test_folds_per_trial_searches_a_subset_and_rescores_the_best(feat_work, tmp_
 def test_wilcoxon_prunes_a_hopeless_trial(feat_work, tmp_path):
     space = space_file(tmp_path, **FAST)
     kw = dict(space_file=space, weights="random", study_suffix="prune")
-    run_tune(["tiny_cnn"], feat_work, create_only=True, **kw)
+    run_tune(["tiny_cnn"], feat_work, load_config("tune"), create_only=True, **kw)
     study = optuna.load_study(study_name="tiny_cnn-features-prune",
                               storage=f"sqlite:///{feat_work.runs_dir / 'optuna.db'}")
     for lr in (0.01, 0.012, 0.0):  # two good trials, then lr = 0: the head never learns
         study.enqueue_trial({"lr": lr})
-    run_tune(["tiny_cnn"], feat_work, trials=3, **kw)
+    run_tune(["tiny_cnn"], feat_work, load_config("tune", {"trials": 3}), **kw)
     good1, good2, bad = trials_of(feat_work, "tiny_cnn-features-prune")
     assert good1.state.name == good2.state.name == "COMPLETE"
     assert min(good1.intermediate_values.values()) > 0.5
@@ -284,7 +282,7 @@ def test_warm_start_enqueues_the_best_features_trials(feat_work, tmp_path):
             params={"lr": lr, "head.depth": depth}, distributions=dist, value=v,
             user_attrs={"params": {"lr": lr, "head.depth": depth, "patience": 3}}))
     dst = optuna.create_study(direction="maximize", storage=storage, study_name="dst")
-    full = load_space("tiny_cnn", "full")
+    full = load_space("tiny_cnn", "full", SPACE)
     assert warm_start(dst, src, full, top=3) == 3
     waiting = dst.get_trials(states=(optuna.trial.TrialState.WAITING,))
     # Best first; lr 0.5 lies outside the full space, so only its depth is carried over.
@@ -297,12 +295,12 @@ def test_warm_start_enqueues_the_best_features_trials(feat_work, tmp_path):
 def test_a_changed_folds_file_is_not_mixed_into_a_study(tmp_path):
     paths = make_workdir(tmp_path / "w", n_train=16, n_test=2, k=2, size=32, n_folds=2)
     space = space_file(tmp_path, lr=LR, epochs=2)
-    run_tune(["tiny_cnn"], paths, create_only=True, space_file=space, weights="random")
+    run_tune(["tiny_cnn"], paths, load_config("tune"), create_only=True, space_file=space, weights="random")
     folds = pd.read_csv(paths.folds_csv)
     folds["fold"] = 1 - folds["fold"]
     folds.to_csv(paths.folds_csv, index=False)
     with pytest.raises(KitError, match="made with other folds"):
-        run_tune(["tiny_cnn"], paths, trials=1, space_file=space, weights="random")
+        run_tune(["tiny_cnn"], paths, load_config("tune", {"trials": 1}), space_file=space, weights="random")
 
 
 def test_full_objective_equals_cv_and_cv_consumes_best_yaml(tmp_path):
@@ -313,8 +311,7 @@ def test_full_objective_equals_cv_and_cv_consumes_best_yaml(tmp_path):
                        patience=0, **{"augment.cutmix_alpha": {
                            "type": "categorical", "choices": [0.0, 0.5],
                            "objectives": ["full"]}, "head.depth": 0})
-    rec = run_tune(["tiny_cnn"], paths, objective="full", trials=1, space_file=space,
-                   weights="random", seed=3)["tiny_cnn"]
+    rec = run_tune(["tiny_cnn"], paths, load_config("tune", {"objective": "full", "trials": 1}), space_file=space, weights="random", seed=3)["tiny_cnn"]
     assert rec["objective"] == "full" and "augment.cutmix_alpha" in rec["params"]
     assert not paths.backbone_dir("tiny_cnn").exists()  # trials never touch runs/<bb>/
     assert not (paths.tune_dir("tiny_cnn") / "trials").exists() or \
@@ -402,8 +399,7 @@ def test_two_workers_share_one_study_on_postgresql(feat_work, tmp_path):
     try:
         # The study (and Optuna's tables) first, so the workers do not race to create them:
         # what `./run.sh tune ... --create-only` does, here without one more process start.
-        run_tune(["tiny_cnn"], feat_work, storage=PG_URL, space_file=space, weights="random",
-                 study_suffix=suffix, create_only=True)
+        run_tune(["tiny_cnn"], feat_work, load_config("tune", {"storage": PG_URL}), space_file=space, weights="random", study_suffix=suffix, create_only=True)
         workers = [subprocess.Popen(kit_cmd(*args, "--trials", 6), cwd=ROOT, env=env(),
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                    for _ in range(2)]
@@ -433,13 +429,13 @@ def test_two_workers_share_one_study_on_postgresql(feat_work, tmp_path):
 def test_without_names_it_tunes_the_backbones_cv_ran(tmp_path, capsys):
     paths = make_workdir(tmp_path / "w", n_train=8, n_test=2, k=1, size=32, n_folds=2)
     with pytest.raises(KitError, match="name the backbones"):
-        run_tune([], paths, create_only=True, weights="random")
+        run_tune([], paths, load_config("tune"), create_only=True, weights="random")
     paths.backbone_dir("tiny_cnn").mkdir(parents=True)
     (paths.backbone_dir("tiny_cnn") / "metrics.json").write_text("{}")
-    run_tune([], paths, create_only=True, weights="random")
+    run_tune([], paths, load_config("tune"), create_only=True, weights="random")
     assert "study tiny_cnn-features" in capsys.readouterr().out
     with pytest.raises(KitError, match="unknown backbone"):
-        run_tune(["tiny_cnnn"], paths, create_only=True)
+        run_tune(["tiny_cnnn"], paths, load_config("tune"), create_only=True)
 
 
 def test_bench_tune_runs_and_records_both_trials(tmp_path):
@@ -472,13 +468,13 @@ def test_ctrl_c_loses_only_the_running_trial(feat_work, tmp_path, monkeypatch):
 
     monkeypatch.setattr(FeatureCV, "fold", interrupted_later)
     with pytest.raises(KeyboardInterrupt):
-        run_tune(["tiny_cnn"], feat_work, trials=3, **kw)
+        run_tune(["tiny_cnn"], feat_work, load_config("tune", {"trials": 3}), **kw)
     states = [t.state.name for t in trials_of(feat_work, "tiny_cnn-features-ctrlc")]
     assert states == ["COMPLETE", "FAIL"]
     best = yaml.safe_load((feat_work.tune_dir("tiny_cnn") / "best.yaml").read_text())
     assert best["study"] == "tiny_cnn-features-ctrlc" and best["trial"] == 0  # still written
     monkeypatch.setattr(FeatureCV, "fold", real)
-    run_tune(["tiny_cnn"], feat_work, trials=3, **kw)  # the rerun finishes the target
+    run_tune(["tiny_cnn"], feat_work, load_config("tune", {"trials": 3}), **kw)  # the rerun finishes the target
     states = [t.state.name for t in trials_of(feat_work, "tiny_cnn-features-ctrlc")]
     assert states[:2] == ["COMPLETE", "FAIL"] and len(states) == 4
     assert sum(s in ("COMPLETE", "PRUNED") for s in states) == 3
@@ -487,23 +483,20 @@ def test_ctrl_c_loses_only_the_running_trial(feat_work, tmp_path, monkeypatch):
 def test_journal_storage_threads_and_timeout(feat_work, tmp_path):
     space = space_file(tmp_path, **FAST)
     journal = tmp_path / "tune.log"
-    run_tune(["tiny_cnn"], feat_work, trials=4, n_jobs=2, storage=f"journal:{journal}",
-             space_file=space, weights="random", study_suffix="journal")
+    run_tune(["tiny_cnn"], feat_work, load_config("tune", {"trials": 4, "n_jobs": 2, "storage": f"journal:{journal}"}), space_file=space, weights="random", study_suffix="journal")
     study = optuna.load_study(study_name="tiny_cnn-features-journal",
                               storage=make_storage(f"journal:{journal}", feat_work))
     finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(finished) == 4 and len({t.number for t in study.trials}) == len(study.trials)
     t0 = time.time()
-    run_tune(["tiny_cnn"], feat_work, trials=0, timeout=1, storage=f"journal:{journal}",
-             space_file=space, weights="random", study_suffix="journal")
+    run_tune(["tiny_cnn"], feat_work, load_config("tune", {"trials": 0, "timeout": 1, "storage": f"journal:{journal}"}), space_file=space, weights="random", study_suffix="journal")
     assert len(study.trials) > len(finished) and time.time() - t0 < 60
 
 
 def test_one_worker_on_the_default_storage_repeats_its_search(feat_work, tmp_path):
     space = space_file(tmp_path, **FAST, **{"head.depth": {"type": "int", "low": 0, "high": 2}})
     for suffix in ("det1", "det2"):
-        run_tune(["tiny_cnn"], feat_work, trials=2, space_file=space, weights="random",
-                 study_suffix=suffix)
+        run_tune(["tiny_cnn"], feat_work, load_config("tune", {"trials": 2}), space_file=space, weights="random", study_suffix=suffix)
     a, b = (trials_of(feat_work, f"tiny_cnn-features-{s}") for s in ("det1", "det2"))
     assert [t.params for t in a] == [t.params for t in b]
     assert [t.value for t in a] == [t.value for t in b]
@@ -570,8 +563,7 @@ def test_estimate_is_nested_and_its_outer_folds_never_choose_their_params(tmp_pa
         {"Luminal A": "Triple negative", "Luminal B": "Luminal A", "HER2(+)": "Luminal B",
          "Triple negative": "HER2(+)"}).to_numpy()
     folds.to_csv(paths.folds_csv, index=False)
-    scrambled = run_tune(["tiny_cnn"], paths, estimate=True, estimate_trials=2,
-                         space_file=space, weights="random")["tiny_cnn"]
+    scrambled = run_tune(["tiny_cnn"], paths, load_config("tune", {"estimate_trials": 2}), estimate=True, space_file=space, weights="random")["tiny_cnn"]
     first, second = on_disk["outer"][0], scrambled["outer"][0]
     assert second["params"] == first["params"]
     assert second["search_score"] == pytest.approx(first["search_score"], abs=1e-12)

@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 
+from kit.config import load_config
+
 # Clean v2 training counts in kit.CLASSES order (LumA, LumB, HER2, TN).
 REAL_COUNTS = (158, 204, 150, 69)
 
@@ -137,8 +139,8 @@ def score_seeds(n_seeds: int, first_seed: int = 42, test_mix=None, fold_noise: f
                                  fold_noise=fold_noise)
         truth = np.bincount(prob["y_test"], minlength=len(REAL_COUNTS)) / len(prob["y_test"])
         for prior in priors:
-            est = BlendSearch(objective, {"prior": prior}, seed).fit(prob["oof"], prob["y"],
-                                                                     prob["folds"])
+            est = BlendSearch(objective, load_config("blend", {"prior": prior}), seed).fit(
+                prob["oof"], prob["y"], prob["folds"])
             rule = est.prior_rule(prob["test"])
             rows.append({"seed": seed, "prior": prior,
                          "expected": est.scores_["nested"]["macro_f1"],
@@ -187,7 +189,6 @@ def format_seeds(res: dict, n_seeds: int, first_seed: int, test_mix,
 
 def run(args) -> int:
     from kit.ensemble.search import search
-    from kit.config import load_config
     from kit.metrics import format_ci
 
     cfg = load_config("blend")

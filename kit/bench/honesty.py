@@ -36,6 +36,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from kit.config import load_config
+
 # ``auto`` (train.yaml's default) resolves per path to one of the others, so it is not run by
 # default: its rows would repeat theirs.
 MODES = ("auto", "inner", "refit", "none", "oof")
@@ -250,9 +252,10 @@ def run_data_stages(data: Path, paths, preset: Preset, seed: int) -> None:
             return
     except (OSError, ValueError):
         pass
-    clean.run_clean(data, paths)
+    clean.run_clean(data, paths, load_config("clean"))
     patches.run_patches(data, paths, cfg=preset.patches or None)
-    folds.run_folds(data, paths, cfg=preset.folds or None, seed=seed, force=True)
+    folds.run_folds(data, paths, load_config("folds", preset.folds or None), seed=seed,
+                    force=True)
     atomic_write_json(stamp_file, stamp)
 
 
@@ -408,7 +411,8 @@ def score_blend(names: list[str], mode: str, paths, data, truth: dict, seed: int
     from kit.ensemble.blend import fit_blend
     from kit.metrics import macro_f1
 
-    res = fit_blend(paths, data, backbones=names, name=f"honesty-{mode}", seed=seed)
+    res = fit_blend(paths, data, load_config("blend"), backbones=names, name=f"honesty-{mode}",
+                    seed=seed)
     y_true = [truth[s] for s in res.inputs.test_ids]
     test_f1 = macro_f1(y_true, res.test_labels)
     nested = float(res.scores["nested"]["macro_f1"])

@@ -24,8 +24,8 @@ def run(args) -> int:
     from kit.config import load_config, stage_overrides
 
     cfg = load_config("blend", stage_overrides(args.config, args.sets))
-    result = run_blend(Paths.from_root(args.workdir), args.data, backbones=args.backbones or None,
-                       name=args.name, objective=args.objective, weight_views=args.weight_views,
-                       seed=args.seed, cfg=cfg)
+    result = run_blend(Paths.from_root(args.workdir), args.data, cfg,
+                       backbones=args.backbones or None, name=args.name,
+                       objective=args.objective, weight_views=args.weight_views, seed=args.seed)
     print(format_summary(result))
     return 0

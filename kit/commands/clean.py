@@ -24,13 +24,13 @@ def run(args) -> int:
     import pandas as pd
 
     from kit.data import clean
-    from kit.config import stage_overrides, with_flags
+    from kit.config import load_config, stage_overrides, with_flags
     from kit.data.dataset import load_dataset
     from kit.data.neardup import near_duplicates_csv
 
-    cfg = with_flags(stage_overrides(args.config, args.sets), {
+    cfg = load_config("clean", with_flags(stage_overrides(args.config, args.sets), {
         "green.min_share": args.green_share, "cartoon.strict": args.cartoon_strict,
-        "cartoon.paired": args.cartoon_paired, "workers": args.workers})
+        "cartoon.paired": args.cartoon_paired, "workers": args.workers}))
     paths = Paths.from_root(args.workdir)
     dataset = load_dataset(args.data, skip_bad=args.skip_bad)
     outliers = clean.run_clean(dataset, paths, cfg)

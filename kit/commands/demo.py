@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kit.config import load_config
 from kit.paths import Paths
 
 
@@ -29,12 +30,12 @@ def run(args) -> int:
     data = demo.generate(out / "data", seed=args.seed,
                          **{k: v for k, v in given.items() if v is not None})
     print(f"demo data      -> {data}")
-    outliers = clean.run_clean(data, paths)
+    outliers = clean.run_clean(data, paths, load_config("clean"))
     print(f"clean          -> {paths.outliers_csv} ({len(outliers)} flagged), "
           f"{paths.clean_dir / 'review.html'}")
     patches.run_patches(data, paths)
     print(f"patches        -> {paths.patches_dir('train')}, {paths.patches_dir('test')}")
-    folds.run_folds(data, paths, seed=args.seed, force=True)
+    folds.run_folds(data, paths, load_config("folds"), seed=args.seed, force=True)
     print(f"folds          -> {paths.folds_csv}")
     _cv(paths, args.seed)
     # A second backbone for the blend: its head tuned on cached embeddings, then cv with the
@@ -43,7 +44,7 @@ def run(args) -> int:
     _blend(paths, data, args.seed)  # after both cv runs (it reads runs/<bb>/), before the report
     from kit.submission.report import run_report  # last: it summarises every stage above
 
-    print(f"report         -> {run_report(paths, data)}")
+    print(f"report         -> {run_report(paths, data, load_config('report'))}")
     return 0
 
 
@@ -59,8 +60,8 @@ def _tune(paths: Paths, seed: int, backbone: str = "tiny_vit", trials: int = 8) 
 
     # The demo's own study file: a fresh study each run, as the demo data is regenerated.
     (paths.runs_dir / "optuna.db").unlink(missing_ok=True)
-    best = run_tune([backbone], paths, objective="features", trials=trials, seed=seed,
-                    weights="random")[backbone]
+    cfg = load_config("tune", {"objective": "features", "trials": trials})
+    best = run_tune([backbone], paths, cfg, seed=seed, weights="random")[backbone]
     print(f"tune           -> {paths.tune_dir(backbone) / 'best.yaml'} (trial {best['trial']} "
           f"of {trials}, features OOF macro F1 {best['score']:.4f})")
     metrics = run_cv(backbone, paths, cfg=FROZEN_CV, params="best", seed=seed, weights="random")
@@ -98,7 +99,7 @@ def _blend(paths: Paths, data, seed: int) -> None:
         print("blend          skipped: no runs/<backbone>/ with oof.csv, test.csv and "
               "metrics.json yet (./run.sh cv writes them)")
         return
-    result = run_blend(paths, data, name="demo", seed=seed)
+    result = run_blend(paths, data, load_config("blend"), name="demo", seed=seed)
     s = result.scores
     singles = ", ".join(f"{b} {m['oof_macro_f1']:.4f}" for b, m in result.inputs.meta.items()
                         if m.get("oof_macro_f1") is not None)

@@ -17,13 +17,14 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from kit.config import stage_overrides, with_flags
+    from kit.config import load_config, stage_overrides, with_flags
     from kit.data.folds import folds_hash, run_folds
 
     if args.n_splits is not None and args.n_splits < 2:
         raise KitError(f"--n-splits {args.n_splits}: need at least 2 folds")
     paths = Paths.from_root(args.workdir)
-    cfg = with_flags(stage_overrides(args.config, args.sets), {"n_splits": args.n_splits})
+    cfg = load_config("folds", with_flags(stage_overrides(args.config, args.sets),
+                                          {"n_splits": args.n_splits}))
     run_folds(args.data, paths, cfg=cfg, seed=args.seed,
               force=args.force, skip_bad=args.skip_bad)
     print(f"folds -> {paths.folds_csv} (sha256 {folds_hash(paths)[:12]})")

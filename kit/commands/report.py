@@ -9,11 +9,11 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from kit.paths import Paths
-    from kit.config import stage_overrides, with_flags
+    from kit.config import load_config, stage_overrides, with_flags
     from kit.submission.report import run_report
 
-    out = run_report(Paths.from_root(args.workdir), args.data,
-                     cfg=with_flags(stage_overrides(args.config, args.sets),
-                                    {"max_thumbs": args.max_thumbs}))
+    cfg = load_config("report", with_flags(stage_overrides(args.config, args.sets),
+                                           {"max_thumbs": args.max_thumbs}))
+    out = run_report(Paths.from_root(args.workdir), args.data, cfg)
     print(f"report -> {out}")
     return 0

@@ -25,13 +25,13 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from kit.paths import Paths
-    from kit.config import stage_overrides, with_flags
+    from kit.config import load_config, stage_overrides, with_flags
     from kit.submission.submit import run_submit
 
-    run_submit(Paths.from_root(args.workdir), args.message, csv=args.csv,
+    cfg = load_config("submit", with_flags(stage_overrides(args.config, args.sets),
+                                           {"poll_interval": args.poll_interval,
+                                            "wait_timeout": args.wait_timeout}))
+    run_submit(Paths.from_root(args.workdir), args.message, cfg, csv=args.csv,
                competition=args.competition, wait=args.wait, dry_run=args.dry_run,
-               data=Path(args.data) if args.data else None,
-               cfg=with_flags(stage_overrides(args.config, args.sets),
-                              {"poll_interval": args.poll_interval,
-                               "wait_timeout": args.wait_timeout}))
+               data=Path(args.data) if args.data else None)
     return 0

@@ -72,20 +72,21 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from kit.config import stage_overrides
+    from kit.config import load_config, stage_overrides, with_flags
     from kit.paths import Paths
     from kit.tuning.tune import run_tune
     from kit.tuning.workers import launch
 
     # The stage's arguments, resolved once: this process runs them, or the workers do.
-    kwargs = dict(backbones=list(args.backbones), objective=args.objective, trials=args.trials,
-                  timeout=args.timeout, storage=args.storage, study_suffix=args.study_suffix,
-                  folds_per_trial=args.folds_per_trial, space_file=args.space_file,
-                  warm_start_from=args.warm_start_from, weights=args.weights,
-                  n_jobs=args.n_jobs, seed=args.seed, device=args.device,
-                  heartbeat=args.heartbeat, grace=args.grace, create_only=args.create_only,
-                  estimate=args.estimate, estimate_trials=args.estimate_trials,
-                  cfg=stage_overrides(args.config, args.sets))
+    cfg = load_config("tune", with_flags(stage_overrides(args.config, args.sets), {
+        "objective": args.objective, "trials": args.trials, "timeout": args.timeout,
+        "storage": args.storage, "folds_per_trial": args.folds_per_trial,
+        "n_jobs": args.n_jobs, "heartbeat_interval": args.heartbeat,
+        "grace_period": args.grace, "estimate_trials": args.estimate_trials}))
+    kwargs = dict(backbones=list(args.backbones), cfg=cfg, study_suffix=args.study_suffix,
+                  space_file=args.space_file, warm_start_from=args.warm_start_from,
+                  weights=args.weights, seed=args.seed, device=args.device,
+                  create_only=args.create_only, estimate=args.estimate)
     paths = Paths.from_root(args.workdir)
     if getattr(args, "workers", None) is not None or getattr(args, "gpus", None):
         return launch(paths, kwargs, args.workers, args.gpus)

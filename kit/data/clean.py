@@ -30,7 +30,7 @@ import pandas as pd
 from PIL import Image
 
 from kit.data import neardup
-from kit.config import load_config
+from kit.config import given
 from kit.data.dataset import Dataset, Sample, jpeg_thumbnail, load_dataset, read_mask, to_rgb_array
 from kit.paths import Paths
 from kit.templates import data_uri, render
@@ -44,7 +44,7 @@ ACTIONS = ("keep", "drop")
 FEATURES = ["green", "colour", "smooth", "cartoon"]
 
 
-def run_clean(data, paths: Paths, cfg: dict | None = None, skip_bad: bool = False) -> pd.DataFrame:
+def run_clean(data, paths: Paths, cfg: dict, skip_bad: bool = False) -> pd.DataFrame:
     """Scan every image, flag junk training images and write the clean stage's files.
 
     Parameters
@@ -55,8 +55,8 @@ def run_clean(data, paths: Paths, cfg: dict | None = None, skip_bad: bool = Fals
         Work directory layout; writes ``paths.outliers_csv`` and, in ``paths.clean_dir``,
         ``review.html``, ``test_suspicious.csv``, ``scores.csv``, ``near_duplicates.csv`` and
         ``config.yaml``.
-    cfg : dict, optional
-        Overrides of ``kit/conf/clean.yaml``.
+    cfg : dict
+        The resolved ``clean`` config (``kit.config.load_config("clean", overrides)``).
     skip_bad : bool
         Passed to ``load_dataset`` when ``data`` is a path.
 
@@ -65,7 +65,7 @@ def run_clean(data, paths: Paths, cfg: dict | None = None, skip_bad: bool = Fals
     DataFrame
         The flagged training images: ``sample_index,reason,score``, sorted.
     """
-    cfg = load_config("clean", cfg)
+    cfg = given(cfg, "clean")
     dataset = data if isinstance(data, Dataset) else load_dataset(data, skip_bad=skip_bad)
     overrides = load_overrides(paths)  # a broken file should stop us before the long scan
     feats = scan(dataset, cfg)

@@ -30,7 +30,7 @@ import pandas as pd
 import yaml
 
 from kit import CLASSES
-from kit.config import load_config
+from kit.config import given
 from kit.data.dataset import Dataset, Sample, load_dataset, mask_groups
 from kit.data.neardup import near_duplicates_csv, read_near_duplicates
 from kit.paths import Paths
@@ -190,7 +190,7 @@ def read_group_overrides(path: str | Path, known: set[str] | None = None) -> dic
     return dict(zip(df.sample_index, df.group.str.strip()))
 
 
-def run_folds(data, paths: Paths, cfg: dict | None = None, seed: int = 42, force: bool = False,
+def run_folds(data, paths: Paths, cfg: dict, seed: int = 42, force: bool = False,
               skip_bad: bool = False) -> pd.DataFrame:
     """Split the clean training images into folds and write ``folds/folds.csv``.
 
@@ -221,7 +221,7 @@ def run_folds(data, paths: Paths, cfg: dict | None = None, seed: int = 42, force
     """
     from kit.data.clean import clean_train_samples
 
-    cfg = load_config("folds", cfg)
+    cfg = given(cfg, "folds")
     dataset = data if isinstance(data, Dataset) else load_dataset(data, skip_bad=skip_bad)
     samples = sorted(clean_train_samples(dataset, paths), key=lambda s: s.sample_index)
     if not samples:

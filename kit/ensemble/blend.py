@@ -18,7 +18,7 @@ import pandas as pd
 
 from kit import CLASSES, PROB_COLUMNS
 from kit.ensemble.search import BlendSearch, PriorRule, SearchResult, apply_rule
-from kit.config import load_config
+from kit.config import given
 from kit.data.dataset import expected_test_ids
 from kit.metrics import format_ci, to_indices
 from kit.paths import Paths
@@ -360,13 +360,13 @@ class BlendResult:
                 "seed": self.seed, "prior": self.prior_record()}
 
 
-def fit_blend(paths: Paths, data, backbones=None, name: str = "blend", objective: str = "f1",
-              weight_views: bool = False, seed: int = 42, cfg: dict | None = None) -> BlendResult:
+def fit_blend(paths: Paths, data, cfg: dict, backbones=None, name: str = "blend",
+              objective: str = "f1", weight_views: bool = False, seed: int = 42) -> BlendResult:
     """Load the inputs, fit weights and biases (all rows and nested), predict the test set.
 
     Writes nothing; :func:`run_blend` writes the files and ``reproduce`` compares them.
     """
-    cfg = load_config("blend", cfg)
+    cfg = given(cfg, "blend")
     inputs = load_inputs(paths, data, backbones, weight_views)
     est = BlendSearch(objective, cfg, seed).fit(inputs.oof, inputs.y, inputs.folds,
                                                 models=inputs.models)

@@ -39,7 +39,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
 from kit import CLASSES
-from kit.config import load_config
+from kit.config import given
 from kit.ensemble.prior import PRIORS, MixEstimate, adjust_to_prior, class_mix, estimate_mix
 from kit.metrics import bootstrap_ci, macro_f1, macro_f1_batch, paired_bootstrap, per_class_f1
 from kit.utils import KitError, check_random_state
@@ -283,9 +283,10 @@ class BlendSearch(BaseEstimator):
         What the weight search maximises: macro F1 of the argmax, or minus the log-loss.
         The biases always maximise macro F1.
     cfg : dict or None, default=None
-        Overrides of the ``blend`` config group (``kit/conf/blend.yaml``: ``iterations``,
-        ``init``, ``init_size``, ``bags``, ``biases``, ``bias_*``, ``eps``, ``prior``,
-        ``em_*``); None: its defaults. A full resolved config may be passed as it is.
+        The resolved ``blend`` config (``kit.config.load_config("blend", overrides)``:
+        ``iterations``, ``init``, ``init_size``, ``bags``, ``biases``, ``bias_*``, ``eps``,
+        ``prior``, ``em_*``). Required by ``fit`` (None is refused there: the estimator
+        reads no YAML).
     random_state : int, numpy.random.Generator or None, default=None
         Seeds the bootstrap bags (used only when ``bags > 0``): it is split into one child
         generator for the fit on all rows and one per fold, so the same value gives the
@@ -371,7 +372,7 @@ class BlendSearch(BaseEstimator):
         if self.objective not in OBJECTIVES:
             raise KitError(f"objective must be one of {', '.join(OBJECTIVES)}, "
                            f"got {self.objective!r}")
-        cfg = load_config("blend", self.cfg)
+        cfg = given(self.cfg, "blend")
         if cfg.get("prior", "train") not in PRIORS:
             raise KitError(f"blend config: prior must be one of {', '.join(PRIORS)}, "
                            f"got {cfg['prior']!r}")
@@ -501,7 +502,7 @@ def search(P: np.ndarray, y: np.ndarray, folds: np.ndarray, cfg: dict, objective
     y, folds : ndarray of shape (N,)
         Class indices and fold numbers.
     cfg : dict
-        The ``blend`` config (or overrides of it).
+        The resolved ``blend`` config.
     objective : {"f1", "logloss"}
     seed : int, numpy.random.Generator or None
         ``random_state`` of the estimator.

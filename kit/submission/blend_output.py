@@ -16,8 +16,8 @@ from kit.utils import (KitError, atomic_write_bytes, atomic_write_csv, atomic_wr
                        sha256_file, write_config)
 
 
-def run_blend(paths: Paths, data, backbones=None, name: str = "blend", objective: str = "f1",
-              weight_views: bool = False, seed: int = 42, cfg: dict | None = None,
+def run_blend(paths: Paths, data, cfg: dict, backbones=None, name: str = "blend",
+              objective: str = "f1", weight_views: bool = False, seed: int = 42,
               command: str | None = None) -> BlendResult:
     """Fit the blend and write the submission, its manifest, ``latest.*`` and ``runs/blend/``.
 
@@ -29,7 +29,7 @@ def run_blend(paths: Paths, data, backbones=None, name: str = "blend", objective
     """
     if not NAME_RE.match(name) or name == "latest":
         raise KitError(f"--name {name!r}: use letters, digits, '_', '-' or '.', not 'latest'")
-    result = fit_blend(paths, data, backbones, name, objective, weight_views, seed, cfg)
+    result = fit_blend(paths, data, cfg, backbones, name, objective, weight_views, seed)
     stamp = datetime.now(timezone.utc)
     csv_path = _free_name(paths.submissions_dir, f"{stamp:%Y%m%d-%H%M%S}_{name}")
     digest = write_submission(result.submission_frame(), csv_path, result.inputs.test_ids, CLASSES)

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from kit import CLASSES, PROB_COLUMNS, __version__
-from kit.config import load_config
+from kit.config import given
 from kit.paths import Paths
 from kit.templates import data_uri, render
 from kit.utils import KitError, atomic_write_text, write_config
@@ -31,7 +31,7 @@ NESTED_COLUMNS = [f"nested_p_{c}" for c in CLASSES]
 _READ_ERRORS = (KitError, OSError, ValueError, KeyError, TypeError, IndexError)
 
 
-def run_report(paths: Paths, data, cfg: dict | None = None) -> Path:
+def run_report(paths: Paths, data, cfg: dict) -> Path:
     """Write ``runs/report.html`` from whatever the stages have written so far; return its path.
 
     The scores come first (cross-validation, blend, tuning, submissions), then the data, the
@@ -43,10 +43,10 @@ def run_report(paths: Paths, data, cfg: dict | None = None) -> Path:
         The work directory.
     data : path
         Dataset root (``train_labels.csv``, ``train_data/`` for the junk thumbnails).
-    cfg : dict, optional
-        Overrides of the ``report`` config group.
+    cfg : dict
+        The resolved ``report`` config.
     """
-    cfg = load_config("report", cfg)
+    cfg = given(cfg, "report")
     sections = [
         ("cv", "Cross-validation", lambda: cv_section(paths)),
         ("blend", "Blend", lambda: blend_section(paths)),

@@ -72,9 +72,9 @@ def reproduce(manifest_path, data=None, workdir=None, out=None,
     recorded = _recorded_csv(report, m)
     b = m["blend"]
     try:
-        result = fit_blend(paths, data, backbones=b["backbones"], name=m["name"],
+        result = fit_blend(paths, data, b["params"], backbones=b["backbones"], name=m["name"],
                            objective=b["objective"], weight_views=b["weight_views"],
-                           seed=b["seed"], cfg=b["params"])
+                           seed=b["seed"])
         with tempfile.TemporaryDirectory() as tmp:
             new_path = Path(tmp) / m["files"]["csv"]
             write_submission(result.submission_frame(), new_path, result.inputs.test_ids, CLASSES)

@@ -34,7 +34,7 @@ import pandas as pd
 
 from kit import CLASSES
 from kit.submission import package
-from kit.config import load_config
+from kit.config import given
 from kit.metrics import format_ci
 from kit.paths import Paths
 from kit.utils import KitError, atomic_write_json, sha256_file
@@ -402,9 +402,9 @@ def record_submission(record_path: Path, record: dict, is_manifest: bool,
 
 # ----------------------------------------------------------------------------- the stage
 
-def run_submit(paths: Paths, message: str, csv=None, competition: str | None = None,
-               wait: bool = False, dry_run: bool = False, data=None, cfg: dict | None = None,
-               env=None, echo=print) -> dict:
+def run_submit(paths: Paths, message: str, cfg: dict, csv=None,
+               competition: str | None = None, wait: bool = False, dry_run: bool = False,
+               data=None, env=None, echo=print) -> dict:
     """Validate, upload and record one submission; return its record.
 
     Parameters
@@ -423,15 +423,15 @@ def run_submit(paths: Paths, message: str, csv=None, competition: str | None = N
         Every check, no upload and no record.
     data : path, optional
         Dataset root; its ``test_data/`` gives the expected rows when present.
-    cfg : dict, optional
-        Overrides of the ``submit`` config group.
+    cfg : dict
+        The resolved ``submit`` config.
 
     Raises
     ------
     KitError
         Bad CSV, no or unsafe credentials, or Kaggle refusing the upload (recorded).
     """
-    cfg = load_config("submit", cfg)
+    cfg = given(cfg, "submit")
     if not message or not message.strip():
         raise KitError("a submission message is required: -m 'what changed'")
     csv_path, manifest, record_path = resolve_submission(paths, csv)

@@ -12,7 +12,7 @@ import torch
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
 
-from kit.config import load_config
+from kit.config import given
 from kit.utils import KitError, check_random_state
 
 
@@ -22,14 +22,14 @@ HE_STAIN_PRESETS = ("ruifrok", "macenko", "standard", "high_contrast", "h_heavy"
                     "dark", "light")
 
 
-def build_train_transform(cfg: dict | None = None, seed: int | None = None):
+def build_train_transform(cfg: dict, seed: int | None = None):
     """The albumentations training pipeline: flips, 90-degree rotations, H&E stain jitter
     (``he_stain``, off by default), colour jitter.
 
     Parameters
     ----------
-    cfg : dict, optional
-        The ``augment`` config group (or a partial one, merged over the defaults).
+    cfg : dict
+        The resolved ``augment`` config group (the ``augment`` section of the train config).
     seed : int, optional
         Seed of the pipeline's own random state (albumentations ignores the global seeds),
         see :func:`seed_transform`; ``None`` draws fresh entropy.
@@ -41,7 +41,7 @@ def build_train_transform(cfg: dict | None = None, seed: int | None = None):
     """
     import albumentations as A
 
-    cfg = load_config("augment", cfg)
+    cfg = given(cfg, "augment")
     _check_augment(cfg)
     jitter = cfg["color_jitter"]
     b, c, s, h = (float(jitter[k]) for k in ("brightness", "contrast", "saturation", "hue"))

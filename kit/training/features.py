@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kit.config import load_config
+from kit.config import given
 from kit.models.backbones import create_backbone, freeze_backbone
 from kit.models.normalize import normalize_batch
 from kit.training.checkpoints import weights_digest
@@ -112,7 +112,7 @@ def load_or_embed(backbone, patches, paths, split: str, views, cfg: dict | None 
 
 
 
-    cfg = load_config("features", cfg)
+    cfg = given(cfg, "features")
     dtype = str(cfg["dtype"])
     if dtype not in DTYPES:
         raise KitError(f"features.dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")

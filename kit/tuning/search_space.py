@@ -174,26 +174,23 @@ def _entries(raw, source: str) -> dict:
     return raw
 
 
-def load_space(backbone: str, objective: str, file: str | Path | None = None,
-               base: dict | None = None, known_keys: set[str] | None = None) -> Space:
+def load_space(backbone: str, objective: str, base: dict, file: str | Path | None = None,
+               known_keys: set[str] | None = None) -> Space:
     """The space of ``backbone`` for ``objective``.
 
     Parameters
     ----------
     backbone, objective : str
         ``objective`` drops the parameters whose ``objectives`` do not list it.
+    base : dict
+        The ``space`` section of the resolved tune config.
     file : path, optional
         User YAML (``--space``) merged over ``base``.
-    base : dict, optional
-        The ``space`` section of the tune config (default: ``kit/conf/tune.yaml``).
     known_keys : set of str, optional
         Dotted keys cv accepts; any other name is refused (a typo would silently tune nothing).
     """
     if objective not in OBJECTIVES:
         raise KitError(f"objective must be one of {', '.join(OBJECTIVES)} (got {objective!r})")
-    if base is None:
-        from kit.config import load_config
-        base = load_config("tune")["space"]
     base = _entries(base, "kit/conf/tune.yaml space")
     layers = [base.get("default"), base.get(backbone)]
     source = "kit/conf/tune.yaml"

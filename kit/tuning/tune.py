@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kit.config import load_config
+from kit.config import given
 from kit.log import capture
 from kit.metrics import bootstrap_ci, format_ci, macro_f1
 from kit.tuning.search_space import Space, dotted_keys, load_space
@@ -648,7 +648,7 @@ def run_estimate(bb: str, paths, cfg: dict, space_file, weights, seed: int, devi
             "search by the holdout_score that --folds-per-trial N writes into best.yaml")
     if n_trials < 1:
         raise KitError(f"--estimate-trials must be >= 1 (got {n_trials})")
-    space = load_space(bb, "features", space_file, cfg["space"], known_param_keys())
+    space = load_space(bb, "features", cfg["space"], space_file, known_param_keys())
     log.info(f"tune {bb} --estimate: nested, {n_trials} trials per outer fold (the study and "
              "best.yaml are not touched)")
     record = nested_estimate(bb, paths, cfg, space, n_trials, weights, seed, device)
@@ -677,18 +677,10 @@ def run_estimate(bb: str, paths, cfg: dict, space_file, weights, seed: int, devi
 
 
 # --------------------------------------------------------------------------- stage
-def tune_config(overrides: dict | None = None) -> dict:
-    return load_config("tune", overrides)
-
-
-def run_tune(backbones, paths, objective: str | None = None, trials: int | None = None,
-             timeout: float | None = None, storage: str | None = None,
-             study_suffix: str | None = None, folds_per_trial: int | None = None,
+def run_tune(backbones, paths, cfg: dict, study_suffix: str | None = None,
              space_file: str | Path | None = None, warm_start_from: str | None = None,
-             weights="auto", n_jobs: int | None = None, seed: int = 42, device=None,
-             heartbeat: int | None = None, grace: int | None = None,
-             create_only: bool = False, estimate: bool = False,
-             estimate_trials: int | None = None, cfg: dict | None = None) -> dict:
+             weights="auto", seed: int = 42, device=None, create_only: bool = False,
+             estimate: bool = False) -> dict:
     """Tune each backbone in turn; returns ``{backbone: best record or None}`` (with
     ``estimate``: ``{backbone: estimate.json record}``).
 
@@ -696,25 +688,23 @@ def run_tune(backbones, paths, objective: str | None = None, trials: int | None 
     ----------
     backbones : list of str
     paths : kit.paths.Paths
-    objective : {"features", "full"}
-    trials : int
-        The study's target of finished (complete or pruned) trials, shared by every worker
-        and every rerun; 0 = no bound.
-    timeout : float
-        Seconds this run keeps starting trials; 0 = no limit.
-    storage : str
-        Empty: ``sqlite:///<workdir>/runs/optuna.db``; an RDB URL; ``journal:PATH`` / *.log.
+    cfg : dict
+        The resolved ``tune`` config (``kit.config.load_config("tune", overrides)``), among
+        others: ``objective`` (features | full); ``trials``, the study's target of finished
+        (complete or pruned) trials, shared by every worker and every rerun, 0 = no bound;
+        ``timeout``, seconds this run keeps starting trials, 0 = no limit; ``storage``, empty
+        = ``sqlite:///<workdir>/runs/optuna.db``, an RDB URL, or ``journal:PATH`` / *.log;
+        ``folds_per_trial``, folds per trial during the search (0 = all; the best is
+        re-scored on all folds); ``n_jobs``; ``heartbeat_interval`` / ``grace_period``
+        (seconds, RDB storages); ``estimate_trials``, each outer fold's trials with
+        ``estimate``.
     study_suffix : str
         Appended to the study name (``<bb>-<objective>-<suffix>``).
-    folds_per_trial : int
-        Folds per trial during the search (0 = all); the best is re-scored on all folds.
     space_file : path
         YAML merged over ``kit/conf/tune.yaml``'s ``space``.
     warm_start_from : str
         ``features`` (the features study of the same backbone and suffix) or a study name:
         its best trials are enqueued first.
-    heartbeat, grace : int
-        Seconds; override ``heartbeat_interval`` / ``grace_period``.
     create_only : bool
         Create (or check) the studies and stop: run this once before starting many workers
         on an empty RDB, where workers would otherwise race to create Optuna's tables.
@@ -722,17 +712,8 @@ def run_tune(backbones, paths, objective: str | None = None, trials: int | None 
         Instead of the search: a nested estimate of the tuned pipeline (features objective),
         ``runs/tune/<bb>/estimate.json`` (:func:`nested_estimate`); the study and best.yaml
         are not touched.
-    estimate_trials : int
-        Trials of each outer fold's search (default: ``estimate_trials`` in tune.yaml).
-    cfg : dict, optional
-        Nested overrides of tune.yaml (``--config`` / ``--set``); the arguments above win.
     """
-    from kit.config import with_flags
-
-    cfg = tune_config(with_flags(cfg or {}, {
-        "objective": objective, "trials": trials, "timeout": timeout, "storage": storage,
-        "folds_per_trial": folds_per_trial, "n_jobs": n_jobs, "heartbeat_interval": heartbeat,
-        "grace_period": grace, "estimate_trials": estimate_trials}))
+    cfg = given(cfg, "tune")
     if cfg["objective"] not in OBJECTIVES:
         raise KitError(f"--objective must be one of {', '.join(OBJECTIVES)} "
                        f"(got {cfg['objective']!r})")
@@ -774,7 +755,7 @@ def tune_backbone(bb: str, paths, cfg: dict, store, url: str, suffix, space_file
     from kit.data.folds import load_folds
 
     objective = cfg["objective"]
-    space = load_space(bb, objective, space_file, cfg["space"], known_param_keys())
+    space = load_space(bb, objective, cfg["space"], space_file, known_param_keys())
     folds_df, folds_sha = load_folds(paths)
     n_folds = int(folds_df.fold.max()) + 1
     folds = fold_subset(n_folds, int(cfg["folds_per_trial"] or 0), seed)

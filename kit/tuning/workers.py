@@ -181,9 +181,11 @@ def _stop(procs) -> None:
 
 
 # --------------------------------------------------------------------------- tune
-def _payload(paths, kwargs: dict, **changes) -> str:
-    """The tune stage's resolved arguments as JSON, for a worker."""
-    return json.dumps({"workdir": str(paths.root), "kwargs": {**kwargs, **changes}})
+def _payload(paths, kwargs: dict, storage: str, **changes) -> str:
+    """The tune stage's resolved arguments as JSON, for a worker (every worker on the one
+    ``storage``)."""
+    cfg = {**kwargs["cfg"], "storage": storage}
+    return json.dumps({"workdir": str(paths.root), "kwargs": {**kwargs, "cfg": cfg, **changes}})
 
 
 def launch(paths, kwargs: dict, workers: int | None, gpus_spec: str | None) -> int:
@@ -200,7 +202,7 @@ def launch(paths, kwargs: dict, workers: int | None, gpus_spec: str | None) -> i
     gpus = assign(workers, parse_gpus(gpus_spec))
     # An explicit storage makes each worker seed its sampler with its own process id too
     # (kit.tuning.tune.make_sampler), so workers that start together do not draw the same trials.
-    storage = kwargs.get("storage") or default_url(paths)
+    storage = kwargs["cfg"]["storage"] or default_url(paths)
     where = ", ".join(f"w{i}: {'GPU ' + g if g is not None else 'CPU'}"
                       for i, g in enumerate(gpus))
     log.info(f"tune: {len(gpus)} workers on one storage ({where})")
