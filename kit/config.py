@@ -12,6 +12,7 @@ overrides the stage functions take.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kit.utils import KitError, read_yaml
@@ -34,6 +35,47 @@ def load_config(group: str, overrides: dict | None = None, file: str | Path | No
     if overrides:
         cfg = merge(cfg, {k: v for k, v in overrides.items() if v is not None}, source="overrides")
     return cfg
+
+
+@dataclass(frozen=True)
+class Layered:
+    """A config its command resolved, with the user's overrides (``--config`` < ``--set`` <
+    flags, nested) kept apart from the packaged defaults, because a layer found later by the
+    stage (cv's tuned params, ``best.yaml``) slots in between: defaults < params < overrides.
+    """
+
+    defaults: dict
+    overrides: dict = field(default_factory=dict)
+
+    def resolve(self, params: dict | None = None) -> dict:
+        """``defaults`` <- ``params`` (nested) <- ``overrides``; unknown keys are refused."""
+        cfg = copy.deepcopy(self.defaults)
+        if params:
+            cfg = merge(cfg, params, source="params")
+        if self.overrides:
+            cfg = merge(cfg, {k: v for k, v in self.overrides.items() if v is not None},
+                        source="config")
+        return cfg
+
+    def plus(self, overrides: dict | None) -> "Layered":
+        """The same defaults with ``overrides`` (nested) over this one's."""
+        return Layered(self.defaults, _deep_update(self.overrides, overrides or {}))
+
+
+# The groups cv, tune and the benches train with: train.yaml, with augment.yaml and
+# features.yaml (the embedding cache) as its sections, so that one --set reaches all three.
+TRAIN_SECTIONS = ("augment", "features")
+
+
+def train_settings(overrides: dict | None = None) -> Layered:
+    """The training settings a command hands down: the defaults of ``train`` (with its
+    sections) and ``overrides``; a key that does not exist fails here, at the command."""
+    defaults = load_config("train")
+    for section in TRAIN_SECTIONS:
+        defaults[section] = load_config(section)
+    layered = Layered(defaults, dict(overrides or {}))
+    layered.resolve()
+    return layered
 
 
 def given(cfg, group: str) -> dict:

@@ -14,6 +14,7 @@ from kit import CLASSES, PROB_COLUMNS
 from kit.training.cv import resolve_params, run_cv
 from kit.paths import Paths
 from kit.utils import KitError
+from kit.config import train_settings
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = {"epochs": 1, "batch_size": 32, "warmup_epochs": 0}
@@ -21,7 +22,7 @@ BB = "tiny_cnn"
 
 
 def _run(paths, **kw):
-    kw.setdefault("cfg", CFG)
+    kw["cfg"] = train_settings(kw.get("cfg", CFG))
     return run_cv(BB, paths, weights="random", **kw)
 
 
@@ -186,7 +187,7 @@ def test_missing_inputs_name_the_command_to_run(tmp_path):
     with pytest.raises(KitError, match=r"run ./run.sh folds first"):
         _run(paths)
     with pytest.raises(KitError, match="unknown backbone"):
-        run_cv("resnet9000", paths)
+        run_cv("resnet9000", paths, train_settings())
     paths = make_workdir(tmp_path / "w2")
     folds = _csv(paths.folds_csv)
     write_folds(paths, folds.sample_index[:-1], folds.label[:-1], folds.fold[:-1])
@@ -199,16 +200,16 @@ def test_missing_inputs_name_the_command_to_run(tmp_path):
 def test_params_tuned_best_none_and_file(tmp_path, capsys):
     paths = Paths.from_root(tmp_path)
     best = paths.tune_dir(BB) / "best.yaml"
-    assert resolve_params("tuned", paths, BB) == ({}, f"none ({best} not found)")
+    assert resolve_params("tuned", paths, BB, cfg=train_settings()) == ({}, f"none ({best} not found)")
     with pytest.raises(KitError, match="run ./run.sh tune tiny_cnn"):
-        resolve_params("best", paths, BB)
+        resolve_params("best", paths, BB, cfg=train_settings())
     best.parent.mkdir(parents=True)
     best.write_text("params:\n  head.depth: 0\n  augment.cutmix_alpha: 0.0\nscore: 0.5\ntrial: 3\n")
-    assert resolve_params("tuned", paths, BB)[0] == {"head.depth": 0, "augment.cutmix_alpha": 0.0}
-    assert resolve_params("none", paths, BB) == ({}, "none")
-    assert resolve_params(str(best), paths, BB)[0]["head.depth"] == 0
+    assert resolve_params("tuned", paths, BB, cfg=train_settings())[0] == {"head.depth": 0, "augment.cutmix_alpha": 0.0}
+    assert resolve_params("none", paths, BB, cfg=train_settings()) == ({}, "none")
+    assert resolve_params(str(best), paths, BB, cfg=train_settings())[0]["head.depth"] == 0
     with pytest.raises(KitError, match="no such file"):
-        resolve_params("nothere.yaml", paths, BB)
+        resolve_params("nothere.yaml", paths, BB, cfg=train_settings())
 
 
 def test_params_reach_the_model_and_the_records(tmp_path):
@@ -228,7 +229,7 @@ def test_params_reach_the_model_and_the_records(tmp_path):
 
 def test_cv_runs_a_vit(tmp_path):
     paths = make_workdir(tmp_path / "w", n_train=12, n_test=4, n_folds=2)
-    metrics = run_cv("tiny_vit", paths, cfg={**CFG, "phikon_mode": "interpolate", "tta": "none"},
+    metrics = run_cv("tiny_vit", paths, train_settings({**CFG, "phikon_mode": "interpolate", "tta": "none"}),
                      weights="random")
     assert metrics["n_oof"] == 12 and metrics["views"] == ["id"]
     assert (paths.backbone_dir("tiny_vit") / "tta" / "test_id.csv").exists()
@@ -298,7 +299,7 @@ def test_cache_path_gives_the_oof_of_features_cv(cached):
 
     paths, metrics, _, _ = cached
     out = paths.backbone_dir(BB)
-    res = features_cv(BB, paths, cfg=FROZEN, seed=5, weights="random")
+    res = features_cv(BB, paths, cfg=train_settings(FROZEN), seed=5, weights="random")
     oof, test = _csv(out / "oof.csv"), _csv(out / "test.csv")
     assert oof.sample_index.tolist() == res.oof.sample_index.tolist()
     assert oof.fold.tolist() == res.oof.fold.tolist()
@@ -367,11 +368,11 @@ def test_training_path_needs_everything_frozen():
     from kit.training.settings import pixel_augment_not_applied, training_path
     from kit.training.settings import train_config
 
-    assert training_path(train_config()) == "pixels"  # the default trains the norm layers
-    assert training_path(train_config({"train_norm": []})) == "feature_cache"
-    assert training_path(train_config({"train_norm": []}), feature_cache=False) == "pixels"
-    assert training_path(train_config({"train_norm": [], "unfreeze_last": 1})) == "pixels"
-    cfg = train_config({"train_norm": [], "augment": {"cutmix_alpha": 0.0, "hflip": 0.0}})
+    assert training_path(train_config(train_settings())) == "pixels"  # the default trains the norm layers
+    assert training_path(train_config(train_settings({"train_norm": []}))) == "feature_cache"
+    assert training_path(train_config(train_settings({"train_norm": []})), feature_cache=False) == "pixels"
+    assert training_path(train_config(train_settings({"train_norm": [], "unfreeze_last": 1}))) == "pixels"
+    cfg = train_config(train_settings({"train_norm": [], "augment": {"cutmix_alpha": 0.0, "hflip": 0.0}}))
     assert set(pixel_augment_not_applied(cfg)) == {"augment.color_jitter.p", "augment.rot90",
                                                    "augment.vflip"}
 

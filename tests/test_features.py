@@ -18,6 +18,7 @@ from kit.metrics import fast_macro_f1, macro_f1
 from kit.data.patches import load_patches
 from kit.training.settings import train_config
 from kit.utils import KitError
+from kit.config import load_config, train_settings
 
 FAST = {"epochs": 12, "lr": 0.01, "patience": 0}
 
@@ -30,7 +31,7 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def backbone():
-    return frozen_backbone("tiny_cnn", train_config(), weights="random", seed=42, patch_size=32)
+    return frozen_backbone("tiny_cnn", train_config(train_settings()), weights="random", seed=42, patch_size=32)
 
 
 def test_fast_macro_f1_equals_the_metric():
@@ -66,9 +67,9 @@ def test_embeddings_are_the_frozen_backbone_outputs_per_view(work, backbone):
 
 def test_cache_miss_then_hit(work, backbone, capsys):
     patches = load_patches(work, "train")
-    first = load_or_embed(backbone, patches, work, "train", ("id", "hflip"))
+    first = load_or_embed(backbone, patches, work, "train", ("id", "hflip"), load_config("features"))
     assert not first.hit and "embedded" in capsys.readouterr().out
-    second = load_or_embed(backbone, patches, work, "train", ("id", "hflip"))
+    second = load_or_embed(backbone, patches, work, "train", ("id", "hflip"), load_config("features"))
     assert second.hit and second.key == first.key and second.path == first.path
     assert "embedded" not in capsys.readouterr().out
     assert second.array.shape == (24, 4, 2, backbone.num_features)
@@ -82,33 +83,33 @@ def test_cache_miss_then_hit(work, backbone, capsys):
 
 def test_cache_invalidated_by_patches_weights_views_and_dtype(work, backbone, tmp_path):
     patches = load_patches(work, "train")
-    base = load_or_embed(backbone, patches, work, "train", ("id",))
+    base = load_or_embed(backbone, patches, work, "train", ("id",), load_config("features"))
     # Other views or dtype: another key.
-    assert load_or_embed(backbone, patches, work, "train", ("id", "vflip")).key != base.key
-    f32 = load_or_embed(backbone, patches, work, "train", ("id",), {"dtype": "float32"})
+    assert load_or_embed(backbone, patches, work, "train", ("id", "vflip"), load_config("features")).key != base.key
+    f32 = load_or_embed(backbone, patches, work, "train", ("id",), load_config("features", {"dtype": "float32"}))
     assert f32.key != base.key and f32.array.dtype == np.float32
     # Other weights (one BatchNorm statistic moved): a miss with another key.
-    other = frozen_backbone("tiny_cnn", train_config(), weights="random", seed=42, patch_size=32)
+    other = frozen_backbone("tiny_cnn", train_config(train_settings()), weights="random", seed=42, patch_size=32)
     with torch.no_grad():
         next(m for m in other.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_mean += 1
-    changed = load_or_embed(other, patches, work, "train", ("id",))
+    changed = load_or_embed(other, patches, work, "train", ("id",), load_config("features"))
     assert not changed.hit and changed.key != base.key
     # Changed patches (new cache key, new pixels): a miss whose vectors differ.
     moved = make_workdir(tmp_path, n_train=24, n_test=6, k=4, size=32, n_folds=3, seed=1)
-    new = load_or_embed(backbone, load_patches(moved, "train"), moved, "train", ("id",))
+    new = load_or_embed(backbone, load_patches(moved, "train"), moved, "train", ("id",), load_config("features"))
     assert not new.hit and new.key != base.key
     assert not np.allclose(np.asarray(new.array), np.asarray(base.array))
 
 
 def test_embedding_under_autocast_gets_its_own_key_and_close_vectors(work, backbone):
     patches = load_patches(work, "train")
-    f32 = load_or_embed(backbone, patches, work, "train", ("id",), {"dtype": "float32"})
+    f32 = load_or_embed(backbone, patches, work, "train", ("id",), load_config("features", {"dtype": "float32"}))
     # auto is float32 on the CPU: the same key (and cache) as before autocast existed.
     auto = load_or_embed(backbone, patches, work, "train", ("id",),
-                         {"dtype": "float32", "amp": "auto"})
+                         load_config("features", {"dtype": "float32", "amp": "auto"}))
     assert auto.hit and auto.key == f32.key
     bf16 = load_or_embed(backbone, patches, work, "train", ("id",),
-                         {"dtype": "float32", "amp": "bf16"})
+                         load_config("features", {"dtype": "float32", "amp": "bf16"}))
     assert not bf16.hit and bf16.key != f32.key and bf16.meta["autocast"] == "bf16"
     a, b = np.asarray(f32.array), np.asarray(bf16.array)
     assert not np.array_equal(a, b)  # bf16 really ran
@@ -118,9 +119,9 @@ def test_embedding_under_autocast_gets_its_own_key_and_close_vectors(work, backb
 
 def test_a_damaged_cache_is_rebuilt(work, backbone):
     patches = load_patches(work, "train")
-    feats = load_or_embed(backbone, patches, work, "train", ("id", "transpose"))
+    feats = load_or_embed(backbone, patches, work, "train", ("id", "transpose"), load_config("features"))
     (feats.path / "meta.json").write_text("{not json")
-    again = load_or_embed(backbone, patches, work, "train", ("id", "transpose"))
+    again = load_or_embed(backbone, patches, work, "train", ("id", "transpose"), load_config("features"))
     assert not again.hit and json.loads((again.path / "meta.json").read_text())["key"] == feats.key
 
 
@@ -144,7 +145,7 @@ def _separable(n, k=4, views=2, d=16, seed=0, noise=1.0):
 
 def test_head_learns_and_is_deterministic():
     x, y = _separable(48)
-    cfg = train_config(params={"epochs": 15, "lr": 0.01, "patience": 5, "batch_size": 16,
+    cfg = train_config(train_settings(), params={"epochs": 15, "lr": 0.01, "patience": 5, "batch_size": 16,
                                "early_stopping": "inner"})
     a = train_head_on_features(x[:32], y[:32], x[32:], y[32:], cfg, seed=3)
     b = train_head_on_features(x[:32], y[:32], x[32:], y[32:], cfg, seed=3)
@@ -156,7 +157,7 @@ def test_head_learns_and_is_deterministic():
 
 def test_head_stops_early_and_keeps_the_best_epoch():
     x, y = _separable(40, noise=8.0, seed=1)  # mostly noise: the score wanders
-    cfg = train_config(params={"epochs": 40, "lr": 0.05, "patience": 2, "batch_size": 16,
+    cfg = train_config(train_settings(), params={"epochs": 40, "lr": 0.05, "patience": 2, "batch_size": 16,
                                "early_stopping": "inner"})
     fit = train_head_on_features(x[:28], y[:28], x[28:], y[28:], cfg, seed=0)
     scores = [h["val_macro_f1"] for h in fit.history]
@@ -167,15 +168,15 @@ def test_head_stops_early_and_keeps_the_best_epoch():
 def test_class_balance_options_train(work):
     x, y = _separable(32)
     for balance in ("loss", "sampler"):
-        cfg = train_config(params={"epochs": 3, "class_balance": balance, "batch_size": 16})
+        cfg = train_config(train_settings(), params={"epochs": 3, "class_balance": balance, "batch_size": 16})
         assert train_head_on_features(x[:24], y[:24], x[24:], y[24:], cfg).epochs == 3
     with pytest.raises(KitError, match="class_balance"):
         train_head_on_features(x[:24], y[:24], x[24:], y[24:],
-                               {**train_config(), "class_balance": "oversample"})
+                               {**train_config(train_settings()), "class_balance": "oversample"})
 
 
 def test_features_cv_covers_every_image_once_and_scores_like_cv(work):
-    res = features_cv("tiny_cnn", work, params=FAST, seed=7, weights="random")
+    res = features_cv("tiny_cnn", work, params=FAST, seed=7, weights="random", cfg=train_settings())
     folds = pd.read_csv(work.folds_csv)
     assert list(res.oof.sample_index) == list(folds.sample_index)  # folds-file order, once each
     assert list(res.oof.fold) == list(folds.fold)
@@ -197,7 +198,7 @@ def test_features_cv_covers_every_image_once_and_scores_like_cv(work):
 
 
 def test_fold_results_do_not_depend_on_the_order_of_folds(work):
-    fcv = prepare("tiny_cnn", work, params=FAST, seed=5, weights="random", with_test=False)
+    fcv = prepare("tiny_cnn", work, params=FAST, seed=5, weights="random", with_test=False, cfg=train_settings())
     late = [fcv.fold(k) for k in (0, 1, 2)][2]
     first = fcv.fold(2)
     np.testing.assert_array_equal(first.probs, late.probs)
@@ -205,7 +206,7 @@ def test_fold_results_do_not_depend_on_the_order_of_folds(work):
 
 
 def test_configure_refuses_views_that_are_not_cached(work):
-    fcv = prepare("tiny_cnn", work, seed=5, weights="random", with_test=False)
+    fcv = prepare("tiny_cnn", work, seed=5, weights="random", with_test=False, cfg=train_settings())
     assert fcv.configure({"head.depth": 0}).cfg["head"]["depth"] == 0
     with pytest.raises(KitError, match="not in the embedding cache"):
         fcv.configure({"tta": "dihedral"})
@@ -217,7 +218,7 @@ def test_folds_with_images_missing_from_the_cache_are_refused(work, tmp_path):
     pd.concat([folds, pd.DataFrame([{"sample_index": "img_9999.png", "label": CLASSES[0],
                                      "fold": 0}])]).to_csv(paths.folds_csv, index=False)
     with pytest.raises(KitError, match="not in the patch cache"):
-        prepare("tiny_cnn", paths, weights="random", with_test=False)
+        prepare("tiny_cnn", paths, weights="random", with_test=False, cfg=train_settings())
 
 
 def test_in_memory_feature_sets_work_without_disk():
@@ -227,17 +228,17 @@ def test_in_memory_feature_sets_work_without_disk():
     feats = Features(x, pd.DataFrame({"sample_index": ids, "label": labels}),
                      ("id", "hflip", "vflip"), "mem", None, True)
     folds = pd.DataFrame({"sample_index": ids, "label": labels, "fold": np.arange(24) % 3})
-    fcv = FeatureCV(feats, folds, train_config(params=FAST), ("id", "hflip", "vflip"))
+    fcv = FeatureCV(feats, folds, train_config(train_settings(), params=FAST), ("id", "hflip", "vflip"))
     assert fcv.fold(1).macro_f1 == 1.0
 
 
 def test_nothing_trains_detects_a_fully_frozen_config():
     from kit.training.settings import nothing_trains
 
-    assert not nothing_trains(train_config())  # the default trains the norm layers
-    assert nothing_trains(train_config({"train_norm": []}))
-    assert nothing_trains(train_config({"train_norm": "none"}))
-    assert not nothing_trains(train_config({"train_norm": [], "unfreeze_last": 1}))
+    assert not nothing_trains(train_config(train_settings()))  # the default trains the norm layers
+    assert nothing_trains(train_config(train_settings({"train_norm": []})))
+    assert nothing_trains(train_config(train_settings({"train_norm": "none"})))
+    assert not nothing_trains(train_config(train_settings({"train_norm": [], "unfreeze_last": 1})))
 
 
 def test_float16_cache_checks_its_range():
@@ -264,7 +265,7 @@ def test_tiny_embeddings_are_stored_as_float32_and_said_so(work, backbone, capsy
         last_bn = [m for m in tiny.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1]
         last_bn.weight.mul_(1e-6)
         last_bn.bias.mul_(1e-6)
-    feats = load_or_embed(tiny, patches, work, "train", ("id",))
+    feats = load_or_embed(tiny, patches, work, "train", ("id",), load_config("features"))
     assert feats.array.dtype == np.float32 and feats.meta["stored_dtype"] == "float32"
     assert "underflow" in capsys.readouterr().out
     assert np.abs(np.asarray(feats.array)).max() > 0
@@ -279,7 +280,7 @@ def test_attention_head_learns_from_one_informative_patch_per_image():
     x = rng.normal(0, 1, (n, k, 1, d)).astype(np.float32)
     where = rng.integers(0, k, n)
     x[np.arange(n), where, 0, :4] += 4 * np.eye(4)[y]  # the class lives in one patch only
-    cfg = train_config(params={"epochs": 30, "lr": 0.01, "batch_size": 48, "head.pool": "attention",
+    cfg = train_config(train_settings(), params={"epochs": 30, "lr": 0.01, "batch_size": 48, "head.pool": "attention",
                                "head.dropout": 0.0, "early_stopping": "none"})
     fit = train_head_on_features(x[:48], y[:48], x[48:], y[48:], cfg, seed=0)
     from kit.training.sources import FeatureSource
@@ -292,7 +293,7 @@ def test_attention_head_learns_from_one_informative_patch_per_image():
 
 def test_auto_early_stopping_is_a_fixed_budget_on_cached_embeddings():
     x, y = _separable(32)
-    cfg = train_config(params={"epochs": 3, "batch_size": 16})
+    cfg = train_config(train_settings(), params={"epochs": 3, "batch_size": 16})
     assert cfg["early_stopping"] == "auto"
     fit = train_head_on_features(x[:24], y[:24], x[24:], y[24:], cfg, seed=0)
     assert fit.selection["early_stopping"] == "none" and fit.epochs == fit.best_epoch == 3

@@ -9,6 +9,7 @@ from kit.training import label_issues as li
 from kit.training.fold import train_bag
 from kit.training.sources import FeatureSource
 from kit.training.settings import train_config
+from kit.config import train_settings
 
 
 def _noisy(n=120, d=16, flip=0.2, seed=0):
@@ -30,7 +31,7 @@ def _frame(y, rows=None):
 
 
 def _cfg(**params):
-    return train_config(params={"epochs": 8, "lr": 0.01, "batch_size": 64, **params})
+    return train_config(train_settings(), params={"epochs": 8, "lr": 0.01, "batch_size": 64, **params})
 
 
 def test_confident_learning_flags_labels_the_probabilities_contradict():

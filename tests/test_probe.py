@@ -9,6 +9,7 @@ from kit.training.fold import train_head_on_features
 from kit.training.sources import FeatureSource
 from kit.training.settings import train_config
 from kit.utils import KitError
+from kit.config import train_settings
 
 
 def _separable(n, k=4, views=2, d=16, seed=0, noise=1.0, classes=4):
@@ -20,7 +21,7 @@ def _separable(n, k=4, views=2, d=16, seed=0, noise=1.0, classes=4):
 
 
 def _cfg(**params):
-    return train_config(params={"head.type": "logreg", **params})
+    return train_config(train_settings(), params={"head.type": "logreg", **params})
 
 
 def test_logreg_config_pools_by_mean_logprob_and_builds_a_probe():

@@ -25,7 +25,7 @@ from kit.ensemble.blend import expected_score, provenance
 from kit.metrics import bootstrap_ci, macro_f1
 from kit.submission.report import reliability, run_report
 from kit.utils import atomic_write_csv, atomic_write_json, write_config
-from kit.config import load_config
+from kit.config import load_config, train_settings
 
 PROB = [f"p_{c}" for c in CLASSES]
 
@@ -429,9 +429,8 @@ def test_attention_patches_and_collapsed_models_are_shown(tmp_path):
     from kit.training.cv import run_cv
 
     paths = make_workdir(tmp_path / "w", n_folds=3)
-    run_cv("tiny_cnn", paths, weights="random", seed=0,
-           cfg={"epochs": 2, "batch_size": 32, "train_norm": [], "unfreeze_last": 0,
-                "head": {"pool": "attention"}})
+    run_cv("tiny_cnn", paths, train_settings({"epochs": 2, "batch_size": 32, "train_norm": [], "unfreeze_last": 0,
+                "head": {"pool": "attention"}}), weights="random", seed=0)
     metrics_path = paths.backbone_dir("tiny_cnn") / "metrics.json"
     metrics = json.loads(metrics_path.read_text())
     metrics["collapsed_folds"] = [1]

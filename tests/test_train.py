@@ -15,6 +15,7 @@ from kit.training.selection import inner_split
 from kit.training.settings import train_config, tta_views
 from kit.training.train import fit_fold
 from kit.utils import KitError, seed_everything
+from kit.config import train_settings
 
 N, K, P = 24, 4, 32
 
@@ -29,7 +30,7 @@ def data():
 def _cfg(**over):
     base = {"epochs": 2, "batch_size": 16, "patience": 0, "warmup_epochs": 0.5}
     base.update(over)
-    return train_config(base)
+    return train_config(train_settings(base))
 
 
 def _model(cfg, seed=0, backbone="tiny_cnn"):
@@ -50,12 +51,12 @@ def _fit(data, cfg, seed=0, **kw):
 
 # ------------------------------------------------------------------ config, schedule, loss
 def test_train_config_applies_dotted_params_then_overrides():
-    cfg = train_config({"lr": 0.5}, {"head.depth": 3, "augment.cutmix_alpha": 0.25, "lr": 0.1})
+    cfg = train_config(train_settings({"lr": 0.5}), {"head.depth": 3, "augment.cutmix_alpha": 0.25, "lr": 0.1})
     assert cfg["head"]["depth"] == 3 and cfg["head"]["width"] == 256
     assert cfg["augment"]["cutmix_alpha"] == 0.25 and cfg["augment"]["hflip"] == 0.5
     assert cfg["lr"] == 0.5  # explicit overrides win over tuned params
     with pytest.raises(KitError, match="unknown key 'dpth'"):
-        train_config(params={"head.dpth": 1})
+        train_config(train_settings(), params={"head.dpth": 1})
     assert tta_views("flips") == ("id", "hflip", "vflip")
     assert tta_views("none") == ("id",)
     assert len(tta_views("dihedral")) == 8

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from kit.utils import KitError
+from kit.config import train_settings
 
 DEFAULT_BACKBONES = "efficientnet_b0,phikon"
 # Tolerances on probabilities (0..1). fp32 on both sides differs only by the order of
@@ -242,7 +243,7 @@ def short_cv(name: str, paths, cfg: dict, device, seed: int) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
     t0 = time.perf_counter()
-    metrics = run_cv(name, paths, cfg=cfg, seed=seed, weights="random", params="none",
+    metrics = run_cv(name, paths, train_settings(cfg), seed=seed, weights="random", params="none",
                      device=str(device), feature_cache=False, restart=True)
     _sync(device)
     seconds = time.perf_counter() - t0
@@ -432,9 +433,9 @@ def run(args) -> int:
         print("bench gpu: --device cpu checks the bench itself; these are not GPU figures")
     if info.get("warning"):
         print(f"bench gpu: warning: {info['warning']}")
-    cfg = train_config({"batch_size": args.batch_size, "num_workers": args.num_workers,
+    cfg = train_config(train_settings({"batch_size": args.batch_size, "num_workers": args.num_workers,
                         "epochs": args.epochs, "patience": 0, "amp": "auto",
-                        "channels_last": "auto"})
+                        "channels_last": "auto"}))
     results: dict[str, list] = {s: [] for s in STEPS}
     failed = []
     with tempfile.TemporaryDirectory(prefix="kit-bench-gpu-") as tmp:

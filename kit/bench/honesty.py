@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from kit.config import load_config
+from kit.config import load_config, train_settings
 
 # ``auto`` (train.yaml's default) resolves per path to one of the others, so it is not run by
 # default: its rows would repeat theirs.
@@ -334,7 +334,7 @@ def build_standin(folder: Path, preset: Preset, seed: int, device=None) -> dict:
     run_data_stages(data, paths, preset, seed)
     print(f"stand-in backbone: training {BACKBONE} from scratch on an independent set "
           f"({data}), fold 0")
-    run_cv(BACKBONE, paths, cfg=cfg, seed=seed, weights="random", fold=0, params="none",
+    run_cv(BACKBONE, paths, train_settings(cfg), seed=seed, weights="random", fold=0, params="none",
            restart=True, device=device)
     fold_dir = paths.backbone_dir(BACKBONE) / "fold_0"
     state = torch.load(fold_dir / "model.pt", map_location="cpu", weights_only=True)["state_dict"]
@@ -370,7 +370,7 @@ def score_run(path: str, mode: str, paths, data, truth: dict, preset: Preset, se
     weights = standin["file"] if which == "standin" else "random"
     cfg = {**preset.train, **extra, "early_stopping": mode}
     t0, c0 = time.perf_counter(), _cpu_seconds()
-    metrics = run_cv(BACKBONE, paths, cfg=cfg, seed=seed, weights=weights, params="none",
+    metrics = run_cv(BACKBONE, paths, train_settings(cfg), seed=seed, weights=weights, params="none",
                      restart=True, device=device)
     wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     if metrics.get("training_path") != EXPECTED_TRAINING_PATH[path]:

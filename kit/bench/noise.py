@@ -56,6 +56,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from kit.config import train_settings
+
 BACKBONE = "tiny_cnn"
 BASELINE = "baseline"
 # Arm -> train.yaml overrides on top of the baseline. One change each, plus drop + bag,
@@ -300,7 +302,7 @@ def score_arm(arm: str, regime: str, paths, truth: dict, plan, preset: Preset, s
 
     cfg = arm_config(arm, preset)
     t0, c0 = time.perf_counter(), _cpu_seconds()
-    metrics = run_cv(BACKBONE, paths, cfg=cfg, seed=seed, weights=standin["file"],
+    metrics = run_cv(BACKBONE, paths, train_settings(cfg), seed=seed, weights=standin["file"],
                      params="none", restart=True, device=device)
     wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     if metrics.get("training_path") != "feature_cache":

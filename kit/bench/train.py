@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from kit.config import train_settings
 
 TARGET = 1.15
 TARGET_BACKBONE = "efficientnet_b0"
@@ -112,7 +113,7 @@ def run(args) -> int:
     overrides = {"batch_size": args.batch_size}
     if args.num_workers is not None:
         overrides["num_workers"] = args.num_workers
-    cfg = train_config(overrides)
+    cfg = train_config(train_settings(overrides))
     names = [b.strip() for b in args.backbones.split(",") if b.strip()]
     if args.patches < 2 * args.batch_size:
         raise KitError(f"bench train: --patches must be at least 2 x --batch-size "

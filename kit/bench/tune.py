@@ -22,6 +22,7 @@ and at least 50x cheaper than a full trial on efficientnet_b0.
 from __future__ import annotations
 
 import time
+from kit.config import train_settings
 
 TARGET_SECONDS = 15.0
 TARGET_RATIO = 50.0
@@ -68,7 +69,7 @@ def synthetic_features(n: int, k: int, n_views: int, dim: int, n_folds: int, see
     fold = stratified_folds(y, n_folds, rng=seed)
     samples = pd.DataFrame({"sample_index": ids, "label": labels, "fallback": False})
     folds = pd.DataFrame({"sample_index": ids, "label": labels, "fold": fold})
-    cfg = train_config()
+    cfg = train_config(train_settings())
     views = tta_views(cfg["tta"])
     feats = Features(x, samples, cache_views(views), "synthetic", Path("<memory>"), True)
     return FeatureCV(feats, folds, cfg, views, device="cpu", seed=seed)
@@ -105,7 +106,7 @@ def measure_full(backbone: str, subset: int, k: int, size: int, views, seed: int
     from kit.training.settings import train_config
     from kit.training.train import fit_fold
 
-    cfg = train_config({"epochs": 1, "patience": 0, "num_workers": 0})
+    cfg = train_config(train_settings({"epochs": 1, "patience": 0, "num_workers": 0}))
     n_val = max(2, subset // 4)
     y = np.arange(subset + n_val) % 4
     array = tinted_patches(subset + n_val, k, size, y, seed)

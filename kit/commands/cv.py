@@ -41,7 +41,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from kit.config import stage_overrides, with_flags
+    from kit.config import stage_overrides, train_settings, with_flags
     from kit.training.cv import run_cv
     from kit.paths import Paths
 
@@ -56,7 +56,8 @@ def run(args) -> int:
 
             raise KitError(f"--{key.replace('_', '-')} must be >= 1 (got {overrides[key]})")
     overrides = with_flags(stage_overrides(args.config, args.sets), overrides)
-    run_cv(args.backbone, Paths.from_root(args.workdir), cfg=overrides, seed=args.seed,
-           weights=args.weights, fold=args.fold, params=args.params, device=args.device,
+    run_cv(args.backbone, Paths.from_root(args.workdir), cfg=train_settings(overrides),
+           seed=args.seed, weights=args.weights, fold=args.fold, params=args.params,
+           device=args.device,
            restart=args.restart, feature_cache=not args.no_feature_cache)
     return 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kit.config import load_config
+from kit.config import load_config, train_settings
 from kit.paths import Paths
 
 
@@ -61,10 +61,12 @@ def _tune(paths: Paths, seed: int, backbone: str = "tiny_vit", trials: int = 8) 
     # The demo's own study file: a fresh study each run, as the demo data is regenerated.
     (paths.runs_dir / "optuna.db").unlink(missing_ok=True)
     cfg = load_config("tune", {"objective": "features", "trials": trials})
-    best = run_tune([backbone], paths, cfg, seed=seed, weights="random")[backbone]
+    best = run_tune([backbone], paths, cfg, train_settings(), seed=seed,
+                    weights="random")[backbone]
     print(f"tune           -> {paths.tune_dir(backbone) / 'best.yaml'} (trial {best['trial']} "
           f"of {trials}, features OOF macro F1 {best['score']:.4f})")
-    metrics = run_cv(backbone, paths, cfg=FROZEN_CV, params="best", seed=seed, weights="random")
+    metrics = run_cv(backbone, paths, cfg=train_settings(FROZEN_CV), params="best", seed=seed,
+                     weights="random")
     print(f"cv --params best -> {paths.backbone_dir(backbone)} ({metrics['training_path']}): "
           f"OOF macro F1 {format_ci(metrics['oof_macro_f1'], metrics['oof_macro_f1_ci95'])}")
 
@@ -82,7 +84,8 @@ def _cv(paths: Paths, seed: int) -> None:
     from kit.metrics import format_ci
     from kit.training.cv import run_cv
 
-    metrics = run_cv("tiny_cnn", paths, cfg=DEMO_CV, seed=seed, weights="random", params="none")
+    metrics = run_cv("tiny_cnn", paths, cfg=train_settings(DEMO_CV), seed=seed, weights="random",
+                     params="none")
     print(f"cv             -> {paths.backbone_dir('tiny_cnn')} (oof.csv, test.csv, tta/, "
           f"metrics.json): OOF macro F1 "
           f"{format_ci(metrics['oof_macro_f1'], metrics['oof_macro_f1_ci95'])} "

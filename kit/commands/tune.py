@@ -72,7 +72,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from kit.config import load_config, stage_overrides, with_flags
+    from kit.config import load_config, stage_overrides, train_settings, with_flags
     from kit.paths import Paths
     from kit.tuning.tune import run_tune
     from kit.tuning.workers import launch
@@ -83,7 +83,8 @@ def run(args) -> int:
         "storage": args.storage, "folds_per_trial": args.folds_per_trial,
         "n_jobs": args.n_jobs, "heartbeat_interval": args.heartbeat,
         "grace_period": args.grace, "estimate_trials": args.estimate_trials}))
-    kwargs = dict(backbones=list(args.backbones), cfg=cfg, study_suffix=args.study_suffix,
+    kwargs = dict(backbones=list(args.backbones), cfg=cfg, settings=train_settings(),
+                  study_suffix=args.study_suffix,
                   space_file=args.space_file, warm_start_from=args.warm_start_from,
                   weights=args.weights, seed=args.seed, device=args.device,
                   create_only=args.create_only, estimate=args.estimate)

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from kit import CLASSES, PROB_COLUMNS
+from kit.config import Layered
 from kit.data.folds import load_folds
 from kit.data.patches import load_patches
 from kit.metrics import (bootstrap_ci, classification_summary, collapse_reason, format_ci,
@@ -91,7 +92,7 @@ class CVRun:
 
 
 # --------------------------------------------------------------------------- params
-def resolve_params(spec, paths: Paths, backbone: str, cfg: dict | None = None,
+def resolve_params(spec, paths: Paths, backbone: str, cfg: Layered | None = None,
                    feature_cache: bool = True, with_source: bool = False):
     """Dotted-key overrides from ``--params``: ``tuned``, ``best``, ``none``, a file or a dict.
 
@@ -417,7 +418,7 @@ def _frozen_features(ctx: CVRun):
     # All training images (pixels, no labels) so that every fold shares one cache, as tune's.
     recalibrate_random(bb, cfg, ctx.train.array, None, ctx.device, data_key=ctx.train.key)
     try:
-        fcv = prepare(bb, ctx.paths, cfg=cfg, seed=ctx.seed, device=ctx.device)
+        fcv = prepare(bb, ctx.paths, cfg=Layered(cfg), seed=ctx.seed, device=ctx.device)
     except RuntimeError as exc:  # torch.OutOfMemoryError is one
 
         if not is_oom(exc):
@@ -613,7 +614,7 @@ def _selection(cfg: dict, path: str = "pixels") -> dict:
 
 
 # --------------------------------------------------------------------------- stage
-def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
+def run_cv(backbone: str, paths: Paths, cfg: Layered | None = None, seed: int = 42,
            weights="auto", fold: int | None = None, params=None, device=None,
            restart: bool = False, feature_cache: bool = True) -> dict:
     """Train ``backbone`` on every fold (or fold ``fold``) and assemble its predictions.
@@ -624,8 +625,10 @@ def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
         A registered backbone (:func:`kit.models.backbones.list_backbones`).
     paths : kit.paths.Paths
         Reads ``folds/folds.csv`` and ``runs/patches/``; writes ``runs/<backbone>/``.
-    cfg : dict, optional
-        Nested overrides of ``train.yaml`` (``augment`` for ``augment.yaml``), applied last.
+    cfg : kit.config.Layered
+        The settings the command resolved (:func:`kit.config.train_settings`: the defaults of
+        ``train.yaml`` with its ``augment`` and ``features`` sections, and the user's
+        overrides, applied last).
     seed : int
         Fold ``k`` trains with seed ``seed + k``.
     weights : {"auto", "random"} or path

@@ -103,7 +103,7 @@ def embed_array(backbone, array, views, out, batch_size: int = 64, device="cpu",
                 out[sel, :, j] = f.reshape(-1, k, f.shape[-1])
 
 
-def load_or_embed(backbone, patches, paths, split: str, views, cfg: dict | None = None,
+def load_or_embed(backbone, patches, paths, split: str, views, cfg: dict,
                   device=None, digest: str | None = None) -> Features:
     """The cached embeddings of ``patches`` (a :class:`kit.data.patches.PatchSet`), computed now
     on a miss. Safe with several workers: each embeds into its own temporary folder and the

@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from kit import CLASSES, PROB_COLUMNS
-from kit.config import merge
+from kit.config import Layered, merge
 from kit.data.folds import load_folds
 from kit.data.patches import load_patches
 from kit.metrics import collapse_reason, macro_f1, prob_frame, weighted_f1
@@ -90,6 +90,8 @@ class FeatureCV:
                  test: Features | None = None, device="cpu", seed: int = 42, threads: int = 1):
 
         self.cfg, self.seed, self.device = cfg, int(seed), torch.device(device)
+        # What configure() resolves params against: prepare() sets the command's settings.
+        self.settings = Layered(cfg)
         self.threads = int(threads) if self.device.type == "cpu" else 0
         self.views = tuple(views)  # the config's TTA views, averaged in the predictions
         self.view_idx = [train.views.index(v) for v in self.views]
@@ -101,10 +103,8 @@ class FeatureCV:
 
     def configure(self, params: dict | None = None, cfg: dict | None = None) -> "FeatureCV":
         """A copy sharing the embeddings, with the training config resolved from ``params``
-        (dotted keys) and ``cfg`` (nested overrides) over the defaults."""
-
-
-        tcfg = train_config(cfg, params)
+        (dotted keys) and ``cfg`` (nested overrides) over the settings it was prepared with."""
+        tcfg = train_config(self.settings.plus(cfg), params)
         views = tta_views(tcfg["tta"])
         missing = [v for v in views if v not in self.train.views]
         if missing:
@@ -211,14 +211,14 @@ def _align(folds: pd.DataFrame, samples: pd.DataFrame, where) -> pd.DataFrame:
                         y=[CLASSES.index(c) for c in folds.label])
 
 
-def prepare(backbone, paths, params: dict | None = None, cfg: dict | None = None,
+def prepare(backbone, paths, params: dict | None = None, cfg: Layered | None = None,
             weights="auto", seed: int = 42, device=None, with_test: bool = True,
             features_cfg: dict | None = None) -> FeatureCV:
     """Load folds and patches, embed (or read the cache), and return a :class:`FeatureCV`.
 
     ``backbone`` is a registered name or an already built :class:`kit.models.backbones.Backbone`;
-    ``params`` (dotted keys) and ``cfg`` (nested overrides) resolve as in
-    :func:`kit.training.cv.run_cv`.
+    ``params`` (dotted keys) and ``cfg`` (the command's settings,
+    :func:`kit.config.train_settings`) resolve as in :func:`kit.training.cv.run_cv`.
     """
     tcfg = train_config(cfg, params)
     views = tta_views(tcfg["tta"])
@@ -238,7 +238,9 @@ def prepare(backbone, paths, params: dict | None = None, cfg: dict | None = None
     ftrain = load_or_embed(backbone, train, paths, "train", views, fcfg, dev, digest)
     ftest = load_or_embed(backbone, test, paths, "test", views, fcfg, dev, digest) \
         if test is not None else None
-    return FeatureCV(ftrain, folds, tcfg, views, ftest, dev, seed, int(fcfg["threads"]))
+    fcv = FeatureCV(ftrain, folds, tcfg, views, ftest, dev, seed, int(fcfg["threads"]))
+    fcv.settings = cfg
+    return fcv
 
 
 @dataclass
@@ -261,7 +263,7 @@ class FeaturesCVResult:
 
 
 def features_cv(backbone, paths, params: dict | None = None, seed: int = 42,
-                cfg: dict | None = None, weights="auto", device=None, folds=None,
+                cfg: Layered | None = None, weights="auto", device=None, folds=None,
                 with_test: bool = True, on_fold=None) -> FeaturesCVResult:
     """Cross-validation of a head on cached embeddings: what ``cv`` computes when nothing in
     the backbone trains, for a fraction of the compute.
@@ -270,8 +272,10 @@ def features_cv(backbone, paths, params: dict | None = None, seed: int = 42,
     ----------
     backbone : str or Backbone
     paths : kit.paths.Paths
-    params, cfg : dict, optional
-        Dotted overrides (best.yaml) and nested overrides, as in :func:`kit.training.cv.run_cv`.
+    params : dict, optional
+        Dotted overrides (best.yaml), as in :func:`kit.training.cv.run_cv`.
+    cfg : kit.config.Layered
+        The command's settings (:func:`kit.config.train_settings`).
     seed : int
         Fold ``k`` trains with ``seed + k``; the backbone is built after seeding ``seed``.
     folds : list of int, optional

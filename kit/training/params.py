@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kit.config import Layered
 from kit.training.settings import train_config, training_path
 from kit.utils import KitError, read_yaml
 
@@ -60,7 +61,7 @@ def split_for_path(params: dict) -> tuple[dict, dict]:
     return kept, {k: v for k, v in params.items() if k not in kept}
 
 
-def source_path(record: dict, params: dict) -> str | None:
+def source_path(record: dict, params: dict, settings: Layered) -> str | None:
     """The training path a params file was tuned on: its ``training_path``, else what its
     objective trains (``full`` trains as cv does with these params), else None."""
     if record.get("training_path"):
@@ -69,12 +70,12 @@ def source_path(record: dict, params: dict) -> str | None:
     if objective in OBJECTIVE_PATH:
         return OBJECTIVE_PATH[objective]
     if objective == "full":
-        return target_path(None, params, True)
+        return target_path(Layered(settings.defaults), params, True)
     return None
 
 
-def target_path(cfg: dict | None, params: dict, feature_cache: bool = True) -> str:
-    """The path cv takes with nested overrides ``cfg`` over ``params`` (dotted)."""
+def target_path(cfg: Layered, params: dict, feature_cache: bool = True) -> str:
+    """The path cv takes with the settings ``cfg`` and ``params`` (dotted)."""
     return training_path(train_config(cfg, params), feature_cache)
 
 
@@ -89,7 +90,7 @@ class Resolved:
     notes: list[str] = field(default_factory=list)
 
 
-def resolve(spec, paths, backbone: str, cfg: dict | None = None,
+def resolve(spec, paths, backbone: str, cfg: Layered | None = None,
             feature_cache: bool = True, folds_sha256: str | None = None) -> Resolved:
     """Params for cv from ``--params`` (``tuned``, ``best``, ``none``, a file or a dict).
 
@@ -100,8 +101,9 @@ def resolve(spec, paths, backbone: str, cfg: dict | None = None,
         ``none`` (or None) uses nothing, a path reads that file, a dict is taken as given.
     paths : kit.paths.Paths
     backbone : str
-    cfg : dict, optional
-        cv's nested overrides (command-line options): with the params they decide cv's path.
+    cfg : kit.config.Layered
+        cv's settings (defaults and command-line overrides): with the params they decide
+        cv's path.
     feature_cache : bool
         cv's ``feature_cache`` flag (``--no-feature-cache`` = False).
     folds_sha256 : str, optional
@@ -146,7 +148,7 @@ def resolve(spec, paths, backbone: str, cfg: dict | None = None,
 
 
 def _fit(path: Path, spec: str, data: dict, params: dict, paths, backbone: str,
-         cfg: dict | None, feature_cache: bool, folds_sha256: str | None) -> Resolved:
+         cfg: Layered, feature_cache: bool, folds_sha256: str | None) -> Resolved:
     """Keep the keys of ``params`` that fit cv's path; describe the file."""
     tuned = any(k in data for k in _TUNE_KEYS)
     notes = []
@@ -160,7 +162,7 @@ def _fit(path: Path, spec: str, data: dict, params: dict, paths, backbone: str,
         raise KitError(f"{path}: objective must be one of {', '.join(OBJECTIVES)} (got "
                        f"{record['objective']!r}); fix the file or rerun ./run.sh tune")
     try:
-        src = source_path(record, params)
+        src = source_path(record, params, cfg)
         dst = target_path(cfg, params, feature_cache)
     except KitError as exc:  # e.g. an unknown key: name the file it came from
         raise KitError(f"{path}: {exc}; keys are cv's dotted config keys (head.depth, lr, "

@@ -2,31 +2,30 @@
 views, and which training path (pixels or cached embeddings) cv takes."""
 from __future__ import annotations
 
-from kit.config import dotted_to_nested, load_config, merge
+from kit.config import Layered, dotted_to_nested
 from kit.training.tta import get_views
 from kit.utils import KitError
 
 
-def train_config(overrides: dict | None = None, params: dict | None = None) -> dict:
-    """The resolved training config: ``train.yaml`` with ``augment.yaml`` as ``augment`` and
-    ``features.yaml`` (the embedding cache) as ``features``, so that one ``--set`` reaches all.
+def train_config(settings: Layered, params: dict | None = None) -> dict:
+    """The training config one run uses: ``train.yaml`` with ``augment.yaml`` as ``augment``
+    and ``features.yaml`` (the embedding cache) as ``features``, so that one ``--set``
+    reaches all.
 
     Parameters
     ----------
-    overrides : dict, optional
-        Nested values merged over the defaults (keys must exist), applied last.
+    settings : kit.config.Layered
+        The defaults and the user's overrides, as the command resolved them
+        (:func:`kit.config.train_settings`); the overrides apply last.
     params : dict, optional
         Dotted keys (``{"head.depth": 2, "augment.cutmix_alpha": 0.5, "lr": 3e-4}``), as in
-        ``runs/tune/<bb>/best.yaml``; applied before ``overrides``.
+        ``runs/tune/<bb>/best.yaml``; applied before the overrides.
     """
-    cfg = load_config("train")
-    cfg["augment"] = load_config("augment")
-    cfg["features"] = load_config("features")
-    if params:
-        cfg = merge(cfg, dotted_to_nested(params, "params"), source="params")
-    if overrides:
-        cfg = merge(cfg, {k: v for k, v in overrides.items() if v is not None}, source="config")
-    return _normalise(cfg)
+    if not isinstance(settings, Layered):
+        raise KitError("the training stages take the settings their command resolved: "
+                       "kit.config.train_settings(overrides) (got "
+                       f"{type(settings).__name__})")
+    return _normalise(settings.resolve(dotted_to_nested(params, "params") if params else None))
 
 
 def _normalise(cfg: dict) -> dict:

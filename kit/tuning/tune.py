@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kit.config import given
+from kit.config import Layered, given
 from kit.log import capture
 from kit.metrics import bootstrap_ci, format_ci, macro_f1
 from kit.tuning.search_space import Space, dotted_keys, load_space
@@ -74,11 +74,11 @@ def trial_order(folds: list[int], seed: int, trial_number: int) -> list[int]:
     return [int(folds[i]) for i in rng.permutation(len(folds))]
 
 
-def known_param_keys() -> set[str]:
+def known_param_keys(settings: Layered) -> set[str]:
     """Dotted keys ``cv --params`` accepts (train.yaml, augment.yaml under ``augment.``)."""
     from kit.training.settings import train_config
 
-    return dotted_keys(train_config())
+    return dotted_keys(train_config(settings))
 
 
 # --------------------------------------------------------------------------- evaluators
@@ -104,11 +104,12 @@ class FeaturesEvaluator:
 
     objective = "features"
 
-    def __init__(self, backbone: str, paths, weights="auto", seed: int = 42, device=None):
+    def __init__(self, backbone: str, paths, settings: Layered, weights="auto", seed: int = 42,
+                 device=None):
         from kit.training.fold import prepare
 
-        self._init(prepare(backbone, paths, weights=weights, seed=seed, device=device,
-                           with_test=False))
+        self._init(prepare(backbone, paths, cfg=settings, weights=weights, seed=seed,
+                           device=device, with_test=False))
 
     @classmethod
     def from_feature_cv(cls, fcv) -> "FeaturesEvaluator":
@@ -119,6 +120,7 @@ class FeaturesEvaluator:
 
     def _init(self, fcv) -> None:
         self.fcv, self.n_folds, self.last_fit = fcv, fcv.n_folds, None
+        self.settings = fcv.settings
         self.context = {"patch_key": fcv.train.meta.get("patch_key"),
                         "weights_sha256": fcv.train.meta.get("weights_sha256")}
 
@@ -143,6 +145,7 @@ class _Excluding:
 
     def __init__(self, evaluator, outer: int):
         self.evaluator, self.outer = evaluator, int(outer)
+        self.settings = evaluator.settings
         self.objective, self.n_folds = evaluator.objective, evaluator.n_folds
 
     def trial(self, params: dict, name: str):
@@ -155,14 +158,15 @@ class FullEvaluator:
 
     objective = "full"
 
-    def __init__(self, backbone: str, paths, weights="auto", seed: int = 42, device=None):
+    def __init__(self, backbone: str, paths, settings: Layered, weights="auto", seed: int = 42,
+                 device=None):
         from kit.data.folds import load_folds
         from kit.data.patches import load_patches
 
         folds, _ = load_folds(paths)
         self.n_folds = int(folds.fold.max()) + 1
         self.backbone, self.paths, self.weights = backbone, paths, weights
-        self.seed, self.device = seed, device
+        self.seed, self.device, self.settings = seed, device, settings
         self.context = {"patch_key": load_patches(paths, "train").key, "weights": str(weights)}
 
     def trial(self, params: dict, name: str):
@@ -178,8 +182,8 @@ class FullEvaluator:
             import pandas as pd
 
             with capture() as lines:  # cv's run-level lines would mislead here
-                run_cv(self.backbone, paths, seed=self.seed, weights=self.weights, fold=k,
-                       params=dict(params), device=self.device)
+                run_cv(self.backbone, paths, cfg=self.settings, seed=self.seed,
+                       weights=self.weights, fold=k, params=dict(params), device=self.device)
             for line in lines:
                 if line.startswith(f"{self.backbone} fold {k}:"):
                     log.info(f"  {line}")  # the fold's summary: epochs, F1, time
@@ -402,15 +406,15 @@ def warm_start(study, source, space: Space, top: int) -> int:
 
 
 # --------------------------------------------------------------------------- outputs
-def applies_to(objective: str, params: dict) -> dict:
+def applies_to(objective: str, params: dict, settings: Layered) -> dict:
     """The training path and epoch selection that params tuned with ``objective`` fit:
     ``features`` trains heads on cached embeddings (cv's ``feature_cache`` path), ``full``
     trains as cv does with these params (``pixels`` unless they freeze the whole backbone)."""
     from kit.training.params import source_path
     from kit.training.settings import train_config
 
-    cfg = train_config(params=params)
-    return {"training_path": source_path({"objective": objective}, params),
+    cfg = train_config(settings, params)
+    return {"training_path": source_path({"objective": objective}, params, settings),
             "early_stopping": str(cfg.get("early_stopping", "oof"))}
 
 
@@ -479,7 +483,7 @@ def best_record(study, evaluator, space: Space, folds: list[int], seed: int,
                                                             key=lambda kv: int(kv[0]))}
         else:
             score = float(cached)
-    fits = applies_to(evaluator.objective, params)
+    fits = applies_to(evaluator.objective, params, evaluator.settings)
     n_trials = _finished(study)
     record = {"params": params, "objective": evaluator.objective, **fits,
               "score": score, "search_score": float(best.value), "search_folds": search_folds,
@@ -552,7 +556,8 @@ ESTIMATE_KIND = ("nested: each outer fold scored by a head trained with the para
 
 
 def nested_estimate(bb: str, paths, cfg: dict, space: Space, n_trials: int, weights="auto",
-                    seed: int = 42, device=None, evaluator=None) -> dict:
+                    seed: int = 42, device=None, evaluator=None,
+                    settings: Layered | None = None) -> dict:
     """An honest score of the tuned pipeline (features objective): for each outer fold ``o``,
     search ``n_trials`` trials on the other folds (each inner fold's head trained without
     ``o``), train the winner on every fold but ``o`` and score ``o``.
@@ -567,7 +572,7 @@ def nested_estimate(bb: str, paths, cfg: dict, space: Space, n_trials: int, weig
     from kit.data.folds import load_folds
 
     _quiet_optuna()
-    evaluator = evaluator or FeaturesEvaluator(bb, paths, weights=weights, seed=seed,
+    evaluator = evaluator or FeaturesEvaluator(bb, paths, settings, weights=weights, seed=seed,
                                                device=device)
     _, folds_sha = load_folds(paths)
     n_folds = evaluator.n_folds
@@ -631,8 +636,8 @@ def nested_estimate(bb: str, paths, cfg: dict, space: Space, n_trials: int, weig
     }
 
 
-def run_estimate(bb: str, paths, cfg: dict, space_file, weights, seed: int, device,
-                 n_trials: int) -> dict:
+def run_estimate(bb: str, paths, cfg: dict, settings: Layered, space_file, weights, seed: int,
+                 device, n_trials: int) -> dict:
     """``tune --estimate`` for one backbone: :func:`nested_estimate`, written to
     ``runs/tune/<bb>/estimate.json`` and printed beside best.yaml's search score."""
     from datetime import datetime, timezone
@@ -648,10 +653,11 @@ def run_estimate(bb: str, paths, cfg: dict, space_file, weights, seed: int, devi
             "search by the holdout_score that --folds-per-trial N writes into best.yaml")
     if n_trials < 1:
         raise KitError(f"--estimate-trials must be >= 1 (got {n_trials})")
-    space = load_space(bb, "features", cfg["space"], space_file, known_param_keys())
+    space = load_space(bb, "features", cfg["space"], space_file, known_param_keys(settings))
     log.info(f"tune {bb} --estimate: nested, {n_trials} trials per outer fold (the study and "
              "best.yaml are not touched)")
-    record = nested_estimate(bb, paths, cfg, space, n_trials, weights, seed, device)
+    record = nested_estimate(bb, paths, cfg, space, n_trials, weights, seed, device,
+                             settings=settings)
     best = paths.tune_dir(bb) / "best.yaml"
     if best.is_file():
         found = read_yaml(best)
@@ -677,7 +683,7 @@ def run_estimate(bb: str, paths, cfg: dict, space_file, weights, seed: int, devi
 
 
 # --------------------------------------------------------------------------- stage
-def run_tune(backbones, paths, cfg: dict, study_suffix: str | None = None,
+def run_tune(backbones, paths, cfg: dict, settings: Layered, study_suffix: str | None = None,
              space_file: str | Path | None = None, warm_start_from: str | None = None,
              weights="auto", seed: int = 42, device=None, create_only: bool = False,
              estimate: bool = False) -> dict:
@@ -698,6 +704,9 @@ def run_tune(backbones, paths, cfg: dict, study_suffix: str | None = None,
         re-scored on all folds); ``n_jobs``; ``heartbeat_interval`` / ``grace_period``
         (seconds, RDB storages); ``estimate_trials``, each outer fold's trials with
         ``estimate``.
+    settings : kit.config.Layered
+        The training settings the trials start from (:func:`kit.config.train_settings`):
+        each trial's params go over their defaults, the overrides over the params.
     study_suffix : str
         Appended to the study name (``<bb>-<objective>-<suffix>``).
     space_file : path
@@ -735,32 +744,35 @@ def run_tune(backbones, paths, cfg: dict, study_suffix: str | None = None,
         raise KitError(f"unknown backbone(s) {', '.join(unknown)}; known backbones: "
                        f"{', '.join(list_backbones())}")
     if estimate:
-        return {bb: run_estimate(bb, paths, cfg, space_file, weights, seed, device,
+        return {bb: run_estimate(bb, paths, cfg, settings, space_file, weights, seed, device,
                                  int(cfg["estimate_trials"])) for bb in backbones}
     store = make_storage(cfg["storage"], paths, int(cfg["heartbeat_interval"]),
                          int(cfg["grace_period"]), cfg["max_retry"])
     url = describe(cfg["storage"] or default_url(paths))
     results = {}
     for bb in backbones:
-        results[bb] = tune_backbone(bb, paths, cfg, store, url, study_suffix, space_file,
-                                    warm_start_from, weights, seed, device, create_only)
+        results[bb] = tune_backbone(bb, paths, cfg, settings, store, url, study_suffix,
+                                    space_file, warm_start_from, weights, seed, device,
+                                    create_only)
     return results
 
 
-def tune_backbone(bb: str, paths, cfg: dict, store, url: str, suffix, space_file,
-                  warm_start_from, weights, seed: int, device, create_only: bool) -> dict | None:
+def tune_backbone(bb: str, paths, cfg: dict, settings: Layered, store, url: str, suffix,
+                  space_file, warm_start_from, weights, seed: int, device,
+                  create_only: bool) -> dict | None:
     """One backbone's study: open, (warm-start), optimise, write outputs."""
     import optuna
 
     from kit.data.folds import load_folds
 
     objective = cfg["objective"]
-    space = load_space(bb, objective, cfg["space"], space_file, known_param_keys())
+    space = load_space(bb, objective, cfg["space"], space_file, known_param_keys(settings))
     folds_df, folds_sha = load_folds(paths)
     n_folds = int(folds_df.fold.max()) + 1
     folds = fold_subset(n_folds, int(cfg["folds_per_trial"] or 0), seed)
     name = study_name(bb, objective, suffix)
-    evaluator = EVALUATORS[objective](bb, paths, weights=weights, seed=seed, device=device)
+    evaluator = EVALUATORS[objective](bb, paths, settings, weights=weights, seed=seed,
+                                      device=device)
     context = {"objective": objective, "backbone": bb, "folds_sha256": folds_sha,
                "folds": folds, "seed": int(seed), **evaluator.context}
     study = open_study(name, store, cfg, context, seed, shared=bool(cfg["storage"]))

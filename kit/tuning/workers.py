@@ -19,9 +19,10 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kit.config import Layered
 from kit.paths import Paths
 from kit.process import run_for_user
 from kit.tuning.storage import default_url
@@ -185,7 +186,9 @@ def _payload(paths, kwargs: dict, storage: str, **changes) -> str:
     """The tune stage's resolved arguments as JSON, for a worker (every worker on the one
     ``storage``)."""
     cfg = {**kwargs["cfg"], "storage": storage}
-    return json.dumps({"workdir": str(paths.root), "kwargs": {**kwargs, "cfg": cfg, **changes}})
+    settings = asdict(kwargs["settings"])
+    return json.dumps({"workdir": str(paths.root),
+                       "kwargs": {**kwargs, "cfg": cfg, "settings": settings, **changes}})
 
 
 def launch(paths, kwargs: dict, workers: int | None, gpus_spec: str | None) -> int:
@@ -229,7 +232,8 @@ def launch(paths, kwargs: dict, workers: int | None, gpus_spec: str | None) -> i
 def _worker_main(payload: str) -> int:
     """One worker: the tune stage with the launcher's resolved arguments."""
     data = json.loads(payload)
-    run_tune(paths=Paths.from_root(data["workdir"]), **data["kwargs"])
+    kwargs = {**data["kwargs"], "settings": Layered(**data["kwargs"]["settings"])}
+    run_tune(paths=Paths.from_root(data["workdir"]), **kwargs)
     return 0
 
 
