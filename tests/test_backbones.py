@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from kit.models import backbones as B
+from kit.models.backbones import registry
 from kit.models.backbones import count_trainable, create_backbone, freeze_backbone, list_backbones
 from kit.models.heads import PatchClassifier, create_head
 from kit.utils import KitError
@@ -24,7 +25,9 @@ TINY_PHIKON = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
 # options (registers, SwiGLU, LayerScale, pooling), only narrower and shallower.
 TINY_DINOV2 = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
 TINY_TIMM = dict(embed_dim=32, depth=2, num_heads=2)
-TIMM_VITS = ("uni", "h_optimus_0", "virchow2")
+# The timm foundation models (their builder, weights lookup and freezing are shared).
+TIMM_VITS = ("uni", "uni2_h", "h_optimus_0", "h_optimus_1", "virchow2", "gigapath")
+RESNETS = ("resnet18", "resnet50")
 
 
 @pytest.fixture(autouse=True)
@@ -52,10 +55,10 @@ def backbones_one_thread():
 
 @pytest.fixture(scope="module")
 def timm_models():
-    """The two real timm backbones, random weights, built once (a few seconds each)."""
+    """The real timm CNNs, random weights, built once (a few seconds each)."""
     torch.manual_seed(0)
     return {name: create_backbone(name, weights="random", patch_size=64)
-            for name in ("efficientnet_b0", "convnext_tiny")}
+            for name in ("efficientnet_b0", "convnext_tiny", *RESNETS)}
 
 
 def _tiny_vit_model(seed=0, **overrides):
@@ -85,14 +88,16 @@ def _fake_hf_cache(root, repo, files):
 
 # --------------------------------------------------------------------------- registry
 def test_registry_lists_the_backbones():
-    expected = {"efficientnet_b0", "convnext_tiny", "phikon", "tiny_cnn", "tiny_vit",
-                "phikon_v2", "uni", "h_optimus_0", "virchow2"}
+    expected = {"efficientnet_b0", "convnext_tiny", "resnet18", "resnet50", "phikon", "tiny_cnn",
+                "tiny_vit", "phikon_v2", "midnight", "uni", "uni2_h", "h_optimus_0",
+                "h_optimus_1", "virchow2", "gigapath"}
     assert expected <= set(list_backbones())
     assert list_backbones() == sorted(list_backbones())
 
 
 def test_register_backbone_adds_a_builder(monkeypatch):
-    monkeypatch.setattr(B, "_REGISTRY", dict(B._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_INFO", dict(registry._INFO))
 
     @B.register_backbone("my_cnn")
     def build(weights, patch_size, phikon_mode, vit_config):
@@ -105,6 +110,40 @@ def test_register_backbone_adds_a_builder(monkeypatch):
     assert bb.num_features == 8 and bb(torch.zeros(1, 3, 32, 32)).shape == (1, 8)
     with pytest.raises(ValueError, match="twice"):
         B.register_backbone("my_cnn")(build)
+
+
+def test_native_size_and_the_default_patch_size():
+    """patch_size None = the size the backbone was pretrained at, with no config file read."""
+    assert registry.CNN_NATIVE_SIZE == 224
+    for name in list_backbones():
+        info = B.backbone_info(name)
+        assert B.native_size(name) == (info.input_size or 224), name
+    assert create_backbone("tiny_cnn", weights="random").input_size == 224
+    assert create_backbone("tiny_cnn", weights="random", patch_size=None).input_size == 224
+    assert create_backbone("tiny_vit", weights="random", phikon_mode="interpolate").input_size == 224
+    with pytest.raises(KitError, match="unknown backbone 'nope'"):
+        B.native_size("nope")
+
+
+def test_create_backbone_reads_no_configuration(monkeypatch):
+    import kit.config
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("create_backbone must not read kit/conf")
+
+    monkeypatch.setattr(kit.config, "load_config", refuse)
+    assert create_backbone("tiny_cnn", weights="random").num_features == 64
+
+
+def test_describe_backbones_lists_size_and_gating():
+    lines = {line.split(" ")[0]: line for line in B.describe_backbones()}
+    assert set(lines) == set(list_backbones())
+    for name in ("uni2_h", "h_optimus_1", "gigapath"):
+        assert lines[name].startswith(f"{name} (224 px, gated weights)"), lines[name]
+    assert lines["midnight"].startswith("midnight (224 px)") and "gated" not in lines["midnight"]
+    assert lines["resnet18"].startswith("resnet18 (CNN, at the patch size)")
+    assert "kaiko-ai/midnight" in lines["midnight"]
+    assert set(B.vit_backbones()) == {n for n in list_backbones() if B.backbone_info(n).input_size}
 
 
 def test_unknown_backbone_lists_known_ones():
@@ -130,13 +169,14 @@ def test_bad_options_are_refused(tmp_path):
 
 
 # --------------------------------------------------------------------------- real timm models
-@pytest.mark.parametrize("name", ["efficientnet_b0", "convnext_tiny"])
+@pytest.mark.parametrize("name", ["efficientnet_b0", "convnext_tiny", *RESNETS])
 def test_timm_backbone_forward_and_one_training_step(timm_models, name):
     bb = timm_models[name]
     assert bb.weights_source == "random"
     assert bb.input_size == 64  # CNNs take the patches at the patch size
     assert bb.mean == B.IMAGENET_MEAN and bb.std == B.IMAGENET_STD
-    assert bb.num_features == {"efficientnet_b0": 1280, "convnext_tiny": 768}[name]
+    assert bb.num_features == {"efficientnet_b0": 1280, "convnext_tiny": 768, "resnet18": 512,
+                               "resnet50": 2048}[name]
     n_trainable = freeze_backbone(bb, unfreeze_last=1)
     assert 0 < n_trainable < sum(p.numel() for p in bb.parameters())
     model = PatchClassifier(bb, create_head(bb.num_features, 4, depth=1, width=16)).train()
@@ -155,6 +195,38 @@ def test_timm_backbone_forward_and_one_training_step(timm_models, name):
     assert torch.isfinite(loss)
 
 
+@pytest.mark.parametrize("name", RESNETS)
+def test_resnet_blocks_are_the_stem_and_four_stages(timm_models, name):
+    bb = timm_models[name]
+    m = bb.model
+    assert isinstance(bb, B.ResNetBackbone) and type(m.fc).__name__ == "Identity"
+    blocks = bb.blocks()
+    assert len(blocks) == 5
+    assert list(blocks[0]) == [m.conv1, m.bn1] and blocks[1:] == [m.layer1, m.layer2, m.layer3,
+                                                                   m.layer4]
+    # every parameter is in exactly one block: thawing them all thaws the whole network
+    ids = [id(p) for block in blocks for p in block.parameters()]
+    assert len(ids) == len(set(ids)) == len(list(bb.parameters()))
+    freeze_backbone(bb, train_norm=(), unfreeze_last=2)  # layer3 and layer4
+    assert all(p.requires_grad for p in m.layer3.parameters())
+    assert not any(p.requires_grad for p in m.layer2.parameters()) and not m.conv1.weight.requires_grad
+    n_bn = freeze_backbone(bb)  # only the BatchNorm layers train
+    assert n_bn == sum(p.numel() for mod in bb.modules() if isinstance(mod, nn.BatchNorm2d)
+                       for p in mod.parameters(recurse=False)) > 0
+
+
+@pytest.mark.parametrize("name,params,features", [("resnet18", 11_176_512, 512),
+                                                  ("resnet50", 23_508_032, 2048)])
+def test_resnet_full_size_on_the_meta_device(name, params, features):
+    """torchvision's published sizes (11,689,512 and 25,557,032) less the 1000-class fc."""
+    with torch.device("meta"):
+        bb = create_backbone(name, weights="random").eval()
+        out = bb(torch.empty(2, 3, 224, 224))
+    assert sum(p.numel() for p in bb.parameters()) == params
+    assert out.shape == (2, features) and bb.input_size == 224
+    assert (bb.mean, bb.std) == (B.IMAGENET_MEAN, B.IMAGENET_STD)
+
+
 def test_efficientnet_last_block_includes_conv_head(timm_models):
     bb = timm_models["efficientnet_b0"]
     freeze_backbone(bb, train_norm=(), unfreeze_last=1)
@@ -170,6 +242,7 @@ def _all_backbones(timm_models):
             "tiny_vit": create_backbone("tiny_vit", weights="random"),
             "phikon": create_backbone("phikon", weights="random", vit_config=TINY_PHIKON),
             "phikon_v2": create_backbone("phikon_v2", weights="random", vit_config=TINY_DINOV2),
+            "midnight": create_backbone("midnight", weights="random", vit_config=TINY_DINOV2),
             **{name: create_backbone(name, weights="random", vit_config=TINY_TIMM)
                for name in TIMM_VITS}}
 
@@ -293,185 +366,6 @@ def test_tiny_vit_follows_the_phikon_code_path(tmp_path):
                             patch_size=64)
     assert _same_weights(again.model, bb.model) and again.input_size == 64
     assert again(torch.randn(3, 3, 64, 64)).shape == (3, bb.num_features)
-
-
-# --------------------------------------------------------------------------- foundation models
-def _tiny_timm(name, seed=0, **kwargs):
-    torch.manual_seed(seed)
-    return create_backbone(name, weights="random", vit_config=TINY_TIMM, **kwargs).eval()
-
-
-def test_foundation_model_table_records_size_and_normalisation():
-    specs = B.FOUNDATION_MODELS
-    assert set(specs) == {"phikon", "phikon_v2", "uni", "h_optimus_0", "virchow2"}
-    assert all(spec.input_size == 224 for spec in specs.values())
-    assert specs["h_optimus_0"].mean == (0.707223, 0.578729, 0.703617)
-    assert specs["h_optimus_0"].std == (0.211883, 0.230117, 0.177517)
-    assert all(specs[n].mean == B.IMAGENET_MEAN for n in ("phikon_v2", "uni", "virchow2"))
-    assert {n for n, spec in specs.items() if spec.gated} == set(TIMM_VITS)
-
-
-@pytest.mark.parametrize("name,patch,prefix,features", [
-    ("uni", 16, 1, 32), ("h_optimus_0", 14, 5, 32), ("virchow2", 14, 5, 64)])
-def test_timm_foundation_models_tiny(name, patch, prefix, features):
-    bb = _tiny_timm(name)
-    spec = B.FOUNDATION_MODELS[name]
-    assert isinstance(bb, B.TimmViTBackbone) and bb.weights_source == "random"
-    assert (bb.input_size, bb.mean, bb.std) == (224, spec.mean, spec.std)
-    assert bb.model.patch_embed.patch_size == (patch, patch)
-    assert bb.model.num_prefix_tokens == prefix  # CLS + 4 register tokens for the DINOv2 pair
-    if prefix > 1:
-        assert bb.model.reg_token.shape == (1, 4, 32)
-    # LayerScale everywhere (init_values=1e-5 on the cards), SwiGLU + SiLU where the card says
-    assert all(blk.ls1.gamma.shape == (32,) for blk in bb.model.blocks)
-    if spec.swiglu or name == "h_optimus_0":
-        from timm.layers import GluMlp
-
-        mlp = bb.model.blocks[0].mlp
-        assert isinstance(mlp, GluMlp) and isinstance(mlp.act, nn.SiLU)
-    x = torch.randn(2, 3, 224, 224)
-    with torch.no_grad():
-        out = bb(x)
-        tokens = bb.model.forward_features(x)
-    assert out.shape == (2, features) and bb.num_features == features
-    assert tokens.shape[1] == prefix + (224 // patch) ** 2
-    if name != "virchow2":  # the CLS token after the final norm
-        assert torch.allclose(out, tokens[:, 0], atol=1e-6)
-
-
-def test_virchow2_embedding_is_cls_and_mean_of_patch_tokens():
-    bb = _tiny_timm("virchow2")
-    x = torch.randn(3, 3, 224, 224)
-    with torch.no_grad():
-        out = bb(x)
-        tokens = bb.model.forward_features(x)  # B x (1 + 4 + 256) x 32
-    assert tokens.shape == (3, 261, 32)
-    assert torch.allclose(out[:, :32], tokens[:, 0], atol=1e-6)
-    assert torch.allclose(out[:, 32:], tokens[:, 5:].mean(1), atol=1e-6)
-    # the register tokens are not averaged in
-    assert not torch.allclose(out[:, 32:], tokens[:, 1:].mean(1), atol=1e-4)
-
-
-@pytest.mark.parametrize("name", TIMM_VITS)
-def test_timm_foundation_models_load_weights(backbones_offline, tmp_path, name):
-    spec = B.FOUNDATION_MODELS[name]
-    src = _tiny_timm(name, seed=4)
-    x = torch.randn(2, 3, 224, 224)
-    with torch.no_grad():
-        ref = src(x)
-    # the layout `hf download <repo>` gives: pytorch_model.bin (timm's state dict)
-    folder = tmp_path / "download"
-    folder.mkdir()
-    torch.save(src.model.state_dict(), folder / "pytorch_model.bin")
-    bb = create_backbone(name, weights=folder, vit_config=TINY_TIMM).eval()
-    assert bb.weights_source == f"local:{folder.resolve()}"
-    assert _same_weights(bb.model, src.model)
-    with torch.no_grad():
-        assert torch.allclose(bb(x), ref, atol=1e-6)
-    # a state dict saved from the kit's wrapper (keys under "model.") loads the same
-    save_file(src.state_dict(), str(tmp_path / "wrapped.safetensors"))
-    assert _same_weights(create_backbone(name, weights=tmp_path / "wrapped.safetensors",
-                                         vit_config=TINY_TIMM).model, src.model)
-    # auto: $KIT_WEIGHTS_DIR/<name>, then the Hugging Face cache of the repository
-    shutil.copytree(folder, backbones_offline / "weights" / name)
-    auto = create_backbone(name, vit_config=TINY_TIMM)
-    assert auto.weights_source.startswith("local:") and _same_weights(auto.model, src.model)
-    shutil.rmtree(backbones_offline / "weights" / name)
-    _fake_hf_cache(backbones_offline, spec.repo,
-                   {"pytorch_model.bin": folder / "pytorch_model.bin"})
-    cached = create_backbone(name, vit_config=TINY_TIMM)
-    assert cached.weights_source == f"hf-cache:{spec.repo}"
-    assert _same_weights(cached.model, src.model)
-    # the same file into the full-size architecture: refused, never half-random
-    with pytest.raises(KitError, match="do not fit"):
-        create_backbone(name, weights=folder, vit_config={**TINY_TIMM, "depth": 3})
-
-
-def test_timm_foundation_models_interpolate_mode_and_bad_options():
-    bb = _tiny_timm("h_optimus_0", phikon_mode="interpolate", patch_size=112)
-    assert bb.input_size == 112 and bb(torch.randn(1, 3, 112, 112)).shape == (1, 32)
-    uni = _tiny_timm("uni", phikon_mode="interpolate", patch_size=128)
-    assert uni.input_size == 128 and uni(torch.randn(1, 3, 128, 128)).shape == (1, 32)
-    with pytest.raises(KitError, match="divisible by the ViT patch size 14"):
-        _tiny_timm("virchow2", phikon_mode="interpolate", patch_size=128)
-    with pytest.raises(KitError, match="phikon_mode"):
-        _tiny_timm("uni", phikon_mode="crop")
-    with pytest.raises(KitError, match="'embed_dimm'.*VisionTransformer"):
-        create_backbone("uni", weights="random", vit_config={"embed_dimm": 8})
-
-
-def test_timm_foundation_models_freeze_keeps_norms_and_opens_last_block():
-    bb = _tiny_timm("virchow2")
-    freeze_backbone(bb)
-    _assert_trainable(bb, NORMS)  # LayerNorms only: not LayerScale, tokens or embeddings
-    assert not bb.model.blocks[0].ls1.gamma.requires_grad and not bb.model.reg_token.requires_grad
-    freeze_backbone(bb, train_norm=(), unfreeze_last=1)
-    assert bb.model.norm.weight.requires_grad  # the final norm belongs to the last block
-    assert all(p.requires_grad for p in bb.model.blocks[-1].parameters())
-    assert not any(p.requires_grad for p in bb.model.blocks[0].parameters())
-
-
-def _tiny_dinov2(seed=0):
-    from transformers import Dinov2Config, Dinov2Model
-
-    torch.manual_seed(seed)
-    config = Dinov2Config(**{**B.PHIKON_V2_CONFIG, **TINY_DINOV2})
-    return Dinov2Model(config).eval()
-
-
-@pytest.mark.parametrize("name,params_m,features,depth", [
-    ("phikon_v2", 303, 1024, 24), ("uni", 303, 1024, 24), ("h_optimus_0", 1135, 1536, 40),
-    ("virchow2", 631, 2560, 32)])
-def test_full_size_architectures_match_the_model_cards(name, params_m, features, depth):
-    """Parameter counts as published (ViT-L 303 M, H-optimus-0 1.1 B, Virchow2 632 M), built
-    on the meta device: the real shapes without allocating gigabytes."""
-    with torch.device("meta"):
-        bb = create_backbone(name, weights="random").eval()
-        out = bb(torch.empty(2, 3, 224, 224))
-    n = sum(p.numel() for p in bb.parameters()) / 1e6
-    assert abs(n - params_m) / params_m < 0.01, n
-    assert out.shape == (2, features) == (2, bb.num_features)
-    assert bb.input_size == 224 and len(bb.blocks()) == depth
-    if name == "phikon_v2":
-        assert type(bb.model).__name__ == "Dinov2Model"
-        assert bb.model.config.patch_size == 16
-
-
-def test_phikon_v2_loads_a_save_pretrained_folder(backbones_offline, tmp_path):
-    ref = _tiny_dinov2(seed=5)
-    ref.save_pretrained(tmp_path / "pv2")
-    bb = create_backbone("phikon_v2", weights=tmp_path / "pv2").eval()
-    assert isinstance(bb, B.Dinov2Backbone) and _same_weights(bb.model, ref)
-    x = torch.randn(2, 3, 224, 224)
-    with torch.no_grad():
-        assert torch.allclose(bb(x), ref(pixel_values=x).last_hidden_state[:, 0], atol=1e-6)
-    # DINOv2 resamples its position embeddings itself: 128 px patches fed as they are
-    small = create_backbone("phikon_v2", weights=tmp_path / "pv2", phikon_mode="interpolate",
-                            patch_size=128).eval()
-    assert small.input_size == 128 and small(torch.randn(1, 3, 128, 128)).shape == (1, 32)
-    _fake_hf_cache(backbones_offline, "owkin/phikon-v2",
-                   {f: tmp_path / "pv2" / f for f in ("config.json", "model.safetensors")})
-    cached = create_backbone("phikon_v2")
-    assert cached.weights_source == "hf-cache:owkin/phikon-v2" and _same_weights(cached.model, ref)
-
-
-def test_phikon_v2_loads_transformers_4_key_names(tmp_path):
-    """owkin/phikon-v2 was saved with transformers 4.40 (attention.attention.query...)."""
-    ref = _tiny_dinov2(seed=6)
-    renames = {"attention.q_proj": "attention.attention.query",
-               "attention.k_proj": "attention.attention.key",
-               "attention.v_proj": "attention.attention.value",
-               "attention.o_proj": "attention.output.dense"}
-    old = {}
-    for key, value in ref.state_dict().items():
-        for new, before in renames.items():
-            key = key.replace(new, before)
-        old[key] = value.contiguous()
-    assert any("attention.attention.query" in k for k in old)
-    ref.config.save_pretrained(tmp_path / "old")
-    save_file(old, str(tmp_path / "old" / "model.safetensors"))
-    bb = create_backbone("phikon_v2", weights=tmp_path / "old")
-    assert _same_weights(bb.model, ref)
 
 
 # --------------------------------------------------------------------------- AdaBN
