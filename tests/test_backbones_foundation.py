@@ -263,3 +263,16 @@ def test_midnight_loads_its_hub_folder_with_the_card_normalisation(backbones_off
                               atol=1e-5)
     freeze_backbone(bb)
     _assert_trainable(bb, NORMS)
+
+
+def test_midnight_feeds_the_cards_224_px_whatever_its_config_declares(tmp_path):
+    """A DINOv2 config.json may keep Meta's 518 px pretraining crop; the card feeds 224."""
+    ref = _tiny_dinov2(seed=8, base={**B.MIDNIGHT_CONFIG, "image_size": 518})
+    ref.save_pretrained(tmp_path / "mn518")
+    bb = create_backbone("midnight", weights=tmp_path / "mn518").eval()
+    assert bb.model.config.image_size == 518 and bb.input_size == 224
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        tokens = ref(pixel_values=x).last_hidden_state
+        assert tokens.shape[1] == 257  # position embeddings resampled to 16 x 16 patches
+        assert torch.allclose(bb(x)[:, :32], tokens[:, 0], atol=1e-5)

@@ -208,6 +208,10 @@ def _vit_builder(name: str, spec: FoundationModel | None, base_config: dict, fam
             source = "random"
         model, mean, std = _load_vit(name, path, base_config, vit_config or {}, family, norm)
         native, patch = side(model.config.image_size), side(model.config.patch_size)
+        if family == "dinov2" and spec is not None:
+            # DINOv2 resamples its position embeddings for any input, and configs often keep
+            # Meta's 518 px pretraining crop: the card's input size is the one to feed.
+            native = spec.input_size
         input_size = vit_input_size(name, phikon_mode, native, patch, patch_size)
         return _HF_FAMILIES[family][3](name, model, input_size, mean, std, source,
                                        pooling=pooling)
