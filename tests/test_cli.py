@@ -98,3 +98,18 @@ def test_run_for_user_turns_errors_and_ctrl_c_into_lines_and_exit_codes(capsys):
     assert run_for_user(stopped, "interrupted: rerun to resume") == 130
     assert capsys.readouterr().err == "interrupted: rerun to resume\n"
     assert run_for_user(lambda: None, "x") == 0 and run_for_user(lambda: 3, "x") == 3
+
+
+@pytest.mark.parametrize("name", ["cv", "tune"])
+def test_backbone_help_lists_the_registry(name, capsys):
+    """cv and tune list every registered backbone with its size and gating, read from the
+    registry (a backbone registered tomorrow appears without editing the command)."""
+    from kit.models.backbones import describe_backbones, list_backbones
+
+    with pytest.raises(SystemExit):
+        main([name, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(line in out for line in describe_backbones(notes=False))
+    for new in ("resnet18", "resnet50", "uni2_h", "h_optimus_1", "midnight", "gigapath"):
+        assert new in list_backbones() and f"{new} (" in out
+    assert "uni2_h (224 px, gated weights)" in out and "midnight (224 px)" in out

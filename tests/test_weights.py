@@ -12,10 +12,13 @@ from kit.models import backbones as B
 from kit.models.backbones import create_backbone
 from kit.utils import KitError
 
-# backbones_offline and backbones_one_thread are test_backbones' autouse fixtures, imported so
-# that they apply here too: empty caches, HF_HUB_OFFLINE=1, one intra-op thread.
-from test_backbones import (TIMM_VITS, _fake_hf_cache, _same_weights, _tiny_vit_model,
-                            backbones_offline, backbones_one_thread)  # noqa: F401 (fixtures)
+import test_backbones
+from test_backbones import RESNETS, TIMM_VITS, _fake_hf_cache, _same_weights, _tiny_vit_model
+
+# test_backbones' autouse fixtures, bound here so that they apply to this file too: empty
+# caches, HF_HUB_OFFLINE=1, one intra-op thread.
+backbones_offline = test_backbones.backbones_offline
+backbones_one_thread = test_backbones.backbones_one_thread
 
 
 # --------------------------------------------------------------------------- auto
@@ -61,6 +64,28 @@ def test_timm_weights_from_file_folder_and_cache(backbones_offline, tmp_path):
         create_backbone("efficientnet_b0", weights=_tiny_cnn_file(tmp_path))
 
 
+def test_resnet_takes_torchvisions_imagenet_file_from_the_torch_cache(backbones_offline):
+    """resnet18.tv_in1k is torchvision's file: found under its own name in torch's hub cache
+    (where torchvision.models.resnet18(weights=...) leaves it), 1000-class fc dropped."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg("resnet18.tv_in1k")
+    assert cfg.url.endswith("/resnet18-f37072fd.pth") and cfg.hf_hub_id == "timm/resnet18.tv_in1k"
+    torch.manual_seed(3)
+    src = timm.create_model("resnet18", pretrained=False)  # torchvision's keys, fc included
+    cache = backbones_offline / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(src.state_dict(), cache / "resnet18-f37072fd.pth")
+    bb = create_backbone("resnet18", patch_size=64)
+    assert bb.weights_source == f"timm-cache:{cache / 'resnet18-f37072fd.pth'}"
+    expected = {k: v for k, v in src.state_dict().items() if not k.startswith("fc.")}
+    assert all(torch.equal(bb.model.state_dict()[k], v) for k, v in expected.items())
+    assert bb.model.state_dict().keys() == expected.keys()
+    # resnet50's file is not resnet18's: refused, never half-random
+    with pytest.raises(KitError, match="do not fit"):
+        create_backbone("resnet50", weights=cache / "resnet18-f37072fd.pth")
+
+
 def _tiny_cnn_file(tmp_path):
     path = tmp_path / "tiny" / "model.safetensors"
     path.parent.mkdir(exist_ok=True)
@@ -85,7 +110,7 @@ def test_tiny_cnn_loads_its_own_state_dict(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["phikon", "efficientnet_b0", "convnext_tiny", "phikon_v2",
-                                  *TIMM_VITS])
+                                  "midnight", *RESNETS, *TIMM_VITS])
 def test_offline_without_weights_is_one_clear_error(backbones_offline, name):
     start = time.monotonic()
     with pytest.raises(KitError) as err:
@@ -96,7 +121,7 @@ def test_offline_without_weights_is_one_clear_error(backbones_offline, name):
     assert str(backbones_offline / "hf" / "hub") in msg  # the HF cache
     assert "HF_HUB_OFFLINE" in msg and "hf download" in msg and "--weights" in msg
     assert "\n" not in msg
-    if name == "efficientnet_b0":  # also has a torch-hub URL (convnext_tiny is on the HF hub only)
+    if name in ("efficientnet_b0", *RESNETS):  # also a torch-hub URL (convnext_tiny: HF hub only)
         assert str(backbones_offline / "torch" / "hub" / "checkpoints") in msg
     spec = B.FOUNDATION_MODELS.get(name)
     if spec is not None:
