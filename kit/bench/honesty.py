@@ -342,7 +342,8 @@ def build_standin(folder: Path, preset: Preset, seed: int, device=None) -> dict:
     with atomic_path(file) as tmp:
         torch.save(backbone, tmp)
     # Fail here, not in every scored run, if the file does not load as --weights loads it.
-    create_backbone(BACKBONE, weights=file, patch_size=int(preset.patches.get("size", 0)) or None)
+    create_backbone(BACKBONE, weights=file,
+                    patch_size=int(load_config("patches", preset.patches or None)["size"]))
     done = json.loads((fold_dir / "done.json").read_text())
     meta = {"key": key, "file": str(file), "data": str(data),
             "fold0_macro_f1": float(done["macro_f1"]),
