@@ -664,6 +664,7 @@ def run_cv(backbone: str, paths: Paths, cfg: dict | None = None, seed: int = 42,
     dtype = cfg["features"]["dtype"] if path == "feature_cache" else None
     dev = pick_device(device)
     fused = fusion.build(backbone, weights, cfg, path, views, train, test, seed, dev)
+    weights = fused.weights if fused else weights  # a fused run: {part: weights}, resolved
     ctx = CVRun(paths=paths, backbone=backbone, weights=weights, seed=int(seed), cfg=cfg,
                 views=views, folds=folds, folds_sha=folds_sha, train=train, test=test, out=out,
                 keys=keys, n_folds=n_folds, device=dev, params_desc=params_desc,
