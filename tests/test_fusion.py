@@ -208,7 +208,7 @@ def test_fusion_is_compared_with_the_mean_then_with_the_blend_of_its_parts(runs,
 
     paths, single, fused, _ = runs
     [c], notes = compare_all(paths)
-    assert notes == [] and c.fused == FUSED and c.parts == [A, B]
+    assert notes == [] and c.fused == FUSED and c.parts == [A, B] and c.optimistic == []
     oof = _csv(paths.backbone_dir(FUSED) / "oof.csv")
     y = to_indices(oof.label.to_numpy())
     assert c.fused_f1 == pytest.approx(fused["oof_macro_f1"])

@@ -556,6 +556,7 @@ def test_fusion_is_compared_with_the_blend_of_its_parts(tmp_path):
     lo, hi = pair["ci95"]
     assert f"{pair['diff']:.3f} [{lo:.2f}, {hi:.2f}]" in table
     assert f"{macro_f1(y, read[fused]):.3f} [" in table
+    assert table.endswith("<td>none</td></tr></tbody>")  # every input honest
     # A blend of exactly these parts on the same folds: its nested predictions instead.
     blend = json.loads((paths.runs_dir / "blend" / "blend.json").read_text())
     atomic_write_json(paths.runs_dir / "blend" / "blend.json", {**blend, "folds_sha256": "1" * 64})
@@ -564,6 +565,11 @@ def test_fusion_is_compared_with_the_blend_of_its_parts(tmp_path):
     atomic_write_csv(paths.runs_dir / "blend" / "oof_blend.csv", oof)
     table = _section(run_report(paths, data).read_text(), "cv").split("Fusion vs blend")[1]
     assert "runs/blend/oof_blend.csv (nested" in table and "<td>0.000 [0.00, 0.00]</td>" in table
+    # A part whose epochs were chosen on its OOF rows is named.
+    f = paths.backbone_dir("convnext_t") / "metrics.json"
+    atomic_write_json(f, {**json.loads(f.read_text()), **OOF_STOPPED})
+    table = _section(run_report(paths, data).read_text(), "cv").split("Fusion vs blend")[1]
+    assert "<td><b class=warn>convnext_t</b></td></tr>" in table.split("</table>")[0]
     # A part without its own run: a note, not a failure.
     shutil.rmtree(paths.backbone_dir("convnext_t"))
     cv = _section(run_report(paths, data).read_text(), "cv")

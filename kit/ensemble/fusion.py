@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from kit import CLASSES, PROB_COLUMNS
-from kit.ensemble.blend import RESERVED_RUN_DIRS
+from kit.ensemble.blend import RESERVED_RUN_DIRS, provenance
 from kit.metrics import bootstrap_ci, fast_macro_f1, paired_bootstrap, to_indices
 from kit.paths import Paths
 from kit.utils import KitError
@@ -35,6 +35,7 @@ class Comparison:
     diff_ci: list[float]
     p_fused_better: float
     n: int
+    optimistic: list[str]  # runs whose OOF rows chose their epochs or params (provenance)
 
 
 def fused_runs(paths: Paths) -> dict[str, list[str]]:
@@ -70,8 +71,9 @@ def compare(paths: Paths, fused: str, parts: list[str]) -> Comparison:
     """The fused run's OOF predictions against the blend of ``parts``: ``runs/blend/``'s
     nested predictions when that blend is of exactly these parts on the same folds file,
     else the mean of the parts' OOF probabilities."""
-    sha = _metrics(paths.backbone_dir(fused)).get("folds_sha256")
-    other = [p for p in parts if _metrics(paths.backbone_dir(p)).get("folds_sha256") != sha]
+    metrics = {n: _metrics(paths.backbone_dir(n)) for n in [fused, *parts]}
+    sha = metrics[fused].get("folds_sha256")
+    other = [p for p in parts if metrics[p].get("folds_sha256") != sha]
     if other:
         raise KitError(f"{fused}: {', '.join(other)} trained on another folds file; rerun "
                        f"./run.sh cv {other[0]} to compare")
@@ -92,7 +94,8 @@ def compare(paths: Paths, fused: str, parts: list[str]) -> Comparison:
     return Comparison(fused, list(parts), fast_macro_f1(y, pred_fused),
                       list(bootstrap_ci(y, pred_fused)), fast_macro_f1(y, pred_blend),
                       list(bootstrap_ci(y, pred_blend)), source, pair["diff"], pair["ci95"],
-                      pair["p_b_better"], pair["n"])
+                      pair["p_b_better"], pair["n"],
+                      [n for n, m in metrics.items() if not provenance(m)["honest"]])
 
 
 def _blend_pred(paths: Paths, parts: list[str], sha, index) -> tuple[np.ndarray | None, str]:

@@ -321,10 +321,11 @@ def fusion_table(paths: Paths) -> tuple[dict | None, list[str]]:
     if not found:
         return None, notes
     rows = [[c.fused, _score_ci(c.fused_f1, c.fused_ci), _score_ci(c.blend_f1, c.blend_ci),
-             c.blend_source, _score_ci(c.diff, c.diff_ci), c.p_fused_better, c.n] for c in found]
+             c.blend_source, _score_ci(c.diff, c.diff_ci), c.p_fused_better, c.n,
+             Bold(", ".join(c.optimistic), "warn") if c.optimistic else "none"] for c in found]
     return _table(["fused run", "fused OOF macro F1 [95%]", "blend of the parts [95%]",
                    "blend from", "fused - blend [95%, paired]", "P(fused > blend)",
-                   "images"], rows, "num"), notes
+                   "images", "optimistic inputs"], rows, "num"), notes
 
 
 def oof_ci(paths: Paths, name: str, m: dict) -> list[float] | None:
