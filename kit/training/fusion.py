@@ -182,10 +182,16 @@ def features(ctx) -> tuple[FusedBackbone, FeatureCV]:
     fusion, cfg = ctx.fused, ctx.cfg
     per_split = {}
     for split, patches in (("train", ctx.train), ("test", ctx.test)):
-        found = [load_or_embed(bb, patches, ctx.paths, split, ctx.views, cfg["features"],
-                               ctx.device, fusion.digests[n])
-                 for n, bb in fusion.backbones.items()]
-        per_split[split] = _concat(found, split, ctx.paths.features_dir, fusion)
+        found = []
+        for n, bb in fusion.backbones.items():
+            f = load_or_embed(bb, patches, ctx.paths, split, ctx.views, cfg["features"],
+                              ctx.device, fusion.digests[n])
+            bb.cpu()  # one embedding part at a time on the accelerator, however many parts
+            if f.key != fusion.keys[n][split]:  # the run's hash named another cache
+                raise KitError(f"{f.path}: cache key differs from the one {fusion.name}'s "
+                               "config hash was made with; rerun the same command")
+            found.append(f)
+        per_split[split] = _concat(found, ctx.paths.features_dir, fusion)
     log.info(f"{fusion.name}: fused embeddings of {' + '.join(fusion.backbones)}: "
              f"{per_split['train'].array.shape[-1]} features per patch "
              f"({' + '.join(str(b.num_features) for b in fusion.backbones.values())})")
@@ -194,7 +200,7 @@ def features(ctx) -> tuple[FusedBackbone, FeatureCV]:
     return FusedBackbone(fusion.backbones, int(ctx.train.array.shape[2])), fcv
 
 
-def _concat(found: list[Features], split: str, where: Path, fusion: Fusion) -> Features:
+def _concat(found: list[Features], where: Path, fusion: Fusion) -> Features:
     """One split's parts side by side (float32 in memory, as FeatureCV holds one cache)."""
     first = found[0]
     for f in found[1:]:
