@@ -25,7 +25,7 @@ from kit.utils import KitError
 
 A, B = "tiny_cnn", "tiny_vit"
 FUSED = f"{A}+{B}"
-CFG = {"epochs": 4, "batch_size": 32, "warmup_epochs": 0, "lr": 0.01}
+CFG = {"epochs": 3, "batch_size": 32, "warmup_epochs": 0, "lr": 0.01}
 FROZEN = {**CFG, "train_norm": [], "unfreeze_last": 0}
 
 
@@ -43,7 +43,8 @@ def _logged(fn):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The two single frozen runs, then the fused one (its frozen settings by default)."""
-    paths = make_workdir(tmp_path_factory.mktemp("fusion") / "w", n_folds=3)
+    paths = make_workdir(tmp_path_factory.mktemp("fusion") / "w", n_train=16, n_test=4,
+                          n_folds=3)
     single = {bb: run_cv(bb, paths, cfg=FROZEN, seed=5, weights="random", params="none")
               for bb in (A, B)}
     fused, log = _logged(lambda: run_cv(FUSED, paths, cfg=CFG, seed=5, weights="random",
@@ -74,7 +75,7 @@ def test_a_fused_run_writes_the_usual_files_with_a_head_as_wide_as_both(runs):
     assert "fusion:" in text and record["backbones"][B]["feature_keys"]["train"] in text
     oof = _csv(out / "oof.csv")
     assert list(oof.columns) == ["sample_index", "fold", "label", *PROB_COLUMNS]
-    assert len(oof) == 24 and len(_csv(out / "test.csv")) == 8
+    assert len(oof) == 16 and len(_csv(out / "test.csv")) == 4
     assert fused["oof_macro_f1"] > 0.5
     assert "frozen backbones: training heads on cached embeddings" in log
 
@@ -193,7 +194,7 @@ def test_the_cli_takes_a_fused_name_and_weights_per_backbone(runs, tmp_path, cap
     src, _, fused, _ = runs
     shutil.copytree(src.root, tmp_path / "w")
     args = ["cv", FUSED, "--workdir", str(tmp_path / "w"), "--weights", f"{A}=random",
-            "--weights", f"{B}=random", "--seed", "5", "--epochs", "4", "--params", "none",
+            "--weights", f"{B}=random", "--seed", "5", "--epochs", "3", "--params", "none",
             "--device", "cpu", "--set", "lr=0.01", "--set", "batch_size=32", "--set", "warmup_epochs=0"]
     capsys.readouterr()
     assert main(args) == 0
