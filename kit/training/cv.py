@@ -115,6 +115,7 @@ def resolve_params(spec, paths: Paths, backbone: str, cfg: dict | None = None,
 # --------------------------------------------------------------------------- inputs
 def _inputs(paths: Paths):
     """Folds, their hash and both patch caches, checked against each other."""
+
     folds, folds_sha = load_folds(paths)
     train = load_patches(paths, "train")
     test = load_patches(paths, "test")
