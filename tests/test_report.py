@@ -534,3 +534,43 @@ def test_suspected_label_errors_missing_nothing_flagged_and_broken(tmp_path):
     (paths.backbone_dir("effnet_b0") / "label_issues.csv").unlink()
     sec = _section(run_report(paths, data, load_config("report")).read_text(), "label_issues")
     assert "records label_issues mode drop but" in sec
+
+
+def test_fusion_is_compared_with_the_blend_of_its_parts(tmp_path):
+    from kit.metrics import paired_bootstrap
+
+    paths, data = build_workdir(tmp_path)
+    text = run_report(paths, data, load_config("report")).read_text()
+    assert "Fusion vs blend" not in text  # no fused run: no table
+    folds = pd.read_csv(paths.folds_csv, dtype=str)
+    y = folds.label.map(CLASSES.index).to_numpy()
+    fused = "effnet_b0+convnext_t"
+    _backbone(paths, fused, folds.sample_index.tolist(), y, folds.fold.astype(int).to_numpy(),
+              np.random.default_rng(1), with_png=False)
+    cv = _section(run_report(paths, data, load_config("report")).read_text(), "cv")
+    table = cv.split("Fusion vs blend")[1].split("</table>")[0]
+    assert f"<td>{fused}</td>" in table and "mean of the parts" in table  # blend: not these
+    read = {n: pd.read_csv(paths.backbone_dir(n) / "oof.csv")[PROB].to_numpy()
+            for n in ("effnet_b0", "convnext_t", fused)}
+    pair = paired_bootstrap(y, (read["effnet_b0"] + read["convnext_t"]) / 2, read[fused])
+    lo, hi = pair["ci95"]
+    assert f"{pair['diff']:.3f} [{lo:.2f}, {hi:.2f}]" in table
+    assert f"{macro_f1(y, read[fused]):.3f} [" in table
+    assert table.endswith("<td>none</td></tr></tbody>")  # every input honest
+    # A blend of exactly these parts on the same folds: its nested predictions instead.
+    blend = json.loads((paths.runs_dir / "blend" / "blend.json").read_text())
+    atomic_write_json(paths.runs_dir / "blend" / "blend.json", {**blend, "folds_sha256": "1" * 64})
+    oof = pd.read_csv(paths.runs_dir / "blend" / "oof_blend.csv")
+    oof["pred_nested"] = [CLASSES[i] for i in (y + 1) % 4]  # every image wrong: F1 0
+    atomic_write_csv(paths.runs_dir / "blend" / "oof_blend.csv", oof)
+    table = _section(run_report(paths, data, load_config("report")).read_text(), "cv").split("Fusion vs blend")[1]
+    assert "runs/blend/oof_blend.csv (nested" in table and "<td>0.000 [0.00, 0.00]</td>" in table
+    # A part whose epochs were chosen on its OOF rows is named.
+    f = paths.backbone_dir("convnext_t") / "metrics.json"
+    atomic_write_json(f, {**json.loads(f.read_text()), **OOF_STOPPED})
+    table = _section(run_report(paths, data, load_config("report")).read_text(), "cv").split("Fusion vs blend")[1]
+    assert "<td><b class=warn>convnext_t</b></td></tr>" in table.split("</table>")[0]
+    # A part without its own run: a note, not a failure.
+    shutil.rmtree(paths.backbone_dir("convnext_t"))
+    cv = _section(run_report(paths, data, load_config("report")).read_text(), "cv")
+    assert f"{fused}: no separate run of convnext_t to blend" in cv

@@ -1,15 +1,19 @@
-"""``./run.sh cv <backbone>``: one model per fold -> ``runs/<backbone>/oof.csv``, ``test.csv``."""
+"""``./run.sh cv <backbone>``: one model per fold -> ``runs/<backbone>/oof.csv``, ``test.csv``;
+``cv a+b``: one head on both backbones' cached embeddings -> ``runs/a+b/``."""
 from __future__ import annotations
 
 
 def add_arguments(parser):
     from kit.models.backbones import describe_backbones  # the registry: every backbone
 
-    parser.add_argument("backbone", help="backbone to train: " + "; ".join(
-        describe_backbones(notes=False)))
-    parser.add_argument("--weights", default="auto",
+    parser.add_argument("backbone", help="backbone to train, or a+b (feature fusion: one "
+                        "head on the concatenated cached embeddings of frozen a and b): " +
+                        "; ".join(describe_backbones(notes=False)))
+    parser.add_argument("--weights", action="append", default=None, metavar="WEIGHTS",
                         help="auto (pretrained: local folder, cache, else download), random, "
-                             "or a weights file/folder (default: auto)")
+                             "or a weights file/folder (default: auto); for a+b one per "
+                             "backbone, --weights a=PATH --weights b=auto (a bare auto or "
+                             "random applies to both)")
     parser.add_argument("--fold", type=int, default=None,
                         help="train only this fold (e.g. one job per machine); the backbone's "
                              "files are assembled once every fold is done")
@@ -43,6 +47,7 @@ def add_arguments(parser):
 def run(args) -> int:
     from kit.config import stage_overrides, train_settings, with_flags
     from kit.training.cv import run_cv
+    from kit.training.fusion import parse_weights
     from kit.paths import Paths
 
     overrides = {"epochs": args.epochs, "batch_size": args.batch_size,
@@ -57,7 +62,7 @@ def run(args) -> int:
             raise KitError(f"--{key.replace('_', '-')} must be >= 1 (got {overrides[key]})")
     overrides = with_flags(stage_overrides(args.config, args.sets), overrides)
     run_cv(args.backbone, Paths.from_root(args.workdir), cfg=train_settings(overrides),
-           seed=args.seed, weights=args.weights, fold=args.fold, params=args.params,
-           device=args.device,
+           seed=args.seed, weights=parse_weights(args.backbone, args.weights), fold=args.fold,
+           params=args.params, device=args.device,
            restart=args.restart, feature_cache=not args.no_feature_cache)
     return 0

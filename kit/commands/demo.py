@@ -42,6 +42,7 @@ def run(args) -> int:
     # best params (runs/tiny_cnn/ stays the plain, stronger model).
     _tune(paths, args.seed)
     _blend(paths, data, args.seed)  # after both cv runs (it reads runs/<bb>/), before the report
+    _fusion(paths, args.seed)  # after the blend, so that it blends the separate runs only
     from kit.submission.report import run_report  # last: it summarises every stage above
 
     print(f"report         -> {run_report(paths, data, load_config('report'))}")
@@ -90,6 +91,19 @@ def _cv(paths: Paths, seed: int) -> None:
           f"metrics.json): OOF macro F1 "
           f"{format_ci(metrics['oof_macro_f1'], metrics['oof_macro_f1_ci95'])} "
           f"(chance 0.25 for 4 classes)")
+
+
+def _fusion(paths: Paths, seed: int, parts: str = "tiny_cnn+tiny_vit") -> None:
+    """``cv tiny_cnn+tiny_vit``: one head on both frozen backbones' cached embeddings (tiny_vit's
+    cache is tune's); the report sets it against the blend of the separate runs."""
+    from kit.metrics import format_ci
+    from kit.training.cv import run_cv
+
+    metrics = run_cv(parts, paths, seed=seed, weights="random", params="none")
+    width = metrics["config"]["fusion"]["input_width"]
+    print(f"cv (fusion)    -> {paths.backbone_dir(parts)} ({width} features per patch): "
+          f"OOF macro F1 "
+          f"{format_ci(metrics['oof_macro_f1'], metrics['oof_macro_f1_ci95'])}")
 
 
 def _blend(paths: Paths, data, seed: int) -> None:

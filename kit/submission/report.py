@@ -288,7 +288,7 @@ def cv_section(paths: Paths) -> dict | Todo:
         folds = {int(f["fold"]): f.get("macro_f1") for f in m.get("per_fold", [])}
         rows.append([name, _score_ci(m.get("oof_macro_f1"), cis[name]), m.get("oof_weighted_f1"),
                      *[folds.get(k) for k in range(n_folds)],
-                     m.get("weights_source"), m.get("n_oof")])
+                     _sources(m.get("weights_source")), m.get("n_oof")])
     scores = _table(["backbone", "OOF macro F1 [95% interval]", "OOF weighted F1",
                      *[f"fold {k}" for k in range(n_folds)], "weights", "OOF images"],
                     rows, "num")
@@ -296,11 +296,36 @@ def cv_section(paths: Paths) -> dict | Todo:
     for name, m in metrics.items():
         per_class = m.get("per_class", {})
         class_rows.append([name, *[per_class.get(c, {}).get("f1") for c in CLASSES]])
+    fusion, fusion_notes = fusion_table(paths)
     return {"scores": scores, "collapsed": collapse_notes(metrics),
+            "fusion": fusion, "fusion_notes": fusion_notes,
             "provenance": provenance_table(metrics),
             "per_class": _table(["backbone", *[f"F1 {c}" for c in CLASSES]], class_rows, "num"),
             "figures": [_confusion_figure(paths, name, m, cis[name])
                         for name, m in metrics.items()]}
+
+
+def _sources(value):
+    """A run's weights source; a fused run's, one ``part: source`` per backbone."""
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {v}" for k, v in value.items())
+    return value
+
+
+def fusion_table(paths: Paths) -> tuple[dict | None, list[str]]:
+    """Each fused run (``cv a+b``) against the blend of its parts' separate runs, paired on
+    the same OOF images (:mod:`kit.ensemble.fusion`), and notes on those it cannot compare."""
+    from kit.ensemble.fusion import compare_all
+
+    found, notes = compare_all(paths)
+    if not found:
+        return None, notes
+    rows = [[c.fused, _score_ci(c.fused_f1, c.fused_ci), _score_ci(c.blend_f1, c.blend_ci),
+             c.blend_source, _score_ci(c.diff, c.diff_ci), c.p_fused_better, c.n,
+             Bold(", ".join(c.optimistic), "warn") if c.optimistic else "none"] for c in found]
+    return _table(["fused run", "fused OOF macro F1 [95%]", "blend of the parts [95%]",
+                   "blend from", "fused - blend [95%, paired]", "P(fused > blend)",
+                   "images", "optimistic inputs"], rows, "num"), notes
 
 
 def oof_ci(paths: Paths, name: str, m: dict) -> list[float] | None:

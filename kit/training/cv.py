@@ -36,10 +36,9 @@ from kit.data.folds import load_folds
 from kit.data.patches import load_patches
 from kit.metrics import (bootstrap_ci, classification_summary, collapse_reason, format_ci,
                          macro_f1, plot_confusion, prob_frame, weighted_f1)
-from kit.models.backbones import list_backbones
 from kit.models.heads import PatchClassifier, is_mil, is_mil_config
 from kit.paths import Paths
-from kit.training import label_issues
+from kit.training import fusion, label_issues
 from kit.training.build import build_model, recalibrate_random
 from kit.training.checkpoints import save_checkpoint
 from kit.training.device import is_oom, pick_device
@@ -89,6 +88,7 @@ class CVRun:
     hash: str  # config_hash: what a fold's outputs depend on
     printed: bool = False  # the trainable-parameter line, once per run
     issue_source: object = None  # pixel path: the frozen embeddings label_issues trains on
+    fused: object = None  # a run named a+b: its parts (kit.training.fusion.Fusion)
 
 
 # --------------------------------------------------------------------------- params
@@ -102,7 +102,6 @@ def resolve_params(spec, paths: Paths, backbone: str, cfg: Layered | None = None
     (:mod:`kit.training.params`). Returns ``(params, description)``, and with ``with_source`` also
     the ``params_source`` record of metrics.json (how the params were chosen).
     """
-
     sha = None
     if paths.folds_csv.exists():
         sha = sha256_file(paths.folds_csv)
@@ -144,19 +143,21 @@ def _inputs(paths: Paths):
 
 def config_hash(backbone: str, weights, seed: int, cfg: dict, keys: dict,
                 path: str = "pixels", features_dtype: str | None = None,
-                device_type: str = "cpu") -> str:
+                device_type: str = "cpu", fused: dict | None = None) -> str:
     """What a fold's outputs depend on, hashed (speed-only settings left out).
 
     ``path`` (and the cache's ``features_dtype``) enter only for the feature-cache path, so
     that its folds are never taken for pixel-trained ones. The device type enters because
     CPU and GPU kernels give different probabilities: folds trained on both are never
-    assembled together.
+    assembled together. ``fused`` (a fused run's parts: weights digests, cache keys) enters
+    when given.
     """
     hashed = {k: v for k, v in cfg.items() if k not in _NOT_HASHED}
     payload = {"backbone": backbone, "weights": str(weights), "seed": int(seed), "cfg": hashed,
                "patches": keys, "device_type": str(device_type)}
     if path != "pixels":
         payload.update(path=path, features_dtype=features_dtype)
+    payload.update({"fused": fused} if fused else {})  # single runs keep their hashes
     return sha256_text(json.dumps(payload, sort_keys=True, default=str))
 
 
@@ -205,8 +206,9 @@ def _full_checkpoint(cfg: dict, weights_source) -> bool:
     if cfg["checkpoint"] not in ("auto", "full", "trainable"):
         raise KitError(f"train: checkpoint must be auto, full or trainable "
                        f"(got {cfg['checkpoint']!r})")
+    sources = weights_source.values() if isinstance(weights_source, dict) else [weights_source]
     return cfg["checkpoint"] == "full" or (
-        cfg["checkpoint"] == "auto" and str(weights_source).startswith("random"))
+        cfg["checkpoint"] == "auto" and any(str(s).startswith("random") for s in sources))
 
 
 def _train_fold(k: int, ctx: CVRun) -> dict:
@@ -216,7 +218,6 @@ def _train_fold(k: int, ctx: CVRun) -> dict:
     cross-validation on them alone; with ``bag`` > 1, several models train (each its own
     seed) and their probabilities are averaged.
     """
-
     folds, train, test, cfg = ctx.folds, ctx.train, ctx.test, ctx.cfg
     fold_dir = ctx.out / f"fold_{k}"
     (fold_dir / "done.json").unlink(missing_ok=True)  # not done until its outputs are rewritten
@@ -363,11 +364,10 @@ def _write_fold(k: int, ctx: CVRun, oof: dict, tst: dict, record: dict) -> dict:
 # --------------------------------------------------------------------------- feature cache
 def _feature_folds(pending: list[int], ctx: CVRun) -> dict[int, dict]:
     """Folds ``pending`` with the head trained on cached embeddings (:func:`kit.training.fold.features_cv`), written exactly like pixel-trained folds (model.pt included)."""
-
     cfg, out = ctx.cfg, ctx.out
     for k in pending:  # not done until their outputs are rewritten
         (out / f"fold_{k}" / "done.json").unlink(missing_ok=True)
-    bb, fcv = _frozen_features(ctx)
+    bb, fcv = fusion.features(ctx) if ctx.fused else _frozen_features(ctx)
     full = _full_checkpoint(cfg, bb.weights_source)
     info = {"views": list(fcv.train.views), "train_dir": str(fcv.train.path),
             "train_key": fcv.train.key, "test_dir": str(fcv.test.path),
@@ -409,7 +409,6 @@ def _frozen_features(ctx: CVRun):
     """The run's backbone frozen whole and its embedding cache (a :class:`kit.training.
     features.FeatureCV`): the feature-cache path's inputs, and the inner models' of
     label_issues on the pixel path."""
-
     cfg = ctx.cfg
     bb = frozen_backbone(ctx.backbone, cfg, ctx.weights, ctx.seed,
                                   patch_size=int(ctx.train.array.shape[2]))
@@ -420,7 +419,6 @@ def _frozen_features(ctx: CVRun):
     try:
         fcv = prepare(bb, ctx.paths, cfg=Layered(cfg), seed=ctx.seed, device=ctx.device)
     except RuntimeError as exc:  # torch.OutOfMemoryError is one
-
         if not is_oom(exc):
             raise
         size = int(cfg["features"]["batch_size"])
@@ -432,7 +430,6 @@ def _frozen_features(ctx: CVRun):
 
 def _save_member(ctx: CVRun, k: int, b: int, model, res, full: bool, meta: dict) -> None:
     """Bag member ``b`` of fold ``k``: ``model.pt`` for the first, ``model_bag<b>.pt`` after."""
-
     name = "model.pt" if b == 0 else f"model_bag{b}.pt"
     sel = {key: v for key, v in res.selection.items() if key != "stop_positions"}
     save_checkpoint(model, ctx.out / f"fold_{k}" / name, full,
@@ -535,9 +532,10 @@ def _assemble(ctx: CVRun, marks: dict[int, dict]) -> dict:
                          "val_macro_f1_id": m["val_macro_f1"], "best_epoch": m["best_epoch"],
                          "epochs": m["epochs"], "seconds": m["seconds"],
                          "collapsed": collapse_reason(y[sel], probs[sel])})
-    cfg_record = {"backbone": ctx.backbone, "weights": str(ctx.weights), "seed": ctx.seed,
-                  "params": ctx.params_desc, "training_path": ctx.training_path,
-                  **ctx.cfg}
+    cfg_record = {"backbone": ctx.backbone, "weights": ctx.fused.weights if ctx.fused
+                  else str(ctx.weights), "seed": ctx.seed, "params": ctx.params_desc,
+                  "training_path": ctx.training_path,
+                  **({"fusion": ctx.fused.record()} if ctx.fused else {}), **ctx.cfg}
     metrics = {
         "backbone": ctx.backbone, "oof_macro_f1": summary["macro_f1"],
         # Over images (1000 seeded resamples): how far another draw of images could move it.
@@ -597,7 +595,6 @@ def _assemble_issues(ctx: CVRun) -> dict:
 
 def _selection(cfg: dict, path: str = "pixels") -> dict:
     """How every fold chose its epoch, for metrics.json, the blend manifest and the report."""
-
     if cfg["head"].get("type") == "logreg":
         return {"early_stopping": "probe", "epochs_honest": True, "inner_folds":
                 int(cfg["inner_folds"]), "description": "linear probe: C chosen on an inner "
@@ -653,10 +650,7 @@ def run_cv(backbone: str, paths: Paths, cfg: Layered | None = None, seed: int = 
         The metrics (``metrics.json``) once assembled; otherwise ``{"assembled": False,
         "pending": [...], "folds": {k: done mark}}``.
     """
-
-    if backbone not in list_backbones():
-        raise KitError(f"unknown backbone {backbone!r}; known backbones: "
-                       f"{', '.join(list_backbones())}")
+    cfg = fusion.frozen_defaults(backbone, cfg)  # checks every part's name
     params, params_desc, params_source = resolve_params(params, paths, backbone, cfg,
                                                         feature_cache, with_source=True)
     cfg = train_config(cfg, params)
@@ -673,11 +667,14 @@ def run_cv(backbone: str, paths: Paths, cfg: Layered | None = None, seed: int = 
     path = training_path(cfg, feature_cache)
     dtype = cfg["features"]["dtype"] if path == "feature_cache" else None
     dev = pick_device(device)
+    fused = fusion.build(backbone, weights, cfg, path, views, train, test, seed, dev)
+    weights = fused.weights if fused else weights  # a fused run: {part: weights}, resolved
     ctx = CVRun(paths=paths, backbone=backbone, weights=weights, seed=int(seed), cfg=cfg,
                 views=views, folds=folds, folds_sha=folds_sha, train=train, test=test, out=out,
                 keys=keys, n_folds=n_folds, device=dev, params_desc=params_desc,
-                params_source=params_source, training_path=path,
-                hash=config_hash(backbone, weights, seed, cfg, keys, path, dtype, dev.type))
+                params_source=params_source, training_path=path, fused=fused,
+                hash=config_hash(backbone, weights, seed, cfg, keys, path, dtype, dev.type,
+                                 fused.record() if fused else None))
     log.info(f"{backbone}: {n_folds} folds, {len(folds)} training images, {len(test.samples)} "
              f"test images, device {ctx.device}, params: {params_desc}")
     if is_mil_config(cfg["head"]) and path == "pixels" and \
@@ -733,10 +730,11 @@ def run_cv(backbone: str, paths: Paths, cfg: Layered | None = None, seed: int = 
 
 def _explain_feature_cache(backbone: str, cfg: dict, views) -> None:
     """Say which path runs and what it does not apply, before any work starts."""
-
     skipped = pixel_augment_not_applied(cfg)
-    log.info(f"{backbone}: frozen backbone: training heads on cached embeddings (runs/features/"
-             f"{backbone}/; --no-feature-cache trains on pixels instead)")
+    parts = backbone.split(fusion.SEP)  # a fused run: one head on the parts' caches side by side
+    log.info(f"{backbone}: frozen backbone{'s' * (len(parts) > 1)}: training heads on cached "
+             f"embeddings ({', '.join(f'runs/features/{p}/' for p in parts)}"
+             f"{'; --no-feature-cache trains on pixels instead' * (len(parts) == 1)})")
     if skipped:
         log.info(f"{backbone}: pixel augmentation is not applied on this path ("
                  f"{', '.join(f'{k}={v}' for k, v in skipped.items())}); each patch is drawn in "

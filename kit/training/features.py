@@ -103,6 +103,29 @@ def embed_array(backbone, array, views, out, batch_size: int = 64, device="cpu",
                 out[sel, :, j] = f.reshape(-1, k, f.shape[-1])
 
 
+def _settings(cfg: dict, device):
+    """The cache settings, the device and the autocast mode that enter the key."""
+    cfg = given(cfg, "features")
+    dtype = str(cfg["dtype"])
+    if dtype not in DTYPES:
+        raise KitError(f"features.dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    if device is None:
+        device = pick_device(None if cfg["device"] == "auto" else cfg["device"])
+    # auto resolves here (bf16/fp16 on CUDA, off elsewhere), so the key names what ran.
+    autocast = {None: None, torch.bfloat16: "bf16", torch.float16: "fp16"}[
+        amp_dtype(torch.device(device), cfg["amp"])]
+    return cfg, dtype, device, autocast
+
+
+def cache_key(backbone, patches, views, cfg: dict, device=None,
+              digest: str | None = None) -> str:
+    """The key :func:`load_or_embed` files ``patches``' embeddings under, without embedding
+    anything (a fused run hashes its parts' keys before deciding which folds to train)."""
+    _, dtype, _, autocast = _settings(cfg, device)
+    return feature_key(backbone, patches.key, cache_views(views), dtype,
+                       digest or weights_digest(backbone), autocast)
+
+
 def load_or_embed(backbone, patches, paths, split: str, views, cfg: dict,
                   device=None, digest: str | None = None) -> Features:
     """The cached embeddings of ``patches`` (a :class:`kit.data.patches.PatchSet`), computed now
@@ -110,19 +133,9 @@ def load_or_embed(backbone, patches, paths, split: str, views, cfg: dict,
     first to finish renames it into place; the others drop theirs and read the winner's."""
     from numpy.lib.format import open_memmap
 
-
-
-    cfg = given(cfg, "features")
-    dtype = str(cfg["dtype"])
-    if dtype not in DTYPES:
-        raise KitError(f"features.dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    cfg, dtype, device, autocast = _settings(cfg, device)
     views = cache_views(views)
     digest = digest or weights_digest(backbone)
-    if device is None:
-        device = pick_device(None if cfg["device"] == "auto" else cfg["device"])
-    # auto resolves here (bf16/fp16 on CUDA, off elsewhere), so the key names what ran.
-    autocast = {None: None, torch.bfloat16: "bf16", torch.float16: "fp16"}[
-        amp_dtype(torch.device(device), cfg["amp"])]
     key = feature_key(backbone, patches.key, views, dtype, digest, autocast)
     folder = paths.features_dir / backbone.name / f"{split}-{key[:16]}"
     hit = _valid(folder, key)
