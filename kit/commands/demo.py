@@ -99,7 +99,8 @@ def _fusion(paths: Paths, seed: int, parts: str = "tiny_cnn+tiny_vit") -> None:
     from kit.metrics import format_ci
     from kit.training.cv import run_cv
 
-    metrics = run_cv(parts, paths, seed=seed, weights="random", params="none")
+    metrics = run_cv(parts, paths, cfg=train_settings(), seed=seed, weights="random",
+                     params="none")
     width = metrics["config"]["fusion"]["input_width"]
     print(f"cv (fusion)    -> {paths.backbone_dir(parts)} ({width} features per patch): "
           f"OOF macro F1 "
