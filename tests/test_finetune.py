@@ -17,7 +17,7 @@ from cv_data import make_patches, make_workdir
 from kit import CLASSES
 from kit.config import stage_overrides
 from kit.training.build import build_model
-from kit.training.checkpoints import load_checkpoint, save_checkpoint
+from kit.training.checkpoints import load_checkpoint
 from kit.training.finetune import param_groups, parse_schedule, resolve_stages
 from kit.training.predict import predict
 from kit.training.settings import train_config, training_path
