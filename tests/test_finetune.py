@@ -324,3 +324,21 @@ def test_cli_cv_with_the_preset_lr_decay_and_a_schedule(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "must not decrease" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_a_timm_cnn_gets_a_group_per_block_and_its_stem_last():
+    # efficientnet_b0 (timm): its stem (conv_stem, bn1) is in no block and comes before them.
+    cfg = _cfg(lr=1e-3, lr_decay=0.5, unfreeze_schedule="0:0,2:all")
+    seed_everything(0)
+    model = build_model("efficientnet_b0", cfg, "random", patch_size=P)[0]
+    n = len(model.backbone.blocks())
+    groups = param_groups(model, cfg)
+    assert [g["name"] for g in groups] == ["head"] + [f"block -{j}" for j in range(1, n + 1)] \
+        + ["stem"]
+    stem = {id(p) for p in model.backbone.model.bn1.parameters()}
+    assert {id(p) for p in groups[-1]["params"]} >= stem
+    assert groups[-1]["lr"] == pytest.approx(1e-3 * 0.5 ** (n + 1))
+    assert model.thaw_plan.stages == ((0, 0), (2, n))
+    # The stem's norm trains from the start (train_norm); its convolution is in no block and
+    # no schedule opens it.
+    assert not model.backbone.model.conv_stem.weight.requires_grad
