@@ -78,8 +78,10 @@ def test_pyproject_declares_the_package_script_and_dev_extra():
     assert project["scripts"] == {"an2dl-kit": "kit.console:main"}
     dev = {split(r)[0] for r in project["optional-dependencies"]["dev"]}
     assert {"pytest", "psycopg2-binary", "nbclient", "ipykernel"} <= dev
-    assert pyproject()["tool"]["setuptools"]["package-data"]["kit"] == ["conf/*.yaml"]
+    assert pyproject()["tool"]["setuptools"]["package-data"]["kit"] == [
+        "conf/*.yaml", "conf/presets/*.yaml"]
     assert list((ROOT / "kit" / "conf").glob("*.yaml"))
+    assert list((ROOT / "kit" / "conf" / "presets").glob("*.yaml"))  # cv --config presets
 
 
 def test_dependencies_are_lower_bounds_equal_to_env_check():

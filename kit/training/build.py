@@ -7,10 +7,10 @@ import numpy as np
 from torch import nn
 
 from kit import CLASSES
-from kit.models.backbones import (count_trainable, create_backbone, freeze_backbone,
-                                  recalibrate_batchnorm)
+from kit.models.backbones import count_trainable, create_backbone, recalibrate_batchnorm
 from kit.models.heads import MILClassifier, PatchClassifier, create_head, is_mil
 from kit.training.checkpoints import weights_digest
+from kit.training.finetune import freeze_for_training
 from kit.utils import KitError, sha256_text
 
 log = logging.getLogger(__name__)
@@ -20,18 +20,23 @@ def build_model(backbone: str, cfg: dict, weights="auto", num_classes: int = len
                 patch_size: int | None = None, **backbone_kwargs):
     """Backbone (frozen but its norm layers and last ``unfreeze_last`` blocks) + MLP head.
 
+    With an ``unfreeze_schedule`` every block it ever opens is trainable, and the model's
+    ``thaw_plan`` (:class:`kit.training.finetune.ThawPlan`) tells the training loop which of
+    them wait for which epoch; ``thaw_plan`` is None otherwise.
+
     Returns
     -------
     (PatchClassifier, int)
-        The model and its number of trainable parameters.
+        The model and its number of trainable parameters (as trained: every scheduled block).
     """
     bb = create_backbone(backbone, weights=weights, patch_size=patch_size,
                          phikon_mode=cfg.get("phikon_mode", "resize"), **backbone_kwargs)
     if int(cfg.get("input_size") or 0) > 0:
         bb.input_size = int(cfg["input_size"])  # normalize_batch resizes to it on the device
-    freeze_backbone(bb, train_norm=cfg["train_norm"], unfreeze_last=cfg["unfreeze_last"])
+    plan = freeze_for_training(bb, cfg)
     head = create_head(bb.num_features, num_classes, **cfg["head"])
     model = MILClassifier(bb, head) if is_mil(head) else PatchClassifier(bb, head)
+    model.thaw_plan = plan
     return model, count_trainable(model)
 
 

@@ -56,11 +56,16 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> dict:
     return dict(payload.get("meta", {}))
 
 
-def snapshot(model: nn.Module) -> dict:
+def snapshot(model: nn.Module, keys=None) -> dict:
     """Copy of what training can change (trainable parameters and buffers); the frozen rest
-    stays as it is, so restoring this snapshot restores the whole model."""
+    stays as it is, so restoring this snapshot restores the whole model.
+
+    ``keys`` (default: :func:`checkpoint_keys` now) names what to copy: during gradual
+    unfreezing, also the blocks still waiting for their epoch, which change later.
+    """
     sd = model.state_dict()
-    return {k: sd[k].detach().clone() for k in checkpoint_keys(model, full=False)}
+    keys = checkpoint_keys(model, full=False) if keys is None else keys
+    return {k: sd[k].detach().clone() for k in keys}
 
 
 def weights_digest(module) -> str:

@@ -34,11 +34,11 @@ PATH_WORDS = {"feature_cache": "heads on cached embeddings of a frozen backbone"
 # pipeline, how epochs are chosen, speed-only settings, and the keys that decide the path
 # itself. Pixel augmentation (augment.*) means the same on pixels and is not applied on the
 # cache path either way (cv says so). Everything else (lr, weight_decay, epochs, patience,
-# warmup_epochs, min_lr_ratio, batch_size, any future key) describes one optimisation
-# problem and is dropped when the path changes.
+# warmup_epochs, min_lr_ratio, batch_size, lr_decay, any future key) describes one
+# optimisation problem and is dropped when the path changes.
 PATH_FREE = ("head.", "augment.", "class_balance", "label_smoothing", "tta",
              "early_stopping", "inner_folds", "input_size", "phikon_mode", "train_norm",
-             "unfreeze_last", "eval_batch_size", "num_workers", "amp", "channels_last",
+             "unfreeze_last", "unfreeze_schedule", "eval_batch_size", "num_workers", "amp", "channels_last",
              "checkpoint", "label_issues.", "bag")
 # Under a path-free prefix, but bound to the path all the same: the linear probe exists on
 # cached embeddings only.

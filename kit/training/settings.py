@@ -3,6 +3,7 @@ views, and which training path (pixels or cached embeddings) cv takes."""
 from __future__ import annotations
 
 from kit.config import Layered, dotted_to_nested
+from kit.training.finetune import check_lr_decay, parse_schedule, schedule_opens
 from kit.training.tta import get_views
 from kit.utils import KitError
 
@@ -48,6 +49,8 @@ def _normalise(cfg: dict) -> dict:
     bag = cfg.get("bag", 1)
     if isinstance(bag, bool) or not isinstance(bag, int) or bag < 1:
         raise KitError(f"train: bag must be an integer >= 1 (got {bag!r})")
+    check_lr_decay(cfg.get("lr_decay", 1.0))
+    parse_schedule(cfg.get("unfreeze_schedule"))  # the block count is checked at build time
     return cfg
 
 
@@ -64,8 +67,9 @@ def tta_views(spec) -> tuple[str, ...]:
 
 
 def nothing_trains(cfg: dict) -> bool:
-    """Whether a training config leaves the whole backbone frozen (no norm layer, no block),
-    the case where :func:`features_cv` replaces cv's training at a fraction of the cost.
+    """Whether a training config leaves the whole backbone frozen (no norm layer, no block
+    opened by ``unfreeze_last`` or ``unfreeze_schedule``), the case where :func:`features_cv`
+    replaces cv's training at a fraction of the cost.
 
     In feature space the training augmentation is the random choice among the cached views;
     colour jitter and CutMix (pixel operations) have no equivalent there.
@@ -74,7 +78,8 @@ def nothing_trains(cfg: dict) -> bool:
     if isinstance(kinds, str):
         kinds = kinds.split(",")
     kinds = [str(k).strip().lower() for k in kinds if str(k).strip().lower() not in ("", "none")]
-    return not kinds and int(cfg.get("unfreeze_last") or 0) == 0
+    return (not kinds and int(cfg.get("unfreeze_last") or 0) == 0
+            and not schedule_opens(cfg.get("unfreeze_schedule")))
 
 
 PIXEL_AUGMENT = ("augment.cutmix_alpha", "augment.color_jitter.p", "augment.he_stain.p",

@@ -14,8 +14,9 @@ from kit.models.backbones import count_trainable
 from kit.models.heads import is_probe, standardizer
 from kit.models.normalize import normalize_batch
 from kit.training.build import set_train_mode
-from kit.training.checkpoints import save_checkpoint, snapshot
+from kit.training.checkpoints import checkpoint_keys, save_checkpoint, snapshot
 from kit.training.device import amp_dtype, autocast, auto_flag, oom_as_kit_error
+from kit.training.finetune import param_groups, parse_schedule
 from kit.training.losses import one_hot, soft_cross_entropy, warmup_cosine
 from kit.training.predict import n_outputs
 from kit.training.probe import fit_probe
@@ -32,6 +33,11 @@ class Trainer:
     input and soft target (pixels: to the device, normalise, mix; cached embeddings: pick the
     vectors). ``step(x, target)`` is the bare forward/backward/step on a ready batch, which
     the training benchmark compares the loop with.
+
+    The optimiser's parameter groups follow ``lr_decay``
+    (:func:`kit.training.finetune.param_groups`); with an ``unfreeze_schedule`` the model's
+    ``thaw_plan`` opens blocks as epochs pass (``begin_epoch``), and ``keys`` names the state
+    a snapshot must hold (every scheduled block, open or not yet).
     """
     def __init__(self, model: nn.Module, cfg: dict, device: torch.device, train_y,
                  steps_per_epoch: int):
@@ -55,12 +61,20 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         self.dtype = amp_dtype(self.device, cfg["amp"])
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
+        self.thaw = getattr(model, "thaw_plan", None)
+        if not hasattr(model, "thaw_plan") and hasattr(model, "backbone") \
+                and parse_schedule(cfg.get("unfreeze_schedule")) is not None:
+            raise KitError("train: unfreeze_schedule needs a model built by "
+                           "kit.training.build.build_model (it plans the thawing)")
+        if self.thaw is not None:
+            self.thaw.open_all(model.backbone)  # every group in the optimiser from the start
+        self.keys = checkpoint_keys(model, full=False)
+        groups = param_groups(model, cfg)
+        if not any(g["params"] for g in groups):
             raise KitError("train: the model has no trainable parameters")
         # fused: one kernel per step instead of a dozen per tensor (a third of a small head's
         # step on a CPU)
-        self.opt = torch.optim.AdamW(params, lr=float(cfg["lr"]),
+        self.opt = torch.optim.AdamW(groups, lr=float(cfg["lr"]),
                                      weight_decay=float(cfg["weight_decay"]),
                                      fused=self.device.type in ("cpu", "cuda"))
         steps = max(1, int(steps_per_epoch))
@@ -69,6 +83,19 @@ class Trainer:
         min_ratio = float(cfg["min_lr_ratio"])
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: warmup_cosine(s, total, warmup, min_ratio))
+
+    def begin_epoch(self, done: int) -> int | None:
+        """Before the epoch that follows ``done`` finished ones: freeze the scheduled blocks
+        still waiting, open the others. Returns the open blocks (None: no schedule)."""
+        if self.thaw is None:
+            return None
+        return self.thaw.apply(self.model.backbone, done)
+
+    def end_training(self) -> None:
+        """Every scheduled block trainable again: the model as trained, for checkpoints,
+        snapshots and a refit's new Trainer."""
+        if self.thaw is not None:
+            self.thaw.open_all(self.model.backbone)
 
     def prepare(self, xb: torch.Tensor, yb: torch.Tensor, mix: bool = True):
         """uint8 ``B x P x P x 3`` batch and labels -> normalised (mixed) input and soft target."""
@@ -198,6 +225,9 @@ def fit(model: nn.Module, source, train_rows, train_y, cfg: dict, *, val_rows=No
         refit = _train(model, source, train_rows, train_y, cfg, None, None, run["epoch"], seed,
                        device, f"{desc} refit", weight)
         history = history + [{**h, "refit": True} for h in refit["history"]]
+    plan = getattr(model, "thaw_plan", None)
+    if plan is not None:
+        selection["unfreeze_stages"] = [list(stage) for stage in plan.stages]
     selection.update(chosen_epoch=run["epoch"], stop_score=run["score"],
                      n_fit=int(len(fit_pos) if mode != "refit" else len(train_rows)),
                      n_stop=int(0 if stop_rows is None else len(stop_rows)))
@@ -220,20 +250,27 @@ def _train(model, source, rows, y, cfg, stop_rows, stop_y, epochs: int, seed: in
     n_classes = trainer.n_classes
     best = {"score": float("nan"), "epoch": 0, "state": None, "probs": None}
     history = []
-    for epoch in range(1, int(epochs) + 1):
-        loss = trainer.epoch(loader, desc=f"{desc} epoch {epoch}/{epochs}", prepare=prepare)
-        record = {"epoch": epoch, "loss": loss, "lr": trainer.opt.param_groups[0]["lr"]}
-        history.append(record)
-        if stop_rows is None:
-            best.update(epoch=epoch)
-            continue
-        img = source.image_probs(model, stop_rows, ("id",), desc=f"{desc} stop")["id"]
-        score = fast_macro_f1(stop_y, img.argmax(1), n_classes)
-        record["val_macro_f1"] = score
-        if best["state"] is None or score > best["score"]:
-            best.update(score=score, epoch=epoch, probs=img, state=snapshot(model))
-        elif patience and epoch - best["epoch"] >= patience:
-            break
+    try:
+        for epoch in range(1, int(epochs) + 1):
+            open_blocks = trainer.begin_epoch(epoch - 1)
+            loss = trainer.epoch(loader, desc=f"{desc} epoch {epoch}/{epochs}", prepare=prepare)
+            record = {"epoch": epoch, "loss": loss, "lr": trainer.opt.param_groups[0]["lr"]}
+            if open_blocks is not None:
+                record["blocks_open"] = open_blocks
+            history.append(record)
+            if stop_rows is None:
+                best.update(epoch=epoch)
+                continue
+            img = source.image_probs(model, stop_rows, ("id",), desc=f"{desc} stop")["id"]
+            score = fast_macro_f1(stop_y, img.argmax(1), n_classes)
+            record["val_macro_f1"] = score
+            if best["state"] is None or score > best["score"]:
+                best.update(score=score, epoch=epoch, probs=img,
+                            state=snapshot(model, trainer.keys))
+            elif patience and epoch - best["epoch"] >= patience:
+                break
+    finally:
+        trainer.end_training()
     if best["state"] is not None:
         model.load_state_dict(best["state"], strict=False)
     best["history"] = history

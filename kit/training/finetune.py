@@ -1,0 +1,255 @@
+"""Fine-tuning the backbone on pixels: gradual unfreezing (``unfreeze_schedule``: which blocks
+thaw at which epoch) and layer-wise learning-rate decay (``lr_decay``: AdamW parameter groups).
+
+Blocks are :meth:`kit.models.backbones.Backbone.blocks`, counted from the end like
+``unfreeze_last``. A schedule is a list of stages ``(epoch, n)``: after ``epoch`` finished
+epochs the last ``n`` blocks train (``n`` an integer or ``all``). It is written as a mapping
+``{0: 0, 3: 1, 6: 2, 10: all}``, a list of pairs ``[[0, 0], [3, 1]]``, the same in a string
+``"0:0,3:1,6:2,10:all"``, or ``"gradual:K"`` (``"gradual:K:N"``): the head and the norm layers
+alone for K epochs, then one more block every K epochs, until all blocks (or N) train.
+
+The model is built with every block the schedule ever opens trainable (:func:`freeze_for_training`),
+so the optimiser holds every parameter group, with its decayed learning rate, from the first
+step; a block waiting for its epoch only has ``requires_grad`` off (:class:`ThawPlan`), so it
+gets no gradient and AdamW skips it (no step, no weight decay, no moment) until it thaws. The
+warm-up + cosine schedule scales every group alike.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from kit.models.backbones import freeze_backbone
+from kit.utils import KitError
+
+SETTING = "train: unfreeze_schedule"
+_HELP = ("give a mapping {epoch: n_last_blocks} (e.g. {0: 0, 3: 1, 10: all}), a list of "
+         "[epoch, n] pairs, a string \"0:0,3:1,10:all\", \"gradual:K\" or none")
+_GRADUAL = re.compile(r"^gradual:(\d+)(?::(\d+))?$")
+
+
+# --------------------------------------------------------------------------- the schedule
+def parse_schedule(spec) -> tuple | None:
+    """The validated form of an ``unfreeze_schedule`` value.
+
+    Returns
+    -------
+    None, ("stages", ((epoch, n), ...)) or ("gradual", K, N)
+        ``None``: no schedule. Stages are sorted by epoch, ``n`` an int or ``"all"``, never
+        decreasing; ``N`` is ``None`` for all blocks.
+    """
+    if spec is None or spec is False or (isinstance(spec, (list, tuple, dict)) and not spec):
+        return None
+    if isinstance(spec, str):
+        text = spec.strip().lower().replace(" ", "")
+        if text in ("", "none", "off"):
+            return None
+        match = _GRADUAL.match(text)
+        if match:
+            every, cap = int(match.group(1)), match.group(2)
+            if every < 1 or (cap is not None and int(cap) < 1):
+                raise KitError(f"{SETTING}: gradual:K needs K >= 1 (and a cap N >= 1) "
+                               f"(got {spec!r})")
+            return ("gradual", every, None if cap is None else int(cap))
+        pairs = []
+        for part in text.split(","):
+            epoch, sep, n = part.partition(":")
+            if not sep:
+                raise KitError(f"{SETTING}: cannot read {spec!r}; {_HELP}")
+            pairs.append((epoch, n))
+    elif isinstance(spec, dict):
+        pairs = list(spec.items())
+    elif isinstance(spec, (list, tuple)):
+        if not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in spec):
+            raise KitError(f"{SETTING}: a list must hold [epoch, n] pairs (got {spec!r}); "
+                           f"{_HELP}")
+        pairs = [tuple(p) for p in spec]
+    elif isinstance(spec, int) and not isinstance(spec, bool):
+        # YAML 1.1 reads an unquoted 3:1 as the base-60 number 181.
+        raise KitError(f"{SETTING}: cannot read the number {spec!r} (YAML reads an unquoted "
+                       "E:N as a base-60 number); quote it (\"3:1\") or write {3: 1}")
+    else:
+        raise KitError(f"{SETTING}: cannot read {spec!r} (a {type(spec).__name__}); {_HELP}")
+    stages = sorted((_epoch(e, spec), _count(n, spec)) for e, n in pairs)
+    epochs = [e for e, _ in stages]
+    if len(set(epochs)) != len(epochs):
+        raise KitError(f"{SETTING}: epoch given twice in {spec!r}")
+    counts = [math.inf if n == "all" else n for _, n in stages]
+    if any(b < a for a, b in zip(counts, counts[1:])):
+        raise KitError(f"{SETTING}: block counts must not decrease with the epoch (blocks "
+                       f"thaw, never freeze again) (got {spec!r})")
+    return ("stages", tuple(stages))
+
+
+def _epoch(value, spec) -> int:
+    try:
+        out = int(str(value).strip())
+    except ValueError:
+        out = -1
+    if isinstance(value, (bool, float)) or out < 0:
+        raise KitError(f"{SETTING}: epochs must be integers >= 0 (got {value!r} in {spec!r})")
+    return out
+
+
+def _count(value, spec):
+    if str(value).strip().lower() == "all":
+        return "all"
+    try:
+        out = int(str(value).strip())
+    except ValueError:
+        out = -1
+    if isinstance(value, (bool, float)) or out < 0:
+        raise KitError(f"{SETTING}: block counts must be integers >= 0 or all (got {value!r} "
+                       f"in {spec!r})")
+    return out
+
+
+def schedule_opens(spec) -> bool:
+    """Whether a schedule ever opens a block (then cv must train on pixels)."""
+    plan = parse_schedule(spec)
+    if plan is None:
+        return False
+    if plan[0] == "gradual":
+        return True
+    return any(n == "all" or n > 0 for _, n in plan[1])
+
+
+def resolve_stages(spec, n_blocks: int, unfreeze_last: int = 0,
+                   name: str = "this backbone") -> tuple[tuple[int, int], ...]:
+    """The schedule as ``((epoch, blocks open), ...)`` for a backbone of ``n_blocks`` blocks,
+    starting at epoch 0; ``unfreeze_last`` blocks are open from the start (a stage never
+    opens fewer). ``()`` without a schedule."""
+    plan = parse_schedule(spec)
+    if plan is None:
+        return ()
+    if plan[0] == "gradual":
+        _, every, cap = plan
+        top = n_blocks if cap is None else min(cap, n_blocks)
+        stages = [(i * every, i) for i in range(top + 1)]
+    else:
+        stages = [(e, n_blocks if n == "all" else n) for e, n in plan[1]]
+        big = [n for _, n in stages if n > n_blocks]
+        if big:
+            raise KitError(f"{SETTING}: {name} has {n_blocks} blocks; a stage opens {big[0]} "
+                           f"(use at most {n_blocks}, or all)")
+    if stages[0][0] != 0:
+        stages.insert(0, (0, 0))
+    out = []
+    for e, n in stages:
+        n = max(int(n), int(unfreeze_last))
+        if not out or n != out[-1][1]:
+            out.append((int(e), n))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class ThawPlan:
+    """Which backbone parameters wait for which stage.
+
+    Attributes
+    ----------
+    stages : tuple of (epoch, n)
+        From :func:`resolve_stages`.
+    waiting : tuple of tuple of str
+        ``waiting[j]``: names (in the backbone) of the parameters of block ``j + 1`` from the
+        end that train only once that block is open (its norm layers kept trainable by
+        ``train_norm`` train from the start).
+    """
+
+    stages: tuple
+    waiting: tuple
+
+    def open_at(self, done: int) -> int:
+        """Blocks open after ``done`` finished epochs."""
+        return max([n for e, n in self.stages if e <= done] or [0])
+
+    def apply(self, backbone: nn.Module, done: int) -> int:
+        """Freeze the blocks still waiting after ``done`` epochs, open the others; returns the
+        number of open blocks."""
+        n = self.open_at(done)
+        params = dict(backbone.named_parameters())
+        for j, names in enumerate(self.waiting):
+            for name in names:
+                params[name].requires_grad_(j < n)
+        return n
+
+    def open_all(self, backbone: nn.Module) -> None:
+        """Every scheduled block trainable: the model as trained (checkpoints, snapshots)."""
+        self.apply(backbone, max(e for e, _ in self.stages))
+
+
+def freeze_for_training(backbone, cfg: dict) -> ThawPlan | None:
+    """Freeze ``backbone`` as the config says (``train_norm``, ``unfreeze_last``,
+    ``unfreeze_schedule``), every block the schedule ever opens trainable.
+
+    Returns
+    -------
+    ThawPlan or None
+        None when nothing thaws after the start (no schedule, or one stage): the open blocks
+        train from the first step, as with ``unfreeze_last``.
+    """
+    train_norm = cfg["train_norm"]
+    # Validates unfreeze_last (and train_norm) and is the result when nothing is scheduled.
+    freeze_backbone(backbone, train_norm=train_norm, unfreeze_last=cfg["unfreeze_last"])
+    stages = resolve_stages(cfg.get("unfreeze_schedule"), len(backbone.blocks()),
+                            cfg["unfreeze_last"], getattr(backbone, "name", "this backbone"))
+    if len(stages) < 2:  # nothing thaws later: the blocks open at epoch 0 train throughout
+        if stages:
+            freeze_backbone(backbone, train_norm=train_norm, unfreeze_last=stages[0][1])
+        return None
+    top = max(n for _, n in stages)
+    freeze_backbone(backbone, train_norm=train_norm, unfreeze_last=0)
+    always = {id(p) for p in backbone.parameters() if p.requires_grad}
+    freeze_backbone(backbone, train_norm=train_norm, unfreeze_last=top)
+    names = {id(p): n for n, p in backbone.named_parameters()}
+    blocks = backbone.blocks()[::-1][:top]
+    waiting = tuple(tuple(names[id(p)] for p in block.parameters()
+                          if p.requires_grad and id(p) not in always) for block in blocks)
+    return ThawPlan(stages, waiting)
+
+
+# --------------------------------------------------------------------------- lr decay
+def check_lr_decay(value) -> float:
+    """``lr_decay`` as a float in (0, 1], or a one-line KitError."""
+    try:
+        decay = float(value)
+    except (TypeError, ValueError):
+        decay = math.nan
+    if isinstance(value, bool) or not 0 < decay <= 1:
+        raise KitError(f"train: lr_decay must be a number in (0, 1] (1 = off; got {value!r})")
+    return decay
+
+
+def param_groups(model: nn.Module, cfg: dict) -> list[dict]:
+    """AdamW parameter groups of the trainable parameters of ``model``.
+
+    With ``lr_decay`` 1 (off): one group at ``lr``, as before. Otherwise the head (every
+    parameter outside ``model.backbone``) gets ``lr``, the last backbone block ``lr *
+    decay``, the one before ``lr * decay**2``, ...; backbone parameters in no block (a stem,
+    patch embeddings) come before the first block. Norm layers belong to their block's
+    group. Groups are ordered head first, then from the last block back; each carries
+    ``name`` and ``depth`` (0 = head).
+    """
+    lr = float(cfg["lr"])
+    decay = check_lr_decay(cfg.get("lr_decay", 1.0))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    backbone = getattr(model, "backbone", None)
+    if decay == 1.0 or backbone is None:
+        return [{"params": trainable, "lr": lr, "name": "all", "depth": 0}]
+    blocks = backbone.blocks()
+    depth = {}
+    for j, block in enumerate(reversed(blocks), start=1):
+        for p in block.parameters():
+            depth.setdefault(id(p), j)
+    in_backbone = {id(p) for p in backbone.parameters()}
+    stem = len(blocks) + 1
+    by_depth: dict[int, list] = {}
+    for p in trainable:
+        d = 0 if id(p) not in in_backbone else depth.get(id(p), stem)
+        by_depth.setdefault(d, []).append(p)
+    return [{"params": by_depth[d], "lr": lr * decay ** d, "depth": d,
+             "name": "head" if d == 0 else "stem" if d == stem else f"block -{d}"}
+            for d in sorted(by_depth)]
