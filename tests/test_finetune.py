@@ -342,3 +342,24 @@ def test_a_timm_cnn_gets_a_group_per_block_and_its_stem_last():
     # The stem's norm trains from the start (train_norm); its convolution is in no block and
     # no schedule opens it.
     assert not model.backbone.model.conv_stem.weight.requires_grad
+
+
+def test_resnet18_fine_tunes_with_the_preset_thawing_its_blocks_on_schedule(data, monkeypatch):
+    # The leaderboard recipe's backbone: stem + layer1..4 are its blocks (layer4 is block -1).
+    seen = _watch_epochs(monkeypatch)
+    preset = stage_overrides(PRESET)
+    cfg = train_config(train_settings({**preset, "epochs": 3, "batch_size": 16, "patience": 0,
+                                       "early_stopping": "none",
+                                       "unfreeze_schedule": "0:0,1:1,2:all"}))
+    assert cfg["lr_decay"] < 1 and cfg["class_balance"] == "sampler"
+    seed_everything(0)
+    model = build_model("resnet18", cfg, "random", patch_size=P)[0]
+    blocks = [f"backbone.model.{b}" for b in ("layer1", "layer2", "layer3", "layer4")]
+    conv = {b: f"{b}.0.conv1.weight" for b in blocks}
+    x, y = data
+    res = fit_fold(model, x, np.arange(N), y, None, None, cfg, seed=0)
+    assert [h["blocks_open"] for h in res.history] == [0, 1, 5]
+    changed = [[b for b in blocks if conv[b] in e["changed"]] for e in seen]
+    assert changed == [[], [blocks[3]], blocks]
+    lrs = {g["name"]: g["lr"] for g in param_groups(model, cfg)}
+    assert lrs["block -1"] == pytest.approx(cfg["lr"] * cfg["lr_decay"])
