@@ -15,7 +15,8 @@ from kit.data.dataset import read_image, read_mask
 from kit.paths import Paths
 from kit.config import load_config
 from kit.data.patches import (extract_patches, load_patches, rank_windows, run_patches,
-                              select_windows, tissue_mask, window_scores, window_starts)
+                              tissue_mask)
+from kit.data.windows import select_windows, window_scores, window_starts
 from kit.utils import KitError
 
 CFG = {"size": 16, "stride": 8, "top_k": 3, "workers": 1}

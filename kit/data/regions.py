@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from kit.data.windows import select_windows, window_scores, window_starts
 from kit.utils import KitError
 
 SELECT = ("top_k", "per_region")
@@ -82,7 +83,7 @@ def region_windows(labels: np.ndarray, areas, size: int, stride: int, k: int, mi
     min_px : int
         Least area of a region that is sure to get a window.
     mask_cov : float array, the window grid
-        Whole-mask coverage of every window (:func:`kit.data.patches.window_scores`): breaks
+        Whole-mask coverage of every window (:func:`kit.data.windows.window_scores`): breaks
         ties within a region and ranks the leftover windows.
     then : float array, the window grid, optional
         Tissue coverage: breaks the leftover windows' remaining ties.
@@ -95,8 +96,6 @@ def region_windows(labels: np.ndarray, areas, size: int, stride: int, k: int, mi
     region : int64 array of length k
         The region each window was chosen for; leftovers: their majority region, 0 if none.
     """
-    from kit.data.patches import select_windows, window_scores
-
     counts = allot(areas, k, min_px)
     taken: set[int] = set()
     picks: list[list[int]] = []
@@ -128,8 +127,6 @@ def region_windows(labels: np.ndarray, areas, size: int, stride: int, k: int, mi
 def majority_region(labels: np.ndarray, flat: int, size: int, stride: int, grid: tuple) -> int:
     """The region with the most pixels in window ``flat`` of the grid (lowest id on a tie), 0
     when the window holds no mask pixel."""
-    from kit.data.patches import window_starts
-
     h, w = labels.shape
     iy, ix = divmod(int(flat), grid[1])
     y = int(window_starts(h, size, stride)[iy])
