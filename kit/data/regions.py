@@ -33,9 +33,17 @@ def label_regions(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     areas : int64 array of length n
         Pixels of region ``i + 1``.
     """
-    labels, n = ndimage.label(np.asarray(mask, dtype=bool), structure=_EIGHT)
-    areas = np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(np.int64)
-    return labels.astype(np.int32, copy=False), areas
+    mask = np.asarray(mask, dtype=bool)
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if len(rows) == 0:
+        return labels, np.zeros(0, dtype=np.int64)
+    # Only the mask's bounding box is labelled: masks cover a small part of a scan, and
+    # labelling the whole scan cost several times the window scoring.
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    n = ndimage.label(mask[box], structure=_EIGHT, output=labels[box])
+    areas = np.bincount(labels[box].ravel(), minlength=n + 1)[1:].astype(np.int64)
+    return labels, areas
 
 
 def allot(areas, k: int, min_px: int) -> np.ndarray:
