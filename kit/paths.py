@@ -54,8 +54,15 @@ class Paths:
     def clean_dir(self) -> Path:
         return self.runs_dir / "clean"
 
-    def patches_dir(self, split: str) -> Path:
-        return self.runs_dir / "patches" / split
+    @property
+    def patches_root(self) -> Path:
+        """Holds one folder of patch caches per window size (``<size>px/``)."""
+        return self.runs_dir / "patches"
+
+    def patches_dir(self, split: str, size: int) -> Path:
+        """The patch cache of ``split`` cut with ``size x size`` windows: caches of several
+        sizes coexist (``kit.data.caches`` finds them)."""
+        return self.patches_root / f"{int(size)}px" / split
 
     def backbone_dir(self, name: str) -> Path:
         return self.runs_dir / name

@@ -109,7 +109,7 @@ def test_held_back_labels_are_read_by_the_bench_only(tiny_run):
     assert all(by_reader for _, by_reader in opens), [p for p, by in opens if not by]
     root = workdir.runs_dir / "bench/honesty/tiny/seed3"
     # what the stages wrote about the test images carries no label
-    samples = pd.read_csv(root / "work/runs/patches/test/samples.csv", keep_default_na=False)
+    samples = pd.read_csv(root / "work/runs/patches/32px/test/samples.csv", keep_default_na=False)
     assert (samples.label == "").all()
     for name in ("feature_cache-inner", "pixels-oof"):
         cols = pd.read_csv(root / "work/runs" / name / "test.csv", nrows=1).columns

@@ -180,7 +180,7 @@ def test_changed_config_retrains_and_changed_folds_are_refused(done, tmp_path, c
 
 def test_missing_inputs_name_the_command_to_run(tmp_path):
     paths = make_workdir(tmp_path / "w")
-    shutil.rmtree(paths.patches_dir("test"))
+    shutil.rmtree(paths.patches_dir("test", 32))
     with pytest.raises(KitError, match=r"run ./run.sh patches first"):
         _run(paths)
     paths.folds_csv.unlink()
@@ -413,7 +413,7 @@ def _scramble_fold(paths: Paths, fold: int) -> None:
     shifted = {c: CLASSES[(i + 1) % len(CLASSES)] for i, c in enumerate(CLASSES)}
     folds.loc[sel, "label"] = folds.loc[sel, "label"].map(shifted)
     write_folds(paths, folds.sample_index, folds.label, folds.fold)
-    samples_csv = paths.patches_dir("train") / "samples.csv"
+    samples_csv = paths.patches_dir("train", 32) / "samples.csv"
     samples = pd.read_csv(samples_csv, dtype={"sample_index": str}, keep_default_na=False)
     relabel = dict(zip(folds.sample_index, folds.label))
     samples["label"] = samples.sample_index.map(relabel)

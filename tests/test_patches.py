@@ -13,11 +13,18 @@ from kit import CLASSES
 from kit.cli import main
 from kit.data.dataset import read_image, read_mask
 from kit.paths import Paths
+from kit.config import load_config
 from kit.data.patches import (extract_patches, load_patches, rank_windows, run_patches,
-                              select_windows, tissue_mask, window_scores, window_starts)
+                              tissue_mask)
+from kit.data.windows import select_windows, window_scores, window_starts
 from kit.utils import KitError
 
 CFG = {"size": 16, "stride": 8, "top_k": 3, "workers": 1}
+
+
+def build(data, paths, overrides=None, **kwargs):
+    """run_patches on patches.yaml resolved with ``overrides``, as the command resolves it."""
+    return run_patches(data, paths, load_config("patches", overrides), **kwargs)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -207,7 +214,7 @@ def test_non_rgb_images_are_cropped_like_read_image(tmp_path, mode):
 # --------------------------------------------------------------------------- cache
 def test_run_patches_writes_consistent_cache(patches_ds, capsys):
     root, paths = patches_ds
-    sets = run_patches(root, paths, CFG)
+    sets = build(root, paths, CFG)
     train, test = sets["train"], sets["test"]
     assert isinstance(train.array, np.memmap)
     assert train.array.dtype == np.uint8 and train.array.shape == (4, 3, 16, 16, 3)
@@ -221,7 +228,7 @@ def test_run_patches_writes_consistent_cache(patches_ds, capsys):
     assert train.samples["fallback"].tolist() == [False, False, True, False]
     assert "img_0003.png" in capsys.readouterr().err  # the fallback is reported
     for split, ps in sets.items():
-        out = paths.patches_dir(split)
+        out = paths.patches_dir(split, 16)
         assert {p.name for p in out.iterdir()} == {"patches.npy", "samples.csv", "index.csv",
                                                    "meta.json", "config.yaml"}
         assert json.loads((out / "meta.json").read_text())["key"] == ps.key
@@ -242,13 +249,13 @@ def test_run_patches_writes_consistent_cache(patches_ds, capsys):
 
 def test_rerun_is_a_cache_hit_and_changes_rebuild(patches_ds, capsys):
     root, paths = patches_ds
-    npy = paths.patches_dir("train") / "patches.npy"
-    test_npy = paths.patches_dir("test") / "patches.npy"
-    first = run_patches(root, paths, CFG)
+    npy = paths.patches_dir("train", 16) / "patches.npy"
+    test_npy = paths.patches_dir("test", 16) / "patches.npy"
+    first = build(root, paths, CFG)
     stamp, test_stamp = npy.stat().st_mtime_ns, test_npy.stat().st_mtime_ns
     capsys.readouterr()
 
-    again = run_patches(root, paths, CFG)
+    again = build(root, paths, CFG)
     out = capsys.readouterr().out
     assert out.count("cache hit") == 2
     assert npy.stat().st_mtime_ns == stamp and again["train"].key == first["train"].key
@@ -259,7 +266,7 @@ def test_rerun_is_a_cache_hit_and_changes_rebuild(patches_ds, capsys):
     m[:] = 0
     m[-16:, -16:] = 255
     Image.fromarray(m).save(mask_path)
-    changed = run_patches(root, paths, CFG)
+    changed = build(root, paths, CFG)
     out = capsys.readouterr().out
     assert "patches train: built" in out and "patches test: cache hit" in out
     assert changed["train"].key != first["train"].key
@@ -269,32 +276,32 @@ def test_rerun_is_a_cache_hit_and_changes_rebuild(patches_ds, capsys):
     assert (row.x, row.y, row.coverage) == (w - 16, h - 16, 1.0)
 
     # another top_k: rebuilt with the new shape
-    bigger = run_patches(root, paths, {**CFG, "top_k": 5})
+    bigger = build(root, paths, {**CFG, "top_k": 5})
     assert bigger["train"].array.shape[1] == 5 and bigger["test"].array.shape[1] == 5
     assert "cache hit" not in capsys.readouterr().out
 
     # another stride (same array shape): rebuilt too, under a new key
-    strided = run_patches(root, paths, {**CFG, "top_k": 5, "stride": 5})
+    strided = build(root, paths, {**CFG, "top_k": 5, "stride": 5})
     assert "cache hit" not in capsys.readouterr().out
     assert strided["train"].key != bigger["train"].key
 
     # another clean list (outlier dropped from outliers.csv): train rebuilds with 5 images
     _write_outliers(paths)
-    more = run_patches(root, paths, {**CFG, "top_k": 5, "stride": 5}, splits=("train",))
+    more = build(root, paths, {**CFG, "top_k": 5, "stride": 5}, splits=("train",))
     assert more["train"].array.shape[0] == 5
 
 
 def test_parallel_workers_write_the_same_bytes(patches_ds, tmp_path):
     root, paths = patches_ds
-    run_patches(root, paths, CFG, splits=("train",))
+    build(root, paths, CFG, splits=("train",))
     other = Paths.from_root(tmp_path / "work2")
     _write_outliers(other, [("img_0001.png", "green", 0.9)])
-    run_patches(root, other, {**CFG, "workers": 2}, splits=("train",))
+    build(root, other, {**CFG, "workers": 2}, splits=("train",))
     for name in ("patches.npy", "samples.csv", "index.csv"):
-        a = (paths.patches_dir("train") / name).read_bytes()
-        b = (other.patches_dir("train") / name).read_bytes()
+        a = (paths.patches_dir("train", 16) / name).read_bytes()
+        b = (other.patches_dir("train", 16) / name).read_bytes()
         assert a == b, name
-    keys = [json.loads((p.patches_dir("train") / "meta.json").read_text())["key"]
+    keys = [json.loads((p.patches_dir("train", 16) / "meta.json").read_text())["key"]
             for p in (paths, other)]
     assert keys[0] == keys[1]  # the worker count does not change the patches
 
@@ -302,18 +309,18 @@ def test_parallel_workers_write_the_same_bytes(patches_ds, tmp_path):
 def test_missing_cache_and_missing_clean_are_kit_errors(patches_ds, tmp_path):
     root, _ = patches_ds
     empty = Paths.from_root(tmp_path / "nowhere")
-    with pytest.raises(KitError, match=r"no patch cache at .*run ./run.sh patches first"):
+    with pytest.raises(KitError, match=r"no patch cache under .*run ./run.sh patches$"):
         load_patches(empty, "train")
     with pytest.raises(KitError, match="run ./run.sh clean first"):
-        run_patches(root, empty, CFG, splits=("train",))
+        build(root, empty, CFG, splits=("train",))
 
 
 def test_bad_parameters_are_refused(patches_ds):
     root, paths = patches_ds
-    with pytest.raises(KitError, match="top_k must be >= 1"):
-        run_patches(root, paths, {**CFG, "top_k": 0})
+    with pytest.raises(KitError, match="top_k must be a whole number >= 1"):
+        build(root, paths, {**CFG, "top_k": 0})
     with pytest.raises(KitError, match="unknown key 'topk'"):
-        run_patches(root, paths, {"topk": 3})
+        build(root, paths, {"topk": 3})
 
 
 # --------------------------------------------------------------------------- CLI
@@ -323,7 +330,7 @@ def test_patches_command_builds_and_reuses(patches_ds, capsys):
             "--stride", "8", "--top-k", "2", "--workers", "1"]
     assert main(argv) == 0
     assert load_patches(paths, "test").array.shape == (3, 2, 16, 16, 3)
-    assert "train 4 images x 2 patches of 16 px, 1 tissue fallback" in capsys.readouterr().out
+    assert "train 4 images x 2 patches of 16 px (top_k), 1 tissue fallback" in capsys.readouterr().out
     assert main(argv) == 0
     assert capsys.readouterr().out.count("cache hit") == 2
 
@@ -412,8 +419,8 @@ def test_stain_norm_brings_two_labs_together_and_rebuilds_the_cache(tmp_path, ca
         root = _he_dataset(tmp_path / name, stains, uptake=uptake)
         paths = Paths.from_root(tmp_path / f"work_{name}")
         _write_outliers(paths)
-        plain = run_patches(root, paths, cfg)
-        normed = run_patches(root, paths, {**cfg, **MACENKO})
+        plain = build(root, paths, cfg)
+        normed = build(root, paths, {**cfg, **MACENKO})
         out = capsys.readouterr().out
         assert out.count("built") == 4 and "cache hit" not in out  # a new key: rebuilt
         assert normed["train"].key != plain["train"].key
@@ -423,10 +430,10 @@ def test_stain_norm_brings_two_labs_together_and_rebuilds_the_cache(tmp_path, ca
         # same windows, other colours
         assert plain["train"].index.equals(normed["train"].index)
         sets[name] = (np.asarray(plain["train"].array), np.asarray(normed["train"].array))
-        again = run_patches(root, paths, {**cfg, **MACENKO})
+        again = build(root, paths, {**cfg, **MACENKO})
         assert capsys.readouterr().out.count("cache hit") == 2
         assert again["train"].key == normed["train"].key
-        other = run_patches(root, paths, {**cfg, "stain_norm": {"method": "macenko", "alpha": 2}},
+        other = build(root, paths, {**cfg, "stain_norm": {"method": "macenko", "alpha": 2}},
                             splits=("train",))
         assert other["train"].key != normed["train"].key
         capsys.readouterr()
@@ -438,7 +445,7 @@ def test_stain_norm_brings_two_labs_together_and_rebuilds_the_cache(tmp_path, ca
 
 def test_stain_norm_skips_images_without_tissue(patches_ds, capsys):
     root, paths = patches_ds  # flat grey blocks: 1-2 % of the pixels pass the OD threshold
-    sets = run_patches(root, paths, {**CFG, "stain_norm": {"method": "macenko",
+    sets = build(root, paths, {**CFG, "stain_norm": {"method": "macenko",
                                                            "min_tissue": 0.9}})
     skipped = sets["train"].meta["stain_norm"]["skipped"]
     assert sorted(skipped) == sorted(sets["train"].samples.sample_index)
@@ -446,7 +453,7 @@ def test_stain_norm_skips_images_without_tissue(patches_ds, capsys):
     # left as they are: the same bytes as without normalisation
     plain = Paths.from_root(paths.root.parent / "plain")
     _write_outliers(plain, [("img_0001.png", "green", 0.9)])
-    ref = run_patches(root, plain, CFG, splits=("train",))["train"]
+    ref = build(root, plain, CFG, splits=("train",))["train"]
     assert np.array_equal(np.asarray(ref.array), np.asarray(sets["train"].array))
 
 
@@ -456,5 +463,5 @@ def test_stain_norm_skips_images_without_tissue(patches_ds, capsys):
 def test_bad_stain_settings_are_refused_before_any_work(patches_ds, bad, key):
     root, paths = patches_ds
     with pytest.raises(KitError, match=key):
-        run_patches(root, paths, {**CFG, "stain_norm": {"method": "macenko", **bad}})
-    assert not paths.patches_dir("train").exists()
+        build(root, paths, {**CFG, "stain_norm": {"method": "macenko", **bad}})
+    assert not paths.patches_root.exists()

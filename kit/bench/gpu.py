@@ -236,6 +236,7 @@ def short_cv(name: str, paths, cfg: dict, device, seed: int) -> dict:
 
     import pandas as pd
 
+    from kit.data.patches import load_patches
     from kit.training.cv import run_cv
     from kit.training.device import n_workers
 
@@ -248,7 +249,7 @@ def short_cv(name: str, paths, cfg: dict, device, seed: int) -> dict:
     _sync(device)
     seconds = time.perf_counter() - t0
     folds = pd.read_csv(paths.folds_csv)
-    k = int(np.load(paths.patches_dir("train") / "patches.npy", mmap_mode="r").shape[1])
+    k = int(load_patches(paths, "train").array.shape[1])
     n_folds = int(folds.fold.nunique())
     # Patches trained on (every fold trains on the others) over the epochs, as timed here.
     patches = (n_folds - 1) * len(folds) * k * int(cfg["epochs"])
@@ -409,6 +410,7 @@ def run(args) -> int:
     import torch
 
     from kit.bench.train import bench_backbone
+    from kit.data.patches import load_patches
     from kit.data.synth import write_patch_workdir
     from kit.training.settings import train_config
 
@@ -442,7 +444,7 @@ def run(args) -> int:
         tmp = Path(tmp)
         paths = write_patch_workdir(tmp / "work", n_train=args.images, n_test=16, k=args.top_k,
                                     size=args.size, n_folds=args.folds, seed=args.seed)
-        train = np.load(paths.patches_dir("train") / "patches.npy", mmap_mode="r")
+        train = load_patches(paths, "train").array
         labels = np.arange(args.images) % 4  # write_patch_workdir's training labels
         n_images = math.ceil(args.patches / args.top_k)
         speed = speed_cache(tmp / "speed", np.arange(n_images) % 4, args.top_k, args.size,

@@ -242,6 +242,7 @@ def _stage_stamp(data: Path, preset: Preset, seed: int) -> dict:
 
 def run_data_stages(data: Path, paths, preset: Preset, seed: int) -> None:
     """clean, patches and folds on ``data`` (skipped when done for the same data and settings)."""
+    from kit.config import load_config
     from kit.data import clean, folds, patches
     from kit.utils import atomic_write_json
 
@@ -253,7 +254,7 @@ def run_data_stages(data: Path, paths, preset: Preset, seed: int) -> None:
     except (OSError, ValueError):
         pass
     clean.run_clean(data, paths, load_config("clean"))
-    patches.run_patches(data, paths, cfg=preset.patches or None)
+    patches.run_patches(data, paths, load_config("patches", preset.patches or None))
     folds.run_folds(data, paths, load_config("folds", preset.folds or None), seed=seed,
                     force=True)
     atomic_write_json(stamp_file, stamp)

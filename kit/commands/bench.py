@@ -19,6 +19,7 @@ BENCHES = {
     "gpu": "CUDA paths: short cv with AMP, CPU/GPU agreement, loop and embedding throughput",
     "honesty": "|OOF - test| macro F1 per training path and early-stopping mode, on generated data",
     "noise": "label_issues, bag and head levers vs a baseline on noisy generated labels (test F1)",
+    "regions": "patches select per_region vs top_k on generated data (test F1, OOF - test)",
 }
 
 

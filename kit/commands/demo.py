@@ -22,6 +22,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    from kit.config import load_config
     from kit.data import clean, demo, folds, patches
 
     out = Path(args.out)
@@ -33,8 +34,8 @@ def run(args) -> int:
     outliers = clean.run_clean(data, paths, load_config("clean"))
     print(f"clean          -> {paths.outliers_csv} ({len(outliers)} flagged), "
           f"{paths.clean_dir / 'review.html'}")
-    patches.run_patches(data, paths)
-    print(f"patches        -> {paths.patches_dir('train')}, {paths.patches_dir('test')}")
+    sets = patches.run_patches(data, paths, load_config("patches"))
+    print(f"patches        -> {sets['train'].folder}, {sets['test'].folder}")
     folds.run_folds(data, paths, load_config("folds"), seed=args.seed, force=True)
     print(f"folds          -> {paths.folds_csv}")
     _cv(paths, args.seed)

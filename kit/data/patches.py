@@ -1,12 +1,14 @@
-"""Mask-guided patches: the top-K mask-coverage windows of every image, cached per split.
+"""Mask-guided patches: K mask-coverage windows of every image, cached per split and size.
 
 A ``size x size`` window slides with ``stride`` over each image; its score is the share of
 mask pixels inside it, computed from a summed-area table sampled at the window edges (no
-per-window Python loop). Ties go to the window with more tissue when fewer than ``top_k``
-windows touch the mask, then to the top-left one. The ``top_k`` best windows are cut at
-native resolution and stored in one uint8 array per split,
-``runs/patches/<split>/patches.npy`` (``N x K x P x P x 3``), beside ``samples.csv``,
-``index.csv``, ``meta.json`` and ``config.yaml``.
+per-window Python loop). ``select: top_k`` keeps the ``top_k`` best windows; ties go to the
+window with more tissue when fewer than ``top_k`` windows touch the mask, then to the
+top-left one. ``select: per_region`` spreads them over the mask's connected regions
+(:mod:`kit.data.regions`). The windows are cut at native resolution and stored in one uint8
+array per split, ``runs/patches/<size>px/<split>/patches.npy`` (``N x K x P x P x 3``), beside
+``samples.csv``, ``index.csv`` (with each window's mask ``region``), ``meta.json`` and
+``config.yaml``; caches of several sizes coexist (:mod:`kit.data.caches` picks one).
 
 Optionally (``stain_norm.method: macenko``), each image's patches are Macenko-normalised
 to a reference stain (:mod:`kit.data.stain`) in the same worker, right after cutting.
@@ -29,6 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from kit.data.caches import adopt_legacy, pick_size
+from kit.data.regions import check_select, label_regions, majority_region, region_windows
+from kit.data.windows import select_windows, window_scores
 from kit.utils import KitError, n_workers
 
 log = logging.getLogger(__name__)
@@ -40,106 +45,6 @@ FILES = ("patches.npy", "samples.csv", "index.csv", "config.yaml", "meta.json")
 
 
 # --------------------------------------------------------------------------- windows
-def window_starts(length: int, size: int, stride: int) -> np.ndarray:
-    """Start offsets of the windows along one axis of ``length`` pixels.
-
-    ``0, stride, 2*stride, ...`` while the window fits, plus one last window flush with the
-    far edge when ``(length - size) % stride != 0``, so that every pixel is covered. An axis
-    shorter than ``size`` gets the single start 0 (the image is padded, see
-    :func:`window_scores`).
-    """
-    if size < 1 or stride < 1:
-        raise KitError(f"patch size and stride must be >= 1 (got size={size}, stride={stride})")
-    if length <= size:
-        return np.zeros(1, dtype=np.int64)
-    starts = np.arange(0, length - size + 1, stride, dtype=np.int64)
-    if starts[-1] != length - size:
-        starts = np.append(starts, length - size)
-    return starts
-
-
-def window_scores(mask: np.ndarray, size: int, stride: int):
-    """Mask coverage of every ``size x size`` window of a stride-``stride`` grid.
-
-    Parameters
-    ----------
-    mask : bool array, H x W
-        Region of interest (or tissue, for the fallback).
-    size, stride : int
-        Window side and step in pixels. The grid is described by :func:`window_starts`:
-        it covers the whole image, the last row/column of windows flush with the
-        bottom/right edge. A mask smaller than ``size`` along an axis is treated as padded
-        with ``False`` on the bottom/right up to ``size``.
-
-    Returns
-    -------
-    coverage : float64 array, len(ys) x len(xs)
-        Share of mask pixels in the window at ``(ys[i], xs[j])``, in ``[0, 1]``.
-    xs, ys : int64 arrays
-        Window left and top offsets in image pixels.
-    """
-    mask = np.asarray(mask, dtype=bool)
-    if mask.ndim != 2:
-        raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
-    h, w = mask.shape
-    ys, xs = window_starts(h, size, stride), window_starts(w, size, stride)
-    # Summed-area table S[r, c] = mask[:r, :c].sum(), needed only at window edges: sum the
-    # mask over the blocks between consecutive edges (row bands, then column bands) and
-    # cumulate the small block table; one pass over the mask, no H x W table is built.
-    # Extra edges every 255 rows keep each band short enough for _band_sums.
-    rows = np.unique(np.concatenate([ys, np.minimum(ys + size, h), np.arange(0, h, 255)]))
-    cols = np.unique(np.concatenate([xs, np.minimum(xs + size, w)]))
-    s = np.zeros((len(rows), len(cols)), dtype=np.int64)
-    if len(rows) > 1 and len(cols) > 1:
-        bands = _band_sums(mask, rows)  # (len(rows) - 1) x W
-        blocks = np.add.reduceat(bands[:, : cols[-1]], cols[:-1], axis=1, dtype=np.int64)
-        s[1:, 1:] = blocks.cumsum(axis=0).cumsum(axis=1)
-    r0, r1 = np.searchsorted(rows, ys), np.searchsorted(rows, np.minimum(ys + size, h))
-    c0, c1 = np.searchsorted(cols, xs), np.searchsorted(cols, np.minimum(xs + size, w))
-    counts = (s[np.ix_(r1, c1)] - s[np.ix_(r0, c1)] - s[np.ix_(r1, c0)] + s[np.ix_(r0, c0)])
-    return counts / float(size * size), xs, ys
-
-
-def _band_sums(mask: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Column sums of the row bands ``[rows[i], rows[i+1])`` of a bool mask, as uint8.
-
-    Eight columns are added at once as the byte lanes of one uint64 (bool bytes are 0/1,
-    and no lane can carry into the next while a band is at most 255 rows): about 6x faster
-    than ``np.add.reduceat`` on bytes, which matters because decoding is the only other cost.
-    """
-    if np.diff(rows).max(initial=0) > 255:
-        raise ValueError("row bands must be at most 255 rows")
-    h, w = mask.shape
-    top = mask[: rows[-1]]
-    if w % 8 == 0 and top.flags.c_contiguous:
-        lanes = top.view(np.uint8)
-    else:  # pad the width to a multiple of 8 columns of zeros
-        lanes = np.zeros((rows[-1], -(-w // 8) * 8), dtype=np.uint8)
-        lanes[:, :w] = top
-    sums = np.add.reduceat(lanes.view(np.uint64), rows[:-1], axis=0)
-    return sums.view(np.uint8)[:, :w]
-
-
-def select_windows(scores: np.ndarray, k: int, then: np.ndarray | None = None) -> np.ndarray:
-    """Flat (row-major) indices of the ``k`` best windows, best first.
-
-    Windows are ranked by ``scores``, equal scores by ``then`` (same shape, optional), and
-    remaining ties by position: top row first, then left column (a stable sort of the
-    row-major grid). When the grid has fewer than ``k`` windows the ranking repeats
-    cyclically (best, 2nd, ..., best, 2nd, ...), so every image yields exactly ``k`` patches.
-    """
-    if k < 1:
-        raise KitError(f"top_k must be >= 1 (got {k})")
-    primary = -np.asarray(scores, dtype=np.float64).ravel()
-    if then is None:
-        order = np.argsort(primary, kind="stable")
-    else:  # lexsort is stable and sorts by its last key first
-        order = np.lexsort((-np.asarray(then, dtype=np.float64).ravel(), primary))
-    if len(order) < k:
-        order = np.resize(order, k)
-    return order[:k]
-
-
 def tissue_mask(image: np.ndarray, threshold: int) -> np.ndarray:
     """Non-background pixels: channel minimum below ``threshold`` (the background is light grey)."""
     # two elementwise minimums: image.min(axis=2) over the length-3 axis is ~25x slower
@@ -180,7 +85,7 @@ def _rgb(image) -> np.ndarray:
 
 def rank_windows(mask: np.ndarray, size: int, stride: int, k: int, image=None,
                  tissue_threshold: int = 200):
-    """Positions of the ``k`` best windows of one image, best first.
+    """Positions of the ``k`` best windows of one image, best first (``select: top_k``).
 
     Parameters
     ----------
@@ -204,20 +109,48 @@ def rank_windows(mask: np.ndarray, size: int, stride: int, k: int, image=None,
     fallback : bool
         True when the mask was empty and tissue coverage was used.
     """
+    return pick_windows(mask, size, stride, k, image, tissue_threshold, regions=False)[:4]
+
+
+def pick_windows(mask: np.ndarray, size: int, stride: int, k: int, image=None,
+                 tissue_threshold: int = 200, select: str = "top_k", min_region_px: int = 1,
+                 regions: bool = True):
+    """:func:`rank_windows` with a choice of ``select`` and each window's mask region.
+
+    ``select: top_k`` ranks as :func:`rank_windows`; ``per_region`` spreads the windows over
+    the mask's connected regions (:func:`kit.data.regions.region_windows`; regions under
+    ``min_region_px`` pixels are not sure to get one). Returns ``xs, ys, coverage, fallback,
+    region``: ``region`` (int64, length k) is the region a window was chosen for (top_k: the
+    one with most pixels in it), 0 for a window without mask pixels; None without ``regions``.
+    """
     mask = np.asarray(mask, dtype=bool)
     fallback = not mask.any()
     if fallback:
         if image is None:
             raise ValueError("empty mask: the image is needed for the tissue fallback")
-        mask = tissue_mask(_rgb(image), tissue_threshold)
-    coverage, xs, ys = window_scores(mask, size, stride)
+        tissue = tissue_mask(_rgb(image), tissue_threshold)
+        coverage, xs, ys = window_scores(tissue, size, stride)
+    else:
+        coverage, xs, ys = window_scores(mask, size, stride)
     then = None
     if not fallback and image is not None and np.count_nonzero(coverage) < k:
         # Only then is the whole scan converted: most images have k mask windows.
         then = window_scores(tissue_mask(_rgb(image), tissue_threshold), size, stride)[0]
-    best = select_windows(coverage, k, then)
+    region = None
+    if fallback or not (regions or select == "per_region"):
+        best = select_windows(coverage, k, then)
+        region = np.zeros(k, dtype=np.int64) if regions else None
+    else:
+        labels, areas = label_regions(mask)
+        if select == "per_region":
+            best, region = region_windows(labels, areas, size, stride, k, min_region_px,
+                                          coverage, then)
+        else:
+            best = select_windows(coverage, k, then)
+            region = np.array([majority_region(labels, i, size, stride, coverage.shape)
+                               for i in best], dtype=np.int64)
     iy, ix = np.divmod(best, len(xs))
-    return xs[ix], ys[iy], coverage[iy, ix], fallback
+    return xs[ix], ys[iy], coverage[iy, ix], fallback, region
 
 
 def cut_windows(image, xs, ys, size: int, pad_value: int = 255) -> np.ndarray:
@@ -229,7 +162,8 @@ def cut_windows(image, xs, ys, size: int, pad_value: int = 255) -> np.ndarray:
 
 
 def extract_patches(image, mask: np.ndarray, size: int, stride: int, k: int,
-                    tissue_threshold: int = 200, pad_value: int = 255):
+                    tissue_threshold: int = 200, pad_value: int = 255, select: str = "top_k",
+                    min_region_px: int = 1):
     """Cut the ``k`` best mask-coverage windows of one image at native resolution.
 
     Parameters
@@ -246,24 +180,28 @@ def extract_patches(image, mask: np.ndarray, size: int, stride: int, k: int,
         Fill for the part of a window outside an image smaller than ``size`` (255: white,
         lighter than the scans' grey background and never counted as tissue). The image sits
         at the top-left, so ``x, y`` stay image coordinates.
+    select, min_region_px : str, int
+        ``top_k`` or ``per_region`` (see :func:`pick_windows`).
 
     Returns
     -------
     patches : uint8 array, k x size x size x 3
     rows : list of dict
         One per patch: ``patch`` (rank), ``x``, ``y`` (top-left in image pixels),
-        ``coverage`` (share of mask, or tissue, pixels) and ``fallback`` (bool, same for all).
+        ``coverage`` (share of mask, or tissue, pixels), ``fallback`` (bool, same for all)
+        and ``region`` (the window's mask region, 0 for none).
     """
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != tuple(_image_hw(image)):
         raise ValueError(f"mask shape {mask.shape} differs from image shape {_image_hw(image)}")
-    xs, ys, cov, fallback = rank_windows(mask, size, stride, k, image, tissue_threshold)
-    return cut_windows(image, xs, ys, size, pad_value), _rows(xs, ys, cov, fallback)
+    xs, ys, cov, fallback, region = pick_windows(mask, size, stride, k, image, tissue_threshold,
+                                                 select, min_region_px)
+    return cut_windows(image, xs, ys, size, pad_value), _rows(xs, ys, cov, fallback, region)
 
 
-def _rows(xs, ys, coverage, fallback: bool) -> list[dict]:
-    return [{"patch": i, "x": int(x), "y": int(y), "coverage": float(c), "fallback": fallback}
-            for i, (x, y, c) in enumerate(zip(xs, ys, coverage))]
+def _rows(xs, ys, coverage, fallback: bool, region) -> list[dict]:
+    return [{"patch": i, "x": int(x), "y": int(y), "coverage": float(c), "fallback": fallback,
+             "region": int(r)} for i, (x, y, c, r) in enumerate(zip(xs, ys, coverage, region))]
 
 
 def _bool_mask(im) -> np.ndarray:
@@ -300,8 +238,9 @@ def extract_file(task):
         if mask.shape != im.size[::-1]:
             raise KitError(f"{image_path}: image is {im.size[0]}x{im.size[1]} but its mask is "
                            f"{mask.shape[1]}x{mask.shape[0]}; they must match")
-        xs, ys, cov, fallback = rank_windows(mask, size, cfg["stride"], cfg["top_k"], im,
-                                             cfg["tissue_threshold"])
+        xs, ys, cov, fallback, region = pick_windows(
+            mask, size, cfg["stride"], cfg["top_k"], im, cfg["tissue_threshold"],
+            cfg.get("select", "top_k"), int(cfg.get("min_region_px", 1)))
         t2 = time.perf_counter()
         patches = cut_windows(im, xs, ys, size, cfg["pad_value"])
         t3 = time.perf_counter()
@@ -320,7 +259,7 @@ def extract_file(task):
         if im is not None:
             im.close()
     seconds = {"decode": t1 - t0, "score": t2 - t1, "crop": t3 - t2, "stain": t4 - t3}
-    rows = _rows(xs, ys, cov, fallback)
+    rows = _rows(xs, ys, cov, fallback, region)
     for row in rows:
         row["stain_normalised"] = normalised
     return patches, rows, seconds
@@ -345,7 +284,8 @@ class PatchSet:
 
     ``array`` is memory-mapped (``N x K x P x P x 3`` uint8); row ``i`` of ``samples``
     (``sample_index,label,fallback``) is ``array[i]``; ``index`` has one row per patch
-    (``sample_index,patch,x,y,coverage``).
+    (``sample_index,patch,x,y,coverage,region``; ``region`` -1 in caches written before it
+    was recorded). ``folder`` is where the cache lives.
     """
 
     array: np.ndarray
@@ -353,6 +293,7 @@ class PatchSet:
     index: "object"  # pandas DataFrame
     key: str
     meta: dict = field(default_factory=dict)
+    folder: Path | None = None
 
 
 def hash_files(files, workers: int = 2) -> list[str]:
@@ -370,6 +311,10 @@ def _key_cfg(cfg: dict) -> dict:
     from kit.data.stain import stain_key
 
     out = {k: cfg[k] for k in ("size", "stride", "top_k", "tissue_threshold", "pad_value")}
+    if cfg.get("select", "top_k") != "top_k":
+        # Only then: top_k caches keep their keys (and the feature caches keyed on them).
+        out["select"] = cfg["select"]
+        out["min_region_px"] = int(cfg["min_region_px"])
     stain = stain_key(cfg.get("stain_norm"))
     if stain is not None:
         # Only when on: the keys of caches built without stain normalisation stay valid.
@@ -459,11 +404,13 @@ def build_split(samples, out: Path, cfg: dict, workers: int, desc: str = "patche
             if rows[0]["stain_normalised"] is False and stain_skipped is not None:
                 stain_skipped.append(s.sample_index)
             index_rows += [{"sample_index": s.sample_index, "patch": r["patch"], "x": r["x"],
-                            "y": r["y"], "coverage": r["coverage"]} for r in rows]
+                            "y": r["y"], "coverage": r["coverage"], "region": r["region"]}
+                           for r in rows]
     samples_df = pd.DataFrame({"sample_index": [s.sample_index for s in samples],
                                "label": [s.label or "" for s in samples],
                                "fallback": fallback})
-    index_df = pd.DataFrame(index_rows, columns=["sample_index", "patch", "x", "y", "coverage"])
+    index_df = pd.DataFrame(index_rows, columns=["sample_index", "patch", "x", "y", "coverage",
+                                                 "region"])
     atomic_write_csv(out / "samples.csv", samples_df)
     atomic_write_csv(out / "index.csv", index_df)
     if stats is not None:
@@ -481,7 +428,25 @@ def _split_samples(dataset, paths, split: str):
     raise KitError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
 
 
-def run_patches(data, paths, cfg: dict | None = None, splits=SPLITS, skip_bad: bool = False,
+def check_patches_config(cfg: dict) -> None:
+    """KitError unless a resolved patches.yaml is one ``run_patches`` can build."""
+    from kit.data.stain import check_stain_config
+
+    if str(cfg["size"]).strip().lower() == "auto":
+        raise KitError("patches: size auto needs a backbone: ./run.sh patches --backbone NAME "
+                       "(its native size), or give --size")
+    for name in ("size", "stride", "top_k"):
+        try:
+            value = int(cfg[name])
+        except (TypeError, ValueError):
+            value = 0
+        if value < 1 or str(value) != str(cfg[name]).strip():
+            raise KitError(f"patches: {name} must be a whole number >= 1 (got {cfg[name]!r})")
+    check_select(cfg)
+    check_stain_config(cfg["stain_norm"])
+
+
+def run_patches(data, paths, cfg: dict, splits=SPLITS, skip_bad: bool = False,
                 ) -> dict[str, PatchSet]:
     """Build (or reuse) the patch cache of each split.
 
@@ -490,10 +455,10 @@ def run_patches(data, paths, cfg: dict | None = None, splits=SPLITS, skip_bad: b
     data : path or kit.data.dataset.Dataset
         Dataset root, or an already loaded dataset.
     paths : kit.paths.Paths
-        Work directory; writes ``paths.patches_dir(split)``.
-    cfg : dict, optional
-        Overrides of ``kit/conf/patches.yaml`` (``size``, ``stride``, ``top_k``,
-        ``tissue_threshold``, ``pad_value``, ``workers``, ``stain_norm``).
+        Work directory; writes ``paths.patches_dir(split, size)``.
+    cfg : dict
+        The resolved ``kit/conf/patches.yaml`` (``load_config("patches", overrides)``), with
+        a numeric ``size`` (the command resolves ``auto`` from a backbone).
     splits : tuple of str
         ``train`` holds the clean training images only (``kit.data.clean.clean_train_samples``:
         needs ``./run.sh clean`` first); ``test`` every test image.
@@ -502,30 +467,26 @@ def run_patches(data, paths, cfg: dict | None = None, splits=SPLITS, skip_bad: b
     -------
     dict split -> PatchSet
     """
-    from kit.config import load_config
     from kit.data.dataset import Dataset, load_dataset
     from kit.utils import atomic_write_json, write_config
 
-    from kit.data.stain import check_stain_config
-
-    cfg = load_config("patches", cfg)
-    for name in ("size", "stride", "top_k"):
-        if int(cfg[name]) < 1:
-            raise KitError(f"patches: {name} must be >= 1 (got {cfg[name]})")
-    check_stain_config(cfg["stain_norm"])
+    check_patches_config(cfg)
+    cfg = {**cfg, "size": int(cfg["size"])}
     dataset = data if isinstance(data, Dataset) else load_dataset(data, skip_bad=skip_bad)
     workers = n_workers(cfg.get("workers"))
     out_sets = {}
     for split in splits:
         samples = _split_samples(dataset, paths, split)
-        out = paths.patches_dir(split)
+        out = paths.patches_dir(split, cfg["size"])
+        if adopt_legacy(paths, split, cfg["size"]):
+            log.info(f"patches {split}: moved the cache of the old layout to {out}")
         t0 = time.perf_counter()
         key = cache_key(samples, cfg, split, workers)
         shape = (len(samples), cfg["top_k"], cfg["size"], cfg["size"], 3)
         if _cache_valid(out, key, shape):
             log.info(f"patches {split}: cache hit ({out}, {len(samples)} images, "
                      f"{time.perf_counter() - t0:.1f} s)")
-            out_sets[split] = load_patches(paths, split)
+            out_sets[split] = load_patches(paths, split, cfg["size"])
             continue
         (out / "meta.json").unlink(missing_ok=True)  # meta.json is written last: the commit mark
         skipped: list = []
@@ -548,16 +509,17 @@ def run_patches(data, paths, cfg: dict | None = None, splits=SPLITS, skip_bad: b
                   f"for stain normalisation, left as they are: {', '.join(skipped)}",
                   file=sys.stderr)
         log.info(f"patches {split}: built {len(samples)} x {cfg['top_k']} patches of "
-                 f"{cfg['size']} px -> {out} ({time.perf_counter() - t0:.1f} s)")
-        out_sets[split] = load_patches(paths, split)
+                 f"{cfg['size']} px ({cfg['select']}) -> {out} ({time.perf_counter() - t0:.1f} s)")
+        out_sets[split] = load_patches(paths, split, cfg["size"])
     return out_sets
 
 
-def load_patches(paths, split: str) -> PatchSet:
-    """The cached patches of ``split`` (array memory-mapped read-only)."""
+def load_patches(paths, split: str, size: int | None = None) -> PatchSet:
+    """The cached patches of ``split`` cut with ``size`` px windows (array memory-mapped
+    read-only); ``size`` None: the only size cached (:func:`kit.data.caches.pick_size`)."""
     import pandas as pd
 
-    out = paths.patches_dir(split)
+    out = paths.patches_dir(split, pick_size(paths) if size is None else size)
     missing = [name for name in FILES if not (out / name).exists()]
     if missing:
         raise KitError(f"no patch cache at {out} (missing {', '.join(missing)}); "
@@ -568,7 +530,37 @@ def load_patches(paths, split: str) -> PatchSet:
                           keep_default_na=False)
     samples["fallback"] = samples["fallback"].astype(str).str.lower() == "true"
     index = pd.read_csv(out / "index.csv", dtype={"sample_index": str})
+    if "region" not in index.columns:  # written before regions were recorded
+        index["region"] = -1
     if array.shape[0] != len(samples) or len(index) != array.shape[0] * array.shape[1]:
         raise KitError(f"{out}: patches.npy ({array.shape[0]} images) does not match "
                        f"samples.csv ({len(samples)} rows) / index.csv; rerun ./run.sh patches")
-    return PatchSet(array=array, samples=samples, index=index, key=meta.get("key", ""), meta=meta)
+    return PatchSet(array=array, samples=samples, index=index, key=meta.get("key", ""), meta=meta,
+                    folder=out)
+
+
+def find_patches(paths, split: str, key: str) -> PatchSet | None:
+    """The cache of ``split`` whose key is ``key`` (a run's ``patch_keys``), whatever its size;
+    None when no cached size has it."""
+    from kit.data.caches import cached_sizes
+
+    for size in cached_sizes(paths):
+        try:
+            meta = json.loads((paths.patches_dir(split, size) / "meta.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("key") == key:
+            return load_patches(paths, split, size)
+    return None
+
+
+def patches_for(paths, native: int | None = None, size="auto", splits=SPLITS,
+                backbone: str | None = None) -> list[PatchSet]:
+    """The caches a backbone trains on, one per split: the only size cached, else its
+    ``native`` size, or ``size`` when a number (train.yaml ``patches_size``); else a KitError
+    naming the ``./run.sh patches`` command to run (:func:`kit.data.caches.pick_size`)."""
+    chosen = pick_size(paths, native, size, backbone)
+    if native is not None and chosen != int(native) and backbone:
+        log.info(f"{backbone}: training on the {chosen} px patch cache ({backbone}'s native size "
+                 f"is {int(native)} px: ./run.sh patches --backbone {backbone} builds that one)")
+    return [load_patches(paths, split, chosen) for split in splits]

@@ -727,10 +727,10 @@ def write_patch_workdir(root, n_train: int = 24, n_test: int = 8, k: int = 4, si
     y = np.arange(n_train) % len(CLASSES)
     ids = [f"img_{i:04d}.png" for i in range(n_train)]
     labels = [CLASSES[c] for c in y]
-    write_patch_cache(paths.patches_dir("train"), ids, labels,
+    write_patch_cache(paths.patches_dir("train", size), ids, labels,
                       tinted_patches(n_train, k, size, y, rng, signal), key=f"train-{seed}")
     yt = rng.integers(0, len(CLASSES), n_test)
-    write_patch_cache(paths.patches_dir("test"), [f"img_{i:04d}.png" for i in range(n_test)],
+    write_patch_cache(paths.patches_dir("test", size), [f"img_{i:04d}.png" for i in range(n_test)],
                       [""] * n_test, tinted_patches(n_test, k, size, yt, rng, signal),
                       key=f"test-{seed}")
     write_folds(paths, ids, labels, stratified_folds(y, n_folds))

@@ -429,19 +429,22 @@ def _issue_caption(row) -> str:
 def attention_section(paths: Paths, cfg: dict) -> dict:
     """For backbones with an attention head: a few OOF images' patches, each captioned with
     its attention weight (highest first)."""
-    from kit.data.patches import load_patches
+    from kit.data.patches import find_patches, load_patches
 
-    found = {name: d / "attention.csv" for name in backbone_metrics(paths)
+    metrics = backbone_metrics(paths)
+    found = {name: d / "attention.csv" for name in metrics
              if (d := paths.backbone_dir(name)) and (d / "attention.csv").is_file()}
     if not found:
         return {"runs": None, "no_patches": None}
-    try:
-        patches = load_patches(paths, "train")
-    except KitError as exc:
-        return {"runs": [], "no_patches": str(exc)}
-    rows = {s: i for i, s in enumerate(patches.samples.sample_index)}
     runs = []
     for name, path in found.items():
+        # the cache the run trained on (its key), else the only one there is
+        key = (metrics[name].get("patch_keys") or {}).get("train")
+        try:
+            patches = (key and find_patches(paths, "train", key)) or load_patches(paths, "train")
+        except KitError as exc:
+            return {"runs": [], "no_patches": str(exc)}
+        rows = {s: i for i, s in enumerate(patches.samples.sample_index)}
         att = pd.read_csv(path, dtype={"sample_index": str})
         peak = att.groupby("sample_index").weight.max().sort_values(ascending=False, kind="stable")
         shown = [s for s in peak.index if s in rows][:int(cfg["attention_images"])]

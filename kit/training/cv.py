@@ -33,9 +33,10 @@ import pandas as pd
 from kit import CLASSES, PROB_COLUMNS
 from kit.config import Layered
 from kit.data.folds import load_folds
-from kit.data.patches import load_patches
+from kit.data.patches import patches_for
 from kit.metrics import (bootstrap_ci, classification_summary, collapse_reason, format_ci,
                          macro_f1, plot_confusion, prob_frame, weighted_f1)
+from kit.models.backbones import native_size
 from kit.models.heads import PatchClassifier, is_mil, is_mil_config
 from kit.paths import Paths
 from kit.training import fusion, label_issues
@@ -58,7 +59,8 @@ FLOAT_FORMAT = "%.7g"
 # Config keys that change speed, not results: they do not invalidate finished folds.
 # The embedding cache's settings (``features``) are left out too: what changes the vectors (the
 # dtype, autocast) is in the cache key, and the dtype enters the hash on its own.
-_NOT_HASHED = ("num_workers", "eval_batch_size", "features")
+# ``patches_size`` only chooses the cache, whose keys enter the hash themselves.
+_NOT_HASHED = ("num_workers", "eval_batch_size", "features", "patches_size")
 _ASSEMBLED = ("oof.csv", "test.csv", "metrics.json", "confusion.png", "config.yaml",
               "attention.csv", "label_issues.csv")
 
@@ -114,18 +116,21 @@ def resolve_params(spec, paths: Paths, backbone: str, cfg: Layered | None = None
 
 
 # --------------------------------------------------------------------------- inputs
-def _inputs(paths: Paths):
-    """Folds, their hash and both patch caches, checked against each other."""
+def _inputs(paths: Paths, backbone: str, cfg: dict):
+    """Folds, their hash and both patch caches (of the size ``backbone`` trains on), checked
+    against each other."""
 
     folds, folds_sha = load_folds(paths)
-    train = load_patches(paths, "train")
-    test = load_patches(paths, "test")
+    # A fused run reads one cache for all its parts: their native size when they share one.
+    natives = {native_size(part) for part in fusion.split_name(backbone)}
+    native = natives.pop() if len(natives) == 1 else None
+    train, test = patches_for(paths, native, cfg["patches_size"], backbone=backbone)
     rows = pd.Series(np.arange(len(train.samples)), index=train.samples.sample_index.values)
     missing = sorted(set(folds.sample_index) - set(rows.index))
     extra = sorted(set(rows.index) - set(folds.sample_index))
     if missing or extra:
         raise KitError(
-            f"{paths.folds_csv} and the patch cache {paths.patches_dir('train')} list different "
+            f"{paths.folds_csv} and the patch cache {train.folder} list different "
             f"images ({len(missing)} only in folds, {len(extra)} only in patches, e.g. "
             f"{(missing or extra)[0]}); rerun ./run.sh patches and ./run.sh folds --force")
     folds = folds.assign(row=rows.loc[folds.sample_index].values)
@@ -655,7 +660,7 @@ def run_cv(backbone: str, paths: Paths, cfg: Layered | None = None, seed: int = 
                                                         feature_cache, with_source=True)
     cfg = train_config(cfg, params)
     views = tta_views(cfg["tta"])
-    folds, folds_sha, train, test = _inputs(paths)
+    folds, folds_sha, train, test = _inputs(paths, backbone, cfg)
     n_folds = int(folds.fold.max()) + 1
     if fold is not None and not 0 <= int(fold) < n_folds:
         raise KitError(f"--fold {fold}: {paths.folds_csv} has folds 0..{n_folds - 1}")

@@ -12,8 +12,9 @@ import torch
 from kit import CLASSES, PROB_COLUMNS
 from kit.config import Layered, merge
 from kit.data.folds import load_folds
-from kit.data.patches import load_patches
+from kit.data.patches import patches_for
 from kit.metrics import collapse_reason, macro_f1, prob_frame, weighted_f1
+from kit.models.backbones import list_backbones, native_size
 from kit.models.heads import create_head
 from kit.training import label_issues
 from kit.training.build import recalibrate_random
@@ -223,8 +224,11 @@ def prepare(backbone, paths, params: dict | None = None, cfg: Layered | None = N
     tcfg = train_config(cfg, params)
     views = tta_views(tcfg["tta"])
     folds, _ = load_folds(paths)
-    train = load_patches(paths, "train")
-    test = load_patches(paths, "test") if with_test else None
+    name = backbone if isinstance(backbone, str) else getattr(backbone, "name", None)
+    native = native_size(name) if name in list_backbones() else None
+    train, *rest = patches_for(paths, native, tcfg["patches_size"],
+                               ("train", "test") if with_test else ("train",), backbone=name)
+    test = rest[0] if rest else None
     fcfg = merge(tcfg["features"], features_cfg or {}, source="features")
     dev = pick_device(None if fcfg["device"] == "auto" else fcfg["device"]) \
         if device is None else pick_device(device)

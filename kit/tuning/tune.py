@@ -161,13 +161,15 @@ class FullEvaluator:
     def __init__(self, backbone: str, paths, settings: Layered, weights="auto", seed: int = 42,
                  device=None):
         from kit.data.folds import load_folds
-        from kit.data.patches import load_patches
+        from kit.data.patches import patches_for
+        from kit.models.backbones import native_size
 
         folds, _ = load_folds(paths)
         self.n_folds = int(folds.fold.max()) + 1
         self.backbone, self.paths, self.weights = backbone, paths, weights
         self.seed, self.device, self.settings = seed, device, settings
-        self.context = {"patch_key": load_patches(paths, "train").key, "weights": str(weights)}
+        train, = patches_for(paths, native_size(backbone), splits=("train",), backbone=backbone)
+        self.context = {"patch_key": train.key, "weights": str(weights)}
 
     def trial(self, params: dict, name: str):
         from kit import PROB_COLUMNS
