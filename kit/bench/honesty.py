@@ -468,10 +468,13 @@ def summarise(runs: list[dict], blends: list[dict], modes, paths) -> list[dict]:
     return rows
 
 
+def num(v, fmt: str) -> str:
+    """``v`` formatted, or ``-`` when missing (None or NaN): the benches' table cells."""
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
 def format_table(result: dict) -> str:
     """The summary as text: path x mode -> OOF, test, |OOF - test|, OOF - test, seconds."""
-    def num(v, fmt):
-        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
     seeds = result["seeds"]
     lines = [f"bench honesty ({result['preset']}): {BACKBONE}, {len(seeds)} seed(s) "

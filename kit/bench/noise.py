@@ -589,8 +589,7 @@ def _ci(ci) -> str:
 
 def format_table(result: dict) -> str:
     """The summary as text: one block per regime, then the per-seed values and the checks."""
-    def num(v, fmt):
-        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+    from kit.bench.honesty import num
 
     seeds = result["seeds"]
     noise = result["settings"]["noise"]

@@ -25,6 +25,8 @@ import shutil
 import time
 from pathlib import Path
 
+from kit.config import train_settings
+
 BACKBONE = "tiny_cnn"
 BASELINE = "top_k"
 ARMS = (BASELINE, "per_region")
@@ -171,7 +173,7 @@ def score_arm(arm: str, regime: str, paths, data, truth: dict, preset, seed: int
     from kit.training.cv import run_cv
 
     t0, c0 = time.perf_counter(), _cpu_seconds()
-    metrics = run_cv(BACKBONE, paths, cfg={**FROZEN, **preset.train}, seed=seed,
+    metrics = run_cv(BACKBONE, paths, train_settings({**FROZEN, **preset.train}), seed=seed,
                      weights=standin["file"], params="none", restart=True, device=device)
     wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     test = _read(paths.backbone_dir(BACKBONE) / "test.csv")
@@ -265,10 +267,8 @@ def summarise(runs: list[dict], regimes) -> list[dict]:
 
 def format_table(result: dict) -> str:
     """The summary as text: one block per regime."""
+    from kit.bench.honesty import num
     from kit.bench.noise import _ci
-
-    def num(v, fmt):
-        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
     seeds = result["seeds"]
     lines = [f"bench regions ({result['preset']}): {BACKBONE} stand-in, frozen, heads on cached "
