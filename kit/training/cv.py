@@ -43,7 +43,7 @@ from kit.training import fusion, label_issues
 from kit.training.build import build_model, recalibrate_random
 from kit.training.checkpoints import save_checkpoint
 from kit.training.device import is_oom, pick_device
-from kit.training.features import cache_views, frozen_backbone
+from kit.training.features import cache_backbone, cache_views
 from kit.training.fold import features_cv, prepare, train_bag
 from kit.training.params import resolve
 from kit.training.selection import early_stopping_mode, is_honest
@@ -415,12 +415,7 @@ def _frozen_features(ctx: CVRun):
     features.FeatureCV`): the feature-cache path's inputs, and the inner models' of
     label_issues on the pixel path."""
     cfg = ctx.cfg
-    bb = frozen_backbone(ctx.backbone, cfg, ctx.weights, ctx.seed,
-                                  patch_size=int(ctx.train.array.shape[2]))
-    if int(cfg.get("input_size") or 0) > 0:
-        bb.input_size = int(cfg["input_size"])  # as build_model: the embeddings use it too
-    # All training images (pixels, no labels) so that every fold shares one cache, as tune's.
-    recalibrate_random(bb, cfg, ctx.train.array, None, ctx.device, data_key=ctx.train.key)
+    bb = cache_backbone(ctx.backbone, cfg, ctx.train, ctx.weights, ctx.seed, ctx.device)
     try:
         fcv = prepare(bb, ctx.paths, cfg=Layered(cfg), seed=ctx.seed, device=ctx.device)
     except RuntimeError as exc:  # torch.OutOfMemoryError is one

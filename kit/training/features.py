@@ -18,6 +18,7 @@ import torch
 from kit.config import given
 from kit.models.backbones import create_backbone, freeze_backbone
 from kit.models.normalize import normalize_batch
+from kit.training.build import recalibrate_random
 from kit.training.checkpoints import weights_digest
 from kit.training.device import amp_dtype, pick_device
 from kit.training.tta import apply_view
@@ -222,3 +223,16 @@ def frozen_backbone(backbone: str, cfg: dict, weights="auto", seed: int = 42,
                          phikon_mode=cfg.get("phikon_mode", "resize"))
     freeze_backbone(bb, train_norm=(), unfreeze_last=0)
     return bb.eval()
+
+
+def cache_backbone(backbone: str, cfg: dict, train, weights="auto", seed: int = 42,
+                   device="cpu"):
+    """The backbone whose embeddings a cache holds, built the one way cv, tune and fusion
+    share: frozen whole (:func:`frozen_backbone`) at ``train``'s patch size, ``input_size``
+    as the config says, and AdaBN for random weights on every training patch (pixels, no
+    labels), so that every fold and trial reads one cache."""
+    bb = frozen_backbone(backbone, cfg, weights, seed, patch_size=int(train.array.shape[2]))
+    if int(cfg.get("input_size") or 0) > 0:
+        bb.input_size = int(cfg["input_size"])  # as build_model: the embeddings use it too
+    recalibrate_random(bb, cfg, train.array, None, device, data_key=train.key)
+    return bb

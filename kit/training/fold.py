@@ -17,10 +17,9 @@ from kit.metrics import collapse_reason, macro_f1, prob_frame, weighted_f1
 from kit.models.backbones import list_backbones, native_size
 from kit.models.heads import create_head
 from kit.training import label_issues
-from kit.training.build import recalibrate_random
 from kit.training.device import pick_device
 from kit.training.checkpoints import weights_digest
-from kit.training.features import Features, frozen_backbone, load_or_embed
+from kit.training.features import Features, cache_backbone, load_or_embed
 from kit.training.selection import member_seed
 from kit.training.settings import train_config, tta_views
 from kit.training.sources import FeatureSource, as_tensor, image_probs_from_features, row_tensor, threads
@@ -233,11 +232,7 @@ def prepare(backbone, paths, params: dict | None = None, cfg: Layered | None = N
     dev = pick_device(None if fcfg["device"] == "auto" else fcfg["device"]) \
         if device is None else pick_device(device)
     if isinstance(backbone, str):
-        backbone = frozen_backbone(backbone, tcfg, weights, seed,
-                                   patch_size=int(train.array.shape[2]))
-        if int(tcfg.get("input_size") or 0) > 0:
-            backbone.input_size = int(tcfg["input_size"])  # as cv builds it
-        recalibrate_random(backbone, tcfg, train.array, None, dev, data_key=train.key)
+        backbone = cache_backbone(backbone, tcfg, train, weights, seed, dev)
     digest = weights_digest(backbone)
     ftrain = load_or_embed(backbone, train, paths, "train", views, fcfg, dev, digest)
     ftest = load_or_embed(backbone, test, paths, "test", views, fcfg, dev, digest) \

@@ -12,9 +12,8 @@ import torch
 from kit.config import Layered
 from kit.models.backbones import Backbone, list_backbones
 from kit.models.normalize import normalize_batch
-from kit.training.build import recalibrate_random
 from kit.training.checkpoints import weights_digest
-from kit.training.features import Features, cache_key, frozen_backbone, load_or_embed
+from kit.training.features import Features, cache_backbone, cache_key, load_or_embed
 from kit.training.fold import FeatureCV
 from kit.utils import KitError, sha256_text
 
@@ -166,10 +165,7 @@ def build(name: str, weights, cfg: dict, path: str, views, train, test, seed: in
     wts = part_weights(parts, weights)
     backbones, digests, keys = {}, {}, {}
     for p in parts:
-        bb = frozen_backbone(p, cfg, wts[p], seed, patch_size=int(train.array.shape[2]))
-        if int(cfg.get("input_size") or 0) > 0:
-            bb.input_size = int(cfg["input_size"])
-        recalibrate_random(bb, cfg, train.array, None, device, data_key=train.key)
+        bb = cache_backbone(p, cfg, train, wts[p], seed, device)
         backbones[p], digests[p] = bb, weights_digest(bb)
         keys[p] = {split: cache_key(bb, ps, views, cfg["features"], device, digests[p])
                    for split, ps in (("train", train), ("test", test))}
