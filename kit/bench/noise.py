@@ -145,6 +145,16 @@ def _presets() -> dict[str, Preset]:
     }
 
 
+def regime_arguments(parser) -> None:
+    """``--seeds`` and ``--regimes``: the options of a bench that scores each generated set
+    in the hard and the easy regime (bench noise, bench regions)."""
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="independently generated sets per regime (default: 3)")
+    parser.add_argument("--regimes", default=",".join(REGIMES),
+                        help="hard (label noise near the leaderboard's level) and/or easy "
+                             "(bench honesty's data) (default: hard,easy)")
+
+
 def add_arguments(parser):
     from kit.bench.honesty import generated_data_arguments
 
@@ -153,15 +163,11 @@ def add_arguments(parser):
                         help="quick: 100/120 small scans, 3 folds, 8 epochs (minutes on a CPU); "
                              "standard: the v2 counts (691/477) on 256 px scans, 5 folds, "
                              "default training (about an hour on a CPU) (default: quick)")
-    parser.add_argument("--seeds", type=int, default=None,
-                        help="independently generated sets per regime (default: 3)")
+    regime_arguments(parser)
     parser.add_argument("--arms", default=",".join(ARMS),
                         help=f"levers, comma-separated, of {', '.join(ARMS)}; the baseline is "
                              f"always run; oracle is a bound (the baseline trained on the labels "
                              f"the generator drew) (default: all)")
-    parser.add_argument("--regimes", default=",".join(REGIMES),
-                        help="hard (label noise near the leaderboard's level) and/or easy "
-                             "(bench honesty's data) (default: hard,easy)")
     parser.add_argument("--hard-noise", type=float, default=None,
                         help=f"label_noise of the hard regime (default: {HARD_NOISE}, "
                              "calibrated so the baseline scores ~0.5 on test)")

@@ -25,12 +25,12 @@ import shutil
 import time
 from pathlib import Path
 
+from kit.bench.noise import REGIMES, regime_arguments
 from kit.config import train_settings
 
 BACKBONE = "tiny_cnn"
 BASELINE = "top_k"
 ARMS = (BASELINE, "per_region")
-REGIMES = ("hard", "easy")
 
 
 def _presets() -> dict:
@@ -63,11 +63,7 @@ def add_arguments(parser):
                         help="quick: 100/120 small scans, 3 folds (minutes on a CPU); standard: "
                              "the v2 counts (691/477) on 256 px scans, 5 folds (an hour or more) "
                              "(default: quick)")
-    parser.add_argument("--seeds", type=int, default=None,
-                        help="independently generated sets per regime (default: 3)")
-    parser.add_argument("--regimes", default=",".join(REGIMES),
-                        help="hard (label noise near the leaderboard's level) and/or easy "
-                             "(default: hard,easy)")
+    regime_arguments(parser)
     parser.add_argument("--min-region-px", type=int, default=None, dest="min_region_px",
                         help="per_region's least region area in pixels (default: patches.yaml's)")
 
