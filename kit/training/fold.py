@@ -87,11 +87,12 @@ class FeatureCV:
     any order.
     """
     def __init__(self, train: Features, folds: pd.DataFrame, cfg: dict, views,
-                 test: Features | None = None, device="cpu", seed: int = 42, threads: int = 1):
+                 test: Features | None = None, device="cpu", seed: int = 42, threads: int = 1,
+                 settings: Layered | None = None):
 
         self.cfg, self.seed, self.device = cfg, int(seed), torch.device(device)
-        # What configure() resolves params against: prepare() sets the command's settings.
-        self.settings = Layered(cfg)
+        # What configure() resolves params against: the command's settings, else cfg itself.
+        self.settings = settings if settings is not None else Layered(cfg)
         self.threads = int(threads) if self.device.type == "cpu" else 0
         self.views = tuple(views)  # the config's TTA views, averaged in the predictions
         self.view_idx = [train.views.index(v) for v in self.views]
@@ -237,9 +238,7 @@ def prepare(backbone, paths, params: dict | None = None, cfg: Layered | None = N
     ftrain = load_or_embed(backbone, train, paths, "train", views, fcfg, dev, digest)
     ftest = load_or_embed(backbone, test, paths, "test", views, fcfg, dev, digest) \
         if test is not None else None
-    fcv = FeatureCV(ftrain, folds, tcfg, views, ftest, dev, seed, int(fcfg["threads"]))
-    fcv.settings = cfg
-    return fcv
+    return FeatureCV(ftrain, folds, tcfg, views, ftest, dev, seed, int(fcfg["threads"]), cfg)
 
 
 @dataclass
