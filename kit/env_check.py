@@ -49,6 +49,7 @@ RUNTIME = {
     "imagehash": "4.3",
     "jinja2": "3.1",
     "filelock": "3.12",
+    "pydantic": "2.6",
 }
 # What `./run.sh test` needs on top (pyproject's `dev` extra).
 DEV = {
@@ -59,6 +60,7 @@ DEV = {
     "nbclient": "0.10",
     "nbformat": "5.10",
     "ipykernel": "6.29",
+    "ruff": "0.17",
 }
 # Named in the one-line summary; the rest are counted.
 HEADLINE = ("torch", "torchvision", "timm", "transformers")
