@@ -29,6 +29,7 @@ COMMANDS = {
     "submit": "upload a submission file to Kaggle",
     "reproduce": "re-run a blend from its manifest and check the CSV is byte-identical",
     "report": "write runs/report.html summarising data, CV, blend and submissions",
+    "config": "every setting: its default, allowed values and description (kit/conf/)",
     "bench": "benchmarks: patches | train | tune | blend | gpu | honesty",
 }
 
