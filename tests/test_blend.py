@@ -306,7 +306,7 @@ def test_prior_em_is_printed_recorded_and_reproduced(tmp_path, capsys):
     assert reproduce(paths.submissions_dir / "latest.json").identical
     assert main(["blend", "--data", str(data), "--workdir", str(paths.root),
                  "--set", "prior=mixed"]) == 2
-    assert "prior must be one of train, em" in capsys.readouterr().err
+    assert "prior = 'mixed' is not allowed: one of train, em" in capsys.readouterr().err
 
 
 def test_prior_em_keeps_the_training_mix_without_a_clear_shift(workdir, capsys):

@@ -221,7 +221,7 @@ def test_inner_keeps_its_best_epoch_and_refit_retrains_that_many_on_everything(d
     assert len(again) == inner.best_epoch and refit.selection["n_fit"] == len(_split()[0])
     none = _fit(data, _cfg(epochs=3, early_stopping="none"), seed=1)
     assert none.best_epoch == none.epochs == 3 and none.best_score != none.best_score  # NaN
-    with pytest.raises(KitError, match="early_stopping must be"):
+    with pytest.raises(KitError, match="early_stopping = 'best' is not allowed: one of auto"):
         _fit(data, _cfg(early_stopping="best"), seed=1)
 
 

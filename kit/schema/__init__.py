@@ -174,3 +174,18 @@ def describe(group: str, defaults: dict) -> list[tuple[str, Any, str, str]]:
 
     walk(GROUPS[group], defaults, "")
     return rows
+
+
+def path_free(dotted: str, group: str = "train") -> bool:
+    """Whether a training setting means the same on both training paths (declared by
+    ``key(..., path_free=...)``; the innermost declaration wins, undeclared keys are bound)."""
+    model, free = GROUPS[group], False
+    for part in dotted.split("."):
+        info = model.model_fields.get(part) if model is not None else None
+        if info is None:
+            break
+        marker = (info.json_schema_extra or {}).get("path_free")
+        free = free if marker is None else marker
+        sub = info.annotation
+        model = sub if isinstance(sub, type) and issubclass(sub, BaseModel) else None
+    return free

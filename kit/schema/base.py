@@ -11,6 +11,12 @@ class Group(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=False)
 
 
-def key(description: str):
-    """A required field with its one-line description."""
-    return Field(description=description)
+def key(description: str, *, path_free: bool | None = None):
+    """A required field with its one-line description.
+
+    ``path_free`` (training settings): whether the key means the same on both training paths
+    (pixels, cached embeddings), so that a value tuned on one carries to the other
+    (:mod:`kit.training.params`); on a section it holds for its keys unless one says otherwise.
+    """
+    extra = None if path_free is None else {"path_free": path_free}
+    return Field(description=description, json_schema_extra=extra)

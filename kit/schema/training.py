@@ -87,7 +87,8 @@ class Head(Group):
 
     type: Annotated[Literal["mlp", "logreg"],
                     BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v)] = key(
-        "mlp (the layers below) | logreg (linear probe, cached embeddings only)")
+        "mlp (the layers below) | logreg (linear probe, cached embeddings only)",
+        path_free=False)
     standardize: bool = key("standardise features with the fold's training statistics")
     pool: Literal["mean_prob", "mean_logprob", "attention"] = key(
         "how an image's patches make one prediction")
@@ -103,7 +104,7 @@ class Train(Group):
 
     epochs: PositiveInt = key("training epochs per fold (the most, with early stopping)")
     batch_size: PositiveInt = key("training batch size (lower it on out-of-memory)")
-    eval_batch_size: NonNegativeInt = key("prediction batch size; 0 = 2 x batch_size")
+    eval_batch_size: NonNegativeInt = key("prediction batch size; 0 = 2 x batch_size", path_free=True)
     lr: between(0, low_open=True) = key("AdamW learning rate of the head")
     weight_decay: NonNegative = key("AdamW weight decay")
     warmup_epochs: NonNegative = key("linear warm-up epochs before the cosine decay")
@@ -111,34 +112,34 @@ class Train(Group):
     patience: NonNegativeInt = key("epochs without a better validation score before "
                                    "stopping; 0 = never")
     early_stopping: Literal["auto", "inner", "refit", "none", "oof"] = key(
-        "how a fold chooses its epoch (oof: optimistic scores)")
-    inner_folds: between(2, kind=Int) = key("folds of the inner split early stopping uses")
+        "how a fold chooses its epoch (oof: optimistic scores)", path_free=True)
+    inner_folds: between(2, kind=Int) = key("folds of the inner split early stopping uses", path_free=True)
     num_workers: Literal["auto"] | NonNegativeInt = key(
-        "DataLoader processes (auto: 0 on CPU/MPS, up to 8 on CUDA)")
-    amp: Amp = key("mixed precision (auto: bf16/fp16 on CUDA, off on CPU/MPS)")
-    channels_last: Literal["auto"] | bool = key("channels_last memory format (auto: on CUDA)")
-    label_smoothing: between(0, 1, high_open=True) = key("label smoothing of the targets")
+        "DataLoader processes (auto: 0 on CPU/MPS, up to 8 on CUDA)", path_free=True)
+    amp: Amp = key("mixed precision (auto: bf16/fp16 on CUDA, off on CPU/MPS)", path_free=True)
+    channels_last: Literal["auto"] | bool = key("channels_last memory format (auto: on CUDA)", path_free=True)
+    label_smoothing: between(0, 1, high_open=True) = key("label smoothing of the targets", path_free=True)
     class_balance: Literal["none", "loss", "sampler"] = key(
-        "class imbalance: none | class-weighted loss | balanced sampler")
-    tta: Views = key("test-time views: flips | dihedral | none, or a list of views")
-    bag: PositiveInt = key("heads trained per fold with their own seeds, averaged")
-    label_issues: LabelIssues = key("suspected label errors, found inside each fold")
-    head: Head = key("the classifier head")
+        "class imbalance: none | class-weighted loss | balanced sampler", path_free=True)
+    tta: Views = key("test-time views: flips | dihedral | none, or a list of views", path_free=True)
+    bag: PositiveInt = key("heads trained per fold with their own seeds, averaged", path_free=True)
+    label_issues: LabelIssues = key("suspected label errors, found inside each fold", path_free=True)
+    head: Head = key("the classifier head", path_free=True)
     train_norm: TrainNorm = key(
-        "backbone norm layers left trainable: batchnorm, groupnorm, layernorm (empty: none)")
-    unfreeze_last: NonNegativeInt = key("backbone blocks trained from the end")
+        "backbone norm layers left trainable: batchnorm, groupnorm, layernorm (empty: none)", path_free=True)
+    unfreeze_last: NonNegativeInt = key("backbone blocks trained from the end", path_free=True)
     unfreeze_schedule: Schedule = key(
-        "gradual unfreezing: {epoch: blocks}, \"0:0,3:1,10:all\", \"gradual:K[:N]\"; [] = off")
+        "gradual unfreezing: {epoch: blocks}, \"0:0,3:1,10:all\", \"gradual:K[:N]\"; [] = off", path_free=True)
     lr_decay: between(0, 1, low_open=True) = key(
         "layer-wise lr decay: block -j trains at lr * lr_decay^j; 1 = off")
-    input_size: NonNegativeInt = key("side patches are resized to; 0 = the backbone's own")
+    input_size: NonNegativeInt = key("side patches are resized to; 0 = the backbone's own", path_free=True)
     patches_size: Literal["auto"] | PositiveInt = key(
         "the patch cache to train on: auto or a window size in px")
     phikon_mode: Literal["resize", "interpolate"] = key(
-        "ViTs on small patches: resize to 224 | interpolate position embeddings")
+        "ViTs on small patches: resize to 224 | interpolate position embeddings", path_free=True)
     recalibrate_bn: Literal["auto"] | bool = key(
         "AdaBN before training (auto: for random weights only)")
     checkpoint: Literal["auto", "full", "trainable"] = key(
-        "fold checkpoint contents (auto: whole model for random weights)")
-    augment: Augment = key("patch augmentation (augment.yaml)")
+        "fold checkpoint contents (auto: whole model for random weights)", path_free=True)
+    augment: Augment = key("patch augmentation (augment.yaml)", path_free=True)
     features: Features = key("the embedding cache (features.yaml)")
