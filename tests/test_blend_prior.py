@@ -207,7 +207,7 @@ def test_prior_em_without_biases_adjusts_only():
 
 def test_unknown_prior_is_refused():
     p = synthetic_problem(60, 2, seed=0)
-    with pytest.raises(KitError, match="prior must be one of train, em, got 'test'"):
+    with pytest.raises(KitError, match="prior = 'test' is not allowed: one of train, em"):
         BlendSearch(cfg=load_config("blend", {"prior": "test"})).fit(p["oof"], p["y"], p["folds"])
 
 

@@ -148,9 +148,9 @@ def test_run_patches_per_region_caches_regions_under_its_own_key(planted_ds):
     other = run_patches(root, paths, load_config("patches", {**cfg, "select": "per_region",
                                                              "min_region_px": 2}))["train"]
     assert other.key != train.key and 4 in set(other.index.region)
-    with pytest.raises(KitError, match="select must be one of top_k, per_region"):
+    with pytest.raises(KitError, match="select = 'regions' is not allowed: one of top_k, per_region"):
         run_patches(root, paths, load_config("patches", {**cfg, "select": "regions"}))
-    with pytest.raises(KitError, match="min_region_px must be >= 1"):
+    with pytest.raises(KitError, match="min_region_px = .* is not allowed: an integer >= 1"):
         run_patches(root, paths, load_config("patches", {**cfg, "min_region_px": 0}))
 
 

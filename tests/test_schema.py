@@ -56,7 +56,7 @@ def test_a_key_the_schema_lacks_fails(group):
 
 
 @pytest.mark.parametrize("sets, message", [
-    ({"lr": "abc"}, r"train: lr = 'abc' is not allowed: a number > 0"),
+    ({"lr": "abc"}, r"train: lr = 'abc' is not allowed: a number >= 0"),
     ({"epochs": -3}, r"train: epochs = -3 is not allowed: an integer >= 1"),
     ({"epochs": True}, r"train: epochs = True is not allowed: an integer >= 1"),
     ({"batch_size": 0}, r"train: batch_size = 0 is not allowed: an integer >= 1"),

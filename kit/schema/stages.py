@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import model_validator
 
 from kit.schema.base import Group, key
-from kit.schema.values import (Float, Int, NonNegative, NonNegativeInt, Pixel, PositiveInt,
+from kit.schema.values import (Bool, Float, Int, NonNegative, NonNegativeInt, Pixel, PositiveInt,
                               Probability, between)
 
 
@@ -27,8 +27,10 @@ class Cartoon(Group):
     smooth_gradient: NonNegative = key("a pixel is smooth below this local gradient (grey "
                                        "levels)")
     colour_weight: Probability = key("weight of the hue share in the score (rest: smoothness)")
-    strict: Probability = key("flag without help from duplicate masks above this score")
-    paired: Probability = key("in a group sharing a mask file, flag members above this")
+    strict: NonNegative = key("flag without help from duplicate masks above this score (> 1: "
+                              "never)")
+    paired: NonNegative = key("in a group sharing a mask file, flag members above this (> 1: "
+                              "never)")
 
 
 class NearDuplicates(Group):
@@ -100,7 +102,7 @@ class Blend(Group):
     init: Literal["equal", "best", "both"] = key("start of the greedy path")
     init_size: PositiveInt = key("init best: the number of best single runs to start from")
     bags: NonNegativeInt = key("bootstrap resamples whose weights are averaged; 0 = off")
-    biases: bool = key("tune per-class additive biases on log p")
+    biases: Bool = key("tune per-class additive biases on log p")
     bias_low: Float = key("lowest bias of the grid")
     bias_high: Float = key("highest bias of the grid")
     bias_steps: between(2, kind=Int) = key("grid points between bias_low and bias_high")
@@ -160,7 +162,7 @@ class Submit(Group):
     """Uploading to Kaggle."""
 
     competition: str = key("Kaggle competition slug (a manifest's competition wins)")
-    poll_interval: between(1) = key("--wait: seconds between status polls")
+    poll_interval: between(0, low_open=True) = key("--wait: seconds between status polls")
     wait_timeout: NonNegative = key("--wait: seconds to wait for a score")
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BeforeValidator
 
 from kit.schema.base import Group, key
-from kit.schema.values import (Int, NonNegative, NonNegativeInt, PositiveInt, Probability,
+from kit.schema.values import (Bool, Int, NonNegative, NonNegativeInt, PositiveInt, Probability,
                               Schedule, Views, between, off_or)
 
 Amp = Annotated[Literal["auto", "off", "bf16", "fp16"],
@@ -33,9 +33,9 @@ TrainNorm = Annotated[list[NormKind] | str | None, AfterValidator(_norm_kinds)]
 
 class ColorJitter(Group):
     p: Probability = key("probability that a patch is jittered")
-    brightness: between(0, 1) = key("brightness factor drawn in [1 - s, 1 + s]")
-    contrast: between(0, 1) = key("contrast factor drawn in [1 - s, 1 + s]")
-    saturation: between(0, 1) = key("saturation factor drawn in [1 - s, 1 + s]")
+    brightness: between(0, 1, high_open=True) = key("brightness factor drawn in [1 - s, 1 + s]")
+    contrast: between(0, 1, high_open=True) = key("contrast factor drawn in [1 - s, 1 + s]")
+    saturation: between(0, 1, high_open=True) = key("saturation factor drawn in [1 - s, 1 + s]")
     hue: between(0, 0.5) = key("hue shift in [-hue, hue], a fraction of the colour wheel")
 
 
@@ -44,10 +44,12 @@ class HEStain(Group):
     method: Literal["random_preset", "preset", "macenko", "vahadane"] = key(
         "stain matrix: one of the published presets at random, the named preset, or the "
         "patch's own (macenko, vahadane: slower)")
-    preset: str = key("the preset matrix with method preset")
+    preset: Literal["ruifrok", "macenko", "standard", "high_contrast", "h_heavy", "e_heavy",
+                    "dark", "light"] = key("the preset matrix with method preset "
+                                           "(albumentations' published matrices)")
     scale: between(0, 0.5) = key("each stain's concentration times a factor in [1-s, 1+s]")
     shift: between(0, 0.3) = key("each stain's concentration shifted in [-shift, shift]")
-    augment_background: bool = key("jitter background pixels too")
+    augment_background: Bool = key("jitter background pixels too")
 
 
 class Augment(Group):
@@ -89,7 +91,7 @@ class Head(Group):
                     BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v)] = key(
         "mlp (the layers below) | logreg (linear probe, cached embeddings only)",
         path_free=False)
-    standardize: bool = key("standardise features with the fold's training statistics")
+    standardize: Bool = key("standardise features with the fold's training statistics")
     pool: Literal["mean_prob", "mean_logprob", "attention"] = key(
         "how an image's patches make one prediction")
     depth: NonNegativeInt = key("hidden layers of the MLP (0 = linear)")
@@ -105,7 +107,7 @@ class Train(Group):
     epochs: PositiveInt = key("training epochs per fold (the most, with early stopping)")
     batch_size: PositiveInt = key("training batch size (lower it on out-of-memory)")
     eval_batch_size: NonNegativeInt = key("prediction batch size; 0 = 2 x batch_size", path_free=True)
-    lr: between(0, low_open=True) = key("AdamW learning rate of the head")
+    lr: NonNegative = key("AdamW learning rate of the head (0: nothing moves)")
     weight_decay: NonNegative = key("AdamW weight decay")
     warmup_epochs: NonNegative = key("linear warm-up epochs before the cosine decay")
     min_lr_ratio: Probability = key("the cosine decay ends at lr * min_lr_ratio")
@@ -117,7 +119,7 @@ class Train(Group):
     num_workers: Literal["auto"] | NonNegativeInt = key(
         "DataLoader processes (auto: 0 on CPU/MPS, up to 8 on CUDA)", path_free=True)
     amp: Amp = key("mixed precision (auto: bf16/fp16 on CUDA, off on CPU/MPS)", path_free=True)
-    channels_last: Literal["auto"] | bool = key("channels_last memory format (auto: on CUDA)", path_free=True)
+    channels_last: Literal["auto"] | Bool = key("channels_last memory format (auto: on CUDA)", path_free=True)
     label_smoothing: between(0, 1, high_open=True) = key("label smoothing of the targets", path_free=True)
     class_balance: Literal["none", "loss", "sampler"] = key(
         "class imbalance: none | class-weighted loss | balanced sampler", path_free=True)
@@ -137,7 +139,7 @@ class Train(Group):
         "the patch cache to train on: auto or a window size in px")
     phikon_mode: Literal["resize", "interpolate"] = key(
         "ViTs on small patches: resize to 224 | interpolate position embeddings", path_free=True)
-    recalibrate_bn: Literal["auto"] | bool = key(
+    recalibrate_bn: Literal["auto"] | Bool = key(
         "AdaBN before training (auto: for random weights only)")
     checkpoint: Literal["auto", "full", "trainable"] = key(
         "fold checkpoint contents (auto: whole model for random weights)", path_free=True)

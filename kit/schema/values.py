@@ -20,6 +20,7 @@ def _no_bool(value):
 
 
 Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]  # "yes" is a string here: YAML has already read its true/false
 Float = Annotated[float, BeforeValidator(_no_bool)]
 
 
