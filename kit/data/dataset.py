@@ -429,9 +429,12 @@ def _list_split(root: Path, task: Task, split: str, fatal: list[str], problems: 
             f"{mask}: mask has no image{expected}{task.cite(f'masks.{split}')}")
     for label, ids in sorted(bad_classes.items()):
         where = root / pattern_folder(image_pattern) / label
+        guess = suggest_label(label, task.classes)
+        fix = (f"did you mean {guess!r}? rename the folder" if guess else
+               f"allowed: {', '.join(task.classes)}; rename the folder or add the class")
         problems.setdefault((split, f"{where}/"), []).append(
-            f"{where}: folder {label!r} is not a class ({len(ids)} images); "
-            f"{_unknown_label_fix(label, task)}; or rename the folder")
+            f"{where}: folder {label!r} is not a class ({len(ids)} images); {fix}"
+            f"{task.cite('classes')}")
     return samples, unmatched
 
 
