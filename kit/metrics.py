@@ -263,10 +263,10 @@ def _boot_indices(n: int, n_boot: int, seed) -> np.ndarray:
     return check_random_state(seed).integers(0, n, size=(int(n_boot), n))
 
 
-def _classes_for(classes, num_classes: int):
-    # Indices need only a count; label strings need the names (the kit's by default).
-    return CLASSES if classes is None and num_classes == len(CLASSES) else (
-        classes if classes is not None else tuple(str(i) for i in range(num_classes)))
+def _classes_for(classes, num_classes: int) -> tuple[tuple, int]:
+    """The names label strings are looked up in, and the class count: a task's classes, or
+    the kit's names with ``num_classes``."""
+    return (CLASSES, num_classes) if classes is None else (tuple(classes), len(classes))
 
 
 def bootstrap_ci(y_true, y_pred, n_boot: int = N_BOOT, seed=BOOT_SEED, level: float = 0.95,
@@ -297,14 +297,14 @@ def bootstrap_ci(y_true, y_pred, n_boot: int = N_BOOT, seed=BOOT_SEED, level: fl
     (lo, hi) : floats; ``(nan, nan)`` for no images.
     """
     m = get_metric(metric)
-    names = _classes_for(classes, num_classes)
+    names, c = _classes_for(classes, num_classes)
     y, pred = to_indices(y_true, names), to_indices(y_pred, names)
     if len(y) != len(pred):  # indexing both with the same rows would pair other images
         raise ValueError(f"bootstrap_ci: {len(y)} labels but {len(pred)} predictions")
     if len(y) == 0:
         return float("nan"), float("nan")
     idx = _boot_indices(len(y), n_boot, seed)
-    scores = m.batch(pred[idx], y[idx], len(names))
+    scores = m.batch(pred[idx], y[idx], c)
     a = (1 - level) / 2
     lo, hi = np.quantile(scores, [a, 1 - a])
     return float(lo), float(hi)
@@ -326,14 +326,13 @@ def paired_bootstrap(y_true, pred_a, pred_b, n_boot: int = N_BOOT, seed=BOOT_SEE
         ``p_b_better`` (share of resamples where B scores above A; ties count half), ``n``.
     """
     m = get_metric(metric)
-    names = _classes_for(classes, num_classes)
+    names, c = _classes_for(classes, num_classes)
     y, pa, pb = to_indices(y_true, names), to_indices(pred_a, names), to_indices(pred_b, names)
     if not len(y) == len(pa) == len(pb):
         raise ValueError(f"paired_bootstrap: {len(y)} labels, {len(pa)} and {len(pb)} "
                          "predictions")
     if len(y) == 0:
         raise ValueError("paired_bootstrap: no images to compare")
-    c = len(names)
     idx = _boot_indices(len(y), n_boot, seed)
     fa = m.batch(pa[idx], y[idx], c)
     fb = m.batch(pb[idx], y[idx], c)
