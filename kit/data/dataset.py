@@ -402,10 +402,11 @@ def _list_split(root: Path, task: Task, split: str, fatal: list[str], problems: 
             rel = getattr(task.masks, split).format(**fields)
             claimed.add(rel)
             mask = root / rel
-            if rel not in mask_files:
-                if not masks_missing:
-                    found.append(f"{path}: image has no mask (expected {mask})"
-                                 f"{task.cite(f'masks.{split}')}")
+            if masks_missing:  # the fatal line says it; listed so its row is not "imageless"
+                samples.append(Sample(sid, path, None, label))
+            elif rel not in mask_files:
+                found.append(f"{path}: image has no mask (expected {mask})"
+                             f"{task.cite(f'masks.{split}')}")
             else:
                 img_size = _image_size(path, found, check_pixels)
                 mask_size = _image_size(mask, found, check_pixels)
