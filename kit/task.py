@@ -26,9 +26,9 @@ import hashlib
 import json
 import re
 import string
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag,
                       ValidationError, field_validator, model_validator)
@@ -98,7 +98,7 @@ def _labels_kind(value: Any) -> str | None:
     return None
 
 
-Labels = Annotated[Union[Annotated[CsvLabels, Tag("csv")], Annotated[FolderLabels, Tag("folders")]],
+Labels = Annotated[Annotated[CsvLabels, Tag("csv")] | Annotated[FolderLabels, Tag("folders")],
                    Discriminator(_labels_kind, custom_error_type="labels_form",
                                  custom_error_message="expected a mapping: {file, id, label} "
                                                       "(group optional) or {from: folders}")]
@@ -391,7 +391,7 @@ class Task(_Strict):
 
 
 # ------------------------------------------------------------------------- path patterns
-@lru_cache(maxsize=None)
+@cache
 def pattern_fields(pattern: str) -> tuple[str, ...]:
     """The ``{fields}`` of a path pattern, each once, in order of appearance.
 
@@ -423,7 +423,7 @@ def _safe_fields(pattern: str) -> tuple[str, ...]:
         return ()
 
 
-@lru_cache(maxsize=None)
+@cache
 def pattern_regex(pattern: str) -> re.Pattern:
     """A regex matching the relative paths ``pattern`` describes; each field a named group
     of one path component (a repeated field must repeat its value)."""
@@ -458,7 +458,7 @@ def pattern_folder(pattern: str) -> str:
     return head.rsplit("/", 1)[0] if "/" in head else ""
 
 
-@lru_cache(maxsize=None)
+@cache
 def _id_regex(id_pattern: str) -> re.Pattern:
     return re.compile(id_pattern)
 
@@ -512,7 +512,7 @@ def builtin_tasks() -> list[str]:
     return sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def default_task() -> Task:
     """The built-in AN2DL task (``kit/conf/tasks/an2dl2526c2v2.yaml``), read once."""
     return read_task(TASKS_DIR / f"{DEFAULT_TASK}.yaml", builtin=True)

@@ -501,8 +501,8 @@ def test_task_data_problems_name_the_task_file_and_key(tmp_path):
          f"(classes in {where})"),
         "case_0004 appears on 2 lines (6, 12) with different patient_id values",
         f"but its mask mask_0005.png is 10x10; they must match (masks.train in {where})",
-        f"case_0006.png: image has no mask (expected {root / 'masks/train/mask_0006.png'}) "
-        f"(masks.train in {where})",
+        (f"case_0006.png: image has no mask (expected {root / 'masks/train/mask_0006.png'}) "
+         f"(masks.train in {where})"),
         f"mask_0007.png: mask has no image (expected {root / 'train/case_0007.png'})",
         ("train.csv: row 'case_0099' has no image train/case_0099.png; remove the row or "
          f"restore the image (images.train in {where})"),
@@ -534,7 +534,7 @@ def test_a_mask_pattern_that_matches_no_file(tmp_path):
     root, task = _task_data(tmp_path)
     for p in (root / "masks" / "train").iterdir():
         p.rename(p.with_name(p.name.replace("mask_", "m_")))
-    message, problems = _task_problems(root, task)
+    _, problems = _task_problems(root, task)
     assert len(problems) == 1, problems
     assert problems[0] == (f"{root / 'masks/train'}: masks.train 'masks/train/mask_{{num}}.png' "
                            "matches no file here (it holds e.g. masks/train/m_0000.png); rename "
@@ -553,16 +553,16 @@ def test_folders_layout_problems(tmp_path):
     first = next((root / "train" / "tumour").iterdir())
     shutil.copy(first, root / "train" / "lymph" / "x_01.png")
     shutil.copy(first, root / "train" / "adipose" / first.name)  # one id in two classes
-    message, problems = _task_problems(root, task)
+    _, problems = _task_problems(root, task)
     where = root / "task.yaml"
     assert problems == [
-        f"{root / 'train/Stroma'}: folder 'Stroma' is not a class (1 images); did you mean "
-        f"'stroma'? rename the folder (classes in {where})",
-        f"{root / 'train/lymph'}: folder 'lymph' is not a class (1 images); allowed: adipose, "
-        f"stroma, tumour; rename the folder or add the class (classes in {where})",
-        f"{root / 'train/tumour' / first.name}: id {first.stem!r} is also "
-        f"{root / 'train/adipose' / first.name}; ids must be unique across class folders, "
-        "rename or delete one",
+        (f"{root / 'train/Stroma'}: folder 'Stroma' is not a class (1 images); did you mean "
+         f"'stroma'? rename the folder (classes in {where})"),
+        (f"{root / 'train/lymph'}: folder 'lymph' is not a class (1 images); allowed: adipose, "
+         f"stroma, tumour; rename the folder or add the class (classes in {where})"),
+        (f"{root / 'train/tumour' / first.name}: id {first.stem!r} is also "
+         f"{root / 'train/adipose' / first.name}; ids must be unique across class folders, "
+         "rename or delete one"),
     ]
     with pytest.warns(UserWarning, match="dropping 3 samples"):
         d = load_dataset(root, task=task, skip_bad=True)
@@ -584,7 +584,7 @@ def test_find_root_speaks_the_tasks_layout(tmp_path):
 
 
 def test_cli_validate_task(tmp_path):
-    root, task = _task_data(tmp_path, "csv")
+    root, _ = _task_data(tmp_path, "csv")
     r = _cli("validate", "--data", str(root))  # the data folder's task.yaml
     assert r.returncode == 0, r.stderr
     out = r.stdout.splitlines()

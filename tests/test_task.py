@@ -12,8 +12,18 @@ import pytest
 import yaml
 
 import kit
-from kit.task import (TASKS_DIR, Task, builtin_tasks, default_task, load_task, parse_task,
-                      pattern_fields, pattern_folder, pattern_glob, pattern_regex, read_task)
+from kit.task import (
+    TASKS_DIR,
+    builtin_tasks,
+    default_task,
+    load_task,
+    parse_task,
+    pattern_fields,
+    pattern_folder,
+    pattern_glob,
+    pattern_regex,
+    read_task,
+)
 from kit.utils import KitError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,51 +203,51 @@ def test_pattern_helpers():
 # --- the model: what it refuses, one line each ---------------------------------------------
 
 BAD = [
-    (_with(clases=["A", "B"]), "clases: unknown key (did you mean 'classes'?); the keys here are "
-                               "name, classes, labels"),
+    (_with(clases=["A", "B"]), ("clases: unknown key (did you mean 'classes'?); the keys here are "
+                               "name, classes, labels")),
     (_with(classes=["A"]), "classes: 1 class(es) given; list at least 2 class names"),
     (_with(classes="A,B"), "classes: expected a list (got 'A,B'); write it as [a, b, ...]"),
     (_with(classes=["A", "B", "A"]), "classes: class 'A' is listed twice; list each class once"),
     (_with(classes=["Luminal A", "luminal  a"]),
-     "classes: class 'luminal  a' and 'Luminal A' differ only in case or spacing; list each "
-     "class once"),
+     ("classes: class 'luminal  a' and 'Luminal A' differ only in case or spacing; list each "
+     "class once")),
     (_with(classes=["A", " B"]), "classes: class ' B' is empty or has leading/trailing spaces"),
-    (_with(metric="f1_macro"), "metric: 'f1_macro' is not a known metric (did you mean "
+    (_with(metric="f1_macro"), ("metric: 'f1_macro' is not a known metric (did you mean "
                                "'macro_f1'?); use one of macro_f1, balanced_accuracy, accuracy, "
-                               "weighted_f1, quadratic_kappa"),
+                               "weighted_f1, quadratic_kappa")),
     (_with(metric=_DROP), "metric: missing; add it, one of macro_f1, "),
-    (_with(id_pattern="img_(?P<n>"), "id_pattern: 'img_(?P<n>' is not a valid regular "
-                                     "expression (missing ), unterminated subpattern"),
+    (_with(id_pattern="img_(?P<n>"), ("id_pattern: 'img_(?P<n>' is not a valid regular "
+                                     "expression (missing ), unterminated subpattern")),
     (_with(id_pattern="(?P<id>.+)"), "id_pattern: named group 'id' is reserved"),
     (_with(images__train="train/{case}.png"),
-     "images.train: 'train/{case}.png' uses {case}; use {id} (named groups of id_pattern are "
-     "fields too)"),
-    (_with(images__test="test/{label}/{id}.png"), "images.test: 'test/{label}/{id}.png' uses "
-                                                  "{label} ({label} is the class folder"),
+     ("images.train: 'train/{case}.png' uses {case}; use {id} (named groups of id_pattern are "
+     "fields too)")),
+    (_with(images__test="test/{label}/{id}.png"), ("images.test: 'test/{label}/{id}.png' uses "
+                                                  "{label} ({label} is the class folder")),
     (_with(images__train="train/all.png"), "images.train: 'train/all.png' has no {id}"),
-    (_with(images__train="train/{id:04d}.png"), "images.train: 'train/{id:04d}.png' has field "
-                                                "{id:04d}; fields are plain names"),
-    (_with(images__train="/data/train/{id}.png"), "images.train: '/data/train/{id}.png' is not "
-                                                  "a path under the data folder"),
+    (_with(images__train="train/{id:04d}.png"), ("images.train: 'train/{id:04d}.png' has field "
+                                                "{id:04d}; fields are plain names")),
+    (_with(images__train="/data/train/{id}.png"), ("images.train: '/data/train/{id}.png' is not "
+                                                  "a path under the data folder")),
     (_with(images__test="../test/{id}.png"), "images.test: '../test/{id}.png' is not a path"),
     (_with(masks={"train": "m/{id}.png"}), "masks.test: missing; add it"),
-    (_with(masks={"train": "m/x.png", "test": "m/{id}.png"}), "masks.train: 'm/x.png' has no "
-                                                              "field"),
-    (_with(labels="train.csv"), "labels: expected a mapping: {file, id, label} (group "
-                                "optional) or {from: folders} (got 'train.csv')"),
+    (_with(masks={"train": "m/x.png", "test": "m/{id}.png"}), ("masks.train: 'm/x.png' has no "
+                                                              "field")),
+    (_with(labels="train.csv"), ("labels: expected a mapping: {file, id, label} (group "
+                                "optional) or {from: folders} (got 'train.csv')")),
     (_with(labels={"from": "csv"}), "labels.from: 'csv' is not allowed; use 'folders'"),
     (_with(labels={"from": "folders", "file": "x.csv"}),
      "labels.file: not a key of labels: {from: folders}"),
-    (_with(labels={"from": "folders"}), "images.train: 'train/{id}.png' has no {label} while "
-                                        "labels is {from: folders}"),
+    (_with(labels={"from": "folders"}), ("images.train: 'train/{id}.png' has no {label} while "
+                                        "labels is {from: folders}")),
     (_with(labels={"file": "t.csv", "id": "case"}), "labels.label: missing; add it"),
     (_with(labels={"file": "t.csv", "id": "a", "label": "b", "patient": "p"}),
      "labels.patient: unknown key; the keys here are file, id, label, group"),
     (_with(labels={"file": "t.csv", "id": "a", "label": "a"}),
      "labels: the id, label and group columns must differ (got a, a)"),
     (_with(submission={"id": "a", "label": "a"}), "submission: id and label are both 'a'"),
-    (_with(junk=["greenish"]), "junk: 'greenish' is not a junk detector (did you mean "
-                               "'green'?); use [] or some of green, cartoon"),
+    (_with(junk=["greenish"]), ("junk: 'greenish' is not a junk detector (did you mean "
+                               "'green'?); use [] or some of green, cartoon")),
     (_with(kaggle="a b"), "kaggle: 'a b' is not a competition slug"),
     (_with(name=""), "name: is empty; give the task's name"),
 ]
@@ -290,8 +300,9 @@ def test_validate_with_a_bad_task_file_exits_2_with_one_line(tmp_path):
     _write(data / "task.yaml", _with(metric="f2"))
     env = {**os.environ, "PYTHONPATH": str(REPO), "NO_ALBUMENTATIONS_UPDATE": "1"}
     r = subprocess.run([sys.executable, "-m", "kit", "validate", "--data", str(data)],
-                       capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
+                       check=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
-        f"error: {data / 'task.yaml'}: metric: 'f2' is not a known metric; use one of macro_f1, "
-        "balanced_accuracy, accuracy, weighted_f1, quadratic_kappa"]
+        (f"error: {data / 'task.yaml'}: metric: 'f2' is not a known metric; use one of macro_f1, "
+        "balanced_accuracy, accuracy, weighted_f1, quadratic_kappa")]

@@ -181,9 +181,9 @@ def load_dataset(root: str | Path, skip_bad: bool = False, check_pixels: bool = 
             if s.id in labels:
                 train.append(Sample(s.id, s.image, s.mask, labels[s.id], groups.get(s.id)))
             elif ("train", s.id) not in per_sample:  # else its row's problem says it
-                per_sample[("train", s.id)] = [
+                per_sample[("train", s.id)] = [(
                     f"{s.image}: image has no label in {task.labels.file}; add a row or delete "
-                    f"the image{task.cite('labels.file')}"]
+                    f"the image{task.cite('labels.file')}")]
         splits["train"] = train
 
     if fatal:

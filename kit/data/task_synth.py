@@ -88,8 +88,8 @@ def write_task_dataset(root, layout: str, seed: int = 0, n_train: int = 18, n_te
         raise KitError(f"task_synth: need n_train >= 1, n_test >= 0, short_side >= 32 and "
                        f"1 <= per_patient[0] <= per_patient[1] (got {n_train}, {n_test}, "
                        f"{short_side}, {per_patient})")
-    params = dict(layout=layout, seed=seed, n_train=n_train, n_test=n_test,
-                  short_side=short_side, per_patient=[lo, hi])
+    params = {"layout": layout, "seed": seed, "n_train": n_train, "n_test": n_test,
+              "short_side": short_side, "per_patient": [lo, hi]}
     meta = root / META_JSON
     if meta.is_file():
         try:
@@ -133,7 +133,7 @@ def _write(root: Path, layout: str, seed: int, n_train: int, n_test: int, short_
         patients += [p] * size
     train_y = [patient_class[p] for p in patients]
     test_y = rng.integers(0, len(classes), n_test).tolist()
-    shape = [(short_side, int(round(short_side * rng.uniform(1.2, 2.0))))
+    shape = [(short_side, round(short_side * rng.uniform(1.2, 2.0)))
              for _ in range(n_train + n_test)]
 
     rows = []
