@@ -33,7 +33,7 @@ def _graph(root: Path):
 @pytest.fixture(scope="module")
 def lint_available():
     if not LINT.exists():
-        msg = f"lint-imports (import-linter, the dev extra) is not installed beside {sys.executable}"
+        msg = f"lint-imports (import-linter, the dev extra) is not beside {sys.executable}"
         # Under CI a missing checker is a broken environment, not a reason to pass (as for the
         # PostgreSQL and chromium tests).
         if os.environ.get("CI", "").lower() == "true":
@@ -51,7 +51,8 @@ def test_a_planted_upward_import_breaks_the_contract(lint_available, tmp_path):
     shutil.copytree(REPO / "kit", tmp_path / "kit", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / ".importlinter", tmp_path / ".importlinter")
     heads = tmp_path / "kit" / "models" / "heads.py"
-    heads.write_text(heads.read_text() + "\n\ndef _planted():\n    from kit.training import cv  # noqa\n")
+    planted = "\n\ndef _planted():\n    from kit.training import cv  # noqa\n"
+    heads.write_text(heads.read_text() + planted)
     proc = _lint(tmp_path)
     assert proc.returncode != 0 and "kit.models.heads -> kit.training.cv" in proc.stdout
 
