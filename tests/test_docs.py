@@ -559,3 +559,76 @@ def test_other_pages_cite_modules_and_files_that_exist(page):
         problems += [f"line {n}: `{p}`: no such file or folder" for p in KIT_PATH.findall(span)
                      if not path_exists(p)]
     assert not problems, f"{rel(page)} cites what the code does not have:\n" + "\n".join(problems)
+
+
+# --------------------------------------------------------------------------- commands
+COMMAND = re.compile(r"(?:\./run\.sh|an2dl-kit)\s+([a-z][\w-]*)(?:\s+([a-z][\w-]*))?")
+
+
+def command_lines(text: str) -> list[tuple[int, str]]:
+    """Where a page writes commands: its inline code spans and its fenced blocks (a layout
+    tree's prose excepted)."""
+    prose, blocks = split_fences(text)
+    return code_spans(prose) + [(start + i, line) for start, block in blocks
+                                if not any("├" in line for line in block)
+                                for i, line in enumerate(block)]
+
+
+def command_problems(text: str) -> list[str]:
+    """``line N: ...`` for each ``./run.sh X`` / ``an2dl-kit X`` (``bench Y``) of Markdown
+    ``text`` that names no command (no benchmark)."""
+    from kit.cli import COMMANDS
+    from kit.commands.bench import BENCHES
+
+    commands = {*COMMANDS, "test", "kaggle"}  # run.sh's own two (kit/console.py's too)
+    problems = []
+    for n, line in command_lines(text):
+        for m in COMMAND.finditer(line):
+            what, sub = m.groups()
+            if what not in commands:
+                problems.append(f"line {n}: no command {what!r} in `{m.group()}`")
+            elif what == "bench" and sub and sub not in BENCHES:
+                problems.append(f"line {n}: no bench {sub!r} in `{m.group()}`")
+    return problems
+
+
+def test_the_command_check_finds_unknown_commands():
+    page = """\
+Run `./run.sh cv phikon`, then `./run.sh train phikon` and `an2dl-kit bench noise`.
+
+```bash
+./run.sh bench regions --preset standard
+./run.sh bench speed
+./run.sh test tests/test_cv.py
+```
+```
+kit/
+├── commands/            one module per ./run.sh command: add_arguments, run
+```
+"""
+    assert command_problems(page) == ["line 1: no command 'train' in `./run.sh train phikon`",
+                                      "line 5: no bench 'speed' in `./run.sh bench speed`"]
+
+
+@pytest.mark.parametrize("page", markdown_pages(), ids=rel)
+def test_pages_name_only_commands_that_exist(page):
+    problems = command_problems(page.read_text())
+    assert not problems, f"{rel(page)}:\n" + "\n".join(problems)
+
+
+def test_help_lists_every_command_and_every_bench():
+    """README: `./run.sh --help` lists every command (and bench's line, every benchmark)."""
+    import sys
+
+    from kit.cli import COMMANDS
+    from kit.commands.bench import BENCHES
+
+    out = subprocess.run([sys.executable, "-m", "kit", "--help"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    listed = {line.split()[0]: line for line in out.splitlines()
+              if line.startswith("    ") and line.split()}
+    assert set(COMMANDS) <= set(listed), f"not in ./run.sh --help: {set(COMMANDS) - set(listed)}"
+    assert "./run.sh test" in out and "./run.sh kaggle" in out
+    missing = [b for b in BENCHES if not re.search(rf"\b{b}\b", listed["bench"])]
+    assert not missing, (f"./run.sh --help's bench line ({listed['bench'].strip()!r}, "
+                         f"kit/cli.py COMMANDS['bench']) leaves out {', '.join(missing)}")
