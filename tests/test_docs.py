@@ -314,12 +314,20 @@ def signature_problem(written: str, args: str, obj, from_class: bool) -> str | N
     names = [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in params)
     by_name = {p.name: p for p in params}
-    real = f"{written.split('.')[-1]}({', '.join(plain(p) for p in params)})"
+    shown, star = [], any(p.kind == p.VAR_POSITIONAL for p in params)
+    for p in params:
+        if p.kind == p.KEYWORD_ONLY and not star:
+            shown.append("*")
+            star = True
+        shown.append(plain(p))
+    real = f"{written.split('.')[-1]}({', '.join(shown)})"
     page, gap_before = [], []
     gap = False
     for piece in pieces:
         if piece == "..." or piece.endswith("..."):
             gap = True
+            continue
+        if piece == "*":  # keyword-only from here: the names still follow in order
             continue
         m = re.fullmatch(r"\*{0,2}([A-Za-z_]\w*)(?:\s*=\s*(.+))?", piece, re.S)
         if not m:
@@ -425,8 +433,14 @@ def holders(cited: dict, paths: list[str]) -> dict[str, list]:
         pattern = re.sub(r"<[^<>]*>", "*", cited_path.rstrip(".,;:)"))
         files = [f for f in REPO.glob(pattern) if f.suffix == ".py"
                  and f.stem not in ("__init__", "__main__")]
-        out[cited_path] = [importlib.import_module(".".join(f.relative_to(REPO).with_suffix("")
-                                                            .parts)) for f in sorted(files)]
+        modules = []
+        for f in sorted(files):
+            try:
+                modules.append(importlib.import_module(
+                    ".".join(f.relative_to(REPO).with_suffix("").parts)))
+            except ImportError:
+                continue  # not importable from here: no names to look up in it
+        out[cited_path] = modules
     return out
 
 
@@ -499,49 +513,112 @@ def test_design_cites_what_exists():
                           "or the code):\n" + "\n".join(problems))
 
 
-def test_the_design_check_finds_wrong_citations():
-    page = """\
+FIXTURE = '''\
+"""A stand-in for the kit's modules: the design check's own test must not depend on today's
+signatures (other changes move them)."""
+
+
+class KitError(Exception):
+    def __init__(self, message, problems=None):
+        super().__init__(message)
+
+
+class Search:
+    def __init__(self, objective, cfg, random_state=None):
+        pass
+
+    def fit(self, P, y, folds):
+        return self
+
+
+def atomic_write_text(path, text):
+    pass
+
+
+def atomic_write_json(path, obj):
+    pass
+
+
+def progress(iterable, desc=""):
+    return iterable
+
+
+def launch(paths, kwargs, workers, gpus_spec):
+    pass
+
+
+def run_folds(data, paths, cfg, seed=42, force=False):
+    pass
+
+
+def run_submit(paths, message, cfg, csv=None, *, dry_run=False):
+    pass
+
+
+def run_clean(paths, data, cfg, *, skip_bad=False):
+    pass
+'''
+
+FIXTURE_PAGE = """\
 ## Shared
-- `kit.utils`: `KitError(message, problems)`, `atomic_write_{text,json}`, `progress()`.
-- `kit.tuning.workers.launch(args)`: tune --workers.
-- `kit.utils.no_such_helper` and `kit.nosuchpackage.thing`.
+- `kit.fixture`: `KitError(message, problems)`, `atomic_write_{text,json}`, `progress()`.
+- `kit.fixture.launch(args)`: tune --workers.
+- `kit.fixture.no_such_helper` and `kit.nosuchpackage.thing`.
 
 | stage | function | writes |
 |---|---|---|
-| folds | `kit.data.folds.run_folds(data, paths, cfg, seed=42, force=False)` | `folds/folds.csv` |
-| submit | `kit.submission.submit.run_submit(paths, message, csv=None, ...)` | records |
-| submit | `kit.submission.submit.run_submit(paths, message, cfg, csv=None, ...)` | records |
-| folds | `kit.data.folds.run_folds(data, paths, cfg, seed=7)` | `folds/folds.csv` |
-| clean | `kit.data.clean.run_clean(data, paths)` | `kit/data/clean.py`, `kit/data/nope.py` |
+| folds | `kit.fixture.run_folds(data, paths, cfg, seed=42, force=False)` | `folds/folds.csv` |
+| submit | `kit.fixture.run_submit(paths, message, csv=None, ...)` | records |
+| submit | `kit.fixture.run_submit(paths, message, cfg, csv=None, *, dry_run=False)` | records |
+| folds | `kit.fixture.run_folds(data, paths, cfg, seed=7)` | `folds/folds.csv` |
+| clean | `kit.fixture.run_clean(data, paths, cfg)` | `kit/data/clean.py`, `kit/data/nope.py` |
+| blend | `kit.fixture.Search(objective, cfg).fit(P, y, folds)`, `kit.fixture.Search(...).fit(X)` |
 
 ```
 kit/
 ├── utils.py  paths.py  gone.py      shared
 ├── data/                raw folder
-│   ├── folds.py         folds
+│   ├── clean.py         clean
 │   └── missing.py       not there
 └── conf/                defaults
 ```
 """
-    problems = "\n".join(check_design(page))
+
+
+def test_the_design_check_finds_wrong_citations(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    fixture = types.ModuleType("kit.fixture")
+    exec(compile(FIXTURE, "kit/fixture.py", "exec"), fixture.__dict__)
+    monkeypatch.setitem(sys.modules, "kit.fixture", fixture)
+    for name in ("kit/utils.py", "kit/paths.py", "kit/data/clean.py", "kit/conf/a.yaml"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    problems = "\n".join(check_design(FIXTURE_PAGE))
     expected = [
-        "`kit.tuning.workers.launch(args)`: no parameter 'args' (the code has paths there); "
-        "required parameter(s) paths, kwargs, workers, gpus_spec not written",
-        "`kit.utils.no_such_helper`: kit.utils has no 'no_such_helper'",
-        "`kit.nosuchpackage.thing`: no module kit.nosuchpackage",
-        "`kit.submission.submit.run_submit(paths, message, csv=None, ...)`: after 'message' "
-        "the code has cfg, the page 'csv'",
-        "run_folds(data, paths, cfg, seed=7)`: seed=7 but the default is 42",
-        "run_clean(data, paths)`: required parameter(s) cfg not written",
-        "`kit/data/nope.py`: no such file or folder",
-        "`kit/gone.py`: no such file or folder",
-        "`kit/data/missing.py`: no such file or folder",
+        "line 3: `kit.fixture.launch(args)`: no parameter 'args' (the code has paths there); "
+        "required parameter(s) paths, kwargs, workers, gpus_spec not written (write them, or ... "
+        "for what is left out) (the code: launch(paths, kwargs, workers, gpus_spec))",
+        "line 4: `kit.fixture.no_such_helper`: kit.fixture has no 'no_such_helper'",
+        "line 4: `kit.nosuchpackage.thing`: no module kit.nosuchpackage",
+        "line 9: `kit.fixture.run_submit(paths, message, csv=None, ...)`: after 'message' the "
+        "code has cfg, the page 'csv' (the code: run_submit(paths, message, cfg, csv=None, *, "
+        "dry_run=False))",
+        "line 11: `kit.fixture.run_folds(data, paths, cfg, seed=7)`: seed=7 but the default is 42",
+        "line 12: `kit.fixture.run_clean(data, paths, cfg)`: first the code has paths, the page "
+        "'data'; 'paths' is out of order",
+        "line 12: `kit/data/nope.py`: no such file or folder",
+        "line 13: `fit(X)`: no parameter 'X' (the code has P there); required parameter(s) P, y, "
+        "folds not written",
+        "line 17: `kit/gone.py`: no such file or folder",
+        "line 20: `kit/data/missing.py`: no such file or folder",
     ]
     for words in expected:
         assert words in problems, f"{words!r} not in:\n{problems}"
-    # and nothing else: what is right (lines 2, 8, 10 and the tree's others) is not reported
-    reported = [int(line.split(":")[0].split()[1]) for line in problems.split("\n")]
-    assert reported == [3, 4, 4, 9, 11, 12, 12, 16, 19], problems
+    # and nothing else: what is right (lines 2, 8, 10, 13's first call, the tree's others)
+    assert len(problems.split("\n")) == len(expected), problems
 
 
 @pytest.mark.parametrize("page", [p for p in markdown_pages() if p != DESIGN], ids=rel)
