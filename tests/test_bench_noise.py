@@ -14,6 +14,7 @@ from kit.bench import noise
 from kit.cli import main
 from kit.data import synth
 from kit.paths import Paths
+from kit.utils import KitError
 
 TINY_DATA = dict(n_train=40, n_test=12, short_side=64, long_side_max=128, signal=0.4)
 TINY = noise.Preset(
@@ -117,7 +118,7 @@ def test_drawn_labels_recover_exactly_the_flipped_labels(tmp_path):
     labels = pd.read_csv(data / "train_labels.csv")
     labels.loc[0, "label"] = next(c for c in synth.CLASSES if c != labels.label[0])
     labels.to_csv(data / "train_labels.csv", index=False)
-    with pytest.raises(Exception, match="no longer gives the labels"):
+    with pytest.raises(KitError, match="the generator's plan no longer gives the labels"):
         noise.drawn_labels(data)
 
 

@@ -314,7 +314,7 @@ def test_changed_grouping_is_named_when_the_split_changes(data, paths):
     # near-duplicates found since: many pairs, so the split cannot stay the same
     write_near(paths, " ".join(f"{k},train,{_name(i)} {k},train,{_name(i + 25)}"
                                for k, i in enumerate(range(12, 24), start=1)))
-    with pytest.raises(KitError) as exc:
+    with pytest.raises(KitError, match="already holds a different split") as exc:
         run_folds(data, paths, load_config("folds"), seed=1)
     assert "different split" in str(exc.value)
     assert "grouping since the last split: runs/clean/near_duplicates.csv changed" in str(exc.value)
@@ -347,7 +347,7 @@ def test_bad_groups_file(data, paths):
 
 
 def test_run_folds_needs_clean_stage(data, tmp_path):
-    with pytest.raises(KitError):
+    with pytest.raises(KitError, match="outliers.csv: not found; run ./run.sh clean first"):
         run_folds(data, Paths.from_root(tmp_path / "fresh"), load_config("folds"))
     assert not (tmp_path / "fresh" / "folds" / "folds.csv").exists()
 
@@ -414,7 +414,7 @@ def test_load_folds_roundtrip(data, paths):
 def test_load_folds_missing_file(tmp_path):
     paths = Paths.from_root(tmp_path)
     for fn in (load_folds, folds_hash):
-        with pytest.raises(KitError) as exc:
+        with pytest.raises(KitError, match="no folds file at .*; run ./run.sh folds first") as exc:
             fn(paths)
         assert str(exc.value) == f"no folds file at {paths.folds_csv}; run ./run.sh folds first"
 
@@ -434,7 +434,7 @@ def test_load_folds_rejects_bad_files(tmp_path, content, expected):
     paths = Paths.from_root(tmp_path)
     paths.folds_dir.mkdir()
     paths.folds_csv.write_text(content)
-    with pytest.raises(KitError) as exc:
+    with pytest.raises(KitError, match=r"rerun \./run\.sh folds --force") as exc:
         load_folds(paths)
     text = " ".join([str(exc.value), *exc.value.problems])
     assert expected in text and str(paths.folds_csv) in text

@@ -154,7 +154,7 @@ def test_a_changed_part_cache_key_changes_the_fused_hash(tmp_path):
     ("tiny_cnn+tiny_cnn", ["named twice"])])
 def test_bad_names_fail_clearly(tmp_path, name, words):
     paths = make_workdir(tmp_path / "w", n_train=8, n_test=4, n_folds=2)
-    with pytest.raises(KitError) as err:
+    with pytest.raises(KitError, match="unknown backbone|named twice") as err:
         run_cv(name, paths, train_settings(CFG), weights="random")
     assert all(w in str(err.value) for w in words) and "\n" not in str(err.value)
     assert not paths.backbone_dir(name).exists()

@@ -287,7 +287,7 @@ def test_find_credentials_order_and_secrets(tmp_path, monkeypatch):
     bad.mkdir()
     (bad / "kaggle.json").write_text('{"username": "u", "key": ' + KEY)  # truncated JSON
     (bad / "kaggle.json").chmod(0o600)
-    with pytest.raises(KitError) as err:
+    with pytest.raises(KitError, match="kaggle.json: not valid JSON") as err:
         submit.find_credentials({"KAGGLE_CONFIG_DIR": str(bad)})
     assert "not valid JSON" in str(err.value) and KEY not in str(err.value)
 
