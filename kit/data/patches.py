@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 CODE_VERSION = "patches-2"
 SPLITS = ("train", "test")
 FILES = ("patches.npy", "samples.csv", "index.csv", "config.yaml", "meta.json")
+INDEX_COLUMNS = ("sample_index", "patch", "x", "y", "coverage", "region")
 
 
 # --------------------------------------------------------------------------- windows
@@ -409,8 +410,7 @@ def build_split(samples, out: Path, cfg: dict, workers: int, desc: str = "patche
     samples_df = pd.DataFrame({"sample_index": [s.sample_index for s in samples],
                                "label": [s.label or "" for s in samples],
                                "fallback": fallback})
-    index_df = pd.DataFrame(index_rows, columns=["sample_index", "patch", "x", "y", "coverage",
-                                                 "region"])
+    index_df = pd.DataFrame(index_rows, columns=list(INDEX_COLUMNS))
     atomic_write_csv(out / "samples.csv", samples_df)
     atomic_write_csv(out / "index.csv", index_df)
     if stats is not None:
