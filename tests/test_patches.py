@@ -25,7 +25,7 @@ CFG = {"size": 16, "stride": 8, "top_k": 3, "workers": 1}
 
 def build(data, paths, overrides=None, **kwargs):
     """run_patches on patches.yaml resolved with ``overrides``, as the command resolves it."""
-    return run_patches(data, paths, load_config("patches", overrides), **kwargs)
+    return run_patches(paths, data, load_config("patches", overrides), **kwargs)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -135,21 +135,21 @@ def planted_ds(tmp_path):
 def test_run_patches_per_region_caches_regions_under_its_own_key(planted_ds):
     root, paths = planted_ds
     cfg = {"size": SIZE, "stride": STRIDE, "top_k": K, "workers": 1, "min_region_px": MIN_PX}
-    top = run_patches(root, paths, load_config("patches", cfg))["train"]
+    top = run_patches(paths, root, load_config("patches", cfg))["train"]
     assert set(top.index.region) == {1}
-    spread = run_patches(root, paths, load_config("patches", {**cfg, "select": "per_region"}))
+    spread = run_patches(paths, root, load_config("patches", {**cfg, "select": "per_region"}))
     train = spread["train"]
     assert train.key != top.key and train.meta["config"]["select"] == "per_region"
     for _, rows in train.index.groupby("sample_index"):
         assert set(rows.region) == {1, 2, 3}
     # the minimum enters the key
-    other = run_patches(root, paths, load_config("patches", {**cfg, "select": "per_region",
+    other = run_patches(paths, root, load_config("patches", {**cfg, "select": "per_region",
                                                              "min_region_px": 2}))["train"]
     assert other.key != train.key and 4 in set(other.index.region)
     with pytest.raises(KitError, match="select must be one of top_k, per_region"):
-        run_patches(root, paths, load_config("patches", {**cfg, "select": "regions"}))
+        run_patches(paths, root, load_config("patches", {**cfg, "select": "regions"}))
     with pytest.raises(KitError, match="min_region_px must be >= 1"):
-        run_patches(root, paths, load_config("patches", {**cfg, "min_region_px": 0}))
+        run_patches(paths, root, load_config("patches", {**cfg, "min_region_px": 0}))
 
 
 def test_patches_command_select_per_region(planted_ds, capsys):
@@ -168,7 +168,7 @@ def test_patches_command_select_per_region(planted_ds, capsys):
 def test_old_index_without_regions_still_loads(planted_ds):
     root, paths = planted_ds
     cfg = load_config("patches", {"size": SIZE, "stride": STRIDE, "top_k": K, "workers": 1})
-    folder = run_patches(root, paths, cfg, splits=("train",))["train"].folder
+    folder = run_patches(paths, root, cfg, splits=("train",))["train"].folder
     index = pd.read_csv(folder / "index.csv")
     index.drop(columns="region").to_csv(folder / "index.csv", index=False)
     assert (load_patches(paths, "train").index.region == -1).all()

@@ -110,9 +110,9 @@ def run_data_stages(data: Path, paths, preset: Preset, seed: int) -> None:
             return
     except (OSError, ValueError):
         pass
-    clean.run_clean(data, paths, load_config("clean"))
-    patches.run_patches(data, paths, load_config("patches", preset.patches or None))
-    folds.run_folds(data, paths, load_config("folds", preset.folds or None), seed=seed,
+    clean.run_clean(paths, data, load_config("clean"))
+    patches.run_patches(paths, data, load_config("patches", preset.patches or None))
+    folds.run_folds(paths, data, load_config("folds", preset.folds or None), seed=seed,
                     force=True)
     atomic_write_json(stamp_file, stamp)
 

@@ -151,7 +151,7 @@ def per_region_workdir(folder: Path, data, top_paths, preset):
 
     paths = Paths.from_root(Path(folder) / "work")
     shutil.copytree(top_paths.folds_dir, paths.folds_dir, dirs_exist_ok=True)
-    run_patches(data, paths, patches_config(preset, "per_region"))
+    run_patches(paths, data, patches_config(preset, "per_region"))
     return paths
 
 

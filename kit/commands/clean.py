@@ -33,7 +33,7 @@ def run(args) -> int:
         "cartoon.paired": args.cartoon_paired, "workers": args.workers}))
     paths = Paths.from_root(args.workdir)
     dataset = load_dataset(args.data, skip_bad=args.skip_bad)
-    outliers = clean.run_clean(dataset, paths, cfg)
+    outliers = clean.run_clean(paths, dataset, cfg)
     counts = outliers["reason"].value_counts()
     print(f"{dataset.root}: {len(outliers)} of {len(dataset.train)} training images flagged")
     for reason in clean.REASONS:

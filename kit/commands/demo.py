@@ -31,12 +31,12 @@ def run(args) -> int:
     data = demo.generate(out / "data", seed=args.seed,
                          **{k: v for k, v in given.items() if v is not None})
     print(f"demo data      -> {data}")
-    outliers = clean.run_clean(data, paths, load_config("clean"))
+    outliers = clean.run_clean(paths, data, load_config("clean"))
     print(f"clean          -> {paths.outliers_csv} ({len(outliers)} flagged), "
           f"{paths.clean_dir / 'review.html'}")
-    sets = patches.run_patches(data, paths, load_config("patches"))
+    sets = patches.run_patches(paths, data, load_config("patches"))
     print(f"patches        -> {sets['train'].folder}, {sets['test'].folder}")
-    folds.run_folds(data, paths, load_config("folds"), seed=args.seed, force=True)
+    folds.run_folds(paths, data, load_config("folds"), seed=args.seed, force=True)
     print(f"folds          -> {paths.folds_csv}")
     _cv(paths, args.seed)
     # A second backbone for the blend: its head tuned on cached embeddings, then cv with the

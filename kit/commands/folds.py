@@ -25,7 +25,6 @@ def run(args) -> int:
     paths = Paths.from_root(args.workdir)
     cfg = load_config("folds", with_flags(stage_overrides(args.config, args.sets),
                                           {"n_splits": args.n_splits}))
-    run_folds(args.data, paths, cfg=cfg, seed=args.seed,
-              force=args.force, skip_bad=args.skip_bad)
+    run_folds(paths, args.data, cfg, seed=args.seed, force=args.force, skip_bad=args.skip_bad)
     print(f"folds -> {paths.folds_csv} (sha256 {folds_hash(paths)[:12]})")
     return 0

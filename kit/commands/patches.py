@@ -56,7 +56,7 @@ def run(args) -> int:
                            {"size": args.size, "stride": args.stride, "top_k": args.top_k,
                             "select": args.select, "workers": args.workers})
     for cfg in resolve_configs(overrides, args.backbone):
-        sets = run_patches(args.data, Paths.from_root(args.workdir), cfg,
+        sets = run_patches(Paths.from_root(args.workdir), args.data, cfg,
                            splits=tuple(args.split or SPLITS), skip_bad=args.skip_bad)
         for split, ps in sets.items():
             n_fb = int(ps.samples["fallback"].sum())

@@ -31,7 +31,7 @@ def run(args) -> int:
     cfg = load_config("submit", with_flags(stage_overrides(args.config, args.sets),
                                            {"poll_interval": args.poll_interval,
                                             "wait_timeout": args.wait_timeout}))
-    run_submit(Paths.from_root(args.workdir), args.message, cfg, csv=args.csv,
-               competition=args.competition, wait=args.wait, dry_run=args.dry_run,
-               data=Path(args.data) if args.data else None)
+    run_submit(Paths.from_root(args.workdir), Path(args.data) if args.data else None, cfg,
+               message=args.message, csv=args.csv, competition=args.competition,
+               wait=args.wait, dry_run=args.dry_run)
     return 0

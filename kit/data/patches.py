@@ -201,16 +201,16 @@ def check_patches_config(cfg: dict) -> None:
     check_stain_config(cfg["stain_norm"])
 
 
-def run_patches(data, paths, cfg: dict, splits=SPLITS, skip_bad: bool = False,
+def run_patches(paths, data, cfg: dict, *, splits=SPLITS, skip_bad: bool = False,
                 ) -> dict[str, PatchSet]:
     """Build (or reuse) the patch cache of each split.
 
     Parameters
     ----------
-    data : path or kit.data.dataset.Dataset
-        Dataset root, or an already loaded dataset.
     paths : kit.paths.Paths
         Work directory; writes ``paths.patches_dir(split, size)``.
+    data : path or kit.data.dataset.Dataset
+        Dataset root, or an already loaded dataset.
     cfg : dict
         The resolved ``kit/conf/patches.yaml`` (``load_config("patches", overrides)``), with
         a numeric ``size`` (the command resolves ``auto`` from a backbone).

@@ -123,15 +123,20 @@ def record_submission(record_path: Path, record: dict, is_manifest: bool,
 
 # ----------------------------------------------------------------------------- the stage
 
-def run_submit(paths: Paths, message: str, cfg: dict, csv=None,
+def run_submit(paths: Paths, data, cfg: dict, *, message: str, csv=None,
                competition: str | None = None, wait: bool = False, dry_run: bool = False,
-               data=None, env=None, echo=print) -> dict:
+               env=None, echo=print) -> dict:
     """Validate, upload and record one submission; return its record.
 
     Parameters
     ----------
     paths : Paths
         Work directory (``submissions/latest.csv`` is the default CSV).
+    data : path or None
+        Dataset root; its ``test_data/`` gives the expected rows when present, else the
+        manifest's record of the test set does (None: no dataset at hand).
+    cfg : dict
+        The resolved ``submit`` config.
     message : str
         The submission description shown on Kaggle.
     csv : path, optional
@@ -142,10 +147,6 @@ def run_submit(paths: Paths, message: str, cfg: dict, csv=None,
         Poll until scored and print the public score beside the nested CV estimate.
     dry_run : bool
         Every check, no upload and no record.
-    data : path, optional
-        Dataset root; its ``test_data/`` gives the expected rows when present.
-    cfg : dict
-        The resolved ``submit`` config.
 
     Raises
     ------
