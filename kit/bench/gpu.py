@@ -35,8 +35,9 @@ import numpy as np
 
 from kit.bench.gpu_report import (format_agreement, format_cv, format_embed, format_train,
                                   markdown)
+from kit.bench.train import bench_backbone
 from kit.config import train_settings
-from kit.utils import KitError, atomic_write_json
+from kit.utils import KitError, atomic_write_json, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,6 @@ def agreement(name: str, array, labels, cfg: dict, device, steps: int, n_check: 
     from kit.training.loaders import PatchDataset, make_loader
     from kit.training.predict import predict
     from kit.training.train import Trainer
-    from kit.utils import seed_everything
 
     cpu = torch.device("cpu")
     # Nothing random inside the steps: dropout masks would come from two different
@@ -353,7 +353,6 @@ STEPS = ("cv", "agreement", "train", "embed")
 def run(args) -> int:
     import torch
 
-    from kit.bench.train import bench_backbone
     from kit.data.patches import load_patches
     from kit.data.synth import write_patch_workdir
     from kit.training.settings import train_config

@@ -1,6 +1,7 @@
 """``./run.sh clean``: flag junk training images -> folds/outliers.csv and a review page."""
 from __future__ import annotations
 
+from kit.config import load_config, stage_overrides, with_flags
 from kit.paths import Paths
 
 
@@ -21,10 +22,10 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    # The stage's modules load here, not at the top: ./run.sh clean --help stays fast.
     import pandas as pd
 
     from kit.data import clean
-    from kit.config import load_config, stage_overrides, with_flags
     from kit.data.dataset import load_dataset
     from kit.data.neardup import near_duplicates_csv
 

@@ -1,6 +1,7 @@
 """``./run.sh demo``: generate the demo dataset and run every stage on it.
 
-A plain sequence of the public stage functions, writing under ``runs/demo/`` only.
+A plain sequence of the public stage functions, writing under ``runs/demo/`` only. The stages'
+modules are imported in the functions that call them: ``./run.sh demo --help`` stays fast.
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from kit.config import load_config
     from kit.data import clean, demo, folds, patches
+    from kit.submission.report import run_report
 
     out = Path(args.out)
     paths = Paths.from_root(out)
@@ -44,8 +45,7 @@ def run(args) -> int:
     _tune(paths, args.seed)
     _blend(paths, data, args.seed)  # after both cv runs (it reads runs/<bb>/), before the report
     _fusion(paths, args.seed)  # after the blend, so that it blends the separate runs only
-    from kit.submission.report import run_report  # last: it summarises every stage above
-
+    # last: the report summarises every stage above
     print(f"report         -> {run_report(paths, data, load_config('report'))}")
     return 0
 

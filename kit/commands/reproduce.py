@@ -27,7 +27,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    # Imported here: ./run.sh reproduce --help stays fast (the stage loads the blend's modules).
+    # The stage's modules load here, not at the top: ./run.sh reproduce --help stays fast.
     from kit.submission.reproduce import run_reproduce
 
     paths = Paths.from_root(args.workdir) if args.workdir is not None else None

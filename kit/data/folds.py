@@ -30,6 +30,7 @@ import yaml
 
 from kit import CLASSES
 from kit.config import given
+from kit.data.clean import clean_train_samples
 from kit.data.dataset import Dataset, Sample, load_dataset, mask_groups
 from kit.data.neardup import near_duplicates_csv, read_near_duplicates
 from kit.paths import Paths
@@ -82,6 +83,8 @@ class StratifiedGroupFolds:
         groups : array-like of group ids, length n
             Samples with the same id always land in the same fold.
         """
+        # Here, not at the top: scikit-learn takes seconds to import, and the stages that only
+        # read the split (load_folds, folds_hash) never need it.
         from sklearn.model_selection import StratifiedGroupKFold
 
         if groups is None:
@@ -218,8 +221,6 @@ def run_folds(paths: Paths, data, cfg: dict, *, seed: int = 42, force: bool = Fa
         ``near_duplicates.csv`` from another dataset, or a different split already on disk
         without ``force`` (the message names a grouping source that changed since).
     """
-    from kit.data.clean import clean_train_samples
-
     cfg = given(cfg, "folds")
     dataset = data if isinstance(data, Dataset) else load_dataset(data, skip_bad=skip_bad)
     samples = sorted(clean_train_samples(dataset, paths), key=lambda s: s.sample_index)
