@@ -186,7 +186,8 @@ def store(matches: dict[Path, list], competition: str) -> int:
                            "competition": competition, "message": sub["description"],
                            "csv": manifest["files"]["csv"], "csv_sha256": None}
                     records.append(rec)
-                rec.update(_listed_fields(sub, how, now))
+                rec.update(_listed_fields(sub, now))
+                rec.setdefault("matched_by", how)  # how it was first tied to Kaggle
                 changed += 1
 
         package.modify_manifest(path, change)
@@ -201,8 +202,8 @@ def _find(records: list[dict], record_id, ref) -> dict | None:
     return None
 
 
-def _listed_fields(sub: dict, how: str, now: str) -> dict:
-    fields = {"ref": sub["ref"], "status": sub["status"], "matched_by": how, "listed": now,
+def _listed_fields(sub: dict, now: str) -> dict:
+    fields = {"ref": sub["ref"], "status": sub["status"], "listed": now,
               "kaggle_file": sub["file_name"] or None}
     for key in ("public_score", "private_score", "error"):
         if sub[key] is not None:
