@@ -61,8 +61,9 @@ def run(args) -> int:
 
             raise KitError(f"--{key.replace('_', '-')} must be >= 1 (got {overrides[key]})")
     overrides = with_flags(stage_overrides(args.config, args.sets), overrides)
-    run_cv(args.backbone, Paths.from_root(args.workdir), cfg=train_settings(overrides),
-           seed=args.seed, weights=parse_weights(args.backbone, args.weights), fold=args.fold,
+    run_cv(Paths.from_root(args.workdir), args.data, train_settings(overrides),
+           backbone=args.backbone, seed=args.seed,
+           weights=parse_weights(args.backbone, args.weights), fold=args.fold,
            params=args.params, device=args.device,
            restart=args.restart, feature_cache=not args.no_feature_cache)
     return 0

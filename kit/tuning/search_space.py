@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kit.config import Layered
+from kit.training.settings import train_config
 from kit.utils import KitError, read_yaml
 
 TYPES = ("int", "float", "categorical")
@@ -225,6 +227,11 @@ def dotted_keys(cfg: dict, prefix: str = "") -> set[str]:
         else:
             out.add(name)
     return out
+
+
+def known_param_keys(settings: Layered) -> set[str]:
+    """Dotted keys ``cv --params`` accepts (train.yaml, augment.yaml under ``augment.``)."""
+    return dotted_keys(train_config(settings))
 
 
 def _plain(p: Param):
