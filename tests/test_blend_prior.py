@@ -7,9 +7,10 @@ import pytest
 from scipy.optimize import check_grad
 
 from kit.bench.blend import synthetic_problem
+from kit.ensemble.biases import apply_rule, weighted_macro_f1_batch
 from kit.ensemble.prior import (adjust_to_prior, calibrate, class_mix, em_prior, estimate_mix,
                                 fit_calibration, shift_test)
-from kit.ensemble.search import BlendSearch, apply_rule, weighted_macro_f1_batch
+from kit.ensemble.search import BlendSearch
 from kit.metrics import macro_f1, macro_f1_batch
 from kit.utils import KitError
 from kit.config import load_config

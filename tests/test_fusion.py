@@ -1,5 +1,5 @@
 """Feature fusion (``cv a+b``, kit/training/fusion.py) and its comparison with the blend of the
-separate runs (kit/ensemble/fusion.py): the usual files, a head as wide as both backbones,
+separate runs (kit/ensemble/fusion_vs_blend.py): the usual files, a head as wide as both backbones,
 caches shared with the single runs, resume, the hash following a part's cache key, clear
 errors for bad names and pixel-path settings."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from cv_data import make_workdir
 from kit import PROB_COLUMNS
-from kit.ensemble.fusion import BLEND_SOURCE, MEAN_SOURCE, compare_all
+from kit.ensemble.fusion_vs_blend import BLEND_SOURCE, MEAN_SOURCE, compare_all
 from kit.metrics import macro_f1, paired_bootstrap, to_indices
 from kit.paths import Paths
 from kit.training.cv import run_cv

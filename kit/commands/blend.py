@@ -19,7 +19,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from kit.ensemble.blend import format_summary
+    from kit.ensemble.blend_summary import format_summary
     from kit.submission.blend_output import run_blend
     from kit.config import load_config, stage_overrides
 

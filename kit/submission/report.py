@@ -314,8 +314,8 @@ def _sources(value):
 
 def fusion_table(paths: Paths) -> tuple[dict | None, list[str]]:
     """Each fused run (``cv a+b``) against the blend of its parts' separate runs, paired on
-    the same OOF images (:mod:`kit.ensemble.fusion`), and notes on those it cannot compare."""
-    from kit.ensemble.fusion import compare_all
+    the same OOF images (:mod:`kit.ensemble.fusion_vs_blend`), and notes on those it cannot compare."""
+    from kit.ensemble.fusion_vs_blend import compare_all
 
     found, notes = compare_all(paths)
     if not found:
