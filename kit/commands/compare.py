@@ -29,6 +29,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    # Imported when the command runs, not when ./run.sh <command> --help reads the options.
     from kit.ensemble.compare import compare_runs, summary_line
     from kit.paths import Paths
     from kit.utils import atomic_write_json

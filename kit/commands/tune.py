@@ -72,6 +72,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    # Imported when the command runs, not when ./run.sh <command> --help reads the options.
     from kit.config import load_config, stage_overrides, train_settings, with_flags
     from kit.paths import Paths
     from kit.tuning.job import TuneJob

@@ -78,7 +78,7 @@ def train_pixel_fold(k: int, ctx: CVRun) -> dict:
         "weights_source": backbone.weights_source, "trainable_params": members[0].n_trainable,
         **_fit_record(members[0], tr), **_bag_record(members, tr),
         **_issues_record(k, ctx, issues), "seed": seed})
-    log.info(f"{desc}: {_fit_line(members[0], mark)}")
+    _log_fold(desc, _fit_line(members[0], mark), mark)
     return mark
 
 
@@ -121,7 +121,6 @@ def _fit_line(res, mark: dict) -> str:
     else:
         how = (f"epoch {res.best_epoch} chosen on these OOF images (macro F1 "
                f"{res.best_score:.3f}, OPTIMISTIC)")
-    warn = f"\n  WARNING: collapsed model: {mark['collapsed']}" if mark.get("collapsed") else ""
     extra = ""
     if mark.get("bag", 1) > 1:
         extra += f", mean of {mark['bag']} bagged models"
@@ -131,7 +130,14 @@ def _fit_line(res, mark: dict) -> str:
                   f"{issues['n_train']} training images flagged")
     epochs = "linear probe" if mode == "probe" else f"{res.epochs} epochs"
     return (f"{epochs}, {how}{extra}; OOF macro F1 {mark['macro_f1']:.3f} (TTA), "
-            f"{res.seconds:.0f} s{warn}")
+            f"{res.seconds:.0f} s")
+
+
+def _log_fold(desc: str, line: str, mark: dict) -> None:
+    """The fold's line, and on the warning channel (kept by ``-q``) a collapsed model."""
+    log.info(f"{desc}: {line}")
+    if mark.get("collapsed"):
+        log.warning(f"{desc}: WARNING: collapsed model: {mark['collapsed']}")
 
 
 def _write_attention(k: int, ctx: CVRun, weights: np.ndarray | None) -> None:
@@ -222,7 +228,7 @@ def train_feature_folds(pending: list[int], ctx: CVRun) -> dict[int, dict]:
             **record, **_bag_record(pred.members or [fit], tr),
             **_issues_record(k, ctx, pred.issues), "seed": ctx.seed + k,
             "feature_cache": info})
-        log.info(f"{desc}: {_fit_line(fit, marks[k])} (head on cached embeddings)")
+        _log_fold(desc, f"{_fit_line(fit, marks[k])} (head on cached embeddings)", marks[k])
 
     features_cv(fcv, ctx.paths, folds=pending, on_fold=write)
     return marks
