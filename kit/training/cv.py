@@ -2,11 +2,12 @@
 
 Fold ``k`` trains on the other folds' images and validates on its own; its outputs go to
 ``runs/<bb>/fold_k/`` (``model.pt``, ``oof.csv``, ``test.csv``, ``tta/``) and ``done.json``
-is written last, as the commit mark. A rerun skips every fold whose ``done.json`` matches
-the folds file and the run's config, so a killed run resumes at the fold it was on and
-``--fold K`` jobs on separate machines can share one ``runs/<bb>/``. Once every fold is done
-with the same config, the fold outputs are assembled into the backbone's files (see
-docs/DESIGN.md); ``metrics.json`` is written last.
+is written last, as the commit mark (:mod:`kit.training.cv_folds`). A rerun skips every
+fold whose ``done.json`` matches the folds file and the run's config, so a killed run
+resumes at the fold it was on and ``--fold K`` jobs on separate machines can share one
+``runs/<bb>/``. Once every fold is done with the same config, the fold outputs are
+assembled into the backbone's files (see docs/DESIGN.md; :mod:`kit.training.cv_assembly`);
+``metrics.json`` is written last.
 
 Two training paths write the same files. ``pixels`` trains the model on augmented patches.
 ``feature_cache`` runs when the config trains nothing in the backbone (norm layers frozen
