@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Start a throw-away PostgreSQL server on 127.0.0.1:55432 for the Optuna storage tests and
 # print its URL. Idempotent: if a server already answers there, only the role and database
-# are ensured. Installs Debian's postgresql when missing. No systemd here (see
-# shared/NOTES.md), so the server is started with pg_ctl directly.
+# are ensured. Installs Debian's postgresql when missing. No systemd on the development and CI
+# machines, so the server is started with pg_ctl directly (docs/environments.md, "PostgreSQL for
+# the storage tests").
 #
 #   URL: postgresql+psycopg2://kit:kit@127.0.0.1:55432/kit_optuna
 #

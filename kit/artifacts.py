@@ -145,7 +145,7 @@ def read_folds(path, *, classes=CLASSES) -> tuple[pd.DataFrame, str]:
     try:
         df = pd.read_csv(io.BytesIO(content), dtype=str, keep_default_na=False)
     except Exception as exc:  # pandas raises several types for unparsable CSV
-        raise KitError(f"{path}: cannot be read as CSV ({_first_line(exc)}); {fix}")
+        raise KitError(f"{path}: cannot be read as CSV ({_first_line(exc)}); {fix}") from exc
     if tuple(df.columns) not in (FOLDS_COLUMNS, OLD_FOLDS_COLUMNS):
         raise KitError(f"{path}: columns are {','.join(map(str, df.columns))}, expected "
                        f"{','.join(FOLDS_COLUMNS)}; {fix}")
@@ -223,9 +223,9 @@ def _read_json(path: Path, fix: str, what: str) -> dict:
     try:
         record = json.loads(path.read_text())
     except FileNotFoundError:
-        raise KitError(f"{path}: not found; {fix}")
+        raise KitError(f"{path}: not found; {fix}") from None
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-        raise KitError(f"{path}: not valid JSON ({_first_line(exc)}); {fix}")
+        raise KitError(f"{path}: not valid JSON ({_first_line(exc)}); {fix}") from exc
     if not isinstance(record, dict):
         raise KitError(f"{path}: not a {what} (expected a JSON object); {fix}")
     return record
@@ -238,9 +238,9 @@ def _read_probs(path: Path, columns: list[str], fix: str) -> pd.DataFrame:
         # Empty cells stay strings here: a missing probability is refused below, never NaN.
         df = pd.read_csv(path, dtype={"sample_index": str, "label": str}, keep_default_na=False)
     except FileNotFoundError:
-        raise KitError(f"{path}: not found; {fix}")
+        raise KitError(f"{path}: not found; {fix}") from None
     except Exception as exc:  # pandas raises several types for unparsable CSV
-        raise KitError(f"{path}: cannot be read as CSV ({_first_line(exc)}); {fix}")
+        raise KitError(f"{path}: cannot be read as CSV ({_first_line(exc)}); {fix}") from exc
     df.columns = [str(c).strip() for c in df.columns]
     lacking = [c for c in columns if c not in df.columns]
     if lacking:

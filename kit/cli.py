@@ -12,6 +12,7 @@ import shutil
 import sys
 
 from kit import __version__
+from kit.bench import BENCHES
 from kit.log import set_verbosity
 from kit.process import run_for_user
 
@@ -29,7 +30,8 @@ COMMANDS = {
     "submit": "upload a submission file to Kaggle",
     "reproduce": "re-run a blend from its manifest and check the CSV is byte-identical",
     "report": "write runs/report.html summarising data, CV, blend and submissions",
-    "bench": "benchmarks: patches | train | tune | blend | gpu | honesty",
+    "config": "every setting: its default, allowed values and description (kit/conf/)",
+    "bench": "benchmarks: " + " | ".join(BENCHES),
 }
 
 

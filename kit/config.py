@@ -15,6 +15,7 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kit.schema import GROUPS, check
 from kit.utils import KitError, read_yaml
 
 CONF_DIR = Path(__file__).parent / "conf"
@@ -34,7 +35,8 @@ def load_config(group: str, overrides: dict | None = None, file: str | Path | No
         cfg = merge(cfg, dotted_to_nested(read_yaml(file), str(file)), source=str(file))
     if overrides:
         cfg = merge(cfg, {k: v for k, v in overrides.items() if v is not None}, source="overrides")
-    return cfg
+    # train is checked whole, with its sections, by train_settings.
+    return cfg if group == "train" or group not in GROUPS else check(group, cfg)
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ def train_settings(overrides: dict | None = None) -> Layered:
     for section in TRAIN_SECTIONS:
         defaults[section] = load_config(section)
     layered = Layered(defaults, dict(overrides or {}))
-    layered.resolve()
+    check("train", layered.resolve())
     return layered
 
 

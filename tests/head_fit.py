@@ -21,7 +21,8 @@ def fit_head(x_train, y_train, x_val, y_val, cfg: dict, seed: int = 42,
     Parameters
     ----------
     x_train, x_val : array or tensor, ``n x K x V x D``
-        Embeddings per image, patch and view; view 0 is ``id`` (see :func:`kit.training.features.cache_views`).
+        Embeddings per image, patch and view; view 0 is ``id``
+        (:func:`kit.training.features.cache_views`).
         ``x_val`` chooses the epoch only with ``early_stopping: oof``.
     y_train, y_val : int arrays
         Class index per image (every patch carries its image's label).

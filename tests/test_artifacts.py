@@ -9,14 +9,21 @@ import pandas as pd
 import pytest
 
 from kit import CLASSES, PROB_COLUMNS
-from kit.artifacts import (MANIFEST_FIELDS, prob_columns, read_folds, read_manifest,
-                           read_metrics, read_oof, read_test)
+from kit.artifacts import (
+    MANIFEST_FIELDS,
+    prob_columns,
+    read_folds,
+    read_manifest,
+    read_metrics,
+    read_oof,
+    read_test,
+)
 from kit.utils import KitError, sha256_file
 
 IDS = [f"img_{i:04d}.png" for i in range(8)]
 
 
-def _probs(n=len(IDS)):
+def _probs(n=8):
     p = np.random.default_rng(0).random((n, len(CLASSES))) + 0.01
     return p / p.sum(axis=1, keepdims=True)
 

@@ -84,8 +84,9 @@ def test_transform_is_reproducible_with_a_seed():
     {"color_jitter": {"brightness": 1.2}}, {"color_jitter": {"p": "often"}}, {"cutmix_alpha": -1},
 ])
 def test_bad_augment_config(bad):
-    with pytest.raises(KitError, match="augment config"):
-        build_train_transform(load_config("augment", bad))
+    key = next(iter(bad)) + ("." + next(iter(bad["color_jitter"])) if "color_jitter" in bad else "")
+    with pytest.raises(KitError, match=rf"^augment: {key} = .* is not allowed"):
+        load_config("augment", bad)
 
 
 @pytest.mark.parametrize("bad,key", [
@@ -95,8 +96,8 @@ def test_bad_augment_config(bad):
     ({"augment_background": "yes"}, "he_stain.augment_background"),
 ])
 def test_bad_he_stain_config_names_the_key(bad, key):
-    with pytest.raises(KitError, match=f"augment config: .*{key}"):
-        build_train_transform(load_config("augment", {"he_stain": {"p": 0.5, **bad}}))
+    with pytest.raises(KitError, match=rf"^augment: {key} = .* is not allowed"):
+        load_config("augment", {"he_stain": {"p": 0.5, **bad}})
 
 
 # --------------------------------------------------------------------------- H&E stain jitter
@@ -213,7 +214,7 @@ def test_normalize_batch_memory_format():
 
 @pytest.mark.parametrize("shape", [(2, 8, 8), (2, 8, 8, 4), (2, 1, 8, 8)])
 def test_normalize_batch_bad_shapes(shape):
-    with pytest.raises(KitError):
+    with pytest.raises(KitError, match=r"normalize_batch expects (a 4-d batch|3 channels)"):
         normalize_batch(torch.zeros(shape, dtype=torch.uint8), MEAN, STD)
 
 
@@ -226,9 +227,9 @@ def test_alpha_zero_turns_cutmix_off():
 
     assert isinstance(mixer, CutMix) and isinstance(mixer, Mixup)
     assert mixer.cutmix_alpha == 1.0 and mixer.mixup_alpha == 0.0 and mixer.mix_prob == 1.0
-    with pytest.raises(KitError):
+    with pytest.raises(KitError, match=r"cutmix_alpha must be a number >= 0 \(got -1\)"):
         create_mixer(-1, 4)
-    with pytest.raises(KitError):
+    with pytest.raises(KitError, match=r"label_smoothing must be in \[0, 1\) \(got 1.0\)"):
         create_mixer(1.0, 4, label_smoothing=1.0)
 
 
@@ -320,7 +321,7 @@ def test_class_weights_inverse_frequency_normalised():
 
 @pytest.mark.parametrize("labels", [[], [0, 4], [-1, 0], [0.5, 1.0], [[0, 1]]])
 def test_class_weights_bad_labels(labels):
-    with pytest.raises(KitError):
+    with pytest.raises(KitError, match=r"labels must (be a non-empty 1-d array|lie in 0..3)"):
         class_weights(labels, 4)
 
 

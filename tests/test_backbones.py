@@ -137,7 +137,7 @@ def test_describe_backbones_lists_size_and_gating():
 
 
 def test_unknown_backbone_lists_known_ones():
-    with pytest.raises(KitError) as err:
+    with pytest.raises(KitError, match="unknown backbone 'resnet9000'; known backbones") as err:
         create_backbone("resnet9000")
     msg = str(err.value)
     assert "resnet9000" in msg and all(name in msg for name in list_backbones())

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from kit.bench import gpu
+from kit.bench import gpu, gpu_report
 from kit.bench.gpu import compare_probs, precision_note
 from kit.utils import KitError
 
@@ -71,7 +71,7 @@ def test_report_lines_and_markdown():
           "fp32": compare_probs(probs(8, 0), probs(8, 0), gpu.TOL_FP32),
           "amp": {"max_abs": 0.012, "mean_abs": 0.002, "argmax_agree": 1.0, "tol": 0.05,
                   "ok": True}}
-    line = gpu.format_agreement(ag)
+    line = gpu_report.format_agreement(ag)
     assert "\n" not in line and "fp32 max |dp| 0.00e+00 (tol 0.005: ok)" in line
     assert "AMP max |dp| 1.20e-02 (tol 0.05: ok)" in line
     tr = {"backbone": "phikon", "kit_ips": 510.0, "bare_ips": 540.0, "ratio": 1.06,
@@ -80,11 +80,11 @@ def test_report_lines_and_markdown():
           "bare_amp_ips": 2500.0, "kit_amp_ips": 2400.0}
     cv = {"backbone": "phikon", "seconds": 30.0, "oof_macro_f1": 0.5, "patches_per_s": 400.0,
           "peak_mem_gib": 3.25, "amp": "bf16", "channels_last": True, "num_workers": 8}
-    assert "ratio 1.06x [8 loader workers]" in gpu.format_train(tr)
-    assert "(0.90x of bare)" in gpu.format_embed(em)
-    assert "features.amp auto   2400.0 patches/s" in gpu.format_embed(em)
-    assert "peak 3.25 GiB" in gpu.format_cv(cv) and "amp bf16" in gpu.format_cv(cv)
-    table = gpu.markdown({"device": "cuda:0", "name": "NVIDIA H200", "capability": "9.0",
+    assert "ratio 1.06x [8 loader workers]" in gpu_report.format_train(tr)
+    assert "(0.90x of bare)" in gpu_report.format_embed(em)
+    assert "features.amp auto   2400.0 patches/s" in gpu_report.format_embed(em)
+    assert "peak 3.25 GiB" in gpu_report.format_cv(cv) and "amp bf16" in gpu_report.format_cv(cv)
+    table = gpu_report.markdown({"device": "cuda:0", "name": "NVIDIA H200", "capability": "9.0",
                           "memory_gib": 139.8, "torch": "2.14.1", "cuda": "13.0", "amp": "bf16"},
                          {"cv": [cv], "train": [tr], "embed": [em], "agreement": [ag]})
     rows = table.splitlines()

@@ -57,7 +57,7 @@ def tiny_run(tmp_path_factory):
     workdir = Paths.from_root(tmp_path_factory.mktemp("honesty"))
     try:
         result = honesty.run_honesty(workdir, TINY, seeds=[3], modes=["inner", "oof"],
-                                     paths=["feature_cache", "pixels"])
+                                     training_paths=["feature_cache", "pixels"])
     finally:
         _WATCH["on"] = False
         mp.undo()

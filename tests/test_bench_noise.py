@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 
 from kit import PROB_COLUMNS
-from kit.bench import noise
+from kit.bench import label_truth, noise, noise_summary
 from kit.cli import main
 from kit.data import synth
 from kit.paths import Paths
+from kit.utils import KitError
 
 TINY_DATA = dict(n_train=40, n_test=12, short_side=64, long_side_max=128, signal=0.4)
 TINY = noise.Preset(
@@ -64,7 +65,7 @@ def test_every_arm_and_regime_gets_scores_and_a_paired_difference(tiny_run):
     # the written labels like every other arm's
     root = workdir.runs_dir / "bench/noise/tiny/hard/seed5"
     oracle_folds = pd.read_csv(root / "oracle/work/folds/folds.csv").set_index("sample_index")
-    plan = noise.drawn_labels(root / "data")
+    plan = label_truth.drawn_labels(root / "data")
     assert (oracle_folds.label == plan["train"].loc[oracle_folds.index].drawn).all()
     oof = pd.read_csv(root / "work/runs/noise-oracle/oof.csv")
     assert runs[("hard", "oracle")]["oof"] == pytest.approx(macro_f1(
@@ -72,7 +73,7 @@ def test_every_arm_and_regime_gets_scores_and_a_paired_difference(tiny_run):
     rows = {(r["regime"], r["arm"]) for r in saved["summary"]}
     assert rows == set(runs)
     assert set(saved["checks"]) == {"hard_drop_gain", "hard_drop_gap", "easy_no_loss"}
-    table = noise.format_table(result)
+    table = noise_summary.format_table(result)
     assert "hard: label_noise 0.4" in table and "easy: label_noise 0.1" in table
     assert "check: drop on hard" in table
 
@@ -103,7 +104,7 @@ def test_the_hard_regime_flips_more_labels_of_the_same_images(tiny_run):
 def test_drawn_labels_recover_exactly_the_flipped_labels(tmp_path):
     data = synth.generate(tmp_path / "d", n_train=30, n_test=10, short_side=48, seed=2,
                           label_noise=0.5, test_labels=True)
-    plan = noise.drawn_labels(data)
+    plan = label_truth.drawn_labels(data)
     given = pd.read_csv(data / "train_labels.csv").set_index("sample_index").label
     assert (plan["train"].written.sort_index() == given.sort_index()).all()
     real = plan["train"][plan["train"].kind != "cartoon"]
@@ -117,8 +118,8 @@ def test_drawn_labels_recover_exactly_the_flipped_labels(tmp_path):
     labels = pd.read_csv(data / "train_labels.csv")
     labels.loc[0, "label"] = next(c for c in synth.CLASSES if c != labels.label[0])
     labels.to_csv(data / "train_labels.csv", index=False)
-    with pytest.raises(Exception, match="no longer gives the labels"):
-        noise.drawn_labels(data)
+    with pytest.raises(KitError, match="the generator's plan no longer gives the labels"):
+        label_truth.drawn_labels(data)
 
 
 def test_flag_quality_counts_against_the_flipped_labels(tmp_path):
@@ -130,12 +131,12 @@ def test_flag_quality_counts_against_the_flipped_labels(tmp_path):
         pd.DataFrame({"sample_index": ids, "fold": k, "flagged": flagged,
                       "quality": quality}).to_csv(tmp_path / f"fold_{k}/label_issues.csv",
                                                   index=False)
-    q = noise.flag_quality(tmp_path, plan)
+    q = label_truth.flag_quality(tmp_path, plan)
     assert (q["assessed"], q["flagged"], q["bad"], q["true_flags"]) == (4, 2, 2, 1)
     assert q["precision"] == 0.5 and q["recall"] == 0.5 and q["base_rate"] == 0.5
     # quality ranks bad a (0.1), b (0.3) against good c (0.2), d (0.9): 3 of 4 pairs right
     assert q["quality_auc"] == pytest.approx(0.75)
-    assert noise.flag_quality(tmp_path / "nothing", plan) == {"recorded": False}
+    assert label_truth.flag_quality(tmp_path / "nothing", plan) == {"recorded": False}
 
 
 def _run(regime, seed, arm, test, oof, diff=None):
@@ -153,7 +154,7 @@ def test_summary_and_checks():
             _run("easy", 1, "baseline", 0.80, 0.80), _run("easy", 1, "drop", 0.79, 0.80, -0.01),
             _run("easy", 1, "bag5", 0.81, 0.80, 0.01), _run("easy", 1, "oracle", 0.7, 0.8, -0.1)]
     rows = {(r["regime"], r["arm"]): r for r in
-            noise.summarise(runs, ["baseline", "drop", "bag5", "oracle"], ["hard", "easy"])}
+            noise_summary.summarise(runs, ["baseline", "drop", "bag5", "oracle"], ["hard", "easy"])}
     drop = rows[("hard", "drop")]
     assert drop["diff"] == pytest.approx(0.035) and drop["diff_sd"] == pytest.approx(
         math.sqrt(2 * 0.015 ** 2))
@@ -164,7 +165,7 @@ def test_summary_and_checks():
     lo, hi = drop["diff_ci95"]
     assert (lo + hi) / 2 == pytest.approx(0.035) and hi - lo == pytest.approx(
         2 * 0.05 / math.sqrt(2))
-    c = noise.checks(list(rows.values()))
+    c = noise_summary.checks(list(rows.values()))
     assert c["hard_drop_gain"]["met"] and not c["hard_drop_gap"]["met"]  # gap 0.04 > 0.03
     # the oracle is a bound, not a lever: never in the easy check
     assert not c["easy_no_loss"]["met"] and set(c["easy_no_loss"]["lower"]) == {"drop"}

@@ -10,13 +10,13 @@ import pytest
 
 from blend_data import make_blend_workdir
 from kit import CLASSES
-from kit.ensemble.blend import complete_backbones, load_inputs
-from kit.submission.blend_output import run_blend
 from kit.cli import main
+from kit.config import load_config
+from kit.ensemble.blend import complete_backbones, load_inputs
 from kit.metrics import macro_f1
+from kit.submission.blend_output import run_blend
 from kit.submission.package import validate_submission
 from kit.utils import KitError
-from kit.config import load_config
 
 
 @pytest.fixture
@@ -277,7 +277,7 @@ def test_expected_score_is_printed_and_stored_with_its_interval(workdir, capsys)
 
 
 def test_prior_em_is_printed_recorded_and_reproduced(tmp_path, capsys):
-    from kit.submission.reproduce import reproduce
+    from kit.submission.reproduce import run_reproduce
 
     # many more Triple negative test images than in training: EM sees the shift
     paths, data = make_blend_workdir(tmp_path, n_train=300, n_test=200,
@@ -303,10 +303,11 @@ def test_prior_em_is_printed_recorded_and_reproduced(tmp_path, capsys):
     test = pd.read_csv(paths.runs_dir / "blend" / "test_blend.csv")
     assert np.allclose(test[[f"p_{c}" for c in CLASSES]].sum(axis=1), 1, atol=1e-5)
     assert (test.label == "Triple negative").mean() > 0.4
-    assert reproduce(paths.submissions_dir / "latest.json").identical
+    assert run_reproduce(None, None, None,
+                         manifest=paths.submissions_dir / "latest.json").identical
     assert main(["blend", "--data", str(data), "--workdir", str(paths.root),
                  "--set", "prior=mixed"]) == 2
-    assert "prior must be one of train, em" in capsys.readouterr().err
+    assert "prior = 'mixed' is not allowed: one of train, em" in capsys.readouterr().err
 
 
 def test_prior_em_keeps_the_training_mix_without_a_clear_shift(workdir, capsys):

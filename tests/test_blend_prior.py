@@ -7,13 +7,20 @@ import pytest
 from scipy.optimize import check_grad
 
 from kit.bench.blend import synthetic_problem
+from kit.config import load_config
 from kit.ensemble.biases import apply_rule, weighted_macro_f1_batch
-from kit.ensemble.prior import (adjust_to_prior, calibrate, class_mix, em_prior, estimate_mix,
-                                fit_calibration, shift_test)
+from kit.ensemble.prior import (
+    adjust_to_prior,
+    calibrate,
+    class_mix,
+    em_prior,
+    estimate_mix,
+    fit_calibration,
+    shift_test,
+)
 from kit.ensemble.search import BlendSearch
 from kit.metrics import macro_f1, macro_f1_batch
 from kit.utils import KitError
-from kit.config import load_config
 
 TRAIN_MIX = np.array([0.27, 0.35, 0.26, 0.12])
 
@@ -208,7 +215,7 @@ def test_prior_em_without_biases_adjusts_only():
 
 def test_unknown_prior_is_refused():
     p = synthetic_problem(60, 2, seed=0)
-    with pytest.raises(KitError, match="prior must be one of train, em, got 'test'"):
+    with pytest.raises(KitError, match="prior = 'test' is not allowed: one of train, em"):
         BlendSearch(cfg=load_config("blend", {"prior": "test"})).fit(p["oof"], p["y"], p["folds"])
 
 

@@ -8,10 +8,10 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
 from kit.bench.blend import synthetic_problem
+from kit.config import load_config
 from kit.ensemble.biases import apply_rule, fit_biases
 from kit.ensemble.search import BlendSearch, fit_params
 from kit.ensemble.weights import greedy_weights
-from kit.config import load_config
 from kit.metrics import macro_f1, macro_f1_batch
 from kit.utils import KitError
 

@@ -25,7 +25,7 @@ def two_sizes(tmp_path):
     paths = Paths.from_root(tmp_path / "work")
     _write_outliers(paths)
     for size in (16, 24):
-        run_patches(root, paths, load_config("patches", {"size": size, "stride": 8, "top_k": 2,
+        run_patches(paths, root, load_config("patches", {"size": size, "stride": 8, "top_k": 2,
                                                          "workers": 1}))
     return root, paths
 
@@ -71,7 +71,7 @@ def test_an_old_layout_cache_is_named_then_moved_by_the_next_build(two_sizes):
     with pytest.raises(KitError, match="old layout .*moves it into place"):
         load_patches(paths, "train")
     key = load_config("patches", {"size": 16, "stride": 8, "top_k": 2, "workers": 1})
-    sets = run_patches(root, paths, key)
+    sets = run_patches(paths, root, key)
     assert sets["train"].folder == paths.patches_dir("train", 16)
     assert not (paths.patches_root / "train").exists()
     assert sets["train"].meta["n_samples"] == 5  # moved, found valid: not rebuilt empty

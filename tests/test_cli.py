@@ -1,6 +1,7 @@
 """The command line: ``python -m kit --help``, every ``<command> --help`` and ``./run.sh``."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import subprocess
@@ -45,6 +46,24 @@ def test_python_m_kit_help_lists_every_command_on_one_line():
 def test_no_arguments_prints_help(capsys):
     assert main([]) == 0
     _check_top_level_help(capsys.readouterr().out)
+
+
+def test_the_bench_line_names_every_registered_bench(capsys):
+    """The help line comes from the registry: a bench added there is listed, none is left out,
+    and every module of kit/bench/ that is a bench (add_arguments and run) is registered."""
+    from kit.bench import BENCHES
+
+    listed = COMMANDS["bench"].split(": ", 1)[1].split(" | ")
+    assert listed == list(BENCHES)
+    assert main([]) == 0
+    assert _command_lines(capsys.readouterr().out)["bench"][0].split(None, 1)[1] == \
+        COMMANDS["bench"]
+    for module in sorted((REPO / "kit" / "bench").glob("*.py")):
+        mod = importlib.import_module(f"kit.bench.{module.stem}")
+        if hasattr(mod, "add_arguments") and hasattr(mod, "run"):
+            assert module.stem in BENCHES, f"kit/bench/{module.name} is not in kit.bench.BENCHES"
+    for name in BENCHES:
+        assert importlib.util.find_spec(f"kit.bench.{name}") is not None, name
 
 
 def test_unknown_command_exits_2_without_traceback():

@@ -11,10 +11,10 @@ import pytest
 
 from cv_data import make_workdir, write_folds
 from kit import CLASSES, PROB_COLUMNS
-from kit.training.cv import resolve_params, run_cv
-from kit.paths import Paths
-from kit.utils import KitError
 from kit.config import train_settings
+from kit.paths import Paths
+from kit.training.cv import resolve_params, run_cv
+from kit.utils import KitError
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = {"epochs": 1, "batch_size": 32, "warmup_epochs": 0}
@@ -200,12 +200,14 @@ def test_missing_inputs_name_the_command_to_run(tmp_path):
 def test_params_tuned_best_none_and_file(tmp_path, capsys):
     paths = Paths.from_root(tmp_path)
     best = paths.tune_dir(BB) / "best.yaml"
-    assert resolve_params("tuned", paths, BB, settings=train_settings()) == ({}, f"none ({best} not found)")
+    assert resolve_params("tuned", paths, BB, settings=train_settings()) == (
+        {}, f"none ({best} not found)")
     with pytest.raises(KitError, match="run ./run.sh tune tiny_cnn"):
         resolve_params("best", paths, BB, settings=train_settings())
     best.parent.mkdir(parents=True)
     best.write_text("params:\n  head.depth: 0\n  augment.cutmix_alpha: 0.0\nscore: 0.5\ntrial: 3\n")
-    assert resolve_params("tuned", paths, BB, settings=train_settings())[0] == {"head.depth": 0, "augment.cutmix_alpha": 0.0}
+    assert resolve_params("tuned", paths, BB, settings=train_settings())[0] == {
+        "head.depth": 0, "augment.cutmix_alpha": 0.0}
     assert resolve_params("none", paths, BB, settings=train_settings()) == ({}, "none")
     assert resolve_params(str(best), paths, BB, settings=train_settings())[0]["head.depth"] == 0
     with pytest.raises(KitError, match="no such file"):
@@ -318,8 +320,8 @@ def test_cache_path_gives_the_oof_of_features_cv(cached):
 
 
 def test_cache_path_writes_the_files_of_the_pixel_path(cached, done, tmp_path):
-    from kit.ensemble.blend import load_inputs
     from kit.data.patches import load_patches
+    from kit.ensemble.blend import load_inputs
 
     paths, metrics, _, _ = cached
     out = paths.backbone_dir(BB)
@@ -368,8 +370,7 @@ def test_cache_path_resumes_by_fold(cached, tmp_path, capsys):
 
 
 def test_training_path_needs_everything_frozen():
-    from kit.training.settings import pixel_augment_not_applied, training_path
-    from kit.training.settings import train_config
+    from kit.training.settings import pixel_augment_not_applied, train_config, training_path
 
     assert training_path(train_config(train_settings())) == "pixels"  # the default trains the norm layers
     assert training_path(train_config(train_settings({"train_norm": []}))) == "feature_cache"

@@ -3,6 +3,7 @@ validate CLI."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +54,7 @@ def _set_labels(root: Path, lines: list[str]) -> None:
 
 
 def _problems(root: Path, **kwargs) -> tuple[str, list[str]]:
-    with pytest.raises(KitError) as exc:
+    with pytest.raises(KitError, match=r": (dataset is not usable \()?\d+ problems") as exc:
         load_dataset(root, **kwargs)
     return str(exc.value), exc.value.problems
 
@@ -421,3 +422,185 @@ def test_missing_test_folder_and_labels_file(ds):
     assert "not usable" in message
     assert any("train_labels.csv: labels file missing" in p for p in problems)
     assert any("test_data: folder missing" in p for p in problems)
+
+
+# --- datasets described by a task ------------------------------------------------------------
+
+def _task_data(tmp_path, layout="csv_masks"):
+    from kit.data.task_synth import write_task_dataset
+    from kit.task import load_task
+
+    root = write_task_dataset(tmp_path / layout, layout, seed=0, n_train=9, n_test=3)
+    return root, load_task(None, root)
+
+
+def test_the_builtin_task_given_explicitly_is_the_default(ds):
+    from kit.data.dataset import Sample, mask_groups
+    from kit.task import default_task, load_task
+
+    d = load_dataset(ds)
+    assert d.task is default_task()
+    for spec in (default_task(), "an2dl2526c2v2", str(default_task().source)):
+        other = load_dataset(ds, task=spec)
+        assert (other.root, other.train, other.test, other.dropped) == (d.root, d.train, d.test,
+                                                                         d.dropped)
+    assert load_task(None, ds) is default_task()  # no task.yaml in the data folder
+    s = d.train[0]
+    assert s.sample_index == s.id == "img_0000.png" and s.group is None
+    assert Sample("a.png", s.image, s.mask, "Luminal A") == Sample(
+        id="a.png", image=s.image, mask=s.mask, label="Luminal A", group=None)
+    alone = Sample("b.png", s.image)
+    assert alone.mask is None and mask_groups([alone, s]) == {"b.png": "b.png",
+                                                              s.id: s.id}
+
+
+def test_a_task_string_spec_and_the_test_ids(tmp_path):
+    from kit.data.dataset import expected_test_ids
+
+    root, _ = _task_data(tmp_path, "imagefolder")
+    (root / "task.yaml").unlink()  # the built-in task by name instead
+    d = load_dataset(root, task="imagefolder")
+    assert d.task.name == "imagefolder" and len(d.train) == 9
+    assert expected_test_ids(root, task=d.task) == [s.id for s in d.test] == [
+        "case_0009", "case_0010", "case_0011"]
+    with pytest.raises(KitError, match="no train_data/ folder here"):
+        load_dataset(root)  # without the task: AN2DL's layout, as every stage reads it today
+
+
+def test_hidden_files_are_not_images(tmp_path):
+    root, task = _task_data(tmp_path, "csv")
+    (root / "test" / "._case_0009.png").write_bytes(b"macOS resource fork")
+    (root / "train" / ".DS_Store").write_bytes(b"x")
+    assert len(load_dataset(root, task=task).test) == 3
+
+
+def _task_problems(root, task, **kwargs):
+    with pytest.raises(KitError) as exc:
+        load_dataset(root, task=task, **kwargs)
+    return str(exc.value), exc.value.problems
+
+
+def test_task_data_problems_name_the_task_file_and_key(tmp_path):
+    root, task = _task_data(tmp_path)
+    where = root / "task.yaml"
+    table = pd.read_csv(root / "train.csv", dtype=str)
+    table.loc[1, "tissue"] = "benign"  # case only: suggested
+    table.loc[2, "tissue"] = "Cancer"
+    table.loc[len(table)] = ["case_0099", "Normal", "P999"]  # no such image
+    table.loc[len(table)] = ["case_0004", table.loc[4, "tissue"], "P777"]  # another patient
+    table.to_csv(root / "train.csv", index=False)
+    _png(root / "masks" / "train" / "mask_0005.png", np.zeros((10, 10), np.uint8))
+    (root / "masks" / "train" / "mask_0006.png").unlink()
+    (root / "train" / "case_0007.png").unlink()  # its mask stays: a mask without image
+    message, problems = _task_problems(root, task)
+    assert "7 problems" in message and "--skip-bad" in message
+    expected = [
+        ("line 3: unknown label 'benign' for case_0001; did you mean 'Benign'? "
+         f"(classes in {where})"),
+        ("line 4: unknown label 'Cancer' for case_0002; allowed: Normal, Benign, Invasive "
+         f"(classes in {where})"),
+        "case_0004 appears on 2 lines (6, 12) with different patient_id values",
+        f"but its mask mask_0005.png is 10x10; they must match (masks.train in {where})",
+        (f"case_0006.png: image has no mask (expected {root / 'masks/train/mask_0006.png'}) "
+         f"(masks.train in {where})"),
+        f"mask_0007.png: mask has no image (expected {root / 'train/case_0007.png'})",
+        ("train.csv: row 'case_0099' has no image train/case_0099.png; remove the row or "
+         f"restore the image (images.train in {where})"),
+    ]
+    assert len(problems) == len(expected), problems
+    for line in expected:
+        assert sum(line in p for p in problems) == 1, (line, problems)
+    with pytest.warns(UserWarning, match="dropping 7 samples"):
+        d = load_dataset(root, task=task, skip_bad=True)
+    assert [s.id for s in d.train] == ["case_0000", "case_0003", "case_0008"]
+    assert all(s.group is not None for s in d.train)
+
+
+def test_a_pattern_that_matches_no_file_is_one_line(tmp_path):
+    root, task = _task_data(tmp_path, "csv")
+    for p in (root / "test").iterdir():
+        p.rename(p.with_suffix(".jpg"))
+    for p in (root / "train").iterdir():
+        p.rename(p.with_suffix(".tif"))
+    message, problems = _task_problems(root, task)
+    assert "not usable (2 problems)" in message  # not one "row has no image" per row
+    assert problems[0] == (f"{root / 'train'}: images.train 'train/{{id}}.png' matches no file "
+                           "here (it holds e.g. train/case_0000.tif); rename the files to "
+                           f"follow it, or fix images.train in {root / 'task.yaml'}")
+    assert problems[1].startswith(f"{root / 'test'}: images.test 'test/{{id}}.png' matches no ")
+
+
+def test_a_mask_pattern_that_matches_no_file(tmp_path):
+    root, task = _task_data(tmp_path)
+    for p in (root / "masks" / "train").iterdir():
+        p.rename(p.with_name(p.name.replace("mask_", "m_")))
+    _, problems = _task_problems(root, task)
+    assert len(problems) == 1, problems
+    assert problems[0] == (f"{root / 'masks/train'}: masks.train 'masks/train/mask_{{num}}.png' "
+                           "matches no file here (it holds e.g. masks/train/m_0000.png); rename "
+                           f"the files to follow it, or fix masks.train in {root / 'task.yaml'}")
+    shutil.rmtree(root / "masks" / "test")
+    _, problems = _task_problems(root, task)
+    assert any(p.startswith(f"{root / 'masks/test'}: folder missing; masks.test") for p in problems)
+
+
+def test_folders_layout_problems(tmp_path):
+    root, task = _task_data(tmp_path, "imagefolder")
+    (root / "train" / "Stroma").mkdir()
+    one = next((root / "train" / "stroma").iterdir())
+    one.rename(root / "train" / "Stroma" / one.name)
+    (root / "train" / "lymph").mkdir()
+    first = next((root / "train" / "tumour").iterdir())
+    shutil.copy(first, root / "train" / "lymph" / "x_01.png")
+    shutil.copy(first, root / "train" / "adipose" / first.name)  # one id in two classes
+    _, problems = _task_problems(root, task)
+    where = root / "task.yaml"
+    assert problems == [
+        (f"{root / 'train/Stroma'}: folder 'Stroma' is not a class (1 images); did you mean "
+         f"'stroma'? rename the folder (classes in {where})"),
+        (f"{root / 'train/lymph'}: folder 'lymph' is not a class (1 images); allowed: adipose, "
+         f"stroma, tumour; rename the folder or add the class (classes in {where})"),
+        (f"{root / 'train/tumour' / first.name}: id {first.stem!r} is also "
+         f"{root / 'train/adipose' / first.name}; ids must be unique across class folders, "
+         "rename or delete one"),
+    ]
+    with pytest.warns(UserWarning, match="dropping 3 samples"):
+        d = load_dataset(root, task=task, skip_bad=True)
+    assert len(d.train) == 9 - 1 - 1  # Stroma's image, and the id in two folders
+    assert first.stem not in {s.id for s in d.train}
+
+
+def test_find_root_speaks_the_tasks_layout(tmp_path):
+    from kit.task import load_task
+
+    task = load_task("imagefolder")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(KitError) as exc:
+        load_dataset(tmp_path / "empty", task=task)
+    assert str(exc.value) == (f"{tmp_path / 'empty'}: no train/ folder here (nor one level "
+                              "down); pass --data to the folder holding train/ and test/")
+    root, _ = _task_data(tmp_path / "input", "imagefolder")
+    assert load_dataset(tmp_path / "input", task=task).root == root  # one level down
+
+
+def test_cli_validate_task(tmp_path):
+    root, _ = _task_data(tmp_path, "csv")
+    r = _cli("validate", "--data", str(root))  # the data folder's task.yaml
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.splitlines()
+    assert out[0] == f"{root}: 9 training images, 3 test images"
+    assert f"task synthetic-csv ({root / 'task.yaml'}): 3 classes, metric balanced_accuracy, " \
+           "no masks" in out
+    assert any("patient_id groups (largest" in line for line in out)
+    r = _cli("validate", "--data", str(root), "--task", "imagefolder")
+    assert r.returncode == 2 and "images.train 'train/{label}/{id}.png' matches no file" in r.stderr
+    table = pd.read_csv(root / "train.csv", dtype=str)
+    table.loc[0, "tissue"] = "Tumour"
+    table.to_csv(root / "train.csv", index=False)
+    (root / "test" / "case_0010.png").write_bytes(b"not a png")
+    r = _cli("validate", "--data", str(root), "--task", str(root / "task.yaml"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 3 and "2 problems" in lines[0]
+    assert sum("unknown label 'Tumour' for case_0000" in line for line in lines[1:]) == 1
+    assert sum("case_0010.png: unreadable or truncated PNG" in line for line in lines[1:]) == 1

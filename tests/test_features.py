@@ -9,17 +9,23 @@ import pytest
 import torch
 
 from cv_data import make_workdir
-from kit import CLASSES
-from kit.training.checkpoints import weights_digest
-from kit.training.features import (Features, _publish, cache_views, embed_array, frozen_backbone,
-                                   load_or_embed)
 from head_fit import fit_head
-from kit.training.feature_cv import FeatureCV, features_cv, prepare
-from kit.metrics import fast_macro_f1, macro_f1
+from kit import CLASSES
+from kit.config import load_config, train_settings
 from kit.data.patches import load_patches
+from kit.metrics import fast_macro_f1, macro_f1
+from kit.training.checkpoints import weights_digest
+from kit.training.feature_cv import FeatureCV, features_cv, prepare
+from kit.training.features import (
+    Features,
+    _publish,
+    cache_views,
+    embed_array,
+    frozen_backbone,
+    load_or_embed,
+)
 from kit.training.settings import train_config
 from kit.utils import KitError
-from kit.config import load_config, train_settings
 
 FAST = {"epochs": 12, "lr": 0.01, "patience": 0}
 
@@ -177,7 +183,8 @@ def test_class_balance_options_train(work):
 
 
 def test_features_cv_covers_every_image_once_and_scores_like_cv(work):
-    res = features_cv("tiny_cnn", work, params=FAST, seed=7, weights="random", settings=train_settings())
+    res = features_cv("tiny_cnn", work, params=FAST, seed=7, weights="random",
+                      settings=train_settings())
     folds = pd.read_csv(work.folds_csv)
     assert list(res.oof.sample_index) == list(folds.sample_index)  # folds-file order, once each
     assert list(res.oof.fold) == list(folds.fold)
@@ -197,7 +204,8 @@ def test_features_cv_covers_every_image_once_and_scores_like_cv(work):
 
 
 def test_fold_results_do_not_depend_on_the_order_of_folds(work):
-    fcv = prepare("tiny_cnn", work, params=FAST, seed=5, weights="random", with_test=False, settings=train_settings())
+    fcv = prepare("tiny_cnn", work, params=FAST, seed=5, weights="random", with_test=False,
+                  settings=train_settings())
     late = [fcv.fold(k) for k in (0, 1, 2)][2]
     first = fcv.fold(2)
     np.testing.assert_array_equal(first.probs, late.probs)
@@ -205,7 +213,8 @@ def test_fold_results_do_not_depend_on_the_order_of_folds(work):
 
 
 def test_configure_refuses_views_that_are_not_cached(work):
-    fcv = prepare("tiny_cnn", work, seed=5, weights="random", with_test=False, settings=train_settings())
+    fcv = prepare("tiny_cnn", work, seed=5, weights="random", with_test=False,
+                  settings=train_settings())
     assert fcv.configure({"head.depth": 0}).cfg["head"]["depth"] == 0
     with pytest.raises(KitError, match="not in the embedding cache"):
         fcv.configure({"tta": "dihedral"})

@@ -1,7 +1,9 @@
 """kit.data.folds: stratified, image-grouped K-fold split, its file and its overwrite guard."""
 from __future__ import annotations
 
+import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +86,11 @@ def data(tmp_path_factory):
 @pytest.fixture
 def paths(tmp_path):
     return make_workdir(tmp_path / "work")
+
+
+def _warnings(caplog) -> list[str]:
+    """The warning lines the kit logger gave during the test."""
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
@@ -226,7 +233,7 @@ def test_build_groups_merges_masks_and_extra_transitively(data):
 # --- run_folds: the stage ------------------------------------------------------------------
 
 def test_run_folds_writes_the_documented_file(data, paths, capsys):
-    df = run_folds(data, paths, load_config("folds"), seed=42)
+    df = run_folds(paths, data, load_config("folds"), seed=42)
     text = paths.folds_csv.read_bytes().decode()
     assert text.startswith("sample_index,label,fold,group\n") and "\r" not in text
     written = pd.read_csv(paths.folds_csv, dtype={"sample_index": str, "group": str})
@@ -250,7 +257,7 @@ def _assert_groups_share_a_fold(data, paths) -> dict:
     """Two seeds' splits keep the shared masks, (40, 41) and (30, 45, 50) each in one fold;
     the folds config, as written, is returned."""
     for seed in (3, 4):
-        df = run_folds(data, paths, load_config("folds"), seed=seed, force=True).set_index("sample_index").fold
+        df = run_folds(paths, data, load_config("folds"), seed=seed, force=True).set_index("sample_index").fold
         for group in SHARED_MASKS + [(40, 41), (30, 45, 50)]:
             kept = [_name(i) for i in group if _name(i) not in DROPPED]
             assert df.loc[kept].nunique() == 1, {k: df[k] for k in kept}
@@ -282,17 +289,18 @@ def test_near_duplicate_groups_share_a_fold_and_are_recorded(data, paths):
     assert grouping["near_duplicates"]["groups"] == 3 and grouping["groups_csv"] is None
     # the user's file is merged on top, with its own group labels ("1" is not near's "1")
     paths.groups_csv.write_text(f"sample_index,group\n{_name(6)},1\n{_name(7)},1\n")
-    df = run_folds(data, paths, load_config("folds"), seed=3, force=True).set_index("sample_index").fold
+    df = run_folds(paths, data, load_config("folds"), seed=3, force=True).set_index("sample_index").fold
     assert df[_name(6)] == df[_name(7)]
     cfg = yaml.safe_load((paths.runs_dir / "folds" / "config.yaml").read_text())
     assert cfg["grouping"]["sources"] == ["shared_masks", "near_duplicates", "groups_csv"]
     assert cfg["n_groups"] == len(df) - 1 - 2 - 2 - 1 - 1
 
 
-def test_missing_near_duplicates_file_warns_and_is_recorded(data, paths):
+def test_missing_near_duplicates_file_warns_and_is_recorded(data, paths, caplog):
     near_duplicates_csv(paths).unlink()
-    with pytest.warns(UserWarning, match=r"near_duplicates.csv not found.*rerun ./run.sh clean"):
-        run_folds(data, paths, load_config("folds"), seed=1)
+    run_folds(paths, data, load_config("folds"), seed=1)
+    assert any(re.search(r"near_duplicates.csv not found.*rerun ./run.sh clean", w)
+               for w in _warnings(caplog))
     cfg = yaml.safe_load((paths.runs_dir / "folds" / "config.yaml").read_text())
     assert cfg["grouping"] == {"sources": ["shared_masks"], "near_duplicates": None,
                                "groups_csv": None}
@@ -302,32 +310,32 @@ def test_near_duplicates_of_another_dataset_are_refused(data, paths):
     write_near(paths, "1,train,img_0001.png 1,train,img_0500.png 2,test,img_0900.png")
     with pytest.raises(KitError, match=r"near_duplicates.csv: lists 1 training image\(s\) not in "
                                        r"the dataset \(img_0500.png\); rerun ./run.sh clean"):
-        run_folds(data, paths, load_config("folds"))
+        run_folds(paths, data, load_config("folds"))
     near_duplicates_csv(paths).write_text("sample_index,cluster\nimg_0001.png,1\n")
     with pytest.raises(KitError, match="missing column"):
-        run_folds(data, paths, load_config("folds"))
+        run_folds(paths, data, load_config("folds"))
 
 
 def test_changed_grouping_is_named_when_the_split_changes(data, paths):
-    run_folds(data, paths, load_config("folds"), seed=1)
+    run_folds(paths, data, load_config("folds"), seed=1)
     first = paths.folds_csv.read_bytes()
     # near-duplicates found since: many pairs, so the split cannot stay the same
     write_near(paths, " ".join(f"{k},train,{_name(i)} {k},train,{_name(i + 25)}"
                                for k, i in enumerate(range(12, 24), start=1)))
-    with pytest.raises(KitError) as exc:
-        run_folds(data, paths, load_config("folds"), seed=1)
+    with pytest.raises(KitError, match="already holds a different split") as exc:
+        run_folds(paths, data, load_config("folds"), seed=1)
     assert "different split" in str(exc.value)
     assert "grouping since the last split: runs/clean/near_duplicates.csv changed" in str(exc.value)
     assert paths.folds_csv.read_bytes() == first
-    run_folds(data, paths, load_config("folds"), seed=1, force=True)
+    run_folds(paths, data, load_config("folds"), seed=1, force=True)
     paths.groups_csv.write_text(f"sample_index,group\n{_name(0)},a\n{_name(3)},a\n"
                                 f"{_name(4)},b\n{_name(6)},b\n{_name(7)},b\n")
     with pytest.raises(KitError, match="folds/groups.csv added"):
-        run_folds(data, paths, load_config("folds"), seed=1)
+        run_folds(paths, data, load_config("folds"), seed=1)
 
 
 def test_run_folds_stratifies(data, paths):
-    df = run_folds(data, paths, load_config("folds", {"n_splits": 4}), seed=0)
+    df = run_folds(paths, data, load_config("folds", {"n_splits": 4}), seed=0)
     counts = pd.crosstab(df.fold, df.label)
     total = df.label.value_counts()
     for cls in CLASSES:
@@ -338,45 +346,44 @@ def test_bad_groups_file(data, paths):
     paths.groups_csv.write_text("sample_index,group\nimg_9999.png,a\nimg_0001.png,b\n"
                                 "img_0001.png,c\n")
     with pytest.raises(KitError, match="groups.csv: 2 problems") as exc:
-        run_folds(data, paths, load_config("folds"))
+        run_folds(paths, data, load_config("folds"))
     assert exc.value.problems == ["img_0001.png: listed more than once",
                                   "img_9999.png: not a training image"]
     paths.groups_csv.write_text("sample_index,cluster\n")
     with pytest.raises(KitError, match="missing column"):
-        run_folds(data, paths, load_config("folds"))
+        run_folds(paths, data, load_config("folds"))
 
 
 def test_run_folds_needs_clean_stage(data, tmp_path):
-    with pytest.raises(KitError):
-        run_folds(data, Paths.from_root(tmp_path / "fresh"), load_config("folds"))
+    with pytest.raises(KitError, match="outliers.csv: not found; run ./run.sh clean first"):
+        run_folds(Paths.from_root(tmp_path / "fresh"), data, load_config("folds"))
     assert not (tmp_path / "fresh" / "folds" / "folds.csv").exists()
 
 
 def test_determinism_byte_identical_and_seed_matters(data, tmp_path):
     a, b, c = (make_workdir(tmp_path / name) for name in "abc")
-    run_folds(data, a, load_config("folds"), seed=11)
-    run_folds(load_dataset(data), b, load_config("folds"), seed=11)  # a loaded Dataset works too
-    run_folds(data, c, load_config("folds"), seed=12)
+    run_folds(a, data, load_config("folds"), seed=11)
+    run_folds(b, load_dataset(data), load_config("folds"), seed=11)  # a loaded Dataset works too
+    run_folds(c, data, load_config("folds"), seed=12)
     assert a.folds_csv.read_bytes() == b.folds_csv.read_bytes()
     fa = pd.read_csv(a.folds_csv).fold
     fc = pd.read_csv(c.folds_csv).fold
     assert (fa != fc).any()
 
 
-def test_overwrite_guard(data, paths, capsys):
-    run_folds(data, paths, load_config("folds"), seed=1)
+def test_overwrite_guard(data, paths, caplog):
+    run_folds(paths, data, load_config("folds"), seed=1)
     first = paths.folds_csv.read_bytes()
-    run_folds(data, paths, load_config("folds"), seed=1)  # same content: fine
+    run_folds(paths, data, load_config("folds"), seed=1)  # same content: fine
     assert paths.folds_csv.read_bytes() == first
     with pytest.raises(KitError, match="different split") as exc:
-        run_folds(data, paths, load_config("folds"), seed=2)
+        run_folds(paths, data, load_config("folds"), seed=2)
     assert "--force" in str(exc.value) and "invalid" in str(exc.value)
     assert paths.folds_csv.read_bytes() == first  # untouched
-    capsys.readouterr()
-    run_folds(data, paths, load_config("folds"), seed=2, force=True)
-    assert "overwriting" in capsys.readouterr().err
+    run_folds(paths, data, load_config("folds"), seed=2, force=True)
+    assert any("overwriting" in w for w in _warnings(caplog))
     other = make_workdir(paths.root.parent / "other")
-    run_folds(data, other, load_config("folds"), seed=2)
+    run_folds(other, data, load_config("folds"), seed=2)
     assert paths.folds_csv.read_bytes() == other.folds_csv.read_bytes() != first
 
 
@@ -404,7 +411,7 @@ def test_cli_folds_and_force(data, tmp_path, capsys):
 # --- load_folds ----------------------------------------------------------------------------
 
 def test_load_folds_roundtrip(data, paths):
-    written = run_folds(data, paths, load_config("folds"), seed=5)
+    written = run_folds(paths, data, load_config("folds"), seed=5)
     df, sha = load_folds(paths)
     assert sha == sha256_file(paths.folds_csv) == folds_hash(paths)
     assert df.fold.dtype == np.int64
@@ -414,7 +421,7 @@ def test_load_folds_roundtrip(data, paths):
 def test_load_folds_missing_file(tmp_path):
     paths = Paths.from_root(tmp_path)
     for fn in (load_folds, folds_hash):
-        with pytest.raises(KitError) as exc:
+        with pytest.raises(KitError, match="no folds file at .*; run ./run.sh folds first") as exc:
             fn(paths)
         assert str(exc.value) == f"no folds file at {paths.folds_csv}; run ./run.sh folds first"
 
@@ -434,7 +441,7 @@ def test_load_folds_rejects_bad_files(tmp_path, content, expected):
     paths = Paths.from_root(tmp_path)
     paths.folds_dir.mkdir()
     paths.folds_csv.write_text(content)
-    with pytest.raises(KitError) as exc:
+    with pytest.raises(KitError, match=r"rerun \./run\.sh folds --force") as exc:
         load_folds(paths)
     text = " ".join([str(exc.value), *exc.value.problems])
     assert expected in text and str(paths.folds_csv) in text
@@ -442,7 +449,7 @@ def test_load_folds_rejects_bad_files(tmp_path, content, expected):
 
 
 def test_the_group_column_keeps_groups_whole_and_old_files_still_load(data, paths):
-    df = run_folds(data, paths, load_config("folds"), seed=42)
+    df = run_folds(paths, data, load_config("folds"), seed=42)
     assert (df.groupby("group").fold.nunique() == 1).all()
     assert df.group.nunique() < len(df)  # the shared-mask pairs share a group
     loaded, _ = load_folds(paths)

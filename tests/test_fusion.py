@@ -16,13 +16,13 @@ import torch
 
 from cv_data import make_workdir
 from kit import PROB_COLUMNS
+from kit.config import load_config, train_settings
 from kit.ensemble.fusion_vs_blend import BLEND_SOURCE, MEAN_SOURCE, compare_all
 from kit.metrics import macro_f1, paired_bootstrap, to_indices
 from kit.paths import Paths
 from kit.training.cv import run_cv
 from kit.training.fusion import FusedBackbone, parse_weights, split_name
 from kit.utils import KitError
-from kit.config import load_config, train_settings
 
 A, B = "tiny_cnn", "tiny_vit"
 FUSED = f"{A}+{B}"
@@ -96,8 +96,8 @@ def test_each_part_reads_the_cache_its_own_run_built(runs):
 def test_the_fused_checkpoint_is_a_pixel_model_of_the_concatenated_embeddings(runs):
     from kit.data.patches import load_patches
     from kit.models.normalize import normalize_batch
-    from kit.training.features import frozen_backbone
     from kit.training.build import recalibrate_random
+    from kit.training.features import frozen_backbone
     from kit.training.settings import train_config
 
     paths, _, fused, _ = runs
@@ -156,7 +156,7 @@ def test_a_changed_part_cache_key_changes_the_fused_hash(tmp_path):
     ("tiny_cnn+tiny_cnn", ["named twice"])])
 def test_bad_names_fail_clearly(tmp_path, name, words):
     paths = make_workdir(tmp_path / "w", n_train=8, n_test=4, n_folds=2)
-    with pytest.raises(KitError) as err:
+    with pytest.raises(KitError, match="unknown backbone|named twice") as err:
         run_cv(paths, None, train_settings(CFG), backbone=name, weights="random")
     assert all(w in str(err.value) for w in words) and "\n" not in str(err.value)
     assert not paths.backbone_dir(name).exists()

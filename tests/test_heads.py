@@ -83,7 +83,7 @@ def test_bad_arguments(kwargs, fragment):
 
 
 def test_bad_arguments_are_reported_together():
-    with pytest.raises(KitError) as err:
+    with pytest.raises(KitError, match="head config: depth must .*; activation must") as err:
         create_head(8, 4, depth=9, activation="tanh")
     assert len(err.value.problems) == 2
 

@@ -138,7 +138,7 @@ def test_failed_check_writes_nothing(tmp_path, bad):
     assert exc.value.problems
     assert list(tmp_path.iterdir()) == []
     path.write_text("old\n")  # an existing file is left as it was
-    with pytest.raises(KitError):
+    with pytest.raises(KitError, match="submission not written"):
         write_submission(df, path, IDS, CLASSES)
     assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["s.csv"]
 

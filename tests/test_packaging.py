@@ -79,9 +79,10 @@ def test_pyproject_declares_the_package_script_and_dev_extra():
     dev = {split(r)[0] for r in project["optional-dependencies"]["dev"]}
     assert {"pytest", "psycopg2-binary", "nbclient", "ipykernel"} <= dev
     assert pyproject()["tool"]["setuptools"]["package-data"]["kit"] == [
-        "conf/*.yaml", "conf/presets/*.yaml"]
+        "conf/*.yaml", "conf/presets/*.yaml", "conf/tasks/*.yaml"]
     assert list((ROOT / "kit" / "conf").glob("*.yaml"))
     assert list((ROOT / "kit" / "conf" / "presets").glob("*.yaml"))  # cv --config presets
+    assert list((ROOT / "kit" / "conf" / "tasks").glob("*.yaml"))  # the built-in tasks
 
 
 def test_dependencies_are_lower_bounds_equal_to_env_check():

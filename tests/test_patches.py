@@ -3,6 +3,7 @@ and ``bench patches``, on tiny generated PNGs."""
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pandas as pd
@@ -14,8 +15,8 @@ from kit.cli import main
 from kit.data.dataset import read_image, read_mask
 from kit.paths import Paths
 from kit.config import load_config
-from kit.data.patches import (extract_patches, load_patches, rank_windows, run_patches,
-                              tissue_mask)
+from kit.data.cutting import cut_windows, extract_file, pick_windows, tissue_mask
+from kit.data.patches import load_patches, run_patches
 from kit.data.windows import select_windows, window_scores, window_starts
 from kit.utils import KitError
 
@@ -24,7 +25,7 @@ CFG = {"size": 16, "stride": 8, "top_k": 3, "workers": 1}
 
 def build(data, paths, overrides=None, **kwargs):
     """run_patches on patches.yaml resolved with ``overrides``, as the command resolves it."""
-    return run_patches(data, paths, load_config("patches", overrides), **kwargs)
+    return run_patches(paths, data, load_config("patches", overrides), **kwargs)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -61,6 +62,11 @@ def _scan(rng, h, w, tissue=True):
         y0, x0 = rng.integers(0, max(1, h // 2)), rng.integers(0, max(1, w // 2))
         img[y0:y0 + h // 3 + 1, x0:x0 + w // 3 + 1] = rng.integers(60, 180, (3,), dtype=np.uint8)
     return img
+
+
+def _warnings(caplog) -> list[str]:
+    """The warning lines the kit logger gave during the test."""
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def _mask(rng, h, w, p=0.5, empty=False):
@@ -153,12 +159,12 @@ def test_sparse_mask_fills_with_tissue_windows_not_background():
         mask = np.zeros((h, w), bool)
         y, x = rng.integers(0, h - 3), rng.integers(0, w - 3)
         mask[y:y + 3, x:x + 3] = True  # touches at most 4 windows of 16 px / stride 8
-        xs, ys, cov, fallback = rank_windows(mask, 16, 8, 8, img, tissue_threshold=200)
+        xs, ys, cov, fallback, _ = pick_windows(mask, 16, 8, 8, img, tissue_threshold=200)
         ref, _ = _brute_force(mask, 16, 8, 8, tissue=tissue_mask(img, 200))
         assert not fallback
         assert list(zip(xs.tolist(), ys.tolist(), cov.tolist())) == ref
     # without the image the zeros keep the position order
-    xs, ys, _, _ = rank_windows(mask, 16, 8, 8)
+    xs, ys, _, _, _ = pick_windows(mask, 16, 8, 8)
     ref, _ = _brute_force(mask, 16, 8, 8)
     assert list(zip(xs.tolist(), ys.tolist())) == [(x, y) for x, y, _ in ref]
 
@@ -173,46 +179,48 @@ def test_empty_mask_falls_back_to_tissue():
     rng = np.random.default_rng(1)
     img = np.full((64, 96, 3), 225, np.uint8)
     img[40:56, 64:80] = (120, 60, 150)  # the only tissue
-    patches, rows = extract_patches(img, np.zeros((64, 96), bool), 16, 8, 3, tissue_threshold=200)
-    assert all(r["fallback"] for r in rows)
-    assert (rows[0]["x"], rows[0]["y"], rows[0]["coverage"]) == (64, 40, 1.0)
-    assert np.array_equal(patches[0], img[40:56, 64:80])
-    _, rows = extract_patches(img, _mask(rng, 64, 96) > 0, 16, 8, 3)
-    assert not any(r["fallback"] for r in rows)
+    xs, ys, cov, fallback, region = pick_windows(np.zeros((64, 96), bool), 16, 8, 3, img,
+                                                 tissue_threshold=200)
+    assert fallback and (region == 0).all()
+    assert (xs[0], ys[0], cov[0]) == (64, 40, 1.0)
+    assert np.array_equal(cut_windows(img, xs, ys, 16)[0], img[40:56, 64:80])
+    assert not pick_windows(_mask(rng, 64, 96) > 0, 16, 8, 3)[3]
 
 
 def test_small_image_is_padded_and_pil_crops_equal_array_crops():
     rng = np.random.default_rng(2)
     img = _scan(rng, 10, 30)
     mask = _mask(rng, 10, 30) > 0
-    patches, rows = extract_patches(img, mask, 16, 8, 4, pad_value=255)
+    xs, ys, *_ = pick_windows(mask, 16, 8, 4, img)
+    patches = cut_windows(img, xs, ys, 16, pad_value=255)
     assert patches.shape == (4, 16, 16, 3) and patches.dtype == np.uint8
-    for p, r in zip(patches, rows):
-        x = r["x"]
-        assert r["y"] == 0
+    for p, x, y in zip(patches, xs, ys):
+        assert y == 0
         assert np.array_equal(p[:10, : min(16, 30 - x)], img[:, x:x + 16])
         assert (p[10:] == 255).all()
-    pil_patches, pil_rows = extract_patches(Image.fromarray(img), mask, 16, 8, 4, pad_value=255)
-    assert np.array_equal(pil_patches, patches) and pil_rows == rows
+    pil = Image.fromarray(img)
+    pil_xs, pil_ys, *_ = pick_windows(mask, 16, 8, 4, pil)
+    assert np.array_equal(pil_xs, xs) and np.array_equal(pil_ys, ys)
+    assert np.array_equal(cut_windows(pil, xs, ys, 16, pad_value=255), patches)
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "L", "P"])
 def test_non_rgb_images_are_cropped_like_read_image(tmp_path, mode):
     rng = np.random.default_rng(3)
     img = Image.fromarray(_scan(rng, 40, 50)).convert(mode)
-    path = tmp_path / "img.png"
+    path, mask_path = tmp_path / "img.png", tmp_path / "mask.png"
     img.save(path)
-    mask = _mask(rng, 40, 50) > 0
-    with Image.open(path) as im:
-        im.load()
-        patches, rows = extract_patches(im, mask, 16, 8, 3)
+    Image.fromarray(_mask(rng, 40, 50)).save(mask_path)
+    cfg = {"size": 16, "stride": 8, "top_k": 3, "tissue_threshold": 200, "pad_value": 255}
+    patches, rows, _ = extract_file((path, mask_path, cfg))
     full = read_image(path)
+    assert len(rows) == 3 and not rows[0]["fallback"]
     for p, r in zip(patches, rows):
         assert np.array_equal(p, full[r["y"]:r["y"] + 16, r["x"]:r["x"] + 16])
 
 
 # --------------------------------------------------------------------------- cache
-def test_run_patches_writes_consistent_cache(patches_ds, capsys):
+def test_run_patches_writes_consistent_cache(patches_ds, caplog):
     root, paths = patches_ds
     sets = build(root, paths, CFG)
     train, test = sets["train"], sets["test"]
@@ -226,7 +234,7 @@ def test_run_patches_writes_consistent_cache(patches_ds, capsys):
                                                "Luminal A"]
     assert (test.samples["label"] == "").all()
     assert train.samples["fallback"].tolist() == [False, False, True, False]
-    assert "img_0003.png" in capsys.readouterr().err  # the fallback is reported
+    assert "img_0003.png" in " ".join(_warnings(caplog))  # the fallback is reported
     for split, ps in sets.items():
         out = paths.patches_dir(split, 16)
         assert {p.name for p in out.iterdir()} == {"patches.npy", "samples.csv", "index.csv",
@@ -443,13 +451,13 @@ def test_stain_norm_brings_two_labs_together_and_rebuilds_the_cache(tmp_path, ca
     assert before > 8 and after < before / 5
 
 
-def test_stain_norm_skips_images_without_tissue(patches_ds, capsys):
+def test_stain_norm_skips_images_without_tissue(patches_ds, caplog):
     root, paths = patches_ds  # flat grey blocks: 1-2 % of the pixels pass the OD threshold
     sets = build(root, paths, {**CFG, "stain_norm": {"method": "macenko",
                                                            "min_tissue": 0.9}})
     skipped = sets["train"].meta["stain_norm"]["skipped"]
     assert sorted(skipped) == sorted(sets["train"].samples.sample_index)
-    assert "too little tissue for stain normalisation" in capsys.readouterr().err
+    assert "too little tissue for stain normalisation" in " ".join(_warnings(caplog))
     # left as they are: the same bytes as without normalisation
     plain = Paths.from_root(paths.root.parent / "plain")
     _write_outliers(plain, [("img_0001.png", "green", 0.9)])

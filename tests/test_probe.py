@@ -3,13 +3,13 @@ import numpy as np
 import pytest
 import torch
 
+from head_fit import fit_head
+from kit.config import train_settings
 from kit.metrics import aggregate
 from kit.models.heads import LinearProbe, create_head, is_probe
-from head_fit import fit_head
-from kit.training.sources import FeatureSource
 from kit.training.settings import train_config
+from kit.training.sources import FeatureSource
 from kit.utils import KitError
-from kit.config import train_settings
 
 
 def _separable(n, k=4, views=2, d=16, seed=0, noise=1.0, classes=4):

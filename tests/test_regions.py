@@ -10,8 +10,9 @@ from PIL import Image
 from kit import CLASSES
 from kit.cli import main
 from kit.config import load_config
-from kit.data.patches import (extract_patches, load_patches, pick_windows, rank_windows,
-                              run_patches, window_scores)
+from kit.data.cutting import cut_windows, pick_windows
+from kit.data.patches import load_patches, run_patches
+from kit.data.windows import window_scores
 from kit.data.regions import allot, label_regions, region_windows
 from kit.paths import Paths
 from kit.utils import KitError
@@ -92,10 +93,6 @@ def test_per_region_takes_windows_from_every_region_above_the_minimum():
         assert labels[y:y + SIZE, x:x + SIZE].__eq__(r).any()  # the window shows its region
     # round robin: each region's best window first
     assert spread[4][:3].tolist() == [1, 2, 3]
-    # top_k through pick_windows is rank_windows, untouched
-    ref = rank_windows(mask, SIZE, STRIDE, K, image)
-    for a, b in zip(top[:3], ref[:3]):
-        assert np.array_equal(a, b)
     # a lower minimum brings in the speck too; determinism
     speck = pick_windows(mask, SIZE, STRIDE, K, image, select="per_region", min_region_px=2)
     assert set(speck[4].tolist()) == {1, 2, 3, 4}
@@ -103,15 +100,16 @@ def test_per_region_takes_windows_from_every_region_above_the_minimum():
     assert all(np.array_equal(a, b) for a, b in zip(speck[:3] + speck[4:], again[:3] + again[4:]))
 
 
-def test_extract_patches_records_regions_and_the_fallback_has_none():
+def test_cut_windows_show_their_regions_and_the_fallback_has_none():
     mask, image = planted_mask(), planted_image()
-    patches, rows = extract_patches(image, mask, SIZE, STRIDE, K, select="per_region",
-                                    min_region_px=MIN_PX)
-    assert {r["region"] for r in rows} == {1, 2, 3}
-    for p, r in zip(patches, rows):
-        assert np.array_equal(p, image[r["y"]:r["y"] + SIZE, r["x"]:r["x"] + SIZE])
-    _, rows = extract_patches(image, np.zeros_like(mask), SIZE, STRIDE, K, select="per_region")
-    assert all(r["fallback"] and r["region"] == 0 for r in rows)
+    xs, ys, _, fallback, region = pick_windows(mask, SIZE, STRIDE, K, image, select="per_region",
+                                               min_region_px=MIN_PX)
+    assert not fallback and set(region.tolist()) == {1, 2, 3}
+    for p, x, y in zip(cut_windows(image, xs, ys, SIZE), xs, ys):
+        assert np.array_equal(p, image[y:y + SIZE, x:x + SIZE])
+    *_, fallback, region = pick_windows(np.zeros_like(mask), SIZE, STRIDE, K, image,
+                                        select="per_region")
+    assert fallback and (region == 0).all()
 
 
 @pytest.fixture
@@ -137,21 +135,21 @@ def planted_ds(tmp_path):
 def test_run_patches_per_region_caches_regions_under_its_own_key(planted_ds):
     root, paths = planted_ds
     cfg = {"size": SIZE, "stride": STRIDE, "top_k": K, "workers": 1, "min_region_px": MIN_PX}
-    top = run_patches(root, paths, load_config("patches", cfg))["train"]
+    top = run_patches(paths, root, load_config("patches", cfg))["train"]
     assert set(top.index.region) == {1}
-    spread = run_patches(root, paths, load_config("patches", {**cfg, "select": "per_region"}))
+    spread = run_patches(paths, root, load_config("patches", {**cfg, "select": "per_region"}))
     train = spread["train"]
     assert train.key != top.key and train.meta["config"]["select"] == "per_region"
     for _, rows in train.index.groupby("sample_index"):
         assert set(rows.region) == {1, 2, 3}
     # the minimum enters the key
-    other = run_patches(root, paths, load_config("patches", {**cfg, "select": "per_region",
+    other = run_patches(paths, root, load_config("patches", {**cfg, "select": "per_region",
                                                              "min_region_px": 2}))["train"]
     assert other.key != train.key and 4 in set(other.index.region)
-    with pytest.raises(KitError, match="select must be one of top_k, per_region"):
-        run_patches(root, paths, load_config("patches", {**cfg, "select": "regions"}))
-    with pytest.raises(KitError, match="min_region_px must be >= 1"):
-        run_patches(root, paths, load_config("patches", {**cfg, "min_region_px": 0}))
+    with pytest.raises(KitError, match="select = 'regions' is not allowed: one of top_k, per_region"):
+        run_patches(paths, root, load_config("patches", {**cfg, "select": "regions"}))
+    with pytest.raises(KitError, match="min_region_px = .* is not allowed: an integer >= 1"):
+        run_patches(paths, root, load_config("patches", {**cfg, "min_region_px": 0}))
 
 
 def test_patches_command_select_per_region(planted_ds, capsys):
@@ -170,7 +168,7 @@ def test_patches_command_select_per_region(planted_ds, capsys):
 def test_old_index_without_regions_still_loads(planted_ds):
     root, paths = planted_ds
     cfg = load_config("patches", {"size": SIZE, "stride": STRIDE, "top_k": K, "workers": 1})
-    folder = run_patches(root, paths, cfg, splits=("train",))["train"].folder
+    folder = run_patches(paths, root, cfg, splits=("train",))["train"].folder
     index = pd.read_csv(folder / "index.csv")
     index.drop(columns="region").to_csv(folder / "index.csv", index=False)
     assert (load_patches(paths, "train").index.region == -1).all()

@@ -23,7 +23,8 @@ from kit.metrics import plot_confusion
 from kit.paths import Paths
 from kit.ensemble.blend import expected_score, provenance
 from kit.metrics import bootstrap_ci, macro_f1
-from kit.submission.report import reliability, run_report
+from kit.submission.report import run_report
+from kit.submission.report.calibration import reliability
 from kit.utils import atomic_write_csv, atomic_write_json, write_config
 from kit.config import load_config, train_settings
 

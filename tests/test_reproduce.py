@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -11,9 +12,15 @@ from blend_data import make_blend_workdir
 from kit import CLASSES
 from kit.submission.blend_output import run_blend
 from kit.cli import main
-from kit.submission.reproduce import infer_workdir, reproduce
+from kit.submission.reproduce import infer_workdir, run_reproduce
 from kit.utils import KitError
 from kit.config import load_config
+
+
+def reproduce(manifest, data=None, **kwargs):
+    """run_reproduce with the work directory inferred from the manifest, as the command does
+    without --workdir."""
+    return run_reproduce(None, data, None, manifest=manifest, **kwargs)
 
 
 @pytest.fixture
@@ -45,6 +52,21 @@ def test_cli_exit_codes(blended, capsys):
     out = capsys.readouterr().out
     assert "MISMATCH" in out and "runs/bb_b/tta/test_orig.csv: changed" in out
     assert main(["reproduce", str(paths.root / "nope.json")]) == 2
+
+
+def test_an_explicit_workdir_wins_even_when_it_is_the_default(blended, tmp_path, monkeypatch,
+                                                              capsys):
+    """``--workdir .`` is the default's value, but given: the blend re-runs there."""
+    paths, data, res = blended
+    copy = tmp_path / "copy"
+    shutil.copytree(paths.root, copy)
+    _scramble(copy / "runs" / "bb_b" / "tta" / "test_orig.csv")
+    monkeypatch.chdir(copy)
+    assert main(["reproduce", str(res.manifest_path), "--workdir", "."]) == 1
+    assert "runs/bb_b/tta/test_orig.csv: changed" in capsys.readouterr().out
+    assert main(["reproduce", str(res.manifest_path)]) == 0  # inferred: the original
+    assert main(["reproduce", str(res.manifest_path), "--workdir", str(paths.root)]) == 0
+    capsys.readouterr()
 
 
 def _scramble(path):

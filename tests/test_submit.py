@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from fake_kaggle import FakeKaggle, write_fake_submission
-from kit.submission import submit
+from kit.submission import credentials, kaggle_client
 from kit.cli import main
-from kit.utils import KitError
+from kit.utils import KitError, sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = Path(__file__).with_name("fake_kaggle.py")
@@ -257,7 +257,7 @@ def test_rows_checked_against_manifest_without_data(workdir, tmp_path, monkeypat
     short = sub / "short.csv"
     short.write_text("\n".join(sub.joinpath("latest.csv").read_text().splitlines()[:-1]) + "\n")
     manifest_ = manifest(workdir)
-    manifest_["csv_sha256"] = submit.sha256_file(short)
+    manifest_["csv_sha256"] = sha256_file(short)
     (sub / "short.json").write_text(json.dumps(manifest_))
     assert main(args[:1] + [str(short)] + args[1:]) == 2
     assert "not the 5 test images the blend saw" in capsys.readouterr().err
@@ -269,40 +269,40 @@ def test_find_credentials_order_and_secrets(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / ".kaggle").mkdir()
     env = {"KAGGLE_USERNAME": USER, "KAGGLE_KEY": KEY}
-    creds = submit.find_credentials(env)
+    creds = credentials.find_credentials(env)
     assert creds.source == "KAGGLE_USERNAME/KAGGLE_KEY" and KEY in creds.secrets
-    assert submit.scrub(f"boom {KEY} at\nline two", creds.secrets) == "boom *** at line two"
-    assert submit.find_credentials({"KAGGLE_API_TOKEN": TOKEN}).source == "KAGGLE_API_TOKEN"
+    assert credentials.scrub(f"boom {KEY} at\nline two", creds.secrets) == "boom *** at line two"
+    assert credentials.find_credentials({"KAGGLE_API_TOKEN": TOKEN}).source == "KAGGLE_API_TOKEN"
     with pytest.raises(KitError, match="no Kaggle credentials found"):
-        submit.find_credentials({})
+        credentials.find_credentials({})
     token_file = tmp_path / ".kaggle" / "access_token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o640)
     with pytest.raises(KitError, match=r"chmod 600 .*access_token"):
-        submit.find_credentials({})
+        credentials.find_credentials({})
     token_file.chmod(0o600)
-    creds = submit.find_credentials({})
+    creds = credentials.find_credentials({})
     assert creds.source == str(token_file) and creds.secrets == (TOKEN,)
     bad = tmp_path / "cfg"
     bad.mkdir()
     (bad / "kaggle.json").write_text('{"username": "u", "key": ' + KEY)  # truncated JSON
     (bad / "kaggle.json").chmod(0o600)
-    with pytest.raises(KitError) as err:
-        submit.find_credentials({"KAGGLE_CONFIG_DIR": str(bad)})
+    with pytest.raises(KitError, match="kaggle.json: not valid JSON") as err:
+        credentials.find_credentials({"KAGGLE_CONFIG_DIR": str(bad)})
     assert "not valid JSON" in str(err.value) and KEY not in str(err.value)
 
 
 def test_http_reasons_are_one_line_with_a_fix():
     for code in (401, 403, 404, 429, 400, 500):
-        reason = submit.http_reason(code, "detail", "an2dl2526c2v2")
+        reason = kaggle_client.http_reason(code, "detail", "an2dl2526c2v2")
         assert "\n" not in reason and f"HTTP {code}" in reason
-    assert "rules" in submit.http_reason(403, "Forbidden", "c")
-    assert "limit" in submit.http_reason(400, "Submission limit reached", "c")
+    assert "rules" in kaggle_client.http_reason(403, "Forbidden", "c")
+    assert "limit" in kaggle_client.http_reason(400, "Submission limit reached", "c")
 
 
 def test_client_import_does_not_run_kaggle_init(tmp_path):
     """``kaggle/__init__`` would authenticate and print at import; the kit skips it."""
-    code = ("import kit.submission.submit as s; cls = s.load_kaggle_api(); import sys; "
+    code = ("import kit.submission.kaggle_client as s; cls = s.load_kaggle_api(); import sys; "
             "print(cls.__name__, hasattr(sys.modules['kaggle'], 'api') and "
             "not isinstance(sys.modules['kaggle'].api, cls))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

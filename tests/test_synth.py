@@ -131,12 +131,17 @@ def test_bad_arguments_are_refused_with_one_line(tmp_path, kwargs, match):
 
 def test_patch_workdir_is_read_by_the_kits_loaders(tmp_path):
     from kit.data.folds import load_folds
-    from kit.data.patches import load_patches
+    from kit.data.patches import INDEX_COLUMNS, load_patches
 
     paths = synth.write_patch_workdir(tmp_path / "w", n_train=16, n_test=3, k=2, size=16,
                                       n_folds=4, seed=2)
     train, test = load_patches(paths, "train"), load_patches(paths, "test")
     assert train.array.shape == (16, 2, 16, 16, 3) and test.array.shape == (3, 2, 16, 16, 3)
+    # index.csv has the columns the patches stage writes today, region included (an old cache
+    # without it would load with region -1)
+    index = pd.read_csv(train.folder / "index.csv")
+    assert list(index.columns) == list(INDEX_COLUMNS)
+    assert (train.index.region == 1).all() and (test.index.region == 1).all()
     folds, _ = load_folds(paths)
     per_fold = pd.crosstab(folds.fold, folds.label)
     assert (per_fold.values == 1).all()  # 4 per class over 4 folds: one each

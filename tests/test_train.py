@@ -60,7 +60,7 @@ def test_train_config_applies_dotted_params_then_overrides():
     assert tta_views("flips") == ("id", "hflip", "vflip")
     assert tta_views("none") == ("id",)
     assert len(tta_views("dihedral")) == 8
-    with pytest.raises(KitError):
+    with pytest.raises(KitError, match="unknown TTA view 'mirror'; known views"):
         tta_views("mirror")
 
 
@@ -92,7 +92,7 @@ def test_devices_and_precision():
     cpu = torch.device("cpu")
     assert amp_dtype(cpu, "auto") is None  # mixed precision is a CUDA matter
     assert amp_dtype(cpu, "bf16") == torch.bfloat16 and amp_dtype(cpu, "off") is None
-    with pytest.raises(KitError):
+    with pytest.raises(KitError, match=r"amp must be auto, off, bf16 or fp16 \(got 'fp8'\)"):
         amp_dtype(cpu, "fp8")
     from kit.training.device import auto_flag as _flag, n_workers
 
@@ -221,7 +221,7 @@ def test_inner_keeps_its_best_epoch_and_refit_retrains_that_many_on_everything(d
     assert len(again) == inner.best_epoch and refit.selection["n_fit"] == len(_split()[0])
     none = _fit(data, _cfg(epochs=3, early_stopping="none"), seed=1)
     assert none.best_epoch == none.epochs == 3 and none.best_score != none.best_score  # NaN
-    with pytest.raises(KitError, match="early_stopping must be"):
+    with pytest.raises(KitError, match="early_stopping = 'best' is not allowed: one of auto"):
         _fit(data, _cfg(early_stopping="best"), seed=1)
 
 

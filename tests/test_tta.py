@@ -64,7 +64,7 @@ def test_default_views_and_sets():
 
 @pytest.mark.parametrize("bad", ["rot45", ["id", "mirror"], [], "", ["id", "id"]])
 def test_bad_views_are_refused(bad):
-    with pytest.raises(KitError):
+    with pytest.raises(KitError, match="TTA view"):
         get_views(bad)
 
 

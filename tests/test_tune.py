@@ -20,9 +20,9 @@ from kit.config import load_config, train_settings
 from kit.training.feature_cv import features_cv, prepare
 from kit.tuning.outputs import plot_study
 from kit.tuning.search_space import Param, known_param_keys, load_space, parse_param
+from kit.tuning.storage import describe, make_storage
 from kit.tuning.study import fold_subset, study_name, trial_order, warm_start
 from kit.tuning.tune import run_tune
-from kit.tuning.storage import describe, make_storage
 from kit.utils import KitError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,7 +173,9 @@ def test_storages(tmp_path):
 def feat_work(tmp_path_factory):
     paths = make_workdir(tmp_path_factory.mktemp("tune_feat"), n_train=40, n_test=4, k=4,
                          size=32, n_folds=5, seed=0)
-    prepare("tiny_cnn", paths, weights="random", seed=42, with_test=False, settings=train_settings())  # warm the cache
+    # warm the cache
+    prepare("tiny_cnn", paths, weights="random", seed=42, with_test=False,
+            settings=train_settings())
     return paths
 
 
@@ -203,7 +205,8 @@ def test_features_objective_equals_features_cv_and_writes_outputs(feat_work, tmp
     from kit.training.settings import train_config
 
     # On the path the search trained (heads on cached embeddings) every key applies...
-    params, _ = resolve_params("best", paths, "tiny_cnn", settings=train_settings({"train_norm": []}))
+    params, _ = resolve_params("best", paths, "tiny_cnn",
+                               settings=train_settings({"train_norm": []}))
     assert params == on_disk["params"] and train_config(train_settings(), params=params)["epochs"] == 12
     # ... on pixels only the head's shape: lr, epochs and patience were tuned for the cache.
     params, _ = resolve_params("best", paths, "tiny_cnn", settings=train_settings())
@@ -429,7 +432,8 @@ def test_two_workers_share_one_study_on_postgresql(feat_work, tmp_path):
         from kit.training.cv import resolve_params
 
         best = yaml.safe_load((feat_work.tune_dir("tiny_cnn") / "best.yaml").read_text())
-        params, _ = resolve_params("best", feat_work, "tiny_cnn", settings=train_settings({"train_norm": []}))
+        params, _ = resolve_params("best", feat_work, "tiny_cnn",
+                                   settings=train_settings({"train_norm": []}))
         assert best["study"] == name and params == best["params"]
         study = optuna.load_study(study_name=name, storage=PG_URL)
         assert study.best_trial.number == best["trial"]

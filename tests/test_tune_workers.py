@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -88,7 +87,7 @@ def test_output_is_prefixed_per_worker():
 def test_a_failing_worker_stops_the_others_and_is_named():
     out = io.StringIO()
     t0 = time.perf_counter()
-    with pytest.raises(KitError) as info:
+    with pytest.raises(KitError, match="worker w1 cpu exited with code 3") as info:
         run_processes([Worker("w0 cpu", py("import time; print('working', flush=True); "
                                            "time.sleep(60)")),
                        Worker("w1 cpu", py("import sys, time; time.sleep(0.5); "

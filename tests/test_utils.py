@@ -25,7 +25,7 @@ def test_read_csv_columns_keeps_strings_and_the_asked_columns(tmp_path):
 def test_read_csv_columns_names_the_file_the_header_and_the_fix(tmp_path):
     path = tmp_path / "t.csv"
     path.write_text("name,other\na,b\n")
-    with pytest.raises(KitError) as err:
+    with pytest.raises(KitError, match="missing column\\(s\\) value; expected header") as err:
         read_csv_columns(path, ("name", "value"), "name,value", "rerun ./run.sh clean")
     assert str(err.value) == (f"{path}: missing column(s) value; expected header name,value "
                               "(found: name,other); rerun ./run.sh clean")

@@ -113,7 +113,7 @@ def test_tiny_cnn_loads_its_own_state_dict(tmp_path):
                                   "midnight", *RESNETS, *TIMM_VITS])
 def test_offline_without_weights_is_one_clear_error(backbones_offline, name):
     start = time.monotonic()
-    with pytest.raises(KitError) as err:
+    with pytest.raises(KitError, match="no pretrained weights found: looked in") as err:
         create_backbone(name)  # weights="auto", nothing anywhere, HF_HUB_OFFLINE=1
     assert time.monotonic() - start < 10  # no network wait
     msg = str(err.value)

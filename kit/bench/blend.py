@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from kit.config import load_config
+from kit.utils import KitError, check_random_state
 
 # Clean v2 training counts in kit.CLASSES order (LumA, LumB, HER2, TN).
 REAL_COUNTS = (158, 204, 150, 69)
@@ -64,8 +65,6 @@ def synthetic_problem(n: int = 581, n_models: int = 3, n_folds: int = 5, n_test:
     -------
     dict with ``oof`` (M x N x 4), ``test`` (M x T x 4), ``y`` (N), ``folds`` (N), ``y_test`` (T).
     """
-    from kit.utils import check_random_state
-
     rng = check_random_state(seed)
     c = len(REAL_COUNTS)
     prior = np.asarray(REAL_COUNTS, dtype=float) / sum(REAL_COUNTS)
@@ -102,8 +101,6 @@ def synthetic_problem(n: int = 581, n_models: int = 3, n_folds: int = 5, n_test:
 
 def parse_mix(text: str | None):
     """``--test-mix 0.15,0.2,0.25,0.4`` -> 4 shares summing to 1 (None: the training mix)."""
-    from kit.utils import KitError
-
     if text is None:
         return None
     try:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import tempfile
 import time
@@ -32,8 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-from kit.utils import KitError
+from kit.bench.gpu_report import (format_agreement, format_cv, format_embed, format_train,
+                                  markdown)
+from kit.bench.train import bench_backbone
 from kit.config import train_settings
+from kit.utils import KitError, atomic_write_json, seed_everything
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BACKBONES = "efficientnet_b0,phikon"
 # Tolerances on probabilities (0..1). fp32 on both sides differs only by the order of
@@ -187,7 +193,6 @@ def agreement(name: str, array, labels, cfg: dict, device, steps: int, n_check: 
     from kit.training.loaders import PatchDataset, make_loader
     from kit.training.predict import predict
     from kit.training.train import Trainer
-    from kit.utils import seed_everything
 
     cpu = torch.device("cpu")
     # Nothing random inside the steps: dropout masks would come from two different
@@ -341,66 +346,6 @@ def embed_throughput(name: str, array, batch_size: int, device, repeats: int) ->
             "ratio": best["bare"] / best["kit"]}  # kit speed as a share of the bare pass
 
 
-# --------------------------------------------------------------------------- report
-def _fmt(value, spec: str = ".1f", none: str = "-") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return none
-    return format(value, spec)
-
-
-def format_agreement(r: dict) -> str:
-    f, a = r["fp32"], r["amp"]
-    return (f"{r['backbone']:<16} CPU vs device, same seed, {r['steps']} steps, "
-            f"{r['patches']} patches: fp32 max |dp| {f['max_abs']:.2e} (tol {f['tol']:g}: "
-            f"{'ok' if f['ok'] else 'FAILED'}), AMP max |dp| {a['max_abs']:.2e} (tol "
-            f"{a['tol']:g}: {'ok' if a['ok'] else 'FAILED'}), top class agrees "
-            f"{100 * a['argmax_agree']:.0f} %, loss max |d| {r['loss_max_abs']:.1e}")
-
-
-def format_cv(r: dict) -> str:
-    return (f"{r['backbone']:<16} cv {r['seconds']:7.1f} s, {_fmt(r['patches_per_s'])} "
-            f"train patches/s, peak {_fmt(r['peak_mem_gib'], '.2f')} GiB, OOF macro F1 "
-            f"{r['oof_macro_f1']:.3f} [amp {r['amp']}, channels_last {r['channels_last']}, "
-            f"workers {r['num_workers']}]")
-
-
-def format_train(r: dict) -> str:
-    return (f"{r['backbone']:<16} train: kit loop {r['kit_ips']:8.1f} patches/s, bare step "
-            f"{r['bare_ips']:8.1f} patches/s, ratio {r['ratio']:.2f}x "
-            f"[{r['workers']} loader workers]")
-
-
-def format_embed(r: dict, device_type: str = "cuda") -> str:
-    amp = ("bare AMP + channels_last" if device_type == "cuda"
-           else "bare again (no AMP on the CPU)")
-    return (f"{r['backbone']:<16} embed: kit {r['kit_ips']:8.1f} patches/s, bare fp32 forward "
-            f"{r['bare_ips']:8.1f} patches/s ({r['ratio']:.2f}x of bare), {amp} "
-            f"{r['bare_amp_ips']:8.1f} patches/s, kit with features.amp auto "
-            f"{r['kit_amp_ips']:8.1f} patches/s")
-
-
-def markdown(info: dict, results: dict) -> str:
-    """The README table of one run."""
-    lines = [f"GPU: {info.get('name', info['device'])} (capability {info.get('capability')}, "
-             f"{info.get('memory_gib')} GiB), torch {info['torch']}, CUDA {info['cuda']}, "
-             f"AMP {info['amp']}", "",
-             "| backbone | cv patches/s | peak GiB | kit loop / bare step | embed kit / bare "
-             "(patches/s) | CPU vs GPU max abs dp fp32 / AMP |", "|---|---|---|---|---|---|"]
-    names = {r["backbone"] for part in results.values() for r in part}
-    for name in sorted(names):
-        def get(part):
-            return next((r for r in results.get(part, []) if r["backbone"] == name), None)
-        cv, tr, em, ag = get("cv"), get("train"), get("embed"), get("agreement")
-        cells = [name, _fmt(cv and cv["patches_per_s"]), _fmt(cv and cv["peak_mem_gib"], ".2f"),
-                 "%.0f / %.0f (%.2fx)" % (tr["kit_ips"], tr["bare_ips"], tr["ratio"]) if tr
-                 else "-",
-                 "%.0f / %.0f (%.2fx)" % (em["kit_ips"], em["bare_ips"], em["ratio"]) if em
-                 else "-",
-                 "%.1e / %.1e" % (ag["fp32"]["max_abs"], ag["amp"]["max_abs"]) if ag else "-"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------- run
 STEPS = ("cv", "agreement", "train", "embed")
 
@@ -408,7 +353,6 @@ STEPS = ("cv", "agreement", "train", "embed")
 def run(args) -> int:
     import torch
 
-    from kit.bench.train import bench_backbone
     from kit.data.patches import load_patches
     from kit.data.synth import write_patch_workdir
     from kit.training.settings import train_config
@@ -433,7 +377,7 @@ def run(args) -> int:
     if device.type == "cpu":
         print("bench gpu: --device cpu checks the bench itself; these are not GPU figures")
     if info.get("warning"):
-        print(f"bench gpu: warning: {info['warning']}")
+        log.warning(f"bench gpu: warning: {info['warning']}")
     cfg = train_config(train_settings({"batch_size": args.batch_size, "num_workers": args.num_workers,
                         "epochs": args.epochs, "patience": 0, "amp": "auto",
                         "channels_last": "auto"}))
@@ -475,8 +419,6 @@ def run(args) -> int:
                 torch.cuda.empty_cache()
     print(markdown(info, results))
     if args.json_out:
-        from kit.utils import atomic_write_json
-
         atomic_write_json(args.json_out, {"device": info, "results": results,
                                           "args": {k: v for k, v in vars(args).items()
                                                    if not k.startswith("_")

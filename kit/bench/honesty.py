@@ -16,12 +16,13 @@ Paths (``--paths``), all with ``tiny_cnn``:
 - ``from_scratch``: random weights, every block trained (``unfreeze_last: 4``; slower).
 
 Random frozen weights carry no signal, so they cannot show a frozen recipe's optimism (see
-``shared/NOTES.md``). The frozen paths therefore load a stand-in for a domain-pretrained
+``docs/benchmarks.md``). The frozen paths therefore load a stand-in for a domain-pretrained
 backbone: ``tiny_cnn`` trained from scratch on a second, independently generated set, its
 backbone weights saved to a file that ``--weights`` loads, as Phikon's would be.
 
 Everything is kept under ``runs/bench/honesty/<preset>/`` and reused while its inputs match:
-the generated sets (``synth.generate``'s own check), the data stages' outputs and the
+the generated sets (``synth.generate``'s own check), the data stages' outputs
+(:mod:`kit.bench.heldout`, shared with ``bench noise`` and ``bench regions``) and the
 stand-in. The cv runs are always retrained, so the numbers are those of the current code;
 their outputs stay in ``seed<S>/work/runs/<path>-<mode>/``. Results (per seed and averaged)
 go to ``results.json`` there.
@@ -33,18 +34,25 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from kit.bench.heldout import (BACKBONE, Preset, cpu_seconds, generated_data_arguments,
+                               heldout_labels, num, parse_names, prepare_seed, preset_and_seeds,
+                               run_data_stages, warm_up)
+from kit import PROB_COLUMNS
 from kit.config import load_config, train_settings
+from kit.paths import Paths
+from kit.utils import KitError, atomic_path, atomic_write_json, progress
+
+# Torch, the stages and pandas are imported in the functions that use them: a bench module is
+# imported to build its --help (kit/bench/__init__.py).
 
 # ``auto`` (train.yaml's default) resolves per path to one of the others, so it is not run by
 # default: its rows would repeat theirs.
 MODES = ("auto", "inner", "refit", "none", "oof")
 DEFAULT_MODES = ("inner", "refit", "none", "oof")
-PATHS = ("feature_cache", "pixels", "from_scratch")
-DEFAULT_PATHS = ("feature_cache", "pixels")
-BACKBONE = "tiny_cnn"
+TRAINING_PATHS = ("feature_cache", "pixels", "from_scratch")
+DEFAULT_TRAINING_PATHS = ("feature_cache", "pixels")
 STANDIN_FILE = "tiny_cnn_backbone.pth"
 # Set A (the stand-in's training set) is drawn from seed + this, far from set B's seeds.
 STANDIN_SEED_OFFSET = 10_007
@@ -57,26 +65,6 @@ PATH_SETUP = {
 }
 EXPECTED_TRAINING_PATH = {"feature_cache": "feature_cache", "pixels": "pixels",
                           "from_scratch": "pixels"}
-
-
-@dataclass(frozen=True)
-class Preset:
-    """Sizes of one benchmark: the generated sets, the stages' settings and the training budget.
-
-    ``data``/``standin_data``: :func:`kit.data.synth.generate` arguments of the scored sets (set B)
-    and of the stand-in's training set (set A), without the seed. ``patches``/``folds``:
-    overrides of ``patches.yaml``/``folds.yaml``. ``train``: ``train.yaml`` overrides of every
-    scored cv run; ``standin``: of the stand-in's training (from scratch, fold 0 only).
-    """
-
-    name: str
-    data: dict
-    standin_data: dict
-    patches: dict = field(default_factory=dict)
-    folds: dict = field(default_factory=dict)
-    train: dict = field(default_factory=dict)
-    standin: dict = field(default_factory=dict)
-    seeds: int = 3
 
 
 def _presets() -> dict[str, Preset]:
@@ -107,41 +95,6 @@ def _presets() -> dict[str, Preset]:
     }
 
 
-def generated_data_arguments(parser, bench: str) -> None:
-    """The options of a bench that generates its own data (it needs held-back test labels):
-    ``--data`` unused, ``--seed`` the first set's seed, ``--epochs`` and ``--device``."""
-    parser.set_defaults(data=None)
-    for action in parser._actions:
-        if action.dest == "data":
-            action.help = f"not used: bench {bench} generates its own data (it needs test labels)"
-        elif action.dest == "seed":
-            action.help = ("first seed: the sets are generated with --seed, --seed + 1, ... "
-                           "(default: 42)")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs of every scored cv run (default: the preset's)")
-    parser.add_argument("--device", choices=("cpu", "cuda", "mps"), default=None,
-                        help="training device (default: the best available)")
-
-
-def preset_and_seeds(args, preset, bench: str):
-    """``(preset, seeds)`` of such a bench from its options: ``--data`` refused, ``--epochs``
-    over the preset's training, ``--seeds`` sets from ``--seed`` on."""
-    from kit.utils import KitError
-
-    if getattr(args, "data", None):
-        raise KitError(f"bench {bench} generates its own data (it needs held-back test labels); "
-                       "drop --data")
-    if args.epochs is not None:
-        if args.epochs < 1:
-            raise KitError(f"--epochs must be >= 1 (got {args.epochs})")
-        preset = replace(preset, train={**preset.train, "epochs": args.epochs})
-    seed = int(getattr(args, "seed", 42) or 0)
-    n_seeds = preset.seeds if args.seeds is None else args.seeds
-    if n_seeds < 1:
-        raise KitError(f"--seeds must be >= 1 (got {n_seeds})")
-    return preset, [seed + i for i in range(n_seeds)]
-
-
 def add_arguments(parser):
     generated_data_arguments(parser, "honesty")
     parser.add_argument("--preset", choices=("quick", "realistic"), default="quick",
@@ -154,48 +107,36 @@ def add_arguments(parser):
     parser.add_argument("--modes", default=",".join(DEFAULT_MODES),
                         help=f"early_stopping modes, comma-separated, of {', '.join(MODES)} "
                              f"(default: {','.join(DEFAULT_MODES)}; auto repeats one of them)")
-    parser.add_argument("--paths", default=",".join(DEFAULT_PATHS),
-                        help=f"training paths, comma-separated, of {', '.join(PATHS)} "
-                             f"(default: {','.join(DEFAULT_PATHS)})")
+    parser.add_argument("--paths", default=",".join(DEFAULT_TRAINING_PATHS),
+                        help=f"training paths, comma-separated, of {', '.join(TRAINING_PATHS)} "
+                             f"(default: {','.join(DEFAULT_TRAINING_PATHS)})")
 
 
 def run(args) -> int:
-    from kit.paths import Paths
-
     preset, seeds = preset_and_seeds(args, _presets()[args.preset], "honesty")
     result = run_honesty(Paths.from_root(getattr(args, "workdir", None)), preset, seeds=seeds,
-                         modes=_names(args.modes, MODES, "--modes"),
-                         paths=_names(args.paths, PATHS, "--paths"), device=args.device)
+                         modes=parse_names(args.modes, MODES, "--modes"),
+                         training_paths=parse_names(args.paths, TRAINING_PATHS, "--paths"),
+                         device=args.device)
     print(format_table(result))
     print(f"written {result['results_json']}")
     return 0
 
 
-def _names(text: str, known, option: str) -> list[str]:
-    from kit.utils import KitError
-
-    names = [n.strip() for n in str(text).split(",") if n.strip()]
-    unknown = [n for n in names if n not in known]
-    if unknown or not names:
-        raise KitError(f"{option}: unknown {', '.join(unknown) or 'empty list'}; use any of "
-                       f"{', '.join(known)}, comma-separated")
-    return list(dict.fromkeys(names))
-
-
 # --------------------------------------------------------------------------- the harness
-def run_honesty(workdir, preset: Preset, seeds, modes=DEFAULT_MODES, paths=DEFAULT_PATHS,
-                device=None) -> dict:
+def run_honesty(paths: Paths, preset: Preset, seeds, modes=DEFAULT_MODES,
+                training_paths=DEFAULT_TRAINING_PATHS, device=None) -> dict:
     """Run every path x mode on each seed's generated set, score OOF and test, blend per mode.
 
     Parameters
     ----------
-    workdir : kit.paths.Paths
+    paths : kit.paths.Paths
         Its ``runs/bench/honesty/<preset>/`` holds the data, work directories and results.
     preset : Preset
     seeds : list of int
         One independently generated set per seed.
-    modes, paths : sequence of str
-        Of :data:`MODES` and :data:`PATHS`.
+    modes, training_paths : sequence of str
+        Of :data:`MODES` and :data:`TRAINING_PATHS`.
 
     Returns
     -------
@@ -204,103 +145,32 @@ def run_honesty(workdir, preset: Preset, seeds, modes=DEFAULT_MODES, paths=DEFAU
         ``summary`` (averages over seeds) and where things are; also written to
         ``results.json``.
     """
-    from kit.utils import atomic_write_json, progress
-
-    root = workdir.runs_dir / "bench" / "honesty" / preset.name
+    root = paths.runs_dir / "bench" / "honesty" / preset.name
     t_start = time.perf_counter()
     standin = None
-    if any(PATH_SETUP[p][0] == "standin" for p in paths):
+    if any(PATH_SETUP[p][0] == "standin" for p in training_paths):
         standin = build_standin(root / "standin", preset, seeds[0], device)
     runs, blends, data_info = [], [], {}
-    jobs = [(seed, mode, path) for seed in seeds for mode in modes for path in paths]
+    jobs = [(seed, mode, path) for seed in seeds for mode in modes for path in training_paths]
     for seed, mode, path in progress(jobs, desc="bench honesty", unit="cv run"):
         if seed not in data_info:  # the seed's first run: its data, stages and held-back labels
             data, wpaths, data_info[seed] = prepare_seed(root / f"seed{seed}", preset, seed)
             truth = heldout_labels(data)
             warm_up(wpaths, device)
         runs.append(score_run(path, mode, wpaths, data, truth, preset, seed, standin, device))
-        if path == paths[-1]:  # every path of this mode done: blend them
+        if path == training_paths[-1]:  # every path of this mode done: blend them
             names = [r["name"] for r in runs if r["seed"] == seed and r["mode"] == mode]
             blends.append(score_blend(names, mode, wpaths, data, truth, seed))
     result = {"preset": preset.name, "seeds": list(seeds), "modes": list(modes),
-              "paths": list(paths), "backbone": BACKBONE, "standin": standin,
+              "paths": list(training_paths), "backbone": BACKBONE, "standin": standin,
               "data": data_info, "settings": {"data": preset.data, "patches": preset.patches,
                                               "folds": preset.folds, "train": preset.train},
-              "runs": runs, "blends": blends, "summary": summarise(runs, blends, modes, paths),
+              "runs": runs, "blends": blends,
+              "summary": summarise(runs, blends, modes, training_paths),
               "seconds": round(time.perf_counter() - t_start, 1),
               "results_json": str(root / "results.json")}
     atomic_write_json(root / "results.json", result)
     return result
-
-
-def _stage_stamp(data: Path, preset: Preset, seed: int) -> dict:
-    from kit.data import synth
-
-    return {"data": json.loads((Path(data) / synth.META_JSON).read_text()),
-            "patches": preset.patches, "folds": preset.folds, "seed": seed}
-
-
-def run_data_stages(data: Path, paths, preset: Preset, seed: int) -> None:
-    """clean, patches and folds on ``data`` (skipped when done for the same data and settings)."""
-    from kit.config import load_config
-    from kit.data import clean, folds, patches
-    from kit.utils import atomic_write_json
-
-    stamp_file = paths.runs_dir / "bench_stages.json"
-    stamp = _stage_stamp(data, preset, seed)
-    try:
-        if json.loads(stamp_file.read_text()) == json.loads(json.dumps(stamp)):
-            return
-    except (OSError, ValueError):
-        pass
-    clean.run_clean(data, paths, load_config("clean"))
-    patches.run_patches(data, paths, load_config("patches", preset.patches or None))
-    folds.run_folds(data, paths, load_config("folds", preset.folds or None), seed=seed,
-                    force=True)
-    atomic_write_json(stamp_file, stamp)
-
-
-def prepare_seed(folder: Path, preset: Preset, seed: int):
-    """Set B of ``seed`` (with held-back test labels) and its work directory, stages run."""
-    from kit.data import synth
-    from kit.paths import Paths
-
-    t0 = time.perf_counter()
-    data = synth.generate(folder / "data", **preset.data, seed=seed, test_labels=True)
-    t_data = time.perf_counter() - t0
-    paths = Paths.from_root(folder / "work")
-    run_data_stages(data, paths, preset, seed)
-    info = {"root": str(data), "generate_or_reuse_s": round(t_data, 1),
-            "stages_s": round(time.perf_counter() - t0 - t_data, 1)}
-    return data, paths, info
-
-
-def warm_up(paths, device=None) -> None:
-    """Touch what the first timed run would otherwise pay for alone: the patch caches (page
-    cache) and torch's kernels, so that the seconds ratios compare like with like."""
-    import numpy as np
-    import torch
-
-    from kit.models.backbones import create_backbone
-    from kit.data.patches import load_patches
-    from kit.training.device import pick_device
-
-    for split in ("train", "test"):
-        array = load_patches(paths, split).array
-        for a in range(0, len(array), 64):
-            np.asarray(array[a:a + 64]).max()
-    dev = pick_device(device)
-    bb = create_backbone(BACKBONE, weights="random", patch_size=int(array.shape[2])).to(dev)
-    x = torch.rand(8, 3, int(array.shape[2]), int(array.shape[2]), device=dev)
-    bb(x).sum().backward()
-
-
-def heldout_labels(data) -> dict[str, str]:
-    """sample_index -> held-back test label. The bench's only reader of that file."""
-    from kit.data import synth
-
-    df = synth.read_test_labels(data)
-    return dict(zip(df.sample_index, df.label))
 
 
 def build_standin(folder: Path, preset: Preset, seed: int, device=None) -> dict:
@@ -313,8 +183,6 @@ def build_standin(folder: Path, preset: Preset, seed: int, device=None) -> dict:
     from kit.data import synth
     from kit.models.backbones import create_backbone
     from kit.training.cv import run_cv
-    from kit.paths import Paths
-    from kit.utils import atomic_path, atomic_write_json
 
     file, meta_file = folder / STANDIN_FILE, folder / "standin.json"
     set_a = {**preset.standin_data, "seed": seed + STANDIN_SEED_OFFSET}
@@ -363,18 +231,16 @@ def score_run(path: str, mode: str, paths, data, truth: dict, preset: Preset, se
     """
     import pandas as pd
 
-    from kit import PROB_COLUMNS
     from kit.training.cv import run_cv
     from kit.metrics import macro_f1
-    from kit.utils import KitError
 
     which, extra = PATH_SETUP[path]
     weights = standin["file"] if which == "standin" else "random"
     cfg = {**preset.train, **extra, "early_stopping": mode}
-    t0, c0 = time.perf_counter(), _cpu_seconds()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     metrics = run_cv(paths, None, train_settings(cfg), backbone=BACKBONE, seed=seed,
                      weights=weights, params="none", restart=True, device=device)
-    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     if metrics.get("training_path") != EXPECTED_TRAINING_PATH[path]:
         raise KitError(f"bench honesty: the {path} run trained on the "
                        f"{metrics.get('training_path')} path; the harness's settings no longer "
@@ -400,14 +266,6 @@ def score_run(path: str, mode: str, paths, data, truth: dict, preset: Preset, se
             "n_oof": metrics.get("n_oof"), "n_test": len(test)}
 
 
-def _cpu_seconds() -> float:
-    """CPU seconds of this process and its reaped children (DataLoader workers)."""
-    import resource
-
-    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
-                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
-
-
 def score_blend(names: list[str], mode: str, paths, data, truth: dict, seed: int) -> dict:
     """Blend the runs of one mode: its nested expected score against its test score."""
     from kit.ensemble.blend import fit_blend
@@ -430,7 +288,7 @@ def _mean(values) -> float:
     return float(sum(values) / len(values)) if values else math.nan
 
 
-def summarise(runs: list[dict], blends: list[dict], modes, paths) -> list[dict]:
+def summarise(runs: list[dict], blends: list[dict], modes, training_paths) -> list[dict]:
     """One row per path x mode (and blend x mode), averaged over seeds.
 
     ``abs_gap`` is the mean over seeds of |OOF - test|; ``seconds_ratio`` the mean over seeds
@@ -444,7 +302,7 @@ def summarise(runs: list[dict], blends: list[dict], modes, paths) -> list[dict]:
         return _mean(out) if out else math.nan
 
     rows = []
-    for path in paths:
+    for path in training_paths:
         for mode in modes:
             sel = [r for r in runs if r["path"] == path and r["mode"] == mode]
             rows.append({"path": path, "mode": mode, "n": len(sel),
@@ -468,14 +326,8 @@ def summarise(runs: list[dict], blends: list[dict], modes, paths) -> list[dict]:
     return rows
 
 
-def num(v, fmt: str) -> str:
-    """``v`` formatted, or ``-`` when missing (None or NaN): the benches' table cells."""
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
-
-
 def format_table(result: dict) -> str:
     """The summary as text: path x mode -> OOF, test, |OOF - test|, OOF - test, seconds."""
-
     seeds = result["seeds"]
     lines = [f"bench honesty ({result['preset']}): {BACKBONE}, {len(seeds)} seed(s) "
              f"({', '.join(map(str, seeds))}), {result['seconds']:.0f} s in all",

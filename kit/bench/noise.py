@@ -43,12 +43,12 @@ it is not) and each set's test ceiling, the score of predicting every drawn clas
 
 Everything is kept under ``runs/bench/noise/<preset>/`` (data and stages reused while their
 inputs match, as in ``bench honesty``; cv runs always retrained) and the results go to
-``results.json`` there.
+``results.json`` there. The generator's truth is recomputed by :mod:`kit.bench.label_truth`,
+the summary over seeds and its table are :mod:`kit.bench.noise_summary`'s.
 """
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import shutil
@@ -56,10 +56,21 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from kit import PROB_COLUMNS
+from kit.bench import heldout
+from kit.bench.heldout import (BACKBONE, cpu_seconds, generated_data_arguments, heldout_labels,
+                               parse_names, prepare_seed, preset_and_seeds, read_table,
+                               run_data_stages, warm_up)
+from kit.bench.honesty import build_standin
+from kit.bench.label_truth import drawn_labels, flag_quality, noise_counts
+from kit.bench.noise_summary import BASELINE, ORACLE, checks, format_table, summarise
 from kit.config import train_settings
+from kit.paths import Paths
+from kit.utils import KitError, atomic_write_json, progress
 
-BACKBONE = "tiny_cnn"
-BASELINE = "baseline"
+# Torch, the stages, the metrics and pandas are imported in the functions that use them: a
+# bench module is imported to build its --help (kit/bench/__init__.py).
+
 # Arm -> train.yaml overrides on top of the baseline. One change each, plus drop + bag,
 # and the oracle bound.
 ARMS = {
@@ -70,9 +81,8 @@ ARMS = {
     "logreg": {"head": {"type": "logreg"}},
     "attention": {"head": {"pool": "attention"}},
     "drop+bag5": {"label_issues": {"mode": "drop"}, "bag": 5},
-    "oracle": {},  # a bound: the baseline on the drawn training labels (score_arm)
+    ORACLE: {},  # a bound: the baseline on the drawn training labels (score_arm)
 }
-ORACLE = "oracle"
 REGIMES = ("hard", "easy")
 # The feature-cache path: nothing in the backbone trains.
 FROZEN = {"train_norm": "none", "unfreeze_last": 0}
@@ -81,9 +91,6 @@ FROZEN = {"train_norm": "none", "unfreeze_last": 0}
 SIGNAL = 0.4
 EASY_NOISE = 0.1
 HARD_NOISE = 0.45
-# The done-when of issue 15, checked in the summary.
-TARGET_DROP_GAIN = 0.03
-TARGET_GAP = 0.03
 
 
 @dataclass(frozen=True)
@@ -95,7 +102,6 @@ class Preset:
     stand-in's training set. ``patches``/``folds``/``train``: overrides of ``patches.yaml``,
     ``folds.yaml`` and ``train.yaml`` (every arm); ``standin``: of the stand-in's training.
     """
-
     name: str
     data: dict
     standin_data: dict
@@ -107,15 +113,13 @@ class Preset:
     seeds: int = 3
 
     def regime(self, regime: str):
-        """The :class:`kit.bench.honesty.Preset` of one regime (its data stages and stand-in
+        """The :class:`kit.bench.heldout.Preset` of one regime (its data stages and stand-in
         helpers take one)."""
-        from kit.bench.honesty import Preset as HonestyPreset
-
-        return HonestyPreset(f"{self.name}-{regime}",
-                             data={**self.data, "label_noise": float(self.noise[regime])},
-                             standin_data=self.standin_data, patches=self.patches,
-                             folds=self.folds, train=self.train, standin=self.standin,
-                             seeds=self.seeds)
+        return heldout.Preset(f"{self.name}-{regime}",
+                              data={**self.data, "label_noise": float(self.noise[regime])},
+                              standin_data=self.standin_data, patches=self.patches,
+                              folds=self.folds, train=self.train, standin=self.standin,
+                              seeds=self.seeds)
 
 
 def _presets() -> dict[str, Preset]:
@@ -156,8 +160,6 @@ def regime_arguments(parser) -> None:
 
 
 def add_arguments(parser):
-    from kit.bench.honesty import generated_data_arguments
-
     generated_data_arguments(parser, "noise")
     parser.add_argument("--preset", choices=tuple(_presets()), default="quick",
                         help="quick: 100/120 small scans, 3 folds, 8 epochs (minutes on a CPU); "
@@ -174,10 +176,6 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from kit.bench.honesty import _names, preset_and_seeds
-    from kit.paths import Paths
-    from kit.utils import KitError
-
     preset, seeds = preset_and_seeds(args, _presets()[args.preset], "noise")
     if args.hard_noise is not None:
         if not 0 <= args.hard_noise < 0.75:
@@ -185,22 +183,23 @@ def run(args) -> int:
                            "a flipped label is as likely as the drawn one")
         preset = replace(preset, noise={**preset.noise, "hard": args.hard_noise})
     result = run_noise(Paths.from_root(getattr(args, "workdir", None)), preset, seeds=seeds,
-                       arms=_names(args.arms, tuple(ARMS), "--arms"),
-                       regimes=_names(args.regimes, REGIMES, "--regimes"), device=args.device)
+                       arms=parse_names(args.arms, tuple(ARMS), "--arms"),
+                       regimes=parse_names(args.regimes, REGIMES, "--regimes"),
+                       device=args.device)
     print(format_table(result))
     print(f"written {result['results_json']}")
     return 0
 
 
 # --------------------------------------------------------------------------- the harness
-def run_noise(workdir, preset: Preset, seeds, arms=tuple(ARMS), regimes=REGIMES,
+def run_noise(paths: Paths, preset: Preset, seeds, arms=tuple(ARMS), regimes=REGIMES,
               device=None) -> dict:
     """Every arm on each regime and seed: OOF and test macro F1, the difference from the
     baseline, seconds and the label-issue flags' quality.
 
     Parameters
     ----------
-    workdir : kit.paths.Paths
+    paths : kit.paths.Paths
         Its ``runs/bench/noise/<preset>/`` holds the data, work directories and results.
     preset : Preset
     seeds : list of int
@@ -215,11 +214,8 @@ def run_noise(workdir, preset: Preset, seeds, arms=tuple(ARMS), regimes=REGIMES,
         arm, over seeds), ``checks`` (the issue's targets) and where things are; also written
         to ``results.json``.
     """
-    from kit.bench.honesty import (build_standin, heldout_labels, prepare_seed, warm_up)
-    from kit.utils import atomic_write_json, progress
-
     arms = [BASELINE] + [a for a in arms if a != BASELINE]
-    root = workdir.runs_dir / "bench" / "noise" / preset.name
+    root = paths.runs_dir / "bench" / "noise" / preset.name
     t_start = time.perf_counter()
     # One stand-in for every regime: a pretrained backbone does not know this task's labels.
     standin = build_standin(root / "standin", preset.regime("easy"), seeds[0], device)
@@ -300,17 +296,14 @@ def score_arm(arm: str, regime: str, paths, truth: dict, plan, preset: Preset, s
     oracle, whose cv scored its OOF against the drawn labels, from its ``oof.csv``."""
     import numpy as np
 
-    from kit import PROB_COLUMNS
-    from kit.bench.honesty import _cpu_seconds
     from kit.metrics import bootstrap_ci, macro_f1
     from kit.training.cv import run_cv
-    from kit.utils import KitError
 
     cfg = arm_config(arm, preset)
-    t0, c0 = time.perf_counter(), _cpu_seconds()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     metrics = run_cv(paths, None, train_settings(cfg), backbone=BACKBONE, seed=seed,
                      weights=standin["file"], params="none", restart=True, device=device)
-    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     if metrics.get("training_path") != "feature_cache":
         raise KitError(f"bench noise: the {arm} run trained on the {metrics.get('training_path')}"
                        " path; the bench's settings no longer select the feature cache")
@@ -319,16 +312,16 @@ def score_arm(arm: str, regime: str, paths, truth: dict, plan, preset: Preset, s
         shutil.rmtree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(paths.backbone_dir(BACKBONE), dest)
-    test = _read(dest / "test.csv")
+    test = read_table(dest / "test.csv")
     probs = test[list(PROB_COLUMNS)].to_numpy()
     y_test = [truth[s] for s in test.sample_index]
     y_clean = plan["test"].loc[test.sample_index].drawn.tolist()
     test_f1, oof = macro_f1(y_test, probs), float(metrics["oof_macro_f1"])
     if arm == ORACLE:  # its cv scored the drawn labels; score the written ones, as the others
-        oof_frame = _read(dest / "oof.csv")
+        oof_frame = read_table(dest / "oof.csv")
         oof = macro_f1(plan["train"].loc[oof_frame.sample_index].written.tolist(),
                        oof_frame[list(PROB_COLUMNS)].to_numpy())
-    n_rows = len(_read(paths.folds_csv)) if paths.folds_csv.exists() else None
+    n_rows = len(read_table(paths.folds_csv)) if paths.folds_csv.exists() else None
     config = metrics.get("config") or {}
     rec = {"regime": regime, "seed": seed, "arm": arm, "name": run_name(arm),
            "oof": oof, "oof_ci95": metrics.get("oof_macro_f1_ci95"),
@@ -355,9 +348,7 @@ def oracle_set(folder: Path, data, plan, hpreset, seed: int):
     drawn classes (images linked, not copied), its data stages run. Reused while the set and
     the stages' settings are the same (the stage stamp includes the set's ``demo.json``, of
     which the drawn labels are a function)."""
-    from kit.bench.honesty import run_data_stages
     from kit.data import synth
-    from kit.paths import Paths
 
     data, odata = Path(data).resolve(), Path(folder) / "data"
     odata.mkdir(parents=True, exist_ok=True)
@@ -365,7 +356,7 @@ def oracle_set(folder: Path, data, plan, hpreset, seed: int):
         link = odata / sub
         if not link.is_symlink():
             link.symlink_to(data / sub, target_is_directory=True)
-    labels = _read(data / "train_labels.csv")
+    labels = read_table(data / "train_labels.csv")
     labels["label"] = plan["train"].loc[labels.sample_index].drawn.values
     text = labels.to_csv(index=False, lineterminator="\n")
     target = odata / "train_labels.csv"
@@ -381,11 +372,10 @@ def oracle_set(folder: Path, data, plan, hpreset, seed: int):
 def compare(base: dict, rec: dict, paths, truth: dict, plan) -> dict:
     """Paired bootstrap of the arm's test macro F1 minus the baseline's, on the same images
     (held-back labels), and the same difference on the drawn labels."""
-    from kit import PROB_COLUMNS
     from kit.metrics import paired_bootstrap
 
-    a = _read(paths.backbone_dir(base["name"]) / "test.csv").set_index("sample_index")
-    b = _read(paths.backbone_dir(rec["name"]) / "test.csv").set_index("sample_index")
+    a = read_table(paths.backbone_dir(base["name"]) / "test.csv").set_index("sample_index")
+    b = read_table(paths.backbone_dir(rec["name"]) / "test.csv").set_index("sample_index")
     ids = list(a.index)
     pa = a.loc[ids, list(PROB_COLUMNS)].to_numpy()
     pb = b.loc[ids, list(PROB_COLUMNS)].to_numpy()
@@ -393,270 +383,3 @@ def compare(base: dict, rec: dict, paths, truth: dict, plan) -> dict:
     clean = paired_bootstrap(plan["test"].loc[ids].drawn.tolist(), pa, pb)
     return {"diff": res["diff"], "ci95": res["ci95"], "p_better": res["p_b_better"],
             "diff_clean": clean["diff"], "ci95_clean": clean["ci95"]}
-
-
-def _read(path: Path):
-    import pandas as pd
-
-    return pd.read_csv(path, dtype={"sample_index": str, "label": str}, keep_default_na=False)
-
-
-# --------------------------------------------------------------------------- label truth
-def drawn_labels(data) -> dict:
-    """What the generator drew for every image of ``data``, recomputed from its plan: per
-    split (``train``, ``test``) a frame indexed by ``sample_index`` with ``kind`` (real, green,
-    cartoon), ``drawn`` (the class its pixels show; a cartoon's label is meaningless),
-    ``written`` (the label in the label files: differs from ``drawn`` where ``label_noise``
-    flipped it) and ``bad`` (flipped, or a cartoon).
-
-    The plan is a pure function of ``demo.json``'s arguments; the written labels are checked
-    against the label files, so a generator that no longer reproduces its plan fails here.
-    """
-    import pandas as pd
-
-    from kit.data import synth
-    from kit.utils import KitError
-
-    data = Path(data)
-    meta = json.loads((data / synth.META_JSON).read_text())
-    plan = synth.make_plan(meta["n_train"], meta["n_test"], meta["short_side"], meta["seed"],
-                           meta.get("n_cartoon"), meta.get("n_green"), meta.get("long_side_max"),
-                           meta.get("n_test_green", 1), class_counts=meta.get("class_counts"),
-                           label_noise=float(meta.get("label_noise", 0.0)))
-    df = pd.DataFrame([{"split": it.split, "sample_index": it.name, "kind": it.kind,
-                        "drawn": it.label, "written": it.written} for it in plan])
-    files = {"train": data / "train_labels.csv", "test": data / synth.TEST_LABELS_CSV}
-    for split, path in files.items():
-        if not path.is_file():
-            continue
-        given = _read(path).set_index("sample_index").label
-        mine = df[df.split == split].set_index("sample_index").written
-        if not given.sort_index().equals(mine.sort_index()):
-            raise KitError(f"{data}: the generator's plan no longer gives the labels in "
-                           f"{path.name}; bench noise cannot tell which labels were flipped")
-    # A cartoon's label carries nothing: a bad label wherever it is left in the folds.
-    df["bad"] = (df.drawn != df.written) | (df.kind == "cartoon")
-    # The two splits reuse file names: one frame each, indexed by them.
-    return {split: df[df.split == split].set_index("sample_index") for split in ("train", "test")}
-
-
-def noise_counts(plan) -> dict:
-    """How many labels the generator flipped, per split, and the test ceiling: the macro F1
-    on the held-back labels of a model that predicts every test image's drawn class (the
-    flipped test labels cap what any model scores)."""
-    from kit.metrics import macro_f1
-
-    real = plan["train"][plan["train"].kind != "cartoon"]
-    test = plan["test"]
-    return {"train_flipped": int((real.drawn != real.written).sum()), "train_real": int(len(real)),
-            "test_flipped": int((test.drawn != test.written).sum()), "test": int(len(test)),
-            "test_ceiling": macro_f1(test.written.tolist(), test.drawn.tolist())}
-
-
-def flag_quality(run_dir: Path, plan) -> dict:
-    """The label-issue flags of a run (``fold_k/label_issues.csv``: each outer fold's verdict
-    on its own training images) against the labels the generator flipped.
-
-    Counts are summed over the folds (an image is assessed by every fold it trains in):
-    ``flagged`` of ``assessed``, ``bad`` (a flipped label, or a cartoon left in the folds)
-    among them, ``precision`` = bad share of the flagged, ``recall`` = flagged share of the
-    bad, ``base_rate`` = bad share of the assessed (what random flags would reach), and
-    ``quality_auc``: how well cleanlab's label quality ranks bad below good labels (ROC AUC;
-    0.5 = no better than chance). ``{"recorded": False}`` when cv wrote no per-fold file.
-    """
-    import numpy as np
-    import pandas as pd
-
-    from kit.training.label_issues import FILE
-
-    files = sorted(Path(run_dir).glob(f"fold_*/{FILE}"))
-    if not files:
-        return {"recorded": False}
-    df = pd.concat([_read(f) for f in files], ignore_index=True)
-    bad = plan["train"].loc[df.sample_index, "bad"].to_numpy(bool)
-    flagged = df.flagged.astype(int).to_numpy(bool)
-    tp = int((bad & flagged).sum())
-    out = {"recorded": True, "folds": len(files), "assessed": int(len(df)),
-           "flagged": int(flagged.sum()), "bad": int(bad.sum()), "true_flags": tp,
-           "share_flagged": float(flagged.mean()) if len(df) else math.nan,
-           "precision": tp / int(flagged.sum()) if flagged.any() else math.nan,
-           "recall": tp / int(bad.sum()) if bad.any() else math.nan,
-           "base_rate": float(bad.mean()) if len(df) else math.nan,
-           "quality_auc": math.nan}
-    if 0 < bad.sum() < len(bad):
-        from sklearn.metrics import roc_auc_score
-
-        out["quality_auc"] = float(roc_auc_score(bad, -df.quality.to_numpy(np.float64)))
-    return out
-
-
-# --------------------------------------------------------------------------- summary
-def _mean(values) -> float:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    return float(sum(values) / len(values)) if values else math.nan
-
-
-def _sd(values) -> float:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if len(values) < 2:
-        return math.nan
-    m = sum(values) / len(values)
-    return float(math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)))
-
-
-def summarise(runs: list[dict], arms, regimes) -> list[dict]:
-    """One row per regime x arm, over seeds: means, per-seed values, the difference from the
-    baseline (mean, sd over seeds, per-seed paired-bootstrap intervals) and flag counts summed
-    over seeds."""
-    rows = []
-    for regime in regimes:
-        for arm in arms:
-            sel = [r for r in runs if r["regime"] == regime and r["arm"] == arm]
-            if not sel:
-                continue
-            vs = [r.get("vs_baseline") or {} for r in sel]
-            diffs = [v.get("diff", math.nan) for v in vs] if arm != BASELINE else []
-            row = {"regime": regime, "arm": arm, "n": len(sel),
-                   "seeds": [r["seed"] for r in sel],
-                   "test": _mean(r["test"] for r in sel), "test_sd": _sd([r["test"] for r in sel]),
-                   "oof": _mean(r["oof"] for r in sel), "gap": _mean(r["gap"] for r in sel),
-                   "abs_gap": _mean(abs(r["gap"]) for r in sel),
-                   "test_clean": _mean(r["test_clean"] for r in sel),
-                   "per_seed_test": [r["test"] for r in sel],
-                   "per_seed_oof": [r["oof"] for r in sel],
-                   "per_seed_gap": [r["gap"] for r in sel],
-                   "diff": _mean(diffs) if diffs else math.nan,
-                   "diff_sd": _sd(diffs) if diffs else math.nan,
-                   "per_seed_diff": diffs,
-                   "per_seed_ci95": [v.get("ci95") for v in vs] if diffs else [],
-                   "diff_ci95": pooled_ci(diffs, [v.get("ci95") for v in vs]),
-                   "diff_clean": _mean(v.get("diff_clean", math.nan) for v in vs)
-                   if diffs else math.nan,
-                   "wall_seconds": _mean(r["wall_seconds"] for r in sel),
-                   "cpu_seconds": _mean(r["cpu_seconds"] for r in sel)}
-            flags = [r["flags"] for r in sel if (r.get("flags") or {}).get("recorded")]
-            if flags:
-                tot = {k: sum(f[k] for f in flags)
-                       for k in ("assessed", "flagged", "bad", "true_flags")}
-                row["flags"] = {**tot,
-                                "share_flagged": tot["flagged"] / max(tot["assessed"], 1),
-                                "precision": tot["true_flags"] / tot["flagged"]
-                                if tot["flagged"] else math.nan,
-                                "recall": tot["true_flags"] / tot["bad"]
-                                if tot["bad"] else math.nan,
-                                "base_rate": tot["bad"] / max(tot["assessed"], 1),
-                                "quality_auc": _mean(f["quality_auc"] for f in flags)}
-            rows.append(row)
-    return rows
-
-
-def pooled_ci(diffs, cis) -> list[float]:
-    """95 % interval of the mean over seeds of per-seed differences, from their per-seed
-    paired-bootstrap intervals (normal approximation: each seed's standard error is its
-    interval's width / 3.92, the seeds' test sets are independent). It covers the test
-    images' sampling noise, not the spread between training runs (see the sd over seeds)."""
-    pairs = [(d, c) for d, c in zip(diffs, cis)
-             if c is not None and d is not None and not math.isnan(d)]
-    if not pairs:
-        return [math.nan, math.nan]
-    mean = sum(d for d, _ in pairs) / len(pairs)
-    se = math.sqrt(sum(((c[1] - c[0]) / 3.92) ** 2 for _, c in pairs)) / len(pairs)
-    return [mean - 1.96 * se, mean + 1.96 * se]
-
-
-def checks(summary: list[dict]) -> dict:
-    """Issue 15's targets, as measured: drop's mean test gain on the hard regime (>= 0.03)
-    with its mean OOF - test within 0.03, and the arms whose mean test F1 on the easy regime
-    is below the baseline's (with the sd over seeds and the pooled interval of that
-    difference; ``beyond_noise`` when the interval lies below 0)."""
-    rows = {(r["regime"], r["arm"]): r for r in summary}
-    out = {}
-    drop = rows.get(("hard", "drop"))
-    if drop:
-        out["hard_drop_gain"] = {"value": drop["diff"], "target": TARGET_DROP_GAIN,
-                                 "met": bool(drop["diff"] >= TARGET_DROP_GAIN)}
-        out["hard_drop_gap"] = {"value": drop["gap"], "target": TARGET_GAP,
-                                "met": bool(abs(drop["gap"]) <= TARGET_GAP),
-                                "per_seed": drop["per_seed_gap"]}
-    easy = [r for r in summary if r["regime"] == "easy" and r["arm"] not in (BASELINE, ORACLE)]
-    if easy:
-        lower = {r["arm"]: {"diff": r["diff"], "sd": r["diff_sd"], "ci95": r["diff_ci95"],
-                            "beyond_noise": bool(r["diff_ci95"][1] < 0)}
-                 for r in easy if r["diff"] < 0}
-        out["easy_no_loss"] = {"met": not lower, "lower": lower}
-    return out
-
-
-def _ci(ci) -> str:
-    if not ci or any(v is None or math.isnan(v) for v in ci):
-        return "-"
-    return f"[{ci[0]:+.3f},{ci[1]:+.3f}]"
-
-
-def format_table(result: dict) -> str:
-    """The summary as text: one block per regime, then the per-seed values and the checks."""
-    from kit.bench.honesty import num
-
-    seeds = result["seeds"]
-    noise = result["settings"]["noise"]
-    lines = [f"bench noise ({result['preset']}): {BACKBONE} stand-in, frozen, heads on cached "
-             f"embeddings; {len(seeds)} seed(s) ({', '.join(map(str, seeds))}), "
-             f"{result['seconds']:.0f} s in all",
-             "  test = macro F1 on the held-back (noisy) test labels; OOF = out-of-fold macro F1 "
-             "on every training image; means over seeds",
-             "  d test = test - baseline's on the same set (mean, sd over seeds); CI = paired "
-             "bootstrap 95 % intervals per seed, pooled = of the mean over seeds; clean = test F1 "
-             "on the drawn (noise-free) labels, a diagnostic",
-             "  flags: share of training images flagged (summed over folds and seeds), precision "
-             "and recall against the flipped labels (base = share flipped)",
-             f"  {ORACLE}*: a bound, not a lever: the baseline trained on the drawn training "
-             "labels (no label-cleaning lever can beat it)"]
-    for regime in result["regimes"]:
-        rows = [r for r in result["summary"] if r["regime"] == regime]
-        if not rows:
-            continue
-        ceiling = _mean(d["noise"].get("test_ceiling", math.nan)
-                        for key, d in result["data"].items() if key.startswith(f"{regime}/"))
-        lines.append(f"  {regime}: label_noise {noise[regime]}, signal "
-                     f"{result['settings']['data'].get('signal')}; test ceiling (the drawn class "
-                     f"predicted for every image) {num(ceiling, '.3f')}")
-        lines.append(f"    {'arm':<11}{'test':>7}{'OOF':>7}{'OOF-test':>9}{'d test':>8}"
-                     f"{'(sd)':>7}{'pooled CI':>17}  {'per-seed d test [CI]':<58}{'clean':>7}"
-                     f"{'d clean':>8}{'wall s':>8}  flags")
-        for r in rows:
-            per = "; ".join(f"{d:+.3f} [{c[0]:+.2f},{c[1]:+.2f}]"
-                            for d, c in zip(r["per_seed_diff"], r["per_seed_ci95"]) if c)
-            fl = r.get("flags")
-            flags = (f"{fl['share_flagged']:.0%} flagged, prec {num(fl['precision'], '.2f')}, "
-                     f"rec {num(fl['recall'], '.2f')} (base {fl['base_rate']:.2f}), "
-                     f"AUC {num(fl['quality_auc'], '.2f')}") if fl else ""
-            lines.append(f"    {r['arm'] + ('*' if r['arm'] == ORACLE else ''):<11}"
-                         f"{num(r['test'], '.3f'):>7}{num(r['oof'], '.3f'):>7}"
-                         f"{num(r['gap'], '+.3f'):>9}{num(r['diff'], '+.3f'):>8}"
-                         f"{num(r['diff_sd'], '.3f'):>7}{_ci(r.get('diff_ci95')):>17}  {per:<58}"
-                         f"{num(r['test_clean'], '.3f'):>7}{num(r['diff_clean'], '+.3f'):>8}"
-                         f"{num(r['wall_seconds'], '.0f'):>8}  {flags}")
-        lines.append("    per seed (test / OOF): " + "; ".join(
-            f"{r['arm']} " + ", ".join(f"{t:.3f}/{o:.3f}" for t, o in
-                                        zip(r["per_seed_test"], r["per_seed_oof"]))
-            for r in rows))
-    c = result.get("checks") or {}
-    if "hard_drop_gain" in c:
-        g, gap = c["hard_drop_gain"], c["hard_drop_gap"]
-        lines.append(f"  check: drop on hard raises test macro F1 by {g['value']:+.3f} (target >= "
-                     f"+{g['target']:.2f}: {'met' if g['met'] else 'NOT met'}); its OOF - test "
-                     f"{gap['value']:+.3f} (target |.| <= {gap['target']:.2f}: "
-                     f"{'met' if gap['met'] else 'NOT met'})")
-    if "easy_no_loss" in c:
-        low = c["easy_no_loss"]["lower"]
-        lines.append("  check: no lever lowers test macro F1 on easy: " + (
-            "met" if not low else "NOT met: " + ", ".join(
-                f"{a} {v['diff']:+.3f} (sd {num(v['sd'], '.3f')}, pooled CI "
-                f"[{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]"
-                f"{', beyond noise' if v['beyond_noise'] else ', within noise'})"
-                for a, v in low.items())))
-    if result.get("standin"):
-        s = result["standin"]
-        lines.append(f"  stand-in backbone {s['file']} ({BACKBONE} trained from scratch on an "
-                     f"independent set; fold 0 OOF macro F1 {s['fold0_macro_f1']:.3f} there)")
-    return "\n".join(lines)

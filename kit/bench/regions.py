@@ -11,7 +11,7 @@ the kit on a second generated set, frozen, a head on its cached embeddings
 
 Per arm and regime, over seeds: test macro F1 (held-back labels), OOF macro F1, OOF - test,
 and for ``per_region`` the test difference from ``top_k`` on the same set with a paired
-bootstrap interval per seed and a pooled one for the mean (:func:`kit.bench.noise.pooled_ci`).
+bootstrap interval per seed and a pooled one for the mean (:func:`kit.bench.noise_summary.pooled_ci`).
 As a diagnostic of what the windows show: the share of each training image's mask regions of
 at least ``min_region_px`` pixels that hold a window, and the mean number of regions with one.
 
@@ -23,10 +23,21 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from kit.bench.noise import REGIMES, regime_arguments
-from kit.config import train_settings
+from kit import PROB_COLUMNS
+from kit.bench.heldout import (cpu_seconds, generated_data_arguments, heldout_labels, num,
+                               parse_names, prepare_seed, preset_and_seeds, read_table, warm_up)
+from kit.bench.honesty import build_standin
+from kit.bench.noise import EASY_NOISE, FROZEN, REGIMES, SIGNAL, Preset, regime_arguments
+from kit.bench.noise_summary import ci_text, pooled_ci
+from kit.config import load_config, train_settings
+from kit.paths import Paths
+from kit.utils import atomic_write_json, progress
+
+# Torch, the stages, the metrics and numpy are imported in the functions that use them: a
+# bench module is imported to build its --help (kit/bench/__init__.py).
 
 BACKBONE = "tiny_cnn"
 BASELINE = "top_k"
@@ -34,7 +45,6 @@ ARMS = (BASELINE, "per_region")
 
 
 def _presets() -> dict:
-    from kit.bench.noise import EASY_NOISE, SIGNAL, Preset
     from kit.data import synth
 
     quick_data = dict(n_train=100, n_test=120, short_side=160, long_side_max=320, signal=SIGNAL)
@@ -56,8 +66,6 @@ def _presets() -> dict:
 
 
 def add_arguments(parser):
-    from kit.bench.honesty import generated_data_arguments
-
     generated_data_arguments(parser, "regions")
     parser.add_argument("--preset", choices=tuple(_presets()), default="quick",
                         help="quick: 100/120 small scans, 3 folds (minutes on a CPU); standard: "
@@ -69,40 +77,32 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from dataclasses import replace
-
-    from kit.bench.honesty import _names, preset_and_seeds
-    from kit.paths import Paths
-
     preset, seeds = preset_and_seeds(args, _presets()[args.preset], "regions")
     if args.min_region_px is not None:
         preset = replace(preset, patches={**preset.patches, "min_region_px": args.min_region_px})
     result = run_regions(Paths.from_root(getattr(args, "workdir", None)), preset, seeds,
-                         regimes=_names(args.regimes, REGIMES, "--regimes"), device=args.device)
+                         regimes=parse_names(args.regimes, REGIMES, "--regimes"),
+                         device=args.device)
     print(format_table(result))
     print(f"written {result['results_json']}")
     return 0
 
 
 # --------------------------------------------------------------------------- the harness
-def run_regions(workdir, preset, seeds, regimes=REGIMES, device=None) -> dict:
+def run_regions(paths: Paths, preset, seeds, regimes=REGIMES, device=None) -> dict:
     """Both arms on each regime and seed: OOF and test macro F1, the paired test difference
     and the regions the windows cover; also written to ``results.json``.
 
     Parameters
     ----------
-    workdir : kit.paths.Paths
+    paths : kit.paths.Paths
         Its ``runs/bench/regions/<preset>/`` holds the data, work directories and results.
     preset : kit.bench.noise.Preset
     seeds : list of int
     regimes : sequence of str
         Of :data:`REGIMES`.
     """
-    from kit.bench.honesty import build_standin, heldout_labels, prepare_seed, warm_up
-    from kit.bench.noise import FROZEN
-    from kit.utils import atomic_write_json, progress
-
-    root = workdir.runs_dir / "bench" / "regions" / preset.name
+    root = paths.runs_dir / "bench" / "regions" / preset.name
     t_start = time.perf_counter()
     standin = build_standin(root / "standin", preset.regime("easy"), seeds[0], device)
     runs, data_info = [], {}
@@ -127,10 +127,10 @@ def run_regions(workdir, preset, seeds, regimes=REGIMES, device=None) -> dict:
         data_info[f"{regime}/{seed}"] = info
         truth = heldout_labels(data)
         warm_up(top_paths, device)
-        for arm, paths in ((BASELINE, top_paths), ("per_region", region_paths)):
-            rec = score_arm(arm, regime, paths, data, truth, preset, seed, standin, device)
+        for arm, arm_paths in ((BASELINE, top_paths), ("per_region", region_paths)):
+            rec = score_arm(arm, regime, arm_paths, data, truth, preset, seed, standin, device)
             if arm != BASELINE:
-                rec["vs_top_k"] = compare(top_paths, paths, truth)
+                rec["vs_top_k"] = compare(top_paths, arm_paths, truth)
             runs.append(rec)
             atomic_write_json(root / "results.json", result(False))
     out = result(True)
@@ -140,8 +140,6 @@ def run_regions(workdir, preset, seeds, regimes=REGIMES, device=None) -> dict:
 
 def patches_config(preset, select: str) -> dict:
     """The resolved patches.yaml of an arm: the preset's windows, chosen by ``select``."""
-    from kit.config import load_config
-
     return load_config("patches", {**preset.patches, "select": select})
 
 
@@ -150,11 +148,10 @@ def per_region_workdir(folder: Path, data, top_paths, preset):
     copied, so both arms train and score the same images in the same folds) and a per_region
     patch cache (reused while its key matches)."""
     from kit.data.patches import run_patches
-    from kit.paths import Paths
 
     paths = Paths.from_root(Path(folder) / "work")
     shutil.copytree(top_paths.folds_dir, paths.folds_dir, dirs_exist_ok=True)
-    run_patches(data, paths, patches_config(preset, "per_region"))
+    run_patches(paths, data, patches_config(preset, "per_region"))
     return paths
 
 
@@ -162,17 +159,14 @@ def score_arm(arm: str, regime: str, paths, data, truth: dict, preset, seed: int
               standin: dict, device=None) -> dict:
     """One cv run of the frozen stand-in on ``paths``' patches: OOF and test macro F1, OOF - test
     and the regions its training windows cover."""
-    from kit import PROB_COLUMNS
-    from kit.bench.honesty import _cpu_seconds
-    from kit.bench.noise import FROZEN, _read
     from kit.metrics import bootstrap_ci, macro_f1
     from kit.training.cv import run_cv
 
-    t0, c0 = time.perf_counter(), _cpu_seconds()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     metrics = run_cv(paths, None, train_settings({**FROZEN, **preset.train}), backbone=BACKBONE,
                      seed=seed, weights=standin["file"], params="none", restart=True, device=device)
-    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
-    test = _read(paths.backbone_dir(BACKBONE) / "test.csv")
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    test = read_table(paths.backbone_dir(BACKBONE) / "test.csv")
     probs = test[list(PROB_COLUMNS)].to_numpy()
     y_test = [truth[s] for s in test.sample_index]
     test_f1, oof = macro_f1(y_test, probs), float(metrics["oof_macro_f1"])
@@ -215,12 +209,10 @@ def region_coverage(paths, data, size: int, min_px: int) -> dict:
 
 def compare(top_paths, region_paths, truth: dict) -> dict:
     """Paired bootstrap of per_region's test macro F1 minus top_k's on the same test images."""
-    from kit import PROB_COLUMNS
-    from kit.bench.noise import _read
     from kit.metrics import paired_bootstrap
 
-    a = _read(top_paths.backbone_dir(BACKBONE) / "test.csv").set_index("sample_index")
-    b = _read(region_paths.backbone_dir(BACKBONE) / "test.csv").set_index("sample_index")
+    a = read_table(top_paths.backbone_dir(BACKBONE) / "test.csv").set_index("sample_index")
+    b = read_table(region_paths.backbone_dir(BACKBONE) / "test.csv").set_index("sample_index")
     ids = list(a.index)
     res = paired_bootstrap([truth[s] for s in ids], a.loc[ids, list(PROB_COLUMNS)].to_numpy(),
                            b.loc[ids, list(PROB_COLUMNS)].to_numpy())
@@ -236,8 +228,6 @@ def _mean(values) -> float:
 def summarise(runs: list[dict], regimes) -> list[dict]:
     """One row per regime x arm, over seeds: means and per-seed values; for per_region the
     difference from top_k with per-seed and pooled 95 % intervals."""
-    from kit.bench.noise import pooled_ci
-
     rows = []
     for regime in regimes:
         for arm in ARMS:
@@ -263,9 +253,6 @@ def summarise(runs: list[dict], regimes) -> list[dict]:
 
 def format_table(result: dict) -> str:
     """The summary as text: one block per regime."""
-    from kit.bench.honesty import num
-    from kit.bench.noise import _ci
-
     seeds = result["seeds"]
     lines = [f"bench regions ({result['preset']}): {BACKBONE} stand-in, frozen, heads on cached "
              f"embeddings; {len(seeds)} seed(s) ({', '.join(map(str, seeds))}), "
@@ -287,7 +274,7 @@ def format_table(result: dict) -> str:
                             for d, c in zip(r["per_seed_diff"], r["per_seed_ci95"]))
             lines.append(f"    {r['arm']:<11}{num(r['test'], '.3f'):>7}{num(r['oof'], '.3f'):>7}"
                          f"{num(r['gap'], '+.3f'):>9}{num(r['diff'], '+.3f'):>8}"
-                         f"{_ci(r['diff_ci95']):>17}{num(r['share_covered'], '.0%'):>9}"
+                         f"{ci_text(r['diff_ci95']):>17}{num(r['share_covered'], '.0%'):>9}"
                          f"{num(r['regions_shown'], '.2f'):>7}{num(r['wall_seconds'], '.0f'):>8}"
                          f"  {per}")
         lines.append("    per seed (test / OOF): " + "; ".join(

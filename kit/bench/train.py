@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from kit.config import train_settings
+from kit.utils import KitError, seed_everything
 
 TARGET = 1.15
 TARGET_BACKBONE = "efficientnet_b0"
@@ -58,7 +60,6 @@ def bench_backbone(name: str, array, labels, cfg: dict, device, repeats: int, se
     from kit.training.build import build_model, set_train_mode
     from kit.training.loaders import PatchDataset, make_loader
     from kit.training.train import Trainer
-    from kit.utils import seed_everything
 
     seed_everything(seed)
     model, n_trainable = build_model(name, cfg, "random", patch_size=int(array.shape[2]))
@@ -107,7 +108,6 @@ def run(args) -> int:
 
     from kit.training.device import pick_device
     from kit.training.settings import train_config
-    from kit.utils import KitError
 
     device = pick_device(args.device)
     overrides = {"batch_size": args.batch_size}

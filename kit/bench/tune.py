@@ -21,8 +21,14 @@ and at least 50x cheaper than a full trial on efficientnet_b0.
 """
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
+
+from kit import CLASSES
 from kit.config import train_settings
+from kit.paths import Paths
+from kit.utils import atomic_write_json, seed_everything
 
 TARGET_SECONDS = 15.0
 TARGET_RATIO = 50.0
@@ -53,11 +59,8 @@ def synthetic_features(n: int, k: int, n_views: int, dim: int, n_folds: int, see
     Class means plus a per-image offset plus per-patch noise; the class shares follow the
     real clean training set; stratified folds.
     """
-    from pathlib import Path
-
     import pandas as pd
 
-    from kit import CLASSES
     from kit.training.features import Features, cache_views
     from kit.training.feature_cv import FeatureCV
     from kit.data.synth import embeddings, stratified_folds
@@ -162,13 +165,8 @@ def complete_full_trial(backbone: str, args, workdir) -> float:
 
 # --------------------------------------------------------------------------- command
 def run(args) -> int:
-    import tempfile
-
     import numpy as np
     import torch
-
-    from kit.paths import Paths
-    from kit.utils import atomic_write_json, seed_everything
 
     seed_everything(args.seed)
     paths = Paths.from_root(args.workdir)

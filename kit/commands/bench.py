@@ -1,4 +1,5 @@
-"""``./run.sh bench <what>``: benchmarks, one module per subject under ``kit/bench/``.
+"""``./run.sh bench <what>``: benchmarks, one module per subject under ``kit/bench/``, registered
+in :data:`kit.bench.BENCHES`.
 
 Each ``kit/bench/<what>.py`` has ``add_arguments(parser)`` and ``run(args)``, like a command.
 A module is imported only when its benchmark is asked for (even ``--help`` of the others
@@ -8,19 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from pathlib import Path
 
+from kit.bench import BENCHES
+from kit.cli import add_common_arguments
 from kit.utils import KitError
-
-BENCHES = {
-    "patches": "patch extraction vs plain PNG decoding of the same files",
-    "train": "training throughput of the backbones",
-    "tune": "Optuna trials throughput",
-    "blend": "blend search and submission writing",
-    "gpu": "CUDA paths: short cv with AMP, CPU/GPU agreement, loop and embedding throughput",
-    "honesty": "|OOF - test| macro F1 per training path and early-stopping mode, on generated data",
-    "noise": "label_issues, bag and head levers vs a baseline on noisy generated labels (test F1)",
-    "regions": "patches select per_region vs top_k on generated data (test F1, OOF - test)",
-}
 
 
 class _LazyBenchParser(argparse.ArgumentParser):
@@ -39,8 +32,6 @@ class _LazyBenchParser(argparse.ArgumentParser):
 
 
 def _attach(parser, name: str) -> None:
-    from kit.cli import add_common_arguments
-
     add_common_arguments(parser)
     for action in parser._actions:
         if action.dest in ("data", "workdir", "seed"):
@@ -67,8 +58,6 @@ def _missing(name: str):
 
 def available() -> list[str]:
     """Benchmarks whose module exists."""
-    from pathlib import Path
-
     here = Path(__file__).resolve().parent.parent / "bench"
     return [name for name in BENCHES if (here / f"{name}.py").exists()]
 

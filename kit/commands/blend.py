@@ -1,6 +1,7 @@
 """``./run.sh blend``: weighted blend of backbones + class biases -> submissions/latest.csv."""
 from __future__ import annotations
 
+from kit.config import load_config, stage_overrides
 from kit.paths import Paths
 
 
@@ -19,9 +20,9 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    # The stage's modules load here, not at the top: ./run.sh blend --help stays fast.
     from kit.ensemble.blend_summary import format_summary
     from kit.submission.blend_output import run_blend
-    from kit.config import load_config, stage_overrides
 
     cfg = load_config("blend", stage_overrides(args.config, args.sets))
     result = run_blend(Paths.from_root(args.workdir), args.data, cfg,

@@ -1,6 +1,7 @@
 """``./run.sh clean``: flag junk training images -> folds/outliers.csv and a review page."""
 from __future__ import annotations
 
+from kit.config import load_config, stage_overrides, with_flags
 from kit.paths import Paths
 
 
@@ -21,10 +22,10 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    # The stage's modules load here, not at the top: ./run.sh clean --help stays fast.
     import pandas as pd
 
     from kit.data import clean
-    from kit.config import load_config, stage_overrides, with_flags
     from kit.data.dataset import load_dataset
     from kit.data.neardup import near_duplicates_csv
 
@@ -33,7 +34,7 @@ def run(args) -> int:
         "cartoon.paired": args.cartoon_paired, "workers": args.workers}))
     paths = Paths.from_root(args.workdir)
     dataset = load_dataset(args.data, skip_bad=args.skip_bad)
-    outliers = clean.run_clean(dataset, paths, cfg)
+    outliers = clean.run_clean(paths, dataset, cfg)
     counts = outliers["reason"].value_counts()
     print(f"{dataset.root}: {len(outliers)} of {len(dataset.train)} training images flagged")
     for reason in clean.REASONS:

@@ -47,9 +47,9 @@ def add_arguments(parser):
 def run(args) -> int:
     # Imported when the command runs, not when ./run.sh <command> --help reads the options.
     from kit.config import stage_overrides, train_settings, with_flags
+    from kit.paths import Paths
     from kit.training.cv import run_cv
     from kit.training.fusion import parse_weights
-    from kit.paths import Paths
     from kit.utils import KitError
 
     overrides = {"epochs": args.epochs, "batch_size": args.batch_size,

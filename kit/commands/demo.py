@@ -1,6 +1,7 @@
 """``./run.sh demo``: generate the demo dataset and run every stage on it.
 
-A plain sequence of the public stage functions, writing under ``runs/demo/`` only.
+A plain sequence of the public stage functions, writing under ``runs/demo/`` only. The stages'
+modules are imported in the functions that call them: ``./run.sh demo --help`` stays fast.
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from kit.config import load_config
     from kit.data import clean, demo, folds, patches
+    from kit.submission.report import run_report
 
     out = Path(args.out)
     paths = Paths.from_root(out)
@@ -31,12 +32,12 @@ def run(args) -> int:
     data = demo.generate(out / "data", seed=args.seed,
                          **{k: v for k, v in given.items() if v is not None})
     print(f"demo data      -> {data}")
-    outliers = clean.run_clean(data, paths, load_config("clean"))
+    outliers = clean.run_clean(paths, data, load_config("clean"))
     print(f"clean          -> {paths.outliers_csv} ({len(outliers)} flagged), "
           f"{paths.clean_dir / 'review.html'}")
-    sets = patches.run_patches(data, paths, load_config("patches"))
+    sets = patches.run_patches(paths, data, load_config("patches"))
     print(f"patches        -> {sets['train'].folder}, {sets['test'].folder}")
-    folds.run_folds(data, paths, load_config("folds"), seed=args.seed, force=True)
+    folds.run_folds(paths, data, load_config("folds"), seed=args.seed, force=True)
     print(f"folds          -> {paths.folds_csv}")
     _cv(paths, data, args.seed)
     # A second backbone for the blend: its head tuned on cached embeddings, then cv with the
@@ -44,8 +45,7 @@ def run(args) -> int:
     _tune(paths, data, args.seed)
     _blend(paths, data, args.seed)  # after both cv runs (it reads runs/<bb>/), before the report
     _fusion(paths, data, args.seed)  # after the blend, so that it blends the separate runs only
-    from kit.submission.report import run_report  # last: it summarises every stage above
-
+    # last: the report summarises every stage above
     print(f"report         -> {run_report(paths, data, load_config('report'))}")
     return 0
 

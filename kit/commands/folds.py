@@ -1,6 +1,7 @@
 """``./run.sh folds``: stratified, image-grouped K-fold split -> ``folds/folds.csv``."""
 from __future__ import annotations
 
+from kit.config import load_config, stage_overrides, with_flags
 from kit.paths import Paths
 from kit.utils import KitError
 
@@ -17,7 +18,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from kit.config import load_config, stage_overrides, with_flags
+    # The stage's modules load here, not at the top: ./run.sh folds --help stays fast.
     from kit.data.folds import folds_hash, run_folds
 
     if args.n_splits is not None and args.n_splits < 2:
@@ -25,7 +26,6 @@ def run(args) -> int:
     paths = Paths.from_root(args.workdir)
     cfg = load_config("folds", with_flags(stage_overrides(args.config, args.sets),
                                           {"n_splits": args.n_splits}))
-    run_folds(args.data, paths, cfg=cfg, seed=args.seed,
-              force=args.force, skip_bad=args.skip_bad)
+    run_folds(paths, args.data, cfg, seed=args.seed, force=args.force, skip_bad=args.skip_bad)
     print(f"folds -> {paths.folds_csv} (sha256 {folds_hash(paths)[:12]})")
     return 0

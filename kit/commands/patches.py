@@ -7,7 +7,9 @@ under ``runs/patches/<size>px/``.
 """
 from __future__ import annotations
 
+from kit.config import load_config, stage_overrides, with_flags
 from kit.paths import Paths
+from kit.utils import KitError
 
 
 def add_arguments(parser):
@@ -34,9 +36,7 @@ def add_arguments(parser):
 def resolve_configs(overrides: dict, backbones=None) -> list[dict]:
     """The resolved patches.yaml of each cache to build: one, or one per distinct native size
     of ``backbones`` (then ``size`` must be auto or unset)."""
-    from kit.config import load_config
-    from kit.models.backbones import native_size
-    from kit.utils import KitError
+    from kit.models.backbones import native_size  # here: it loads torch
 
     if not backbones:
         return [load_config("patches", overrides)]
@@ -49,14 +49,14 @@ def resolve_configs(overrides: dict, backbones=None) -> list[dict]:
 
 
 def run(args) -> int:
-    from kit.config import stage_overrides, with_flags
+    # The stage's modules load here, not at the top: ./run.sh patches --help stays fast.
     from kit.data.patches import SPLITS, run_patches
 
     overrides = with_flags(stage_overrides(args.config, args.sets),
                            {"size": args.size, "stride": args.stride, "top_k": args.top_k,
                             "select": args.select, "workers": args.workers})
     for cfg in resolve_configs(overrides, args.backbone):
-        sets = run_patches(args.data, Paths.from_root(args.workdir), cfg,
+        sets = run_patches(Paths.from_root(args.workdir), args.data, cfg,
                            splits=tuple(args.split or SPLITS), skip_bad=args.skip_bad)
         for split, ps in sets.items():
             n_fb = int(ps.samples["fallback"].sum())

@@ -1,6 +1,9 @@
 """``./run.sh report``: write runs/report.html from whatever the stages have written so far."""
 from __future__ import annotations
 
+from kit.config import load_config, stage_overrides, with_flags
+from kit.paths import Paths
+
 
 def add_arguments(parser):
     parser.add_argument("--max-thumbs", type=int, default=None,
@@ -8,8 +11,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from kit.paths import Paths
-    from kit.config import load_config, stage_overrides, with_flags
+    # The stage's modules load here, not at the top: ./run.sh report --help stays fast.
     from kit.submission.report import run_report
 
     cfg = load_config("report", with_flags(stage_overrides(args.config, args.sets),

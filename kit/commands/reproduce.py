@@ -6,22 +6,33 @@ from __future__ import annotations
 
 import os
 
+from kit.paths import Paths
+
 
 def add_arguments(parser):
     parser.add_argument("manifest", help="submissions/<time>_<name>.json written by blend")
     parser.add_argument("--out", default=None,
                         help="also write the reproduced CSV here (default: a temporary file)")
+    # Unset unless given: the manifest says where it lives and which dataset it used, and a
+    # --workdir or --data given explicitly wins, even one equal to the usual default.
+    for action in parser._actions:
+        if action.dest == "workdir":
+            action.default = None
+            action.help = ("where folds/, runs/ and submissions/ live (default: the folder "
+                           "holding the manifest's submissions/, else the one it records)")
+        elif action.dest == "data":
+            action.default = None
+            action.help = ("dataset root (default: the one the manifest records, while it "
+                           "exists; else $KIT_DATA, else data/)")
 
 
 def run(args) -> int:
-    from kit.submission.reproduce import reproduce
+    # The stage's modules load here, not at the top: ./run.sh reproduce --help stays fast.
+    from kit.submission.reproduce import run_reproduce
 
-    # --workdir / --data given explicitly win; otherwise the manifest says where it lives
-    # (<workdir>/submissions/) and which dataset it used.
-    workdir = None if args.workdir == os.environ.get("KIT_WORKDIR", ".") else args.workdir
-    data = None if args.data == os.environ.get("KIT_DATA", "data") else args.data
-    report = reproduce(args.manifest, data=data, workdir=workdir, out=args.out,
-                       default_data=args.data)
+    paths = Paths.from_root(args.workdir) if args.workdir is not None else None
+    report = run_reproduce(paths, args.data, None, manifest=args.manifest, out=args.out,
+                           default_data=os.environ.get("KIT_DATA", "data"))
     for line in report.notes:
         print(f"note: {line}")
     if report.identical:

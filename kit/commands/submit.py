@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kit.config import load_config, stage_overrides, with_flags
+from kit.paths import Paths
+
 
 def add_arguments(parser):
     parser.add_argument("csv", nargs="?", default=None,
@@ -24,14 +27,13 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from kit.paths import Paths
-    from kit.config import load_config, stage_overrides, with_flags
+    # The stage's modules load here, not at the top: ./run.sh submit --help stays fast.
     from kit.submission.submit import run_submit
 
     cfg = load_config("submit", with_flags(stage_overrides(args.config, args.sets),
                                            {"poll_interval": args.poll_interval,
                                             "wait_timeout": args.wait_timeout}))
-    run_submit(Paths.from_root(args.workdir), args.message, cfg, csv=args.csv,
-               competition=args.competition, wait=args.wait, dry_run=args.dry_run,
-               data=Path(args.data) if args.data else None)
+    run_submit(Paths.from_root(args.workdir), Path(args.data) if args.data else None, cfg,
+               message=args.message, csv=args.csv, competition=args.competition,
+               wait=args.wait, dry_run=args.dry_run)
     return 0

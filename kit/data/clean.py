@@ -20,8 +20,8 @@ which wins over the detector.
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing
-import warnings
 from functools import partial
 from pathlib import Path
 
@@ -43,18 +43,20 @@ OVERRIDE_COLUMNS = ["sample_index", "action"]
 ACTIONS = ("keep", "drop")
 FEATURES = ["green", "colour", "smooth", "cartoon"]
 
+log = logging.getLogger(__name__)
 
-def run_clean(data, paths: Paths, cfg: dict, skip_bad: bool = False) -> pd.DataFrame:
+
+def run_clean(paths: Paths, data, cfg: dict, *, skip_bad: bool = False) -> pd.DataFrame:
     """Scan every image, flag junk training images and write the clean stage's files.
 
     Parameters
     ----------
-    data : path or Dataset
-        Dataset root (validated with :func:`kit.data.dataset.load_dataset`) or a loaded dataset.
     paths : Paths
         Work directory layout; writes ``paths.outliers_csv`` and, in ``paths.clean_dir``,
         ``review.html``, ``test_suspicious.csv``, ``scores.csv``, ``near_duplicates.csv`` and
         ``config.yaml``.
+    data : path or Dataset
+        Dataset root (validated with :func:`kit.data.dataset.load_dataset`) or a loaded dataset.
     cfg : dict
         The resolved ``clean`` config (``kit.config.load_config("clean", overrides)``).
     skip_bad : bool
@@ -89,9 +91,9 @@ def run_clean(data, paths: Paths, cfg: dict, skip_bad: bool = False) -> pd.DataF
                   "near_duplicate_groups": int(near["group"].nunique())})
     _warn_big_groups(near, cfg["near_duplicates"]["warn_group_size"], paths)
     if len(suspicious):
-        warnings.warn(f"{len(suspicious)} test image(s) look like junk (kept: every test image "
-                      f"needs a prediction): {', '.join(suspicious['sample_index'])}; see "
-                      f"{paths.clean_dir / 'test_suspicious.csv'}", stacklevel=2)
+        log.warning(f"warning: {len(suspicious)} test image(s) look like junk (kept: every test "
+                    f"image needs a prediction): {', '.join(suspicious['sample_index'])}; see "
+                    f"{paths.clean_dir / 'test_suspicious.csv'}")
     return outliers
 
 
@@ -336,11 +338,11 @@ def _warn_big_groups(near: pd.DataFrame, limit: int, paths: Paths) -> None:
     sizes = near.groupby("group").size()
     big = sizes[sizes > limit]
     if len(big):
-        warnings.warn(f"{len(big)} near-duplicate group(s) with more than {limit} images "
-                      f"(largest: {int(big.max())}); check them in "
-                      f"{paths.clean_dir / 'review.html'}, and lower near_duplicates."
-                      "image_distance / mask_distance in kit/conf/clean.yaml if they are not "
-                      "copies of one another", stacklevel=3)
+        log.warning(f"warning: {len(big)} near-duplicate group(s) with more than {limit} "
+                    f"images (largest: {int(big.max())}); check them in "
+                    f"{paths.clean_dir / 'review.html'}, and lower near_duplicates."
+                    "image_distance / mask_distance in kit/conf/clean.yaml if they are not "
+                    "copies of one another")
 
 
 def _card(r, override: str | None, note: str = "") -> dict:

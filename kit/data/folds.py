@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import logging
-import sys
 import warnings
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import yaml
 
 from kit import CLASSES
 from kit.config import given
+from kit.data.clean import clean_train_samples
 from kit.data.dataset import Dataset, Sample, load_dataset, mask_groups
 from kit.data.neardup import near_duplicates_csv, read_near_duplicates
 from kit.paths import Paths
@@ -83,6 +83,8 @@ class StratifiedGroupFolds:
         groups : array-like of group ids, length n
             Samples with the same id always land in the same fold.
         """
+        # Here, not at the top: scikit-learn takes seconds to import, and the stages that only
+        # read the split (load_folds, folds_hash) never need it.
         from sklearn.model_selection import StratifiedGroupKFold
 
         if groups is None:
@@ -124,8 +126,8 @@ def assign_folds(sample_ids, labels, groups, n_splits: int = 5, seed=42) -> np.n
                        "lower --n-splits or add training images")
     counts = pd.Series(labels).value_counts()
     if counts.min() < n_splits:
-        warnings.warn(f"class {counts.idxmin()!r} has only {counts.min()} images for {n_splits} "
-                      "folds: some folds will have none of it", stacklevel=2)
+        log.warning(f"warning: class {counts.idxmin()!r} has only {counts.min()} images for "
+                    f"{n_splits} folds: some folds will have none of it")
 
     order = np.argsort(ids.astype(str), kind="stable")
     folds = np.full(len(ids), -1, dtype=np.int64)
@@ -190,17 +192,17 @@ def read_group_overrides(path: str | Path, known: set[str] | None = None) -> dic
     return dict(zip(df.sample_index, df.group.str.strip()))
 
 
-def run_folds(data, paths: Paths, cfg: dict, seed: int = 42, force: bool = False,
+def run_folds(paths: Paths, data, cfg: dict, *, seed: int = 42, force: bool = False,
               skip_bad: bool = False) -> pd.DataFrame:
     """Split the clean training images into folds and write ``folds/folds.csv``.
 
     Parameters
     ----------
+    paths : Paths
     data : path or Dataset
         Dataset root (or an already loaded :class:`kit.data.dataset.Dataset`).
-    paths : Paths
-    cfg : dict, optional
-        Overrides of ``kit/conf/folds.yaml`` (``n_splits``).
+    cfg : dict
+        The resolved ``folds`` config (``n_splits``).
     seed : int
     force : bool
         Overwrite an existing ``folds/folds.csv`` that holds a different split.
@@ -219,8 +221,6 @@ def run_folds(data, paths: Paths, cfg: dict, seed: int = 42, force: bool = False
         ``near_duplicates.csv`` from another dataset, or a different split already on disk
         without ``force`` (the message names a grouping source that changed since).
     """
-    from kit.data.clean import clean_train_samples
-
     cfg = given(cfg, "folds")
     dataset = data if isinstance(data, Dataset) else load_dataset(data, skip_bad=skip_bad)
     samples = sorted(clean_train_samples(dataset, paths), key=lambda s: s.sample_index)
@@ -232,9 +232,9 @@ def run_folds(data, paths: Paths, cfg: dict, seed: int = 42, force: bool = False
     near_csv = near_duplicates_csv(paths)
     near = read_near_duplicates(near_csv, known=known)
     if near is None:
-        warnings.warn(f"{near_csv} not found: near-duplicate images are not kept in one fold "
-                      "(only byte-identical masks and folds/groups.csv are); rerun ./run.sh clean "
-                      "to find them", stacklevel=2)
+        log.warning(f"warning: {near_csv} not found: near-duplicate images are not kept in one "
+                    "fold (only byte-identical masks and folds/groups.csv are); rerun "
+                    "./run.sh clean to find them")
     groups = build_groups(samples, extra, near)
     ids = [s.sample_index for s in samples]
     folds = assign_folds(ids, [s.label for s in samples], [groups[i] for i in ids],
@@ -337,8 +337,7 @@ def _guard_overwrite(path: Path, content: bytes, force: bool, grouping_change: s
                        "predictions and tuning results made with it (runs/<backbone>/oof.csv) "
                        "would silently become invalid. Pass --force to overwrite it, then rerun "
                        "cv for every backbone")
-    print(f"warning: overwriting {path} ({change}); rerun cv for every backbone",
-          file=sys.stderr)
+    log.warning(f"warning: overwriting {path} ({change}); rerun cv for every backbone")
 
 
 def _describe_change(old: bytes, new: bytes) -> str:

@@ -43,7 +43,7 @@ def near_duplicates_csv(paths) -> Path:
 
 def image_hash(im: Image.Image, hash_size: int) -> str:
     """Hex phash of an image, or ``""`` for a flat image (all flat images hash alike)."""
-    import imagehash
+    import imagehash  # here: its import (PyWavelets, scipy) is for the hashing path only
 
     grey = im.convert("L")
     if np.asarray(grey, dtype=np.float32).std() < 1.0:
@@ -64,7 +64,7 @@ def mask_hash(mask: np.ndarray, work_side: int, hash_size: int, min_share: float
     factor = max(1, min(im.size) // max(1, work_side))
     if factor > 1:
         im = im.reduce(factor)  # box average: cheap, and phash shrinks to 32 px anyway
-    import imagehash
+    import imagehash  # here: folds reads this module's file without hashing anything
 
     return str(imagehash.phash(im, hash_size=hash_size)), share
 

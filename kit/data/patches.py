@@ -8,7 +8,8 @@ top-left one. ``select: per_region`` spreads them over the mask's connected regi
 (:mod:`kit.data.regions`). The windows are cut at native resolution and stored in one uint8
 array per split, ``runs/patches/<size>px/<split>/patches.npy`` (``N x K x P x P x 3``), beside
 ``samples.csv``, ``index.csv`` (with each window's mask ``region``), ``meta.json`` and
-``config.yaml``; caches of several sizes coexist (:mod:`kit.data.caches` picks one).
+``config.yaml``; caches of several sizes coexist (:mod:`kit.data.caches` picks one). One
+image's windows are picked and cut by :mod:`kit.data.cutting`.
 
 Optionally (``stain_norm.method: macenko``), each image's patches are Macenko-normalised
 to a reference stain (:mod:`kit.data.stain`) in the same worker, right after cutting.
@@ -23,18 +24,23 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
+import multiprocessing as mp
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from kit.data.caches import adopt_legacy, pick_size
-from kit.data.regions import check_select, label_regions, majority_region, region_windows
-from kit.data.windows import select_windows, window_scores
-from kit.utils import KitError, n_workers
+from kit.data.caches import adopt_legacy, cached_sizes, pick_size
+from kit.data.clean import clean_train_samples
+from kit.data.cutting import extract_file
+from kit.data.dataset import Dataset, load_dataset
+from kit.data.regions import check_select
+from kit.data.stain import check_stain_config, stain_key, stain_payload
+from kit.utils import (KitError, atomic_path, atomic_write_csv, atomic_write_json, n_workers,
+                       progress, sha256_file, sha256_text, write_config)
 
 log = logging.getLogger(__name__)
 
@@ -42,242 +48,9 @@ log = logging.getLogger(__name__)
 CODE_VERSION = "patches-2"
 SPLITS = ("train", "test")
 FILES = ("patches.npy", "samples.csv", "index.csv", "config.yaml", "meta.json")
+INDEX_COLUMNS = ("sample_index", "patch", "x", "y", "coverage", "region")
 
 
-# --------------------------------------------------------------------------- windows
-def tissue_mask(image: np.ndarray, threshold: int) -> np.ndarray:
-    """Non-background pixels: channel minimum below ``threshold`` (the background is light grey)."""
-    # two elementwise minimums: image.min(axis=2) over the length-3 axis is ~25x slower
-    return np.minimum(np.minimum(image[..., 0], image[..., 1]), image[..., 2]) < threshold
-
-
-# --------------------------------------------------------------------------- cutting
-def _crop(image, x: int, y: int, size: int, pad_value: int) -> np.ndarray:
-    """``size x size x 3`` uint8 crop at (x, y) of an RGB array or a loaded PIL image.
-
-    The part outside the image (only for images smaller than ``size``) is ``pad_value``.
-    """
-    if isinstance(image, np.ndarray):
-        region = image[y:y + size, x:x + size]
-    else:
-        from kit.data.dataset import to_rgb_array
-
-        w, h = image.size  # cropping the PIL image converts only the crop, not the whole scan
-        region = to_rgb_array(image.crop((x, y, min(x + size, w), min(y + size, h))))
-    if region.shape[:2] == (size, size):
-        return region
-    out = np.full((size, size, 3), pad_value, dtype=np.uint8)
-    out[: region.shape[0], : region.shape[1]] = region
-    return out
-
-
-def _image_hw(image) -> tuple[int, int]:
-    return image.shape[:2] if isinstance(image, np.ndarray) else image.size[::-1]
-
-
-def _rgb(image) -> np.ndarray:
-    if isinstance(image, np.ndarray):
-        return image
-    from kit.data.dataset import to_rgb_array
-
-    return to_rgb_array(image)
-
-
-def rank_windows(mask: np.ndarray, size: int, stride: int, k: int, image=None,
-                 tissue_threshold: int = 200):
-    """Positions of the ``k`` best windows of one image, best first (``select: top_k``).
-
-    Parameters
-    ----------
-    mask : bool array H x W
-        Region of interest. If it is empty, windows are ranked by tissue coverage of
-        ``image`` instead (pixels whose channel minimum is below ``tissue_threshold``).
-        If fewer than ``k`` windows touch the mask, windows of equal mask coverage (the
-        zeros) are ranked by tissue coverage, so that the last patches show tissue rather
-        than background.
-    size, stride, k : int
-        Window side, step and number of windows kept (see :func:`select_windows`).
-    image : uint8 array H x W x 3 or PIL image, optional
-        Needed for the tissue ranking; without it ties break by position only.
-
-    Returns
-    -------
-    xs, ys : int64 arrays of length k
-        Top-left corners in image pixels.
-    coverage : float64 array of length k
-        Share of mask (or, for the fallback, tissue) pixels in each window.
-    fallback : bool
-        True when the mask was empty and tissue coverage was used.
-    """
-    return pick_windows(mask, size, stride, k, image, tissue_threshold, regions=False)[:4]
-
-
-def pick_windows(mask: np.ndarray, size: int, stride: int, k: int, image=None,
-                 tissue_threshold: int = 200, select: str = "top_k", min_region_px: int = 1,
-                 regions: bool = True):
-    """:func:`rank_windows` with a choice of ``select`` and each window's mask region.
-
-    ``select: top_k`` ranks as :func:`rank_windows`; ``per_region`` spreads the windows over
-    the mask's connected regions (:func:`kit.data.regions.region_windows`; regions under
-    ``min_region_px`` pixels are not sure to get one). Returns ``xs, ys, coverage, fallback,
-    region``: ``region`` (int64, length k) is the region a window was chosen for (top_k: the
-    one with most pixels in it), 0 for a window without mask pixels; None without ``regions``.
-    """
-    mask = np.asarray(mask, dtype=bool)
-    fallback = not mask.any()
-    if fallback:
-        if image is None:
-            raise ValueError("empty mask: the image is needed for the tissue fallback")
-        tissue = tissue_mask(_rgb(image), tissue_threshold)
-        coverage, xs, ys = window_scores(tissue, size, stride)
-    else:
-        coverage, xs, ys = window_scores(mask, size, stride)
-    then = None
-    if not fallback and image is not None and np.count_nonzero(coverage) < k:
-        # Only then is the whole scan converted: most images have k mask windows.
-        then = window_scores(tissue_mask(_rgb(image), tissue_threshold), size, stride)[0]
-    region = None
-    if fallback or not (regions or select == "per_region"):
-        best = select_windows(coverage, k, then)
-        region = np.zeros(k, dtype=np.int64) if regions else None
-    else:
-        labels, areas = label_regions(mask)
-        if select == "per_region":
-            best, region = region_windows(labels, areas, size, stride, k, min_region_px,
-                                          coverage, then)
-        else:
-            best = select_windows(coverage, k, then)
-            region = np.array([majority_region(labels, i, size, stride, coverage.shape)
-                               for i in best], dtype=np.int64)
-    iy, ix = np.divmod(best, len(xs))
-    return xs[ix], ys[iy], coverage[iy, ix], fallback, region
-
-
-def cut_windows(image, xs, ys, size: int, pad_value: int = 255) -> np.ndarray:
-    """``len(xs) x size x size x 3`` uint8 crops of ``image`` at ``(xs[i], ys[i])``."""
-    patches = np.empty((len(xs), size, size, 3), dtype=np.uint8)
-    for i, (x, y) in enumerate(zip(xs, ys)):
-        patches[i] = _crop(image, int(x), int(y), size, pad_value)
-    return patches
-
-
-def extract_patches(image, mask: np.ndarray, size: int, stride: int, k: int,
-                    tissue_threshold: int = 200, pad_value: int = 255, select: str = "top_k",
-                    min_region_px: int = 1):
-    """Cut the ``k`` best mask-coverage windows of one image at native resolution.
-
-    Parameters
-    ----------
-    image : uint8 array H x W x 3, or a PIL image
-        The scan; a PIL image is cropped directly, which avoids converting the whole scan.
-    mask : bool array H x W
-        Region of interest; empty -> tissue coverage (see :func:`rank_windows`).
-    size, stride, k : int
-        Window side, step and number of windows kept (see :func:`select_windows`).
-    tissue_threshold : int
-        Channel-minimum threshold of the tissue fallback.
-    pad_value : int
-        Fill for the part of a window outside an image smaller than ``size`` (255: white,
-        lighter than the scans' grey background and never counted as tissue). The image sits
-        at the top-left, so ``x, y`` stay image coordinates.
-    select, min_region_px : str, int
-        ``top_k`` or ``per_region`` (see :func:`pick_windows`).
-
-    Returns
-    -------
-    patches : uint8 array, k x size x size x 3
-    rows : list of dict
-        One per patch: ``patch`` (rank), ``x``, ``y`` (top-left in image pixels),
-        ``coverage`` (share of mask, or tissue, pixels), ``fallback`` (bool, same for all)
-        and ``region`` (the window's mask region, 0 for none).
-    """
-    mask = np.asarray(mask, dtype=bool)
-    if mask.shape != tuple(_image_hw(image)):
-        raise ValueError(f"mask shape {mask.shape} differs from image shape {_image_hw(image)}")
-    xs, ys, cov, fallback, region = pick_windows(mask, size, stride, k, image, tissue_threshold,
-                                                 select, min_region_px)
-    return cut_windows(image, xs, ys, size, pad_value), _rows(xs, ys, cov, fallback, region)
-
-
-def _rows(xs, ys, coverage, fallback: bool, region) -> list[dict]:
-    return [{"patch": i, "x": int(x), "y": int(y), "coverage": float(c), "fallback": fallback,
-             "region": int(r)} for i, (x, y, c, r) in enumerate(zip(xs, ys, coverage, region))]
-
-
-def _bool_mask(im) -> np.ndarray:
-    """A decoded PIL mask as bool H x W; the same rule as :func:`kit.data.dataset.read_mask`."""
-    arr = np.asarray(im)
-    if arr.ndim == 3:
-        arr = arr[..., :3].max(axis=2) if arr.shape[2] >= 3 else arr[..., 0]
-    return arr > 0
-
-
-def extract_file(task):
-    """Worker: decode one image/mask pair from disk and cut its patches.
-
-    ``task`` is ``(image_path, mask_path, cfg)``; ``cfg["_stain"]``, when present, is a
-    :func:`kit.data.stain.stain_payload` to normalise the patches with. Returns ``(patches, rows,
-    seconds)`` with ``seconds`` = ``{"decode", "score", "crop", "stain"}`` (for the
-    benchmark) and each row's ``stain_normalised`` (None when off, False when the image had
-    too little tissue to estimate its stains and was left as it is). Only the small patch
-    array crosses the process boundary, never the decoded scan.
-    """
-    from PIL import Image
-
-    image_path, mask_path, cfg = task
-    size = cfg["size"]
-    im = None
-    try:
-        t0 = time.perf_counter()
-        with Image.open(mask_path) as mk:
-            mk.load()
-            im = Image.open(image_path)
-            im.load()
-            t1 = time.perf_counter()
-            mask = _bool_mask(mk)
-        if mask.shape != im.size[::-1]:
-            raise KitError(f"{image_path}: image is {im.size[0]}x{im.size[1]} but its mask is "
-                           f"{mask.shape[1]}x{mask.shape[0]}; they must match")
-        xs, ys, cov, fallback, region = pick_windows(
-            mask, size, cfg["stride"], cfg["top_k"], im, cfg["tissue_threshold"],
-            cfg.get("select", "top_k"), int(cfg.get("min_region_px", 1)))
-        t2 = time.perf_counter()
-        patches = cut_windows(im, xs, ys, size, cfg["pad_value"])
-        t3 = time.perf_counter()
-        normalised = None  # stain normalisation off
-        if cfg.get("_stain") is not None:
-            from kit.data.stain import apply_payload
-
-            patches, normalised = apply_payload(patches, cfg["_stain"])
-        t4 = time.perf_counter()
-    except KitError:
-        raise
-    except Exception as exc:  # PIL raises many types for broken files
-        raise KitError(f"{image_path}: cannot cut patches ({type(exc).__name__}: {exc}); "
-                       "run ./run.sh validate on the dataset") from None
-    finally:
-        if im is not None:
-            im.close()
-    seconds = {"decode": t1 - t0, "score": t2 - t1, "crop": t3 - t2, "stain": t4 - t3}
-    rows = _rows(xs, ys, cov, fallback, region)
-    for row in rows:
-        row["stain_normalised"] = normalised
-    return patches, rows, seconds
-
-
-def decode_file(task):
-    """Benchmark floor: decode one image/mask pair and nothing else; returns seconds."""
-    from PIL import Image
-
-    image_path, mask_path = task[:2]
-    t0 = time.perf_counter()
-    with Image.open(mask_path) as mk, Image.open(image_path) as im:
-        mk.load()
-        im.load()
-    return time.perf_counter() - t0
-
-
-# --------------------------------------------------------------------------- cache
 @dataclass
 class PatchSet:
     """The cached patches of one split.
@@ -298,8 +71,6 @@ class PatchSet:
 
 def hash_files(files, workers: int = 2) -> list[str]:
     """sha256 of each file, in order; threads overlap the reads (hashlib releases the GIL)."""
-    from kit.utils import sha256_file
-
     files = list(files)
     if len(files) < 8 or workers <= 1:
         return [sha256_file(p, chunk=1 << 22) for p in files]
@@ -308,8 +79,6 @@ def hash_files(files, workers: int = 2) -> list[str]:
 
 
 def _key_cfg(cfg: dict) -> dict:
-    from kit.data.stain import stain_key
-
     out = {k: cfg[k] for k in ("size", "stride", "top_k", "tissue_threshold", "pad_value")}
     if cfg.get("select", "top_k") != "top_k":
         # Only then: top_k caches keep their keys (and the feature caches keyed on them).
@@ -325,8 +94,6 @@ def _key_cfg(cfg: dict) -> dict:
 def cache_key(samples, cfg: dict, split: str, workers: int = 2) -> str:
     """sha256 over the sorted samples (name, label, image and mask file hashes), the
     parameters that change the patches, and :data:`CODE_VERSION`."""
-    from kit.utils import sha256_text
-
     samples = sorted(samples, key=lambda s: s.sample_index)
     hashes = hash_files([p for s in samples for p in (s.image, s.mask)], workers)
     items = [[s.sample_index, s.label or "", hashes[2 * i], hashes[2 * i + 1]]
@@ -358,8 +125,6 @@ def imap_ordered(func, tasks, workers: int):
     if workers <= 1 or len(tasks) <= 1:
         yield from map(func, tasks)
         return
-    import multiprocessing as mp
-
     method = "fork" if "fork" in mp.get_all_start_methods() else None  # fork: no re-imports
     with mp.get_context(method).Pool(min(workers, len(tasks))) as pool:
         yield from pool.imap(func, tasks, chunksize=1)
@@ -375,11 +140,6 @@ def build_split(samples, out: Path, cfg: dict, workers: int, desc: str = "patche
     ``stain_skipped``, when given, receives the sample indices that stain normalisation left
     as they were (too little tissue).
     """
-    import pandas as pd
-
-    from kit.data.stain import stain_payload
-    from kit.utils import atomic_path, atomic_write_csv, progress
-
     size, k = cfg["size"], cfg["top_k"]
     shape = (len(samples), k, size, size, 3)
     payload = stain_payload(cfg.get("stain_norm"))  # the reference is fitted once, here
@@ -409,8 +169,7 @@ def build_split(samples, out: Path, cfg: dict, workers: int, desc: str = "patche
     samples_df = pd.DataFrame({"sample_index": [s.sample_index for s in samples],
                                "label": [s.label or "" for s in samples],
                                "fallback": fallback})
-    index_df = pd.DataFrame(index_rows, columns=["sample_index", "patch", "x", "y", "coverage",
-                                                 "region"])
+    index_df = pd.DataFrame(index_rows, columns=list(INDEX_COLUMNS))
     atomic_write_csv(out / "samples.csv", samples_df)
     atomic_write_csv(out / "index.csv", index_df)
     if stats is not None:
@@ -420,8 +179,6 @@ def build_split(samples, out: Path, cfg: dict, workers: int, desc: str = "patche
 
 def _split_samples(dataset, paths, split: str):
     if split == "train":
-        from kit.data.clean import clean_train_samples
-
         return list(clean_train_samples(dataset, paths))
     if split == "test":
         return list(dataset.test)
@@ -430,8 +187,6 @@ def _split_samples(dataset, paths, split: str):
 
 def check_patches_config(cfg: dict) -> None:
     """KitError unless a resolved patches.yaml is one ``run_patches`` can build."""
-    from kit.data.stain import check_stain_config
-
     if str(cfg["size"]).strip().lower() == "auto":
         raise KitError("patches: size auto needs a backbone: ./run.sh patches --backbone NAME "
                        "(its native size), or give --size")
@@ -446,16 +201,16 @@ def check_patches_config(cfg: dict) -> None:
     check_stain_config(cfg["stain_norm"])
 
 
-def run_patches(data, paths, cfg: dict, splits=SPLITS, skip_bad: bool = False,
+def run_patches(paths, data, cfg: dict, *, splits=SPLITS, skip_bad: bool = False,
                 ) -> dict[str, PatchSet]:
     """Build (or reuse) the patch cache of each split.
 
     Parameters
     ----------
-    data : path or kit.data.dataset.Dataset
-        Dataset root, or an already loaded dataset.
     paths : kit.paths.Paths
         Work directory; writes ``paths.patches_dir(split, size)``.
+    data : path or kit.data.dataset.Dataset
+        Dataset root, or an already loaded dataset.
     cfg : dict
         The resolved ``kit/conf/patches.yaml`` (``load_config("patches", overrides)``), with
         a numeric ``size`` (the command resolves ``auto`` from a backbone).
@@ -467,9 +222,6 @@ def run_patches(data, paths, cfg: dict, splits=SPLITS, skip_bad: bool = False,
     -------
     dict split -> PatchSet
     """
-    from kit.data.dataset import Dataset, load_dataset
-    from kit.utils import atomic_write_json, write_config
-
     check_patches_config(cfg)
     cfg = {**cfg, "size": int(cfg["size"])}
     dataset = data if isinstance(data, Dataset) else load_dataset(data, skip_bad=skip_bad)
@@ -502,12 +254,11 @@ def run_patches(data, paths, cfg: dict, splits=SPLITS, skip_bad: bool = False,
                                   "n_skipped": len(skipped), "skipped": skipped}
         atomic_write_json(out / "meta.json", meta)
         if flagged:
-            print(f"warning: patches {split}: {len(flagged)} image(s) with an empty mask, "
-                  f"ranked by tissue coverage instead: {', '.join(flagged)}", file=sys.stderr)
+            log.warning(f"warning: patches {split}: {len(flagged)} image(s) with an empty "
+                        f"mask, ranked by tissue coverage instead: {', '.join(flagged)}")
         if skipped:
-            print(f"warning: patches {split}: {len(skipped)} image(s) with too little tissue "
-                  f"for stain normalisation, left as they are: {', '.join(skipped)}",
-                  file=sys.stderr)
+            log.warning(f"warning: patches {split}: {len(skipped)} image(s) with too little "
+                        f"tissue for stain normalisation, left as they are: {', '.join(skipped)}")
         log.info(f"patches {split}: built {len(samples)} x {cfg['top_k']} patches of "
                  f"{cfg['size']} px ({cfg['select']}) -> {out} ({time.perf_counter() - t0:.1f} s)")
         out_sets[split] = load_patches(paths, split, cfg["size"])
@@ -517,8 +268,6 @@ def run_patches(data, paths, cfg: dict, splits=SPLITS, skip_bad: bool = False,
 def load_patches(paths, split: str, size: int | None = None) -> PatchSet:
     """The cached patches of ``split`` cut with ``size`` px windows (array memory-mapped
     read-only); ``size`` None: the only size cached (:func:`kit.data.caches.pick_size`)."""
-    import pandas as pd
-
     out = paths.patches_dir(split, pick_size(paths) if size is None else size)
     missing = [name for name in FILES if not (out / name).exists()]
     if missing:
@@ -542,8 +291,6 @@ def load_patches(paths, split: str, size: int | None = None) -> PatchSet:
 def find_patches(paths, split: str, key: str) -> PatchSet | None:
     """The cache of ``split`` whose key is ``key`` (a run's ``patch_keys``), whatever its size;
     None when no cached size has it."""
-    from kit.data.caches import cached_sizes
-
     for size in cached_sizes(paths):
         try:
             meta = json.loads((paths.patches_dir(split, size) / "meta.json").read_text())

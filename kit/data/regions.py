@@ -1,6 +1,6 @@
 """Windows spread over mask regions: the ``per_region`` way of choosing an image's K windows.
 
-``top_k`` (:func:`kit.data.patches.rank_windows`) keeps the K windows with the most mask
+``top_k`` (:func:`kit.data.cutting.pick_windows`) keeps the K windows with the most mask
 coverage, which can all come from the largest region. Here the mask's connected regions
 (8-connected, :func:`scipy.ndimage.label`, numbered 1, 2, ... in raster order of their first
 pixel) each get windows in proportion to their area, at least one per region of at least

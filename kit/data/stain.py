@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kit.utils import KitError
+from kit.data.dataset import read_image
+from kit.utils import KitError, sha256_file
 
 METHODS = ("none", "macenko")
 KEYS = ("method", "reference", "intensity", "alpha", "beta", "min_tissue")
@@ -81,8 +82,6 @@ def stain_key(cfg: dict | None) -> dict | None:
     """
     if not cfg or cfg.get("method", "none") == "none":
         return None
-    from kit.utils import sha256_file
-
     key = {k: cfg[k] for k in ("method", "intensity", "alpha", "beta", "min_tissue")}
     key["reference"] = sha256_file(cfg["reference"]) if cfg["reference"] else "macenko-standard"
     return key
@@ -95,8 +94,6 @@ def stain_payload(cfg: dict | None) -> dict | None:
     check_stain_config(cfg)
     params = {k: float(cfg[k]) for k in ("intensity", "alpha", "beta", "min_tissue")}
     if cfg["reference"]:
-        from kit.data.dataset import read_image
-
         he, max_c = macenko_reference(read_image(cfg["reference"]), params["intensity"],
                                       params["alpha"], params["beta"], params["min_tissue"],
                                       name=cfg["reference"])
@@ -108,6 +105,7 @@ def stain_payload(cfg: dict | None) -> dict | None:
 
 def _normalizer(he=STANDARD_HE, max_c=STANDARD_MAX_C):
     """torchstain's numpy Macenko normaliser, targeting ``he`` / ``max_c``, with a fast solve."""
+    # Here: torchstain is needed only with stain normalisation on.
     from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
 
     class Normalizer(NumpyMacenkoNormalizer):

@@ -1,7 +1,7 @@
 """The window grid of the patches stage: start offsets, mask coverage of every window, ranking.
 
-Shared by ``select: top_k`` (:mod:`kit.data.patches`) and ``select: per_region``
-(:mod:`kit.data.regions`); re-exported by :mod:`kit.data.patches`.
+Shared by ``select: top_k`` (:mod:`kit.data.cutting`) and ``select: per_region``
+(:mod:`kit.data.regions`).
 """
 from __future__ import annotations
 

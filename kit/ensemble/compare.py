@@ -14,7 +14,6 @@ from kit.ensemble.blend import provenance
 from kit.metrics import BOOT_SEED, N_BOOT, bootstrap_ci, format_ci, paired_bootstrap, to_indices
 from kit.utils import KitError
 
-
 # ----------------------------------------------------------------------------- inputs
 
 def run_dir(spec: str, paths) -> Path:

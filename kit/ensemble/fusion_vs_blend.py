@@ -17,7 +17,8 @@ from kit.utils import KitError
 
 SEP = "+"  # as kit.training.fusion names a fused run
 BLEND_SOURCE = "runs/blend/oof_blend.csv (nested: weights and biases fitted on the other folds)"
-MEAN_SOURCE = "mean of the parts' OOF probabilities (nothing fitted; no blend of exactly these parts)"
+MEAN_SOURCE = ("mean of the parts' OOF probabilities (nothing fitted; no blend of exactly these "
+               "parts)")
 
 
 @dataclass
@@ -106,7 +107,8 @@ def _blend_pred(paths: Paths, parts: list[str], sha, index) -> tuple[np.ndarray 
     try:
         record = json.loads((folder / "blend.json").read_text())
     except (OSError, ValueError) as exc:
-        raise KitError(f"{folder / 'blend.json'}: cannot be read ({exc}); rerun ./run.sh blend")
+        raise KitError(f"{folder / 'blend.json'}: cannot be read ({exc}); rerun "
+                       "./run.sh blend") from exc
     record = record if isinstance(record, dict) else {}
     if sorted(record.get("backbones") or []) != sorted(parts) or record.get("folds_sha256") != sha:
         return None, ""

@@ -16,7 +16,7 @@ from kit.utils import (KitError, atomic_write_bytes, atomic_write_csv, atomic_wr
                        sha256_file, write_config)
 
 
-def run_blend(paths: Paths, data, cfg: dict, backbones=None, name: str = "blend",
+def run_blend(paths: Paths, data, cfg: dict, *, backbones=None, name: str = "blend",
               objective: str = "f1", weight_views: bool = False, seed: int = 42,
               command: str | None = None) -> BlendResult:
     """Fit the blend and write the submission, its manifest, ``latest.*`` and ``runs/blend/``.

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kit import CLASSES, __version__
-from kit.submission.package import (expected_test_ids, test_files_sha256, load_manifest,
-                                    write_submission)
+from kit.data.dataset import LABELS_CSV, find_root
+from kit.ensemble.blend import fit_blend
 from kit.paths import Paths
+from kit.submission.package import (expected_test_ids, load_manifest, test_files_sha256,
+                                    write_submission)
 from kit.utils import KitError, atomic_write_bytes, package_versions, sha256_bytes, sha256_file
 
 MAX_ROWS = 20  # differing rows listed one by one; the rest are counted
@@ -41,27 +43,30 @@ def infer_workdir(manifest_path: Path, manifest: dict) -> Path:
     return Path(manifest["workdir"])
 
 
-def reproduce(manifest_path, data=None, workdir=None, out=None,
-              default_data=None) -> ReproduceReport:
+def run_reproduce(paths: Paths | None, data, cfg: dict | None, *, manifest, out=None,
+                  default_data=None) -> ReproduceReport:
     """Re-run the blend a manifest describes and compare its CSV with the recorded one.
 
     Parameters
     ----------
-    manifest_path : path
-        ``submissions/<time>_<name>.json`` (or ``latest.json``).
-    data : path, optional
-        Dataset root; default: the root recorded in the manifest if it still exists, else
+    paths : Paths or None
+        The work directory whose ``runs/`` the blend reads again; None: inferred from the
+        manifest (:func:`infer_workdir`).
+    data : path or None
+        Dataset root; None: the root recorded in the manifest if it still exists, else
         ``default_data``.
-    workdir : path, optional
-        Default: inferred by :func:`infer_workdir`.
+    cfg : None
+        Reproduce has no settings of its own (the blend's come from the manifest); the
+        argument keeps the one form of every stage, ``run_<stage>(paths, data, cfg)``.
+    manifest : path
+        ``submissions/<time>_<name>.json`` (or ``latest.json``).
     out : path, optional
         Also write the reproduced CSV there.
     """
-    from kit.ensemble.blend import fit_blend
-
-    manifest_path = Path(manifest_path)
+    manifest_path = Path(manifest)
     m = load_manifest(manifest_path)
-    paths = Paths.from_root(workdir or infer_workdir(manifest_path, m))
+    if paths is None:
+        paths = Paths.from_root(infer_workdir(manifest_path, m))
     if data is None:
         data = m["data"]["root"] if Path(m["data"]["root"]).is_dir() else default_data
     if data is None:
@@ -111,8 +116,6 @@ def _input_changes(paths: Paths, m: dict) -> list[str]:
 
 
 def _data_changes(paths: Paths, data, m: dict) -> list[str]:
-    from kit.data.dataset import LABELS_CSV, find_root
-
     out = []
     try:
         root = find_root(data)

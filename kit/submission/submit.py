@@ -1,170 +1,31 @@
 """Upload a submission file to Kaggle and record the upload in its manifest.
 
-Uses the kaggle package's Python API (``KaggleApi.competition_submit``) with the guards the
-client lacks:
-
-- ``import kaggle`` authenticates (and prints, or calls the network) at import time, so the
-  client module is imported without running the package's ``__init__``;
-- ``authenticate()`` exits the process (``SystemExit``) instead of raising, and
-  ``competition_submit`` reports some failures in its returned ``message``: both become a
-  ``KitError`` with a one-line reason;
-- whatever the client prints is captured, and every message is scrubbed of the key or token
-  before it reaches the user or a file.
+The CSV is checked as ``./run.sh blend`` checked it, the credentials are found before the
+client runs (:mod:`kit.submission.credentials`), and the upload goes through the kaggle
+client's Python API behind a gate that turns its failures into one scrubbed line
+(:mod:`kit.submission.kaggle_client`).
 
 The CSV is never touched; each upload, failed or not, is appended to the ``submissions``
 list of its manifest (``submissions/<name>.json``).
 """
 from __future__ import annotations
 
-import base64
-import contextlib
-import importlib.util
-import io
 import json
 import os
-import stat
-import sys
 import time
-import types
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 
 from kit import CLASSES
-from kit.submission import package
 from kit.config import given
 from kit.metrics import format_ci
 from kit.paths import Paths
+from kit.submission import package
+from kit.submission.credentials import find_credentials
+from kit.submission.kaggle_client import KaggleSession
 from kit.utils import KitError, atomic_write_json, sha256_file
-
-SUCCESS_MARK = "Successfully"  # what competition_submit's message says when it worked
-MASK = "***"
-TOKEN_HELP = "create one at https://www.kaggle.com/settings/api"
-
-
-# ----------------------------------------------------------------------------- credentials
-
-@dataclass(frozen=True)
-class Credentials:
-    """Where the client will find its credentials, and the values never to show."""
-
-    source: str
-    secrets: tuple[str, ...]
-
-
-def kaggle_config_dir(env=None) -> Path:
-    """The folder holding ``kaggle.json``, found as the kaggle client finds it."""
-    env = os.environ if env is None else env
-    if env.get("KAGGLE_CONFIG_DIR"):
-        return Path(env["KAGGLE_CONFIG_DIR"])
-    home = Path(os.path.expanduser("~"))
-    legacy = home / ".kaggle"
-    if sys.platform.startswith("linux") and not legacy.exists():
-        return Path(env.get("XDG_CONFIG_HOME") or home / ".config") / "kaggle"
-    return legacy
-
-
-def _check_private(path: Path) -> None:
-    """Refuse a credential file that other users can read (the client only warns)."""
-    if os.name == "nt":
-        return
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise KitError(f"{path}: Kaggle credential file is readable by other users "
-                       f"(mode {mode:o}); fix with: chmod 600 {path}")
-
-
-def _read_token_file(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    _check_private(path)
-    return path.read_text().strip() or None
-
-
-def find_credentials(env=None) -> Credentials:
-    """Check that the kaggle client will find credentials, in the client's own order.
-
-    Access token (``KAGGLE_API_TOKEN``, its value or a file it names, or
-    ``~/.kaggle/access_token``), then ``KAGGLE_USERNAME`` + ``KAGGLE_KEY`` over
-    ``<config dir>/kaggle.json``, then ``kaggle auth login``'s ``~/.kaggle/credentials.json``.
-    Any credential file that exists must be private (mode 600).
-
-    Raises
-    ------
-    KitError
-        No credentials, an unreadable ``kaggle.json``, or a file other users can read.
-    """
-    env = os.environ if env is None else env
-    home = Path(os.path.expanduser("~"))
-    secrets: list[str] = []
-    found: str | None = None
-
-    token = env.get("KAGGLE_API_TOKEN")
-    if token and Path(token).is_file():
-        value = _read_token_file(Path(token))
-        if value:
-            secrets.append(value)
-            found = f"token file {token} (KAGGLE_API_TOKEN)"
-    elif token:
-        secrets.append(token)
-        found = "KAGGLE_API_TOKEN"
-    for path in (home / ".kaggle" / "access_token", home / ".kaggle" / "access_token.txt"):
-        value = _read_token_file(path)
-        if value:
-            secrets.append(value)
-            found = found or str(path)
-
-    config = kaggle_config_dir(env) / "kaggle.json"
-    file_values = _read_kaggle_json(config) if config.is_file() else {}
-    user = env.get("KAGGLE_USERNAME") or file_values.get("username")
-    key = env.get("KAGGLE_KEY") or file_values.get("key")
-    for value in (file_values.get("key"), env.get("KAGGLE_KEY")):
-        if value:
-            secrets.append(str(value))
-    if user and key:
-        # requests sends the pair as base64 in the Authorization header: mask that form too
-        secrets.append(base64.b64encode(f"{user}:{key}".encode()).decode())
-        from_env = env.get("KAGGLE_USERNAME") and env.get("KAGGLE_KEY")
-        found = found or ("KAGGLE_USERNAME/KAGGLE_KEY" if from_env else str(config))
-
-    oauth = home / ".kaggle" / "credentials.json"
-    if oauth.is_file():
-        _check_private(oauth)
-        with contextlib.suppress(ValueError, OSError, AttributeError):
-            secrets += [str(v) for v in json.loads(oauth.read_text()).values() if v]
-        found = found or str(oauth)
-
-    if found is None:
-        # ~/.kaggle wins over the XDG folder once it exists, so it is the simplest advice
-        target = config if env.get("KAGGLE_CONFIG_DIR") else home / ".kaggle" / "kaggle.json"
-        raise KitError("no Kaggle credentials found: set KAGGLE_USERNAME and KAGGLE_KEY, or save "
-                       f"kaggle.json as {target} (then chmod 600 {target}), or set "
-                       f"KAGGLE_API_TOKEN; {TOKEN_HELP}")
-    return Credentials(found, tuple(sorted(set(s for s in secrets if len(s) >= 4), key=len,
-                                           reverse=True)))
-
-
-def _read_kaggle_json(path: Path) -> dict:
-    _check_private(path)
-    try:
-        values = json.loads(path.read_text())
-    except (ValueError, OSError):
-        # never echo the content: it holds the key
-        raise KitError(f"{path}: not valid JSON; expected "
-                       '{"username": "...", "key": "..."} ' f"({TOKEN_HELP})")
-    if not isinstance(values, dict) or not values.get("username") or not values.get("key"):
-        raise KitError(f'{path}: needs both "username" and "key" ({TOKEN_HELP})')
-    return values
-
-
-def scrub(text: str, secrets) -> str:
-    """``text`` with every secret replaced by ``***`` and squeezed onto one line."""
-    text = str(text)
-    for secret in secrets:
-        text = text.replace(secret, MASK)
-    return " ".join(text.split())
 
 
 # ----------------------------------------------------------------------------- the CSV
@@ -227,146 +88,6 @@ def _ids_matching_manifest(csv_path: Path, manifest: dict) -> list[str]:
     return ids
 
 
-# ----------------------------------------------------------------------------- the client
-
-def load_kaggle_api():
-    """The ``KaggleApi`` class, imported without running ``kaggle/__init__.py``.
-
-    That ``__init__`` authenticates at import time: it prints a long help text without
-    credentials and calls the network with an access token. A bare package module in
-    ``sys.modules`` lets ``kaggle.api.kaggle_api_extended`` import on its own.
-    """
-    if "kaggle" not in sys.modules:
-        spec = importlib.util.find_spec("kaggle")
-        if spec is None or not spec.submodule_search_locations:
-            raise KitError("the kaggle package is not installed; ./run.sh installs "
-                           "requirements.txt into .venv")
-        from importlib.metadata import version
-
-        pkg = types.ModuleType("kaggle")
-        pkg.__path__ = list(spec.submodule_search_locations)
-        pkg.__spec__, pkg.__file__ = spec, spec.origin
-        pkg.__version__ = version("kaggle")
-        sys.modules["kaggle"] = pkg
-    from kaggle.api.kaggle_api_extended import KaggleApi
-
-    return KaggleApi
-
-
-class KaggleSession:
-    """The kaggle client behind a gate: captured output, scrubbed one-line errors.
-
-    Parameters
-    ----------
-    creds : Credentials
-        From :func:`find_credentials`; its secrets are masked in every message.
-    competition : str
-        Competition slug, used in hints.
-    """
-
-    def __init__(self, creds: Credentials, competition: str):
-        self.creds, self.competition = creds, competition
-        self.output = io.StringIO()  # what the client printed; never shown unscrubbed
-        with self._gate("Kaggle authentication failed"):
-            self.api = load_kaggle_api()()
-            self.api.authenticate()
-
-    @contextlib.contextmanager
-    def _gate(self, what: str):
-        with contextlib.redirect_stdout(self.output), contextlib.redirect_stderr(self.output):
-            try:
-                yield
-            except KitError:
-                raise
-            except SystemExit:
-                raise KitError(f"{what}: the kaggle client found no usable credentials in "
-                               f"{self.creds.source}; {TOKEN_HELP}") from None
-            except Exception as exc:  # noqa: BLE001 - anything from the client becomes one line
-                raise KitError(f"{what}: {self._reason(exc)}") from None
-
-    def _reason(self, exc: Exception) -> str:
-        import requests
-
-        response = getattr(exc, "response", None)
-        if isinstance(exc, requests.HTTPError) and response is not None:
-            return self._scrub(http_reason(response.status_code, _server_message(response, exc),
-                                           self.competition))
-        if isinstance(exc, requests.ConnectionError):
-            return self._scrub(f"could not reach Kaggle ({type(exc).__name__}); check the "
-                               "network and try again")
-        return self._scrub(f"{type(exc).__name__}: {exc}")
-
-    def _scrub(self, text: str) -> str:
-        return scrub(text, self.creds.secrets)
-
-    def last_output(self) -> str:
-        lines = [line for line in self.output.getvalue().splitlines() if line.strip()]
-        return self._scrub(lines[-1]) if lines else ""
-
-    def submit(self, csv_path: Path, message: str) -> dict:
-        """Upload; return ``{"ref", "kaggle_message"}`` or raise ``KitError``."""
-        with self._gate("upload failed"):
-            response = self.api.competition_submit(str(csv_path), message, self.competition,
-                                                   quiet=True)
-        text = self._scrub(getattr(response, "message", "") or "")
-        if SUCCESS_MARK.lower() not in text.lower():
-            detail = self.last_output()
-            if text == self.api.COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE:
-                text += " (the file upload was refused or interrupted; try again later)"
-            raise KitError(f"Kaggle did not accept the submission: {text or 'no message'}"
-                           + (f" [{detail}]" if detail else ""))
-        return {"ref": int(getattr(response, "ref", 0) or 0) or None, "kaggle_message": text}
-
-    def status(self, ref: int | None, message: str) -> dict | None:
-        """The submission's ``status``, ``public_score`` and ``error`` (None if not listed)."""
-        with self._gate("could not read the submission status"):
-            listed = self.api.competition_submissions(self.competition) or []
-        for sub in listed:
-            if sub is None:
-                continue
-            if (ref and sub.ref == ref) or (not ref and sub.description == message):
-                return {"status": sub.status.name.lower(),
-                        "public_score": _score(sub.public_score),
-                        "error": self._scrub(sub.error_description or "") or None}
-        return None
-
-
-def _score(value) -> float | None:
-    """Kaggle sends scores as strings; an empty or odd one means not scored (yet)."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def http_reason(code: int, detail: str, competition: str) -> str:
-    """One line saying what an HTTP error from Kaggle means and what to do."""
-    detail = detail or "no message"
-    if code == 401:
-        return (f"Kaggle rejected the credentials (HTTP 401: {detail}); check KAGGLE_USERNAME "
-                f"and KAGGLE_KEY or kaggle.json, or {TOKEN_HELP}")
-    if code == 403:
-        return (f"Kaggle refused the request (HTTP 403: {detail}); accept the rules at "
-                f"https://www.kaggle.com/competitions/{competition}/rules, or the daily "
-                "submission limit is reached")
-    if code == 404:
-        return f"competition {competition!r} not found (HTTP 404: {detail}); check --competition"
-    if code == 429 or any(w in detail.lower() for w in ("limit", "allowance", "quota")):
-        return (f"submission limit reached (HTTP {code}: {detail}); submit again when the "
-                "daily quota resets")
-    if code >= 500:
-        return f"Kaggle server error (HTTP {code}: {detail}); try again later"
-    return f"Kaggle refused the request (HTTP {code}: {detail})"
-
-
-def _server_message(response, exc) -> str:
-    with contextlib.suppress(ValueError, AttributeError):
-        body = response.json()
-        if isinstance(body, dict) and body.get("message"):
-            return str(body["message"])
-    return str(exc)
-
-
 # ----------------------------------------------------------------------------- records
 
 def _now() -> str:
@@ -402,15 +123,20 @@ def record_submission(record_path: Path, record: dict, is_manifest: bool,
 
 # ----------------------------------------------------------------------------- the stage
 
-def run_submit(paths: Paths, message: str, cfg: dict, csv=None,
+def run_submit(paths: Paths, data, cfg: dict, *, message: str, csv=None,
                competition: str | None = None, wait: bool = False, dry_run: bool = False,
-               data=None, env=None, echo=print) -> dict:
+               env=None, echo=print) -> dict:
     """Validate, upload and record one submission; return its record.
 
     Parameters
     ----------
     paths : Paths
         Work directory (``submissions/latest.csv`` is the default CSV).
+    data : path or None
+        Dataset root; its ``test_data/`` gives the expected rows when present, else the
+        manifest's record of the test set does (None: no dataset at hand).
+    cfg : dict
+        The resolved ``submit`` config.
     message : str
         The submission description shown on Kaggle.
     csv : path, optional
@@ -421,10 +147,6 @@ def run_submit(paths: Paths, message: str, cfg: dict, csv=None,
         Poll until scored and print the public score beside the nested CV estimate.
     dry_run : bool
         Every check, no upload and no record.
-    data : path, optional
-        Dataset root; its ``test_data/`` gives the expected rows when present.
-    cfg : dict
-        The resolved ``submit`` config.
 
     Raises
     ------

@@ -254,7 +254,8 @@ def run_cv(paths: Paths, data, settings: Layered, *, backbone: str, seed: int = 
     for k in ([int(fold)] if fold is not None else range(n_folds)):
         mark = marks.get(k)
         if mark is not None and mark.get("config_hash") == ctx.hash:
-            log.info(f"{backbone} fold {k}: done earlier (macro F1 {mark['macro_f1']:.3f}), skipped")
+            log.info(f"{backbone} fold {k}: done earlier (macro F1 {mark['macro_f1']:.3f}), "
+                     "skipped")
             continue
         if mark is not None:
             log.info(f"{backbone} fold {k}: config changed since it was trained; retraining")
@@ -276,8 +277,9 @@ def run_cv(paths: Paths, data, settings: Layered, *, backbone: str, seed: int = 
         if f["collapsed"]:
             log.warning(f"{backbone} fold {f['fold']}: WARNING: collapsed model: {f['collapsed']}")
     if metrics["collapsed"]:
-        log.warning(f"{backbone}: WARNING: the OOF predictions look collapsed: {metrics['collapsed']}; "
-                    "the model learnt nothing its score can show (check the weights and features)")
+        log.warning(f"{backbone}: WARNING: the OOF predictions look collapsed: "
+                    f"{metrics['collapsed']}; the model learnt nothing its score can show "
+                    "(check the weights and features)")
     tag = "" if metrics["selection"]["epochs_honest"] else \
         " [OPTIMISTIC: epochs chosen on these OOF images, early_stopping oof]"
     li = metrics["label_issues"]

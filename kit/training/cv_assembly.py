@@ -11,14 +11,20 @@ import pandas as pd
 
 from kit import CLASSES, PROB_COLUMNS
 from kit.artifacts import read_oof, read_test
-from kit.metrics import (bootstrap_ci, classification_summary, collapse_reason, macro_f1,
-                         plot_confusion, prob_frame, weighted_f1)
+from kit.metrics import (
+    bootstrap_ci,
+    classification_summary,
+    collapse_reason,
+    macro_f1,
+    plot_confusion,
+    prob_frame,
+    weighted_f1,
+)
 from kit.training import label_issues
 from kit.training.cv_run import FLOAT_FORMAT, CVRun
 from kit.training.selection import early_stopping_mode, is_honest
 from kit.training.settings import pixel_augment_not_applied
-from kit.utils import (KitError, atomic_write_csv, atomic_write_json, package_versions,
-                       write_config)
+from kit.utils import KitError, atomic_write_csv, atomic_write_json, package_versions, write_config
 
 log = logging.getLogger(__name__)
 

@@ -192,7 +192,9 @@ def _write_fold(k: int, ctx: CVRun, oof: dict, tst: dict, record: dict) -> dict:
 
 # --------------------------------------------------------------------------- feature cache
 def train_feature_folds(pending: list[int], ctx: CVRun) -> dict[int, dict]:
-    """Folds ``pending`` with the head trained on cached embeddings (:func:`kit.training.feature_cv.features_cv`), written exactly like pixel-trained folds (model.pt included)."""
+    """Folds ``pending`` with the head trained on cached embeddings
+    (:func:`kit.training.feature_cv.features_cv`), written exactly like pixel-trained folds
+    (model.pt included)."""
     cfg, out = ctx.cfg, ctx.out
     for k in pending:  # not done until their outputs are rewritten
         (out / f"fold_{k}" / "done.json").unlink(missing_ok=True)
@@ -248,7 +250,8 @@ def _frozen_features(ctx: CVRun):
         size = int(cfg["features"]["batch_size"])
         raise KitError(f"out of memory while embedding patches for the feature cache, {size} "
                        f"patches a batch on {ctx.device}; lower it, e.g. --set "
-                       f"features.batch_size={max(1, size // 2)} (finished folds are kept)")
+                       f"features.batch_size={max(1, size // 2)} (finished folds are kept)"
+                       ) from exc
     return bb, fcv
 
 

@@ -17,12 +17,18 @@ from kit.metrics import collapse_reason, macro_f1, prob_frame, weighted_f1
 from kit.models.backbones import list_backbones, native_size
 from kit.models.heads import create_head
 from kit.training import label_issues
-from kit.training.device import pick_device
 from kit.training.checkpoints import weights_digest
+from kit.training.device import pick_device
 from kit.training.features import Features, cache_backbone, load_or_embed
 from kit.training.selection import member_seed
 from kit.training.settings import train_config, tta_views
-from kit.training.sources import FeatureSource, as_tensor, image_probs_from_features, row_tensor, threads
+from kit.training.sources import (
+    FeatureSource,
+    as_tensor,
+    image_probs_from_features,
+    row_tensor,
+    threads,
+)
 from kit.training.train import fit
 from kit.utils import KitError, progress, seed_everything
 
@@ -99,7 +105,8 @@ class FeatureCV:
             issues = None
             if self.cfg["label_issues"]["mode"] != "off":
                 # From the fold's training rows alone: its own (OOF) labels decide nothing.
-                issues = label_issues.find_fold_issues(source, tr, self.cfg, seed, k, desc=f"fold {k} ")
+                issues = label_issues.find_fold_issues(source, tr, self.cfg, seed, k,
+                                                       desc=f"fold {k} ")
             x_val = self.x[row_tensor(va.row)]
             members, per_view, test_per_view = train_bag(
                 source, lambda: create_head(self.x.shape[-1], len(CLASSES), **self.cfg["head"]),

@@ -23,7 +23,14 @@ from kit.training.build import recalibrate_random
 from kit.training.checkpoints import weights_digest
 from kit.training.device import amp_dtype, pick_device
 from kit.training.tta import apply_view
-from kit.utils import KitError, atomic_write_json, progress, seed_everything, sha256_text, write_config
+from kit.utils import (
+    KitError,
+    atomic_write_json,
+    progress,
+    seed_everything,
+    sha256_text,
+    write_config,
+)
 
 log = logging.getLogger(__name__)
 

@@ -23,88 +23,12 @@ from dataclasses import dataclass
 from torch import nn
 
 from kit.models.backbones import freeze_backbone
+from kit.schema.values import SCHEDULE_SETTING, parse_schedule
 from kit.utils import KitError
 
-SETTING = "train: unfreeze_schedule"
-_HELP = ("give a mapping {epoch: n_last_blocks} (e.g. {0: 0, 3: 1, 10: all}), a list of "
-         "[epoch, n] pairs, a string \"0:0,3:1,10:all\", \"gradual:K\" or none")
-_GRADUAL = re.compile(r"^gradual:(\d+)(?::(\d+))?$")
 
 
 # --------------------------------------------------------------------------- the schedule
-def parse_schedule(spec) -> tuple | None:
-    """The validated form of an ``unfreeze_schedule`` value.
-
-    Returns
-    -------
-    None, ("stages", ((epoch, n), ...)) or ("gradual", K, N)
-        ``None``: no schedule. Stages are sorted by epoch, ``n`` an int or ``"all"``, never
-        decreasing; ``N`` is ``None`` for all blocks.
-    """
-    if spec is None or spec is False or (isinstance(spec, (list, tuple, dict)) and not spec):
-        return None
-    if isinstance(spec, str):
-        text = spec.strip().lower().replace(" ", "")
-        if text in ("", "none", "off"):
-            return None
-        match = _GRADUAL.match(text)
-        if match:
-            every, cap = int(match.group(1)), match.group(2)
-            if every < 1 or (cap is not None and int(cap) < 1):
-                raise KitError(f"{SETTING}: gradual:K needs K >= 1 (and a cap N >= 1) "
-                               f"(got {spec!r})")
-            return ("gradual", every, None if cap is None else int(cap))
-        pairs = []
-        for part in text.split(","):
-            epoch, sep, n = part.partition(":")
-            if not sep:
-                raise KitError(f"{SETTING}: cannot read {spec!r}; {_HELP}")
-            pairs.append((epoch, n))
-    elif isinstance(spec, dict):
-        pairs = list(spec.items())
-    elif isinstance(spec, (list, tuple)):
-        if not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in spec):
-            raise KitError(f"{SETTING}: a list must hold [epoch, n] pairs (got {spec!r}); "
-                           f"{_HELP}")
-        pairs = [tuple(p) for p in spec]
-    elif isinstance(spec, int) and not isinstance(spec, bool):
-        # YAML 1.1 reads an unquoted 3:1 as the base-60 number 181.
-        raise KitError(f"{SETTING}: cannot read the number {spec!r} (YAML reads an unquoted "
-                       "E:N as a base-60 number); quote it (\"3:1\") or write {3: 1}")
-    else:
-        raise KitError(f"{SETTING}: cannot read {spec!r} (a {type(spec).__name__}); {_HELP}")
-    stages = sorted((_epoch(e, spec), _count(n, spec)) for e, n in pairs)
-    epochs = [e for e, _ in stages]
-    if len(set(epochs)) != len(epochs):
-        raise KitError(f"{SETTING}: epoch given twice in {spec!r}")
-    counts = [math.inf if n == "all" else n for _, n in stages]
-    if any(b < a for a, b in zip(counts, counts[1:])):
-        raise KitError(f"{SETTING}: block counts must not decrease with the epoch (blocks "
-                       f"thaw, never freeze again) (got {spec!r})")
-    return ("stages", tuple(stages))
-
-
-def _epoch(value, spec) -> int:
-    try:
-        out = int(str(value).strip())
-    except ValueError:
-        out = -1
-    if isinstance(value, (bool, float)) or out < 0:
-        raise KitError(f"{SETTING}: epochs must be integers >= 0 (got {value!r} in {spec!r})")
-    return out
-
-
-def _count(value, spec):
-    if str(value).strip().lower() == "all":
-        return "all"
-    try:
-        out = int(str(value).strip())
-    except ValueError:
-        out = -1
-    if isinstance(value, (bool, float)) or out < 0:
-        raise KitError(f"{SETTING}: block counts must be integers >= 0 or all (got {value!r} "
-                       f"in {spec!r})")
-    return out
 
 
 def schedule_opens(spec) -> bool:
@@ -133,7 +57,7 @@ def resolve_stages(spec, n_blocks: int, unfreeze_last: int = 0,
         stages = [(e, n_blocks if n == "all" else n) for e, n in plan[1]]
         big = [n for _, n in stages if n > n_blocks]
         if big:
-            raise KitError(f"{SETTING}: {name} has {n_blocks} blocks; a stage opens {big[0]} "
+            raise KitError(f"{SCHEDULE_SETTING}: {name} has {n_blocks} blocks; a stage opens {big[0]} "
                            f"(use at most {n_blocks}, or all)")
     if stages[0][0] != 0:
         stages.insert(0, (0, 0))
@@ -212,16 +136,6 @@ def freeze_for_training(backbone, cfg: dict) -> ThawPlan | None:
 
 
 # --------------------------------------------------------------------------- lr decay
-def check_lr_decay(value) -> float:
-    """``lr_decay`` as a float in (0, 1], or a one-line KitError."""
-    try:
-        decay = float(value)
-    except (TypeError, ValueError):
-        decay = math.nan
-    if isinstance(value, bool) or not 0 < decay <= 1:
-        raise KitError(f"train: lr_decay must be a number in (0, 1] (1 = off; got {value!r})")
-    return decay
-
 
 def param_groups(model: nn.Module, cfg: dict) -> list[dict]:
     """AdamW parameter groups of the trainable parameters of ``model``.
@@ -233,8 +147,8 @@ def param_groups(model: nn.Module, cfg: dict) -> list[dict]:
     group. Groups are ordered head first, then from the last block back; each carries
     ``name`` and ``depth`` (0 = head).
     """
-    lr = float(cfg["lr"])
-    decay = check_lr_decay(cfg.get("lr_decay", 1.0))
+    lr = float(cfg["lr"])  # both checked by kit.schema: lr > 0, lr_decay in (0, 1]
+    decay = float(cfg["lr_decay"])
     trainable = [p for p in model.parameters() if p.requires_grad]
     backbone = getattr(model, "backbone", None)
     if decay == 1.0 or backbone is None:

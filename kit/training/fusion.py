@@ -13,8 +13,8 @@ from kit.config import Layered
 from kit.models.backbones import Backbone, list_backbones
 from kit.models.normalize import normalize_batch
 from kit.training.checkpoints import weights_digest
-from kit.training.features import Features, cache_backbone, cache_key, load_or_embed
 from kit.training.feature_cv import FeatureCV
+from kit.training.features import Features, cache_backbone, cache_key, load_or_embed
 from kit.utils import KitError, sha256_text
 
 log = logging.getLogger(__name__)
@@ -201,8 +201,9 @@ def _concat(found: list[Features], where: Path, fusion: Fusion) -> Features:
     """One split's parts side by side (float32 in memory, as FeatureCV holds one cache)."""
     first = found[0]
     for f in found[1:]:
-        if f.views != first.views or \
-                not np.array_equal(f.samples.sample_index.values, first.samples.sample_index.values):
+        same_images = np.array_equal(f.samples.sample_index.values,
+                                     first.samples.sample_index.values)
+        if f.views != first.views or not same_images:
             raise KitError(f"{f.path} and {first.path}: the caches of a fused run list different "
                            "images or views; rerun ./run.sh patches and delete runs/features/")
     widths = np.cumsum([0] + [f.array.shape[-1] for f in found])

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kit.config import Layered
+from kit.schema import path_free as schema_path_free
 from kit.training.settings import train_config, training_path
 from kit.utils import KitError, read_yaml
 
@@ -29,20 +30,14 @@ OBJECTIVE_PATH = {"features": "feature_cache"}
 PATH_WORDS = {"feature_cache": "heads on cached embeddings of a frozen backbone",
               "pixels": "pixels (trainable backbone parts, pixel augmentation, CutMix)"}
 
-# Dotted keys (or prefixes ending in ".") that mean the same thing on both training paths:
-# the head's architecture, the loss and decision settings, test-time views, the input
-# pipeline, how epochs are chosen, speed-only settings, and the keys that decide the path
-# itself. Pixel augmentation (augment.*) means the same on pixels and is not applied on the
-# cache path either way (cv says so). Everything else (lr, weight_decay, epochs, patience,
-# warmup_epochs, min_lr_ratio, batch_size, lr_decay, any future key) describes one
-# optimisation problem and is dropped when the path changes.
-PATH_FREE = ("head.", "augment.", "class_balance", "label_smoothing", "tta",
-             "early_stopping", "inner_folds", "input_size", "phikon_mode", "train_norm",
-             "unfreeze_last", "unfreeze_schedule", "eval_batch_size", "num_workers", "amp", "channels_last",
-             "checkpoint", "label_issues.", "bag")
-# Under a path-free prefix, but bound to the path all the same: the linear probe exists on
-# cached embeddings only.
-PATH_BOUND = ("head.type",)
+# Which keys mean the same thing on both training paths is declared with each key in the
+# schema (kit.schema.training, path_free=True): the head's architecture, the loss and decision
+# settings, test-time views, the input pipeline, how epochs are chosen, speed-only settings, and
+# the keys that decide the path itself. Pixel augmentation (augment.*) means the same on pixels
+# and is not applied on the cache path either way (cv says so). Everything else (lr,
+# weight_decay, epochs, patience, warmup_epochs, min_lr_ratio, batch_size, lr_decay, any future
+# key) describes one optimisation problem and is dropped when the path changes; head.type is
+# bound to the path (the linear probe exists on cached embeddings only).
 # A file with one of these keys was written by ./run.sh tune (a hand-written params file has
 # only `params:`).
 _TUNE_KEYS = ("trial", "study", "search_score", "score")
@@ -50,9 +45,7 @@ _TUNE_KEYS = ("trial", "study", "search_score", "score")
 
 def path_free(key: str) -> bool:
     """Whether dotted key ``key`` means the same thing on every training path."""
-    if key in PATH_BOUND:
-        return False
-    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in PATH_FREE)
+    return schema_path_free(key)
 
 
 def split_for_path(params: dict) -> tuple[dict, dict]:

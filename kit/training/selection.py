@@ -20,12 +20,9 @@ AUTO_EARLY_STOPPING = {"feature_cache": "none", "pixels": "inner"}
 
 
 def early_stopping_mode(cfg: dict, path: str = "pixels") -> str:
-    """``cfg["early_stopping"]``, checked, with ``auto`` resolved for training ``path``
-    (``pixels`` or ``feature_cache``): ``inner``, ``refit``, ``none`` or ``oof``."""
-    mode = str(cfg.get("early_stopping", "auto")).strip().lower()
-    if mode not in EARLY_STOPPING:
-        raise KitError(f"train: early_stopping must be one of {', '.join(EARLY_STOPPING)} "
-                       f"(got {cfg.get('early_stopping')!r})")
+    """``cfg["early_stopping"]`` (checked by kit.schema) with ``auto`` resolved for training
+    ``path`` (``pixels`` or ``feature_cache``): ``inner``, ``refit``, ``none`` or ``oof``."""
+    mode = cfg["early_stopping"]
     return AUTO_EARLY_STOPPING[path] if mode == "auto" else mode
 
 

@@ -3,7 +3,8 @@ views, and which training path (pixels or cached embeddings) cv takes."""
 from __future__ import annotations
 
 from kit.config import Layered, dotted_to_nested
-from kit.training.finetune import check_lr_decay, parse_schedule, schedule_opens
+from kit.schema import check
+from kit.training.finetune import schedule_opens
 from kit.training.tta import get_views
 from kit.utils import KitError
 
@@ -26,35 +27,24 @@ def train_config(settings: Layered, params: dict | None = None) -> dict:
         raise KitError("the training stages take the settings their command resolved: "
                        "kit.config.train_settings(overrides) (got "
                        f"{type(settings).__name__})")
-    return _normalise(settings.resolve(dotted_to_nested(params, "params") if params else None))
+    cfg = settings.resolve(dotted_to_nested(params, "params") if params else None)
+    return _normalise(check("train", cfg, "with --params" if params else None))
 
 
 def _normalise(cfg: dict) -> dict:
-    """Checks and the settings one setting implies, so every consumer sees one form."""
+    """The settings one setting implies, so that every consumer sees one form (the values
+    were checked against kit.schema already)."""
     head = cfg["head"]
-    head["type"] = str(head.get("type", "mlp")).lower()
+    head["type"] = str(head["type"]).lower()
     if head["type"] == "logreg":
         # A linear probe is fitted on image-mean embeddings; mean_logprob pooling of its
         # patch logits is that model exactly (and attention has nothing to train).
         head["pool"] = "mean_logprob"
     issues = cfg["label_issues"]
-    mode = issues.get("mode")
+    mode = issues["mode"]
     issues["mode"] = "off" if mode is False or mode is None else str(mode).lower()
-    if issues["mode"] not in LABEL_ISSUE_MODES:
-        raise KitError(f"train: label_issues.mode must be one of {', '.join(LABEL_ISSUE_MODES)} "
-                       f"(got {mode!r})")
-    if str(issues.get("model")) not in ("head", "logreg"):
-        raise KitError(f"train: label_issues.model must be head or logreg "
-                       f"(got {issues.get('model')!r})")
-    bag = cfg.get("bag", 1)
-    if isinstance(bag, bool) or not isinstance(bag, int) or bag < 1:
-        raise KitError(f"train: bag must be an integer >= 1 (got {bag!r})")
-    check_lr_decay(cfg.get("lr_decay", 1.0))
-    parse_schedule(cfg.get("unfreeze_schedule"))  # the block count is checked at build time
     return cfg
 
-
-LABEL_ISSUE_MODES = ("off", "drop", "weight")
 
 
 def tta_views(spec) -> tuple[str, ...]:

@@ -83,11 +83,11 @@ def make_storage(url: str | None, paths, heartbeat_interval: int = 60, grace_per
     except ImportError as exc:
         raise KitError(f"--storage {describe(url)}: its database driver is not installed "
                        f"({exc}); PostgreSQL needs postgresql+psycopg2:// (psycopg2-binary is "
-                       "in requirements.txt)")
+                       "in requirements.txt)") from exc
     except Exception as exc:  # sqlalchemy raises many types for a bad URL or a down server
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise KitError(f"--storage {describe(url)}: cannot open ({first}); check the URL and "
-                       "that the server is running")
+                       "that the server is running") from exc
 
 
 def _rdb_storage(cls, url: str, engine_kwargs: dict, kwargs: dict, tries: int = 3):

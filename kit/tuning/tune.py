@@ -37,9 +37,18 @@ from kit.tuning.job import TuneJob
 from kit.tuning.outputs import best_record, write_outputs
 from kit.tuning.search_space import known_param_keys, load_space
 from kit.tuning.storage import default_url, describe, make_storage
-from kit.tuning.study import (SurplusTrial, fold_subset, make_objective, n_finished, open_study,
-                              progress_line, stop_when_full, study_name, wait_for_running,
-                              warm_start)
+from kit.tuning.study import (
+    SurplusTrial,
+    fold_subset,
+    make_objective,
+    n_finished,
+    open_study,
+    progress_line,
+    stop_when_full,
+    study_name,
+    wait_for_running,
+    warm_start,
+)
 from kit.utils import KitError
 
 log = logging.getLogger(__name__)
@@ -165,9 +174,9 @@ def tune_backbone(job: TuneJob, bb: str, store, url: str) -> dict | None:
             source = optuna.load_study(study_name=src_name, storage=store)
         except KeyError:
             raise KitError(f"--warm-start-from {warm_start_from}: no study {src_name} in {url}; "
-                           f"run ./run.sh tune {bb} --objective features first")
-        log.info(f"tune {bb}: queued {warm_start(study, source, space, int(cfg['warm_start_top']))} "
-                 f"best trials of {src_name}")
+                           f"run ./run.sh tune {bb} --objective features first") from None
+        queued = warm_start(study, source, space, int(cfg["warm_start_top"]))
+        log.info(f"tune {bb}: queued {queued} best trials of {src_name}")
     out = paths.tune_dir(bb)
     # Journal files have no heartbeat: a RUNNING trial there may belong to a dead worker.
     beats = getattr(store, "get_heartbeat_interval", lambda: None)() is not None
@@ -194,11 +203,13 @@ def tune_backbone(job: TuneJob, bb: str, store, url: str) -> dict | None:
                          context=context)
     write_outputs(study, out, record, extra)
     if record is not None:
-        log.info(f"tune {bb}: best trial {record['trial']}: search score {record['search_score']:.4f}"
-                 f" ({record['search_score_kind']}) -> {out / 'best.yaml'}")
+        log.info(f"tune {bb}: best trial {record['trial']}: search score "
+                 f"{record['search_score']:.4f} ({record['search_score_kind']}) -> "
+                 f"{out / 'best.yaml'}")
         if "holdout_score" in record:
-            log.info(f"tune {bb}: on all folds {record['score']:.4f}; on the {len(record['holdout_folds'])}"
-                     f" folds the search did not use {record['holdout_score']:.4f} (less biased)")
+            log.info(f"tune {bb}: on all folds {record['score']:.4f}; on the "
+                     f"{len(record['holdout_folds'])} folds the search did not use "
+                     f"{record['holdout_score']:.4f} (less biased)")
         if evaluator.objective == "features":
             log.info(f"tune {bb}: an honest score of the tuned pipeline (nested): "
                      f"./run.sh tune {bb} --estimate")

@@ -1,0 +1,57 @@
+"""The report's submissions section: every submission file with its scores, every upload with
+its public score beside the nested CV estimate."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from kit.paths import Paths
+from kit.submission.report.blend import recorded_ci
+from kit.submission.report.layout import Todo, make_table, read_json, score_ci
+
+
+def submission_manifests(paths: Paths) -> list[tuple[Path, dict]]:
+    """Every manifest and manifest-less upload log under ``submissions/``, newest first."""
+    folder = paths.submissions_dir
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in sorted(folder.glob("*.json"), reverse=True):
+        if path.name == "latest.json":
+            continue
+        found.append((path, read_json(path)))
+    return found
+
+
+def submissions_section(paths: Paths) -> dict | Todo:
+    """Every submission file with its scores, and every upload with its public score."""
+    found = submission_manifests(paths)
+    if not found:
+        return Todo("no submission files", "./run.sh blend, then ./run.sh submit -m MSG")
+    latest = paths.submissions_dir / "latest.json"
+    latest_name = None
+    if latest.is_file():
+        latest_name = read_json(latest).get("files", {}).get("manifest")
+    rows, uploads = [], []
+    for path, m in found:
+        scores = m.get("scores", {})
+        git = m.get("kit", {}).get("git", {})
+        commit = (git.get("commit") or "")[:10] + (" (dirty)" if git.get("dirty") else "")
+        csv = m.get("files", {}).get("csv") or m.get("csv", path.stem)
+        tag = " ← latest" if path.name == latest_name else ""
+        label = (m.get("expected_score") or {}).get("label", "not recorded")
+        expected = score_ci(scores.get("nested", {}).get("macro_f1"), recorded_ci(m))
+        rows.append([csv + tag, m.get("created_utc"), m.get("csv_rows"), expected, label,
+                     scores.get("in_sample", {}).get("macro_f1"),
+                     ", ".join(m.get("backbones", {}) or []), commit or None])
+        for rec in m.get("submissions", []):
+            uploads.append([rec.get("time"), csv, rec.get("competition"), rec.get("message"),
+                            rec.get("status"), rec.get("ref"), rec.get("public_score"),
+                            expected, rec.get("error")])
+    files = make_table(["file", "created (UTC)", "rows", "nested macro F1", "nested is",
+                        "in-sample macro F1", "backbones", "git commit"], rows, "num")
+    if not uploads:
+        return {"files": files, "uploads": None}
+    uploads.sort(key=lambda r: str(r[0]), reverse=True)
+    return {"files": files,
+            "uploads": make_table(["time (UTC)", "file", "competition", "message", "status", "ref",
+                                   "public score", "nested CV estimate", "error"], uploads, "num")}
