@@ -54,6 +54,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=os.environ.get("KIT_DATA", "data"),
                         help="dataset root with train_data/, test_data/, train_labels.csv "
                              "(default: $KIT_DATA, else data/)")
+    parser.add_argument("--task", default=os.environ.get("KIT_TASK"), metavar="FILE|NAME",
+                        help="the competition's task file (classes, layout, metric; "
+                             "docs/tasks.md) or a built-in task's name (default: $KIT_TASK, "
+                             "else task.yaml in the data folder, else an2dl2526c2v2)")
     parser.add_argument("--workdir", default=os.environ.get("KIT_WORKDIR", "."),
                         help="where folds/, runs/ and submissions/ live (default: .)")
     parser.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 import re
 import string
 from functools import cache
@@ -680,3 +681,55 @@ def _known_keys(parent) -> list[str]:
     if model is None:
         return []
     return [f.alias or name for name, f in model.model_fields.items()]
+
+
+class Data(os.PathLike):
+    """What every stage takes as ``data``: the dataset root and the task that reads it.
+
+    It is a path-like object (``Path(data)`` and ``open``-style calls see the root), so code
+    that only needs the folder keeps working; stages that need the classes, the metric or the
+    layout read ``data.task``. Commands build it once (:func:`as_data`) from ``--data`` and
+    ``--task``.
+    """
+
+    __slots__ = ("root", "task")
+
+    def __init__(self, root, task: Task):
+        self.root = Path(root)
+        self.task = task
+
+    def __fspath__(self) -> str:
+        return str(self.root)
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def __repr__(self) -> str:
+        return f"Data({str(self.root)!r}, task={self.task.name!r})"
+
+    def __truediv__(self, other) -> Path:
+        return self.root / other
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, Data) and self.root == other.root
+                and self.task == other.task)
+
+    def __hash__(self) -> int:
+        return hash((self.root, self.task))
+
+
+def as_data(data, task=None) -> Data | None:
+    """``data`` as a :class:`Data`: kept when it is one, else the root with the task found
+    for it (``task``, then ``task.yaml`` in the folder, then the built-in one). None stays
+    None (a stage that can run without a dataset)."""
+    if data is None or isinstance(data, Data):
+        return data
+    root = Path(getattr(data, "root", data))  # a loaded kit.data.dataset.Dataset too
+    return Data(root, load_task(task if task is not None else getattr(data, "task", None), root))
+
+
+def task_of(data) -> Task:
+    """The task of ``data`` (a :class:`Data`, a dataset root, or None: the built-in task)."""
+    if data is None:
+        return default_task()
+    return as_data(data).task

@@ -325,7 +325,7 @@ def test_missing_cache_and_missing_clean_are_kit_errors(patches_ds, tmp_path):
 
 def test_bad_parameters_are_refused(patches_ds):
     root, paths = patches_ds
-    with pytest.raises(KitError, match="top_k must be a whole number >= 1"):
+    with pytest.raises(KitError, match="patches: top_k = 0 is not allowed: an integer >= 1"):
         build(root, paths, {**CFG, "top_k": 0})
     with pytest.raises(KitError, match="unknown key 'topk'"):
         build(root, paths, {"topk": 3})

@@ -37,7 +37,6 @@ from kit.data.caches import adopt_legacy, cached_sizes, pick_size
 from kit.data.clean import clean_train_samples
 from kit.data.cutting import extract_file
 from kit.data.dataset import Dataset, load_dataset
-from kit.data.regions import check_select
 from kit.data.stain import check_stain_config, stain_key, stain_payload
 from kit.utils import (KitError, atomic_path, atomic_write_csv, atomic_write_json, n_workers,
                        progress, sha256_file, sha256_text, write_config)
@@ -186,18 +185,11 @@ def _split_samples(dataset, paths, split: str):
 
 
 def check_patches_config(cfg: dict) -> None:
-    """KitError unless a resolved patches.yaml is one ``run_patches`` can build."""
+    """KitError unless a resolved patches.yaml (its values checked by kit.schema) is one
+    ``run_patches`` can build: a size, and a stain reference that exists."""
     if str(cfg["size"]).strip().lower() == "auto":
         raise KitError("patches: size auto needs a backbone: ./run.sh patches --backbone NAME "
                        "(its native size), or give --size")
-    for name in ("size", "stride", "top_k"):
-        try:
-            value = int(cfg[name])
-        except (TypeError, ValueError):
-            value = 0
-        if value < 1 or str(value) != str(cfg[name]).strip():
-            raise KitError(f"patches: {name} must be a whole number >= 1 (got {cfg[name]!r})")
-    check_select(cfg)
     check_stain_config(cfg["stain_norm"])
 
 

@@ -19,7 +19,6 @@ from scipy import ndimage
 from kit.data.windows import select_windows, window_scores, window_starts
 from kit.utils import KitError
 
-SELECT = ("top_k", "per_region")
 _EIGHT = np.ones((3, 3), dtype=bool)  # diagonal neighbours join a region
 
 
@@ -142,12 +141,3 @@ def majority_region(labels: np.ndarray, flat: int, size: int, stride: int, grid:
     counts = np.bincount(labels[y:y + size, x:x + size].ravel())
     counts[0] = 0
     return int(np.argmax(counts)) if counts.max(initial=0) > 0 else 0
-
-
-def check_select(cfg: dict) -> None:
-    """KitError unless ``select`` and ``min_region_px`` of patches.yaml are valid."""
-    if cfg.get("select", "top_k") not in SELECT:
-        raise KitError(f"patches: select must be one of {', '.join(SELECT)} "
-                       f"(got {cfg.get('select')!r})")
-    if int(cfg.get("min_region_px", 0)) < 1:
-        raise KitError(f"patches: min_region_px must be >= 1 (got {cfg.get('min_region_px')})")

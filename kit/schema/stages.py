@@ -61,9 +61,9 @@ class Clean(Group):
 class StainNorm(Group):
     method: Literal["none", "macenko"] = key("stain normalisation of every patch")
     reference: str = key("\"\" = Macenko's reference stains, or an RGB image file as target")
-    intensity: between(0, low_open=True) = key("Io: the light level of an empty slide")
-    alpha: between(0, 50) = key("percentile of the extreme stain angles")
-    beta: NonNegative = key("optical density below which a pixel is background")
+    intensity: between(100, 255) = key("Io: the light level of an empty slide (the background)")
+    alpha: between(0, 25) = key("percentile (in %) of the extreme stain angles")
+    beta: between(0.01, 1) = key("optical density below which a pixel is background")
     min_tissue: Probability = key("least tissue share for a reliable estimate")
 
 
