@@ -10,13 +10,13 @@ import pytest
 
 from blend_data import make_blend_workdir
 from kit import CLASSES
-from kit.ensemble.blend import complete_backbones, load_inputs
-from kit.submission.blend_output import run_blend
 from kit.cli import main
+from kit.config import load_config
+from kit.ensemble.blend import complete_backbones, load_inputs
 from kit.metrics import macro_f1
+from kit.submission.blend_output import run_blend
 from kit.submission.package import validate_submission
 from kit.utils import KitError
-from kit.config import load_config
 
 
 @pytest.fixture
@@ -232,7 +232,7 @@ def test_inputs_from_an_older_cv_are_unknown_hence_optimistic(workdir):
     assert res.expected["label"] == "optimistic" and set(res.expected["why"]) == {
         "bb_a", "bb_b", "bb_c"}
     assert "not recorded (an older cv)" in "; ".join(res.expected["why"]["bb_a"])
-    from kit.ensemble.blend import format_summary
+    from kit.ensemble.blend_summary import format_summary
 
     assert "OPTIMISTIC" in format_summary(res)
 
@@ -317,7 +317,7 @@ def test_prior_em_keeps_the_training_mix_without_a_clear_shift(workdir, capsys):
     record = em.prior_record()
     assert record["shifted"] is False and record["test_mix"] == record["train_mix"]
     assert em.csv_path.read_bytes() == train.csv_path.read_bytes()
-    from kit.ensemble.blend import format_summary
+    from kit.ensemble.blend_summary import format_summary
 
     assert "no clear shift, the OOF mix is kept" in format_summary(em)
     assert "test class mix" not in format_summary(train)

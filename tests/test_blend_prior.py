@@ -7,12 +7,20 @@ import pytest
 from scipy.optimize import check_grad
 
 from kit.bench.blend import synthetic_problem
-from kit.ensemble.prior import (adjust_to_prior, calibrate, class_mix, em_prior, estimate_mix,
-                                fit_calibration, shift_test)
-from kit.ensemble.search import BlendSearch, apply_rule, weighted_macro_f1_batch
+from kit.config import load_config
+from kit.ensemble.biases import apply_rule, weighted_macro_f1_batch
+from kit.ensemble.prior import (
+    adjust_to_prior,
+    calibrate,
+    class_mix,
+    em_prior,
+    estimate_mix,
+    fit_calibration,
+    shift_test,
+)
+from kit.ensemble.search import BlendSearch
 from kit.metrics import macro_f1, macro_f1_batch
 from kit.utils import KitError
-from kit.config import load_config
 
 TRAIN_MIX = np.array([0.27, 0.35, 0.26, 0.12])
 

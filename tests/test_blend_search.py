@@ -8,9 +8,10 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
 from kit.bench.blend import synthetic_problem
-from kit.ensemble.search import (BlendSearch, apply_rule, fit_biases, fit_params, greedy_weights,
-                                 search)
 from kit.config import load_config
+from kit.ensemble.biases import apply_rule, fit_biases
+from kit.ensemble.search import BlendSearch, fit_params
+from kit.ensemble.weights import greedy_weights
 from kit.metrics import macro_f1, macro_f1_batch
 from kit.utils import KitError
 
@@ -39,7 +40,7 @@ def test_weight_search_beats_or_equals_equal_weights_in_sample(cfg, seed):
     assert score == pytest.approx(macro_f1(p["y"], np.tensordot(weights, p["oof"], 1).argmax(1)))
     best_single = max(macro_f1(p["y"], q.argmax(axis=1)) for q in p["oof"])
     assert score >= max(equal, best_single) - 1e-12
-    res = search(p["oof"], p["y"], p["folds"], cfg, "f1", seed=seed)
+    res = BlendSearch("f1", cfg, seed).fit(p["oof"], p["y"], p["folds"]).result_
     base = res.scores["baselines"]
     assert res.scores["in_sample"]["macro_f1_no_bias"] >= max(
         base["equal_weights"]["macro_f1"], base["best_single"]["macro_f1"]) - 1e-12
@@ -66,7 +67,7 @@ def test_logloss_objective_lowers_log_loss(cfg):
 
     weights, _ = greedy_weights(p["oof"], p["y"], "logloss", iterations=40)
     assert logloss(weights) <= logloss(np.ones(3) / 3)
-    res = search(p["oof"], p["y"], p["folds"], cfg, "logloss")
+    res = BlendSearch("logloss", cfg, 42).fit(p["oof"], p["y"], p["folds"]).result_
     assert res.fitted.weights.sum() == pytest.approx(1.0)
 
 
@@ -81,7 +82,7 @@ def test_bias_tuning_raises_macro_f1_where_argmax_is_poor(cfg):
     assert b[3] > 0.5 and b[3] == b.max()  # the biases favour the minority class
     assert after > before + 0.05
     # ... and the gain holds on rows the biases never saw (nested).
-    res = search(p["oof"], y, p["folds"], cfg)
+    res = BlendSearch("f1", cfg, 42).fit(p["oof"], y, p["folds"]).result_
     assert res.scores["nested"]["macro_f1"] > res.scores["nested"]["macro_f1_no_bias"] + 0.02
 
 
@@ -94,7 +95,7 @@ def test_bias_search_keeps_zero_when_nothing_to_gain(cfg):
 
 def test_nested_score_is_reported_and_honest(cfg):
     p = synthetic_problem(300, 3, seed=2)
-    res = search(p["oof"], p["y"], p["folds"], cfg, seed=7)
+    res = BlendSearch("f1", cfg, 7).fit(p["oof"], p["y"], p["folds"]).result_
     s = res.scores
     assert s["nested"]["macro_f1"] == pytest.approx(macro_f1(p["y"], res.pred_nested))
     assert s["nested"]["macro_f1"] != pytest.approx(s["in_sample"]["macro_f1"])
@@ -104,7 +105,7 @@ def test_nested_score_is_reported_and_honest(cfg):
     held = p["folds"] == k
     y2 = p["y"].copy()
     y2[held] = np.random.default_rng(0).permutation(4)[y2[held]]
-    res2 = search(p["oof"], y2, p["folds"], cfg, seed=7)
+    res2 = BlendSearch("f1", cfg, 7).fit(p["oof"], y2, p["folds"]).result_
     assert np.array_equal(res.pred_nested[held], res2.pred_nested[held])
     # ... and they are what a fit on the other folds predicts.
     fit = fit_params(p["oof"][:, ~held], p["y"][~held], cfg, "f1", None)
@@ -115,8 +116,8 @@ def test_nested_score_is_reported_and_honest(cfg):
 def test_search_is_deterministic_with_bags(cfg):
     p = synthetic_problem(200, 3, seed=4)
     bagged = {**cfg, "bags": 5}
-    a = search(p["oof"], p["y"], p["folds"], bagged, seed=1)
-    b = search(p["oof"], p["y"], p["folds"], bagged, seed=1)
+    a = BlendSearch("f1", bagged, 1).fit(p["oof"], p["y"], p["folds"]).result_
+    b = BlendSearch("f1", bagged, 1).fit(p["oof"], p["y"], p["folds"]).result_
     assert np.array_equal(a.fitted.weights, b.fitted.weights)
     assert np.array_equal(a.pred_nested, b.pred_nested)
 
@@ -159,7 +160,8 @@ def test_fit_returns_self_and_sets_fitted_attributes(cfg):
     assert np.array_equal(test, np.tensordot(est.weights_, p["test"], axes=1))
     assert np.array_equal(est.predict(p["test"]), apply_rule(test, est.biases_, cfg["eps"]))
     # The functional API is the same fit.
-    res = search(p["oof"], p["y"], p["folds"], cfg, seed=5, models=["a", "b", "c"])
+    res = BlendSearch("f1", cfg, 5).fit(p["oof"], p["y"], p["folds"],
+                                        models=["a", "b", "c"]).result_
     assert np.array_equal(res.fitted.weights, est.weights_)
     assert np.array_equal(res.pred_nested, est.nested_pred_)
     assert res.scores == est.scores_

@@ -97,7 +97,8 @@ def test_cv_trains_on_the_cache_it_is_told_or_fails_naming_the_command(tmp_path)
            "early_stopping": "none"}
     with pytest.raises(KitError, match=r"none of 224 px \(tiny_cnn's native size\); run "
                                        r"./run.sh patches --backbone tiny_cnn"):
-        run_cv("tiny_cnn", paths, train_settings(cfg), weights="random", params="none")
-    metrics = run_cv("tiny_cnn", paths, train_settings({**cfg, "patches_size": 24}), weights="random",
-                     params="none")
+        run_cv(paths, None, train_settings(cfg), backbone="tiny_cnn", weights="random",
+               params="none")
+    metrics = run_cv(paths, None, train_settings({**cfg, "patches_size": 24}), backbone="tiny_cnn",
+                     weights="random", params="none")
     assert metrics["patch_keys"] == {"train": "train-1", "test": "test-1"}

@@ -10,7 +10,7 @@ import pytest
 
 from kit import CLASSES, PROB_COLUMNS
 from kit.cli import main
-from kit.commands.compare import compare_runs
+from kit.ensemble.compare import compare_runs
 from kit.metrics import bootstrap_ci, macro_f1, paired_bootstrap
 from kit.paths import Paths
 from kit.utils import KitError, atomic_write_json

@@ -11,10 +11,10 @@ import pytest
 
 from cv_data import make_workdir, write_folds
 from kit import CLASSES, PROB_COLUMNS
-from kit.training.cv import resolve_params, run_cv
-from kit.paths import Paths
-from kit.utils import KitError
 from kit.config import train_settings
+from kit.paths import Paths
+from kit.training.cv import resolve_params, run_cv
+from kit.utils import KitError
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = {"epochs": 1, "batch_size": 32, "warmup_epochs": 0}
@@ -22,8 +22,8 @@ BB = "tiny_cnn"
 
 
 def _run(paths, **kw):
-    kw["cfg"] = train_settings(kw.get("cfg", CFG))
-    return run_cv(BB, paths, weights="random", **kw)
+    settings = train_settings(kw.pop("cfg", CFG))
+    return run_cv(paths, None, settings, backbone=BB, weights="random", **kw)
 
 
 def _csv(path):
@@ -187,7 +187,7 @@ def test_missing_inputs_name_the_command_to_run(tmp_path):
     with pytest.raises(KitError, match=r"run ./run.sh folds first"):
         _run(paths)
     with pytest.raises(KitError, match="unknown backbone"):
-        run_cv("resnet9000", paths, train_settings())
+        run_cv(paths, None, train_settings(), backbone="resnet9000")
     paths = make_workdir(tmp_path / "w2")
     folds = _csv(paths.folds_csv)
     write_folds(paths, folds.sample_index[:-1], folds.label[:-1], folds.fold[:-1])
@@ -200,16 +200,18 @@ def test_missing_inputs_name_the_command_to_run(tmp_path):
 def test_params_tuned_best_none_and_file(tmp_path, capsys):
     paths = Paths.from_root(tmp_path)
     best = paths.tune_dir(BB) / "best.yaml"
-    assert resolve_params("tuned", paths, BB, cfg=train_settings()) == ({}, f"none ({best} not found)")
+    assert resolve_params("tuned", paths, BB, settings=train_settings()) == (
+        {}, f"none ({best} not found)")
     with pytest.raises(KitError, match="run ./run.sh tune tiny_cnn"):
-        resolve_params("best", paths, BB, cfg=train_settings())
+        resolve_params("best", paths, BB, settings=train_settings())
     best.parent.mkdir(parents=True)
     best.write_text("params:\n  head.depth: 0\n  augment.cutmix_alpha: 0.0\nscore: 0.5\ntrial: 3\n")
-    assert resolve_params("tuned", paths, BB, cfg=train_settings())[0] == {"head.depth": 0, "augment.cutmix_alpha": 0.0}
-    assert resolve_params("none", paths, BB, cfg=train_settings()) == ({}, "none")
-    assert resolve_params(str(best), paths, BB, cfg=train_settings())[0]["head.depth"] == 0
+    assert resolve_params("tuned", paths, BB, settings=train_settings())[0] == {
+        "head.depth": 0, "augment.cutmix_alpha": 0.0}
+    assert resolve_params("none", paths, BB, settings=train_settings()) == ({}, "none")
+    assert resolve_params(str(best), paths, BB, settings=train_settings())[0]["head.depth"] == 0
     with pytest.raises(KitError, match="no such file"):
-        resolve_params("nothere.yaml", paths, BB, cfg=train_settings())
+        resolve_params("nothere.yaml", paths, BB, settings=train_settings())
 
 
 def test_params_reach_the_model_and_the_records(tmp_path):
@@ -229,8 +231,9 @@ def test_params_reach_the_model_and_the_records(tmp_path):
 
 def test_cv_runs_a_vit(tmp_path):
     paths = make_workdir(tmp_path / "w", n_train=12, n_test=4, n_folds=2)
-    metrics = run_cv("tiny_vit", paths, train_settings({**CFG, "phikon_mode": "interpolate", "tta": "none"}),
-                     weights="random")
+    metrics = run_cv(paths, None,
+                     train_settings({**CFG, "phikon_mode": "interpolate", "tta": "none"}),
+                     backbone="tiny_vit", weights="random")
     assert metrics["n_oof"] == 12 and metrics["views"] == ["id"]
     assert (paths.backbone_dir("tiny_vit") / "tta" / "test_id.csv").exists()
 
@@ -260,10 +263,12 @@ def _tree(out: Path) -> set[str]:
 def cached(tmp_path_factory):
     """A frozen-backbone run (cache path) counting the calls of both training paths."""
     import kit.training.cv
+    import kit.training.cv_folds
 
     paths = make_workdir(tmp_path_factory.mktemp("cvf") / "w", n_folds=3)
     calls = {"features_cv": 0, "pixel_fold": 0}
-    real_features_cv, real_train_fold = kit.training.cv.features_cv, kit.training.cv._train_fold
+    real_features_cv = kit.training.cv_folds.features_cv
+    real_train_fold = kit.training.cv.train_pixel_fold
 
     def features_cv(*a, **kw):
         calls["features_cv"] += 1
@@ -275,8 +280,8 @@ def cached(tmp_path_factory):
 
     log = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(log):
-        mp.setattr(kit.training.cv, "features_cv", features_cv)
-        mp.setattr(kit.training.cv, "_train_fold", pixel_fold)
+        mp.setattr(kit.training.cv_folds, "features_cv", features_cv)
+        mp.setattr(kit.training.cv, "train_pixel_fold", pixel_fold)
         metrics = _run(paths, cfg=FROZEN, seed=5)
     return paths, metrics, dict(calls), log.getvalue()
 
@@ -295,11 +300,11 @@ def test_a_frozen_backbone_trains_heads_on_cached_embeddings(cached):
 
 
 def test_cache_path_gives_the_oof_of_features_cv(cached):
-    from kit.training.fold import features_cv
+    from kit.training.feature_cv import features_cv
 
     paths, metrics, _, _ = cached
     out = paths.backbone_dir(BB)
-    res = features_cv(BB, paths, cfg=train_settings(FROZEN), seed=5, weights="random")
+    res = features_cv(BB, paths, settings=train_settings(FROZEN), seed=5, weights="random")
     oof, test = _csv(out / "oof.csv"), _csv(out / "test.csv")
     assert oof.sample_index.tolist() == res.oof.sample_index.tolist()
     assert oof.fold.tolist() == res.oof.fold.tolist()
@@ -315,8 +320,8 @@ def test_cache_path_gives_the_oof_of_features_cv(cached):
 
 
 def test_cache_path_writes_the_files_of_the_pixel_path(cached, done, tmp_path):
-    from kit.ensemble.blend import load_inputs
     from kit.data.patches import load_patches
+    from kit.ensemble.blend import load_inputs
 
     paths, metrics, _, _ = cached
     out = paths.backbone_dir(BB)
@@ -365,8 +370,7 @@ def test_cache_path_resumes_by_fold(cached, tmp_path, capsys):
 
 
 def test_training_path_needs_everything_frozen():
-    from kit.training.settings import pixel_augment_not_applied, training_path
-    from kit.training.settings import train_config
+    from kit.training.settings import pixel_augment_not_applied, train_config, training_path
 
     assert training_path(train_config(train_settings())) == "pixels"  # the default trains the norm layers
     assert training_path(train_config(train_settings({"train_norm": []}))) == "feature_cache"

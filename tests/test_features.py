@@ -9,16 +9,23 @@ import pytest
 import torch
 
 from cv_data import make_workdir
+from head_fit import fit_head
 from kit import CLASSES
-from kit.training.checkpoints import weights_digest
-from kit.training.features import (Features, _publish, cache_views, embed_array, frozen_backbone,
-                                   load_or_embed)
-from kit.training.fold import FeatureCV, features_cv, prepare, train_head_on_features
-from kit.metrics import fast_macro_f1, macro_f1
+from kit.config import load_config, train_settings
 from kit.data.patches import load_patches
+from kit.metrics import fast_macro_f1, macro_f1
+from kit.training.checkpoints import weights_digest
+from kit.training.feature_cv import FeatureCV, features_cv, prepare
+from kit.training.features import (
+    Features,
+    _publish,
+    cache_views,
+    embed_array,
+    frozen_backbone,
+    load_or_embed,
+)
 from kit.training.settings import train_config
 from kit.utils import KitError
-from kit.config import load_config, train_settings
 
 FAST = {"epochs": 12, "lr": 0.01, "patience": 0}
 
@@ -147,8 +154,8 @@ def test_head_learns_and_is_deterministic():
     x, y = _separable(48)
     cfg = train_config(train_settings(), params={"epochs": 15, "lr": 0.01, "patience": 5, "batch_size": 16,
                                "early_stopping": "inner"})
-    a = train_head_on_features(x[:32], y[:32], x[32:], y[32:], cfg, seed=3)
-    b = train_head_on_features(x[:32], y[:32], x[32:], y[32:], cfg, seed=3)
+    a = fit_head(x[:32], y[:32], x[32:], y[32:], cfg, seed=3)
+    b = fit_head(x[:32], y[:32], x[32:], y[32:], cfg, seed=3)
     assert a.best_score == 1.0
     for pa, pb in zip(a.head.parameters(), b.head.parameters()):
         assert torch.equal(pa, pb)
@@ -159,7 +166,7 @@ def test_head_stops_early_and_keeps_the_best_epoch():
     x, y = _separable(40, noise=8.0, seed=1)  # mostly noise: the score wanders
     cfg = train_config(train_settings(), params={"epochs": 40, "lr": 0.05, "patience": 2, "batch_size": 16,
                                "early_stopping": "inner"})
-    fit = train_head_on_features(x[:28], y[:28], x[28:], y[28:], cfg, seed=0)
+    fit = fit_head(x[:28], y[:28], x[28:], y[28:], cfg, seed=0)
     scores = [h["val_macro_f1"] for h in fit.history]
     assert fit.epochs < 40 and fit.epochs - fit.best_epoch == 2
     assert fit.best_score == max(scores) == scores[fit.best_epoch - 1]
@@ -169,14 +176,15 @@ def test_class_balance_options_train(work):
     x, y = _separable(32)
     for balance in ("loss", "sampler"):
         cfg = train_config(train_settings(), params={"epochs": 3, "class_balance": balance, "batch_size": 16})
-        assert train_head_on_features(x[:24], y[:24], x[24:], y[24:], cfg).epochs == 3
+        assert fit_head(x[:24], y[:24], x[24:], y[24:], cfg).epochs == 3
     with pytest.raises(KitError, match="class_balance"):
-        train_head_on_features(x[:24], y[:24], x[24:], y[24:],
-                               {**train_config(train_settings()), "class_balance": "oversample"})
+        fit_head(x[:24], y[:24], x[24:], y[24:],
+                 {**train_config(train_settings()), "class_balance": "oversample"})
 
 
 def test_features_cv_covers_every_image_once_and_scores_like_cv(work):
-    res = features_cv("tiny_cnn", work, params=FAST, seed=7, weights="random", cfg=train_settings())
+    res = features_cv("tiny_cnn", work, params=FAST, seed=7, weights="random",
+                      settings=train_settings())
     folds = pd.read_csv(work.folds_csv)
     assert list(res.oof.sample_index) == list(folds.sample_index)  # folds-file order, once each
     assert list(res.oof.fold) == list(folds.fold)
@@ -192,13 +200,12 @@ def test_features_cv_covers_every_image_once_and_scores_like_cv(work):
     np.testing.assert_allclose(views, probs, atol=1e-6)
     assert set(res.oof_views) == {"id", "hflip", "vflip"}
     assert len(res.test) == 6 and res.features["test_key"]
-    oof, per_fold, test = res  # unpacks as the brief's triple
-    assert oof is res.oof and test is res.test
     assert res.oof_macro_f1 > 0.5  # the tint signal is learnt from frozen random features
 
 
 def test_fold_results_do_not_depend_on_the_order_of_folds(work):
-    fcv = prepare("tiny_cnn", work, params=FAST, seed=5, weights="random", with_test=False, cfg=train_settings())
+    fcv = prepare("tiny_cnn", work, params=FAST, seed=5, weights="random", with_test=False,
+                  settings=train_settings())
     late = [fcv.fold(k) for k in (0, 1, 2)][2]
     first = fcv.fold(2)
     np.testing.assert_array_equal(first.probs, late.probs)
@@ -206,7 +213,8 @@ def test_fold_results_do_not_depend_on_the_order_of_folds(work):
 
 
 def test_configure_refuses_views_that_are_not_cached(work):
-    fcv = prepare("tiny_cnn", work, seed=5, weights="random", with_test=False, cfg=train_settings())
+    fcv = prepare("tiny_cnn", work, seed=5, weights="random", with_test=False,
+                  settings=train_settings())
     assert fcv.configure({"head.depth": 0}).cfg["head"]["depth"] == 0
     with pytest.raises(KitError, match="not in the embedding cache"):
         fcv.configure({"tta": "dihedral"})
@@ -218,7 +226,7 @@ def test_folds_with_images_missing_from_the_cache_are_refused(work, tmp_path):
     pd.concat([folds, pd.DataFrame([{"sample_index": "img_9999.png", "label": CLASSES[0],
                                      "fold": 0}])]).to_csv(paths.folds_csv, index=False)
     with pytest.raises(KitError, match="not in the patch cache"):
-        prepare("tiny_cnn", paths, weights="random", with_test=False, cfg=train_settings())
+        prepare("tiny_cnn", paths, weights="random", with_test=False, settings=train_settings())
 
 
 def test_in_memory_feature_sets_work_without_disk():
@@ -282,7 +290,7 @@ def test_attention_head_learns_from_one_informative_patch_per_image():
     x[np.arange(n), where, 0, :4] += 4 * np.eye(4)[y]  # the class lives in one patch only
     cfg = train_config(train_settings(), params={"epochs": 30, "lr": 0.01, "batch_size": 48, "head.pool": "attention",
                                "head.dropout": 0.0, "early_stopping": "none"})
-    fit = train_head_on_features(x[:48], y[:48], x[48:], y[48:], cfg, seed=0)
+    fit = fit_head(x[:48], y[:48], x[48:], y[48:], cfg, seed=0)
     from kit.training.sources import FeatureSource
 
     probs = FeatureSource(x, cfg).image_probs(fit.head, np.arange(48, n))["id"]
@@ -295,5 +303,5 @@ def test_auto_early_stopping_is_a_fixed_budget_on_cached_embeddings():
     x, y = _separable(32)
     cfg = train_config(train_settings(), params={"epochs": 3, "batch_size": 16})
     assert cfg["early_stopping"] == "auto"
-    fit = train_head_on_features(x[:24], y[:24], x[24:], y[24:], cfg, seed=0)
+    fit = fit_head(x[:24], y[:24], x[24:], y[24:], cfg, seed=0)
     assert fit.selection["early_stopping"] == "none" and fit.epochs == fit.best_epoch == 3

@@ -262,13 +262,15 @@ def test_cv_resumes_a_fold_with_the_same_thawing(tmp_path):
     paths = make_workdir(tmp_path / "w", n_train=16, n_test=4, k=2, size=32, n_folds=2)
     cfg = {"epochs": 3, "batch_size": 16, "warmup_epochs": 0, "lr_decay": 0.7,
            "unfreeze_schedule": "0:0,1:1,2:all", "early_stopping": "none"}
-    first = run_cv("tiny_cnn", paths, train_settings(cfg), weights="random", params="none")
+    first = run_cv(paths, None, train_settings(cfg), backbone="tiny_cnn", weights="random",
+                   params="none")
     out = paths.backbone_dir("tiny_cnn")
     mark = json.loads((out / "fold_1" / "done.json").read_text())
     assert [h["blocks_open"] for h in mark["history"]] == [0, 1, 4]
     oof = (out / "oof.csv").read_bytes()
     (out / "fold_1" / "done.json").unlink()  # killed inside fold 1
-    again = run_cv("tiny_cnn", paths, train_settings(cfg), weights="random", params="none")
+    again = run_cv(paths, None, train_settings(cfg), backbone="tiny_cnn", weights="random",
+                   params="none")
     assert json.loads((out / "fold_1" / "done.json").read_text())["history"] == mark["history"]
     assert (out / "oof.csv").read_bytes() == oof
     assert again["oof_macro_f1"] == first["oof_macro_f1"]
@@ -279,7 +281,7 @@ def test_full_objective_searches_both_and_features_does_not():
     import optuna
 
     from kit.tuning.search_space import load_space
-    from kit.tuning.tune import known_param_keys
+    from kit.tuning.search_space import known_param_keys
 
     keys = known_param_keys(train_settings())
     full = load_space("tiny_cnn", "full", load_config("tune")["space"], known_keys=keys)

@@ -1,5 +1,5 @@
 """Feature fusion (``cv a+b``, kit/training/fusion.py) and its comparison with the blend of the
-separate runs (kit/ensemble/fusion.py): the usual files, a head as wide as both backbones,
+separate runs (kit/ensemble/fusion_vs_blend.py): the usual files, a head as wide as both backbones,
 caches shared with the single runs, resume, the hash following a part's cache key, clear
 errors for bad names and pixel-path settings."""
 from __future__ import annotations
@@ -16,13 +16,13 @@ import torch
 
 from cv_data import make_workdir
 from kit import PROB_COLUMNS
-from kit.ensemble.fusion import BLEND_SOURCE, MEAN_SOURCE, compare_all
+from kit.config import load_config, train_settings
+from kit.ensemble.fusion_vs_blend import BLEND_SOURCE, MEAN_SOURCE, compare_all
 from kit.metrics import macro_f1, paired_bootstrap, to_indices
 from kit.paths import Paths
 from kit.training.cv import run_cv
 from kit.training.fusion import FusedBackbone, parse_weights, split_name
 from kit.utils import KitError
-from kit.config import load_config, train_settings
 
 A, B = "tiny_cnn", "tiny_vit"
 FUSED = f"{A}+{B}"
@@ -46,10 +46,11 @@ def runs(tmp_path_factory):
     """The two single frozen runs, then the fused one (its frozen settings by default)."""
     paths = make_workdir(tmp_path_factory.mktemp("fusion") / "w", n_train=16, n_test=4,
                           n_folds=3)
-    single = {bb: run_cv(bb, paths, train_settings(FROZEN), seed=5, weights="random", params="none")
+    single = {bb: run_cv(paths, None, train_settings(FROZEN), backbone=bb, seed=5, weights="random",
+                         params="none")
               for bb in (A, B)}
-    fused, log = _logged(lambda: run_cv(FUSED, paths, train_settings(CFG), seed=5, weights="random",
-                                        params="none"))
+    fused, log = _logged(lambda: run_cv(paths, None, train_settings(CFG), backbone=FUSED, seed=5,
+                                        weights="random", params="none"))
     return paths, single, fused, log
 
 
@@ -95,8 +96,8 @@ def test_each_part_reads_the_cache_its_own_run_built(runs):
 def test_the_fused_checkpoint_is_a_pixel_model_of_the_concatenated_embeddings(runs):
     from kit.data.patches import load_patches
     from kit.models.normalize import normalize_batch
-    from kit.training.features import frozen_backbone
     from kit.training.build import recalibrate_random
+    from kit.training.features import frozen_backbone
     from kit.training.settings import train_config
 
     paths, _, fused, _ = runs
@@ -120,8 +121,8 @@ def test_a_rerun_resumes_without_retraining(runs):
     paths, _, fused, _ = runs
     out = paths.backbone_dir(FUSED)
     stamps = [(out / f"fold_{k}" / "done.json").stat().st_mtime_ns for k in range(3)]
-    again, log = _logged(lambda: run_cv(FUSED, paths, train_settings(CFG), seed=5, weights="random",
-                                        params="none"))
+    again, log = _logged(lambda: run_cv(paths, None, train_settings(CFG), backbone=FUSED, seed=5,
+                                        weights="random", params="none"))
     assert log.count("done earlier") == 3 and "embedded" not in log
     assert [(out / f"fold_{k}" / "done.json").stat().st_mtime_ns for k in range(3)] == stamps
     assert again["config_hash"] == fused["config_hash"]
@@ -136,11 +137,12 @@ def test_a_changed_part_cache_key_changes_the_fused_hash(tmp_path):
     torch.manual_seed(0)
     torch.save(create_backbone(A, "random", patch_size=32).state_dict(), file)
     weights = {A: str(file), B: "random"}
-    first = run_cv(FUSED, paths, train_settings(CFG), weights=weights, fold=0, params="none")
+    first = run_cv(paths, None, train_settings(CFG), backbone=FUSED, weights=weights, fold=0,
+                   params="none")
     torch.manual_seed(1)  # same file name, other weights: another cache key for tiny_cnn
     torch.save(create_backbone(A, "random", patch_size=32).state_dict(), file)
-    second, log = _logged(lambda: run_cv(FUSED, paths, train_settings(CFG), weights=weights, fold=0,
-                                         params="none"))
+    second, log = _logged(lambda: run_cv(paths, None, train_settings(CFG), backbone=FUSED,
+                                         weights=weights, fold=0, params="none"))
     h1, h2 = first["folds"][0]["config_hash"], second["folds"][0]["config_hash"]
     assert h1 != h2 and "config changed since it was trained; retraining" in log
     mark = json.loads((paths.backbone_dir(FUSED) / "fold_0" / "done.json").read_text())
@@ -155,7 +157,7 @@ def test_a_changed_part_cache_key_changes_the_fused_hash(tmp_path):
 def test_bad_names_fail_clearly(tmp_path, name, words):
     paths = make_workdir(tmp_path / "w", n_train=8, n_test=4, n_folds=2)
     with pytest.raises(KitError, match="unknown backbone|named twice") as err:
-        run_cv(name, paths, train_settings(CFG), weights="random")
+        run_cv(paths, None, train_settings(CFG), backbone=name, weights="random")
     assert all(w in str(err.value) for w in words) and "\n" not in str(err.value)
     assert not paths.backbone_dir(name).exists()
 
@@ -167,7 +169,8 @@ def test_bad_names_fail_clearly(tmp_path, name, words):
 def test_settings_that_need_pixels_are_refused(tmp_path, cfg, feature_cache, word):
     paths = make_workdir(tmp_path / "w", n_train=8, n_test=4, n_folds=2)
     with pytest.raises(KitError, match="trains one head on cached embeddings only") as err:
-        run_cv(FUSED, paths, train_settings(cfg), weights="random", feature_cache=feature_cache)
+        run_cv(paths, None, train_settings(cfg), backbone=FUSED, weights="random",
+               feature_cache=feature_cache)
     assert word in str(err.value) and "\n" not in str(err.value)
 
 

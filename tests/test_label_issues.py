@@ -6,7 +6,7 @@ import pytest
 from kit import CLASSES
 from kit.models.heads import create_head
 from kit.training import label_issues as li
-from kit.training.fold import train_bag
+from kit.training.feature_cv import train_bag
 from kit.training.sources import FeatureSource
 from kit.training.settings import train_config
 from kit.config import train_settings

@@ -6,11 +6,11 @@ import pytest
 import yaml
 
 from cv_data import make_workdir
-from kit.training.cv import resolve_params, run_cv
+from kit.config import train_settings
 from kit.paths import Paths
+from kit.training.cv import resolve_params, run_cv
 from kit.training.settings import train_config
 from kit.utils import KitError
-from kit.config import train_settings
 
 BB = "tiny_cnn"
 FROZEN = {"train_norm": [], "unfreeze_last": 0}
@@ -38,7 +38,8 @@ def test_features_params_on_a_pixel_cv_keep_only_what_means_the_same(tmp_path, c
     paths = Paths.from_root(tmp_path)
     features_best(paths)
     # Default cv: trainable norm layers, CutMix: pixels.
-    params, desc, source = resolve_params("best", paths, BB, with_source=True, cfg=train_settings())
+    params, desc, source = resolve_params("best", paths, BB, with_source=True,
+                                          settings=train_settings())
     assert sorted(set(FEATURES_PARAMS) - set(params)) == PATH_SPECIFIC
     assert params["head.depth"] == 2 and params["class_balance"] == "loss"
     assert params["label_smoothing"] == 0.1 and params["tta"] == "none"
@@ -52,18 +53,21 @@ def test_features_params_on_a_pixel_cv_keep_only_what_means_the_same(tmp_path, c
     assert source["tuned_on_same_folds"] is True  # no folds hash recorded: assume these
     assert "optimistic" in source["score_kind"]
     # cv on the cache (what the search trained): everything applies, nothing said.
-    params, _, source = resolve_params("best", paths, BB, cfg=train_settings(FROZEN), with_source=True)
+    params, _, source = resolve_params("best", paths, BB, settings=train_settings(FROZEN),
+                                       with_source=True)
     assert params == FEATURES_PARAMS and source["dropped"] == []
     assert "dropped" not in capsys.readouterr().out
     # Frozen, but --no-feature-cache: pixels again.
-    params, _ = resolve_params("best", paths, BB, cfg=train_settings(FROZEN), feature_cache=False)
+    params, _ = resolve_params("best", paths, BB, settings=train_settings(FROZEN),
+                               feature_cache=False)
     assert "lr" not in params
 
 
 def test_an_old_best_yaml_without_objective_is_taken_as_features(tmp_path, capsys):
     paths = Paths.from_root(tmp_path)
     write_best(paths, {"lr": 0.02, "head.depth": 0}, score=0.7, trial=3)
-    params, _, source = resolve_params("tuned", paths, BB, with_source=True, cfg=train_settings())
+    params, _, source = resolve_params("tuned", paths, BB, with_source=True,
+                                       settings=train_settings())
     assert params == {"head.depth": 0} and source["dropped"] == ["lr"]
     assert source["objective"] == "features" and source["objective_assumed"] is True
     assert "records no objective (written by an older kit): taken as features" in \
@@ -74,9 +78,10 @@ def test_full_params_fit_pixels_and_lose_their_optimiser_keys_on_the_cache(tmp_p
     paths = Paths.from_root(tmp_path)
     write_best(paths, {"lr": 0.02, "head.depth": 1, "augment.cutmix_alpha": 0.5},
                objective="full", search_score=0.7, trials=10, trial=1)
-    params, _ = resolve_params("best", paths, BB, cfg=train_settings())
+    params, _ = resolve_params("best", paths, BB, settings=train_settings())
     assert params == {"lr": 0.02, "head.depth": 1, "augment.cutmix_alpha": 0.5}
-    params, _, source = resolve_params("best", paths, BB, cfg=train_settings(FROZEN), with_source=True)
+    params, _, source = resolve_params("best", paths, BB, settings=train_settings(FROZEN),
+                                       with_source=True)
     assert params == {"head.depth": 1, "augment.cutmix_alpha": 0.5}
     assert (source["source_path"], source["target_path"]) == ("pixels", "feature_cache")
 
@@ -85,38 +90,42 @@ def test_an_explicit_params_file(tmp_path, capsys):
     paths = Paths.from_root(tmp_path)
     hand = tmp_path / "mine.yaml"
     hand.write_text(yaml.safe_dump({"params": {"lr": 0.01, "head.depth": 0}}))
-    params, _, source = resolve_params(str(hand), paths, BB, with_source=True, cfg=train_settings())
+    params, _, source = resolve_params(str(hand), paths, BB, with_source=True,
+                                       settings=train_settings())
     assert params == {"lr": 0.01, "head.depth": 0}  # hand-written: applied as given
     assert source["honest"] is True and source["tuned"] is False
     # A best.yaml given by path gets the same treatment as --params best.
     copied = tmp_path / "copied.yaml"
     copied.write_text(yaml.safe_dump({"params": FEATURES_PARAMS, "objective": "features",
                                       "trial": 2, "search_score": 0.5}))
-    params, _, source = resolve_params(str(copied), paths, BB, with_source=True, cfg=train_settings())
+    params, _, source = resolve_params(str(copied), paths, BB, with_source=True,
+                                       settings=train_settings())
     assert source["spec"] == "file" and source["dropped"] == PATH_SPECIFIC
     assert str(copied) in capsys.readouterr().out
     bad = tmp_path / "typo.yaml"
     bad.write_text(yaml.safe_dump({"params": {"head.deepness": 1}}))
     with pytest.raises(KitError, match=r"typo.yaml: .*unknown key"):
-        resolve_params(str(bad), paths, BB, cfg=train_settings())
+        resolve_params(str(bad), paths, BB, settings=train_settings())
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text(yaml.safe_dump({"params": {"lr": 0.1}, "objective": "pixels",
                                      "trial": 1}))
     with pytest.raises(KitError, match=r"wrong.yaml: objective must be one of features, full"):
-        resolve_params(str(wrong), paths, BB, cfg=train_settings())
+        resolve_params(str(wrong), paths, BB, settings=train_settings())
 
 
 def test_params_tuned_on_another_folds_file_do_not_bias_this_cv(tmp_path):
     paths = make_workdir(tmp_path / "w", n_train=8, n_test=2, k=1, n_folds=2)
     features_best(paths, folds_sha256="0" * 64)
-    _, _, source = resolve_params("best", paths, BB, cfg=train_settings(FROZEN), with_source=True)
+    _, _, source = resolve_params("best", paths, BB, settings=train_settings(FROZEN),
+                                  with_source=True)
     assert source["tuned_on_same_folds"] is False and source["honest"] is True
     from kit.data.folds import folds_hash
 
     features_best(paths, folds_sha256=folds_hash(paths))
-    _, _, source = resolve_params("best", paths, BB, cfg=train_settings(FROZEN), with_source=True)
+    _, _, source = resolve_params("best", paths, BB, settings=train_settings(FROZEN),
+                                  with_source=True)
     assert source["tuned_on_same_folds"] is True and source["honest"] is False
-    _, _, source = resolve_params("none", paths, BB, with_source=True, cfg=train_settings())
+    _, _, source = resolve_params("none", paths, BB, with_source=True, settings=train_settings())
     assert source["honest"] is True
 
 
@@ -124,8 +133,8 @@ def test_a_pixel_cv_with_a_features_best_yaml_trains_and_records_without_them(tm
     paths = make_workdir(tmp_path / "w", n_train=12, n_test=2, k=2, n_folds=2)
     write_best(paths, {"lr": 0.5, "weight_decay": 0.9, "head.depth": 0}, objective="features",
                search_score=0.9, trials=5, trial=4)
-    metrics = run_cv(BB, paths, train_settings({"epochs": 1, "batch_size": 32, "warmup_epochs": 0,
-                                     "tta": "none"}), weights="random", params="tuned")
+    metrics = run_cv(paths, None, train_settings({"epochs": 1, "batch_size": 32, "warmup_epochs": 0,
+                                     "tta": "none"}), backbone=BB, weights="random", params="tuned")
     assert "dropped lr, weight_decay" in capsys.readouterr().out
     cfg, default = metrics["config"], train_config(train_settings())
     assert cfg["lr"] == default["lr"] and cfg["weight_decay"] == default["weight_decay"]

@@ -3,13 +3,13 @@ import numpy as np
 import pytest
 import torch
 
+from head_fit import fit_head
+from kit.config import train_settings
 from kit.metrics import aggregate
 from kit.models.heads import LinearProbe, create_head, is_probe
-from kit.training.fold import train_head_on_features
-from kit.training.sources import FeatureSource
 from kit.training.settings import train_config
+from kit.training.sources import FeatureSource
 from kit.utils import KitError
-from kit.config import train_settings
 
 
 def _separable(n, k=4, views=2, d=16, seed=0, noise=1.0, classes=4):
@@ -39,8 +39,8 @@ def test_logreg_config_pools_by_mean_logprob_and_builds_a_probe():
 def test_probe_learns_chooses_c_on_the_inner_split_and_is_deterministic():
     x, y = _separable(64, noise=2.0)
     cfg = _cfg()
-    a = train_head_on_features(x[:48], y[:48], x[48:], y[48:], cfg, seed=3)
-    b = train_head_on_features(x[:48], y[:48], x[48:], y[48:], cfg, seed=3)
+    a = fit_head(x[:48], y[:48], x[48:], y[48:], cfg, seed=3)
+    b = fit_head(x[:48], y[:48], x[48:], y[48:], cfg, seed=3)
     probs = FeatureSource(x, cfg).image_probs(a.head, np.arange(48, 64))["id"]
     assert (probs.argmax(1) == y[48:]).mean() >= 0.9
     assert a.selection["early_stopping"] == "probe" and a.selection["chosen_C"] in \
@@ -55,7 +55,7 @@ def test_patch_logits_pooled_by_mean_logprob_equal_the_image_mean_model():
 
     x, y = _separable(40, noise=3.0, seed=1)
     cfg = _cfg()
-    fit = train_head_on_features(x[:32], y[:32], x[32:], y[32:], cfg, seed=0)
+    fit = fit_head(x[:32], y[:32], x[32:], y[32:], cfg, seed=0)
     head = fit.head
     patch = torch.softmax(head(torch.from_numpy(x[32:, :, 0])), -1).detach().numpy()
     pooled = aggregate(patch, "mean_logprob")
@@ -72,7 +72,7 @@ def test_patch_logits_pooled_by_mean_logprob_equal_the_image_mean_model():
 
 def test_a_class_missing_from_training_is_never_predicted():
     x, y = _separable(36, classes=3)  # no class 3
-    fit = train_head_on_features(x[:30], y[:30], x[30:], y[30:], _cfg(), seed=0)
+    fit = fit_head(x[:30], y[:30], x[30:], y[30:], _cfg(), seed=0)
     probs = FeatureSource(x, _cfg()).image_probs(fit.head, np.arange(36))["id"]
     assert probs[:, 3].max() < 1e-6 and (probs.argmax(1) == y).mean() > 0.9
 

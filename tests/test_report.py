@@ -430,8 +430,8 @@ def test_attention_patches_and_collapsed_models_are_shown(tmp_path):
     from kit.training.cv import run_cv
 
     paths = make_workdir(tmp_path / "w", n_folds=3)
-    run_cv("tiny_cnn", paths, train_settings({"epochs": 2, "batch_size": 32, "train_norm": [], "unfreeze_last": 0,
-                "head": {"pool": "attention"}}), weights="random", seed=0)
+    run_cv(paths, None, train_settings({"epochs": 2, "batch_size": 32, "train_norm": [], "unfreeze_last": 0,
+                "head": {"pool": "attention"}}), backbone="tiny_cnn", weights="random", seed=0)
     metrics_path = paths.backbone_dir("tiny_cnn") / "metrics.json"
     metrics = json.loads(metrics_path.read_text())
     metrics["collapsed_folds"] = [1]

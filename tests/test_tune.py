@@ -17,11 +17,12 @@ import yaml
 
 from cv_data import make_workdir
 from kit.config import load_config, train_settings
-from kit.training.fold import features_cv, prepare
-from kit.tuning.search_space import Param, load_space, parse_param
-from kit.tuning.tune import (fold_subset, known_param_keys, plot_study, run_tune, study_name,
-                             trial_order, warm_start)
+from kit.training.feature_cv import features_cv, prepare
+from kit.tuning.outputs import plot_study
+from kit.tuning.search_space import Param, known_param_keys, load_space, parse_param
 from kit.tuning.storage import describe, make_storage
+from kit.tuning.study import fold_subset, study_name, trial_order, warm_start
+from kit.tuning.tune import run_tune
 from kit.utils import KitError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,14 +173,18 @@ def test_storages(tmp_path):
 def feat_work(tmp_path_factory):
     paths = make_workdir(tmp_path_factory.mktemp("tune_feat"), n_train=40, n_test=4, k=4,
                          size=32, n_folds=5, seed=0)
-    prepare("tiny_cnn", paths, weights="random", seed=42, with_test=False, cfg=train_settings())  # warm the cache
+    # warm the cache
+    prepare("tiny_cnn", paths, weights="random", seed=42, with_test=False,
+            settings=train_settings())
     return paths
 
 
 def test_features_objective_equals_features_cv_and_writes_outputs(feat_work, tmp_path):
     paths = feat_work
     space = space_file(tmp_path, **FAST, **{"head.depth": {"type": "int", "low": 0, "high": 1}})
-    best = run_tune(["tiny_cnn"], paths, load_config("tune", {"objective": "features", "trials": 2}), train_settings(), space_file=space, weights="random", seed=42, study_suffix="eq")["tiny_cnn"]
+    best = run_tune(paths, None, load_config("tune", {"objective": "features", "trials": 2}),
+                    settings=train_settings(), backbones=["tiny_cnn"], space_file=space,
+                    weights="random", seed=42, study_suffix="eq")["tiny_cnn"]
     out = paths.tune_dir("tiny_cnn")
     on_disk = yaml.safe_load((out / "best.yaml").read_text())
     assert on_disk["params"] == best["params"] and on_disk["trial"] == best["trial"]
@@ -188,7 +193,7 @@ def test_features_objective_equals_features_cv_and_writes_outputs(feat_work, tmp
     complete = [t for t in trials_of(paths, "tiny_cnn-features-eq") if t.state.name == "COMPLETE"]
     for t in trials_of(paths, "tiny_cnn-features-eq"):
         res = features_cv("tiny_cnn", paths, params=t.user_attrs["params"], seed=42,
-                          weights="random", with_test=False, cfg=train_settings())
+                          weights="random", with_test=False, settings=train_settings())
         if t.state.name == "COMPLETE":
             assert t.value == pytest.approx(res.oof_macro_f1, abs=1e-12)
         per_fold = {r["fold"]: r["macro_f1"] for r in res.per_fold}
@@ -200,10 +205,11 @@ def test_features_objective_equals_features_cv_and_writes_outputs(feat_work, tmp
     from kit.training.settings import train_config
 
     # On the path the search trained (heads on cached embeddings) every key applies...
-    params, _ = resolve_params("best", paths, "tiny_cnn", cfg=train_settings({"train_norm": []}))
+    params, _ = resolve_params("best", paths, "tiny_cnn",
+                               settings=train_settings({"train_norm": []}))
     assert params == on_disk["params"] and train_config(train_settings(), params=params)["epochs"] == 12
     # ... on pixels only the head's shape: lr, epochs and patience were tuned for the cache.
-    params, _ = resolve_params("best", paths, "tiny_cnn", cfg=train_settings())
+    params, _ = resolve_params("best", paths, "tiny_cnn", settings=train_settings())
     assert params == {"head.depth": on_disk["params"]["head.depth"]}
     # best.yaml says what its score is and what it was tuned for.
     assert on_disk["search_score"] == on_disk["score"] and on_disk["trials"] == 2
@@ -218,7 +224,8 @@ def test_features_objective_equals_features_cv_and_writes_outputs(feat_work, tmp
     assert len(table) == 2 and {"number", "value", "state", "params_lr"} <= set(table.columns)
     assert (out / "history.png").stat().st_size > 0 and (out / "config.yaml").exists()
     # A rerun with the same target starts no trial.
-    run_tune(["tiny_cnn"], paths, load_config("tune", {"trials": 2}), train_settings(), space_file=space, weights="random", study_suffix="eq")
+    run_tune(paths, None, load_config("tune", {"trials": 2}), settings=train_settings(),
+             backbones=["tiny_cnn"], space_file=space, weights="random", study_suffix="eq")
     assert len(trials_of(paths, "tiny_cnn-features-eq")) == 2
 
 
@@ -233,21 +240,23 @@ def test_plots_are_skipped_with_too_few_trials(tmp_path):
 
 def test_folds_per_trial_searches_a_subset_and_rescores_the_best(feat_work, tmp_path):
     space = space_file(tmp_path, **FAST)
-    rec = run_tune(["tiny_cnn"], feat_work, load_config("tune", {"trials": 2, "folds_per_trial": 3}), train_settings(), space_file=space, weights="random", study_suffix="sub")["tiny_cnn"]
+    rec = run_tune(feat_work, None, load_config("tune", {"trials": 2, "folds_per_trial": 3}),
+                   settings=train_settings(), backbones=["tiny_cnn"], space_file=space,
+                   weights="random", study_suffix="sub")["tiny_cnn"]
     sub = fold_subset(5, 3, 42)
     for t in trials_of(feat_work, "tiny_cnn-features-sub"):
         assert sorted(t.intermediate_values) == sub
     full = features_cv("tiny_cnn", feat_work, params=rec["params"], seed=42, weights="random",
-                       with_test=False, cfg=train_settings())
+                       with_test=False, settings=train_settings())
     part = features_cv("tiny_cnn", feat_work, params=rec["params"], seed=42, weights="random",
-                       with_test=False, folds=sub, cfg=train_settings())
+                       with_test=False, folds=sub, settings=train_settings())
     assert rec["score"] == pytest.approx(full.oof_macro_f1)
     assert rec["search_score"] == pytest.approx(part.oof_macro_f1)
     assert rec["search_folds"] == sub
     # The folds the search never used score the winner less optimistically.
     unused = [k for k in range(5) if k not in sub]
     held = features_cv("tiny_cnn", feat_work, params=rec["params"], seed=42, weights="random",
-                       with_test=False, folds=unused, cfg=train_settings())
+                       with_test=False, folds=unused, settings=train_settings())
     assert rec["holdout_folds"] == unused
     assert rec["holdout_score"] == pytest.approx(held.oof_macro_f1)
     assert "less biased" in rec["holdout_kind"] and "partly optimistic" in rec["score_kind"]
@@ -258,12 +267,14 @@ def test_folds_per_trial_searches_a_subset_and_rescores_the_best(feat_work, tmp_
 def test_wilcoxon_prunes_a_hopeless_trial(feat_work, tmp_path):
     space = space_file(tmp_path, **FAST)
     kw = dict(space_file=space, weights="random", study_suffix="prune")
-    run_tune(["tiny_cnn"], feat_work, load_config("tune"), train_settings(), create_only=True, **kw)
+    run_tune(feat_work, None, load_config("tune"), settings=train_settings(),
+             backbones=["tiny_cnn"], create_only=True, **kw)
     study = optuna.load_study(study_name="tiny_cnn-features-prune",
                               storage=f"sqlite:///{feat_work.runs_dir / 'optuna.db'}")
     for lr in (0.01, 0.012, 0.0):  # two good trials, then lr = 0: the head never learns
         study.enqueue_trial({"lr": lr})
-    run_tune(["tiny_cnn"], feat_work, load_config("tune", {"trials": 3}), train_settings(), **kw)
+    run_tune(feat_work, None, load_config("tune", {"trials": 3}), settings=train_settings(),
+             backbones=["tiny_cnn"], **kw)
     good1, good2, bad = trials_of(feat_work, "tiny_cnn-features-prune")
     assert good1.state.name == good2.state.name == "COMPLETE"
     assert min(good1.intermediate_values.values()) > 0.5
@@ -295,12 +306,14 @@ def test_warm_start_enqueues_the_best_features_trials(feat_work, tmp_path):
 def test_a_changed_folds_file_is_not_mixed_into_a_study(tmp_path):
     paths = make_workdir(tmp_path / "w", n_train=16, n_test=2, k=2, size=32, n_folds=2)
     space = space_file(tmp_path, lr=LR, epochs=2)
-    run_tune(["tiny_cnn"], paths, load_config("tune"), train_settings(), create_only=True, space_file=space, weights="random")
+    run_tune(paths, None, load_config("tune"), settings=train_settings(), backbones=["tiny_cnn"],
+             create_only=True, space_file=space, weights="random")
     folds = pd.read_csv(paths.folds_csv)
     folds["fold"] = 1 - folds["fold"]
     folds.to_csv(paths.folds_csv, index=False)
     with pytest.raises(KitError, match="made with other folds"):
-        run_tune(["tiny_cnn"], paths, load_config("tune", {"trials": 1}), train_settings(), space_file=space, weights="random")
+        run_tune(paths, None, load_config("tune", {"trials": 1}), settings=train_settings(),
+                 backbones=["tiny_cnn"], space_file=space, weights="random")
 
 
 def test_full_objective_equals_cv_and_cv_consumes_best_yaml(tmp_path):
@@ -311,12 +324,15 @@ def test_full_objective_equals_cv_and_cv_consumes_best_yaml(tmp_path):
                        patience=0, **{"augment.cutmix_alpha": {
                            "type": "categorical", "choices": [0.0, 0.5],
                            "objectives": ["full"]}, "head.depth": 0})
-    rec = run_tune(["tiny_cnn"], paths, load_config("tune", {"objective": "full", "trials": 1}), train_settings(), space_file=space, weights="random", seed=3)["tiny_cnn"]
+    rec = run_tune(paths, None, load_config("tune", {"objective": "full", "trials": 1}),
+                   settings=train_settings(), backbones=["tiny_cnn"], space_file=space,
+                   weights="random", seed=3)["tiny_cnn"]
     assert rec["objective"] == "full" and "augment.cutmix_alpha" in rec["params"]
     assert not paths.backbone_dir("tiny_cnn").exists()  # trials never touch runs/<bb>/
     assert not (paths.tune_dir("tiny_cnn") / "trials").exists() or \
         not any((paths.tune_dir("tiny_cnn") / "trials").iterdir())  # scratch removed
-    metrics = run_cv("tiny_cnn", paths, train_settings(), params="best", seed=3, weights="random")
+    metrics = run_cv(paths, None, train_settings(), backbone="tiny_cnn", params="best", seed=3,
+                     weights="random")
     assert metrics["oof_macro_f1"] == pytest.approx(rec["score"], abs=1e-12)
     assert "best.yaml" in metrics["config"]["params"]
     per_fold = {f["fold"]: f["macro_f1"] for f in metrics["per_fold"]}
@@ -399,7 +415,9 @@ def test_two_workers_share_one_study_on_postgresql(feat_work, tmp_path):
     try:
         # The study (and Optuna's tables) first, so the workers do not race to create them:
         # what `./run.sh tune ... --create-only` does, here without one more process start.
-        run_tune(["tiny_cnn"], feat_work, load_config("tune", {"storage": PG_URL}), train_settings(), space_file=space, weights="random", study_suffix=suffix, create_only=True)
+        run_tune(feat_work, None, load_config("tune", {"storage": PG_URL}),
+                 settings=train_settings(), backbones=["tiny_cnn"], space_file=space,
+                 weights="random", study_suffix=suffix, create_only=True)
         workers = [subprocess.Popen(kit_cmd(*args, "--trials", 6), cwd=ROOT, env=env(),
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                    for _ in range(2)]
@@ -414,7 +432,8 @@ def test_two_workers_share_one_study_on_postgresql(feat_work, tmp_path):
         from kit.training.cv import resolve_params
 
         best = yaml.safe_load((feat_work.tune_dir("tiny_cnn") / "best.yaml").read_text())
-        params, _ = resolve_params("best", feat_work, "tiny_cnn", cfg=train_settings({"train_norm": []}))
+        params, _ = resolve_params("best", feat_work, "tiny_cnn",
+                                   settings=train_settings({"train_norm": []}))
         assert best["study"] == name and params == best["params"]
         study = optuna.load_study(study_name=name, storage=PG_URL)
         assert study.best_trial.number == best["trial"]
@@ -429,13 +448,16 @@ def test_two_workers_share_one_study_on_postgresql(feat_work, tmp_path):
 def test_without_names_it_tunes_the_backbones_cv_ran(tmp_path, capsys):
     paths = make_workdir(tmp_path / "w", n_train=8, n_test=2, k=1, size=32, n_folds=2)
     with pytest.raises(KitError, match="name the backbones"):
-        run_tune([], paths, load_config("tune"), train_settings(), create_only=True, weights="random")
+        run_tune(paths, None, load_config("tune"), settings=train_settings(), backbones=[],
+                 create_only=True, weights="random")
     paths.backbone_dir("tiny_cnn").mkdir(parents=True)
     (paths.backbone_dir("tiny_cnn") / "metrics.json").write_text("{}")
-    run_tune([], paths, load_config("tune"), train_settings(), create_only=True, weights="random")
+    run_tune(paths, None, load_config("tune"), settings=train_settings(), backbones=[],
+             create_only=True, weights="random")
     assert "study tiny_cnn-features" in capsys.readouterr().out
     with pytest.raises(KitError, match="unknown backbone"):
-        run_tune(["tiny_cnnn"], paths, load_config("tune"), train_settings(), create_only=True)
+        run_tune(paths, None, load_config("tune"), settings=train_settings(),
+                 backbones=["tiny_cnnn"], create_only=True)
 
 
 def test_bench_tune_runs_and_records_both_trials(tmp_path):
@@ -454,7 +476,7 @@ def test_bench_tune_runs_and_records_both_trials(tmp_path):
 
 
 def test_ctrl_c_loses_only_the_running_trial(feat_work, tmp_path, monkeypatch):
-    from kit.training.fold import FeatureCV
+    from kit.training.feature_cv import FeatureCV
 
     space = space_file(tmp_path, **FAST)
     kw = dict(space_file=space, weights="random", study_suffix="ctrlc")
@@ -468,13 +490,15 @@ def test_ctrl_c_loses_only_the_running_trial(feat_work, tmp_path, monkeypatch):
 
     monkeypatch.setattr(FeatureCV, "fold", interrupted_later)
     with pytest.raises(KeyboardInterrupt):
-        run_tune(["tiny_cnn"], feat_work, load_config("tune", {"trials": 3}), train_settings(), **kw)
+        run_tune(feat_work, None, load_config("tune", {"trials": 3}), settings=train_settings(),
+                 backbones=["tiny_cnn"], **kw)
     states = [t.state.name for t in trials_of(feat_work, "tiny_cnn-features-ctrlc")]
     assert states == ["COMPLETE", "FAIL"]
     best = yaml.safe_load((feat_work.tune_dir("tiny_cnn") / "best.yaml").read_text())
     assert best["study"] == "tiny_cnn-features-ctrlc" and best["trial"] == 0  # still written
     monkeypatch.setattr(FeatureCV, "fold", real)
-    run_tune(["tiny_cnn"], feat_work, load_config("tune", {"trials": 3}), train_settings(), **kw)  # the rerun finishes the target
+    run_tune(feat_work, None, load_config("tune", {"trials": 3}), settings=train_settings(),
+             backbones=["tiny_cnn"], **kw)  # the rerun finishes the target
     states = [t.state.name for t in trials_of(feat_work, "tiny_cnn-features-ctrlc")]
     assert states[:2] == ["COMPLETE", "FAIL"] and len(states) == 4
     assert sum(s in ("COMPLETE", "PRUNED") for s in states) == 3
@@ -483,20 +507,27 @@ def test_ctrl_c_loses_only_the_running_trial(feat_work, tmp_path, monkeypatch):
 def test_journal_storage_threads_and_timeout(feat_work, tmp_path):
     space = space_file(tmp_path, **FAST)
     journal = tmp_path / "tune.log"
-    run_tune(["tiny_cnn"], feat_work, load_config("tune", {"trials": 4, "n_jobs": 2, "storage": f"journal:{journal}"}), train_settings(), space_file=space, weights="random", study_suffix="journal")
+    run_tune(feat_work, None,
+             load_config("tune", {"trials": 4, "n_jobs": 2, "storage": f"journal:{journal}"}),
+             settings=train_settings(), backbones=["tiny_cnn"], space_file=space, weights="random",
+             study_suffix="journal")
     study = optuna.load_study(study_name="tiny_cnn-features-journal",
                               storage=make_storage(f"journal:{journal}", feat_work))
     finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(finished) == 4 and len({t.number for t in study.trials}) == len(study.trials)
     t0 = time.time()
-    run_tune(["tiny_cnn"], feat_work, load_config("tune", {"trials": 0, "timeout": 1, "storage": f"journal:{journal}"}), train_settings(), space_file=space, weights="random", study_suffix="journal")
+    run_tune(feat_work, None,
+             load_config("tune", {"trials": 0, "timeout": 1, "storage": f"journal:{journal}"}),
+             settings=train_settings(), backbones=["tiny_cnn"], space_file=space, weights="random",
+             study_suffix="journal")
     assert len(study.trials) > len(finished) and time.time() - t0 < 60
 
 
 def test_one_worker_on_the_default_storage_repeats_its_search(feat_work, tmp_path):
     space = space_file(tmp_path, **FAST, **{"head.depth": {"type": "int", "low": 0, "high": 2}})
     for suffix in ("det1", "det2"):
-        run_tune(["tiny_cnn"], feat_work, load_config("tune", {"trials": 2}), train_settings(), space_file=space, weights="random", study_suffix=suffix)
+        run_tune(feat_work, None, load_config("tune", {"trials": 2}), settings=train_settings(),
+                 backbones=["tiny_cnn"], space_file=space, weights="random", study_suffix=suffix)
     a, b = (trials_of(feat_work, f"tiny_cnn-features-{s}") for s in ("det1", "det2"))
     assert [t.params for t in a] == [t.params for t in b]
     assert [t.value for t in a] == [t.value for t in b]
@@ -509,7 +540,7 @@ def test_estimate_is_nested_and_its_outer_folds_never_choose_their_params(tmp_pa
 
     from kit.cli import main
     from kit.metrics import format_ci
-    from kit.training.fold import FeatureCV
+    from kit.training.feature_cv import FeatureCV
 
     paths = make_workdir(tmp_path / "w", n_train=24, n_test=2, k=2, size=32, n_folds=3, seed=1,
                          signal=0.3)
@@ -554,7 +585,7 @@ def test_estimate_is_nested_and_its_outer_folds_never_choose_their_params(tmp_pa
         outer = on_disk["outer"][o]
         assert outer["inner_folds"] == [k for k in range(3) if k != o]
         again = features_cv("tiny_cnn", paths, params=outer["params"], seed=42,
-                            weights="random", with_test=False, folds=[o], cfg=train_settings())
+                            weights="random", with_test=False, folds=[o], settings=train_settings())
         assert outer["macro_f1"] == pytest.approx(again.per_fold[0]["macro_f1"])
     # Scrambling outer fold 0's labels changes nothing its search saw.
     folds = pd.read_csv(paths.folds_csv)
@@ -563,7 +594,9 @@ def test_estimate_is_nested_and_its_outer_folds_never_choose_their_params(tmp_pa
         {"Luminal A": "Triple negative", "Luminal B": "Luminal A", "HER2(+)": "Luminal B",
          "Triple negative": "HER2(+)"}).to_numpy()
     folds.to_csv(paths.folds_csv, index=False)
-    scrambled = run_tune(["tiny_cnn"], paths, load_config("tune", {"estimate_trials": 2}), train_settings(), estimate=True, space_file=space, weights="random")["tiny_cnn"]
+    scrambled = run_tune(paths, None, load_config("tune", {"estimate_trials": 2}),
+                         settings=train_settings(), backbones=["tiny_cnn"], estimate=True,
+                         space_file=space, weights="random")["tiny_cnn"]
     first, second = on_disk["outer"][0], scrambled["outer"][0]
     assert second["params"] == first["params"]
     assert second["search_score"] == pytest.approx(first["search_score"], abs=1e-12)

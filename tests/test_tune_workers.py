@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -109,13 +109,29 @@ def test_a_killed_worker_is_reported_as_killed():
 
 
 def test_launcher_refuses_estimate_and_create_only():
+    from kit.config import load_config, train_settings
     from kit.paths import Paths
+    from kit.tuning.job import TuneJob
 
-    paths = Paths.from_root(".")
+    job = TuneJob(Paths.from_root("."), None, load_config("tune"), train_settings())
     with pytest.raises(KitError, match="--estimate runs in one process"):
-        tune_workers.launch(paths, {"estimate": True, "create_only": False}, 2, None)
+        tune_workers.launch(replace(job, estimate=True), 2, None)
     with pytest.raises(KitError, match="--create-only creates the studies once"):
-        tune_workers.launch(paths, {"estimate": False, "create_only": True}, 2, None)
+        tune_workers.launch(replace(job, create_only=True), 2, None)
+
+
+def test_a_worker_gets_the_job_the_launcher_resolved(tmp_path):
+    from kit.config import load_config, train_settings
+    from kit.paths import Paths
+    from kit.tuning.job import TuneJob
+
+    job = TuneJob(Paths.from_root(tmp_path), "data", load_config("tune", {"trials": 3}),
+                  train_settings({"epochs": 2}), backbones=("tiny_cnn",), space_file=tmp_path,
+                  weights="random", seed=7)
+    again = TuneJob.from_json(tune_workers._payload(job, "sqlite:///x.db", create_only=True))
+    assert again == replace(job, cfg={**job.cfg, "storage": "sqlite:///x.db"},
+                            space_file=str(tmp_path), create_only=True)
+    assert again.settings.resolve()["epochs"] == 2
 
 
 # --------------------------------------------------------------------------- end to end

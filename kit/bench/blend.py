@@ -185,7 +185,7 @@ def format_seeds(res: dict, n_seeds: int, first_seed: int, test_mix,
 
 
 def run(args) -> int:
-    from kit.ensemble.search import search
+    from kit.ensemble.search import BlendSearch
     from kit.metrics import format_ci
 
     cfg = load_config("blend")
@@ -193,7 +193,8 @@ def run(args) -> int:
     times = []
     for _ in range(max(1, args.repeats)):
         start = time.perf_counter()
-        res = search(prob["oof"], prob["y"], prob["folds"], cfg, args.objective, seed=args.seed)
+        res = BlendSearch(args.objective, cfg, args.seed).fit(prob["oof"], prob["y"],
+                                                              prob["folds"]).result_
         times.append(time.perf_counter() - start)
     s = res.scores
     best = min(times)

@@ -248,8 +248,8 @@ def short_cv(name: str, paths, cfg: dict, device, seed: int) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
     t0 = time.perf_counter()
-    metrics = run_cv(name, paths, train_settings(cfg), seed=seed, weights="random", params="none",
-                     device=str(device), feature_cache=False, restart=True)
+    metrics = run_cv(paths, None, train_settings(cfg), backbone=name, seed=seed, weights="random",
+                     params="none", device=str(device), feature_cache=False, restart=True)
     _sync(device)
     seconds = time.perf_counter() - t0
     folds = pd.read_csv(paths.folds_csv)

@@ -203,8 +203,8 @@ def build_standin(folder: Path, preset: Preset, seed: int, device=None) -> dict:
     run_data_stages(data, paths, preset, seed)
     print(f"stand-in backbone: training {BACKBONE} from scratch on an independent set "
           f"({data}), fold 0")
-    run_cv(BACKBONE, paths, train_settings(cfg), seed=seed, weights="random", fold=0, params="none",
-           restart=True, device=device)
+    run_cv(paths, None, train_settings(cfg), backbone=BACKBONE, seed=seed, weights="random", fold=0,
+           params="none", restart=True, device=device)
     fold_dir = paths.backbone_dir(BACKBONE) / "fold_0"
     state = torch.load(fold_dir / "model.pt", map_location="cpu", weights_only=True)["state_dict"]
     backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
@@ -238,8 +238,8 @@ def score_run(path: str, mode: str, paths, data, truth: dict, preset: Preset, se
     weights = standin["file"] if which == "standin" else "random"
     cfg = {**preset.train, **extra, "early_stopping": mode}
     t0, c0 = time.perf_counter(), cpu_seconds()
-    metrics = run_cv(BACKBONE, paths, train_settings(cfg), seed=seed, weights=weights, params="none",
-                     restart=True, device=device)
+    metrics = run_cv(paths, None, train_settings(cfg), backbone=BACKBONE, seed=seed,
+                     weights=weights, params="none", restart=True, device=device)
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     if metrics.get("training_path") != EXPECTED_TRAINING_PATH[path]:
         raise KitError(f"bench honesty: the {path} run trained on the "

@@ -301,8 +301,8 @@ def score_arm(arm: str, regime: str, paths, truth: dict, plan, preset: Preset, s
 
     cfg = arm_config(arm, preset)
     t0, c0 = time.perf_counter(), cpu_seconds()
-    metrics = run_cv(BACKBONE, paths, train_settings(cfg), seed=seed, weights=standin["file"],
-                     params="none", restart=True, device=device)
+    metrics = run_cv(paths, None, train_settings(cfg), backbone=BACKBONE, seed=seed,
+                     weights=standin["file"], params="none", restart=True, device=device)
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     if metrics.get("training_path") != "feature_cache":
         raise KitError(f"bench noise: the {arm} run trained on the {metrics.get('training_path')}"

@@ -163,8 +163,8 @@ def score_arm(arm: str, regime: str, paths, data, truth: dict, preset, seed: int
     from kit.training.cv import run_cv
 
     t0, c0 = time.perf_counter(), cpu_seconds()
-    metrics = run_cv(BACKBONE, paths, train_settings({**FROZEN, **preset.train}), seed=seed,
-                     weights=standin["file"], params="none", restart=True, device=device)
+    metrics = run_cv(paths, None, train_settings({**FROZEN, **preset.train}), backbone=BACKBONE,
+                     seed=seed, weights=standin["file"], params="none", restart=True, device=device)
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     test = read_table(paths.backbone_dir(BACKBONE) / "test.csv")
     probs = test[list(PROB_COLUMNS)].to_numpy()

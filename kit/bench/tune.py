@@ -53,7 +53,7 @@ def add_arguments(parser):
 
 # --------------------------------------------------------------------------- synthetic data
 def synthetic_features(n: int, k: int, n_views: int, dim: int, n_folds: int, seed: int = 0):
-    """A :class:`kit.training.fold.FeatureCV` over generated embeddings
+    """A :class:`kit.training.feature_cv.FeatureCV` over generated embeddings
     (:func:`kit.data.synth.embeddings`).
 
     Class means plus a per-image offset plus per-patch noise; the class shares follow the
@@ -62,7 +62,7 @@ def synthetic_features(n: int, k: int, n_views: int, dim: int, n_folds: int, see
     import pandas as pd
 
     from kit.training.features import Features, cache_views
-    from kit.training.fold import FeatureCV
+    from kit.training.feature_cv import FeatureCV
     from kit.data.synth import embeddings, stratified_folds
     from kit.training.settings import train_config, tta_views
 
@@ -81,7 +81,7 @@ def synthetic_features(n: int, k: int, n_views: int, dim: int, n_folds: int, see
 # --------------------------------------------------------------------------- measurements
 def time_features_trial(fcv, folds) -> dict:
     """One trial exactly as the tune objective runs it (default head and training config)."""
-    from kit.tuning.tune import FeaturesEvaluator, evaluate
+    from kit.tuning.evaluators import FeaturesEvaluator, evaluate
 
     ev = FeaturesEvaluator.from_feature_cv(fcv)
     epochs = []
@@ -149,11 +149,11 @@ def extrapolate(m: dict, n_images: int, n_test: int, k: int, n_views: int, fold_
 def complete_full_trial(backbone: str, args, workdir) -> float:
     """A real full trial (run_cv over every fold) of ``backbone`` on real-size patches."""
     from kit.data.synth import write_patch_workdir
-    from kit.tuning.tune import FullEvaluator, evaluate
+    from kit.tuning.evaluators import FullEvaluator, evaluate
 
     paths = write_patch_workdir(workdir, n_train=args.images, n_test=args.test_images, k=args.k,
                                 size=args.size, n_folds=args.folds, seed=0)
-    ev = FullEvaluator(backbone, paths, weights="random")
+    ev = FullEvaluator(backbone, paths, train_settings(), weights="random")
     run_fold, cleanup = ev.trial({}, "bench")
     t0 = time.perf_counter()
     try:

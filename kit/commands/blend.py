@@ -21,7 +21,7 @@ def add_arguments(parser):
 
 def run(args) -> int:
     # The stage's modules load here, not at the top: ./run.sh blend --help stays fast.
-    from kit.ensemble.blend import format_summary
+    from kit.ensemble.blend_summary import format_summary
     from kit.submission.blend_output import run_blend
 
     cfg = load_config("blend", stage_overrides(args.config, args.sets))

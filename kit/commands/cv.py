@@ -45,10 +45,12 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    # Imported when the command runs, not when ./run.sh <command> --help reads the options.
     from kit.config import stage_overrides, train_settings, with_flags
+    from kit.paths import Paths
     from kit.training.cv import run_cv
     from kit.training.fusion import parse_weights
-    from kit.paths import Paths
+    from kit.utils import KitError
 
     overrides = {"epochs": args.epochs, "batch_size": args.batch_size,
                  "unfreeze_last": args.unfreeze_last, "early_stopping": args.early_stopping}
@@ -57,12 +59,11 @@ def run(args) -> int:
         overrides["train_norm"] = [k for k in kinds if k.lower() != "none"]
     for key in ("epochs", "batch_size"):
         if overrides[key] is not None and overrides[key] < 1:
-            from kit.utils import KitError
-
             raise KitError(f"--{key.replace('_', '-')} must be >= 1 (got {overrides[key]})")
     overrides = with_flags(stage_overrides(args.config, args.sets), overrides)
-    run_cv(args.backbone, Paths.from_root(args.workdir), cfg=train_settings(overrides),
-           seed=args.seed, weights=parse_weights(args.backbone, args.weights), fold=args.fold,
+    run_cv(Paths.from_root(args.workdir), args.data, train_settings(overrides),
+           backbone=args.backbone, seed=args.seed,
+           weights=parse_weights(args.backbone, args.weights), fold=args.fold,
            params=args.params, device=args.device,
            restart=args.restart, feature_cache=not args.no_feature_cache)
     return 0

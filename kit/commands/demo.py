@@ -39,18 +39,18 @@ def run(args) -> int:
     print(f"patches        -> {sets['train'].folder}, {sets['test'].folder}")
     folds.run_folds(paths, data, load_config("folds"), seed=args.seed, force=True)
     print(f"folds          -> {paths.folds_csv}")
-    _cv(paths, args.seed)
+    _cv(paths, data, args.seed)
     # A second backbone for the blend: its head tuned on cached embeddings, then cv with the
     # best params (runs/tiny_cnn/ stays the plain, stronger model).
-    _tune(paths, args.seed)
+    _tune(paths, data, args.seed)
     _blend(paths, data, args.seed)  # after both cv runs (it reads runs/<bb>/), before the report
-    _fusion(paths, args.seed)  # after the blend, so that it blends the separate runs only
+    _fusion(paths, data, args.seed)  # after the blend, so that it blends the separate runs only
     # last: the report summarises every stage above
     print(f"report         -> {run_report(paths, data, load_config('report'))}")
     return 0
 
 
-def _tune(paths: Paths, seed: int, backbone: str = "tiny_vit", trials: int = 8) -> None:
+def _tune(paths: Paths, data, seed: int, backbone: str = "tiny_vit", trials: int = 8) -> None:
     """A short search (features objective) and ``cv --params best`` with its result.
 
     cv keeps the backbone frozen as the features objective does (norm layers too), so it
@@ -63,12 +63,12 @@ def _tune(paths: Paths, seed: int, backbone: str = "tiny_vit", trials: int = 8) 
     # The demo's own study file: a fresh study each run, as the demo data is regenerated.
     (paths.runs_dir / "optuna.db").unlink(missing_ok=True)
     cfg = load_config("tune", {"objective": "features", "trials": trials})
-    best = run_tune([backbone], paths, cfg, train_settings(), seed=seed,
+    best = run_tune(paths, data, cfg, settings=train_settings(), backbones=[backbone], seed=seed,
                     weights="random")[backbone]
     print(f"tune           -> {paths.tune_dir(backbone) / 'best.yaml'} (trial {best['trial']} "
           f"of {trials}, features OOF macro F1 {best['score']:.4f})")
-    metrics = run_cv(backbone, paths, cfg=train_settings(FROZEN_CV), params="best", seed=seed,
-                     weights="random")
+    metrics = run_cv(paths, data, train_settings(FROZEN_CV), backbone=backbone, params="best",
+                     seed=seed, weights="random")
     print(f"cv --params best -> {paths.backbone_dir(backbone)} ({metrics['training_path']}): "
           f"OOF macro F1 {format_ci(metrics['oof_macro_f1'], metrics['oof_macro_f1_ci95'])}")
 
@@ -81,26 +81,26 @@ FROZEN_CV = {"train_norm": [], "unfreeze_last": 0}
 DEMO_CV = {"epochs": 6, "patience": 0, "lr": 3e-3, "unfreeze_last": 4}
 
 
-def _cv(paths: Paths, seed: int) -> None:
+def _cv(paths: Paths, data, seed: int) -> None:
     """Cross-validated tiny_cnn: OOF and test probabilities for the blend."""
     from kit.metrics import format_ci
     from kit.training.cv import run_cv
 
-    metrics = run_cv("tiny_cnn", paths, cfg=train_settings(DEMO_CV), seed=seed, weights="random",
-                     params="none")
+    metrics = run_cv(paths, data, train_settings(DEMO_CV), backbone="tiny_cnn", seed=seed,
+                     weights="random", params="none")
     print(f"cv             -> {paths.backbone_dir('tiny_cnn')} (oof.csv, test.csv, tta/, "
           f"metrics.json): OOF macro F1 "
           f"{format_ci(metrics['oof_macro_f1'], metrics['oof_macro_f1_ci95'])} "
           f"(chance 0.25 for 4 classes)")
 
 
-def _fusion(paths: Paths, seed: int, parts: str = "tiny_cnn+tiny_vit") -> None:
+def _fusion(paths: Paths, data, seed: int, parts: str = "tiny_cnn+tiny_vit") -> None:
     """``cv tiny_cnn+tiny_vit``: one head on both frozen backbones' cached embeddings (tiny_vit's
     cache is tune's); the report sets it against the blend of the separate runs."""
     from kit.metrics import format_ci
     from kit.training.cv import run_cv
 
-    metrics = run_cv(parts, paths, cfg=train_settings(), seed=seed, weights="random",
+    metrics = run_cv(paths, data, train_settings(), backbone=parts, seed=seed, weights="random",
                      params="none")
     width = metrics["config"]["fusion"]["input_width"]
     print(f"cv (fusion)    -> {paths.backbone_dir(parts)} ({width} features per patch): "

@@ -72,8 +72,10 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    # Imported when the command runs, not when ./run.sh <command> --help reads the options.
     from kit.config import load_config, stage_overrides, train_settings, with_flags
     from kit.paths import Paths
+    from kit.tuning.job import TuneJob
     from kit.tuning.tune import run_tune
     from kit.tuning.workers import launch
 
@@ -83,13 +85,13 @@ def run(args) -> int:
         "storage": args.storage, "folds_per_trial": args.folds_per_trial,
         "n_jobs": args.n_jobs, "heartbeat_interval": args.heartbeat,
         "grace_period": args.grace, "estimate_trials": args.estimate_trials}))
-    kwargs = dict(backbones=list(args.backbones), cfg=cfg, settings=train_settings(),
+    kwargs = dict(settings=train_settings(), backbones=tuple(args.backbones),
                   study_suffix=args.study_suffix,
                   space_file=args.space_file, warm_start_from=args.warm_start_from,
                   weights=args.weights, seed=args.seed, device=args.device,
                   create_only=args.create_only, estimate=args.estimate)
     paths = Paths.from_root(args.workdir)
     if getattr(args, "workers", None) is not None or getattr(args, "gpus", None):
-        return launch(paths, kwargs, args.workers, args.gpus)
-    run_tune(paths=paths, **kwargs)
+        return launch(TuneJob(paths, args.data, cfg, **kwargs), args.workers, args.gpus)
+    run_tune(paths, args.data, cfg, **kwargs)
     return 0

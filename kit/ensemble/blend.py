@@ -4,11 +4,11 @@ This module reads and cross-checks the inputs (every backbone's ``oof.csv``, ``t
 ``metrics.json`` against ``folds/folds.csv`` and ``test_data/``), records their provenance
 (is the nested score the expected one, or optimistic?), and writes the submission, its
 manifest and ``runs/blend/``. The searches themselves (weights over the library, class
-biases, the nested per-fold fits) are :class:`kit.ensemble.search.BlendSearch`, on arrays.
+biases, the nested per-fold fits) are :class:`kit.ensemble.search.BlendSearch`, on arrays;
+the lines ``./run.sh blend`` prints are :mod:`kit.ensemble.blend_summary`'s.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +17,12 @@ import numpy as np
 import pandas as pd
 
 from kit import CLASSES, PROB_COLUMNS
-from kit.ensemble.search import BlendSearch, PriorRule, SearchResult, apply_rule
+from kit.artifacts import read_folds, read_metrics, read_oof, read_test
 from kit.config import given
-from kit.data.dataset import expected_test_ids
-from kit.metrics import format_ci, to_indices
+from kit.data.dataset import expected_test_ids, find_root
+from kit.ensemble.biases import apply_rule
+from kit.ensemble.search import BlendSearch, PriorRule, SearchResult
+from kit.metrics import to_indices
 from kit.paths import Paths
 from kit.utils import KitError, sha256_file
 
@@ -72,7 +74,6 @@ def load_inputs(paths: Paths, data, backbones=None, weight_views: bool = False) 
         images of ``folds/folds.csv``, test rows that are not the images of ``test_data/``, or
         backbones (or views) covering different images.
     """
-    from kit.data.folds import load_folds
     names = list(backbones) if backbones else complete_backbones(paths)
     if not names:
         raise KitError(f"no backbone outputs under {paths.runs_dir} (each needs "
@@ -84,7 +85,7 @@ def load_inputs(paths: Paths, data, backbones=None, weight_views: bool = False) 
     if missing:
         raise KitError(f"{len(missing)} blend input files missing; run ./run.sh cv <backbone> "
                        "for each backbone named (or leave it out)", missing)
-    folds, folds_sha = load_folds(paths)
+    folds, folds_sha = read_folds(paths.folds_csv)
     test_ids = expected_test_ids(_test_dir(data))
     if not test_ids:
         raise KitError(f"{_test_dir(data)}: no img_*.png test images; check --data")
@@ -112,8 +113,6 @@ def load_inputs(paths: Paths, data, backbones=None, weight_views: bool = False) 
 
 
 def _test_dir(data) -> Path:
-    from kit.data.dataset import find_root
-
     return find_root(data) / "test_data"
 
 
@@ -126,12 +125,9 @@ def _rel(paths: Paths, path: Path) -> str:
 
 def _read_metrics(paths: Paths, name: str, folds_sha: str, files: dict) -> dict:
     path = paths.backbone_dir(name) / "metrics.json"
-    try:
-        metrics = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise KitError(f"{path}: not valid JSON ({exc}); rerun ./run.sh cv {name}")
+    metrics = read_metrics(path)
     files[_rel(paths, path)] = sha256_file(path)
-    recorded = metrics.get("folds_sha256") if isinstance(metrics, dict) else None
+    recorded = metrics.get("folds_sha256")
     if not recorded:
         raise KitError(f"{path}: no folds_sha256 recorded, so it cannot be matched to "
                        f"{paths.folds_csv}; rerun ./run.sh cv {name}")
@@ -155,16 +151,6 @@ def collapse_note(metrics: dict) -> str | None:
         return f"fold(s) {', '.join(map(str, folds))} collapsed (one class, or no better than " \
                "the majority class)"
     return None
-
-
-def collapse_warnings(weights: dict[str, float], meta: dict[str, dict]) -> list[str]:
-    """One warning per backbone whose collapsed model(s) got blend weight."""
-    out = []
-    for bb, m in meta.items():
-        got = sum(w for name, w in weights.items() if name.split("/")[0] == bb)
-        if m.get("collapsed") and got > 0:
-            out.append(f"WARNING: {bb} gets weight {got:.3f} but {m['collapsed']}")
-    return out
 
 
 EPOCH_WORDS = {"inner": "early stopping on an inner split of the training folds",
@@ -232,28 +218,13 @@ def _view_files(paths: Paths, name: str, weight_views: bool):
     return [(v, tta / f"oof_{v}.csv", tta / f"test_{v}.csv") for v in sorted(oof_views)]
 
 
-def _read_probs(path: Path, columns: tuple[str, ...], paths: Paths, files: dict) -> pd.DataFrame:
-    try:
-        df = pd.read_csv(path, dtype={"sample_index": str, "label": str})
-    except Exception as exc:  # pandas raises several types for unparsable CSV
-        raise KitError(f"{path}: cannot be read as CSV ({exc}); rerun the cv stage")
+def _normalised(df: pd.DataFrame, path: Path, paths: Paths, files: dict) -> pd.DataFrame:
+    """``df`` (read from ``path``, recorded in ``files``) with each row's probabilities
+    scaled to sum to 1, as the blend weighs them."""
     files[_rel(paths, path)] = sha256_file(path)
-    lacking = [c for c in [*columns, *PROB_COLUMNS] if c not in df.columns]
-    if lacking:
-        raise KitError(f"{path}: missing column(s) {', '.join(lacking)}; expected "
-                       f"{','.join([*columns, *PROB_COLUMNS])}")
     probs = df.loc[:, PROB_COLUMNS].to_numpy(np.float64)
-    bad = ~np.isfinite(probs).all(axis=1) | (probs < 0).any(axis=1) | (probs.sum(axis=1) <= 0)
-    if bad.any():
-        lines = ", ".join(str(i + 2) for i in np.flatnonzero(bad)[:10])
-        raise KitError(f"{path}: {int(bad.sum())} rows with missing, negative or all-zero "
-                       f"probabilities (lines {lines}); rerun the cv stage")
-    dup = df.sample_index[df.sample_index.duplicated()]
-    if len(dup):
-        raise KitError(f"{path}: {len(dup)} duplicate sample_index values "
-                       f"({', '.join(dup.head(5))}); rerun the cv stage")
     df.loc[:, PROB_COLUMNS] = probs / probs.sum(axis=1, keepdims=True)
-    return df.set_index("sample_index")
+    return df
 
 
 def _same_images(path: Path, have, want, what: str) -> None:
@@ -270,7 +241,7 @@ def _same_images(path: Path, have, want, what: str) -> None:
 
 
 def _read_oof(path: Path, folds: pd.DataFrame, paths: Paths, files: dict) -> np.ndarray:
-    df = _read_probs(path, ("sample_index", "fold", "label"), paths, files)
+    df = _normalised(read_oof(path), path, paths, files)
     _same_images(path, df.index, folds.sample_index, paths.folds_csv)
     df = df.loc[folds.sample_index]
     wrong = (df.fold.to_numpy() != folds.fold.to_numpy()) | (df.label.to_numpy()
@@ -282,7 +253,7 @@ def _read_oof(path: Path, folds: pd.DataFrame, paths: Paths, files: dict) -> np.
 
 
 def _read_test(path: Path, test_ids: list[str], paths: Paths, files: dict) -> np.ndarray:
-    df = _read_probs(path, ("sample_index",), paths, files)
+    df = _normalised(read_test(path), path, paths, files)
     _same_images(path, df.index, test_ids, "test_data/")
     return df.loc[test_ids, PROB_COLUMNS].to_numpy(np.float64)
 
@@ -388,101 +359,3 @@ def fold_fit_record(models: list[str], fit) -> dict:
                    p_value=float(fit.prior.estimate.p_value),
                    biases_applied=_per_class(fit.prior.biases))
     return out
-
-
-def expected_lines(expected: dict, in_sample: float, expected_ci=None,
-                   in_sample_ci=None) -> list[str]:
-    """The expected-score line(s), each macro F1 with its 95 % interval: labelled optimistic,
-    naming the inputs and why, when any input's OOF predictions chose something on their own
-    rows."""
-    head = f"expected macro F1 (nested): {format_ci(expected['macro_f1'], expected_ci)}"
-    tail = f"in-sample (optimistic): {format_ci(in_sample, in_sample_ci)}"
-    if expected["honest"]:
-        return [f"{head}; {tail}",
-                "  every input chose its epochs and params without its own OOF rows"]
-    out = [f"{head} -- OPTIMISTIC, not the expected score: {len(expected['why'])} input(s) "
-           f"chose something on their own OOF rows; {tail}"]
-    out += [f"  {bb}: {'; '.join(reasons)}" for bb, reasons in expected["why"].items()]
-    return out
-
-
-def _gain(gain: dict | None, plain: float) -> str:
-    """A paired difference with its interval: ``+0.012 [-0.01, +0.03]``."""
-    if not gain:
-        return f"{plain:+.3f}"
-    lo, hi = gain["ci95"]
-    return f"{gain['diff']:+.3f} [{lo:+.2f}, {hi:+.2f}]"
-
-
-def format_summary(result: BlendResult) -> str:
-    """The lines ``./run.sh blend`` prints: baselines, blend, bias gain, nested vs in-sample,
-    each macro F1 with its 95 % bootstrap interval over images."""
-    s, ins = result.scores, result.inputs
-    base, nested, in_sample = s["baselines"], s["nested"], s["in_sample"]
-
-    def row(label, a, b=""):
-        return f"  {label:<34}{a:>24}{b:>24}"
-
-    def f1(block, key="macro_f1", ci="ci95"):
-        return format_ci(block[key], block.get(ci))
-
-    weights = ", ".join(f"{m} {w:.3f}" for m, w in sorted(result.weights.items(),
-                                                          key=lambda kv: -kv[1]) if w > 0)
-    biases = ", ".join(f"{c} {b:+.2f}" for c, b in result.biases.items())
-    gain_in = in_sample["macro_f1"] - in_sample["macro_f1_no_bias"]
-    gain_nested = nested["macro_f1"] - nested["macro_f1_no_bias"]
-    lines = [
-        f"blend of {len(ins.backbones)} backbone(s) ({', '.join(ins.backbones)}), "
-        f"{len(ins.models)} library model(s), objective {result.objective}, "
-        f"{len(ins.ids)} OOF images in {len(np.unique(ins.folds))} folds",
-        row("OOF macro F1 [95% CI over images]", "in-sample (optimistic)", "nested (expected)"),
-        row(f"best single ({base['best_single']['model']})", f1(base["best_single"]),
-            "(picked on OOF)"),
-        row("equal weights", f1(base["equal_weights"]), "(not fitted)"),
-        row("blend, argmax", f1(in_sample, "macro_f1_no_bias", "ci95_no_bias"),
-            f1(nested, "macro_f1_no_bias", "ci95_no_bias")),
-        row("blend + class biases", f1(in_sample), f1(nested)),
-        row("bias gain (paired)", _gain(in_sample.get("bias_gain"), gain_in),
-            _gain(nested.get("bias_gain"), gain_nested)),
-        f"weights: {weights}",
-        f"class biases (log p): {biases}",
-    ]
-    lines += prior_lines(result)
-    lines += expected_lines(result.expected, in_sample["macro_f1"], nested.get("ci95"),
-                            in_sample.get("ci95"))
-    lines += collapse_warnings(result.weights, ins.meta)
-    if result.cfg.get("biases", True) and gain_nested < 0:
-        lines.append("note: the class biases lower the nested score here (too few images to "
-                     "tune them?); consider 'biases: false' in a --config file")
-    if result.csv_path is not None:
-        lines += [f"submission -> {result.csv_path} ({len(result.test_labels)} rows, "
-                  f"sha256 {result.csv_sha256[:12]})",
-                  f"manifest   -> {result.manifest_path}",
-                  f"latest     -> {result.latest_csv} (+ {result.latest_manifest.name})"]
-    return "\n".join(lines)
-
-
-def prior_lines(result: BlendResult) -> list[str]:
-    """With ``prior: em``: the test class mix EM found and the biases applied for it."""
-    rule = result.prior
-    if rule is None or rule.mode == "train":
-        return []
-
-    def mix(values):
-        return ", ".join(f"{c} {v:.3f}" for c, v in zip(CLASSES, values))
-
-    est, alpha = rule.estimate, float(result.cfg["em_alpha"])
-    verdict = (f"p = {est.p_value:.2g} < {alpha:g}: the test labels are decided for EM's mix"
-               if est.shifted else
-               f"p = {est.p_value:.2g} >= {alpha:g}: no clear shift, the OOF mix is kept")
-    lines = [f"test class mix by EM ({est.n_iter} steps): {mix(est.em)}; OOF labels: "
-             f"{mix(rule.train_mix)}",
-             f"  likelihood-ratio test against the OOF mix: {verdict}"]
-    if est.shifted:
-        lines.append("  class biases applied for it (log p, on the adjusted probabilities): "
-                     + ", ".join(f"{c} {b:+.2f}" for c, b in zip(CLASSES, rule.biases)))
-    shifted = sum(f.prior is not None and f.prior.estimate.shifted
-                  for f in result.search.fold_fits.values())
-    lines.append(f"  the nested score does the same on each held-out fold ({shifted} of "
-                 f"{len(result.search.fold_fits)} folds shifted)")
-    return lines

@@ -79,7 +79,7 @@ def em_prior(probs: np.ndarray, train_prior: np.ndarray, tol: float = 1e-8,
                        f"({np.round(train_prior, 4).tolist()}); EM cannot reweight it")
     prior = train_prior / train_prior.sum()
     base = prior.copy()
-    for step in range(1, int(max_iter) + 1):
+    for step in range(1, int(max_iter) + 1):  # noqa: B007 (returned: the steps EM took)
         adjusted = adjust_to_prior(probs, base, prior)
         new = adjusted.mean(axis=0)
         done = np.abs(new - prior).max() <= tol

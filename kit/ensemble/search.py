@@ -13,10 +13,12 @@ Three fitted pieces, all on the OOF rows:
   once (equal weights) or the best singles, then repeatedly add the model whose addition
   scores best, and keep the best prefix of that path. It needs no gradient, so it optimises
   macro F1 (piecewise constant in the weights) directly; ``objective="logloss"`` optimises
-  log-loss instead. Optionally bagged over bootstrap resamples of the rows.
+  log-loss instead. Optionally bagged over bootstrap resamples of the rows
+  (:mod:`kit.ensemble.weights`).
 - **class biases**: the decision rule is ``argmax(log p + b)`` with ``b[0] = 0``; each other
   ``b[c]`` is tuned by coordinate ascent over a grid. Macro F1 rewards recall on small classes
-  that plain argmax under-predicts; the gain is measured and printed.
+  that plain argmax under-predicts; the gain is measured and printed
+  (:mod:`kit.ensemble.biases`).
 - **honesty**: the whole fit (weights and biases) is repeated once per fold on the other
   folds' rows and applied to the held-out fold; the concatenated held-out predictions give
   the *nested* macro F1, the submission's expected score. The in-sample score is reported
@@ -40,150 +42,13 @@ from sklearn.utils.validation import check_is_fitted
 
 from kit import CLASSES
 from kit.config import given
+from kit.ensemble.biases import apply_rule, fit_biases
 from kit.ensemble.prior import PRIORS, MixEstimate, adjust_to_prior, class_mix, estimate_mix
-from kit.metrics import bootstrap_ci, macro_f1, macro_f1_batch, paired_bootstrap, per_class_f1
+from kit.ensemble.weights import fit_weights
+from kit.metrics import bootstrap_ci, macro_f1, paired_bootstrap, per_class_f1
 from kit.utils import KitError, check_random_state
 
 OBJECTIVES = ("f1", "logloss")
-
-
-# ----------------------------------------------------------------------------- scoring
-
-def _score_batch(probs: np.ndarray, y: np.ndarray, objective: str, eps: float) -> np.ndarray:
-    """Higher-is-better score of each candidate blend (G x N x C)."""
-    if objective == "f1":
-        return macro_f1_batch(probs.argmax(axis=-1), y, probs.shape[-1])
-    picked = np.take_along_axis(probs, y[None, :, None], axis=-1)[..., 0]
-    return np.log(np.maximum(picked, eps)).mean(axis=-1)  # minus the log-loss
-
-
-def apply_rule(probs: np.ndarray, biases: np.ndarray, eps: float) -> np.ndarray:
-    """Class indices ``argmax(log p + b)``."""
-    return (np.log(np.maximum(probs, eps)) + biases).argmax(axis=-1)
-
-
-# ----------------------------------------------------------------------------- search
-
-def greedy_weights(P: np.ndarray, y: np.ndarray, objective: str = "f1", iterations: int = 40,
-                   init: str = "both", init_size: int = 1, eps: float = 1e-6):
-    """Caruana greedy forward selection with replacement over the models of ``P`` (M x N x C).
-
-    Returns ``(weights, score)``: the best prefix of the selection path (earliest on ties).
-    ``init="equal"`` starts from every model once, ``"best"`` from the ``init_size`` best
-    single models, ``"both"`` runs both paths and keeps the better (the equal start on ties):
-    the result then never scores below equal weights nor the best single model on these rows.
-    """
-    results = [_greedy_path(P, y, objective, iterations, counts, eps)
-               for counts in _start_counts(P, y, objective, init, init_size, eps)]
-    return max(results, key=lambda r: r[1])  # max keeps the first of equal scores
-
-
-def _greedy_path(P, y, objective, iterations, counts, eps):
-    counts = counts.copy()
-    total = np.tensordot(counts, P, axes=1)
-    best_counts = counts.copy()
-    best = float(_score_batch((total / counts.sum())[None], y, objective, eps)[0])
-    for _ in range(iterations if P.shape[0] > 1 else 0):
-        scores = _score_batch((total[None] + P) / (counts.sum() + 1), y, objective, eps)
-        j = int(np.argmax(scores))
-        counts[j] += 1
-        total += P[j]
-        if scores[j] > best + 1e-12:
-            best, best_counts = float(scores[j]), counts.copy()
-    return best_counts / best_counts.sum(), best
-
-
-def _start_counts(P, y, objective, init, init_size, eps) -> list[np.ndarray]:
-    """Where the greedy paths start: every model once and/or the ``init_size`` best singles."""
-    if init not in ("equal", "best", "both"):
-        raise KitError(f"blend config: init must be 'equal', 'best' or 'both', got {init!r}")
-    starts = []
-    if init in ("equal", "both"):
-        starts.append(np.ones(P.shape[0]))
-    if init in ("best", "both"):
-        singles = _score_batch(P, y, objective, eps)
-        counts = np.zeros(P.shape[0])
-        counts[np.argsort(-singles, kind="stable")[:max(1, init_size)]] = 1
-        starts.append(counts)
-    return starts
-
-
-def fit_weights(P, y, cfg: dict, objective: str, rng) -> np.ndarray:
-    """Weights from the greedy search, bagged over bootstrap row resamples when ``bags > 0``."""
-    kw = dict(objective=objective, iterations=int(cfg["iterations"]), init=cfg["init"],
-              init_size=int(cfg["init_size"]), eps=float(cfg["eps"]))
-    bags = int(cfg["bags"])
-    if bags <= 0 or P.shape[0] == 1:
-        return greedy_weights(P, y, **kw)[0]
-    n = P.shape[1]
-    bagged = np.mean([greedy_weights(P[:, idx], y[idx], **kw)[0]
-                      for idx in (rng.integers(0, n, n) for _ in range(bags))], axis=0)
-    # Never worse than where the paths start, on the rows the weights are fitted on.
-    starts = [c / c.sum() for c in _start_counts(P, y, objective, cfg["init"],
-                                                 int(cfg["init_size"]), float(cfg["eps"]))]
-    scores = _score_batch(np.tensordot(np.stack([bagged] + starts), P, axes=1), y, objective,
-                          float(cfg["eps"]))
-    return ([bagged] + starts)[int(np.argmax(scores))]
-
-
-def bias_grid(cfg: dict) -> np.ndarray:
-    grid = np.linspace(float(cfg["bias_low"]), float(cfg["bias_high"]), int(cfg["bias_steps"]))
-    return np.round(grid, 10)
-
-
-def weighted_macro_f1_batch(pred: np.ndarray, y: np.ndarray, class_weight: np.ndarray,
-                            n_classes: int) -> np.ndarray:
-    """:func:`~kit.metrics.macro_f1_batch` with each row counted ``class_weight[y]`` times:
-    the expected macro F1 on a set whose class mix is the rows' mix times ``class_weight``."""
-    pred = np.atleast_2d(pred)
-    g = pred.shape[0]
-    w = np.broadcast_to(np.asarray(class_weight, np.float64)[y], pred.shape)
-    cell = pred + n_classes * np.arange(g)[:, None]
-    size = g * n_classes
-    predicted = np.bincount(cell.ravel(), w.ravel(), minlength=size).reshape(g, n_classes)
-    hit = pred == y[None, :]
-    hits = np.bincount(cell[hit], w[hit], minlength=size).reshape(g, n_classes)
-    denom = predicted + np.bincount(y, w[0], minlength=n_classes)[None, :]
-    present = denom > 0
-    f1 = np.divide(2.0 * hits, denom, out=np.zeros(denom.shape), where=present)
-    return f1.sum(axis=1) / np.maximum(present.sum(axis=1), 1)
-
-
-def fit_biases(probs: np.ndarray, y: np.ndarray, cfg: dict,
-               class_weight: np.ndarray | None = None) -> np.ndarray:
-    """Per-class additive biases on ``log p`` maximising macro F1, by coordinate ascent.
-
-    ``b[0]`` stays 0 (only differences matter). Each step tries every grid value for one
-    class at once; among equal scores the value nearest 0 wins (no bias without evidence).
-    Sweeps stop when one brings no gain or after ``bias_rounds``. ``class_weight`` (one per
-    class) scores macro F1 as if each class's rows were that many times as frequent: biases
-    for another class mix.
-    """
-    c = probs.shape[-1]
-    logp = np.log(np.maximum(probs, float(cfg["eps"])))
-    grid = bias_grid(cfg)
-    b = np.zeros(c)
-    if class_weight is None:
-        def f1_batch(pred):
-            return macro_f1_batch(pred, y, c)
-    else:
-        def f1_batch(pred):
-            return weighted_macro_f1_batch(pred, y, class_weight, c)
-    best = float(f1_batch(logp.argmax(axis=1)[None])[0])
-    for _ in range(int(cfg["bias_rounds"])):
-        gained = False
-        for k in range(1, c):
-            cand = np.broadcast_to(logp + b, (len(grid),) + logp.shape).copy()
-            cand[:, :, k] = logp[None, :, k] + grid[:, None]
-            scores = f1_batch(cand.argmax(axis=2))
-            top = scores.max()
-            ties = np.flatnonzero(scores >= top - 1e-12)
-            b[k] = grid[ties[np.argmin(np.abs(grid[ties]))]]
-            gained |= top > best + 1e-12
-            best = max(best, float(top))
-        if not gained:
-            break
-    return b
 
 
 @dataclass
@@ -489,27 +354,6 @@ class BlendSearch(BaseEstimator):
         float
         """
         return float(macro_f1(np.asarray(y), self.predict(P)))
-
-
-def search(P: np.ndarray, y: np.ndarray, folds: np.ndarray, cfg: dict, objective: str = "f1",
-           seed=42, models=None) -> SearchResult:
-    """The whole blend fit on arrays, as one record: ``BlendSearch(...).fit(...).result_``.
-
-    Parameters
-    ----------
-    P : ndarray of shape (M, N, C)
-        OOF probabilities of the library models.
-    y, folds : ndarray of shape (N,)
-        Class indices and fold numbers.
-    cfg : dict
-        The resolved ``blend`` config.
-    objective : {"f1", "logloss"}
-    seed : int, numpy.random.Generator or None
-        ``random_state`` of the estimator.
-    models : list of str, optional
-        Names of the models for ``scores["baselines"]``.
-    """
-    return BlendSearch(objective, cfg, seed).fit(P, y, folds, models=models).result_
 
 
 def _scores(res: SearchResult, P, y, folds, models) -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from numpy.lib.format import open_memmap
 
 from kit.config import given
 from kit.models.backbones import create_backbone, freeze_backbone
@@ -22,7 +23,14 @@ from kit.training.build import recalibrate_random
 from kit.training.checkpoints import weights_digest
 from kit.training.device import amp_dtype, pick_device
 from kit.training.tta import apply_view
-from kit.utils import KitError, atomic_write_json, progress, seed_everything, sha256_text, write_config
+from kit.utils import (
+    KitError,
+    atomic_write_json,
+    progress,
+    seed_everything,
+    sha256_text,
+    write_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +140,6 @@ def load_or_embed(backbone, patches, paths, split: str, views, cfg: dict,
     """The cached embeddings of ``patches`` (a :class:`kit.data.patches.PatchSet`), computed now
     on a miss. Safe with several workers: each embeds into its own temporary folder and the
     first to finish renames it into place; the others drop theirs and read the winner's."""
-    from numpy.lib.format import open_memmap
-
     cfg, dtype, device, autocast = _settings(cfg, device)
     views = cache_views(views)
     digest = digest or weights_digest(backbone)

@@ -13,8 +13,8 @@ from kit.config import Layered
 from kit.models.backbones import Backbone, list_backbones
 from kit.models.normalize import normalize_batch
 from kit.training.checkpoints import weights_digest
+from kit.training.feature_cv import FeatureCV
 from kit.training.features import Features, cache_backbone, cache_key, load_or_embed
-from kit.training.fold import FeatureCV
 from kit.utils import KitError, sha256_text
 
 log = logging.getLogger(__name__)
@@ -126,10 +126,10 @@ class Fusion:
                               for n, b in self.backbones.items()}}
 
 
-def check_path(name: str, cfg: dict, path: str) -> None:
+def check_path(name: str, cfg: dict, training_path: str) -> None:
     """KitError unless the settings keep every part frozen: fusion is the cached-embedding
     path only."""
-    if path == "feature_cache":
+    if training_path == "feature_cache":
         return
     why = []
     if cfg.get("train_norm"):
@@ -142,26 +142,26 @@ def check_path(name: str, cfg: dict, path: str) -> None:
                    "--unfreeze-last 0, no --no-feature-cache)")
 
 
-def frozen_defaults(name: str, cfg: Layered) -> Layered:
-    """``cfg`` as given for a single backbone; a fused run's settings freeze every part whole
-    (``train_norm: []``) unless the user's overrides say otherwise. KitError for an unknown
-    part."""
-    if len(split_name(name)) == 1 or not isinstance(cfg, Layered):
-        return cfg  # (train_config refuses anything but the command's settings)
-    if cfg.overrides.get("train_norm") is None:
-        cfg = cfg.plus({"train_norm": []})
-    return cfg
+def frozen_defaults(name: str, settings: Layered) -> Layered:
+    """``settings`` as given for a single backbone; a fused run's settings freeze every part
+    whole (``train_norm: []``) unless the user's overrides say otherwise. KitError for an
+    unknown part."""
+    if len(split_name(name)) == 1 or not isinstance(settings, Layered):
+        return settings  # (train_config refuses anything but the command's settings)
+    if settings.overrides.get("train_norm") is None:
+        settings = settings.plus({"train_norm": []})
+    return settings
 
 
-def build(name: str, weights, cfg: dict, path: str, views, train, test, seed: int,
+def build(name: str, weights, cfg: dict, training_path: str, views, train, test, seed: int,
           device) -> Fusion | None:
     """Build every part of ``name`` as :func:`kit.training.cv` builds a single frozen backbone
     (seeded with ``seed``, input size, AdaBN for random weights) and key its caches; KitError
-    when the settings (training ``path``) would need pixels. None for a single backbone."""
+    when the settings (``training_path``) would need pixels. None for a single backbone."""
     parts = split_name(name)
     if len(parts) == 1:
         return None
-    check_path(name, cfg, path)
+    check_path(name, cfg, training_path)
     wts = part_weights(parts, weights)
     backbones, digests, keys = {}, {}, {}
     for p in parts:
@@ -173,7 +173,7 @@ def build(name: str, weights, cfg: dict, path: str, views, train, test, seed: in
 
 
 def features(ctx) -> tuple[FusedBackbone, FeatureCV]:
-    """The fused backbone and a :class:`kit.training.fold.FeatureCV` over the parts' cached
+    """The fused backbone and a :class:`kit.training.feature_cv.FeatureCV` over the parts' cached
     embeddings, concatenated per patch and view (each cache read or embedded by
     :func:`kit.training.features.load_or_embed`, as the part's own run does)."""
     fusion, cfg = ctx.fused, ctx.cfg
@@ -201,8 +201,9 @@ def _concat(found: list[Features], where: Path, fusion: Fusion) -> Features:
     """One split's parts side by side (float32 in memory, as FeatureCV holds one cache)."""
     first = found[0]
     for f in found[1:]:
-        if f.views != first.views or \
-                not np.array_equal(f.samples.sample_index.values, first.samples.sample_index.values):
+        same_images = np.array_equal(f.samples.sample_index.values,
+                                     first.samples.sample_index.values)
+        if f.views != first.views or not same_images:
             raise KitError(f"{f.path} and {first.path}: the caches of a fused run list different "
                            "images or views; rerun ./run.sh patches and delete runs/features/")
     widths = np.cumsum([0] + [f.array.shape[-1] for f in found])

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kit.config import Layered
+from kit.training.settings import train_config
 from kit.utils import KitError, read_yaml
 
 TYPES = ("int", "float", "categorical")
@@ -131,10 +133,11 @@ def _numeric(name, kind, spec, where, objectives) -> Param:
     try:
         low, high = float(spec["low"]), float(spec["high"])
     except KeyError as exc:
-        raise KitError(f"{where}: {kind} needs `low` and `high` (missing {exc.args[0]!r})")
-    except (TypeError, ValueError):
+        raise KitError(f"{where}: {kind} needs `low` and `high` (missing {exc.args[0]!r})") \
+            from exc
+    except (TypeError, ValueError) as exc:
         raise KitError(f"{where}: low/high must be numbers (got {spec.get('low')!r}, "
-                       f"{spec.get('high')!r})")
+                       f"{spec.get('high')!r})") from exc
     log, step = bool(spec.get("log", False)), spec.get("step")
     if not (math.isfinite(low) and math.isfinite(high)) or low > high:
         raise KitError(f"{where}: need finite low <= high (got {low}, {high})")
@@ -168,7 +171,8 @@ def merge_entries(*entries: dict | None) -> dict:
 def _entries(raw, source: str) -> dict:
     if raw is None:
         return {}
-    if not isinstance(raw, dict) or not all(isinstance(v, (dict, type(None))) for v in raw.values()):
+    if not isinstance(raw, dict) or \
+            not all(isinstance(v, (dict, type(None))) for v in raw.values()):
         raise KitError(f"{source}: a search space is a mapping `default:` and/or `<backbone>:`, "
                        "each mapping parameter names to {type: ..., ...} or a fixed value")
     return raw
@@ -225,6 +229,11 @@ def dotted_keys(cfg: dict, prefix: str = "") -> set[str]:
         else:
             out.add(name)
     return out
+
+
+def known_param_keys(settings: Layered) -> set[str]:
+    """Dotted keys ``cv --params`` accepts (train.yaml, augment.yaml under ``augment.``)."""
+    return dotted_keys(train_config(settings))
 
 
 def _plain(p: Param):

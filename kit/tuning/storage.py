@@ -7,8 +7,14 @@ A journal file has no heartbeat: a dead worker's trial stays RUNNING there.
 """
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
+
+import optuna
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend
+from sqlalchemy.engine import make_url
 
 from kit.utils import KitError
 
@@ -25,8 +31,6 @@ def describe(url: str) -> str:
     if url.startswith(JOURNAL_PREFIX) or "://" not in url:
         return url
     try:
-        from sqlalchemy.engine import make_url
-
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # an unparsable URL fails properly in make_storage
         return url
@@ -48,14 +52,8 @@ def make_storage(url: str | None, paths, heartbeat_interval: int = 60, grace_per
     max_retry : int or None
         How often a trial of a dead worker is re-queued (None: without limit).
     """
-    import optuna
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-
     url = (url or "").strip() or default_url(paths)
     if url.startswith(JOURNAL_PREFIX) or (url.endswith(".log") and "://" not in url):
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
         path = Path(url[len(JOURNAL_PREFIX):] if url.startswith(JOURNAL_PREFIX) else url)
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
@@ -85,18 +83,16 @@ def make_storage(url: str | None, paths, heartbeat_interval: int = 60, grace_per
     except ImportError as exc:
         raise KitError(f"--storage {describe(url)}: its database driver is not installed "
                        f"({exc}); PostgreSQL needs postgresql+psycopg2:// (psycopg2-binary is "
-                       "in requirements.txt)")
+                       "in requirements.txt)") from exc
     except Exception as exc:  # sqlalchemy raises many types for a bad URL or a down server
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise KitError(f"--storage {describe(url)}: cannot open ({first}); check the URL and "
-                       "that the server is running")
+                       "that the server is running") from exc
 
 
 def _rdb_storage(cls, url: str, engine_kwargs: dict, kwargs: dict, tries: int = 3):
     """``RDBStorage``, retried when another worker is creating Optuna's tables right now
     (PostgreSQL answers that race with a UniqueViolation; the second try finds the tables)."""
-    import time
-
     for attempt in range(tries):
         try:
             return cls(url, engine_kwargs=engine_kwargs, **kwargs)

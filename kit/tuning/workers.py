@@ -11,7 +11,6 @@ command continues the study.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -19,14 +18,15 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from kit.config import Layered
-from kit.paths import Paths
+import torch
+
 from kit.process import run_for_user
+from kit.tuning.job import TuneJob
 from kit.tuning.storage import default_url
-from kit.tuning.tune import run_tune
+from kit.tuning.tune import run_job
 from kit.utils import KitError
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,6 @@ class Worker:
 
 def visible_gpus() -> list[str]:
     """The GPU ids this process may use, as ``CUDA_VISIBLE_DEVICES`` entries."""
-    import torch
-
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     current = os.environ.get("CUDA_VISIBLE_DEVICES")
     if current is not None and current.strip():
@@ -182,30 +180,27 @@ def _stop(procs) -> None:
 
 
 # --------------------------------------------------------------------------- tune
-def _payload(paths, kwargs: dict, storage: str, **changes) -> str:
-    """The tune stage's resolved arguments as JSON, for a worker (every worker on the one
-    ``storage``)."""
-    cfg = {**kwargs["cfg"], "storage": storage}
-    settings = asdict(kwargs["settings"])
-    return json.dumps({"workdir": str(paths.root),
-                       "kwargs": {**kwargs, "cfg": cfg, "settings": settings, **changes}})
+def _payload(job: TuneJob, storage: str, **changes) -> str:
+    """The tune stage's job as JSON, for a worker (every worker on the one ``storage``)."""
+    return job.to_json(cfg={**job.cfg, "storage": storage}, **changes)
 
 
-def launch(paths, kwargs: dict, workers: int | None, gpus_spec: str | None) -> int:
+def launch(job: TuneJob, workers: int | None, gpus_spec: str | None) -> int:
     """``./run.sh tune`` with ``--workers``/``--gpus``: create the studies, run the workers.
 
-    ``kwargs`` are :func:`kit.tuning.tune.run_tune`'s arguments, resolved once by the command;
-    every worker runs that stage with them.
+    ``job`` is the tune stage's arguments (:class:`kit.tuning.job.TuneJob`), resolved once by
+    the command; every worker runs that stage with them.
     """
-    if kwargs.get("estimate"):
+    if job.estimate:
         raise KitError("tune --estimate runs in one process; leave out --workers/--gpus")
-    if kwargs.get("create_only"):
+    if job.create_only:
         raise KitError("tune --create-only creates the studies once; leave out --workers/--gpus "
                        "(the launcher does this step itself before starting them)")
+    paths = job.paths
     gpus = assign(workers, parse_gpus(gpus_spec))
     # An explicit storage makes each worker seed its sampler with its own process id too
-    # (kit.tuning.tune.make_sampler), so workers that start together do not draw the same trials.
-    storage = kwargs["cfg"]["storage"] or default_url(paths)
+    # (kit.tuning.study.make_sampler), so workers that start together do not draw the same trials.
+    storage = job.cfg["storage"] or default_url(paths)
     where = ", ".join(f"w{i}: {'GPU ' + g if g is not None else 'CPU'}"
                       for i, g in enumerate(gpus))
     log.info(f"tune: {len(gpus)} workers on one storage ({where})")
@@ -213,7 +208,7 @@ def launch(paths, kwargs: dict, workers: int | None, gpus_spec: str | None) -> i
     pythonpath = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
     base = [sys.executable, "-m", "kit.tuning.workers", "--worker"]
     first = gpus[0]
-    create = Worker("create", base + [_payload(paths, kwargs, storage=storage, create_only=True)],
+    create = Worker("create", base + [_payload(job, storage=storage, create_only=True)],
                     {"PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1", **worker_env(first, 1)})
     run_processes([create])
     procs = []
@@ -221,7 +216,7 @@ def launch(paths, kwargs: dict, workers: int | None, gpus_spec: str | None) -> i
         label = f"w{i} {'gpu' + gpu if gpu is not None else 'cpu'}"
         env = {"PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1", "KIT_TUNE_WORKER": str(i),
                **worker_env(gpu, len(gpus))}
-        procs.append(Worker(label, base + [_payload(paths, kwargs, storage=storage)], env))
+        procs.append(Worker(label, base + [_payload(job, storage=storage)], env))
     t0 = time.perf_counter()
     run_processes(procs)
     log.info(f"tune: {len(procs)} workers done in {time.perf_counter() - t0:.0f} s; each "
@@ -231,9 +226,7 @@ def launch(paths, kwargs: dict, workers: int | None, gpus_spec: str | None) -> i
 
 def _worker_main(payload: str) -> int:
     """One worker: the tune stage with the launcher's resolved arguments."""
-    data = json.loads(payload)
-    kwargs = {**data["kwargs"], "settings": Layered(**data["kwargs"]["settings"])}
-    run_tune(paths=Paths.from_root(data["workdir"]), **kwargs)
+    run_job(TuneJob.from_json(payload))
     return 0
 
 

@@ -7,7 +7,7 @@ import pandas as pd
 
 from kit import CLASSES, PROB_COLUMNS
 from kit.ensemble.blend import RESERVED_RUN_DIRS, collapse_note, provenance
-from kit.ensemble.fusion import compare_all
+from kit.ensemble.fusion_vs_blend import compare_all
 from kit.metrics import bootstrap_ci, confusion_figure, to_indices
 from kit.paths import Paths
 from kit.submission.report.layout import (READ_ERRORS, Bold, Todo, figure_png, honesty_cell,
@@ -60,7 +60,8 @@ def _sources(value):
 
 def fusion_table(paths: Paths) -> tuple[dict | None, list[str]]:
     """Each fused run (``cv a+b``) against the blend of its parts' separate runs, paired on
-    the same OOF images (:mod:`kit.ensemble.fusion`), and notes on those it cannot compare."""
+    the same OOF images (:mod:`kit.ensemble.fusion_vs_blend`), and notes on those it cannot
+    compare."""
     found, notes = compare_all(paths)
     if not found:
         return None, notes

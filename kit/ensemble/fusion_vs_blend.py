@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from kit import CLASSES, PROB_COLUMNS
+from kit import PROB_COLUMNS
+from kit.artifacts import read_metrics, read_oof
 from kit.ensemble.blend import RESERVED_RUN_DIRS, provenance
 from kit.metrics import bootstrap_ci, fast_macro_f1, paired_bootstrap, to_indices
 from kit.paths import Paths
@@ -17,7 +17,8 @@ from kit.utils import KitError
 
 SEP = "+"  # as kit.training.fusion names a fused run
 BLEND_SOURCE = "runs/blend/oof_blend.csv (nested: weights and biases fitted on the other folds)"
-MEAN_SOURCE = "mean of the parts' OOF probabilities (nothing fitted; no blend of exactly these parts)"
+MEAN_SOURCE = ("mean of the parts' OOF probabilities (nothing fitted; no blend of exactly these "
+               "parts)")
 
 
 @dataclass
@@ -45,7 +46,7 @@ def fused_runs(paths: Paths) -> dict[str, list[str]]:
     out = {}
     for d in sorted(paths.runs_dir.iterdir()):
         if SEP in d.name and d.name not in RESERVED_RUN_DIRS and (d / "metrics.json").is_file():
-            record = (_metrics(d).get("config") or {}).get("fusion") or {}
+            record = (read_metrics(d / "metrics.json").get("config") or {}).get("fusion") or {}
             out[d.name] = list(record.get("parts") or d.name.split(SEP))
     return out
 
@@ -71,18 +72,18 @@ def compare(paths: Paths, fused: str, parts: list[str]) -> Comparison:
     """The fused run's OOF predictions against the blend of ``parts``: ``runs/blend/``'s
     nested predictions when that blend is of exactly these parts on the same folds file,
     else the mean of the parts' OOF probabilities."""
-    metrics = {n: _metrics(paths.backbone_dir(n)) for n in [fused, *parts]}
+    metrics = {n: read_metrics(paths.backbone_dir(n) / "metrics.json") for n in [fused, *parts]}
     sha = metrics[fused].get("folds_sha256")
     other = [p for p in parts if metrics[p].get("folds_sha256") != sha]
     if other:
         raise KitError(f"{fused}: {', '.join(other)} trained on another folds file; rerun "
                        f"./run.sh cv {other[0]} to compare")
-    oof = _read_oof(paths.backbone_dir(fused) / "oof.csv")
+    oof = read_oof(paths.backbone_dir(fused) / "oof.csv")
     y = to_indices(oof.label.to_numpy())
     pred_fused = oof[PROB_COLUMNS].to_numpy(np.float64).argmax(1)
     pred_blend, source = _blend_pred(paths, parts, sha, oof.index)
     if pred_blend is None:
-        probs = [_read_oof(paths.backbone_dir(p) / "oof.csv") for p in parts]
+        probs = [read_oof(paths.backbone_dir(p) / "oof.csv") for p in parts]
         for p, frame in zip(parts, probs):
             if set(frame.index) != set(oof.index):
                 raise KitError(f"{paths.backbone_dir(p) / 'oof.csv'}: not the images of "
@@ -103,7 +104,12 @@ def _blend_pred(paths: Paths, parts: list[str], sha, index) -> tuple[np.ndarray 
     folder = paths.runs_dir / "blend"
     if not (folder / "blend.json").is_file() or not (folder / "oof_blend.csv").is_file():
         return None, ""
-    record = _metrics(folder, "blend.json")
+    try:
+        record = json.loads((folder / "blend.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise KitError(f"{folder / 'blend.json'}: cannot be read ({exc}); rerun "
+                       "./run.sh blend") from exc
+    record = record if isinstance(record, dict) else {}
     if sorted(record.get("backbones") or []) != sorted(parts) or record.get("folds_sha256") != sha:
         return None, ""
     oof = pd.read_csv(folder / "oof_blend.csv", dtype={"sample_index": str, "label": str,
@@ -112,26 +118,3 @@ def _blend_pred(paths: Paths, parts: list[str], sha, index) -> tuple[np.ndarray 
     if "pred_nested" not in oof.columns or set(oof.index) != set(index):
         return None, ""
     return to_indices(oof.loc[index, "pred_nested"].to_numpy()), BLEND_SOURCE
-
-
-def _read_oof(path: Path) -> pd.DataFrame:
-    try:
-        df = pd.read_csv(path, dtype={"sample_index": str, "label": str}, keep_default_na=False)
-    except FileNotFoundError:
-        raise KitError(f"{path}: not found; rerun ./run.sh cv {path.parent.name}")
-    lacking = [c for c in ["sample_index", "label", *PROB_COLUMNS] if c not in df.columns]
-    if lacking or df.sample_index.duplicated().any():
-        raise KitError(f"{path}: not a cv oof.csv (columns sample_index,fold,label,"
-                       f"{','.join(PROB_COLUMNS)}, one row per image); rerun ./run.sh cv")
-    unknown = sorted(set(df.label) - set(CLASSES))
-    if unknown:
-        raise KitError(f"{path}: unknown label {unknown[0]!r}; rerun ./run.sh cv")
-    return df.set_index("sample_index")
-
-
-def _metrics(folder: Path, name: str = "metrics.json") -> dict:
-    try:
-        record = json.loads((folder / name).read_text())
-    except (OSError, ValueError) as exc:
-        raise KitError(f"{folder / name}: cannot be read ({exc})")
-    return record if isinstance(record, dict) else {}

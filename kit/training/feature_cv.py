@@ -10,55 +10,27 @@ import pandas as pd
 import torch
 
 from kit import CLASSES, PROB_COLUMNS
+from kit.artifacts import read_folds
 from kit.config import Layered, merge
-from kit.data.folds import load_folds
 from kit.data.patches import patches_for
 from kit.metrics import collapse_reason, macro_f1, prob_frame, weighted_f1
 from kit.models.backbones import list_backbones, native_size
 from kit.models.heads import create_head
 from kit.training import label_issues
-from kit.training.device import pick_device
 from kit.training.checkpoints import weights_digest
+from kit.training.device import pick_device
 from kit.training.features import Features, cache_backbone, load_or_embed
 from kit.training.selection import member_seed
 from kit.training.settings import train_config, tta_views
-from kit.training.sources import FeatureSource, as_tensor, image_probs_from_features, row_tensor, threads
+from kit.training.sources import (
+    FeatureSource,
+    as_tensor,
+    image_probs_from_features,
+    row_tensor,
+    threads,
+)
 from kit.training.train import fit
 from kit.utils import KitError, progress, seed_everything
-
-
-def train_head_on_features(x_train, y_train, x_val, y_val, cfg: dict, seed: int = 42,
-                           device="cpu", num_classes: int = len(CLASSES),
-                           desc: str = "head", groups=None):
-    """Train a head (``cfg["head"]``) on cached embeddings with :func:`kit.training.train.fit`.
-
-    Parameters
-    ----------
-    x_train, x_val : array or tensor, ``n x K x V x D``
-        Embeddings per image, patch and view; view 0 is ``id`` (see :func:`cache_views`).
-        ``x_val`` chooses the epoch only with ``early_stopping: oof``.
-    y_train, y_val : int arrays
-        Class index per image (every patch carries its image's label).
-    cfg : dict
-        Resolved training config (:func:`kit.training.settings.train_config`).
-    seed : int
-        Seeds the head's initialisation, the patch order, the view draws and the inner split.
-
-    Returns
-    -------
-    kit.training.selection.FoldResult
-        ``.head`` (= ``.model``) holds the chosen epoch's weights.
-    """
-    x_train, x_val = as_tensor(x_train), as_tensor(x_val)
-    y_train, y_val = np.asarray(y_train, np.int64), np.asarray(y_val, np.int64)
-    if len(y_train) == 0:
-        raise KitError(f"{desc}: no training images")
-    seed_everything(seed)
-    head = create_head(x_train.shape[-1], num_classes, **cfg["head"])
-    source = FeatureSource(torch.cat([x_train, x_val]), cfg, device)
-    n = len(y_train)
-    return fit(head, source, np.arange(n), y_train, cfg, val_rows=np.arange(n, n + len(y_val)),
-               val_y=y_val, groups=groups, seed=seed, device=device, desc=desc)
 
 
 # --------------------------------------------------------------------------- cross-validation
@@ -133,7 +105,8 @@ class FeatureCV:
             issues = None
             if self.cfg["label_issues"]["mode"] != "off":
                 # From the fold's training rows alone: its own (OOF) labels decide nothing.
-                issues = label_issues.find_fold_issues(source, tr, self.cfg, seed, k, desc=f"fold {k} ")
+                issues = label_issues.find_fold_issues(source, tr, self.cfg, seed, k,
+                                                       desc=f"fold {k} ")
             x_val = self.x[row_tensor(va.row)]
             members, per_view, test_per_view = train_bag(
                 source, lambda: create_head(self.x.shape[-1], len(CLASSES), **self.cfg["head"]),
@@ -212,33 +185,33 @@ def _align(folds: pd.DataFrame, samples: pd.DataFrame, where) -> pd.DataFrame:
                         y=[CLASSES.index(c) for c in folds.label])
 
 
-def prepare(backbone, paths, params: dict | None = None, cfg: Layered | None = None,
+def prepare(backbone, paths, params: dict | None = None, settings: Layered | None = None,
             weights="auto", seed: int = 42, device=None, with_test: bool = True,
             features_cfg: dict | None = None) -> FeatureCV:
     """Load folds and patches, embed (or read the cache), and return a :class:`FeatureCV`.
 
     ``backbone`` is a registered name or an already built :class:`kit.models.backbones.Backbone`;
-    ``params`` (dotted keys) and ``cfg`` (the command's settings,
+    ``params`` (dotted keys) and ``settings`` (the command's,
     :func:`kit.config.train_settings`) resolve as in :func:`kit.training.cv.run_cv`.
     """
-    tcfg = train_config(cfg, params)
-    views = tta_views(tcfg["tta"])
-    folds, _ = load_folds(paths)
+    cfg = train_config(settings, params)
+    views = tta_views(cfg["tta"])
+    folds, _ = read_folds(paths.folds_csv)
     name = backbone if isinstance(backbone, str) else getattr(backbone, "name", None)
     native = native_size(name) if name in list_backbones() else None
-    train, *rest = patches_for(paths, native, tcfg["patches_size"],
+    train, *rest = patches_for(paths, native, cfg["patches_size"],
                                ("train", "test") if with_test else ("train",), backbone=name)
     test = rest[0] if rest else None
-    fcfg = merge(tcfg["features"], features_cfg or {}, source="features")
+    fcfg = merge(cfg["features"], features_cfg or {}, source="features")
     dev = pick_device(None if fcfg["device"] == "auto" else fcfg["device"]) \
         if device is None else pick_device(device)
     if isinstance(backbone, str):
-        backbone = cache_backbone(backbone, tcfg, train, weights, seed, dev)
+        backbone = cache_backbone(backbone, cfg, train, weights, seed, dev)
     digest = weights_digest(backbone)
     ftrain = load_or_embed(backbone, train, paths, "train", views, fcfg, dev, digest)
     ftest = load_or_embed(backbone, test, paths, "test", views, fcfg, dev, digest) \
         if test is not None else None
-    return FeatureCV(ftrain, folds, tcfg, views, ftest, dev, seed, int(fcfg["threads"]), cfg)
+    return FeatureCV(ftrain, folds, cfg, views, ftest, dev, seed, int(fcfg["threads"]), settings)
 
 
 @dataclass
@@ -256,12 +229,9 @@ class FeaturesCVResult:
     cfg: dict
     features: dict  # cache keys, folders, weights digest/source, hits
 
-    def __iter__(self):  # ``oof, per_fold, test = features_cv(...)``
-        return iter((self.oof, self.per_fold, self.test))
-
 
 def features_cv(backbone, paths, params: dict | None = None, seed: int = 42,
-                cfg: Layered | None = None, weights="auto", device=None, folds=None,
+                settings: Layered | None = None, weights="auto", device=None, folds=None,
                 with_test: bool = True, on_fold=None) -> FeaturesCVResult:
     """Cross-validation of a head on cached embeddings: what ``cv`` computes when nothing in
     the backbone trains, for a fraction of the compute.
@@ -272,7 +242,7 @@ def features_cv(backbone, paths, params: dict | None = None, seed: int = 42,
     paths : kit.paths.Paths
     params : dict, optional
         Dotted overrides (best.yaml), as in :func:`kit.training.cv.run_cv`.
-    cfg : kit.config.Layered
+    settings : kit.config.Layered
         The command's settings (:func:`kit.config.train_settings`).
     seed : int
         Fold ``k`` trains with ``seed + k``; the backbone is built after seeding ``seed``.
@@ -284,10 +254,9 @@ def features_cv(backbone, paths, params: dict | None = None, seed: int = 42,
     Returns
     -------
     FeaturesCVResult
-        Unpacks as ``oof, per_fold, test``.
     """
     fcv = backbone if isinstance(backbone, FeatureCV) else prepare(
-        backbone, paths, params, cfg, weights, seed, device, with_test)
+        backbone, paths, params, settings, weights, seed, device, with_test)
     ks = list(range(fcv.n_folds)) if folds is None else [int(k) for k in folds]
     preds = []
     for k in progress(ks, desc="features cv", unit="fold"):
