@@ -90,6 +90,15 @@ def test_ledger_rows_sorted_by_estimated_private_score(tmp_path, capsys):
     assert "failed" in table[3]
 
 
+def test_a_manifest_of_other_classes_is_skipped(tmp_path, capsys):
+    w = tmp_path / "w"
+    _submit(w, "20250101-000000_a", 1, 0)
+    other = default_task().model_copy(update={"classes": ("x", "y")})
+    assert ledger.load_manifests(Paths.from_root(w), other) == []
+    assert "not the task's; pass --task" in capsys.readouterr().out
+    assert len(ledger.load_manifests(Paths.from_root(w))) == 1
+
+
 def test_public_score_moves_the_estimate_by_its_precision():
     ci = [0.46, 0.54]
     se = (ci[1] - ci[0]) / ledger.SE_PER_CI95

@@ -22,14 +22,14 @@ def run(args) -> int:
 
     paths = Paths.from_root(args.workdir)
     task = load_task(args.task, args.data)
-    manifests = ledger.load_manifests(paths)
+    manifests = ledger.load_manifests(paths, task)
     if args.refresh:
         from kit.submission.refresh import competitions, refresh, summary
 
         for slug in competitions(args.competition, manifests, task):
             for line in summary(refresh(manifests, slug), slug):
                 print(line)
-            manifests = ledger.load_manifests(paths)  # the records just stored
+            manifests = ledger.load_manifests(paths, task)  # the records just stored
     path, df = ledger.write_ledger(paths, task, manifests)
     if df.empty:
         print(f"no submissions in {paths.submissions_dir}: ./run.sh blend writes one")

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from kit.metrics import format_ci, get_metric
-from kit.submission.ledger import build_ledger
+from kit.submission.ledger import ON_KAGGLE, build_ledger
 from kit.submission.package import load_manifest
 from kit.submission.shakeup import (
     N_DRAWS,
@@ -31,7 +31,7 @@ from kit.task import default_task
 from kit.utils import KitError
 
 NOISE = 0.8  # P(A beats B) below this: A and B are within noise of each other
-UNUSABLE = ("error", "failed")  # Kaggle could not score it, or it never reached Kaggle
+UNUSABLE = ("error",)  # Kaggle could not score it (a failed upload can still be retried)
 
 
 class Pick:
@@ -158,7 +158,7 @@ def choose(paths, task=None, n_draws: int = N_DRAWS, seed=SEED, noise: float = N
     if len(picks) == 1:
         out["notes"].append("only one submission can be selected: blend another (other runs "
                             "are the better hedge) for a second pick")
-        return out
+        return _pick_notes(out, [first])
     second, why = picks[1], "the best of the rest by estimated private score"
     if second.runs == first.runs:
         other = next((p for p in picks[2:] if p.runs != first.runs), None)
@@ -182,11 +182,16 @@ def choose(paths, task=None, n_draws: int = N_DRAWS, seed=SEED, noise: float = N
     out["p_first_beats"] = p
     if unknown:
         out["notes"].append(f"P(first beats second) unknown: {unknown}")
-    for pick in (first, second):
+    return _pick_notes(out, [first, second])
+
+
+def _pick_notes(out: dict, picks: list[Pick]) -> dict:
+    """Add what the user must know of each pick: an optimistic score, not on Kaggle yet."""
+    for pick in picks:
         if pick.row["expected_label"] == "optimistic":
             out["notes"].append(f"{pick.name}: its expected score is OPTIMISTIC (an input chose "
                                 "something on its own OOF rows)")
-        if pick.row["status"] is None or _nan(pick.row["status"]):
+        if _str(pick.row["status"]) not in ON_KAGGLE:
             out["notes"].append(f"{pick.name}: not on Kaggle yet: ./run.sh submit "
                                 f"{pick.manifest.with_name(pick.row['file'])} -m ...")
     return out

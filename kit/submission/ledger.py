@@ -5,6 +5,15 @@ records, so the file can always be rebuilt (:func:`write_ledger`) and is never e
 Each row carries the nested expected score and its interval, the shake-up spread, the
 leaderboard scores once known, and the private score expected from all of them
 (:func:`estimate`), by which the rows are sorted, best first.
+
+Columns (:data:`COLUMNS`): ``time`` (the blend's, UTC), ``file`` (the CSV), ``sha256`` (of the
+CSV), ``runs`` (backbones, ``+``-joined), ``run_hashes`` (``backbone:hash;...``, a hash of the
+run files the blend read), ``metric``, ``expected`` with ``expected_lo``/``expected_hi`` (the
+nested score and its 95 % interval) and ``expected_label`` (``expected`` | ``optimistic``),
+``sd_public_minus_private`` (the shake-up), ``public_score``, ``private_score``, ``estimate``
+with ``estimate_lo``/``estimate_hi`` and ``estimate_basis`` (``private`` | ``nested+public`` |
+``nested``), then the upload record's ``competition``, ``ref``, ``status`` and ``submitted``
+(its time), and ``oof`` (the nested OOF file, when there is one).
 """
 from __future__ import annotations
 
@@ -50,13 +59,19 @@ def manifest_paths(paths) -> list[Path]:
                   and not p.name.endswith(".submissions.json"))
 
 
-def load_manifests(paths) -> list[tuple[Path, dict]]:
-    """``(path, manifest)`` of every readable manifest; an unreadable one is skipped with a
-    warning naming it (one broken file must not hide the others)."""
+def load_manifests(paths, task=None) -> list[tuple[Path, dict]]:
+    """``(path, manifest)`` of every readable manifest of the task's classes; any other is
+    skipped with a warning naming it (one broken file must not hide the others)."""
+    classes = set((task or default_task()).classes)
     out = []
     for path in manifest_paths(paths):
         try:
             manifest = package.load_manifest(path)
+            biases = manifest["blend"].get("biases")
+            # The set, not the order: manifests are written with sorted keys.
+            if isinstance(biases, dict) and set(biases) != classes:
+                raise KitError(f"{path}: a blend for classes {', '.join(map(str, biases))}, "
+                               "not the task's; pass --task for its competition")
         except KitError as exc:
             LOGGER.warning(f"warning: skipped {exc}")
             continue
@@ -187,7 +202,7 @@ def build_ledger(paths, task=None, manifests=None) -> pd.DataFrame:
     :func:`load_manifests` returns them (default: read now)."""
     task = task or default_task()
     if manifests is None:
-        manifests = load_manifests(paths)
+        manifests = load_manifests(paths, task)
     rows = [ledger_row(p, m, task) for p, m in manifests]
     df = pd.DataFrame(rows, columns=[*COLUMNS, "manifest"])
     if df.empty:

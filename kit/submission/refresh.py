@@ -269,8 +269,9 @@ def summary(result: dict, competition: str) -> list[str]:
     """What a refresh did, in lines."""
     n = sum(result["matched"].values())
     hows = ", ".join(f"{k} by {how}" for how, k in result["matched"].items())
-    lines = [f"{competition}: {result['listed']} submissions listed, {n} matched to manifests"
-             + (f" ({hows})" if hows else "")]
+    plural = "" if result["listed"] == 1 else "s"
+    lines = [f"{competition}: {result['listed']} submission{plural} listed, {n} matched to "
+             "manifests" + (f" ({hows})" if hows else "")]
     if result["unmatched"]:
         refs = ", ".join(f"{s['ref']} ({s['file_name'] or 'no file name'})"
                          for s in result["unmatched"][:10])
