@@ -58,9 +58,11 @@ def format_summary(result: BlendResult) -> str:
     s, ins = result.scores, result.inputs
     base, nested, in_sample = s["baselines"], s["nested"], s["in_sample"]
     title = get_metric(result.metric).title
+    head = f"OOF {title} [95% CI over images]"
+    width = max(34, len(head) + 1)  # a longer metric title widens the first column
 
     def row(label, a, b=""):
-        return f"  {label:<34}{a:>24}{b:>24}"
+        return f"  {label:<{width}}{a:>24}{b:>24}"
 
     def f1(block, key="score", ci="ci95"):
         return format_ci(score_of(block, key), block.get(ci))
@@ -74,7 +76,7 @@ def format_summary(result: BlendResult) -> str:
         f"blend of {len(ins.backbones)} backbone(s) ({', '.join(ins.backbones)}), "
         f"{len(ins.models)} library model(s), objective {result.objective}, "
         f"{len(ins.ids)} OOF images in {len(np.unique(ins.folds))} folds",
-        row(f"OOF {title} [95% CI over images]", "in-sample (optimistic)", "nested (expected)"),
+        row(head, "in-sample (optimistic)", "nested (expected)"),
         row(f"best single ({base['best_single']['model']})", f1(base["best_single"]),
             "(picked on OOF)"),
         row("equal weights", f1(base["equal_weights"]), "(not fitted)"),
