@@ -153,7 +153,8 @@ class FakeKaggle:
     def _create(self, req):
         if self.mode == "leak":
             auth = base64.b64encode(f"{self.username}:{self.key}".encode()).decode()
-            return 400, {"code": 400, "message": f"bad request: key {self.key}, header Basic {auth}"}
+            return 400, {"code": 400,
+                         "message": f"bad request: key {self.key}, header Basic {auth}"}
         if self.mode == "quota":
             return 400, {"code": 400, "message": "Submission limit reached: 5 submissions per day"}
         if self.mode == "quota_message":
@@ -181,7 +182,8 @@ class FakeKaggle:
                     "date": sub["date"].isoformat(timespec="milliseconds") + "Z"}
             if sub["polls"] > self.pending_polls:
                 if self.mode == "score_error":
-                    item.update(status="ERROR", errorDescription="Submission has 3 rows; 4 expected")
+                    item.update(status="ERROR",
+                                errorDescription="Submission has 3 rows; 4 expected")
                 else:
                     item.update(status="COMPLETE", publicScore=self.public_score)
             out.append(item)
