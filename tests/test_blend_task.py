@@ -18,13 +18,9 @@ from kit.ensemble.search import BlendSearch
 from kit.ensemble.weights import greedy_weights
 from kit.metrics import METRICS, score
 from kit.submission.blend_output import run_blend
-from kit.submission.package import (
-    load_manifest,
-    manifest_task,
-    train_labels_digest,
-    validate_submission,
-)
+from kit.submission.package import load_manifest, validate_submission
 from kit.submission.reproduce import run_reproduce
+from kit.submission.task_data import manifest_task, train_labels_digest
 from kit.utils import KitError
 
 

@@ -13,9 +13,9 @@ from kit.paths import Paths
 from kit.submission.package import (
     build_manifest,
     command_line,
-    train_labels_digest,
     write_submission,
 )
+from kit.submission.task_data import train_labels_digest
 from kit.task import as_data
 from kit.utils import (
     KitError,

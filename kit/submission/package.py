@@ -26,8 +26,9 @@ import pandas as pd
 from filelock import FileLock
 
 from kit import __version__
-from kit.data.dataset import expected_test_ids, find_root, load_dataset
-from kit.task import Data, Task, default_task, parse_task, pattern_folder
+from kit.data.dataset import expected_test_ids  # noqa: F401 (the submission's test ids)
+from kit.submission.task_data import labels_source, task_or_default, test_folder, test_ids
+from kit.task import Task, default_task
 from kit.utils import (
     KitError,
     atomic_path,
@@ -79,44 +80,6 @@ def test_files_sha256(ids: Iterable[str]) -> str:
 test_files_sha256.__test__ = False  # not a test, whatever pytest makes of its name
 
 
-def _task(task, where=None) -> Task:
-    """``task``, else the task of ``where`` when it is a :class:`~kit.task.Data`, else the
-    built-in one."""
-    if task is not None:
-        return task
-    return where.task if isinstance(where, Data) else default_task()
-
-
-def test_ids(where, task: Task | None = None) -> list[str]:
-    """Sorted test ids: the files the task's ``images.test`` matches under a dataset root (a
-    path or a :class:`~kit.task.Data`), or the ids given.
-
-    For the built-in task a bare ``test_data/`` folder (or a root holding only that) is read
-    as before tasks: its ``img_*.png`` files.
-    """
-    task = _task(task, where)
-    if not isinstance(where, (str, os.PathLike)):
-        return expected_test_ids(where)
-    if task == default_task():
-        try:
-            return expected_test_ids(where, task=task)
-        except KitError:  # a test folder alone, as the checks before a submit may be given
-            return expected_test_ids(where)
-    return expected_test_ids(where, task=task)
-
-
-test_ids.__test__ = False  # not a test, whatever pytest makes of its name
-
-
-def test_folder(task: Task) -> str:
-    """Where the task's test images are, as messages name it (``test_data/`` for AN2DL)."""
-    folder = pattern_folder(task.images.test)
-    return f"{folder}/" if folder else "the data folder"
-
-
-test_folder.__test__ = False
-
-
 def validate_submission(df_or_path, test_dir_or_ids, classes=None, *,
                         task: Task | None = None) -> list[str]:
     """Every problem of a submission, one line each naming the row; empty list if valid.
@@ -133,7 +96,7 @@ def validate_submission(df_or_path, test_dir_or_ids, classes=None, *,
         What the file must follow: its submission columns, classes and test images (default:
         the task of a :class:`~kit.task.Data` given, else the built-in AN2DL task).
     """
-    task = _task(task, test_dir_or_ids)
+    task = task_or_default(task, test_dir_or_ids)
     expected = test_ids(test_dir_or_ids, task)
     columns = task.submission_columns
     if isinstance(df_or_path, pd.DataFrame):
@@ -238,7 +201,7 @@ def write_submission(df: pd.DataFrame, path, expected_ids, classes=None, *,
         Listing every problem row.
     """
     path = Path(path)
-    task = _task(task, expected_ids)
+    task = task_or_default(task, expected_ids)
     if not isinstance(expected_ids, (str, os.PathLike)):
         expected_ids = list(expected_ids)  # read twice below
     problems = validate_submission(df, expected_ids, classes, task=task)
@@ -297,9 +260,10 @@ def build_manifest(*, name: str, csv_path, csv_sha256: str, csv_rows: int, comma
     """Assemble a submission manifest (plain JSON types); see REQUIRED_FIELDS for its keys.
 
     Besides those it records ``task`` (``name``, ``fingerprint``, ``definition``: the task's
-    keys; :func:`manifest_task` reads it back), ``metric`` (the task's metric, which
-    ``scores`` and ``expected_score`` are in) and ``data.train_labels_source`` (what
-    ``train_labels_sha256`` hashes: :func:`train_labels_digest`).
+    keys; :func:`kit.submission.task_data.manifest_task` reads it back), ``metric`` (the
+    task's metric, which ``scores`` and ``expected_score`` are in) and
+    ``data.train_labels_source`` (what ``train_labels_sha256`` hashes:
+    :func:`kit.submission.task_data.train_labels_digest`).
 
     Parameters
     ----------
@@ -327,7 +291,7 @@ def build_manifest(*, name: str, csv_path, csv_sha256: str, csv_rows: int, comma
     csv_path = Path(csv_path)
     task = default_task() if task is None else task
     if train_labels_source is None:
-        train_labels_source = _labels_source(task)
+        train_labels_source = labels_source(task)
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "kit": {"version": __version__, "git": git_info()},
@@ -359,43 +323,6 @@ def build_manifest(*, name: str, csv_path, csv_sha256: str, csv_rows: int, comma
     if missing:  # a programming error, not user input
         raise ValueError(f"manifest incomplete: {missing}")
     return json.loads(json.dumps(manifest, default=_json_default))
-
-
-def manifest_task(manifest: dict, where="manifest") -> Task:
-    """The task a manifest was made for: its recorded ``task.definition``, checked; the
-    built-in AN2DL task for a manifest written before manifests recorded one."""
-    recorded = manifest.get("task")
-    if not recorded:
-        return default_task()
-    if recorded.get("fingerprint") == default_task().fingerprint:
-        return default_task()
-    return parse_task(recorded.get("definition"), source=f"{where} (task)")
-
-
-def _labels_source(task: Task) -> str:
-    if task.layout == "csv":
-        return task.labels.file
-    return f"sorted id,label listing of {task.images.train}"
-
-
-def train_labels_digest(data, task: Task) -> tuple[str | None, str]:
-    """``(sha256, what it hashes)`` of the training labels: the labels file's bytes (None
-    when it is missing), or with the folders layout, where no file holds them, the sorted
-    ``id,label`` lines of the training images the task finds.
-
-    Raises
-    ------
-    KitError
-        No dataset at ``data``; with the folders layout, a dataset the task cannot list.
-    """
-    source = _labels_source(task)
-    root = find_root(data, task)
-    if task.layout == "csv":
-        path = root / task.labels.file
-        return (sha256_file(path) if path.is_file() else None), source
-    train = load_dataset(root, check_pixels=False, task=task).train
-    lines = sorted(f"{s.id},{s.label}" for s in train)
-    return sha256_text("\n".join(lines) + "\n"), source
 
 
 def _json_default(obj):

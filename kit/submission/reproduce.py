@@ -19,15 +19,8 @@ from kit import __version__
 from kit.data.dataset import find_root
 from kit.ensemble.blend import fit_blend
 from kit.paths import Paths
-from kit.submission.package import (
-    load_manifest,
-    manifest_task,
-    test_files_sha256,
-    test_folder,
-    test_ids,
-    train_labels_digest,
-    write_submission,
-)
+from kit.submission.package import load_manifest, test_files_sha256, write_submission
+from kit.submission.task_data import manifest_task, test_folder, test_ids, train_labels_digest
 from kit.task import Task, as_data
 from kit.utils import KitError, atomic_write_bytes, package_versions, sha256_bytes, sha256_file
 

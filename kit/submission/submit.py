@@ -24,6 +24,7 @@ from kit.paths import Paths
 from kit.submission import package
 from kit.submission.credentials import find_credentials
 from kit.submission.kaggle_client import KaggleSession
+from kit.submission.task_data import manifest_task, test_folder, test_ids
 from kit.task import Data, Task, as_data, default_task
 from kit.utils import KitError, atomic_write_json, sha256_file
 
@@ -54,7 +55,7 @@ def submission_task(data, manifest: dict | None, where="manifest") -> Task:
     """The task a submission is checked against: the task of ``data`` when its folder exists
     (refused when the manifest was made for another task), else the manifest's, else the
     task ``data`` names, else the built-in one."""
-    recorded = package.manifest_task(manifest, where) if manifest is not None else None
+    recorded = manifest_task(manifest, where) if manifest is not None else None
     data = as_data(data)
     if data is None or not Path(data).is_dir():  # no dataset at hand
         if recorded is not None:
@@ -81,17 +82,17 @@ def check_submission(csv_path: Path, manifest: dict | None, data=None,
     expected = None
     if data is not None and Path(data).is_dir():
         try:
-            expected = package.test_ids(data, task)
+            expected = test_ids(data, task)
         except KitError:  # no test folder there: the manifest's record decides
             expected = None
     if expected:
-        source = f"{Path(data) / package.test_folder(task)}"
+        source = f"{Path(data) / test_folder(task)}"
     elif manifest is not None:
         expected = _ids_matching_manifest(csv_path, manifest)
         source = "the test set recorded in the manifest"
     else:
         raise KitError(f"{csv_path}: cannot check its rows without the test set: pass --data "
-                       f"<dataset root with {package.test_folder(task)}>, or submit a CSV "
+                       f"<dataset root with {test_folder(task)}>, or submit a CSV "
                        "written by ./run.sh blend")
     problems = package.validate_submission(csv_path, expected, task=task)
     if problems:
