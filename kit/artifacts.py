@@ -7,7 +7,7 @@ reads the same files with the same checks.
 
 - :func:`read_oof`: ``runs/<run>/oof.csv`` (and a fold's or a TTA view's file of that format)
 - :func:`read_test`: ``runs/<run>/test.csv`` (likewise)
-- :func:`read_metrics`: ``runs/<run>/metrics.json``
+- :func:`read_metrics`: ``runs/<run>/metrics.json`` (:func:`run_score`: the score it gives)
 - :func:`read_folds`: ``folds/folds.csv``
 - :func:`read_manifest`: a submission's ``.json`` manifest
 """
@@ -103,14 +103,17 @@ def read_test(path, *, classes=CLASSES) -> pd.DataFrame:
     return df.set_index("sample_index")
 
 
-def read_metrics(path, *, classes=CLASSES) -> dict:
+def read_metrics(path, *, classes=CLASSES, metric: str | None = None) -> dict:
     """A cv run's ``metrics.json``.
+
+    ``metric`` (a task's metric name), when given, must be the one the run was scored by:
+    its ``metric``, or macro F1 for a file written before runs recorded one.
 
     Raises
     ------
     KitError
-        Missing file, not JSON, not a JSON object, or made for other classes (its
-        ``classes``, when recorded, differ from ``classes``).
+        Missing file, not JSON, not a JSON object, made for other classes (its ``classes``,
+        when recorded, differ from ``classes``) or scored by another metric.
     """
     path = Path(path)
     fix = f"rerun ./run.sh cv {_run_name(path)}"
@@ -118,8 +121,27 @@ def read_metrics(path, *, classes=CLASSES) -> dict:
     recorded = metrics.get("classes")
     if recorded is not None and list(recorded) != list(classes):
         raise KitError(f"{path}: made for classes {', '.join(map(str, recorded))}, not "
-                       f"{', '.join(classes)}; {fix}")
+                       f"{', '.join(classes)}; {fix} for this task")
+    scored = run_metric(metrics)
+    if metric is not None and scored != metric:
+        raise KitError(f"{path}: scored by {scored}, not the task's {metric}; {fix} for this "
+                       "task (or pass the --task it was made for)")
     return metrics
+
+
+def run_metric(metrics: dict) -> str:
+    """The metric a cv run was scored by: its ``metric``, or macro F1 for a file written
+    before runs recorded one (the kit scored nothing else then)."""
+    return str(metrics.get("metric") or "macro_f1")
+
+
+def run_score(metrics: dict) -> tuple[str, float | None, list | None]:
+    """``(metric, score, 95 % interval)`` of a cv run's ``metrics.json``: ``oof_score`` in
+    its ``metric`` with ``oof_score_ci95``; for a file without ``oof_score`` (written before
+    runs named their metric), ``oof_macro_f1`` and its interval."""
+    if metrics.get("oof_score") is not None:
+        return run_metric(metrics), metrics["oof_score"], metrics.get("oof_score_ci95")
+    return "macro_f1", metrics.get("oof_macro_f1"), metrics.get("oof_macro_f1_ci95")
 
 
 # --------------------------------------------------------------------------- folds

@@ -724,7 +724,8 @@ def as_data(data, task=None) -> Data | None:
     None (a stage that can run without a dataset)."""
     if data is None or isinstance(data, Data):
         return data
-    root = Path(getattr(data, "root", data))  # a loaded kit.data.dataset.Dataset too
+    # a loaded kit.data.dataset.Dataset too (by its root; a Path's .root is its anchor, "/")
+    root = Path(data if isinstance(data, (str, os.PathLike)) else data.root)
     return Data(root, load_task(task if task is not None else getattr(data, "task", None), root))
 
 

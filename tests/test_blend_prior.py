@@ -156,7 +156,8 @@ def test_prior_em_finds_a_shifted_test_mix_and_gains_macro_f1():
     p = synthetic_problem(581, 3, seed=7, test_prior=shifted)
     truth = class_mix(p["y_test"], 4)
     train = BlendSearch(random_state=0, cfg=load_config("blend")).fit(p["oof"], p["y"], p["folds"])
-    em = BlendSearch(cfg=load_config("blend", {"prior": "em"}), random_state=0).fit(p["oof"], p["y"], p["folds"])
+    em = BlendSearch(cfg=load_config("blend", {"prior": "em"}), random_state=0).fit(
+        p["oof"], p["y"], p["folds"])
     rule = em.prior_rule(p["test"])
     assert rule.mode == "em" and rule.n_iter > 1
     assert np.abs(rule.mix - truth).sum() < 0.5 * np.abs(rule.train_mix - truth).sum()
@@ -173,13 +174,14 @@ def test_prior_em_finds_a_shifted_test_mix_and_gains_macro_f1():
 def test_prior_em_changes_nothing_without_a_significant_shift():
     p = synthetic_problem(581, 3, seed=11)  # test drawn with the training mix
     train = BlendSearch(random_state=0, cfg=load_config("blend")).fit(p["oof"], p["y"], p["folds"])
-    em = BlendSearch(cfg=load_config("blend", {"prior": "em"}), random_state=0).fit(p["oof"], p["y"], p["folds"])
+    em = BlendSearch(cfg=load_config("blend", {"prior": "em"}), random_state=0).fit(
+        p["oof"], p["y"], p["folds"])
     rule = em.prior_rule(p["test"])
     assert rule.mode == "em" and not rule.estimate.shifted
     assert rule.estimate.p_value >= 0.01 and np.array_equal(rule.mix, rule.train_mix)
     assert np.array_equal(em.predict(p["test"]), train.predict(p["test"]))
-    always = BlendSearch(cfg=load_config("blend", {"prior": "em", "em_alpha": 1.0}), random_state=0).fit(
-        p["oof"], p["y"], p["folds"]).prior_rule(p["test"])
+    always = BlendSearch(cfg=load_config("blend", {"prior": "em", "em_alpha": 1.0}),
+                         random_state=0).fit(p["oof"], p["y"], p["folds"]).prior_rule(p["test"])
     assert always.estimate.shifted and np.array_equal(always.mix, always.estimate.em)
 
 
@@ -206,8 +208,8 @@ def test_prior_em_nested_predictions_never_see_the_held_out_labels():
 
 def test_prior_em_without_biases_adjusts_only():
     p = synthetic_problem(200, 2, seed=8, test_prior=(0.1, 0.2, 0.3, 0.4))
-    est = BlendSearch(cfg=load_config("blend", {"prior": "em", "biases": False, "em_alpha": 1.0}), random_state=0).fit(
-        p["oof"], p["y"], p["folds"])
+    est = BlendSearch(cfg=load_config("blend", {"prior": "em", "biases": False, "em_alpha": 1.0}),
+                      random_state=0).fit(p["oof"], p["y"], p["folds"])
     rule = est.prior_rule(p["test"])
     assert np.all(rule.biases == 0)
     assert np.array_equal(est.predict(p["test"]), rule.probs.argmax(axis=1))
@@ -223,7 +225,8 @@ def test_unknown_prior_is_refused():
 
 def test_every_blend_score_carries_its_interval():
     p = synthetic_problem(300, 3, seed=9)
-    s = BlendSearch(random_state=0, cfg=load_config("blend")).fit(p["oof"], p["y"], p["folds"]).scores_
+    s = BlendSearch(random_state=0, cfg=load_config("blend")).fit(p["oof"], p["y"],
+                                                                  p["folds"]).scores_
     blocks = [(s["nested"], "macro_f1", "ci95"), (s["nested"], "macro_f1_no_bias", "ci95_no_bias"),
               (s["in_sample"], "macro_f1", "ci95"),
               (s["in_sample"], "macro_f1_no_bias", "ci95_no_bias"),
@@ -237,5 +240,6 @@ def test_every_blend_score_carries_its_interval():
         assert gain["diff"] == pytest.approx(block["macro_f1"] - block["macro_f1_no_bias"])
         assert gain["ci95"][0] <= gain["diff"] <= gain["ci95"][1]
         assert 0 <= gain["p_b_better"] <= 1
-    again = BlendSearch(random_state=0, cfg=load_config("blend")).fit(p["oof"], p["y"], p["folds"]).scores_
+    again = BlendSearch(random_state=0, cfg=load_config("blend")).fit(p["oof"], p["y"],
+                                                                      p["folds"]).scores_
     assert again["nested"]["ci95"] == s["nested"]["ci95"]  # seeded: the same interval

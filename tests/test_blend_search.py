@@ -190,7 +190,8 @@ def test_same_random_state_same_result(cfg):
     bagged = {"bags": 5}
 
     def fit(rs):
-        return BlendSearch(cfg=load_config("blend", bagged), random_state=rs).fit(p["oof"], p["y"], p["folds"])
+        return BlendSearch(cfg=load_config("blend", bagged), random_state=rs).fit(
+            p["oof"], p["y"], p["folds"])
 
     a, b = fit(11), fit(11)
     c = fit(np.random.default_rng(11))  # a Generator seeded alike draws the same bags

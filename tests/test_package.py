@@ -9,13 +9,22 @@ import pytest
 
 from blend_data import make_blend_workdir
 from kit import CLASSES
-from kit.submission.blend_output import run_blend
-from kit.submission.package import (REQUIRED_FIELDS, append_submission, check_manifest,
-                                    command_line, expected_test_ids, git_info, test_files_sha256,
-                                    load_manifest, update_manifest, validate_submission,
-                                    write_submission)
-from kit.utils import KitError, sha256_file
 from kit.config import load_config
+from kit.submission.blend_output import run_blend
+from kit.submission.package import (
+    REQUIRED_FIELDS,
+    append_submission,
+    check_manifest,
+    command_line,
+    expected_test_ids,
+    git_info,
+    load_manifest,
+    test_files_sha256,
+    update_manifest,
+    validate_submission,
+    write_submission,
+)
+from kit.utils import KitError, sha256_file
 
 IDS = [f"img_{i:04d}.png" for i in range(6)]
 LABELS = ["Luminal A", "Luminal B", "HER2(+)", "Triple negative", "Luminal B", "HER2(+)"]
@@ -32,7 +41,7 @@ def write_text(path, text):
 
 def test_valid_frame_and_file_pass(tmp_path):
     assert validate_submission(frame(), IDS, CLASSES) == []
-    text = "sample_index,label\n" + "".join(f"{i},{l}\n" for i, l in zip(IDS, LABELS))
+    text = "sample_index,label\n" + "".join(f"{i},{lab}\n" for i, lab in zip(IDS, LABELS))
     assert validate_submission(write_text(tmp_path / "s.csv", text), IDS, CLASSES) == []
 
 
@@ -51,7 +60,7 @@ def test_test_ids_from_folder_or_dataset_root(tmp_path):
 def test_wrong_header(tmp_path):
     problems = validate_submission(frame(columns=("id", "label")), IDS, CLASSES)
     assert problems == ["header is 'id,label', expected exactly 'sample_index,label'"]
-    body = "".join(f"{i},{l}\n" for i, l in zip(IDS, LABELS))
+    body = "".join(f"{i},{lab}\n" for i, lab in zip(IDS, LABELS))
     for header in ("sample_index, label", "\ufeffsample_index,label", "sample_index,label,x"):
         problems = validate_submission(write_text(tmp_path / "s.csv", header + "\n" + body),
                                        IDS, CLASSES)
@@ -90,7 +99,7 @@ def test_empty_values(tmp_path):
     labels[1] = None
     assert validate_submission(frame(labels=labels), IDS, CLASSES) == [
         "line 3: empty label (sample_index img_0001.png)"]
-    text = "sample_index,label\n" + "".join(f"{i},{l}\n" for i, l in zip(IDS, LABELS))
+    text = "sample_index,label\n" + "".join(f"{i},{lab}\n" for i, lab in zip(IDS, LABELS))
     text = text.replace("img_0002.png,HER2(+)", ",HER2(+)")
     problems = validate_submission(write_text(tmp_path / "s.csv", text), IDS, CLASSES)
     assert "line 4: empty sample_index" in problems
@@ -120,7 +129,7 @@ def test_long_lists_are_capped():
 def test_write_submission_writes_exact_bytes(tmp_path):
     path = tmp_path / "sub" / "s.csv"
     digest = write_submission(frame(), path, IDS, CLASSES)
-    expected = "sample_index,label\n" + "".join(f"{i},{l}\n" for i, l in zip(IDS, LABELS))
+    expected = "sample_index,label\n" + "".join(f"{i},{lab}\n" for i, lab in zip(IDS, LABELS))
     assert path.read_text() == expected
     assert digest == sha256_file(path)
 

@@ -18,15 +18,14 @@ from PIL import Image
 
 from fake_kaggle import write_fake_submission
 from kit import CLASSES
-from kit.submission import package
-from kit.metrics import plot_confusion
-from kit.paths import Paths
+from kit.config import load_config, train_settings
 from kit.ensemble.blend import expected_score, provenance
-from kit.metrics import bootstrap_ci, macro_f1
+from kit.metrics import bootstrap_ci, macro_f1, plot_confusion
+from kit.paths import Paths
+from kit.submission import package
 from kit.submission.report import run_report
 from kit.submission.report.calibration import reliability
 from kit.utils import atomic_write_csv, atomic_write_json, write_config
-from kit.config import load_config, train_settings
 
 PROB = [f"p_{c}" for c in CLASSES]
 
@@ -261,7 +260,8 @@ def test_the_blends_expected_score_carries_its_interval(tmp_path):
     # ... but not from predictions of another blend
     b["scores"]["nested"]["macro_f1"] = 0.4567
     atomic_write_json(blend_json, b)
-    assert f"{nested_row}</td>" in _section(run_report(paths, data, load_config("report")).read_text(), "blend")
+    text = run_report(paths, data, load_config("report")).read_text()
+    assert f"{nested_row}</td>" in _section(text, "blend")
     # the interval the blend records wins, in the blend and the submissions sections
     b["expected_score"]["ci95"] = [0.4012, 0.5123]
     atomic_write_json(blend_json, b)
@@ -317,7 +317,8 @@ def test_scores_come_first_and_thumbnails_are_folded(tmp_path):
 
 
 def test_scores_come_first_with_nothing_run(tmp_path):
-    text = run_report(Paths.from_root(tmp_path / "empty"), tmp_path / "no-data", load_config("report")).read_text()
+    text = run_report(Paths.from_root(tmp_path / "empty"), tmp_path / "no-data",
+                      load_config("report")).read_text()
     assert re.findall(r"<section id='(\w+)'>", text)[:5] == SCORE_SECTIONS
     assert "<details>" not in text
 
@@ -430,13 +431,15 @@ def test_attention_patches_and_collapsed_models_are_shown(tmp_path):
     from kit.training.cv import run_cv
 
     paths = make_workdir(tmp_path / "w", n_folds=3)
-    run_cv(paths, None, train_settings({"epochs": 2, "batch_size": 32, "train_norm": [], "unfreeze_last": 0,
-                "head": {"pool": "attention"}}), backbone="tiny_cnn", weights="random", seed=0)
+    run_cv(paths, None, train_settings({"epochs": 2, "batch_size": 32, "train_norm": [],
+                                        "unfreeze_last": 0, "head": {"pool": "attention"}}),
+           backbone="tiny_cnn", weights="random", seed=0)
     metrics_path = paths.backbone_dir("tiny_cnn") / "metrics.json"
     metrics = json.loads(metrics_path.read_text())
     metrics["collapsed_folds"] = [1]
     metrics_path.write_text(json.dumps(metrics))
-    html_text = run_report(paths, tmp_path / "nodata", load_config("report", {"attention_images": 3})).read_text()
+    html_text = run_report(paths, tmp_path / "nodata",
+                           load_config("report", {"attention_images": 3})).read_text()
     section = _section(html_text, "attention")
     assert section.count("<img") == 3 and "most concentrated attention first" in section
     # the strips are folded away, in a container that scrolls rather than widen the page
@@ -564,12 +567,14 @@ def test_fusion_is_compared_with_the_blend_of_its_parts(tmp_path):
     oof = pd.read_csv(paths.runs_dir / "blend" / "oof_blend.csv")
     oof["pred_nested"] = [CLASSES[i] for i in (y + 1) % 4]  # every image wrong: F1 0
     atomic_write_csv(paths.runs_dir / "blend" / "oof_blend.csv", oof)
-    table = _section(run_report(paths, data, load_config("report")).read_text(), "cv").split("Fusion vs blend")[1]
+    text = run_report(paths, data, load_config("report")).read_text()
+    table = _section(text, "cv").split("Fusion vs blend")[1]
     assert "runs/blend/oof_blend.csv (nested" in table and "<td>0.000 [0.00, 0.00]</td>" in table
     # A part whose epochs were chosen on its OOF rows is named.
     f = paths.backbone_dir("convnext_t") / "metrics.json"
     atomic_write_json(f, {**json.loads(f.read_text()), **OOF_STOPPED})
-    table = _section(run_report(paths, data, load_config("report")).read_text(), "cv").split("Fusion vs blend")[1]
+    text = run_report(paths, data, load_config("report")).read_text()
+    table = _section(text, "cv").split("Fusion vs blend")[1]
     assert "<td><b class=warn>convnext_t</b></td></tr>" in table.split("</table>")[0]
     # A part without its own run: a note, not a failure.
     shutil.rmtree(paths.backbone_dir("convnext_t"))

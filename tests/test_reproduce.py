@@ -10,11 +10,11 @@ import pytest
 
 from blend_data import make_blend_workdir
 from kit import CLASSES
-from kit.submission.blend_output import run_blend
 from kit.cli import main
+from kit.config import load_config
+from kit.submission.blend_output import run_blend
 from kit.submission.reproduce import infer_workdir, run_reproduce
 from kit.utils import KitError
-from kit.config import load_config
 
 
 def reproduce(manifest, data=None, **kwargs):
@@ -26,7 +26,8 @@ def reproduce(manifest, data=None, **kwargs):
 @pytest.fixture
 def blended(tmp_path):
     paths, data = make_blend_workdir(tmp_path)
-    return paths, data, run_blend(paths, data, load_config("blend"), name="rep", weight_views=True, seed=5)
+    return paths, data, run_blend(paths, data, load_config("blend"), name="rep",
+                                  weight_views=True, seed=5)
 
 
 def test_identical_from_manifest_and_latest(blended, tmp_path):

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from fake_kaggle import FakeKaggle, write_fake_submission
-from kit.submission import credentials, kaggle_client
 from kit.cli import main
+from kit.submission import credentials, kaggle_client
 from kit.utils import KitError, sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def test_round_trip_wait_records_ref_and_score(workdir):
     assert sub["competition"] == "an2dl2526c2v2"
     assert [c["json"]["fileName"] for c in server.calls("StartSubmissionUpload")] == ["latest.csv"]
     assert len(server.calls("ListSubmissions")) == 2  # pending, then complete
-    score_line = next(l for l in proc.stdout.splitlines() if "public score" in l)
+    score_line = next(line for line in proc.stdout.splitlines() if "public score" in line)
     assert "public score 0.4321" in score_line and "nested CV macro F1 0.410" in score_line
     assert "in-sample 0.4700" in score_line
     # latest.json and the timestamped manifest it mirrors both hold the record
@@ -99,7 +99,8 @@ def test_round_trip_wait_records_ref_and_score(workdir):
         assert rec["public_score"] == pytest.approx(0.4321)
         assert rec["message"] == "blend v1 + biases" and rec["competition"] == "an2dl2526c2v2"
     assert csv.read_bytes() == sent
-    assert_no_secret(proc.stdout, proc.stderr, (workdir / "submissions" / "latest.json").read_text())
+    assert_no_secret(proc.stdout, proc.stderr,
+                     (workdir / "submissions" / "latest.json").read_text())
 
 
 def test_access_token_and_explicit_csv_without_manifest(workdir, tmp_path):

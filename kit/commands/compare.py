@@ -1,6 +1,8 @@
-"""``./run.sh compare RUN_A RUN_B``: is B's OOF macro F1 really above A's, or noise?
+"""``./run.sh compare RUN_A RUN_B``: is B's OOF score really above A's, or noise?
 
-A paired bootstrap over the images both runs predicted out of fold: each resample draws the
+Both runs are scored in the task's metric (``--task``, else the data folder's task.yaml, else
+AN2DL's macro F1). A paired bootstrap over the images both runs predicted out of fold: each
+resample draws the
 same images for both, so what they share (hard images, noisy labels) cancels out of the
 difference. It measures the noise of drawing ~600 images, not that of training seeds
 (:mod:`kit.ensemble.compare`).
@@ -32,10 +34,12 @@ def run(args) -> int:
     # Imported when the command runs, not when ./run.sh <command> --help reads the options.
     from kit.ensemble.compare import compare_runs, summary_line
     from kit.paths import Paths
+    from kit.task import as_data
     from kit.utils import atomic_write_json
 
     result = compare_runs(args.run_a, args.run_b, Paths.from_root(args.workdir),
-                          n_boot=args.n_boot, seed=args.seed)
+                          n_boot=args.n_boot, seed=args.seed,
+                          task=as_data(args.data, args.task).task)
     for note in result["notes"]:
         print(f"note: {note}")
     print(summary_line(result))

@@ -13,9 +13,10 @@ def add_arguments(parser):
 def run(args) -> int:
     # The stage's modules load here, not at the top: ./run.sh report --help stays fast.
     from kit.submission.report import run_report
+    from kit.task import as_data
 
     cfg = load_config("report", with_flags(stage_overrides(args.config, args.sets),
                                            {"max_thumbs": args.max_thumbs}))
-    out = run_report(Paths.from_root(args.workdir), args.data, cfg)
+    out = run_report(Paths.from_root(args.workdir), as_data(args.data, args.task), cfg)
     print(f"report -> {out}")
     return 0

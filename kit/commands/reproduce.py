@@ -32,7 +32,7 @@ def run(args) -> int:
 
     paths = Paths.from_root(args.workdir) if args.workdir is not None else None
     report = run_reproduce(paths, args.data, None, manifest=args.manifest, out=args.out,
-                           default_data=os.environ.get("KIT_DATA", "data"))
+                           default_data=os.environ.get("KIT_DATA", "data"), task=args.task)
     for line in report.notes:
         print(f"note: {line}")
     if report.identical:

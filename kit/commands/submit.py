@@ -1,10 +1,9 @@
 """``./run.sh submit [CSV] -m MSG``: validate a submission file and upload it to Kaggle."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from kit.config import load_config, stage_overrides, with_flags
 from kit.paths import Paths
+from kit.task import as_data
 
 
 def add_arguments(parser):
@@ -12,9 +11,9 @@ def add_arguments(parser):
                         help="submission file (default: submissions/latest.csv)")
     parser.add_argument("-m", "--message", required=True,
                         help="submission description shown on Kaggle")
-    parser.add_argument("--competition", default=None,
-                        help="Kaggle competition slug (default: the manifest's, else "
-                             "kit/conf/submit.yaml: an2dl2526c2v2)")
+    parser.add_argument("-c", "--competition", default=None,
+                        help="Kaggle competition slug (default: the manifest's, else the "
+                             "task's kaggle, else kit/conf/submit.yaml's competition)")
     parser.add_argument("--wait", action="store_true",
                         help="poll until scored; print the public score beside the nested CV "
                              "estimate")
@@ -33,7 +32,8 @@ def run(args) -> int:
     cfg = load_config("submit", with_flags(stage_overrides(args.config, args.sets),
                                            {"poll_interval": args.poll_interval,
                                             "wait_timeout": args.wait_timeout}))
-    run_submit(Paths.from_root(args.workdir), Path(args.data) if args.data else None, cfg,
+    run_submit(Paths.from_root(args.workdir), as_data(args.data, args.task) if args.data
+               else None, cfg,
                message=args.message, csv=args.csv, competition=args.competition,
                wait=args.wait, dry_run=args.dry_run)
     return 0

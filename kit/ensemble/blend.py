@@ -1,7 +1,8 @@
 """Blend the backbones' out-of-fold probabilities into one validated submission.
 
 This module reads and cross-checks the inputs (every backbone's ``oof.csv``, ``test.csv`` and
-``metrics.json`` against ``folds/folds.csv`` and ``test_data/``), records their provenance
+``metrics.json`` against ``folds/folds.csv``, the task's test images, classes and metric),
+records their provenance
 (is the nested score the expected one, or optimistic?), and writes the submission, its
 manifest and ``runs/blend/``. The searches themselves (weights over the library, class
 biases, the nested per-fold fits) are :class:`kit.ensemble.search.BlendSearch`, on arrays;
@@ -16,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kit import CLASSES, PROB_COLUMNS
-from kit.artifacts import read_folds, read_metrics, read_oof, read_test
+from kit.artifacts import read_folds, read_metrics, read_oof, read_test, run_score
 from kit.config import given
 from kit.data.dataset import expected_test_ids, find_root
 from kit.ensemble.biases import apply_rule
 from kit.ensemble.search import BlendSearch, PriorRule, SearchResult
 from kit.metrics import to_indices
 from kit.paths import Paths
+from kit.task import Task, as_data, pattern_folder
 from kit.utils import KitError, sha256_file
 
 REQUIRED_FILES = ("oof.csv", "test.csv", "metrics.json")
@@ -38,8 +39,8 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 class BlendInputs:
     """Everything the search needs, aligned: rows in ``folds/folds.csv`` order.
 
-    ``oof`` is ``M x N x C`` and ``test`` ``M x T x C`` (M library models); ``files`` maps every
-    file read (relative to the work directory) to its sha256.
+    ``oof`` is ``M x N x C`` and ``test`` ``M x T x C`` (M library models, C the task's
+    classes); ``files`` maps every file read (relative to the work directory) to its sha256.
     """
 
     backbones: list[str]
@@ -53,6 +54,7 @@ class BlendInputs:
     files: dict[str, str]
     meta: dict[str, dict]
     folds_sha256: str
+    task: Task
 
 
 def complete_backbones(paths: Paths) -> list[str]:
@@ -65,15 +67,19 @@ def complete_backbones(paths: Paths) -> list[str]:
 
 
 def load_inputs(paths: Paths, data, backbones=None, weight_views: bool = False) -> BlendInputs:
-    """Read and cross-check the OOF/test probabilities of ``backbones`` (default: all complete).
+    """Read and cross-check the OOF/test probabilities of ``backbones`` (default: all complete)
+    for the task of ``data`` (a :class:`kit.task.Data` or a dataset root).
 
     Raises
     ------
     KitError
-        Missing files, a backbone trained on another folds file, OOF rows that are not the
-        images of ``folds/folds.csv``, test rows that are not the images of ``test_data/``, or
-        backbones (or views) covering different images.
+        Missing files, a backbone trained on another folds file or for other classes or
+        another metric than the task's, OOF rows that are not the images of
+        ``folds/folds.csv``, test rows that are not the task's test images, or backbones (or
+        views) covering different images.
     """
+    data = as_data(data)
+    task = data.task
     names = list(backbones) if backbones else complete_backbones(paths)
     if not names:
         raise KitError(f"no backbone outputs under {paths.runs_dir} (each needs "
@@ -85,35 +91,33 @@ def load_inputs(paths: Paths, data, backbones=None, weight_views: bool = False) 
     if missing:
         raise KitError(f"{len(missing)} blend input files missing; run ./run.sh cv <backbone> "
                        "for each backbone named (or leave it out)", missing)
-    folds, folds_sha = read_folds(paths.folds_csv)
-    test_ids = expected_test_ids(_test_dir(data))
+    folds, folds_sha = read_folds(paths.folds_csv, classes=task.classes)
+    test_ids = expected_test_ids(data, task=task)
     if not test_ids:
-        raise KitError(f"{_test_dir(data)}: no img_*.png test images; check --data")
+        raise KitError(f"{find_root(data, task)}: no test image matches images.test "
+                       f"{task.images.test!r}; check --data{task.cite('images.test')}")
     files: dict[str, str] = {}
     meta, stale = {}, []
     for n in names:
         try:
-            meta[n] = _read_metrics(paths, n, folds_sha, files)
+            meta[n] = _read_metrics(paths, n, folds_sha, files, task)
         except KitError as exc:  # collect them: one message naming every backbone to redo
             stale.append(str(exc))
     if len(stale) == 1:
         raise KitError(stale[0])
     if stale:
-        raise KitError(f"{len(stale)} backbones cannot be blended with {paths.folds_csv}", stale)
+        raise KitError(f"{len(stale)} backbones cannot be blended with {paths.folds_csv} for "
+                       f"task {task.name}", stale)
     models, oof, test = [], [], []
     for name in names:
         for view, oof_path, test_path in _view_files(paths, name, weight_views):
-            oof.append(_read_oof(oof_path, folds, paths, files))
-            test.append(_read_test(test_path, test_ids, paths, files))
+            oof.append(_read_oof(oof_path, folds, paths, files, task))
+            test.append(_read_test(test_path, test_ids, paths, files, task))
             models.append(name if view is None else f"{name}/{view}")
     return BlendInputs(backbones=names, models=models, oof=np.stack(oof), test=np.stack(test),
-                       ids=list(folds.sample_index), y=to_indices(folds.label),
+                       ids=list(folds.sample_index), y=to_indices(folds.label, task.classes),
                        folds=folds.fold.to_numpy(np.int64), test_ids=test_ids, files=files,
-                       meta=meta, folds_sha256=folds_sha)
-
-
-def _test_dir(data) -> Path:
-    return find_root(data) / "test_data"
+                       meta=meta, folds_sha256=folds_sha, task=task)
 
 
 def _rel(paths: Paths, path: Path) -> str:
@@ -123,9 +127,9 @@ def _rel(paths: Paths, path: Path) -> str:
         return str(path.resolve())
 
 
-def _read_metrics(paths: Paths, name: str, folds_sha: str, files: dict) -> dict:
+def _read_metrics(paths: Paths, name: str, folds_sha: str, files: dict, task: Task) -> dict:
     path = paths.backbone_dir(name) / "metrics.json"
-    metrics = read_metrics(path)
+    metrics = read_metrics(path, classes=task.classes, metric=task.metric)
     files[_rel(paths, path)] = sha256_file(path)
     recorded = metrics.get("folds_sha256")
     if not recorded:
@@ -135,8 +139,10 @@ def _read_metrics(paths: Paths, name: str, folds_sha: str, files: dict) -> dict:
         raise KitError(f"{path}: trained on another folds file (folds_sha256 {recorded[:12]}... "
                        f"but {paths.folds_csv} is {folds_sha[:12]}...); rerun ./run.sh cv {name} "
                        "or leave it out of the blend")
+    metric, score, _ = run_score(metrics)
     return {"config": metrics.get("config"), "weights_source": metrics.get("weights_source"),
-            "oof_macro_f1": metrics.get("oof_macro_f1"), "folds_sha256": recorded,
+            "oof_macro_f1": metrics.get("oof_macro_f1"), "metric": metric, "oof_score": score,
+            "folds_sha256": recorded,
             "training_path": metrics.get("training_path"),
             "selection": metrics.get("selection"), "params_source": metrics.get("params_source"),
             "collapsed": collapse_note(metrics), **provenance(metrics)}
@@ -191,13 +197,21 @@ def provenance(metrics: dict) -> dict:
     return {"honest": not why, "epochs": epochs, "params": params, "why": why}
 
 
-def expected_score(nested_macro_f1: float, meta: dict[str, dict]) -> dict:
-    """The blend's nested macro F1 with what it is worth: ``label`` ``expected`` when every
-    input's OOF predictions chose nothing on their own rows, else ``optimistic`` with ``why``
-    (backbone -> reasons)."""
+def expected_score(nested: float, meta: dict[str, dict], metric: str = "macro_f1",
+                   macro_f1: float | None = None) -> dict:
+    """The blend's nested score in ``metric`` with what it is worth: ``label`` ``expected``
+    when every input's OOF predictions chose nothing on their own rows, else ``optimistic``
+    with ``why`` (backbone -> reasons).
+
+    Returns ``{"metric", "score", "macro_f1", "honest", "label", "why"}``; ``macro_f1`` is the
+    nested macro F1 (``nested`` itself when the metric is macro F1, as AN2DL's records had it).
+    """
     why = {bb: list(m.get("why") or []) for bb, m in meta.items()
            if not m.get("honest", False)}
-    return {"macro_f1": float(nested_macro_f1), "honest": not why,
+    if macro_f1 is None and metric == "macro_f1":
+        macro_f1 = nested
+    return {"metric": metric, "score": float(nested),
+            "macro_f1": None if macro_f1 is None else float(macro_f1), "honest": not why,
             "label": "expected" if not why else "optimistic", "why": why}
 
 
@@ -218,12 +232,13 @@ def _view_files(paths: Paths, name: str, weight_views: bool):
     return [(v, tta / f"oof_{v}.csv", tta / f"test_{v}.csv") for v in sorted(oof_views)]
 
 
-def _normalised(df: pd.DataFrame, path: Path, paths: Paths, files: dict) -> pd.DataFrame:
+def _normalised(df: pd.DataFrame, path: Path, paths: Paths, files: dict,
+                columns: list[str]) -> pd.DataFrame:
     """``df`` (read from ``path``, recorded in ``files``) with each row's probabilities
-    scaled to sum to 1, as the blend weighs them."""
+    (``columns``) scaled to sum to 1, as the blend weighs them."""
     files[_rel(paths, path)] = sha256_file(path)
-    probs = df.loc[:, PROB_COLUMNS].to_numpy(np.float64)
-    df.loc[:, PROB_COLUMNS] = probs / probs.sum(axis=1, keepdims=True)
+    probs = df.loc[:, columns].to_numpy(np.float64)
+    df.loc[:, columns] = probs / probs.sum(axis=1, keepdims=True)
     return df
 
 
@@ -240,8 +255,10 @@ def _same_images(path: Path, have, want, what: str) -> None:
                    f"{len(extra)} extra); rerun the cv stage for this backbone", problems)
 
 
-def _read_oof(path: Path, folds: pd.DataFrame, paths: Paths, files: dict) -> np.ndarray:
-    df = _normalised(read_oof(path), path, paths, files)
+def _read_oof(path: Path, folds: pd.DataFrame, paths: Paths, files: dict,
+              task: Task) -> np.ndarray:
+    df = _normalised(read_oof(path, classes=task.classes), path, paths, files,
+                     task.prob_columns)
     _same_images(path, df.index, folds.sample_index, paths.folds_csv)
     df = df.loc[folds.sample_index]
     wrong = (df.fold.to_numpy() != folds.fold.to_numpy()) | (df.label.to_numpy()
@@ -249,13 +266,15 @@ def _read_oof(path: Path, folds: pd.DataFrame, paths: Paths, files: dict) -> np.
     if wrong.any():
         raise KitError(f"{path}: fold or label of {int(wrong.sum())} images differ from "
                        f"{paths.folds_csv} (e.g. {df.index[wrong][0]}); rerun the cv stage")
-    return df.loc[:, PROB_COLUMNS].to_numpy(np.float64)
+    return df.loc[:, task.prob_columns].to_numpy(np.float64)
 
 
-def _read_test(path: Path, test_ids: list[str], paths: Paths, files: dict) -> np.ndarray:
-    df = _normalised(read_test(path), path, paths, files)
-    _same_images(path, df.index, test_ids, "test_data/")
-    return df.loc[test_ids, PROB_COLUMNS].to_numpy(np.float64)
+def _read_test(path: Path, test_ids: list[str], paths: Paths, files: dict,
+               task: Task) -> np.ndarray:
+    df = _normalised(read_test(path, classes=task.classes), path, paths, files,
+                     task.prob_columns)
+    _same_images(path, df.index, test_ids, f"{pattern_folder(task.images.test) or '.'}/")
+    return df.loc[test_ids, task.prob_columns].to_numpy(np.float64)
 
 
 # ----------------------------------------------------------------------------- stage
@@ -286,8 +305,17 @@ class BlendResult:
         return dict(zip(self.inputs.models, map(float, self.search.fitted.weights)))
 
     @property
+    def task(self) -> Task:
+        return self.inputs.task
+
+    @property
+    def metric(self) -> str:
+        """The name of the task's metric, which the blend was fitted for and scored in."""
+        return self.task.metric
+
+    @property
     def biases(self) -> dict[str, float]:
-        return dict(zip(CLASSES, map(float, self.search.fitted.biases)))
+        return _per_class(self.search.fitted.biases, self.task.classes)
 
     @property
     def scores(self) -> dict:
@@ -296,7 +324,9 @@ class BlendResult:
     @property
     def expected(self) -> dict:
         """The nested score, labelled ``expected`` or ``optimistic`` (:func:`expected_score`)."""
-        return expected_score(self.scores["nested"]["macro_f1"], self.inputs.meta)
+        nested = self.scores["nested"]
+        return expected_score(nested["score"], self.inputs.meta, self.metric,
+                              nested["macro_f1"])
 
     @property
     def expected_ci95(self) -> list[float]:
@@ -311,21 +341,26 @@ class BlendResult:
         rule = self.prior
         if rule is None:
             return None
-        out = {"mode": rule.mode, "train_mix": _per_class(rule.train_mix),
-               "test_mix": _per_class(rule.mix), "biases_applied": _per_class(rule.biases)}
+        classes = self.task.classes
+        out = {"mode": rule.mode, "train_mix": _per_class(rule.train_mix, classes),
+               "test_mix": _per_class(rule.mix, classes),
+               "biases_applied": _per_class(rule.biases, classes)}
         if rule.estimate is not None:
             est = rule.estimate
-            out.update(em_mix=_per_class(est.em), em_iterations=int(est.n_iter),
+            out.update(em_mix=_per_class(est.em, classes), em_iterations=int(est.n_iter),
                        lr_statistic=float(est.statistic), p_value=float(est.p_value),
                        alpha=float(self.cfg["em_alpha"]), shifted=bool(est.shifted))
         return out
 
     def submission_frame(self) -> pd.DataFrame:
-        return pd.DataFrame({"sample_index": self.inputs.test_ids, "label": self.test_labels})
+        """The submission: the task's id and label columns, one row per test id."""
+        id_col, label_col = self.task.submission_columns
+        return pd.DataFrame({id_col: self.inputs.test_ids, label_col: self.test_labels})
 
     def blend_record(self) -> dict:
         """The parameters that re-run this blend, and what it found."""
         return {"backbones": self.inputs.backbones, "objective": self.objective,
+                "metric": self.metric,
                 "weight_views": self.weight_views, "models": self.inputs.models,
                 "weights": self.weights, "biases": self.biases, "params": self.cfg,
                 "seed": self.seed, "prior": self.prior_record()}
@@ -333,29 +368,38 @@ class BlendResult:
 
 def fit_blend(paths: Paths, data, cfg: dict, backbones=None, name: str = "blend",
               objective: str = "f1", weight_views: bool = False, seed: int = 42) -> BlendResult:
-    """Load the inputs, fit weights and biases (all rows and nested), predict the test set.
+    """Load the inputs, fit weights and biases for the task's metric (all rows and nested),
+    predict the test set.
 
-    Writes nothing; :func:`run_blend` writes the files and ``reproduce`` compares them.
+    ``objective``: ``f1`` or ``metric`` (both the task's metric) or ``logloss``, what the
+    weight search maximises. Writes nothing; :func:`run_blend` writes the files and
+    ``reproduce`` compares them.
     """
     cfg = given(cfg, "blend")
     inputs = load_inputs(paths, data, backbones, weight_views)
+    task = inputs.task
     est = BlendSearch(objective, cfg, seed).fit(inputs.oof, inputs.y, inputs.folds,
-                                                models=inputs.models)
+                                                models=inputs.models, metric=task.metric,
+                                                classes=task.classes)
     rule = est.prior_rule(inputs.test)  # prior: em estimates the test mix here, once
-    labels = [CLASSES[i] for i in apply_rule(rule.probs, rule.biases, float(cfg["eps"]))]
+    labels = [task.classes[i] for i in apply_rule(rule.probs, rule.biases, float(cfg["eps"]))]
     return BlendResult(inputs=inputs, search=est.result_, cfg=cfg, objective=objective,
                        weight_views=bool(weight_views), seed=int(seed), name=name,
                        test_probs=rule.probs, test_labels=labels, estimator=est, prior=rule)
 
 
-def _per_class(values) -> dict[str, float]:
-    return dict(zip(CLASSES, map(float, values)))
+def _per_class(values, classes) -> dict[str, float]:
+    return dict(zip(classes, map(float, values)))
 
 
-def fold_fit_record(models: list[str], fit) -> dict:
-    out = {"weights": dict(zip(models, map(float, fit.weights))), "biases": _per_class(fit.biases)}
-    if fit.prior is not None:  # prior: em: the held-out fold's mix, biases applied for it
-        out.update(test_mix=_per_class(fit.prior.mix), em_mix=_per_class(fit.prior.estimate.em),
+def fold_fit_record(models: list[str], fit, classes) -> dict:
+    """One nested fit's weights and biases (``classes``: the task's), and with ``prior: em``
+    the held-out fold's class mix and the biases applied for it."""
+    out = {"weights": dict(zip(models, map(float, fit.weights))),
+           "biases": _per_class(fit.biases, classes)}
+    if fit.prior is not None:
+        out.update(test_mix=_per_class(fit.prior.mix, classes),
+                   em_mix=_per_class(fit.prior.estimate.em, classes),
                    p_value=float(fit.prior.estimate.p_value),
-                   biases_applied=_per_class(fit.prior.biases))
+                   biases_applied=_per_class(fit.prior.biases, classes))
     return out

@@ -1,13 +1,12 @@
 """What ``./run.sh blend`` prints: baselines, the blend, the bias gain, nested against
-in-sample scores (each macro F1 with its 95 % interval over images), the test class mix, and
-a warning per collapsed input that got weight."""
+in-sample scores (each in the task's metric with its 95 % interval over images), the test
+class mix, and a warning per collapsed input that got weight."""
 from __future__ import annotations
 
 import numpy as np
 
-from kit import CLASSES
 from kit.ensemble.blend import BlendResult
-from kit.metrics import format_ci
+from kit.metrics import format_ci, get_metric
 
 
 def collapse_warnings(weights: dict[str, float], meta: dict[str, dict]) -> list[str]:
@@ -20,12 +19,21 @@ def collapse_warnings(weights: dict[str, float], meta: dict[str, dict]) -> list[
     return out
 
 
+def score_of(block: dict, key: str = "score") -> float:
+    """A blend score record's value in the task's metric: ``score`` (``score_no_bias``...),
+    else ``macro_f1`` (``macro_f1_no_bias``) as records written before tasks hold it."""
+    if key in block:
+        return block[key]
+    return block[key.replace("score", "macro_f1", 1)]
+
+
 def expected_lines(expected: dict, in_sample: float, expected_ci=None,
                    in_sample_ci=None) -> list[str]:
-    """The expected-score line(s), each macro F1 with its 95 % interval: labelled optimistic,
-    naming the inputs and why, when any input's OOF predictions chose something on their own
-    rows."""
-    head = f"expected macro F1 (nested): {format_ci(expected['macro_f1'], expected_ci)}"
+    """The expected-score line(s), each in the metric with its 95 % interval: labelled
+    optimistic, naming the inputs and why, when any input's OOF predictions chose something
+    on their own rows."""
+    title = get_metric(expected.get("metric", "macro_f1")).title
+    head = f"expected {title} (nested): {format_ci(score_of(expected), expected_ci)}"
     tail = f"in-sample (optimistic): {format_ci(in_sample, in_sample_ci)}"
     if expected["honest"]:
         return [f"{head}; {tail}",
@@ -46,31 +54,34 @@ def _gain(gain: dict | None, plain: float) -> str:
 
 def format_summary(result: BlendResult) -> str:
     """The lines ``./run.sh blend`` prints: baselines, blend, bias gain, nested vs in-sample,
-    each macro F1 with its 95 % bootstrap interval over images."""
+    each in the task's metric with its 95 % bootstrap interval over images."""
     s, ins = result.scores, result.inputs
     base, nested, in_sample = s["baselines"], s["nested"], s["in_sample"]
+    title = get_metric(result.metric).title
+    head = f"OOF {title} [95% CI over images]"
+    width = max(34, len(head) + 1)  # a longer metric title widens the first column
 
     def row(label, a, b=""):
-        return f"  {label:<34}{a:>24}{b:>24}"
+        return f"  {label:<{width}}{a:>24}{b:>24}"
 
-    def f1(block, key="macro_f1", ci="ci95"):
-        return format_ci(block[key], block.get(ci))
+    def f1(block, key="score", ci="ci95"):
+        return format_ci(score_of(block, key), block.get(ci))
 
     weights = ", ".join(f"{m} {w:.3f}" for m, w in sorted(result.weights.items(),
                                                           key=lambda kv: -kv[1]) if w > 0)
     biases = ", ".join(f"{c} {b:+.2f}" for c, b in result.biases.items())
-    gain_in = in_sample["macro_f1"] - in_sample["macro_f1_no_bias"]
-    gain_nested = nested["macro_f1"] - nested["macro_f1_no_bias"]
+    gain_in = score_of(in_sample) - score_of(in_sample, "score_no_bias")
+    gain_nested = score_of(nested) - score_of(nested, "score_no_bias")
     lines = [
         f"blend of {len(ins.backbones)} backbone(s) ({', '.join(ins.backbones)}), "
         f"{len(ins.models)} library model(s), objective {result.objective}, "
         f"{len(ins.ids)} OOF images in {len(np.unique(ins.folds))} folds",
-        row("OOF macro F1 [95% CI over images]", "in-sample (optimistic)", "nested (expected)"),
+        row(head, "in-sample (optimistic)", "nested (expected)"),
         row(f"best single ({base['best_single']['model']})", f1(base["best_single"]),
             "(picked on OOF)"),
         row("equal weights", f1(base["equal_weights"]), "(not fitted)"),
-        row("blend, argmax", f1(in_sample, "macro_f1_no_bias", "ci95_no_bias"),
-            f1(nested, "macro_f1_no_bias", "ci95_no_bias")),
+        row("blend, argmax", f1(in_sample, "score_no_bias", "ci95_no_bias"),
+            f1(nested, "score_no_bias", "ci95_no_bias")),
         row("blend + class biases", f1(in_sample), f1(nested)),
         row("bias gain (paired)", _gain(in_sample.get("bias_gain"), gain_in),
             _gain(nested.get("bias_gain"), gain_nested)),
@@ -78,10 +89,10 @@ def format_summary(result: BlendResult) -> str:
         f"class biases (log p): {biases}",
     ]
     lines += prior_lines(result)
-    lines += expected_lines(result.expected, in_sample["macro_f1"], nested.get("ci95"),
+    lines += expected_lines(result.expected, score_of(in_sample), nested.get("ci95"),
                             in_sample.get("ci95"))
     lines += collapse_warnings(result.weights, ins.meta)
-    if result.cfg.get("biases", True) and gain_nested < 0:
+    if result.cfg["biases"] and gain_nested < 0:
         lines.append("note: the class biases lower the nested score here (too few images to "
                      "tune them?); consider 'biases: false' in a --config file")
     if result.csv_path is not None:
@@ -98,8 +109,10 @@ def prior_lines(result: BlendResult) -> list[str]:
     if rule is None or rule.mode == "train":
         return []
 
+    classes = result.task.classes
+
     def mix(values):
-        return ", ".join(f"{c} {v:.3f}" for c, v in zip(CLASSES, values))
+        return ", ".join(f"{c} {v:.3f}" for c, v in zip(classes, values))
 
     est, alpha = rule.estimate, float(result.cfg["em_alpha"])
     verdict = (f"p = {est.p_value:.2g} < {alpha:g}: the test labels are decided for EM's mix"
@@ -110,7 +123,7 @@ def prior_lines(result: BlendResult) -> list[str]:
              f"  likelihood-ratio test against the OOF mix: {verdict}"]
     if est.shifted:
         lines.append("  class biases applied for it (log p, on the adjusted probabilities): "
-                     + ", ".join(f"{c} {b:+.2f}" for c, b in zip(CLASSES, rule.biases)))
+                     + ", ".join(f"{c} {b:+.2f}" for c, b in zip(classes, rule.biases)))
     shifted = sum(f.prior is not None and f.prior.estimate.shifted
                   for f in result.search.fold_fits.values())
     lines.append(f"  the nested score does the same on each held-out fold ({shifted} of "

@@ -1,17 +1,26 @@
-"""Is run B's OOF macro F1 really above run A's, or noise? (``./run.sh compare``)
+"""Is run B's OOF score really above run A's, or noise? (``./run.sh compare``)
 
-A paired bootstrap over the images both runs predicted out of fold: each resample draws the
-same images for both, so what they share (hard images, noisy labels) cancels out of the
-difference. It measures the noise of drawing ~600 images, not that of training seeds.
+Both runs are scored in the task's metric. A paired bootstrap over the images both runs
+predicted out of fold: each resample draws the same images for both, so what they share
+(hard images, noisy labels) cancels out of the difference. It measures the noise of drawing
+~600 images, not that of training seeds.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from kit import PROB_COLUMNS
 from kit.artifacts import read_metrics, read_oof
 from kit.ensemble.blend import provenance
-from kit.metrics import BOOT_SEED, N_BOOT, bootstrap_ci, format_ci, paired_bootstrap, to_indices
+from kit.metrics import (
+    BOOT_SEED,
+    N_BOOT,
+    bootstrap_ci,
+    format_ci,
+    get_metric,
+    paired_bootstrap,
+    to_indices,
+)
+from kit.task import Task, task_of
 from kit.utils import KitError
 
 # ----------------------------------------------------------------------------- inputs
@@ -30,10 +39,12 @@ def run_dir(spec: str, paths) -> Path:
                    "of a run")
 
 
-def _metrics(folder: Path) -> dict | None:
-    """The run's ``metrics.json`` when it has one (a folder of OOF predictions may not)."""
+def _metrics(folder: Path, task: Task) -> dict | None:
+    """The run's ``metrics.json`` when it has one (a folder of OOF predictions may not),
+    refused when made for other classes or scored by another metric than the task's."""
     path = folder / "metrics.json"
-    return read_metrics(path) if path.is_file() else None
+    return read_metrics(path, classes=task.classes, metric=task.metric) if path.is_file() \
+        else None
 
 
 def _examples(items) -> str:
@@ -85,8 +96,9 @@ def check_same_rows(a, b, path_a: Path, path_b: Path, metrics_a, metrics_b) -> l
 # ----------------------------------------------------------------------------- comparison
 
 def compare_runs(run_a: str, run_b: str, paths, n_boot: int | None = None,
-                 seed: int | None = None) -> dict:
-    """Paired bootstrap of the OOF macro F1 of two cv runs on the same images.
+                 seed: int | None = None, *, task: Task | None = None) -> dict:
+    """Paired bootstrap of the OOF score of two cv runs on the same images, in the task's
+    metric.
 
     Parameters
     ----------
@@ -95,21 +107,25 @@ def compare_runs(run_a: str, run_b: str, paths, n_boot: int | None = None,
     paths : Paths
     n_boot, seed : int, optional
         Resamples and their seed (default: :data:`kit.metrics.N_BOOT`, ``BOOT_SEED``).
+    task : Task, optional
+        The runs' task: its classes read the files, its metric scores them (default: the
+        built-in AN2DL task).
 
     Returns
     -------
     dict
         :func:`kit.metrics.paired_bootstrap`'s keys (``a``, ``b``, ``diff``, ``ci95``,
-        ``p_b_better``, ``n``, ``n_boot``), plus ``run_a``/``run_b`` (names), ``oof_a``/
-        ``oof_b`` (paths), ``a_ci95``/``b_ci95`` (each run's own interval), ``seed``,
-        ``reading`` (one line) and ``notes``.
+        ``p_b_better``, ``n``, ``n_boot``), plus ``metric`` (its name), ``run_a``/``run_b``
+        (names), ``oof_a``/``oof_b`` (paths), ``a_ci95``/``b_ci95`` (each run's own
+        interval), ``seed``, ``reading`` (one line) and ``notes``.
 
     Raises
     ------
     KitError
-        A run without ``oof.csv``, the same run twice, or two runs on other images, labels or
-        folds.
+        A run without ``oof.csv``, the same run twice, two runs on other images, labels or
+        folds, or a run made for other classes or scored by another metric than the task's.
     """
+    task = task_of(None) if task is None else task
     n_boot = N_BOOT if n_boot is None else int(n_boot)
     seed = BOOT_SEED if seed is None else int(seed)
     if n_boot < 1:
@@ -118,18 +134,20 @@ def compare_runs(run_a: str, run_b: str, paths, n_boot: int | None = None,
     if dir_a == dir_b:
         raise KitError(f"RUN_A and RUN_B are the same run ({dir_a}); name two different runs")
     path_a, path_b = dir_a / "oof.csv", dir_b / "oof.csv"
-    a, b = read_oof(path_a), read_oof(path_b)
-    metrics_a, metrics_b = _metrics(dir_a), _metrics(dir_b)
+    a, b = read_oof(path_a, classes=task.classes), read_oof(path_b, classes=task.classes)
+    metrics_a, metrics_b = _metrics(dir_a, task), _metrics(dir_b, task)
     notes = check_same_rows(a, b, path_a, path_b, metrics_a, metrics_b)
     b = b.loc[a.index]  # B's rows in A's order: row i is the same image in both
-    y = to_indices(a.label.to_numpy())
-    pa, pb = a[PROB_COLUMNS].to_numpy(), b[PROB_COLUMNS].to_numpy()
-    result = paired_bootstrap(y, pa, pb, n_boot=n_boot, seed=seed)
+    y = to_indices(a.label.to_numpy(), task.classes)
+    cols = task.prob_columns
+    pa, pb = a[cols].to_numpy(), b[cols].to_numpy()
+    scoring = {"n_boot": n_boot, "seed": seed, "metric": task.metric, "classes": task.classes}
+    result = paired_bootstrap(y, pa, pb, **scoring)
     name_a, name_b = _names(run_a, run_b, dir_a, dir_b)
     result.update({
-        "run_a": name_a, "run_b": name_b, "oof_a": str(path_a), "oof_b": str(path_b),
-        "a_ci95": list(bootstrap_ci(y, pa, n_boot=n_boot, seed=seed)),
-        "b_ci95": list(bootstrap_ci(y, pb, n_boot=n_boot, seed=seed)), "seed": seed})
+        "metric": task.metric, "run_a": name_a, "run_b": name_b, "oof_a": str(path_a),
+        "oof_b": str(path_b), "a_ci95": list(bootstrap_ci(y, pa, **scoring)),
+        "b_ci95": list(bootstrap_ci(y, pb, **scoring)), "seed": seed})
     for name, m in ((name_a, metrics_a), (name_b, metrics_b)):
         why = provenance(m)["why"] if m else []
         if m and why:  # a maximum over noisy choices: its side of the difference is inflated
@@ -147,9 +165,11 @@ def _names(run_a: str, run_b: str, dir_a: Path, dir_b: Path) -> tuple[str, str]:
 
 
 def summary_line(r: dict) -> str:
-    """``OOF macro F1: A phikon 0.499 [0.46, 0.54], B uni ...; B - A = +0.022 [...], ...``."""
+    """``OOF macro F1: A phikon 0.499 [0.46, 0.54], B uni ...; B - A = +0.022 [...], ...``
+    (the metric's title: ``OOF balanced accuracy: ...`` for a task scored so)."""
     lo, hi = r["ci95"]
-    return (f"OOF macro F1: A {r['run_a']} {format_ci(r['a'], r['a_ci95'])}, "
+    title = get_metric(r.get("metric", "macro_f1")).title
+    return (f"OOF {title}: A {r['run_a']} {format_ci(r['a'], r['a_ci95'])}, "
             f"B {r['run_b']} {format_ci(r['b'], r['b_ci95'])}; B - A = {r['diff']:+.3f} "
             f"[{lo:+.3f}, {hi:+.3f}], P(B > A) = {r['p_b_better']:.2f} over {r['n']} images "
             f"(paired bootstrap, {r['n_boot']} resamples)")

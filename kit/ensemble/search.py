@@ -12,17 +12,17 @@ Three fitted pieces, all on the OOF rows:
   greedy forward selection with replacement (Caruana et al., 2004): start from every model
   once (equal weights) or the best singles, then repeatedly add the model whose addition
   scores best, and keep the best prefix of that path. It needs no gradient, so it optimises
-  macro F1 (piecewise constant in the weights) directly; ``objective="logloss"`` optimises
-  log-loss instead. Optionally bagged over bootstrap resamples of the rows
-  (:mod:`kit.ensemble.weights`).
+  the task's metric (``metric`` given to ``fit``: macro F1 for AN2DL; piecewise constant in
+  the weights) directly; ``objective="logloss"`` optimises log-loss instead. Optionally
+  bagged over bootstrap resamples of the rows (:mod:`kit.ensemble.weights`).
 - **class biases**: the decision rule is ``argmax(log p + b)`` with ``b[0] = 0``; each other
-  ``b[c]`` is tuned by coordinate ascent over a grid. Macro F1 rewards recall on small classes
-  that plain argmax under-predicts; the gain is measured and printed
-  (:mod:`kit.ensemble.biases`).
+  ``b[c]`` is tuned by coordinate ascent over a grid, for the task's metric. Macro F1 and
+  balanced accuracy reward recall on small classes that plain argmax under-predicts; the
+  gain is measured and printed (:mod:`kit.ensemble.biases`).
 - **honesty**: the whole fit (weights and biases) is repeated once per fold on the other
   folds' rows and applied to the held-out fold; the concatenated held-out predictions give
-  the *nested* macro F1, the submission's expected score. The in-sample score is reported
-  beside it, labelled optimistic. Every macro F1 comes with its 95 % bootstrap interval over
+  the *nested* score, the submission's expected score. The in-sample score is reported
+  beside it, labelled optimistic. Every score comes with its 95 % bootstrap interval over
   images (:func:`kit.metrics.bootstrap_ci`).
 - **class mix** (``prior: em``): the test rows' class mix is estimated by EM
   (:mod:`kit.ensemble.prior`); where it differs significantly from the OOF labels' mix, the
@@ -40,15 +40,15 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
-from kit import CLASSES
 from kit.config import given
 from kit.ensemble.biases import apply_rule, fit_biases
 from kit.ensemble.prior import PRIORS, MixEstimate, adjust_to_prior, class_mix, estimate_mix
 from kit.ensemble.weights import fit_weights
-from kit.metrics import bootstrap_ci, macro_f1, paired_bootstrap, per_class_f1
+from kit.metrics import bootstrap_ci, get_metric, macro_f1, paired_bootstrap, per_class_f1
 from kit.utils import KitError, check_random_state
 
-OBJECTIVES = ("f1", "logloss")
+# "f1" and "metric" both mean the task's metric ("f1" dates from when that was macro F1).
+OBJECTIVES = ("f1", "logloss", "metric")
 
 
 @dataclass
@@ -82,18 +82,20 @@ class PriorRule:
 
 
 def prior_rule(fit_probs: np.ndarray, y: np.ndarray, biases: np.ndarray, probs: np.ndarray,
-               cfg: dict) -> PriorRule:
+               cfg: dict, metric: str = "macro_f1") -> PriorRule:
     """The rule for the rows ``probs`` of a blend fitted on ``fit_probs`` (labels ``y``, class
     biases ``biases``), for the class mix ``cfg["prior"]`` says.
 
     ``em``: estimate the rows' mix (:func:`kit.ensemble.prior.estimate_mix`); when its
     likelihood-ratio test rejects the OOF mix at ``em_alpha``, adjust ``probs`` to it and
     refit the biases on ``fit_probs`` adjusted the same way, each row weighted by
-    ``mix / train_mix`` of its class; else keep everything as fitted. Measured: keeping the
-    training mix's biases on the adjusted probabilities loses macro F1 even with the true
-    mix, since the adjustment alone gives the rule best for accuracy, not for macro F1.
+    ``mix / train_mix`` of its class (for ``metric``: every metric a task may name is a
+    function of the confusion matrix, so reweighting rows fits any of them); else keep
+    everything as fitted. Measured: keeping the training mix's biases on the adjusted
+    probabilities loses macro F1 even with the true mix, since the adjustment alone gives the
+    rule best for accuracy, not for macro F1.
     """
-    mode = cfg.get("prior", "train")
+    mode = cfg["prior"]
     train_mix = class_mix(y, fit_probs.shape[-1])
     if mode == "train":
         return PriorRule(mode, train_mix, train_mix, probs, biases)
@@ -103,20 +105,21 @@ def prior_rule(fit_probs: np.ndarray, y: np.ndarray, biases: np.ndarray, probs: 
         return PriorRule(mode, train_mix, train_mix, probs, biases, est)
     mix = est.mix
     adjusted = adjust_to_prior(probs, train_mix, mix)
-    if cfg.get("biases", True):
+    if cfg["biases"]:
         biases = fit_biases(adjust_to_prior(fit_probs, train_mix, mix), y, cfg,
-                            class_weight=mix / train_mix)
+                            class_weight=mix / train_mix, metric=metric)
     else:
         biases = np.zeros(probs.shape[-1])
     return PriorRule(mode, mix, train_mix, adjusted, biases, est)
 
 
-def fit_params(P, y, cfg: dict, objective: str, rng) -> Fitted:
-    """Weights, then (unless ``biases: false``) biases on the weighted blend of the same rows."""
-    w = fit_weights(P, y, cfg, objective, rng)
-    if not cfg.get("biases", True):
+def fit_params(P, y, cfg: dict, objective: str, rng, metric: str = "macro_f1") -> Fitted:
+    """Weights, then (unless ``biases: false``) biases on the weighted blend of the same rows,
+    both for ``metric`` (the weights for log-loss with ``objective="logloss"``)."""
+    w = fit_weights(P, y, cfg, objective, rng, metric)
+    if not cfg["biases"]:
         return Fitted(w, np.zeros(P.shape[-1]))
-    return Fitted(w, fit_biases(np.tensordot(w, P, axes=1), y, cfg))
+    return Fitted(w, fit_biases(np.tensordot(w, P, axes=1), y, cfg, metric=metric))
 
 
 @dataclass
@@ -144,9 +147,10 @@ class BlendSearch(BaseEstimator):
 
     Parameters
     ----------
-    objective : {"f1", "logloss"}, default="f1"
-        What the weight search maximises: macro F1 of the argmax, or minus the log-loss.
-        The biases always maximise macro F1.
+    objective : {"f1", "metric", "logloss"}, default="f1"
+        What the weight search maximises: the metric of the argmax (``f1`` and ``metric``
+        alike: the ``metric`` given to ``fit``), or minus the log-loss. The biases always
+        maximise the metric.
     cfg : dict or None, default=None
         The resolved ``blend`` config (``kit.config.load_config("blend", overrides)``:
         ``iterations``, ``init``, ``init_size``, ``bags``, ``biases``, ``bias_*``, ``eps``,
@@ -165,6 +169,8 @@ class BlendSearch(BaseEstimator):
         Library models M seen in ``fit``.
     n_classes_ : int
         Classes C seen in ``fit``.
+    metric_ : str
+        The metric the fit scored and searched for (``metric`` given to ``fit``).
     models_ : list of str
         The library models' names (``models`` given to ``fit``, else ``m0``, ``m1``...).
     weights_ : ndarray of shape (M,)
@@ -188,18 +194,21 @@ class BlendSearch(BaseEstimator):
     nested_pred_ : ndarray of shape (N,)
         Each fold's rows predicted by the fit without them: the honest predictions.
     scores_ : dict
-        ``nested`` and ``in_sample`` (``macro_f1``, ``macro_f1_no_bias``, ``per_class_f1``,
-        ``ci95`` and ``ci95_no_bias``: 95 % bootstrap intervals over images, ``bias_gain``:
-        paired bootstrap of with minus without biases; nested also ``per_fold``), ``gap``
-        (in-sample minus nested) and ``baselines`` (``equal_weights``, ``best_single``, each
-        with ``ci95``; ``singles``).
+        ``metric`` (its name); ``nested`` and ``in_sample`` (``score`` and ``score_no_bias``:
+        the metric with and without the biases, ``ci95`` and ``ci95_no_bias``: their 95 %
+        bootstrap intervals over images, ``bias_gain``: paired bootstrap of with minus
+        without biases; ``macro_f1``, ``macro_f1_no_bias`` and ``per_class_f1`` whatever the
+        metric; nested also ``per_fold``, in the metric), ``gap`` (in-sample minus nested)
+        and ``baselines`` (``equal_weights``, ``best_single``, each with ``score``,
+        ``macro_f1`` and ``ci95``; ``singles``: the metric of each model).
     result_ : SearchResult
         The same fit as one record (what :mod:`kit.ensemble.blend` writes).
 
     Examples
     --------
-    >>> est = BlendSearch(objective="f1", random_state=42).fit(P_oof, y, folds)
-    >>> est.scores_["nested"]["macro_f1"]          # the expected score
+    >>> est = BlendSearch("f1", load_config("blend"), 42).fit(P_oof, y, folds,
+    ...                                                      metric="balanced_accuracy")
+    >>> est.scores_["nested"]["score"]             # the expected balanced accuracy
     >>> labels = est.predict(P_test)               # class indices, one per test row
     """
 
@@ -208,7 +217,8 @@ class BlendSearch(BaseEstimator):
         self.cfg = cfg
         self.random_state = random_state
 
-    def fit(self, P, y, folds, models=None) -> "BlendSearch":
+    def fit(self, P, y, folds, models=None, metric: str = "macro_f1",
+            classes=None) -> "BlendSearch":
         """Fit weights and biases on all rows, and once per fold for the nested predictions.
 
         Parameters
@@ -221,6 +231,13 @@ class BlendSearch(BaseEstimator):
             Fold number of each row; each fold is held out once for the nested fits.
         models : list of str, optional
             Names of the M models, used in ``scores_`` (default ``m0``, ``m1``...).
+        metric : str, default="macro_f1"
+            The task's metric (a name of :data:`kit.metrics.METRICS`): what the weights
+            (objective ``f1``/``metric``) and the biases are fitted for and every score is.
+            A property of the data, like ``y``, hence a ``fit`` argument.
+        classes : list of str, optional
+            Names of the C classes, the keys of ``per_class_f1`` in ``scores_`` (default
+            ``0``, ``1``...).
 
         Returns
         -------
@@ -230,7 +247,7 @@ class BlendSearch(BaseEstimator):
         Raises
         ------
         KitError
-            An unknown ``objective`` or config key.
+            An unknown ``objective``, ``metric`` or config key.
         ValueError
             Arrays of inconsistent shapes.
         """
@@ -238,7 +255,8 @@ class BlendSearch(BaseEstimator):
             raise KitError(f"objective must be one of {', '.join(OBJECTIVES)}, "
                            f"got {self.objective!r}")
         cfg = given(self.cfg, "blend")
-        if cfg.get("prior", "train") not in PRIORS:
+        metric = get_metric(metric).name
+        if cfg["prior"] not in PRIORS:
             raise KitError(f"blend config: prior must be one of {', '.join(PRIORS)}, "
                            f"got {cfg['prior']!r}")
         P, y, folds = np.asarray(P), np.asarray(y), np.asarray(folds)
@@ -253,16 +271,17 @@ class BlendSearch(BaseEstimator):
         eps = float(cfg["eps"])
         fold_ids = np.unique(folds)
         rngs = check_random_state(self.random_state).spawn(len(fold_ids) + 1)
-        full = fit_params(P, y, cfg, self.objective, rngs[0])
+        full = fit_params(P, y, cfg, self.objective, rngs[0], metric)
         oof = np.tensordot(full.weights, P, axes=1)
         nested = np.zeros_like(oof)
         nested_pred = np.zeros(len(y), dtype=np.int64)
         fold_fits = {}
         for k, rng in zip(fold_ids, rngs[1:]):
             train, held = folds != k, folds == k
-            fit = fit_params(P[:, train], y[train], cfg, self.objective, rng)
+            fit = fit_params(P[:, train], y[train], cfg, self.objective, rng, metric)
             rule = prior_rule(np.tensordot(fit.weights, P[:, train], axes=1), y[train],
-                              fit.biases, np.tensordot(fit.weights, P[:, held], axes=1), cfg)
+                              fit.biases, np.tensordot(fit.weights, P[:, held], axes=1), cfg,
+                              metric)
             nested[held] = rule.probs
             nested_pred[held] = apply_rule(rule.probs, rule.biases, eps)
             if rule.mode != "train":
@@ -273,8 +292,12 @@ class BlendSearch(BaseEstimator):
                            pred_in_sample_no_bias=oof.argmax(axis=1), nested_probs=nested,
                            pred_nested=nested_pred, pred_nested_no_bias=nested.argmax(axis=1),
                            fold_fits=fold_fits)
-        res.scores = _scores(res, P, y, folds, models)
-        self.cfg_ = cfg
+        names = [str(c) for c in classes] if classes is not None else [
+            str(k) for k in range(P.shape[2])]
+        if len(names) != P.shape[2]:
+            raise ValueError(f"{len(names)} class names for {P.shape[2]} classes in P")
+        res.scores = _scores(res, P, y, folds, models, metric, names)
+        self.cfg_, self.metric_ = cfg, metric
         self.n_models_, self.n_classes_ = P.shape[0], P.shape[2]
         self.models_ = models
         self.weights_, self.biases_ = full.weights, full.biases
@@ -306,7 +329,7 @@ class BlendSearch(BaseEstimator):
             raise ValueError(f"P must be {self.n_models_} x T x {self.n_classes_} (the models "
                              f"and classes seen in fit), got shape {P.shape}")
         return prior_rule(self.oof_proba_, self.y_, self.biases_,
-                          np.tensordot(self.weights_, P, axes=1), self.cfg_)
+                          np.tensordot(self.weights_, P, axes=1), self.cfg_, self.metric_)
 
     def predict_proba(self, P) -> np.ndarray:
         """The blend ``sum_m weights_[m] * P[m]`` of the library models' probabilities
@@ -342,7 +365,8 @@ class BlendSearch(BaseEstimator):
         return apply_rule(rule.probs, rule.biases, float(self.cfg_["eps"]))
 
     def score(self, P, y) -> float:
-        """Macro F1 of ``predict(P)`` against ``y`` (in-sample when ``P`` is the fitted rows).
+        """The metric (``metric_``) of ``predict(P)`` against ``y`` (in-sample when ``P`` is
+        the fitted rows).
 
         Parameters
         ----------
@@ -353,35 +377,49 @@ class BlendSearch(BaseEstimator):
         -------
         float
         """
-        return float(macro_f1(np.asarray(y), self.predict(P)))
+        return _metric_of(self.metric_, np.asarray(y), self.predict(P), self.n_classes_)
 
 
-def _scores(res: SearchResult, P, y, folds, models) -> dict:
+def _metric_of(metric: str, y, pred, n_classes: int) -> float:
+    """``metric`` of one prediction (class indices), by its reference form (scikit-learn's for
+    macro F1, as the blend has always scored it)."""
+    return get_metric(metric)(y, pred, tuple(range(n_classes)))
+
+
+def _scores(res: SearchResult, P, y, folds, models, metric: str, classes: list[str]) -> dict:
     # One seeded bootstrap over images for every interval (kit.metrics' defaults), so the
     # intervals of the blend and of each stage's scores are drawn alike.
+    c = P.shape[2]
+
+    def score(pred, rows=slice(None)):
+        return _metric_of(metric, y[rows], pred[rows], c)
+
     def ci(pred):
-        return list(bootstrap_ci(y, pred, num_classes=P.shape[2]))
+        return list(bootstrap_ci(y, pred, num_classes=c, metric=metric))
 
     def block(pred, pred_no_bias):
-        gain = paired_bootstrap(y, pred_no_bias, pred, num_classes=P.shape[2])
-        return {"macro_f1": macro_f1(y, pred), "macro_f1_no_bias": macro_f1(y, pred_no_bias),
+        gain = paired_bootstrap(y, pred_no_bias, pred, num_classes=c, metric=metric)
+        return {"score": score(pred), "score_no_bias": score(pred_no_bias),
+                "macro_f1": macro_f1(y, pred), "macro_f1_no_bias": macro_f1(y, pred_no_bias),
                 "ci95": ci(pred), "ci95_no_bias": ci(pred_no_bias),
                 "bias_gain": {k: gain[k] for k in ("diff", "ci95", "p_b_better")},
-                "per_class_f1": dict(zip(CLASSES, map(float, per_class_f1(y, pred))))}
+                "per_class_f1": dict(zip(classes, map(float, per_class_f1(y, pred, c))))}
 
-    singles = {m: macro_f1(y, P[i].argmax(axis=1)) for i, m in enumerate(models)}
+    singles = {m: score(P[i].argmax(axis=1)) for i, m in enumerate(models)}
     best = max(singles, key=lambda m: (singles[m], -models.index(m)))
     nested = block(res.pred_nested, res.pred_nested_no_bias)
-    nested["per_fold"] = {int(k): macro_f1(y[folds == k], res.pred_nested[folds == k])
-                          for k in np.unique(folds)}
+    nested["per_fold"] = {int(k): score(res.pred_nested, folds == k) for k in np.unique(folds)}
     in_sample = block(res.pred_in_sample, res.pred_in_sample_no_bias)
     equal = P.mean(axis=0).argmax(axis=1)
+    best_pred = P[models.index(best)].argmax(axis=1)
     return {
+        "metric": metric,
         "nested": nested,
         "in_sample": in_sample,
-        "gap": in_sample["macro_f1"] - nested["macro_f1"],
-        "baselines": {"equal_weights": {"macro_f1": macro_f1(y, equal), "ci95": ci(equal)},
-                      "best_single": {"model": best, "macro_f1": singles[best],
-                                      "ci95": ci(P[models.index(best)].argmax(axis=1))},
+        "gap": in_sample["score"] - nested["score"],
+        "baselines": {"equal_weights": {"score": score(equal), "macro_f1": macro_f1(y, equal),
+                                        "ci95": ci(equal)},
+                      "best_single": {"model": best, "score": singles[best],
+                                      "macro_f1": macro_f1(y, best_pred), "ci95": ci(best_pred)},
                       "singles": singles},
     }

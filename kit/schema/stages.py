@@ -161,7 +161,7 @@ class Tune(Group):
 class Submit(Group):
     """Uploading to Kaggle."""
 
-    competition: str = key("Kaggle competition slug (a manifest's competition wins)")
+    competition: str = key("Kaggle slug unless -c, the manifest or the task's kaggle names one")
     poll_interval: between(0, low_open=True) = key("--wait: seconds between status polls")
     wait_timeout: NonNegative = key("--wait: seconds to wait for a score")
 

@@ -7,21 +7,35 @@ from pathlib import Path
 
 import pandas as pd
 
-from kit import CLASSES, PROB_COLUMNS
-from kit.data.dataset import LABELS_CSV, find_root
-from kit.ensemble.blend import NAME_RE, BlendResult, fold_fit_record, fit_blend
+from kit.data.dataset import find_root
+from kit.ensemble.blend import NAME_RE, BlendResult, fit_blend, fold_fit_record
 from kit.paths import Paths
-from kit.submission.package import build_manifest, command_line, write_submission
-from kit.utils import (KitError, atomic_write_bytes, atomic_write_csv, atomic_write_json,
-                       sha256_file, write_config)
+from kit.submission.package import (
+    build_manifest,
+    command_line,
+    write_submission,
+)
+from kit.submission.task_data import train_labels_digest
+from kit.task import as_data
+from kit.utils import (
+    KitError,
+    atomic_write_bytes,
+    atomic_write_csv,
+    atomic_write_json,
+    sha256_file,
+    write_config,
+)
 
 
 def run_blend(paths: Paths, data, cfg: dict, *, backbones=None, name: str = "blend",
               objective: str = "f1", weight_views: bool = False, seed: int = 42,
               command: str | None = None) -> BlendResult:
-    """Fit the blend and write the submission, its manifest, ``latest.*`` and ``runs/blend/``.
+    """Fit the blend for the task of ``data`` and write the submission, its manifest,
+    ``latest.*`` and ``runs/blend/``.
 
-    Writes ``submissions/<UTC YYYYmmdd-HHMMSS>_<name>.csv`` and ``.json``, then
+    The submission has the task's columns and class strings, one row per test id; the
+    manifest records the task and its metric, in which the scores are. Writes
+    ``submissions/<UTC YYYYmmdd-HHMMSS>_<name>.csv`` and ``.json``, then
     ``submissions/latest.csv`` and ``latest.json`` as atomic *copies* (not symlinks: those
     need privileges on Windows, break on some network/FUSE mounts and in zipped Kaggle
     outputs, and ``kaggle ... -f submissions/latest.csv`` must read a real file); and
@@ -29,14 +43,19 @@ def run_blend(paths: Paths, data, cfg: dict, *, backbones=None, name: str = "ble
     """
     if not NAME_RE.match(name) or name == "latest":
         raise KitError(f"--name {name!r}: use letters, digits, '_', '-' or '.', not 'latest'")
+    data = as_data(data)
+    task = data.task
     result = fit_blend(paths, data, cfg, backbones, name, objective, weight_views, seed)
+    labels_sha, labels_source = train_labels_digest(data, task)
     stamp = datetime.now(timezone.utc)
     csv_path = _free_name(paths.submissions_dir, f"{stamp:%Y%m%d-%H%M%S}_{name}")
-    digest = write_submission(result.submission_frame(), csv_path, result.inputs.test_ids, CLASSES)
+    digest = write_submission(result.submission_frame(), csv_path, result.inputs.test_ids,
+                              task=task)
     manifest = build_manifest(
         name=name, csv_path=csv_path, csv_sha256=digest, csv_rows=len(result.test_labels),
-        command=command or command_line(), workdir=paths.root, data_root=_data_root(data),
-        train_labels_sha256=_train_labels_sha(data), test_ids=result.inputs.test_ids,
+        command=command or command_line(), workdir=paths.root,
+        data_root=find_root(data, task).resolve(), train_labels_sha256=labels_sha,
+        train_labels_source=labels_source, task=task, test_ids=result.inputs.test_ids,
         folds_sha256=result.inputs.folds_sha256,
         outliers_sha256=sha256_file(paths.outliers_csv) if paths.outliers_csv.exists() else None,
         backbones=result.inputs.meta, inputs=result.inputs.files, blend=result.blend_record(),
@@ -62,15 +81,6 @@ def _free_name(folder: Path, stem: str) -> Path:
     return path
 
 
-def _data_root(data) -> Path:
-    return find_root(data).resolve()
-
-
-def _train_labels_sha(data) -> str | None:
-    path = _data_root(data) / LABELS_CSV
-    return sha256_file(path) if path.exists() else None
-
-
 def _write_run_dir(paths: Paths, result: BlendResult) -> None:
     out = paths.runs_dir / "blend"
     write_config(out / "config.yaml", {**result.cfg, "backbones": result.inputs.backbones,
@@ -83,19 +93,21 @@ def _write_run_dir(paths: Paths, result: BlendResult) -> None:
                                                           "training_path")}
                               for bb, m in result.inputs.meta.items()},
         "folds_sha256": result.inputs.folds_sha256,
-        "fold_fits": {k: fold_fit_record(result.inputs.models, f)
+        "fold_fits": {k: fold_fit_record(result.inputs.models, f, result.task.classes)
                       for k, f in result.search.fold_fits.items()},
         "submission": str(result.csv_path), "manifest": str(result.manifest_path),
         "csv_sha256": result.csv_sha256})
     s, ids = result.search, result.inputs
+    classes, columns = result.task.classes, result.task.prob_columns
+    # Internal files keep the kit's column names (sample_index, p_<class>), whatever the task.
     oof = pd.DataFrame({"sample_index": ids.ids, "fold": ids.folds,
-                        "label": [CLASSES[i] for i in ids.y]})
-    oof[PROB_COLUMNS] = s.oof_probs
-    oof[[f"nested_{c}" for c in PROB_COLUMNS]] = s.nested_probs
-    oof["pred"] = [CLASSES[i] for i in s.pred_in_sample]
-    oof["pred_nested"] = [CLASSES[i] for i in s.pred_nested]
+                        "label": [classes[i] for i in ids.y]})
+    oof[columns] = s.oof_probs
+    oof[[f"nested_{c}" for c in columns]] = s.nested_probs
+    oof["pred"] = [classes[i] for i in s.pred_in_sample]
+    oof["pred_nested"] = [classes[i] for i in s.pred_nested]
     atomic_write_csv(out / "oof_blend.csv", oof, float_format="%.6f")
     test = pd.DataFrame({"sample_index": ids.test_ids})
-    test[PROB_COLUMNS] = result.test_probs
+    test[columns] = result.test_probs
     test["label"] = result.test_labels
     atomic_write_csv(out / "test_blend.csv", test, float_format="%.6f")

@@ -130,7 +130,7 @@ def _read_kaggle_json(path: Path) -> dict:
     except (ValueError, OSError):
         # never echo the content: it holds the key
         raise KitError(f"{path}: not valid JSON; expected "
-                       '{"username": "...", "key": "..."} ' f"({TOKEN_HELP})")
+                       '{"username": "...", "key": "..."} ' f"({TOKEN_HELP})") from None
     if not isinstance(values, dict) or not values.get("username") or not values.get("key"):
         raise KitError(f'{path}: needs both "username" and "key" ({TOKEN_HELP})')
     return values

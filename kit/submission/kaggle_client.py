@@ -56,7 +56,8 @@ class KaggleSession:
     Parameters
     ----------
     creds : Credentials
-        From :func:`kit.submission.credentials.find_credentials`; its secrets are masked in every message.
+        From :func:`kit.submission.credentials.find_credentials`; its secrets are masked in
+        every message.
     competition : str
         Competition slug, used in hints.
     """

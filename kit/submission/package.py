@@ -1,11 +1,13 @@
 """The submission CSV (validated before it exists) and the manifest that makes it reproducible.
 
-``write_submission`` refuses to write a file Kaggle would reject or mis-score: header exactly
-``sample_index,label``, one row per test image found in ``test_data/``, label strings exactly
-as in ``train_labels.csv``, no empty values, rows sorted by ``sample_index``. The manifest
+``write_submission`` refuses to write a file Kaggle would reject or mis-score, checked against
+the task (the built-in AN2DL one by default): header exactly the task's submission columns
+(``sample_index,label`` for AN2DL), one row per test image the task's ``images.test`` finds,
+label strings exactly the task's classes, no empty values, rows sorted by id. The manifest
 (``submissions/<name>.json``) records everything needed to re-run the blend and to tell
-later whether its inputs changed; ``update_manifest``/``append_submission`` edit it with an
-atomic read-modify-write so that the submit step can add its upload records.
+later whether its inputs changed, the task included; ``update_manifest``/
+``append_submission`` edit it with an atomic read-modify-write so that the submit step can
+add its upload records.
 """
 from __future__ import annotations
 
@@ -25,10 +27,18 @@ from filelock import FileLock
 
 from kit import __version__
 from kit.data.dataset import expected_test_ids  # noqa: F401 (the submission's test ids)
-from kit.utils import (KitError, atomic_path, atomic_write_json, package_versions, sha256_file,
-                       sha256_text)
+from kit.submission.task_data import labels_source, task_or_default, test_folder, test_ids
+from kit.task import Task, default_task
+from kit.utils import (
+    KitError,
+    atomic_path,
+    atomic_write_json,
+    package_versions,
+    sha256_file,
+    sha256_text,
+)
 
-COLUMNS = ("sample_index", "label")
+COLUMNS = ("sample_index", "label")  # the built-in task's submission header
 HEADER = ",".join(COLUMNS)
 MAX_LISTED = 20  # per kind of problem; the rest is summarised in one line
 MANIFEST_VERSION = 1
@@ -70,27 +80,35 @@ def test_files_sha256(ids: Iterable[str]) -> str:
 test_files_sha256.__test__ = False  # not a test, whatever pytest makes of its name
 
 
-def validate_submission(df_or_path, test_dir_or_ids, classes) -> list[str]:
+def validate_submission(df_or_path, test_dir_or_ids, classes=None, *,
+                        task: Task | None = None) -> list[str]:
     """Every problem of a submission, one line each naming the row; empty list if valid.
 
     Parameters
     ----------
     df_or_path : DataFrame or path
         The submission (a file is checked as Kaggle reads it: raw header line, CSV fields).
-    test_dir_or_ids : path or iterable of str
-        ``test_data/`` (or the dataset root), or the expected ``sample_index`` values.
-    classes : iterable of str
-        The allowed label strings, exactly as in ``train_labels.csv``.
+    test_dir_or_ids : path, Data or iterable of str
+        The dataset root (or for AN2DL ``test_data/``), or the expected test ids.
+    classes : iterable of str, optional
+        The allowed label strings (default: the task's classes).
+    task : Task, optional
+        What the file must follow: its submission columns, classes and test images (default:
+        the task of a :class:`~kit.task.Data` given, else the built-in AN2DL task).
     """
-    expected = expected_test_ids(test_dir_or_ids)
+    task = task_or_default(task, test_dir_or_ids)
+    expected = test_ids(test_dir_or_ids, task)
+    columns = task.submission_columns
     if isinstance(df_or_path, pd.DataFrame):
         header, rows = _frame_rows(df_or_path)
     else:
         header, rows = _file_rows(Path(df_or_path))
     problems = []
-    if header != list(COLUMNS):
-        problems.append(f"header is {','.join(header)!r}, expected exactly {HEADER!r}")
-    problems += _row_problems(rows, expected, tuple(classes))
+    if header != list(columns):
+        problems.append(f"header is {','.join(header)!r}, expected exactly "
+                        f"{','.join(columns)!r}")
+    problems += _row_problems(rows, expected, tuple(task.classes if classes is None else classes),
+                              columns, test_folder(task))
     return problems
 
 
@@ -112,9 +130,9 @@ def _file_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     try:
         text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
-        raise KitError(f"{path}: submission file not found")
+        raise KitError(f"{path}: submission file not found") from None
     except UnicodeDecodeError as exc:
-        raise KitError(f"{path}: not UTF-8 text ({exc}); write the CSV as UTF-8")
+        raise KitError(f"{path}: not UTF-8 text ({exc}); write the CSV as UTF-8") from None
     records = list(csv.reader(io.StringIO(text, newline="")))
     if not records:
         return [], []
@@ -122,20 +140,21 @@ def _file_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     return records[0], [(i + 2, r) for i, r in enumerate(records[1:])]
 
 
-def _row_problems(rows, expected: list[str], classes: tuple[str, ...]) -> list[str]:
+def _row_problems(rows, expected: list[str], classes: tuple[str, ...],
+                  columns=COLUMNS, folder: str = "test_data/") -> list[str]:
     problems, seen, lines_of = [], set(), {}
     expected_set = set(expected)
     kinds: dict[str, list[str]] = {"shape": [], "empty": [], "label": [], "extra": []}
     for line, fields in rows:
-        if len(fields) != len(COLUMNS):
-            kinds["shape"].append(f"line {line}: {len(fields)} fields, expected {len(COLUMNS)} "
-                                  f"({HEADER})")
+        if len(fields) != len(columns):
+            kinds["shape"].append(f"line {line}: {len(fields)} fields, expected {len(columns)} "
+                                  f"({','.join(columns)})")
             continue
         sid, label = fields
         if sid == "" or label == "":
-            empty = [c for c, v in zip(COLUMNS, fields) if v == ""]
+            empty = [c for c, v in zip(columns, fields) if v == ""]
             kinds["empty"].append(f"line {line}: empty {' and '.join(empty)}"
-                                  + (f" (sample_index {sid})" if sid else ""))
+                                  + (f" ({columns[0]} {sid})" if sid else ""))
         if label != "" and label not in classes:
             kinds["label"].append(f"line {line}: unknown label {label!r} for {sid or '?'}; "
                                   f"allowed: {', '.join(classes)}")
@@ -143,20 +162,20 @@ def _row_problems(rows, expected: list[str], classes: tuple[str, ...]) -> list[s
             continue
         lines_of.setdefault(sid, []).append(line)
         if sid not in expected_set:
-            kinds["extra"].append(f"line {line}: extra row {sid}: no such image in test_data/")
+            kinds["extra"].append(f"line {line}: extra row {sid}: no such image in {folder}")
         seen.add(sid)
     for kind in ("shape", "empty", "label", "extra"):
         problems += _capped(kinds[kind], kind)
     dups = [f"duplicate {sid} on lines {', '.join(map(str, lines))}; keep one row per test image"
             for sid, lines in sorted(lines_of.items()) if len(lines) > 1]
     problems += _capped(dups, "duplicate")
-    missing = [f"missing row for {sid} (in test_data/ but not in the CSV)"
+    missing = [f"missing row for {sid} (in {folder} but not in the CSV)"
                for sid in expected if sid not in seen]
     problems += _capped(missing, "missing")
-    ids = [(line, f[0]) for line, f in rows if len(f) == len(COLUMNS) and f[0] != ""]
+    ids = [(line, f[0]) for line, f in rows if len(f) == len(columns) and f[0] != ""]
     for (prev_line, prev), (line, sid) in zip(ids, ids[1:]):
         if sid < prev:
-            problems.append(f"rows not sorted by sample_index: line {line} ({sid}) comes after "
+            problems.append(f"rows not sorted by {columns[0]}: line {line} ({sid}) comes after "
                             f"line {prev_line} ({prev}); sort the rows")
             break
     return problems
@@ -168,12 +187,13 @@ def _capped(lines: list[str], kind: str) -> list[str]:
     return lines[:MAX_LISTED] + [f"... and {len(lines) - MAX_LISTED} more {kind} problems"]
 
 
-def write_submission(df: pd.DataFrame, path, expected_ids, classes) -> str:
+def write_submission(df: pd.DataFrame, path, expected_ids, classes=None, *,
+                     task: Task | None = None) -> str:
     """Validate ``df`` and write it to ``path`` atomically; return the file's sha256.
 
-    The frame is checked, written to a temporary file beside ``path``, the file re-checked as
-    Kaggle will read it, and only then renamed onto ``path``. Any failed check leaves
-    ``path`` untouched (nothing new is written).
+    The frame is checked (:func:`validate_submission`, against ``task``), written to a
+    temporary file beside ``path``, the file re-checked as Kaggle will read it, and only then
+    renamed onto ``path``. Any failed check leaves ``path`` untouched (nothing new is written).
 
     Raises
     ------
@@ -181,12 +201,15 @@ def write_submission(df: pd.DataFrame, path, expected_ids, classes) -> str:
         Listing every problem row.
     """
     path = Path(path)
-    problems = validate_submission(df, expected_ids, classes)
+    task = task_or_default(task, expected_ids)
+    if not isinstance(expected_ids, (str, os.PathLike)):
+        expected_ids = list(expected_ids)  # read twice below
+    problems = validate_submission(df, expected_ids, classes, task=task)
     if problems:
         raise KitError(f"{path}: submission not written, {len(problems)} problems", problems)
     with atomic_path(path) as tmp:
-        df.loc[:, list(COLUMNS)].to_csv(tmp, index=False, lineterminator="\n")
-        problems = validate_submission(tmp, expected_ids, classes)
+        df.loc[:, list(task.submission_columns)].to_csv(tmp, index=False, lineterminator="\n")
+        problems = validate_submission(tmp, expected_ids, classes, task=task)
         if problems:  # e.g. a value CSV quoting changed; never rename a bad file into place
             raise KitError(f"{path}: submission not written, {len(problems)} problems "
                            "in the written file", problems)
@@ -232,8 +255,15 @@ def build_manifest(*, name: str, csv_path, csv_sha256: str, csv_rows: int, comma
                    workdir, data_root, train_labels_sha256: str, test_ids: list[str],
                    folds_sha256: str, outliers_sha256: str | None, backbones: dict,
                    inputs: dict, blend: dict, scores: dict, seed: int,
-                   created_utc: str | None = None, expected_score: dict | None = None) -> dict:
+                   created_utc: str | None = None, expected_score: dict | None = None,
+                   task: Task | None = None, train_labels_source: str | None = None) -> dict:
     """Assemble a submission manifest (plain JSON types); see REQUIRED_FIELDS for its keys.
+
+    Besides those it records ``task`` (``name``, ``fingerprint``, ``definition``: the task's
+    keys; :func:`kit.submission.task_data.manifest_task` reads it back), ``metric`` (the
+    task's metric, which ``scores`` and ``expected_score`` are in) and
+    ``data.train_labels_source`` (what ``train_labels_sha256`` hashes:
+    :func:`kit.submission.task_data.train_labels_digest`).
 
     Parameters
     ----------
@@ -250,10 +280,18 @@ def build_manifest(*, name: str, csv_path, csv_sha256: str, csv_rows: int, comma
     scores : dict
         ``nested``, ``in_sample`` (each with ``macro_f1`` and ``per_class_f1``), ``baselines``.
     expected_score : dict, optional
-        The nested score and what it is worth: ``macro_f1``, ``honest``, ``label``
-        (``expected`` | ``optimistic``), ``why`` (backbone -> reasons); older manifests lack it.
+        The nested score and what it is worth: ``metric``, ``score`` (in it), ``macro_f1``,
+        ``honest``, ``label`` (``expected`` | ``optimistic``), ``why`` (backbone ->
+        reasons); older manifests lack it.
+    task : Task, optional
+        The task the submission is for (default: the built-in AN2DL task).
+    train_labels_source : str, optional
+        What ``train_labels_sha256`` is the hash of (default: the task's labels file).
     """
     csv_path = Path(csv_path)
+    task = default_task() if task is None else task
+    if train_labels_source is None:
+        train_labels_source = labels_source(task)
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "kit": {"version": __version__, "git": git_info()},
@@ -264,7 +302,11 @@ def build_manifest(*, name: str, csv_path, csv_sha256: str, csv_rows: int, comma
         "csv_sha256": csv_sha256,
         "csv_rows": int(csv_rows),
         "data": {"root": str(data_root), "train_labels_sha256": train_labels_sha256,
+                 "train_labels_source": train_labels_source,
                  "test_files_sha256": test_files_sha256(test_ids), "n_test": len(test_ids)},
+        "task": {"name": task.name, "fingerprint": task.fingerprint,
+                 "definition": task.to_dict()},
+        "metric": task.metric,
         "folds_sha256": folds_sha256,
         "outliers_sha256": outliers_sha256,
         "backbones": backbones,
@@ -312,9 +354,9 @@ def load_manifest(path) -> dict:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise KitError(f"{path}: manifest not found; pass submissions/<name>.json "
-                       "(written by ./run.sh blend)")
+                       "(written by ./run.sh blend)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise KitError(f"{path}: not a valid JSON manifest ({exc})")
+        raise KitError(f"{path}: not a valid JSON manifest ({exc})") from None
     if not isinstance(manifest, dict):
         raise KitError(f"{path}: not a manifest (expected a JSON object)")
     missing = check_manifest(manifest)

@@ -1,7 +1,8 @@
 """Re-run a blend from its manifest and check that the CSV comes out byte-identical.
 
 The manifest stores the backbones, objective, views flag, seed and resolved search config,
-and the sha256 of every file the blend read. ``reproduce`` fits the blend again from the same
+the task (its fingerprint) and the sha256 of every file the blend read. ``reproduce`` fits the
+blend again for the dataset's task from the same
 files under ``runs/`` (nothing under ``submissions/`` or ``runs/blend/`` is touched), writes
 the CSV in a temporary folder and compares bytes; on a mismatch it says which inputs changed
 and which rows differ.
@@ -14,12 +15,13 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kit import CLASSES, __version__
-from kit.data.dataset import LABELS_CSV, find_root
+from kit import __version__
+from kit.data.dataset import find_root
 from kit.ensemble.blend import fit_blend
 from kit.paths import Paths
-from kit.submission.package import (expected_test_ids, load_manifest, test_files_sha256,
-                                    write_submission)
+from kit.submission.package import load_manifest, test_files_sha256, write_submission
+from kit.submission.task_data import manifest_task, test_folder, test_ids, train_labels_digest
+from kit.task import Task, as_data
 from kit.utils import KitError, atomic_write_bytes, package_versions, sha256_bytes, sha256_file
 
 MAX_ROWS = 20  # differing rows listed one by one; the rest are counted
@@ -44,7 +46,7 @@ def infer_workdir(manifest_path: Path, manifest: dict) -> Path:
 
 
 def run_reproduce(paths: Paths | None, data, cfg: dict | None, *, manifest, out=None,
-                  default_data=None) -> ReproduceReport:
+                  default_data=None, task=None) -> ReproduceReport:
     """Re-run the blend a manifest describes and compare its CSV with the recorded one.
 
     Parameters
@@ -52,9 +54,9 @@ def run_reproduce(paths: Paths | None, data, cfg: dict | None, *, manifest, out=
     paths : Paths or None
         The work directory whose ``runs/`` the blend reads again; None: inferred from the
         manifest (:func:`infer_workdir`).
-    data : path or None
-        Dataset root; None: the root recorded in the manifest if it still exists, else
-        ``default_data``.
+    data : Data, path or None
+        Dataset root (and its task); None: the root recorded in the manifest if it still
+        exists, else ``default_data``.
     cfg : None
         Reproduce has no settings of its own (the blend's come from the manifest); the
         argument keeps the one form of every stage, ``run_<stage>(paths, data, cfg)``.
@@ -62,6 +64,10 @@ def run_reproduce(paths: Paths | None, data, cfg: dict | None, *, manifest, out=
         ``submissions/<time>_<name>.json`` (or ``latest.json``).
     out : path, optional
         Also write the reproduced CSV there.
+    task : Task, str or None
+        The task of a dataset root given as a path (``--task``; default its ``task.yaml``,
+        else the built-in one). A task whose fingerprint is not the manifest's (the built-in
+        one for a manifest that records none) is a difference.
     """
     manifest_path = Path(manifest)
     m = load_manifest(manifest_path)
@@ -72,7 +78,9 @@ def run_reproduce(paths: Paths | None, data, cfg: dict | None, *, manifest, out=
     if data is None:
         raise KitError(f"{manifest_path}: the recorded dataset {m['data']['root']} is gone; "
                        "pass --data to the dataset root")
+    data = as_data(data, task)
     report = ReproduceReport(False, manifest_path.parent / m["files"]["csv"])
+    report.differences += _task_changes(manifest_path, m, data.task)
     report.differences += _input_changes(paths, m) + _data_changes(paths, data, m)
     recorded = _recorded_csv(report, m)
     b = m["blend"]
@@ -82,7 +90,8 @@ def run_reproduce(paths: Paths | None, data, cfg: dict | None, *, manifest, out=
                            seed=b["seed"])
         with tempfile.TemporaryDirectory() as tmp:
             new_path = Path(tmp) / m["files"]["csv"]
-            write_submission(result.submission_frame(), new_path, result.inputs.test_ids, CLASSES)
+            write_submission(result.submission_frame(), new_path, result.inputs.test_ids,
+                             task=data.task)
             new = new_path.read_bytes()
     except KitError as exc:
         report.differences.append(f"the blend could not be re-run: {exc}")
@@ -115,18 +124,42 @@ def _input_changes(paths: Paths, m: dict) -> list[str]:
     return out
 
 
+def _task_changes(manifest_path: Path, m: dict, task: Task) -> list[str]:
+    """The task the manifest was made for against the dataset's now (fingerprints)."""
+    then = m.get("task") or {}
+    try:
+        recorded = manifest_task(m, manifest_path)
+    except KitError as exc:
+        return [f"task: {exc}"]
+    if recorded == task:
+        return []
+    name = then.get("name") or recorded.name
+    return [f"task: made for {name} ({recorded.fingerprint[:12]}), the dataset's is {task.name} "
+            f"({task.fingerprint[:12]}"
+            + (f", from {task.source}" if task.source else "") + "); pass --task or --data "
+            "for the one it was made for"]
+
+
 def _data_changes(paths: Paths, data, m: dict) -> list[str]:
     out = []
+    task = data.task
     try:
-        root = find_root(data)
+        root = find_root(data, task)
     except KitError as exc:
         return [f"dataset: {exc}"]
+    try:
+        labels_now, source = train_labels_digest(root, task)
+    except KitError as exc:
+        labels_now, source = None, f"training labels ({exc})"
+    try:
+        ids_now = test_files_sha256(test_ids(root, task))
+    except KitError:
+        ids_now = None
     checks = [
-        (f"{root / LABELS_CSV}", m["data"]["train_labels_sha256"],
-         _sha_or_none(root / LABELS_CSV)),
-        (f"test file list of {root / 'test_data'}", m["data"]["test_files_sha256"],
-         test_files_sha256(expected_test_ids(root / "test_data"))
-         if (root / "test_data").is_dir() else None),
+        (str(root / source) if task.layout == "csv" else f"{root}: {source}",
+         m["data"]["train_labels_sha256"], labels_now),
+        (f"test file list of {root / test_folder(task)}", m["data"]["test_files_sha256"],
+         ids_now),
         (str(paths.folds_csv), m["folds_sha256"], _sha_or_none(paths.folds_csv)),
         (str(paths.outliers_csv), m["outliers_sha256"], _sha_or_none(paths.outliers_csv)),
     ]

@@ -18,15 +18,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from kit import CLASSES
 from kit.config import given
-from kit.metrics import format_ci
+from kit.metrics import format_ci, get_metric
 from kit.paths import Paths
 from kit.submission import package
 from kit.submission.credentials import find_credentials
 from kit.submission.kaggle_client import KaggleSession
+from kit.submission.task_data import manifest_task, test_folder, test_ids
+from kit.task import Data, Task, as_data, default_task
 from kit.utils import KitError, atomic_write_json, sha256_file
-
 
 # ----------------------------------------------------------------------------- the CSV
 
@@ -51,23 +51,50 @@ def resolve_submission(paths: Paths, csv=None) -> tuple[Path, dict | None, Path]
     return csv_path, None, csv_path.with_suffix(".submissions.json")
 
 
-def check_submission(csv_path: Path, manifest: dict | None, data=None) -> int:
-    """Validate the CSV as ``./run.sh blend`` did; return its row count.
+def submission_task(data, manifest: dict | None, where="manifest") -> Task:
+    """The task a submission is checked against: the task of ``data`` when its folder exists
+    (refused when the manifest was made for another task), else the manifest's, else the
+    task ``data`` names, else the built-in one."""
+    recorded = manifest_task(manifest, where) if manifest is not None else None
+    data = as_data(data)
+    if data is None or not Path(data).is_dir():  # no dataset at hand
+        if recorded is not None:
+            return recorded
+        return data.task if data is not None else default_task()
+    if recorded is not None and recorded != data.task:
+        raise KitError(f"{where}: made for task {recorded.name} ({recorded.fingerprint[:12]}), "
+                       f"not the task of {data} ({data.task.name}, "
+                       f"{data.task.fingerprint[:12]}); pass the --data (or --task) it was "
+                       "made for")
+    return data.task
 
-    The expected test ids come from ``<data>/test_data/`` when it exists, else from the
-    manifest's hash of the sorted test file list (the CSV's own ids must hash to it).
+
+def check_submission(csv_path: Path, manifest: dict | None, data=None,
+                     task: Task | None = None) -> int:
+    """Validate the CSV as ``./run.sh blend`` did, against ``task`` (default: the task of
+    ``data``, else the built-in one); return its row count.
+
+    The expected test ids are the task's test images under ``data`` when it has them, else
+    the manifest's hash of the sorted test ids (the CSV's own ids must hash to it).
     """
-    test_dir = Path(data) / "test_data" if data else None
-    if test_dir is not None and test_dir.is_dir():
-        expected = package.expected_test_ids(test_dir)
-        source = str(test_dir)
+    task = task if task is not None else (data.task if isinstance(data, Data) else None)
+    task = default_task() if task is None else task
+    expected = None
+    if data is not None and Path(data).is_dir():
+        try:
+            expected = test_ids(data, task)
+        except KitError:  # no test folder there: the manifest's record decides
+            expected = None
+    if expected:
+        source = f"{Path(data) / test_folder(task)}"
     elif manifest is not None:
         expected = _ids_matching_manifest(csv_path, manifest)
         source = "the test set recorded in the manifest"
     else:
         raise KitError(f"{csv_path}: cannot check its rows without the test set: pass --data "
-                       "<dataset root with test_data/>, or submit a CSV written by ./run.sh blend")
-    problems = package.validate_submission(csv_path, expected, CLASSES)
+                       f"<dataset root with {test_folder(task)}>, or submit a CSV "
+                       "written by ./run.sh blend")
+    problems = package.validate_submission(csv_path, expected, task=task)
     if problems:
         raise KitError(f"{csv_path}: not uploaded, {len(problems)} problems against {source}",
                        problems)
@@ -78,11 +105,11 @@ def _ids_matching_manifest(csv_path: Path, manifest: dict) -> list[str]:
     try:
         ids = pd.read_csv(csv_path, dtype=str, keep_default_na=False).iloc[:, 0]
     except (ValueError, IndexError, pd.errors.ParserError) as exc:
-        raise KitError(f"{csv_path}: not a readable CSV ({exc})")
+        raise KitError(f"{csv_path}: not a readable CSV ({exc})") from None
     ids = sorted(set(i for i in ids if i))
     recorded = manifest["data"]
     if package.test_files_sha256(ids) != recorded["test_files_sha256"]:
-        raise KitError(f"{csv_path}: its {len(ids)} sample_index values are not the "
+        raise KitError(f"{csv_path}: its {len(ids)} ids are not the "
                        f"{recorded['n_test']} test images the blend saw; pass --data to list "
                        "the differences")
     return ids
@@ -132,9 +159,10 @@ def run_submit(paths: Paths, data, cfg: dict, *, message: str, csv=None,
     ----------
     paths : Paths
         Work directory (``submissions/latest.csv`` is the default CSV).
-    data : path or None
-        Dataset root; its ``test_data/`` gives the expected rows when present, else the
-        manifest's record of the test set does (None: no dataset at hand).
+    data : Data, path or None
+        Dataset root and its task; its test images give the expected rows when present, else
+        the manifest's record of the test set does (None: no dataset at hand, the manifest's
+        task is used).
     cfg : dict
         The resolved ``submit`` config.
     message : str
@@ -142,7 +170,8 @@ def run_submit(paths: Paths, data, cfg: dict, *, message: str, csv=None,
     csv : path, optional
         The file to upload (default ``submissions/latest.csv``).
     competition : str, optional
-        Slug; default the manifest's ``competition``, else ``kit/conf/submit.yaml``.
+        Slug (``-c``); default the manifest's ``competition``, else the task's ``kaggle``,
+        else ``competition`` of ``kit/conf/submit.yaml``; none of them: refused.
     wait : bool
         Poll until scored and print the public score beside the nested CV estimate.
     dry_run : bool
@@ -151,14 +180,21 @@ def run_submit(paths: Paths, data, cfg: dict, *, message: str, csv=None,
     Raises
     ------
     KitError
-        Bad CSV, no or unsafe credentials, or Kaggle refusing the upload (recorded).
+        Bad CSV, no competition known, no or unsafe credentials, or Kaggle refusing the
+        upload (recorded).
     """
     cfg = given(cfg, "submit")
     if not message or not message.strip():
         raise KitError("a submission message is required: -m 'what changed'")
     csv_path, manifest, record_path = resolve_submission(paths, csv)
-    competition = competition or (manifest or {}).get("competition") or cfg["competition"]
-    n_rows = check_submission(csv_path, manifest, data)
+    task = submission_task(data, manifest, csv_path.with_suffix(".json"))
+    competition = (competition or (manifest or {}).get("competition") or task.kaggle
+                   or cfg["competition"])
+    if not competition:
+        where = f"kaggle: in {task.source}" if task.source else "kaggle: in the task file"
+        raise KitError(f"{csv_path}: no Kaggle competition to submit to for task {task.name}; "
+                       f"pass -c SLUG, or set {where}, or competition in kit/conf/submit.yaml")
+    n_rows = check_submission(csv_path, manifest, data, task)
     echo(f"{csv_path}: {n_rows} rows valid")
     if dry_run:
         creds = find_credentials(env)
@@ -168,7 +204,8 @@ def run_submit(paths: Paths, data, cfg: dict, *, message: str, csv=None,
 
     # From here on every outcome is recorded, a failure included.
     record = {"id": f"{_now()}#{os.getpid()}", "time": _now(), "competition": competition,
-              "message": message, "csv": (manifest or {}).get("files", {}).get("csv", csv_path.name),
+              "message": message,
+              "csv": (manifest or {}).get("files", {}).get("csv", csv_path.name),
               "csv_sha256": sha256_file(csv_path),
               "status": "uploading"}
     try:
@@ -214,18 +251,24 @@ def _report_score(record: dict, manifest: dict | None, echo) -> None:
     if record.get("public_score") is None:
         return
     scores = (manifest or {}).get("scores", {})
-    nested = scores.get("nested", {}).get("macro_f1")
-    in_sample = scores.get("in_sample", {}).get("macro_f1")
+    nested = _score(scores.get("nested", {}))
+    in_sample = _score(scores.get("in_sample", {}))
+    title = get_metric((manifest or {}).get("metric") or "macro_f1").title
     line = f"public score {record['public_score']:.4f}"
     if nested is not None:
         optimistic = ((manifest or {}).get("expected_score") or {}).get("honest") is False
         what = ("OPTIMISTIC: an input chose something on its own OOF rows" if optimistic
                 else "the kit's estimate")
         ci = (manifest or {}).get("expected_ci95") or scores.get("nested", {}).get("ci95")
-        line += f" | nested CV macro F1 {format_ci(nested, ci)} ({what})"
+        line += f" | nested CV {title} {format_ci(nested, ci)} ({what})"
     if in_sample is not None:
         line += f" | in-sample {in_sample:.4f}"
     echo(line)
+
+
+def _score(block: dict):
+    """A manifest score block's value in its metric (``macro_f1`` in older manifests)."""
+    return block.get("score", block.get("macro_f1"))
 
 
 def _unscored_reason(record: dict, competition: str) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from kit import __version__
 from kit.config import given
+from kit.metrics import get_metric
 from kit.paths import Paths
 from kit.submission.report.attention import attention_section
 from kit.submission.report.blend import blend_section
@@ -27,6 +28,7 @@ from kit.submission.report.label_issues import label_issues_section
 from kit.submission.report.layout import READ_ERRORS, Todo
 from kit.submission.report.submissions import submissions_section
 from kit.submission.report.tune import tune_section
+from kit.task import as_data
 from kit.templates import render
 from kit.utils import atomic_write_text, write_config
 
@@ -43,19 +45,23 @@ def run_report(paths: Paths, data, cfg: dict) -> Path:
     ----------
     paths : Paths
         The work directory.
-    data : path
-        Dataset root (``train_labels.csv``, ``train_data/`` for the junk thumbnails).
+    data : Data or path
+        Dataset root and its task (a path: its ``task.yaml``, else the built-in task): the
+        labels and training images for the counts and thumbnails; the task's classes and
+        metric name every score.
     cfg : dict
         The resolved ``report`` config.
     """
     cfg = given(cfg, "report")
+    data = as_data(data)
+    task = data.task
     sections = [
-        ("cv", "Cross-validation", lambda: cv_section(paths)),
-        ("blend", "Blend", lambda: blend_section(paths)),
+        ("cv", "Cross-validation", lambda: cv_section(paths, task)),
+        ("blend", "Blend", lambda: blend_section(paths, task)),
         ("tune", "Tuning", lambda: tune_section(paths)),
         ("submissions", "Submissions", lambda: submissions_section(paths)),
         ("calibration", "Reliability of the blended OOF probabilities",
-         lambda: reliability_section(paths, cfg)),
+         lambda: reliability_section(paths, cfg, task)),
         ("data", "Data", lambda: data_section(paths, data, cfg)),
         ("label_issues", "Suspected label errors",
          lambda: label_issues_section(paths, data, cfg)),
@@ -63,7 +69,8 @@ def run_report(paths: Paths, data, cfg: dict) -> Path:
     ]
     page = render("report.html", version=__version__,
                   stamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  workdir=str(paths.root), data=str(data),
+                  workdir=str(paths.root), data=str(data), task=task.name,
+                  metric=get_metric(task.metric).title,
                   sections=[_section(anchor, title, build) for anchor, title, build in sections])
     out = paths.runs_dir / "report.html"
     atomic_write_text(out, str(page))

@@ -5,21 +5,21 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from kit import CLASSES, PROB_COLUMNS
 from kit.paths import Paths
 from kit.submission.report.blend import blend_record
 from kit.submission.report.layout import Todo, figure_png, inline_image, pyplot
+from kit.task import Task, task_of
 from kit.utils import KitError
 
-NESTED_COLUMNS = [f"nested_p_{c}" for c in CLASSES]
 
-
-def blended_oof(paths: Paths) -> tuple[pd.DataFrame | None, str]:
+def blended_oof(paths: Paths, task: Task | None = None) -> tuple[pd.DataFrame | None, str]:
     """Blended OOF probabilities: ``runs/blend/oof_blend.csv``, else recomputed.
 
     The fallback weights each library model's ``oof.csv`` (``bb/view`` models read
-    ``runs/bb/tta/oof_view.csv``) by the newest blend's weights.
+    ``runs/bb/tta/oof_view.csv``) by the newest blend's weights; ``task`` names the
+    probability columns (default: the built-in task's).
     """
+    columns = (task_of(None) if task is None else task).prob_columns
     path = paths.runs_dir / "blend" / "oof_blend.csv"
     if path.is_file():
         return pd.read_csv(path), "runs/blend/oof_blend.csv"
@@ -34,7 +34,7 @@ def blended_oof(paths: Paths) -> tuple[pd.DataFrame | None, str]:
         file = (paths.backbone_dir(bb) / "tta" / f"oof_{view}.csv" if view
                 else paths.backbone_dir(bb) / "oof.csv")
         df = pd.read_csv(file).sort_values("sample_index").reset_index(drop=True)
-        probs = weight * df[PROB_COLUMNS].to_numpy(np.float64)
+        probs = weight * df[columns].to_numpy(np.float64)
         if total is None:
             total, frame = probs, df[["sample_index", "label"]].copy()
         elif not df["sample_index"].equals(frame["sample_index"]):
@@ -44,7 +44,7 @@ def blended_oof(paths: Paths) -> tuple[pd.DataFrame | None, str]:
             total = total + probs
     if total is None:
         return None, ""
-    frame[PROB_COLUMNS] = total / total.sum(axis=1, keepdims=True)
+    frame[columns] = total / total.sum(axis=1, keepdims=True)
     return frame, f"backbone oof.csv files weighted as in {source}"
 
 
@@ -62,16 +62,18 @@ def reliability(probs: np.ndarray, y: np.ndarray, bins: int = 10) -> dict:
     return {"edges": edges, "confidence": mean_conf, "accuracy": acc, "count": count, "ece": ece}
 
 
-def reliability_section(paths: Paths, cfg: dict) -> dict | Todo:
+def reliability_section(paths: Paths, cfg: dict, task: Task | None = None) -> dict | Todo:
     """Top-label reliability diagram of the blended OOF probabilities, with their ECE."""
-    oof, source = blended_oof(paths)
+    task = task_of(None) if task is None else task
+    oof, source = blended_oof(paths, task)
     if oof is None:
         return Todo("no blended OOF probabilities", "./run.sh blend")
-    lookup = {c: i for i, c in enumerate(CLASSES)}
-    y = oof["label"].map(lookup).to_numpy()
-    curves = {"in-sample weights": oof[PROB_COLUMNS].to_numpy(np.float64)}
-    if all(c in oof.columns for c in NESTED_COLUMNS):
-        curves["nested weights"] = oof[NESTED_COLUMNS].to_numpy(np.float64)
+    lookup = {c: i for i, c in enumerate(task.classes)}
+    y = oof["label"].astype(str).map(lookup).to_numpy()
+    nested = [f"nested_{c}" for c in task.prob_columns]
+    curves = {"in-sample weights": oof[task.prob_columns].to_numpy(np.float64)}
+    if all(c in oof.columns for c in nested):
+        curves["nested weights"] = oof[nested].to_numpy(np.float64)
     stats = {name: reliability(p, y, int(cfg["reliability_bins"])) for name, p in curves.items()}
     png = reliability_png(stats)
     return {"source": source, "n": len(oof),

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from kit.data.dataset import find_root
 from kit.paths import Paths
 from kit.submission.report.cv import backbone_metrics
-from kit.submission.report.data import thumb_card
+from kit.submission.report.data import Training, thumb_card, training
 from kit.submission.report.layout import READ_ERRORS, fmt
 from kit.utils import KitError
 
@@ -27,18 +26,15 @@ def label_issues_section(paths: Paths, data, cfg: dict) -> dict:
              if (f := paths.backbone_dir(name) / "label_issues.csv").is_file()}
     lost = [(name, m["label_issues"]["mode"]) for name, m in metrics.items()
             if name not in found and (m.get("label_issues") or {}).get("mode", "off") != "off"]
-    try:
-        root = find_root(data)
-    except KitError:
-        root = None
+    train, _ = training(data)
     runs = []
     for name, path in found.items():
         try:
-            runs.append(_issues_part(name, path, metrics[name], root, cfg))
+            runs.append(_issues_part(name, path, metrics[name], train, cfg))
         except READ_ERRORS as exc:
             log.warning(f"report: label issues of {name} skipped: {exc}")
             runs.append({"name": name, "error": str(exc)})
-    return {"runs": runs, "lost": lost, "no_data": str(data) if root is None else None}
+    return {"runs": runs, "lost": lost, "no_data": str(data) if train.root is None else None}
 
 
 def read_label_issues(path: Path) -> pd.DataFrame:
@@ -57,7 +53,7 @@ def read_label_issues(path: Path) -> pd.DataFrame:
                           na_position="last").reset_index(drop=True)
 
 
-def _issues_part(name: str, path: Path, m: dict, root: Path | None, cfg: dict) -> dict:
+def _issues_part(name: str, path: Path, m: dict, train: Training, cfg: dict) -> dict:
     df = read_label_issues(path)
     info = m.get("label_issues") or {}
     how = [f"mode {info.get('mode', 'not recorded')}"]
@@ -76,7 +72,7 @@ def _issues_part(name: str, path: Path, m: dict, root: Path | None, cfg: dict) -
     side = int(cfg["thumb_side"])
     return {"name": name, "error": None, "how": ", ".join(how), "n_flagged": len(flagged),
             "n": len(df), "by": by, "assessed": assessed,
-            "cards": [thumb_card(root, r, side, _issue_caption(r), cls="suspect")
+            "cards": [thumb_card(train, r, side, _issue_caption(r), cls="suspect")
                      for r in shown.itertuples(index=False)]}
 
 

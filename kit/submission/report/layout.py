@@ -91,7 +91,7 @@ def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise KitError(f"{path}: not valid JSON ({exc})")
+        raise KitError(f"{path}: not valid JSON ({exc})") from None
 
 
 def honesty_cell(honest: bool) -> Bold:

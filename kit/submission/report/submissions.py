@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kit.metrics import get_metric
 from kit.paths import Paths
-from kit.submission.report.blend import recorded_ci
+from kit.submission.report.blend import blend_metric, recorded_ci, score
 from kit.submission.report.layout import Todo, make_table, read_json, score_ci
 
 
@@ -23,7 +24,8 @@ def submission_manifests(paths: Paths) -> list[tuple[Path, dict]]:
 
 
 def submissions_section(paths: Paths) -> dict | Todo:
-    """Every submission file with its scores, and every upload with its public score."""
+    """Every submission file with its scores (each in its manifest's metric), and every
+    upload with its public score."""
     found = submission_manifests(paths)
     if not found:
         return Todo("no submission files", "./run.sh blend, then ./run.sh submit -m MSG")
@@ -39,16 +41,17 @@ def submissions_section(paths: Paths) -> dict | Todo:
         csv = m.get("files", {}).get("csv") or m.get("csv", path.stem)
         tag = " ← latest" if path.name == latest_name else ""
         label = (m.get("expected_score") or {}).get("label", "not recorded")
-        expected = score_ci(scores.get("nested", {}).get("macro_f1"), recorded_ci(m))
-        rows.append([csv + tag, m.get("created_utc"), m.get("csv_rows"), expected, label,
-                     scores.get("in_sample", {}).get("macro_f1"),
+        expected = score_ci(score(scores.get("nested", {})), recorded_ci(m))
+        rows.append([csv + tag, m.get("created_utc"), m.get("csv_rows"),
+                     get_metric(blend_metric(m)).title if scores else None, expected, label,
+                     score(scores.get("in_sample", {})),
                      ", ".join(m.get("backbones", {}) or []), commit or None])
         for rec in m.get("submissions", []):
             uploads.append([rec.get("time"), csv, rec.get("competition"), rec.get("message"),
                             rec.get("status"), rec.get("ref"), rec.get("public_score"),
                             expected, rec.get("error")])
-    files = make_table(["file", "created (UTC)", "rows", "nested macro F1", "nested is",
-                        "in-sample macro F1", "backbones", "git commit"], rows, "num")
+    files = make_table(["file", "created (UTC)", "rows", "metric", "nested score", "nested is",
+                        "in-sample score", "backbones", "git commit"], rows, "num")
     if not uploads:
         return {"files": files, "uploads": None}
     uploads.sort(key=lambda r: str(r[0]), reverse=True)
