@@ -227,10 +227,13 @@ def test_alpha_zero_turns_cutmix_off():
 
     assert isinstance(mixer, CutMix) and isinstance(mixer, Mixup)
     assert mixer.cutmix_alpha == 1.0 and mixer.mixup_alpha == 0.0 and mixer.mix_prob == 1.0
-    with pytest.raises(KitError, match=r"cutmix_alpha must be a number >= 0 \(got -1\)"):
-        create_mixer(-1, 4)
-    with pytest.raises(KitError, match=r"label_smoothing must be in \[0, 1\) \(got 1.0\)"):
-        create_mixer(1.0, 4, label_smoothing=1.0)
+    from kit.config import train_settings
+
+    # Out-of-range values are the schema's to refuse, when the settings are loaded.
+    with pytest.raises(KitError, match=r"train: augment.cutmix_alpha = -1"):
+        train_settings({"augment": {"cutmix_alpha": -1}})
+    with pytest.raises(KitError, match=r"train: label_smoothing = 1.0"):
+        train_settings({"label_smoothing": 1.0})
 
 
 def _onehot(i, k=4):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -217,7 +218,8 @@ def test_warmup_and_cosine_scale_every_group_and_waiting_blocks_get_no_step(data
 def test_the_best_epoch_before_a_thaw_restores_the_waiting_blocks_too(data, monkeypatch):
     # The first epoch scores best; the blocks that thawed afterwards must come back unchanged.
     scores = iter([1.0, 0.5, 0.5])
-    monkeypatch.setattr(train_mod, "fast_macro_f1", lambda *a: next(scores))
+    scorer = SimpleNamespace(batch=lambda *a: np.array([next(scores)]))
+    monkeypatch.setattr(train_mod, "get_metric", lambda name: scorer)
     cfg = _cfg(epochs=3, early_stopping="inner", train_norm=[],
                unfreeze_schedule={0: 0, 1: "all"})
     x, y = data

@@ -118,7 +118,7 @@ def freeze_for_training(backbone, cfg: dict) -> ThawPlan | None:
     train_norm = cfg["train_norm"]
     # Validates unfreeze_last (and train_norm) and is the result when nothing is scheduled.
     freeze_backbone(backbone, train_norm=train_norm, unfreeze_last=cfg["unfreeze_last"])
-    stages = resolve_stages(cfg.get("unfreeze_schedule"), len(backbone.blocks()),
+    stages = resolve_stages(cfg["unfreeze_schedule"], len(backbone.blocks()),
                             cfg["unfreeze_last"], getattr(backbone, "name", "this backbone"))
     if len(stages) < 2:  # nothing thaws later: the blocks open at epoch 0 train throughout
         if stages:

@@ -89,7 +89,7 @@ def member_seed(seed: int, member: int) -> int:
 class FoldResult:
     """What :func:`fit` returns; ``model`` holds the chosen epoch's weights.
 
-    ``best_score`` is the macro F1 on the rows that chose the epoch (``selection["stop"]``):
+    ``best_score`` is the task's metric on the rows that chose the epoch (``selection["stop"]``):
     the inner split, the fold's own images for ``oof``, nothing for ``none`` (NaN).
     """
     model: nn.Module
