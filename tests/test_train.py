@@ -227,6 +227,35 @@ def test_inner_keeps_its_best_epoch_and_refit_retrains_that_many_on_everything(d
         _fit(data, _cfg(early_stopping="best"), seed=1)
 
 
+def test_the_epoch_is_chosen_by_the_tasks_metric_on_the_stop_rows(data):
+    """fit(metric=...) compares epochs by that metric (a task's), recorded as val_<metric>:
+    each epoch's record is the metric of that epoch's stop-row predictions."""
+    from kit.metrics import score
+    from kit.training.sources import PixelSource
+    from kit.training.train import fit
+
+    x, y = data
+    cfg = _cfg(epochs=3, early_stopping="oof", patience=0)
+    tr, va = _split()
+    seen = []
+    source = PixelSource(x, cfg)
+    real = source.image_probs
+
+    def spy(model, rows, views, desc=""):
+        out = real(model, rows, views, desc)
+        seen.append(out["id"])
+        return out
+
+    source.image_probs = spy
+    res = fit(_model(cfg), source, tr, y[tr], cfg, val_rows=va, val_y=y[va], seed=0,
+              metric="balanced_accuracy")
+    scores = [h["val_balanced_accuracy"] for h in res.history]
+    assert all("val_macro_f1" not in h for h in res.history) and len(seen) == 3
+    assert scores == pytest.approx([score("balanced_accuracy", y[va], p, CLASSES)
+                                    for p in seen])
+    assert res.best_score == max(scores) == scores[res.best_epoch - 1]
+
+
 def test_class_balanced_loss_and_sampler_train(data):
     for balance in ("loss", "sampler"):
         res = _fit(data, _cfg(epochs=1, class_balance=balance), seed=0)
