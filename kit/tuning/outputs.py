@@ -121,7 +121,7 @@ def write_outputs(study, out: Path, record: dict | None, extra: dict) -> None:
     if record is not None:
         # The train settings the trials ran with, when the user gave any: cv applies them
         # only when given to it as well (they are settings of the search, not tuned values).
-        given = {"train_overrides": extra["train_overrides"]} if extra.get("train_overrides") \
+        given = {"train_overrides": extra["train_overrides"]} if extra["train_overrides"] \
             else {}
         write_config(out / "best.yaml",
                      {**record, **{k: extra[k] for k in ("storage", "backbone", "weights")},
