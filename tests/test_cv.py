@@ -372,11 +372,15 @@ def test_cache_path_resumes_by_fold(cached, tmp_path, capsys):
 def test_training_path_needs_everything_frozen():
     from kit.training.settings import pixel_augment_not_applied, train_config, training_path
 
-    assert training_path(train_config(train_settings())) == "pixels"  # the default trains the norm layers
+    # the default trains the norm layers
+    assert training_path(train_config(train_settings())) == "pixels"
     assert training_path(train_config(train_settings({"train_norm": []}))) == "feature_cache"
-    assert training_path(train_config(train_settings({"train_norm": []})), feature_cache=False) == "pixels"
-    assert training_path(train_config(train_settings({"train_norm": [], "unfreeze_last": 1}))) == "pixels"
-    cfg = train_config(train_settings({"train_norm": [], "augment": {"cutmix_alpha": 0.0, "hflip": 0.0}}))
+    assert training_path(train_config(train_settings({"train_norm": []})),
+                         feature_cache=False) == "pixels"
+    assert training_path(train_config(train_settings({"train_norm": [],
+                                                      "unfreeze_last": 1}))) == "pixels"
+    cfg = train_config(train_settings({"train_norm": [], "augment": {"cutmix_alpha": 0.0,
+                                                                     "hflip": 0.0}}))
     assert set(pixel_augment_not_applied(cfg)) == {"augment.color_jitter.p", "augment.rot90",
                                                    "augment.vflip"}
 

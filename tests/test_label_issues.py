@@ -4,12 +4,12 @@ import pandas as pd
 import pytest
 
 from kit import CLASSES
+from kit.config import train_settings
 from kit.models.heads import create_head
 from kit.training import label_issues as li
 from kit.training.feature_cv import train_bag
-from kit.training.sources import FeatureSource
 from kit.training.settings import train_config
-from kit.config import train_settings
+from kit.training.sources import FeatureSource
 
 
 def _noisy(n=120, d=16, flip=0.2, seed=0):
@@ -31,7 +31,8 @@ def _frame(y, rows=None):
 
 
 def _cfg(**params):
-    return train_config(train_settings(), params={"epochs": 8, "lr": 0.01, "batch_size": 64, **params})
+    return train_config(train_settings(), params={"epochs": 8, "lr": 0.01, "batch_size": 64,
+                                                  **params})
 
 
 def test_confident_learning_flags_labels_the_probabilities_contradict():

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from cv_data import make_patches
 from kit import CLASSES
+from kit.config import train_settings
 from kit.training.build import build_model, set_train_mode
 from kit.training.checkpoints import checkpoint_keys, load_checkpoint, save_checkpoint
 from kit.training.device import amp_dtype, pick_device
@@ -15,7 +16,6 @@ from kit.training.selection import inner_split
 from kit.training.settings import train_config, tta_views
 from kit.training.train import fit_fold
 from kit.utils import KitError, seed_everything
-from kit.config import train_settings
 
 N, K, P = 24, 4, 32
 
@@ -51,7 +51,8 @@ def _fit(data, cfg, seed=0, **kw):
 
 # ------------------------------------------------------------------ config, schedule, loss
 def test_train_config_applies_dotted_params_then_overrides():
-    cfg = train_config(train_settings({"lr": 0.5}), {"head.depth": 3, "augment.cutmix_alpha": 0.25, "lr": 0.1})
+    cfg = train_config(train_settings({"lr": 0.5}), {"head.depth": 3, "augment.cutmix_alpha": 0.25,
+                                                     "lr": 0.1})
     assert cfg["head"]["depth"] == 3 and cfg["head"]["width"] == 256
     assert cfg["augment"]["cutmix_alpha"] == 0.25 and cfg["augment"]["hflip"] == 0.5
     assert cfg["lr"] == 0.5  # explicit overrides win over tuned params
@@ -93,7 +94,8 @@ def test_devices_and_precision():
     assert amp_dtype(cpu, "auto") is None  # mixed precision is a CUDA matter
     assert amp_dtype(cpu, "bf16") == torch.bfloat16 and amp_dtype(cpu, "off") is None
     assert amp_dtype(cpu, False) is None  # YAML reads a bare `amp: off` as false
-    from kit.training.device import auto_flag as _flag, n_workers
+    from kit.training.device import auto_flag as _flag
+    from kit.training.device import n_workers
 
     assert _flag("auto", cpu) is False and _flag(False, cpu) is False and _flag(True, cpu)
     assert n_workers("auto", cpu) == 0 and n_workers(2, cpu) == 2
@@ -128,7 +130,10 @@ def test_loader_is_seeded_and_balanced_sampler_is_used(data):
     x, y = data
     cfg = _cfg()
     ds = PatchDataset(x, np.arange(N), y)
-    order = lambda seed: [b[1].tolist() for b in make_loader(ds, cfg, seed, torch.device("cpu"))]
+
+    def order(seed):
+        return [b[1].tolist() for b in make_loader(ds, cfg, seed, torch.device("cpu"))]
+
     assert order(1) == order(1) and order(1) != order(2)
     loader = make_loader(ds, _cfg(class_balance="sampler"), 1, torch.device("cpu"))
     assert isinstance(loader.sampler, torch.utils.data.WeightedRandomSampler)

@@ -84,7 +84,8 @@ def test_user_space_overrides_ranges_removes_and_fixes(tmp_path):
                     "head.norm": "layernorm"},
         "phikon": {"lr": {"type": "float", "low": 1e-5, "high": 1e-4, "log": True}},
     }))
-    sp = load_space("phikon", "features", SPACE, user, known_keys=known_param_keys(train_settings()))
+    sp = load_space("phikon", "features", SPACE, user,
+                    known_keys=known_param_keys(train_settings()))
     assert (sp.searched["head.depth"].low, sp.searched["head.depth"].high) == (1, 2)
     assert "weight_decay" not in sp.params
     assert sp.fixed == {"head.norm": "layernorm"}
@@ -125,7 +126,8 @@ def test_unknown_parameter_names_and_shapes_are_refused(tmp_path):
     bad = tmp_path / "typo.yaml"
     bad.write_text(yaml.safe_dump({"default": {"head.dept": {"type": "int", "low": 0, "high": 2}}}))
     with pytest.raises(KitError, match=r"typo.yaml: unknown parameter\(s\) head.dept"):
-        load_space("tiny_cnn", "features", SPACE, bad, known_keys=known_param_keys(train_settings()))
+        load_space("tiny_cnn", "features", SPACE, bad,
+                   known_keys=known_param_keys(train_settings()))
     flat = tmp_path / "flat.yaml"
     flat.write_text("lr: 0.1\n")
     with pytest.raises(KitError, match="default:"):
@@ -208,7 +210,8 @@ def test_features_objective_equals_features_cv_and_writes_outputs(feat_work, tmp
     # On the path the search trained (heads on cached embeddings) every key applies...
     params, _ = resolve_params("best", paths, "tiny_cnn",
                                settings=train_settings({"train_norm": []}))
-    assert params == on_disk["params"] and train_config(train_settings(), params=params)["epochs"] == 12
+    assert params == on_disk["params"] and train_config(train_settings(),
+                                                        params=params)["epochs"] == 12
     # ... on pixels only the head's shape: lr, epochs and patience were tuned for the cache.
     params, _ = resolve_params("best", paths, "tiny_cnn", settings=train_settings())
     assert params == {"head.depth": on_disk["params"]["head.depth"]}

@@ -61,9 +61,9 @@ def synthetic_features(n: int, k: int, n_views: int, dim: int, n_folds: int, see
     """
     import pandas as pd
 
-    from kit.training.features import Features, cache_views
-    from kit.training.feature_cv import FeatureCV
     from kit.data.synth import embeddings, stratified_folds
+    from kit.training.feature_cv import FeatureCV
+    from kit.training.features import Features, cache_views
     from kit.training.settings import train_config, tta_views
 
     x, y = embeddings(n, k, n_views, dim, seed)
@@ -200,7 +200,8 @@ def run(args) -> int:
             print(f"  {line}")
         print(f"  = {same:,.0f} s at the features trial's epochs ({upper:,.0f} s at the full "
               f"budget of {budget[0]} epochs); features trial is {ratio:,.0f}x cheaper"
-              + (f" (target >= {TARGET_RATIO:.0f}x: {'met' if ratio >= TARGET_RATIO else 'NOT met'})"
+              + (f" (target >= {TARGET_RATIO:.0f}x: "
+                 f"{'met' if ratio >= TARGET_RATIO else 'NOT met'})"
                  if name == "efficientnet_b0" else ""))
         embed = (args.images + args.test_images) * args.k * len(fcv.train.views) \
             / m["predict_rate"]

@@ -15,7 +15,6 @@ from timm.data.mixup import mixup_target
 from kit.config import given
 from kit.utils import KitError, check_random_state
 
-
 # --------------------------------------------------------------------------- patch pipeline
 
 

@@ -3,6 +3,7 @@ for random weights."""
 from __future__ import annotations
 
 import logging
+
 import numpy as np
 from torch import nn
 
@@ -67,8 +68,8 @@ def recalibrate_random(backbone, cfg: dict, array, rows=None, device="cpu",
         backbone.state_digest = sha256_text(
             f"{before}|adabn|{data_key}|{rows_id}|{bs}|{max_patches}")
     if random:
-        log.warning(f"{backbone.name}: WARNING: random weights: features of a random frozen network "
-                    "carry little signal (BatchNorm statistics recalibrated on "
+        log.warning(f"{backbone.name}: WARNING: random weights: features of a random frozen "
+                    "network carry little signal (BatchNorm statistics recalibrated on "
                     f"{used} training patches); use pretrained weights for a real score")
     return used
 

@@ -85,7 +85,7 @@ def oom_as_kit_error(batch_size: int, device: torch.device, what: str):
             torch.cuda.empty_cache()
         raise KitError(f"out of memory while {what} with batches of {batch_size} on {device}; "
                        f"rerun with a smaller --batch-size (e.g. {max(1, batch_size // 2)}); "
-                       "finished outputs are kept")
+                       "finished outputs are kept") from exc
 
 
 def autocast(device: torch.device, dtype):

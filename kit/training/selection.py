@@ -10,7 +10,6 @@ from torch import nn
 
 from kit.utils import KitError, check_random_state
 
-
 EARLY_STOPPING = ("auto", "inner", "refit", "none", "oof")
 # What ``auto`` means on each training path, chosen by measuring (docs/training.md, bench honesty):
 # heads on cached embeddings train in seconds, so a fixed budget of epochs costs nothing and

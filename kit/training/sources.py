@@ -13,8 +13,8 @@ from kit.metrics import aggregate
 from kit.models.heads import is_mil, is_mil_config
 from kit.models.normalize import normalize_batch
 from kit.training.device import amp_dtype, autocast, oom_as_kit_error
-from kit.training.losses import one_hot
 from kit.training.loaders import ImageBagDataset, PatchDataset, make_loader, sampler_for
+from kit.training.losses import one_hot
 from kit.training.predict import predict
 
 

@@ -15,7 +15,7 @@ from kit.models.heads import is_probe, standardizer
 from kit.models.normalize import normalize_batch
 from kit.training.build import set_train_mode
 from kit.training.checkpoints import checkpoint_keys, save_checkpoint, snapshot
-from kit.training.device import amp_dtype, autocast, auto_flag, oom_as_kit_error
+from kit.training.device import amp_dtype, auto_flag, autocast, oom_as_kit_error
 from kit.training.finetune import param_groups, parse_schedule
 from kit.training.losses import one_hot, soft_cross_entropy, warmup_cosine
 from kit.training.predict import n_outputs
