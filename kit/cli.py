@@ -28,6 +28,8 @@ COMMANDS = {
     "compare": "paired bootstrap of two cv runs' OOF macro F1: B - A, its interval, P(B > A)",
     "blend": "weighted blend of backbones + class biases -> submissions/latest.csv",
     "submit": "upload a submission file to Kaggle",
+    "submissions": "the ledger of submissions, best first by estimated private score",
+    "choose": "the two submissions to select for the private leaderboard, and why",
     "reproduce": "re-run a blend from its manifest and check the CSV is byte-identical",
     "report": "write runs/report.html summarising data, CV, blend and submissions",
     "config": "every setting: its default, allowed values and description (kit/conf/)",

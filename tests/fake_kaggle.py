@@ -7,8 +7,10 @@
 - ``POST /api/v1/competitions.CompetitionApiService/StartSubmissionUpload`` ->
   ``{"token", "createUrl"}``, then ``PUT`` of the file to ``createUrl``,
 - ``POST .../CreateSubmission`` -> ``{"message": "Successfully submitted ...", "ref"}``,
-- ``POST .../ListSubmissions`` -> the submission, ``PENDING`` for ``pending_polls`` calls,
-  then ``COMPLETE`` with a public score.
+- ``POST .../ListSubmissions`` -> the submissions, newest first: each upload ``PENDING`` for
+  ``pending_polls`` calls, then ``COMPLETE`` with a public score (and ``private_score`` when
+  given, as after the competition's end), then those of ``listed`` (made earlier, as given);
+  in pages of the request's ``pageSize`` (at most ``page_size``) with a ``nextPageToken``.
 
 ``mode`` makes it fail the way Kaggle does: ``quota`` (HTTP 400 with a JSON error on
 CreateSubmission), ``quota_message`` (HTTP 200 whose message reports the limit),
@@ -51,14 +53,25 @@ class FakeKaggle:
         How many ListSubmissions calls see a new submission still pending.
     public_score : str
         The score reported once scoring is complete.
+    private_score : str, optional
+        The private score reported beside it (a competition that has ended); None: none.
+    listed : list of dict, optional
+        Submissions made before, listed after the uploads as given: ``ref``, ``description``,
+        ``fileName``, ``date`` (ISO, UTC), ``status`` (default ``COMPLETE``), and optionally
+        ``publicScore``, ``privateScore``, ``totalBytes``, ``errorDescription``.
+    page_size : int, optional
+        The most submissions one ListSubmissions page holds, whatever the client asks.
     """
 
     def __init__(self, username="kit-user", key="kit-dummy-key", token=None, mode="ok",
-                 pending_polls=1, public_score="0.43210", lifetime_s=60.0, max_requests=200):
+                 pending_polls=1, public_score="0.43210", lifetime_s=60.0, max_requests=200,
+                 private_score=None, listed=None, page_size=None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         self.username, self.key, self.token, self.mode = username, key, token, mode
         self.pending_polls, self.public_score = pending_polls, public_score
+        self.private_score, self.listed = private_score, [dict(s) for s in listed or []]
+        self.page_size = page_size
         self.lifetime_s, self.max_requests = lifetime_s, max_requests
         self.requests: list[dict] = []   # every request: method, path, json (if any)
         self.uploads: dict[str, bytes] = {}  # blob token -> uploaded bytes
@@ -153,7 +166,8 @@ class FakeKaggle:
     def _create(self, req):
         if self.mode == "leak":
             auth = base64.b64encode(f"{self.username}:{self.key}".encode()).decode()
-            return 400, {"code": 400, "message": f"bad request: key {self.key}, header Basic {auth}"}
+            return 400, {"code": 400,
+                         "message": f"bad request: key {self.key}, header Basic {auth}"}
         if self.mode == "quota":
             return 400, {"code": 400, "message": "Submission limit reached: 5 submissions per day"}
         if self.mode == "quota_message":
@@ -181,11 +195,26 @@ class FakeKaggle:
                     "date": sub["date"].isoformat(timespec="milliseconds") + "Z"}
             if sub["polls"] > self.pending_polls:
                 if self.mode == "score_error":
-                    item.update(status="ERROR", errorDescription="Submission has 3 rows; 4 expected")
+                    item.update(status="ERROR",
+                                errorDescription="Submission has 3 rows; 4 expected")
                 else:
                     item.update(status="COMPLETE", publicScore=self.public_score)
+                    if self.private_score is not None:
+                        item.update(privateScore=self.private_score)
             out.append(item)
-        return 200, {"submissions": out}
+        out += [{"status": "COMPLETE", **sub} for sub in self.listed]
+        return 200, self._page(out, req)
+
+    def _page(self, items, req):
+        """One page of ``items``: the offset is the page token, the size the smaller of the
+        request's ``pageSize`` and ``page_size``."""
+        sizes = [s for s in (req.get("pageSize"), self.page_size) if s]
+        if not sizes:
+            return {"submissions": items}
+        start, size = int(req.get("pageToken") or 0), min(sizes)
+        rest = start + size < len(items)
+        return {"submissions": items[start:start + size],
+                "nextPageToken": str(start + size) if rest else ""}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -220,12 +249,22 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def write_fake_submission(workdir, n_test: int = 5, nested: float = 0.41,
-                          in_sample: float = 0.47, name: str = "blend"):
+                          in_sample: float = 0.47, name: str = "blend", *, stem: str | None = None,
+                          created_utc: str | None = None, runs=("tiny",), ci=None,
+                          shakeup: dict | None = None, labels=None, oof=None,
+                          latest: bool = True):
     """A submission as ``./run.sh blend`` leaves it, on a tiny made-up test set.
 
     Writes ``<workdir>/data/test_data/img_*.png`` (empty files: only the names matter),
-    ``submissions/<time>_<name>.csv`` + ``.json`` (built with ``kit.submission.package``) and the
-    ``latest.csv``/``latest.json`` copies. Returns the timestamped CSV path.
+    ``submissions/<stem>.csv`` + ``.json`` (built with ``kit.submission.package``; ``stem``
+    default ``20250101T000000Z_<name>``) and, with ``latest``, the ``latest.csv``/``latest.json``
+    copies. Returns the timestamped CSV path.
+
+    The keywords shape the manifest: ``created_utc``; ``runs`` (backbone names, or
+    ``{name: sha256 of its oof.csv}`` recorded as the blend's inputs); ``ci`` (the expected
+    score's interval, with an ``expected_score`` record); ``shakeup`` (the manifest's key);
+    ``labels`` (the CSV's predicted labels, default cycling through the classes); ``oof``
+    (``(ids, labels, predictions)``: the nested OOF file ``<stem>.oof.csv``).
     """
     import shutil
     from pathlib import Path
@@ -234,6 +273,7 @@ def write_fake_submission(workdir, n_test: int = 5, nested: float = 0.41,
 
     from kit import CLASSES
     from kit.submission import package
+    from kit.submission.shakeup import nested_oof_path, write_nested_oof
 
     workdir = Path(workdir)
     test_dir = workdir / "data" / "test_data"
@@ -241,27 +281,40 @@ def write_fake_submission(workdir, n_test: int = 5, nested: float = 0.41,
     ids = [f"img_{i:04d}.png" for i in range(n_test)]
     for i in ids:
         (test_dir / i).write_bytes(b"")
-    df = pd.DataFrame({"sample_index": ids, "label": [CLASSES[i % 4] for i in range(n_test)]})
+    if labels is None:
+        labels = [CLASSES[i % 4] for i in range(n_test)]
+    df = pd.DataFrame({"sample_index": ids, "label": list(labels)})
     subs = workdir / "submissions"
-    csv_path = subs / f"20250101T000000Z_{name}.csv"
+    csv_path = subs / f"{stem or '20250101T000000Z_' + name}.csv"
     digest = package.write_submission(df, csv_path, ids, CLASSES)
     per_class = {c: 0.4 for c in CLASSES}
+    hashes = dict(runs) if isinstance(runs, dict) else {bb: None for bb in runs}
     manifest = package.build_manifest(
         name=name, csv_path=csv_path, csv_sha256=digest, csv_rows=len(df), command="test",
         workdir=workdir, data_root=workdir / "data", train_labels_sha256="0" * 64,
         test_ids=ids, folds_sha256="1" * 64, outliers_sha256=None,
-        backbones={"tiny": {"config": {}, "weights_source": "random", "oof_macro_f1": 0.4,
-                            "folds_sha256": "1" * 64}},
-        inputs={}, blend={"backbones": ["tiny"], "objective": "macro_f1", "weight_views": False,
-                          "models": ["tiny"], "weights": {"tiny": 1.0},
-                          "biases": {c: 0.0 for c in CLASSES}, "params": {}, "seed": 42},
+        backbones={bb: {"config": {}, "weights_source": "random", "oof_macro_f1": 0.4,
+                        "folds_sha256": "1" * 64} for bb in hashes},
+        inputs={f"runs/{bb}/oof.csv": sha for bb, sha in hashes.items() if sha},
+        blend={"backbones": list(hashes), "objective": "macro_f1", "weight_views": False,
+               "models": list(hashes), "weights": {bb: 1 / len(hashes) for bb in hashes},
+               "biases": {c: 0.0 for c in CLASSES}, "params": {}, "seed": 42},
         scores={"nested": {"macro_f1": nested, "per_class_f1": per_class},
                 "in_sample": {"macro_f1": in_sample, "per_class_f1": per_class},
                 "baselines": {}},
-        seed=42)
+        seed=42, created_utc=created_utc,
+        expected_score=None if ci is None else {"macro_f1": nested, "honest": True,
+                                                "label": "expected", "why": {}})
+    if ci is not None:
+        manifest["expected_ci95"] = list(ci)
+    if shakeup is not None:
+        manifest["shakeup"] = dict(shakeup)
+    if oof is not None:
+        write_nested_oof(nested_oof_path(csv_path), *oof)
     package.atomic_write_json(csv_path.with_suffix(".json"), manifest)
-    shutil.copyfile(csv_path, subs / "latest.csv")
-    shutil.copyfile(csv_path.with_suffix(".json"), subs / "latest.json")
+    if latest:
+        shutil.copyfile(csv_path, subs / "latest.csv")
+        shutil.copyfile(csv_path.with_suffix(".json"), subs / "latest.json")
     return csv_path
 
 

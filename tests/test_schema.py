@@ -152,3 +152,13 @@ def test_unknown_key_is_named_with_the_known_ones():
     cfg["n_split"] = 5
     with pytest.raises(KitError, match=r"n_split: no such key \(known keys: n_splits\)"):
         check("folds", cfg)
+
+
+def test_settings_page_is_the_schema(capsys):
+    # docs/settings.md is `./run.sh config --markdown`: regenerate it when a key changes.
+    from pathlib import Path
+
+    assert main(["config", "--markdown"]) == 0
+    page = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
+    assert page.read_text() == capsys.readouterr().out, (
+        "docs/settings.md is stale: ./run.sh config --markdown > docs/settings.md")

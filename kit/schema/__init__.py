@@ -129,7 +129,10 @@ def words(annotation, metadata=()) -> str:
         return " or ".join(dict.fromkeys(words(a) for a in typing.get_args(annotation)))
     if origin in (list, tuple):
         args = typing.get_args(annotation)
-        return f"a list ({words(args[0])})" if args else "a list"
+        inner = words(args[0]) if args else ""
+        if inner.startswith("one of "):
+            return "a list of " + inner.removeprefix("one of ")
+        return {"": "a list", "a string": "a list of strings"}.get(inner, f"a list ({inner})")
     if origin is dict:
         return "a mapping"
     name = {int: "an integer", float: "a number", str: "a string", bool: "true or false",

@@ -9,20 +9,31 @@ show how far public and private scores drift apart, and how far one submission's
 score may fall from another's.
 
 Every function takes ``score(y, pred) -> float`` (the task's metric on class indices) and a
-seed; the same inputs give the same numbers.
+seed; the same inputs give the same numbers. :func:`shakeup_record` is what the blend stores
+under the manifest's ``shakeup`` key, and :func:`write_nested_oof` the nested OOF rows it keeps
+beside each submission (``submissions/<stem>.oof.csv``) so that two submissions can be
+compared later (:mod:`kit.submission.choose`).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
-from kit.utils import check_random_state
+from kit.metrics import BOOT_SEED, N_BOOT, get_metric, to_indices
+from kit.utils import KitError, atomic_write_csv, check_random_state, read_csv_columns
 
 Score = Callable[[np.ndarray, np.ndarray], float]
 N_DRAWS = 2000
 SEED = 0
+# The share of the test set Kaggle scores on the public leaderboard when the task does not
+# say (kit/task.py has no such key yet). An assumption: 30 % public / 70 % private is
+# Kaggle's most common random split, and a course competition's host rarely changes it.
+DEFAULT_PUBLIC_FRACTION = 0.3
+OOF_SUFFIX = ".oof.csv"
+OOF_COLUMNS = ("sample_index", "label", "pred")
 
 
 def _sizes(n_test: int, public_fraction: float) -> tuple[int, int]:
@@ -36,10 +47,13 @@ def _sizes(n_test: int, public_fraction: float) -> tuple[int, int]:
 
 
 def _test_sets(n_rows: int, n_test: int, n_draws: int, rng) -> np.ndarray:
-    """``n_draws x n_test`` row indices: test sets drawn from the OOF rows (without
-    replacement when there are enough rows, as a test set holds each image once)."""
-    if n_rows >= n_test:
-        return np.stack([rng.permutation(n_rows)[:n_test] for _ in range(n_draws)])
+    """``n_draws x n_test`` row indices: test sets drawn from the OOF rows with replacement.
+
+    The OOF rows stand for the population the test set was drawn from. Drawing without
+    replacement would shrink each part's spread by the finite-population factor
+    sqrt(1 - n / n_rows) (about 0.65 for a 334-image private part of 581 rows), making the
+    public score look more precise and P(A beats B) surer than they are.
+    """
     return rng.integers(0, n_rows, size=(n_draws, n_test))
 
 
@@ -82,24 +96,28 @@ def split_spread(y, pred, score: Score, public_fraction: float, n_draws: int = N
     return float(np.std(diffs, ddof=1))
 
 
-def private_estimate(expected: float, expected_se: float, public: float, spread: dict,
+def private_estimate(expected: float, expected_se: float, public: float | None, spread: dict,
                      level: float = 0.95) -> dict:
     """The private score expected from the nested score and a public score together.
 
     Both estimate the submission's true score: the nested score with its bootstrap standard
     error, the public score with the spread of a public part (``spread["sd_public"]``). Each
     is weighted by its precision; the private part adds its own sampling spread to the
-    interval.
+    interval. Without a public score (None) the nested score stands alone.
 
     Returns
     -------
     dict
         ``estimate``, ``ci`` ([lo, hi]), ``weight_public`` (the public score's share).
     """
-    var_e, var_p = max(expected_se, 1e-9) ** 2, max(spread["sd_public"], 1e-9) ** 2
-    w_pub = (1 / var_p) / (1 / var_e + 1 / var_p)
-    mean = (1 - w_pub) * expected + w_pub * public
-    var_mean = 1 / (1 / var_e + 1 / var_p)
+    var_e = max(expected_se, 1e-9) ** 2
+    if public is None:
+        w_pub, mean, var_mean = 0.0, float(expected), var_e
+    else:
+        var_p = max(spread["sd_public"], 1e-9) ** 2
+        w_pub = (1 / var_p) / (1 / var_e + 1 / var_p)
+        mean = (1 - w_pub) * expected + w_pub * public
+        var_mean = 1 / (1 / var_e + 1 / var_p)
     half = _z(level) * math.sqrt(var_mean + spread["sd_private"] ** 2)
     return {"estimate": float(mean), "ci": [float(mean - half), float(mean + half)],
             "weight_public": float(w_pub)}
@@ -124,3 +142,122 @@ def _z(level: float) -> float:
     from statistics import NormalDist
 
     return NormalDist().inv_cdf(0.5 + level / 2)
+
+
+# ----------------------------------------------------------------------------- the record
+
+def public_fraction_of(task) -> tuple[float, str]:
+    """The task's public fraction and where it came from (``task`` | ``assumed``)."""
+    value = getattr(task, "public_fraction", None)
+    if value is None:
+        return DEFAULT_PUBLIC_FRACTION, "assumed"
+    return float(value), "task"
+
+
+def metric_score(metric, n_classes: int) -> Score:
+    """``score(y, pred)`` on class indices for a metric of :data:`kit.metrics.METRICS`."""
+    m = get_metric(metric)
+
+    def score(y, pred):
+        return float(m.batch(np.asarray(pred)[None], np.asarray(y), n_classes)[0])
+
+    return score
+
+
+def bootstrap_se(y, pred, metric, n_classes: int, n_boot: int = N_BOOT,
+                 seed=BOOT_SEED) -> float:
+    """The standard error of the metric over resamples of the rows (what the nested score's
+    bootstrap interval measures, as one number)."""
+    y, pred = np.asarray(y), np.asarray(pred)
+    idx = check_random_state(seed).integers(0, len(y), size=(int(n_boot), len(y)))
+    return float(np.std(get_metric(metric).batch(pred[idx], y[idx], n_classes), ddof=1))
+
+
+def shakeup_record(y, pred_nested, metric, classes: Sequence[str], n_test: int,
+                   public_fraction: float | None = None, seed=SEED,
+                   n_draws: int = N_DRAWS) -> dict:
+    """The manifest's ``shakeup`` entry: how far public and private scores may drift apart.
+
+    Parameters
+    ----------
+    y, pred_nested : labels of ``classes`` or class indices
+        The OOF labels and the blend's nested predictions, row for row.
+    metric : str
+        The task's metric (a name of :data:`kit.metrics.METRICS`).
+    classes : sequence of str
+        The task's classes, in order.
+    n_test : int
+        Test images Kaggle splits into public and private parts.
+    public_fraction : float, optional
+        The task's public share; None: :data:`DEFAULT_PUBLIC_FRACTION`, marked ``assumed``.
+
+    Returns
+    -------
+    dict
+        :func:`public_private_spread`'s keys, plus ``metric``, ``seed``,
+        ``public_fraction_source`` (``task`` | ``assumed``) and ``expected_se`` (the
+        bootstrap standard error of the nested score, for :func:`private_estimate`).
+    """
+    source = "task" if public_fraction is not None else "assumed"
+    fraction = DEFAULT_PUBLIC_FRACTION if public_fraction is None else float(public_fraction)
+    name = get_metric(metric).name
+    y, pred = to_indices(y, classes), to_indices(pred_nested, classes)
+    if len(y) != len(pred) or len(y) == 0:
+        raise ValueError(f"shakeup_record: {len(y)} labels and {len(pred)} predictions")
+    score = metric_score(name, len(classes))
+    record = public_private_spread(y, pred, score, int(n_test), fraction, n_draws, seed)
+    record.update(metric=name, seed=int(seed), public_fraction_source=source,
+                  expected_se=bootstrap_se(y, pred, name, len(classes)))
+    return record
+
+
+# ----------------------------------------------------------------------------- nested OOF rows
+
+def nested_oof_path(csv_path) -> Path:
+    """``submissions/<stem>.oof.csv`` beside the submission ``<stem>.csv``."""
+    csv_path = Path(csv_path)
+    return csv_path.with_name(csv_path.stem + OOF_SUFFIX)
+
+
+def write_nested_oof(path, ids, y_labels, pred_labels) -> Path:
+    """Write ``sample_index,label,pred`` (the nested OOF prediction of each image) atomically.
+
+    Raises
+    ------
+    ValueError
+        Columns of different lengths, or an image twice (a caller's bug, not user input).
+    """
+    import pandas as pd
+
+    ids, y, pred = list(map(str, ids)), list(map(str, y_labels)), list(map(str, pred_labels))
+    if not len(ids) == len(y) == len(pred):
+        raise ValueError(f"write_nested_oof: {len(ids)} ids, {len(y)} labels, {len(pred)} "
+                         "predictions")
+    if len(set(ids)) != len(ids):
+        raise ValueError("write_nested_oof: repeated sample_index")
+    return atomic_write_csv(path, pd.DataFrame({"sample_index": ids, "label": y, "pred": pred}))
+
+
+def read_nested_oof(path, classes: Sequence[str]):
+    """A nested OOF file, indexed by ``sample_index``: ``y`` and ``pred`` as class indices.
+
+    Raises
+    ------
+    KitError
+        Missing or unreadable file, missing columns, a repeated image or a label not among
+        ``classes``; each names the file and says to re-run the blend.
+    """
+    path = Path(path)
+    fix = "rerun ./run.sh blend to write it again (or delete it)"
+    if not path.is_file():
+        raise KitError(f"{path}: nested OOF file not found; {fix}")
+    df = read_csv_columns(path, OOF_COLUMNS, ",".join(OOF_COLUMNS), fix)
+    dup = df.sample_index[df.sample_index.duplicated()]
+    if len(dup):
+        raise KitError(f"{path}: sample_index {dup.iloc[0]} appears twice; {fix}")
+    try:
+        df["y"], df["pred"] = to_indices(df.label.to_numpy(), classes), to_indices(
+            df.pred.to_numpy(), classes)
+    except ValueError as exc:
+        raise KitError(f"{path}: {exc} (the task's classes); {fix}") from None
+    return df.set_index("sample_index")[["y", "pred"]]
