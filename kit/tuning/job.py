@@ -75,14 +75,15 @@ class TuneJob:
                       "backbones": tuple(plain["backbones"])})
 
 
-def dotted(overrides: dict, prefix: str = "") -> list[str]:
-    """The leaf keys of nested overrides, dotted (``{"head": {"depth": 2}}`` -> head.depth)."""
-    out = []
+def dotted(overrides: dict, prefix: str = "") -> dict:
+    """Nested overrides as ``{dotted key: value}`` (``{"head": {"depth": 2}}`` ->
+    ``{"head.depth": 2}``)."""
+    out = {}
     for key, value in overrides.items():
         if isinstance(value, dict) and value:
-            out += dotted(value, f"{prefix}{key}.")
+            out.update(dotted(value, f"{prefix}{key}."))
         else:
-            out.append(f"{prefix}{key}")
+            out[f"{prefix}{key}"] = value
     return out
 
 

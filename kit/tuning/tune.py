@@ -171,8 +171,7 @@ def tune_backbone(job: TuneJob, bb: str, store, url: str) -> dict | None:
     extra = {"backbone": bb, "study": name, "storage": url, "objective": objective,
              "metric": task.metric, "folds": folds,
              "tune": {k: v for k, v in cfg.items() if k != "space"},
-             "train_overrides": {k: _leaf(job.settings.overrides, k)
-                                 for k in dotted(job.settings.overrides)},
+             "train_overrides": dotted(job.settings.overrides),
              "space": space.to_dict(), "weights": str(weights), "seed": int(seed)}
     log.info(f"tune {bb}: study {name} in {url}, objective {objective} ({title}), folds "
              f"{','.join(map(str, folds))}, {n_finished(study)} finished trials so far"
@@ -232,10 +231,3 @@ def tune_backbone(job: TuneJob, bb: str, store, url: str) -> dict | None:
     if interrupted is not None:
         raise interrupted
     return record
-
-
-def _leaf(nested: dict, key: str):
-    """The value of dotted ``key`` in ``nested``."""
-    for part in key.split("."):
-        nested = nested[part]
-    return nested
