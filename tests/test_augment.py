@@ -5,10 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from kit.models.normalize import normalize_batch
-from kit.training.augment import (CutMix, balanced_sampler, build_train_transform, class_weights,
-                                  create_mixer, seed_transform)
 from kit.config import load_config
+from kit.models.normalize import normalize_batch
+from kit.training.augment import (
+    CutMix,
+    balanced_sampler,
+    build_train_transform,
+    class_weights,
+    create_mixer,
+    seed_transform,
+)
 from kit.utils import KitError, seed_everything
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -33,7 +39,8 @@ def test_defaults_match_the_config_file():
     assert set(cfg["he_stain"]) == {"p", "method", "preset", "scale", "shift",
                                     "augment_background"}
     assert cfg["he_stain"]["p"] == 0.0  # off until it measures better (issue 9)
-    names = [type(t).__name__ for t in build_train_transform(load_config("augment"), seed=0).transforms]
+    names = [type(t).__name__ for t in build_train_transform(load_config("augment"),
+                                                             seed=0).transforms]
     assert "HEStain" not in names and names[-1] == "ColorJitter"
 
 
@@ -60,9 +67,11 @@ def test_geometry_only_gives_a_dihedral_view_of_the_patch():
 def test_each_transform_follows_its_probability():
     img = _patch()
     only_hflip = {"hflip": 1.0, "vflip": 0.0, "rot90": 0.0, "color_jitter": {"p": 0.0}}
-    assert np.array_equal(build_train_transform(load_config("augment", only_hflip))(image=img)["image"], img[:, ::-1])
+    flip = build_train_transform(load_config("augment", only_hflip))
+    assert np.array_equal(flip(image=img)["image"], img[:, ::-1])
     nothing = {"hflip": 0.0, "vflip": 0.0, "rot90": 0.0, "color_jitter": {"p": 0.0}}
-    assert np.array_equal(build_train_transform(load_config("augment", nothing))(image=img)["image"], img)
+    assert np.array_equal(build_train_transform(load_config("augment",
+                                                            nothing))(image=img)["image"], img)
     jitter_only = {"hflip": 0.0, "vflip": 0.0, "rot90": 0.0,
                    "color_jitter": {"p": 1.0, "brightness": 0.5, "hue": 0.1}}
     out = build_train_transform(load_config("augment", jitter_only), seed=0)(image=img)["image"]
@@ -125,12 +134,14 @@ def _stain_only(**stain):
 @pytest.mark.parametrize("method", ["random_preset", "preset", "macenko"])
 def test_he_stain_changes_colours_not_geometry(method):
     img = _he_patch()
-    out = build_train_transform(load_config("augment", _stain_only(method=method)), seed=3)(image=img)["image"]
+    out = build_train_transform(load_config("augment", _stain_only(method=method)),
+                                seed=3)(image=img)["image"]
     assert out.shape == img.shape and out.dtype == np.uint8
     tissue = img.astype(int).sum(-1) < 3 * 250
     assert (out != img).any(-1)[tissue].mean() > 0.5  # colours moved
     # a per-pixel colour map: the same draw on a flipped patch gives the flipped result
-    flipped = build_train_transform(load_config("augment", _stain_only(method=method)), seed=3)(image=img[:, ::-1])
+    flipped = build_train_transform(load_config("augment", _stain_only(method=method)),
+                                    seed=3)(image=img[:, ::-1])
     assert np.array_equal(flipped["image"], out[:, ::-1])
     # equal input pixels stay equal, and the white background stays white
     background = img[: img.shape[0] // 6]
@@ -157,7 +168,8 @@ def test_he_stain_scales_the_stains_within_the_configured_range():
 
 def test_he_stain_is_reproducible_with_the_seed():
     img = _he_patch(seed=2)
-    t1, t2, t3 = (build_train_transform(load_config("augment", _stain_only()), seed=s) for s in (5, 5, 6))
+    t1, t2, t3 = (build_train_transform(load_config("augment", _stain_only()), seed=s)
+                  for s in (5, 5, 6))
     a, b, c = ([t(image=img)["image"] for _ in range(4)] for t in (t1, t2, t3))
     assert all(np.array_equal(u, v) for u, v in zip(a, b))
     assert not all(np.array_equal(u, v) for u, v in zip(a, c))
@@ -227,10 +239,13 @@ def test_alpha_zero_turns_cutmix_off():
 
     assert isinstance(mixer, CutMix) and isinstance(mixer, Mixup)
     assert mixer.cutmix_alpha == 1.0 and mixer.mixup_alpha == 0.0 and mixer.mix_prob == 1.0
-    with pytest.raises(KitError, match=r"cutmix_alpha must be a number >= 0 \(got -1\)"):
-        create_mixer(-1, 4)
-    with pytest.raises(KitError, match=r"label_smoothing must be in \[0, 1\) \(got 1.0\)"):
-        create_mixer(1.0, 4, label_smoothing=1.0)
+    from kit.config import train_settings
+
+    # Out-of-range values are the schema's to refuse, when the settings are loaded.
+    with pytest.raises(KitError, match=r"train: augment.cutmix_alpha = -1"):
+        train_settings({"augment": {"cutmix_alpha": -1}})
+    with pytest.raises(KitError, match=r"train: label_smoothing = 1.0"):
+        train_settings({"label_smoothing": 1.0})
 
 
 def _onehot(i, k=4):

@@ -110,7 +110,8 @@ def test_native_size_and_the_default_patch_size():
         assert B.native_size(name) == (info.input_size or 224), name
     assert create_backbone("tiny_cnn", weights="random").input_size == 224
     assert create_backbone("tiny_cnn", weights="random", patch_size=None).input_size == 224
-    assert create_backbone("tiny_vit", weights="random", phikon_mode="interpolate").input_size == 224
+    assert create_backbone("tiny_vit", weights="random",
+                           phikon_mode="interpolate").input_size == 224
     with pytest.raises(KitError, match="unknown backbone 'nope'"):
         B.native_size("nope")
 

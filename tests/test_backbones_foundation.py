@@ -10,13 +10,19 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+import test_backbones
 from kit.models import backbones as B
 from kit.models.backbones import create_backbone, freeze_backbone
 from kit.utils import KitError
-
-import test_backbones
-from test_backbones import (NORMS, TIMM_VITS, TINY_DINOV2, TINY_TIMM, _assert_trainable,
-                            _fake_hf_cache, _same_weights)
+from test_backbones import (
+    NORMS,
+    TIMM_VITS,
+    TINY_DINOV2,
+    TINY_TIMM,
+    _assert_trainable,
+    _fake_hf_cache,
+    _same_weights,
+)
 
 # test_backbones' autouse fixtures, bound here so that they apply to this file too: empty
 # caches, HF_HUB_OFFLINE=1, one intra-op thread.

@@ -13,8 +13,15 @@ from kit.models import backbones as B
 from kit.models.backbones import count_trainable, create_backbone, freeze_backbone
 from kit.models.heads import PatchClassifier, create_head
 from kit.utils import KitError
-from test_backbones import (NORMS, RESNETS, TIMM_VITS, TINY_DINOV2, TINY_PHIKON, TINY_TIMM,
-                            _assert_trainable)
+from test_backbones import (
+    NORMS,
+    RESNETS,
+    TIMM_VITS,
+    TINY_DINOV2,
+    TINY_PHIKON,
+    TINY_TIMM,
+    _assert_trainable,
+)
 
 # test_backbones' autouse fixtures, bound here so that they apply to this file too: empty
 # caches, HF_HUB_OFFLINE=1, one intra-op thread.
@@ -71,7 +78,8 @@ def test_resnet_blocks_are_the_stem_and_four_stages(timm_models, name):
     assert len(ids) == len(set(ids)) == len(list(bb.parameters()))
     freeze_backbone(bb, train_norm=(), unfreeze_last=2)  # layer3 and layer4
     assert all(p.requires_grad for p in m.layer3.parameters())
-    assert not any(p.requires_grad for p in m.layer2.parameters()) and not m.conv1.weight.requires_grad
+    assert not any(p.requires_grad for p in m.layer2.parameters())
+    assert not m.conv1.weight.requires_grad
     n_bn = freeze_backbone(bb)  # only the BatchNorm layers train
     assert n_bn == sum(p.numel() for mod in bb.modules() if isinstance(mod, nn.BatchNorm2d)
                        for p in mod.parameters(recurse=False)) > 0

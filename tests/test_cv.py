@@ -372,11 +372,15 @@ def test_cache_path_resumes_by_fold(cached, tmp_path, capsys):
 def test_training_path_needs_everything_frozen():
     from kit.training.settings import pixel_augment_not_applied, train_config, training_path
 
-    assert training_path(train_config(train_settings())) == "pixels"  # the default trains the norm layers
+    # the default trains the norm layers
+    assert training_path(train_config(train_settings())) == "pixels"
     assert training_path(train_config(train_settings({"train_norm": []}))) == "feature_cache"
-    assert training_path(train_config(train_settings({"train_norm": []})), feature_cache=False) == "pixels"
-    assert training_path(train_config(train_settings({"train_norm": [], "unfreeze_last": 1}))) == "pixels"
-    cfg = train_config(train_settings({"train_norm": [], "augment": {"cutmix_alpha": 0.0, "hflip": 0.0}}))
+    assert training_path(train_config(train_settings({"train_norm": []})),
+                         feature_cache=False) == "pixels"
+    assert training_path(train_config(train_settings({"train_norm": [],
+                                                      "unfreeze_last": 1}))) == "pixels"
+    cfg = train_config(train_settings({"train_norm": [], "augment": {"cutmix_alpha": 0.0,
+                                                                     "hflip": 0.0}}))
     assert set(pixel_augment_not_applied(cfg)) == {"augment.color_jitter.p", "augment.rot90",
                                                    "augment.vflip"}
 
@@ -540,3 +544,161 @@ def test_the_embedding_cache_settings_are_part_of_cvs_config(tmp_path):
     assert metrics["config"]["features"]["batch_size"] == 8
     meta = json.loads(next((paths.features_dir / BB).glob("train-*/meta.json")).read_text())
     assert meta["dtype"] == "float32"
+
+
+# --------------------------------------------------------------------------- another task
+PROBE = {**FROZEN, "head": {"type": "logreg"},
+         "label_issues": {"mode": "drop", "inner_folds": 2}}
+
+
+def _checked_splits(calls):
+    """A stand-in for ``grouped_splits`` that records every split it makes (and the groups it
+    was given) before returning it."""
+    from kit.training import selection
+
+    real = selection.grouped_splits
+
+    def spy(y, groups=None, n_splits=5, seed=42, **kw):
+        splits = real(y, groups, n_splits, seed, **kw)
+        calls.append((None if groups is None else np.asarray(groups), splits))
+        return splits
+    return spy
+
+
+@pytest.fixture(scope="module")
+def three_class(tmp_path_factory):
+    """cv on another task (3 classes, balanced accuracy, patients as folds.csv's groups), on
+    pixels and, with the probe and label issues, on cached embeddings; every inner split
+    recorded."""
+    import kit.training.label_issues
+    import kit.training.selection
+    from cv_data import make_task_workdir
+
+    tmp = tmp_path_factory.mktemp("task")
+    runs, calls = {}, []
+    for name, cfg in (("pixels", {**CFG, "epochs": 2}), ("probe", PROBE)):
+        paths, data = make_task_workdir(tmp / name, tmp / "data")
+        log = io.StringIO()
+        with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(log):
+            mp.setattr(kit.training.selection, "grouped_splits", _checked_splits(calls))
+            mp.setattr(kit.training.label_issues, "grouped_splits", _checked_splits(calls))
+            metrics = run_cv(paths, data, train_settings(cfg), backbone=BB, weights="random",
+                             seed=1)
+        runs[name] = (paths, metrics, log.getvalue())
+    return data, runs, calls
+
+
+def _assert_scored_by_the_task(paths, metrics, log, task, an2dl_keys):
+    from kit.metrics import score
+
+    columns = ["p_Normal", "p_Benign", "p_Invasive"]
+    assert task.prob_columns == columns
+    out = paths.backbone_dir(BB)
+    oof, test = _csv(out / "oof.csv"), _csv(out / "test.csv")
+    assert list(oof.columns) == ["sample_index", "fold", "label", *columns]
+    assert list(test.columns) == ["sample_index", *columns] and len(test) == 6
+    assert list(_csv(out / "tta" / "oof_hflip.csv").columns) == list(oof.columns)
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert set(an2dl_keys) <= set(on_disk)  # every key an AN2DL run writes, and:
+    assert on_disk["metric"] == "balanced_accuracy"
+    assert on_disk["classes"] == ["Normal", "Benign", "Invasive"]
+    expected = score("balanced_accuracy", oof.label, oof[columns].to_numpy(), task.classes)
+    assert on_disk["oof_score"] == pytest.approx(expected, abs=1e-12)
+    assert on_disk["oof_score"] == pytest.approx(metrics["oof_score"], abs=1e-12)
+    lo, hi = on_disk["oof_score_ci95"]
+    assert lo <= on_disk["oof_score"] <= hi
+    for f in on_disk["per_fold"]:
+        rows = oof[oof.fold == f["fold"]]
+        assert f["score"] == pytest.approx(
+            score("balanced_accuracy", rows.label, rows[columns].to_numpy(), task.classes))
+    assert set(on_disk["per_class"]) == set(task.classes)
+    assert np.shape(on_disk["confusion"]) == (3, 3) and np.sum(on_disk["confusion"]) == len(oof)
+    assert f"OOF balanced accuracy {on_disk['oof_score']:.3f} [" in log
+    assert "macro F1" not in log.split("OOF balanced accuracy")[0]  # folds name the metric
+
+
+def test_another_task_writes_its_columns_and_scores_by_its_metric(three_class, done):
+    data, runs, _ = three_class
+    for paths, metrics, log in runs.values():
+        _assert_scored_by_the_task(paths, metrics, log, data.task, done[1])
+    paths, metrics, _ = runs["probe"]
+    assert metrics["training_path"] == "feature_cache"
+    issues = _csv(paths.backbone_dir(BB) / "label_issues.csv")
+    assert set(issues.suggested_label) <= set(data.task.classes)
+    assert {"p_Normal", "p_Benign", "p_Invasive"} <= set(issues.columns)
+    mark = json.loads((paths.backbone_dir(BB) / "fold_0" / "done.json").read_text())
+    assert mark["metric"] == "balanced_accuracy" and "val_balanced_accuracy" in mark
+    # The probe's C was chosen by the task's metric on the inner split.
+    assert metrics["per_fold"][0]["val_balanced_accuracy_id"] == mark["val_balanced_accuracy"]
+
+
+def test_every_inner_split_keeps_a_patient_on_one_side(three_class):
+    """Early stopping's inner split, the probe's C and label issues' inner folds: with the
+    patients of folds.csv planted as groups, no patient has images on both sides."""
+    _, runs, calls = three_class
+    folds = _csv(runs["pixels"][0].folds_csv)
+    assert folds.group.nunique() < len(folds)  # patients with several images
+    # label issues (2 inner folds x 3 outer folds) and the probe and early stopping (one
+    # inner split per fold and model): every one of them was handed the patients.
+    assert len(calls) >= 3 + 3 + 3
+    for groups, splits in calls:
+        assert groups is not None and len(set(groups)) < len(groups)
+        for fit, held in splits:
+            assert set(groups[fit]).isdisjoint(groups[held])
+    group = dict(zip(folds.sample_index, folds.group))
+    for paths, _, _ in runs.values():
+        for k in range(3):
+            mark = json.loads((paths.backbone_dir(BB) / f"fold_{k}" / "done.json").read_text())
+            stop = set(mark["selection"]["stop_samples"])
+            fit = set(mark["train_samples"]) - stop
+            assert stop and {group[s] for s in stop}.isdisjoint({group[s] for s in fit})
+
+
+def test_another_task_after_the_data_stages(tmp_path, done):
+    """The whole way: a generated 3-class task through clean, patches and folds, then cv."""
+    from kit.config import load_config
+    from kit.data.clean import run_clean
+    from kit.data.folds import run_folds
+    from kit.data.patches import run_patches
+    from kit.data.task_synth import write_task_dataset
+    from kit.task import as_data
+
+    data = as_data(str(write_task_dataset(tmp_path / "data", "csv", 0)))
+    paths = Paths.from_root(tmp_path / "w")
+    run_clean(paths, data, load_config("clean"))
+    run_patches(paths, data, load_config("patches", {"size": 32, "stride": 16, "top_k": 4}))
+    run_folds(paths, data, load_config("folds", {"n_splits": 3}), seed=0, force=True)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        metrics = run_cv(paths, data, train_settings(CFG), backbone=BB, weights="random")
+    _assert_scored_by_the_task(paths, metrics, log.getvalue(), data.task, done[1])
+
+
+def test_an2dl_runs_keep_their_hashes(done):
+    """The hashes an AN2DL run had before tasks existed (main's, for these inputs): a fold is
+    reused only when its hash matches, so a change would retrain every AN2DL run. Another
+    task's fingerprint enters the hash."""
+    from kit.task import default_task, load_task
+    from kit.training.cv import config_hash
+    from kit.training.settings import train_config
+
+    keys = {"train": "train-0", "test": "test-0"}
+    cfg = train_config(train_settings())
+    before = "34915c6e834099d31be4a74c9016289fe251a4d06b7e1caec43e5ea951306c44"
+    assert config_hash(BB, "random", 42, cfg, keys) == before
+    assert config_hash(BB, "random", 42, cfg, keys, task=default_task()) == before
+    frozen = train_config(train_settings({"train_norm": []}))
+    assert config_hash(BB, "random", 42, frozen, keys, "feature_cache", "float16", "cpu",
+                       task=default_task()) == \
+        "cf3dfc4755279581a8bf2df3bca808ba82eaa4f42597251c238114133fcb4c16"
+    for other in (load_task("imagefolder"), default_task().model_copy(
+            update={"metric": "balanced_accuracy"})):
+        assert config_hash(BB, "random", 42, cfg, keys, task=other) != before
+    mark = json.loads((done[0].backbone_dir(BB) / "fold_0" / "done.json").read_text())
+    if mark["device"] == "cpu":  # the device type is part of the hash
+        assert done[1]["config_hash"] == mark["config_hash"] == \
+            "e6c4315d16d48109f653d3a0a1335e0488be026dec2b0794038354f2bb19e475"
+    # ... and the AN2DL run names its metric: the same number as its macro F1.
+    assert done[1]["metric"] == "macro_f1" and done[1]["classes"] == list(CLASSES)
+    assert done[1]["oof_score"] == done[1]["oof_macro_f1"]
+    assert done[1]["oof_score_ci95"] == done[1]["oof_macro_f1_ci95"]

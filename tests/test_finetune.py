@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -123,7 +124,8 @@ def test_a_schedule_opening_more_blocks_than_the_backbone_has_is_refused():
 
 @pytest.mark.parametrize("value", [0, 1.5, -0.5, "fast", True])
 def test_bad_lr_decay_fails(value):
-    with pytest.raises(KitError, match=r"train: lr_decay = .* is not allowed: a number > 0 and <= 1"):
+    with pytest.raises(KitError,
+                       match=r"train: lr_decay = .* is not allowed: a number > 0 and <= 1"):
         train_config(train_settings({"lr_decay": value}))
 
 
@@ -133,9 +135,11 @@ def test_a_schedule_that_opens_a_block_sends_cv_to_pixels():
     assert training_path(train_config(train_settings({**frozen, "unfreeze_schedule": {0: 0}}))) == \
         "feature_cache"  # opens nothing
     for spec in ({0: 0, 3: 1}, "gradual:4", "0:0,2:all"):
-        assert training_path(train_config(train_settings({**frozen, "unfreeze_schedule": spec}))) == "pixels"
+        assert training_path(train_config(train_settings({**frozen,
+                                                          "unfreeze_schedule": spec}))) == "pixels"
     # lr_decay alone opens nothing: the frozen backbone's cache path stays.
-    assert training_path(train_config(train_settings({**frozen, "lr_decay": 0.5}))) == "feature_cache"
+    assert training_path(train_config(train_settings({**frozen,
+                                                      "lr_decay": 0.5}))) == "feature_cache"
 
 
 def test_the_schedule_thaws_exactly_the_stated_blocks_at_the_stated_epochs(data, monkeypatch):
@@ -217,7 +221,8 @@ def test_warmup_and_cosine_scale_every_group_and_waiting_blocks_get_no_step(data
 def test_the_best_epoch_before_a_thaw_restores_the_waiting_blocks_too(data, monkeypatch):
     # The first epoch scores best; the blocks that thawed afterwards must come back unchanged.
     scores = iter([1.0, 0.5, 0.5])
-    monkeypatch.setattr(train_mod, "fast_macro_f1", lambda *a: next(scores))
+    scorer = SimpleNamespace(batch=lambda *a: np.array([next(scores)]))
+    monkeypatch.setattr(train_mod, "get_metric", lambda name: scorer)
     cfg = _cfg(epochs=3, early_stopping="inner", train_norm=[],
                unfreeze_schedule={0: 0, 1: "all"})
     x, y = data
@@ -280,8 +285,7 @@ def test_cv_resumes_a_fold_with_the_same_thawing(tmp_path):
 def test_full_objective_searches_both_and_features_does_not():
     import optuna
 
-    from kit.tuning.search_space import load_space
-    from kit.tuning.search_space import known_param_keys
+    from kit.tuning.search_space import known_param_keys, load_space
 
     keys = known_param_keys(train_settings())
     full = load_space("tiny_cnn", "full", load_config("tune")["space"], known_keys=keys)
@@ -291,7 +295,8 @@ def test_full_objective_searches_both_and_features_does_not():
     for _ in range(8):
         params = full.suggest(study.ask())
         assert 0.5 <= params["lr_decay"] <= 1.0 and "unfreeze_schedule" in params
-        cfg = train_config(train_settings(), params=params)  # every sampled value is a valid setting
+        cfg = train_config(train_settings(),
+                           params=params)  # every sampled value is a valid setting
         build_model("tiny_cnn", cfg, "random", patch_size=P)
         assert training_path(cfg) == "pixels"
     sampled = feats.suggest(study.ask())

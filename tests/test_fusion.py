@@ -199,7 +199,8 @@ def test_the_cli_takes_a_fused_name_and_weights_per_backbone(runs, tmp_path, cap
     shutil.copytree(src.root, tmp_path / "w")
     args = ["cv", FUSED, "--workdir", str(tmp_path / "w"), "--weights", f"{A}=random",
             "--weights", f"{B}=random", "--seed", "5", "--epochs", "3", "--params", "none",
-            "--device", "cpu", "--set", "lr=0.01", "--set", "batch_size=32", "--set", "warmup_epochs=0"]
+            "--device", "cpu", "--set", "lr=0.01", "--set", "batch_size=32", "--set",
+            "warmup_epochs=0"]
     capsys.readouterr()
     assert main(args) == 0
     out = capsys.readouterr()

@@ -4,12 +4,12 @@ import pandas as pd
 import pytest
 
 from kit import CLASSES
+from kit.config import train_settings
 from kit.models.heads import create_head
 from kit.training import label_issues as li
 from kit.training.feature_cv import train_bag
-from kit.training.sources import FeatureSource
 from kit.training.settings import train_config
-from kit.config import train_settings
+from kit.training.sources import FeatureSource
 
 
 def _noisy(n=120, d=16, flip=0.2, seed=0):
@@ -31,7 +31,8 @@ def _frame(y, rows=None):
 
 
 def _cfg(**params):
-    return train_config(train_settings(), params={"epochs": 8, "lr": 0.01, "batch_size": 64, **params})
+    return train_config(train_settings(), params={"epochs": 8, "lr": 0.01, "batch_size": 64,
+                                                  **params})
 
 
 def test_confident_learning_flags_labels_the_probabilities_contradict():
@@ -131,3 +132,36 @@ def test_bag_of_one_is_the_plain_head_and_more_members_average():
     mean = np.mean([predict(m.model, np.arange(48, 60))["id"] for m in three], axis=0)
     np.testing.assert_allclose(p3["id"], mean, atol=1e-7)
     assert not np.allclose(predict(three[1].model, np.arange(48, 60))["id"], p1["id"])
+
+
+def test_another_tasks_inner_cv_keeps_patients_whole_and_writes_its_classes(monkeypatch):
+    from kit.task import load_task
+
+    task = load_task("imagefolder")  # three classes, balanced accuracy
+    x, y, _ = _noisy(n=60)
+    y = y % 3
+    frame = pd.DataFrame({"sample_index": [f"x_{r:03d}" for r in range(60)],
+                          "row": np.arange(60), "y": y,
+                          "label": [task.classes[i] for i in y],
+                          "group": [f"P{r // 3:02d}" for r in range(60)]})  # 3 a patient
+    calls, real = [], li.grouped_splits
+
+    def spy(y, groups=None, *a, **kw):
+        splits = real(y, groups, *a, **kw)
+        calls.append((np.asarray(groups), splits))
+        return splits
+
+    monkeypatch.setattr(li, "grouped_splits", spy)
+    cfg = _cfg(**{"label_issues.mode": "drop", "label_issues.inner_folds": 3})
+    issues = li.find_fold_issues(FeatureSource(x, cfg), frame, cfg, seed=0, fold=2, task=task)
+    assert len(calls) == 1
+    groups, splits = calls[0]
+    assert list(groups) == frame.group.tolist() and len(splits) == 3
+    for fit, held in splits:
+        assert set(groups[fit]).isdisjoint(groups[held])
+    assert issues.probs.shape == (60, 3) and issues.classes == task.classes
+    table = issues.frame()
+    assert [c for c in table.columns if c.startswith("p_")] == task.prob_columns
+    assert set(table.label) == set(task.classes)
+    summary = li.summarise([table], task.classes)
+    assert set(summary.suggested_label) <= set(task.classes)

@@ -103,3 +103,29 @@ def test_the_probe_refuses_the_pixel_path():
     with pytest.raises(KitError, match="cached embeddings only"):
         fit_probe(head, PixelSource(np.zeros((4, 2, 8, 8, 3), np.uint8), cfg), np.arange(4),
                   np.arange(4), cfg)
+
+
+def test_c_is_chosen_by_the_given_metric_on_an_inner_split_that_keeps_groups():
+    from kit.metrics import score
+    from kit.training.probe import fit_probe
+
+    x, y = _separable(48, noise=6.0, seed=4, classes=3)
+    cfg = _cfg()
+    src = FeatureSource(x, cfg)
+    groups = np.repeat(np.arange(16), 3)  # planted: three images a patient
+    res = fit_probe(create_head(16, 3, **cfg["head"]), src, np.arange(48), y, cfg, seed=1,
+                    groups=groups, metric="balanced_accuracy")
+    stop = np.asarray(res.selection["stop_positions"])
+    fit = np.setdiff1d(np.arange(48), stop)
+    assert len(stop) and set(groups[stop]).isdisjoint(groups[fit])
+    assert [set(h) for h in res.history] == [{"C", "val_balanced_accuracy"}] * len(res.history)
+    assert res.best_score == max(h["val_balanced_accuracy"] for h in res.history)
+    # The recorded score is that metric on the stop rows, for a model fitted on the others
+    # at the chosen C (the first C on ties).
+    from kit.training.probe import _fit, _predict, image_means
+
+    X = image_means(src, res.model, np.arange(48))
+    clf = _fit(X[fit], y[fit], res.selection["chosen_C"])
+    pred = _predict(clf, X[stop], 3)
+    assert res.best_score == pytest.approx(score("balanced_accuracy", y[stop], pred,
+                                                 ("a", "b", "c")))

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from cv_data import make_patches
 from kit import CLASSES
+from kit.config import train_settings
 from kit.training.build import build_model, set_train_mode
 from kit.training.checkpoints import checkpoint_keys, load_checkpoint, save_checkpoint
 from kit.training.device import amp_dtype, pick_device
@@ -15,7 +16,6 @@ from kit.training.selection import inner_split
 from kit.training.settings import train_config, tta_views
 from kit.training.train import fit_fold
 from kit.utils import KitError, seed_everything
-from kit.config import train_settings
 
 N, K, P = 24, 4, 32
 
@@ -51,7 +51,8 @@ def _fit(data, cfg, seed=0, **kw):
 
 # ------------------------------------------------------------------ config, schedule, loss
 def test_train_config_applies_dotted_params_then_overrides():
-    cfg = train_config(train_settings({"lr": 0.5}), {"head.depth": 3, "augment.cutmix_alpha": 0.25, "lr": 0.1})
+    cfg = train_config(train_settings({"lr": 0.5}), {"head.depth": 3, "augment.cutmix_alpha": 0.25,
+                                                     "lr": 0.1})
     assert cfg["head"]["depth"] == 3 and cfg["head"]["width"] == 256
     assert cfg["augment"]["cutmix_alpha"] == 0.25 and cfg["augment"]["hflip"] == 0.5
     assert cfg["lr"] == 0.5  # explicit overrides win over tuned params
@@ -92,14 +93,17 @@ def test_devices_and_precision():
     cpu = torch.device("cpu")
     assert amp_dtype(cpu, "auto") is None  # mixed precision is a CUDA matter
     assert amp_dtype(cpu, "bf16") == torch.bfloat16 and amp_dtype(cpu, "off") is None
-    with pytest.raises(KitError, match=r"amp must be auto, off, bf16 or fp16 \(got 'fp8'\)"):
-        amp_dtype(cpu, "fp8")
-    from kit.training.device import auto_flag as _flag, n_workers
+    assert amp_dtype(cpu, False) is None  # YAML reads a bare `amp: off` as false
+    from kit.training.device import auto_flag as _flag
+    from kit.training.device import n_workers
 
-    assert _flag("auto", cpu) is False and _flag("false", cpu) is False and _flag(True, cpu)
+    assert _flag("auto", cpu) is False and _flag(False, cpu) is False and _flag(True, cpu)
     assert n_workers("auto", cpu) == 0 and n_workers(2, cpu) == 2
-    with pytest.raises(KitError, match="num_workers"):
-        n_workers("many", cpu)
+    # The values themselves are the schema's to refuse, at load, before any work.
+    for bad, key in (({"amp": "fp8"}, "amp"), ({"num_workers": "many"}, "num_workers"),
+                     ({"channels_last": "sometimes"}, "channels_last")):
+        with pytest.raises(KitError, match=rf"train: {key} = "):
+            train_settings(bad)
 
 
 def test_input_size_resizes_on_the_device(data):
@@ -126,7 +130,10 @@ def test_loader_is_seeded_and_balanced_sampler_is_used(data):
     x, y = data
     cfg = _cfg()
     ds = PatchDataset(x, np.arange(N), y)
-    order = lambda seed: [b[1].tolist() for b in make_loader(ds, cfg, seed, torch.device("cpu"))]
+
+    def order(seed):
+        return [b[1].tolist() for b in make_loader(ds, cfg, seed, torch.device("cpu"))]
+
     assert order(1) == order(1) and order(1) != order(2)
     loader = make_loader(ds, _cfg(class_balance="sampler"), 1, torch.device("cpu"))
     assert isinstance(loader.sampler, torch.utils.data.WeightedRandomSampler)
@@ -223,6 +230,35 @@ def test_inner_keeps_its_best_epoch_and_refit_retrains_that_many_on_everything(d
     assert none.best_epoch == none.epochs == 3 and none.best_score != none.best_score  # NaN
     with pytest.raises(KitError, match="early_stopping = 'best' is not allowed: one of auto"):
         _fit(data, _cfg(early_stopping="best"), seed=1)
+
+
+def test_the_epoch_is_chosen_by_the_tasks_metric_on_the_stop_rows(data):
+    """fit(metric=...) compares epochs by that metric (a task's), recorded as val_<metric>:
+    each epoch's record is the metric of that epoch's stop-row predictions."""
+    from kit.metrics import score
+    from kit.training.sources import PixelSource
+    from kit.training.train import fit
+
+    x, y = data
+    cfg = _cfg(epochs=3, early_stopping="oof", patience=0)
+    tr, va = _split()
+    seen = []
+    source = PixelSource(x, cfg)
+    real = source.image_probs
+
+    def spy(model, rows, views, desc=""):
+        out = real(model, rows, views, desc)
+        seen.append(out["id"])
+        return out
+
+    source.image_probs = spy
+    res = fit(_model(cfg), source, tr, y[tr], cfg, val_rows=va, val_y=y[va], seed=0,
+              metric="balanced_accuracy")
+    scores = [h["val_balanced_accuracy"] for h in res.history]
+    assert all("val_macro_f1" not in h for h in res.history) and len(seen) == 3
+    assert scores == pytest.approx([score("balanced_accuracy", y[va], p, CLASSES)
+                                    for p in seen])
+    assert res.best_score == max(scores) == scores[res.best_epoch - 1]
 
 
 def test_class_balanced_loss_and_sampler_train(data):
@@ -323,8 +359,9 @@ def test_random_backbones_get_their_batchnorm_recalibrated_with_a_warning(data, 
     assert "random weights" in capsys.readouterr().out
     model.backbone.weights_source = "local:/somewhere"  # pretrained: left alone under auto
     assert recalibrate_random(model.backbone, cfg, x) == 0
-    with pytest.raises(KitError, match="recalibrate_bn"):
-        recalibrate_random(model.backbone, {**cfg, "recalibrate_bn": "sometimes"}, x)
+    assert recalibrate_random(_model(cfg).backbone, {**cfg, "recalibrate_bn": False}, x) == 0
+    with pytest.raises(KitError, match="train: recalibrate_bn = 'sometimes'"):
+        train_settings({"recalibrate_bn": "sometimes"})  # refused at load, by the schema
 
 
 def test_attention_model_trains_on_whole_images_and_predicts_images(data):

@@ -10,6 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
@@ -83,7 +84,8 @@ def test_user_space_overrides_ranges_removes_and_fixes(tmp_path):
                     "head.norm": "layernorm"},
         "phikon": {"lr": {"type": "float", "low": 1e-5, "high": 1e-4, "log": True}},
     }))
-    sp = load_space("phikon", "features", SPACE, user, known_keys=known_param_keys(train_settings()))
+    sp = load_space("phikon", "features", SPACE, user,
+                    known_keys=known_param_keys(train_settings()))
     assert (sp.searched["head.depth"].low, sp.searched["head.depth"].high) == (1, 2)
     assert "weight_decay" not in sp.params
     assert sp.fixed == {"head.norm": "layernorm"}
@@ -124,7 +126,8 @@ def test_unknown_parameter_names_and_shapes_are_refused(tmp_path):
     bad = tmp_path / "typo.yaml"
     bad.write_text(yaml.safe_dump({"default": {"head.dept": {"type": "int", "low": 0, "high": 2}}}))
     with pytest.raises(KitError, match=r"typo.yaml: unknown parameter\(s\) head.dept"):
-        load_space("tiny_cnn", "features", SPACE, bad, known_keys=known_param_keys(train_settings()))
+        load_space("tiny_cnn", "features", SPACE, bad,
+                   known_keys=known_param_keys(train_settings()))
     flat = tmp_path / "flat.yaml"
     flat.write_text("lr: 0.1\n")
     with pytest.raises(KitError, match="default:"):
@@ -207,7 +210,8 @@ def test_features_objective_equals_features_cv_and_writes_outputs(feat_work, tmp
     # On the path the search trained (heads on cached embeddings) every key applies...
     params, _ = resolve_params("best", paths, "tiny_cnn",
                                settings=train_settings({"train_norm": []}))
-    assert params == on_disk["params"] and train_config(train_settings(), params=params)["epochs"] == 12
+    assert params == on_disk["params"] and train_config(train_settings(),
+                                                        params=params)["epochs"] == 12
     # ... on pixels only the head's shape: lr, epochs and patience were tuned for the cache.
     params, _ = resolve_params("best", paths, "tiny_cnn", settings=train_settings())
     assert params == {"head.depth": on_disk["params"]["head.depth"]}
@@ -619,3 +623,117 @@ def test_estimate_refuses_the_full_objective_with_the_fix(tmp_path, capsys):
     assert rc == 2 and "supports the features objective only" in err
     assert "./run.sh tune tiny_cnn --estimate" in err and "--folds-per-trial" in err
     assert "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- another task
+def test_tune_maximises_the_tasks_metric_and_names_it(tmp_path, capsys):
+    from cv_data import make_task_workdir
+    from kit.metrics import score
+
+    paths, data = make_task_workdir(tmp_path / "w", tmp_path / "data", n_folds=3)
+    space = space_file(tmp_path, lr=LR, epochs=4, patience=0)
+    best = run_tune(paths, data, load_config("tune", {"trials": 2}), settings=train_settings(),
+                    backbones=["tiny_cnn"], space_file=space, weights="random",
+                    seed=42)["tiny_cnn"]
+    on_disk = yaml.safe_load((paths.tune_dir("tiny_cnn") / "best.yaml").read_text())
+    assert on_disk["metric"] == best["metric"] == "balanced_accuracy"
+    trials = trials_of(paths, "tiny_cnn-features")
+    for t in trials:
+        res = features_cv("tiny_cnn", paths, params=t.user_attrs["params"], seed=42,
+                          weights="random", with_test=False, settings=train_settings(),
+                          task=data.task)
+        columns = data.task.prob_columns
+        assert list(res.oof.columns) == ["sample_index", "fold", "label", *columns]
+        assert res.oof_score == pytest.approx(score("balanced_accuracy", res.oof.label,
+                                                    res.oof[columns].to_numpy(),
+                                                    data.task.classes))
+        if t.state.name == "COMPLETE":
+            assert t.value == pytest.approx(res.oof_score, abs=1e-12)
+        per_fold = {r["fold"]: r["score"] for r in res.per_fold}
+        assert t.intermediate_values == pytest.approx(
+            {k: per_fold[k] for k in t.intermediate_values})
+    assert on_disk["score"] == max(t.value for t in trials if t.state.name == "COMPLETE")
+    out = capsys.readouterr().out
+    assert "objective features (balanced accuracy)" in out
+    assert f"trial 0 balanced accuracy {trials[0].value:.4f}" in out
+    assert f"search balanced accuracy {on_disk['search_score']:.4f}" in out
+    # A study holds the scores of one task: the same task scored by macro F1 starts another.
+    from kit.task import Data
+
+    other = Data(data.root, data.task.model_copy(update={"metric": "macro_f1"}))
+    with pytest.raises(KitError, match="made with other task"):
+        run_tune(paths, other, load_config("tune", {"trials": 3}),
+                 settings=train_settings(), backbones=["tiny_cnn"], space_file=space,
+                 weights="random", seed=42)
+
+
+def test_estimate_on_a_task_keeps_patients_on_one_side(tmp_path, monkeypatch):
+    """tune --estimate on another task: scored by its metric, and every inner split (each
+    outer fold's search trains with early stopping on an inner split) keeps a patient whole."""
+    import json
+
+    from cv_data import make_task_workdir
+    from kit.training import selection
+
+    paths, data = make_task_workdir(tmp_path / "w", tmp_path / "data", n_folds=3)
+    calls, real = [], selection.grouped_splits
+
+    def spy(y, groups=None, n_splits=5, seed=42, **kw):
+        splits = real(y, groups, n_splits, seed, **kw)
+        calls.append((None if groups is None else np.asarray(groups), splits))
+        return splits
+    monkeypatch.setattr(selection, "grouped_splits", spy)
+    space = space_file(tmp_path, lr=LR, epochs=3, patience=0)
+    record = run_tune(paths, data, load_config("tune", {"estimate_trials": 2}),
+                      settings=train_settings({"early_stopping": "inner"}),
+                      backbones=["tiny_cnn"], estimate=True, space_file=space,
+                      weights="random")["tiny_cnn"]
+    on_disk = json.loads((paths.tune_dir("tiny_cnn") / "estimate.json").read_text())
+    assert on_disk["metric"] == record["metric"] == "balanced_accuracy"
+    lo, hi = on_disk["estimate_ci95"]
+    assert lo <= on_disk["score"] <= hi and "macro_f1" in on_disk
+    assert on_disk["early_stopping"] == "inner" and on_disk["honest"] is True
+    assert calls  # every head of every search chose its epoch on an inner split
+    for groups, splits in calls:
+        assert groups is not None and len(set(groups)) < len(groups)
+        for fit, held in splits:
+            assert set(groups[fit]).isdisjoint(groups[held])
+
+
+# --------------------------------------------------------------------------- --set train.*
+def test_set_train_reaches_every_trial_beneath_the_searched_values(feat_work, tmp_path,
+                                                                  monkeypatch, capsys):
+    import kit.training.feature_cv
+    from kit.cli import main
+
+    seen, real = [], kit.training.feature_cv.fit
+
+    def spy(model, source, rows, y, cfg, **kw):
+        seen.append((cfg["epochs"], cfg["lr"], cfg["head"]["width"]))
+        return real(model, source, rows, y, cfg, **kw)
+
+    monkeypatch.setattr(kit.training.feature_cv, "fit", spy)
+    space = space_file(tmp_path, lr=LR, patience=0)
+    conf = tmp_path / "tune.yaml"
+    conf.write_text(yaml.safe_dump({"trials": 2, "train": {"head": {"width": 16}}}))
+    args = ["tune", "tiny_cnn", "--workdir", str(feat_work.root), "--weights", "random",
+            "--space", str(space), "--study-suffix", "set", "--config", str(conf)]
+    assert main([*args, "--set", "train.epochs=3", "--set", "train.lr=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert seen and {e for e, _, _ in seen} == {3} and {w for _, _, w in seen} == {16}
+    assert all(0.0 <= lr <= 0.02 for _, lr, _ in seen)  # the searched lr, not the 0.5 given
+    assert "tune tiny_cnn: train.lr is in the search space: each trial uses its own value" \
+        in out
+    best = yaml.safe_load((feat_work.tune_dir("tiny_cnn") / "best.yaml").read_text())
+    assert best["train_overrides"] == {"epochs": 3, "lr": 0.5, "head.width": 16}
+    assert set(best["params"]) == {"lr", "patience"}
+    # Checked by the schema before any work: no study, no trial.
+    n_trials = len(trials_of(feat_work, "tiny_cnn-features-set"))
+    for bad, match in ((["--set", "train.epochs=0"], "train: epochs = 0 is not allowed"),
+                       (["--set", "train.epochz=3"], "unknown key 'epochz'"),
+                       (["--set", "train=3"], "give training settings as train.KEY=VALUE")):
+        seen.clear()
+        assert main([*args, "--trials", "4", *bad]) == 2
+        err = capsys.readouterr().err
+        assert match in err and "tune: " in err and "Traceback" not in err
+        assert not seen and len(trials_of(feat_work, "tiny_cnn-features-set")) == n_trials

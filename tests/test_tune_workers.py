@@ -134,6 +134,24 @@ def test_a_worker_gets_the_job_the_launcher_resolved(tmp_path):
     assert again.settings.resolve()["epochs"] == 2
 
 
+def test_a_worker_reads_the_launchers_task(tmp_path):
+    """The task travels in the payload: a worker scores by --task's metric even though the
+    data folder holds no task.yaml (nor the same one)."""
+    from kit.config import load_config, train_settings
+    from kit.paths import Paths
+    from kit.task import Data, load_task, task_of
+    from kit.tuning.job import TuneJob
+
+    task = load_task("imagefolder")
+    job = TuneJob(Paths.from_root(tmp_path), Data(tmp_path / "data", task), load_config("tune"),
+                  train_settings({"epochs": 2}), backbones=("tiny_cnn",))
+    again = TuneJob.from_json(tune_workers._payload(job, "sqlite:///x.db"))
+    assert again.data == job.data and task_of(again.data).metric == task.metric
+    assert again.data.task.builtin and again.data.task.source == task.source
+    assert again.trial_settings().resolve({"epochs": 5})["epochs"] == 5  # params win there
+    assert again.settings.resolve({"epochs": 5})["epochs"] == 2  # as cv's overrides do
+
+
 # --------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_two_cpu_workers_share_one_study(tmp_path):

@@ -8,11 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import test_backbones
 from kit.models import backbones as B
 from kit.models.backbones import create_backbone
 from kit.utils import KitError
-
-import test_backbones
 from test_backbones import RESNETS, TIMM_VITS, _fake_hf_cache, _same_weights, _tiny_vit_model
 
 # test_backbones' autouse fixtures, bound here so that they apply to this file too: empty
@@ -40,7 +39,7 @@ def test_phikon_auto_uses_the_hf_cache(backbones_offline, tmp_path):
     assert _same_weights(bb.model, vit)
 
 
-# --------------------------------------------------------------------------- a file, a folder, the caches
+# ------------------------------------------------------------------- a file, a folder, the caches
 def test_timm_weights_from_file_folder_and_cache(backbones_offline, tmp_path):
     import timm
 

@@ -48,6 +48,7 @@ def run(args) -> int:
     # Imported when the command runs, not when ./run.sh <command> --help reads the options.
     from kit.config import stage_overrides, train_settings, with_flags
     from kit.paths import Paths
+    from kit.task import as_data
     from kit.training.cv import run_cv
     from kit.training.fusion import parse_weights
     from kit.utils import KitError
@@ -61,7 +62,8 @@ def run(args) -> int:
         if overrides[key] is not None and overrides[key] < 1:
             raise KitError(f"--{key.replace('_', '-')} must be >= 1 (got {overrides[key]})")
     overrides = with_flags(stage_overrides(args.config, args.sets), overrides)
-    run_cv(Paths.from_root(args.workdir), args.data, train_settings(overrides),
+    # The task (its classes and metric) from --task, else the data folder's task.yaml.
+    run_cv(Paths.from_root(args.workdir), as_data(args.data, args.task), train_settings(overrides),
            backbone=args.backbone, seed=args.seed,
            weights=parse_weights(args.backbone, args.weights), fold=args.fold,
            params=args.params, device=args.device,

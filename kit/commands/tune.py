@@ -5,9 +5,21 @@ study; rerunning it continues where it stopped. See docs/tuning.md.
 """
 from __future__ import annotations
 
+# The --config/--set keys under `train` are cv's training settings (train.yaml), the rest
+# tune.yaml's; shown at the end of ./run.sh tune --help.
+EPILOG = ("--set and --config take tune.yaml's keys (e.g. --set pruner.p_threshold=0.05), and "
+          "cv's training settings under train. (e.g. --set train.epochs=20 --set "
+          "train.features.batch_size=64, or a train: mapping in the --config file): those "
+          "reach every trial, beneath the searched values (a key the search space sets keeps "
+          "each trial's value; a line names such keys), checked before any work. cv applies "
+          "them only when given to cv too. Every trial maximises the task's metric "
+          "(task.yaml's metric; macro F1 for AN2DL).")
+
 
 def add_arguments(parser):
     from kit.models.backbones import describe_backbones  # the registry: every backbone
+
+    parser.epilog = EPILOG
 
     parser.add_argument("backbones", nargs="*", metavar="BACKBONE",
                         help="backbones to tune, one study each: " + "; ".join(
@@ -75,23 +87,35 @@ def run(args) -> int:
     # Imported when the command runs, not when ./run.sh <command> --help reads the options.
     from kit.config import load_config, stage_overrides, train_settings, with_flags
     from kit.paths import Paths
+    from kit.task import as_data
     from kit.tuning.job import TuneJob
     from kit.tuning.tune import run_tune
     from kit.tuning.workers import launch
+    from kit.utils import KitError
 
     # The stage's arguments, resolved once: this process runs them, or the workers do.
-    cfg = load_config("tune", with_flags(stage_overrides(args.config, args.sets), {
+    overrides = stage_overrides(args.config, args.sets)
+    train = overrides.pop("train", None) or {}
+    if not isinstance(train, dict):
+        raise KitError(f"tune: train = {train!r}: give training settings as train.KEY=VALUE "
+                       "(e.g. --set train.epochs=20) or a train: mapping in --config")
+    try:  # every trial's training settings, checked by the schema before any work
+        settings = train_settings(train)
+    except KitError as exc:
+        raise KitError(f"tune: --set/--config train.*: {exc}") from None
+    cfg = load_config("tune", with_flags(overrides, {
         "objective": args.objective, "trials": args.trials, "timeout": args.timeout,
         "storage": args.storage, "folds_per_trial": args.folds_per_trial,
         "n_jobs": args.n_jobs, "heartbeat_interval": args.heartbeat,
         "grace_period": args.grace, "estimate_trials": args.estimate_trials}))
-    kwargs = dict(settings=train_settings(), backbones=tuple(args.backbones),
+    kwargs = dict(settings=settings, backbones=tuple(args.backbones),
                   study_suffix=args.study_suffix,
                   space_file=args.space_file, warm_start_from=args.warm_start_from,
                   weights=args.weights, seed=args.seed, device=args.device,
                   create_only=args.create_only, estimate=args.estimate)
     paths = Paths.from_root(args.workdir)
+    data = as_data(args.data, args.task)  # its task: the classes and the metric to maximise
     if getattr(args, "workers", None) is not None or getattr(args, "gpus", None):
-        return launch(TuneJob(paths, args.data, cfg, **kwargs), args.workers, args.gpus)
-    run_tune(paths, args.data, cfg, **kwargs)
+        return launch(TuneJob(paths, data, cfg, **kwargs), args.workers, args.gpus)
+    run_tune(paths, data, cfg, **kwargs)
     return 0

@@ -200,7 +200,7 @@ def is_mil(head: nn.Module) -> bool:
 def is_mil_config(head_cfg: dict) -> bool:
     """Whether a head config (train.yaml's ``head``) builds such a head: training then
     draws whole images, not patches."""
-    return head_cfg.get("pool") == "attention"
+    return head_cfg["pool"] == "attention"
 
 
 def _is_int(value) -> bool:

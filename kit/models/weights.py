@@ -107,7 +107,7 @@ def read_state_dict(name: str, file: Path) -> dict:
     try:
         sd = load_state_dict(str(file), weights_only=True)
     except Exception as exc:  # any unreadable file is the user's to fix
-        raise KitError(f"{name}: cannot read weights {file}: {first_line(exc)}")
+        raise KitError(f"{name}: cannot read weights {file}: {first_line(exc)}") from None
     if not isinstance(sd, dict) or not sd:
         raise KitError(f"{name}: {file} holds no state dict")
     # A state dict saved from the kit's Backbone wrapper has every key under "model.".
@@ -150,7 +150,8 @@ def load_module_weights(module: nn.Module, path: Path, name: str, ignore=()) -> 
     try:
         module.load_state_dict(sd, strict=False)
     except RuntimeError as exc:
-        raise KitError(f"{name}: weights {file} have tensors of another shape: {first_line(exc)}")
+        raise KitError(f"{name}: weights {file} have tensors of another shape: "
+                       f"{first_line(exc)}") from None
 
 
 def first_line(exc: BaseException) -> str:

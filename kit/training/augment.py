@@ -15,7 +15,6 @@ from timm.data.mixup import mixup_target
 from kit.config import given
 from kit.utils import KitError, check_random_state
 
-
 # --------------------------------------------------------------------------- patch pipeline
 
 
@@ -81,10 +80,6 @@ def seed_transform(transform, seed: int) -> None:
     transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
 
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 # --------------------------------------------------------------------------- CutMix
 class CutMix(Mixup):
     """timm's ``Mixup`` restricted to CutMix, one box per batch, and accepting odd batches.
@@ -116,11 +111,11 @@ class CutMix(Mixup):
 
 
 def create_mixer(alpha: float, num_classes: int, label_smoothing: float = 0.0) -> CutMix | None:
-    """A :class:`CutMix` (a timm ``Mixup``), or ``None`` when ``alpha == 0`` (CutMix off)."""
-    if not _number(alpha) or alpha < 0:
-        raise KitError(f"cutmix_alpha must be a number >= 0 (got {alpha!r})")
-    if not _number(label_smoothing) or not 0 <= label_smoothing < 1:
-        raise KitError(f"label_smoothing must be in [0, 1) (got {label_smoothing!r})")
+    """A :class:`CutMix` (a timm ``Mixup``), or ``None`` when ``alpha == 0`` (CutMix off).
+
+    ``alpha`` (``augment.cutmix_alpha``, >= 0) and ``label_smoothing`` (in [0, 1)) are
+    settings kit.schema checked.
+    """
     if alpha == 0:
         return None
     return CutMix(float(alpha), int(num_classes), float(label_smoothing))

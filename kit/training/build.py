@@ -3,22 +3,24 @@ for random weights."""
 from __future__ import annotations
 
 import logging
+
 import numpy as np
 from torch import nn
 
-from kit import CLASSES
 from kit.models.backbones import count_trainable, create_backbone, recalibrate_batchnorm
 from kit.models.heads import MILClassifier, PatchClassifier, create_head, is_mil
+from kit.task import default_task
 from kit.training.checkpoints import weights_digest
 from kit.training.finetune import freeze_for_training
-from kit.utils import KitError, sha256_text
+from kit.utils import sha256_text
 
 log = logging.getLogger(__name__)
 
 
-def build_model(backbone: str, cfg: dict, weights="auto", num_classes: int = len(CLASSES),
+def build_model(backbone: str, cfg: dict, weights="auto", num_classes: int | None = None,
                 patch_size: int | None = None, **backbone_kwargs):
-    """Backbone (frozen but its norm layers and last ``unfreeze_last`` blocks) + MLP head.
+    """Backbone (frozen but its norm layers and last ``unfreeze_last`` blocks) + MLP head
+    with ``num_classes`` outputs (a task's class count; default: the built-in task's).
 
     With an ``unfreeze_schedule`` every block it ever opens is trainable, and the model's
     ``thaw_plan`` (:class:`kit.training.finetune.ThawPlan`) tells the training loop which of
@@ -29,12 +31,14 @@ def build_model(backbone: str, cfg: dict, weights="auto", num_classes: int = len
     (PatchClassifier, int)
         The model and its number of trainable parameters (as trained: every scheduled block).
     """
+    if num_classes is None:
+        num_classes = len(default_task().classes)
     bb = create_backbone(backbone, weights=weights, patch_size=patch_size,
-                         phikon_mode=cfg.get("phikon_mode", "resize"), **backbone_kwargs)
-    if int(cfg.get("input_size") or 0) > 0:
+                         phikon_mode=cfg["phikon_mode"], **backbone_kwargs)
+    if int(cfg["input_size"]) > 0:
         bb.input_size = int(cfg["input_size"])  # normalize_batch resizes to it on the device
     plan = freeze_for_training(bb, cfg)
-    head = create_head(bb.num_features, num_classes, **cfg["head"])
+    head = create_head(bb.num_features, int(num_classes), **cfg["head"])
     model = MILClassifier(bb, head) if is_mil(head) else PatchClassifier(bb, head)
     model.thaw_plan = plan
     return model, count_trainable(model)
@@ -49,13 +53,11 @@ def recalibrate_random(backbone, cfg: dict, array, rows=None, device="cpu",
     With ``data_key`` (the patch cache's key) the backbone gets a ``state_digest`` naming its
     weights before recalibration and the data (see :func:`kit.training.checkpoints.weights_digest`).
     """
-    when = str(cfg.get("recalibrate_bn", "auto")).strip().lower()
-    if when not in ("auto", "true", "false"):
-        raise KitError(f"train: recalibrate_bn must be auto, true or false (got {when!r})")
+    when = cfg["recalibrate_bn"]  # "auto", true or false (kit.schema)
     random = str(backbone.weights_source).startswith("random")
-    if when == "false" or (when == "auto" and not random):
+    if when is False or (when == "auto" and not random):
         return 0
-    bs = int(cfg.get("eval_batch_size") or 0) or 2 * int(cfg["batch_size"])
+    bs = int(cfg["eval_batch_size"]) or 2 * int(cfg["batch_size"])
     before = None
     if data_key is not None:
         before = weights_digest(backbone)
@@ -66,8 +68,8 @@ def recalibrate_random(backbone, cfg: dict, array, rows=None, device="cpu",
         backbone.state_digest = sha256_text(
             f"{before}|adabn|{data_key}|{rows_id}|{bs}|{max_patches}")
     if random:
-        log.warning(f"{backbone.name}: WARNING: random weights: features of a random frozen network "
-                    "carry little signal (BatchNorm statistics recalibrated on "
+        log.warning(f"{backbone.name}: WARNING: random weights: features of a random frozen "
+                    "network carry little signal (BatchNorm statistics recalibrated on "
                     f"{used} training patches); use pretrained weights for a real score")
     return used
 

@@ -41,10 +41,10 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise KitError(f"{path}: checkpoint not found; rerun ./run.sh cv")
+        raise KitError(f"{path}: checkpoint not found; rerun ./run.sh cv") from None
     except Exception as exc:
         raise KitError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc}); "
-                       "delete it and rerun ./run.sh cv")
+                       "delete it and rerun ./run.sh cv") from None
     sd = payload["state_dict"]
     result = model.load_state_dict(sd, strict=bool(payload.get("full")))
     need = {n for n, p in model.named_parameters() if p.requires_grad}

@@ -30,14 +30,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kit import CLASSES
 from kit.artifacts import read_folds
 from kit.config import Layered
 from kit.data.patches import patches_for
-from kit.metrics import format_ci
+from kit.metrics import format_ci, get_metric
 from kit.models.backbones import native_size
 from kit.models.heads import is_mil_config
 from kit.paths import Paths
+from kit.task import Task, task_of
 from kit.training import fusion
 from kit.training.cv_assembly import assemble
 from kit.training.cv_folds import train_feature_folds, train_pixel_fold
@@ -45,7 +45,7 @@ from kit.training.cv_run import CVRun
 from kit.training.device import pick_device
 from kit.training.features import cache_views
 from kit.training.params import resolve
-from kit.training.settings import pixel_augment_not_applied, train_config, tta_views
+from kit.training.settings import pixel_augment_not_applied, task_salt, train_config, tta_views
 from kit.training.settings import training_path as choose_path
 from kit.utils import KitError, sha256_file, sha256_text
 
@@ -83,10 +83,10 @@ def resolve_params(spec, paths: Paths, backbone: str, settings: Layered | None =
 
 
 # --------------------------------------------------------------------------- inputs
-def _inputs(paths: Paths, backbone: str, cfg: dict):
+def _inputs(paths: Paths, backbone: str, cfg: dict, task: Task):
     """Folds, their hash and both patch caches (of the size ``backbone`` trains on), checked
-    against each other."""
-    folds, folds_sha = read_folds(paths.folds_csv)
+    against each other; ``y`` is each image's index in the task's classes."""
+    folds, folds_sha = read_folds(paths.folds_csv, classes=task.classes)
     # A fused run reads one cache for all its parts: their native size when they share one.
     natives = {native_size(part) for part in fusion.split_name(backbone)}
     native = natives.pop() if len(natives) == 1 else None
@@ -108,20 +108,22 @@ def _inputs(paths: Paths, backbone: str, cfg: dict):
     if train.array.shape[2:] != test.array.shape[2:] or train.array.shape[1] != test.array.shape[1]:
         raise KitError(f"train and test patch caches differ in shape ({train.array.shape[1:]} vs "
                        f"{test.array.shape[1:]}); rerun ./run.sh patches")
-    folds["y"] = [CLASSES.index(c) for c in folds.label]
+    folds["y"] = [task.classes.index(c) for c in folds.label]
     return folds, folds_sha, train, test
 
 
 def config_hash(backbone: str, weights, seed: int, cfg: dict, keys: dict,
                 training_path: str = "pixels", features_dtype: str | None = None,
-                device_type: str = "cpu", fused: dict | None = None) -> str:
+                device_type: str = "cpu", fused: dict | None = None,
+                task: Task | None = None) -> str:
     """What a fold's outputs depend on, hashed (speed-only settings left out).
 
     ``training_path`` (and the cache's ``features_dtype``) enter only for the feature-cache path, so
     that its folds are never taken for pixel-trained ones. The device type enters because
     CPU and GPU kernels give different probabilities: folds trained on both are never
     assembled together. ``fused`` (a fused run's parts: weights digests, cache keys) enters
-    when given.
+    when given. ``task``'s fingerprint enters unless it is the built-in AN2DL task (whose
+    hashes stay as they were): its classes and metric decide what a fold trains and keeps.
     """
     hashed = {k: v for k, v in cfg.items() if k not in _NOT_HASHED}
     payload = {"backbone": backbone, "weights": str(weights), "seed": int(seed), "cfg": hashed,
@@ -129,6 +131,7 @@ def config_hash(backbone: str, weights, seed: int, cfg: dict, keys: dict,
     if training_path != "pixels":
         payload.update(path=training_path, features_dtype=features_dtype)
     payload.update({"fused": fused} if fused else {})  # single runs keep their hashes
+    payload.update(task_salt(task))
     return sha256_text(json.dumps(payload, sort_keys=True, default=str))
 
 
@@ -181,8 +184,11 @@ def run_cv(paths: Paths, data, settings: Layered, *, backbone: str, seed: int = 
     ----------
     paths : kit.paths.Paths
         Reads ``folds/folds.csv`` and ``runs/patches/``; writes ``runs/<backbone>/``.
-    data : path or None
-        The dataset root, as the other stages take it (cv reads the patch caches instead).
+    data : kit.task.Data, path or None
+        The dataset, as the other stages take it: cv reads the patch caches, and its task
+        (None: the built-in AN2DL task) gives the classes (``p_<class>`` columns, the head's
+        outputs), the metric that scores folds and the run and chooses epochs, and, when it
+        is not the built-in task, enters the config hash.
     settings : kit.config.Layered
         The settings the command resolved (:func:`kit.config.train_settings`: the defaults of
         ``train.yaml`` with its ``augment`` and ``features`` sections, and the user's
@@ -214,12 +220,14 @@ def run_cv(paths: Paths, data, settings: Layered, *, backbone: str, seed: int = 
         The metrics (``metrics.json``) once assembled; otherwise ``{"assembled": False,
         "pending": [...], "folds": {k: done mark}}``.
     """
+    task = task_of(data)
+    title = get_metric(task.metric).title
     settings = fusion.frozen_defaults(backbone, settings)  # checks every part's name
     params, params_desc, params_source = resolve_params(params, paths, backbone, settings,
                                                         feature_cache, with_source=True)
     cfg = train_config(settings, params)
     views = tta_views(cfg["tta"])
-    folds, folds_sha, train, test = _inputs(paths, backbone, cfg)
+    folds, folds_sha, train, test = _inputs(paths, backbone, cfg, task)
     n_folds = int(folds.fold.max()) + 1
     if fold is not None and not 0 <= int(fold) < n_folds:
         raise KitError(f"--fold {fold}: {paths.folds_csv} has folds 0..{n_folds - 1}")
@@ -238,11 +246,11 @@ def run_cv(paths: Paths, data, settings: Layered, *, backbone: str, seed: int = 
                 keys=keys, n_folds=n_folds, device=dev, params_desc=params_desc,
                 params_source=params_source, training_path=training_path, fused=fused,
                 hash=config_hash(backbone, weights, seed, cfg, keys, training_path, dtype,
-                                 dev.type, fused.record() if fused else None))
+                                 dev.type, fused.record() if fused else None, task), task=task)
     log.info(f"{backbone}: {n_folds} folds, {len(folds)} training images, {len(test.samples)} "
              f"test images, device {ctx.device}, params: {params_desc}")
     if is_mil_config(cfg["head"]) and training_path == "pixels" and \
-            float(cfg["augment"].get("cutmix_alpha") or 0) > 0:
+            float(cfg["augment"]["cutmix_alpha"]) > 0:
         log.info(f"{backbone}: head.pool attention trains on whole images: CutMix (which mixes "
                  "patches of two classes) is not applied")
     if training_path == "feature_cache":
@@ -254,8 +262,10 @@ def run_cv(paths: Paths, data, settings: Layered, *, backbone: str, seed: int = 
     for k in ([int(fold)] if fold is not None else range(n_folds)):
         mark = marks.get(k)
         if mark is not None and mark.get("config_hash") == ctx.hash:
-            log.info(f"{backbone} fold {k}: done earlier (macro F1 {mark['macro_f1']:.3f}), "
-                     "skipped")
+            # "score" (the task's metric) is in marks written since tasks; the hash of an
+            # older mark matches only for AN2DL, whose metric is macro F1.
+            done_score = mark.get("score", mark["macro_f1"])
+            log.info(f"{backbone} fold {k}: done earlier ({title} {done_score:.3f}), skipped")
             continue
         if mark is not None:
             log.info(f"{backbone} fold {k}: config changed since it was trained; retraining")
@@ -286,9 +296,12 @@ def run_cv(paths: Paths, data, settings: Layered, *, backbone: str, seed: int = 
     if li["mode"] != "off":
         log.info(f"{backbone}: label_issues {li['mode']}: {li['n_flagged']} of {li['n_images']} "
                  f"training images flagged by at least one fold -> {li['file']}")
-    log.info(f"{backbone}: OOF macro F1 "
-             f"{format_ci(metrics['oof_macro_f1'], metrics['oof_macro_f1_ci95'])}{tag} (weighted "
-             f"{metrics['oof_weighted_f1']:.3f}) over {metrics['n_oof']} images, "
+    also = (f"weighted {metrics['oof_weighted_f1']:.3f}" if task.metric == "macro_f1" else
+            f"macro F1 {metrics['oof_macro_f1']:.3f}, weighted F1 "
+            f"{metrics['oof_weighted_f1']:.3f}")
+    log.info(f"{backbone}: OOF {title} "
+             f"{format_ci(metrics['oof_score'], metrics['oof_score_ci95'])}{tag} ({also}) "
+             f"over {metrics['n_oof']} images, "
              f"{metrics['trainable_params']:,} trainable parameters, "
              f"{time.perf_counter() - t0:.0f} s -> {out}")
     return metrics

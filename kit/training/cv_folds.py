@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from kit.config import Layered
-from kit.metrics import collapse_reason, macro_f1, prob_frame, weighted_f1
+from kit.metrics import collapse_reason, get_metric, macro_f1, prob_frame, score, weighted_f1
 from kit.models.heads import PatchClassifier, is_mil
 from kit.training import fusion, label_issues
 from kit.training.build import build_model, recalibrate_random
@@ -25,10 +25,8 @@ log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- one fold
 def _full_checkpoint(cfg: dict, weights_source) -> bool:
-    """Whether fold checkpoints hold the whole model (``checkpoint`` in train.yaml)."""
-    if cfg["checkpoint"] not in ("auto", "full", "trainable"):
-        raise KitError(f"train: checkpoint must be auto, full or trainable "
-                       f"(got {cfg['checkpoint']!r})")
+    """Whether fold checkpoints hold the whole model (``checkpoint`` in train.yaml, one of
+    auto, full, trainable as kit.schema checked)."""
     sources = weights_source.values() if isinstance(weights_source, dict) else [weights_source]
     return cfg["checkpoint"] == "full" or (
         cfg["checkpoint"] == "auto" and any(str(s).startswith("random") for s in sources))
@@ -50,11 +48,12 @@ def train_pixel_fold(k: int, ctx: CVRun) -> dict:
     issues = None
     if cfg["label_issues"]["mode"] != "off":
         issues = label_issues.find_fold_issues(_issue_source(ctx), tr, cfg, seed, k,
-                                               desc=f"{desc} ")
+                                               desc=f"{desc} ", task=ctx.task)
     source = PixelSource(train.array, cfg, ctx.device)
 
     def make_model():
         model, n_trainable = build_model(ctx.backbone, cfg, ctx.weights,
+                                         num_classes=len(ctx.task.classes),
                                          patch_size=int(train.array.shape[2]))
         recalibrate_random(model.backbone, cfg, train.array, tr.row.values, ctx.device)
         if not ctx.printed:
@@ -68,7 +67,8 @@ def train_pixel_fold(k: int, ctx: CVRun) -> dict:
         lambda m: source.image_probs(m, va.row.values, ctx.views, desc=f"{desc} oof"),
         lambda m: PixelSource(test.array, cfg, ctx.device).image_probs(
             m, np.arange(len(test.samples)), ctx.views, desc=f"{desc} test"),
-        val_rows=va.row.values, val_y=va.y.values, issues=issues, desc=desc)
+        val_rows=va.row.values, val_y=va.y.values, issues=issues, desc=desc,
+        metric=ctx.task.metric)
     backbone = members[0].model.backbone
     full = _full_checkpoint(cfg, backbone.weights_source)
     for b, res in enumerate(members):
@@ -76,9 +76,10 @@ def train_pixel_fold(k: int, ctx: CVRun) -> dict:
     _write_attention(k, ctx, source.attention(members[0].model, va.row.values))
     mark = _write_fold(k, ctx, oof, tst, {
         "weights_source": backbone.weights_source, "trainable_params": members[0].n_trainable,
-        **_fit_record(members[0], tr), **_bag_record(members, tr),
+        **_fit_record(members[0], tr, ctx.task.metric),
+        **_bag_record(members, tr, ctx.task.metric),
         **_issues_record(k, ctx, issues), "seed": seed})
-    _log_fold(desc, _fit_line(members[0], mark), mark)
+    _log_fold(desc, _fit_line(members[0], mark, ctx.task.metric), mark)
     return mark
 
 
@@ -93,33 +94,36 @@ def _issue_source(ctx: CVRun):
     return ctx.issue_source
 
 
-def _fit_record(res, tr: pd.DataFrame) -> dict:
+def _fit_record(res, tr: pd.DataFrame, metric: str) -> dict:
     """What ``done.json`` keeps of a fit: the chosen epoch, how it was chosen (with the inner
-    split's images), the score that chose it and the history."""
+    split's images), the score that chose it (``val_<metric>``, the task's metric) and the
+    history."""
     sel = dict(res.selection)
     pos = sel.pop("stop_positions", None)
     if pos is not None:
         sel["stop_samples"] = tr.sample_index.values[pos].tolist()
-    score = res.best_score if res.best_score == res.best_score else None  # NaN: nothing chose
-    return {"best_epoch": res.best_epoch, "val_macro_f1": score, "epochs": res.epochs,
+    best = res.best_score if res.best_score == res.best_score else None  # NaN: nothing chose
+    return {"best_epoch": res.best_epoch, f"val_{metric}": best, "epochs": res.epochs,
             "seconds": round(res.seconds, 1), "history": res.history, "selection": sel}
 
 
-def _fit_line(res, mark: dict) -> str:
-    """One line per fold: epochs, how the epoch was chosen, and the fold's OOF score."""
+def _fit_line(res, mark: dict, metric: str) -> str:
+    """One line per fold: epochs, how the epoch was chosen, and the fold's OOF score, both
+    by ``metric`` (the task's)."""
     mode = res.selection["early_stopping"]
+    title = get_metric(metric).title
     if mode == "probe":
-        how = (f"inner split chose C={res.selection['chosen_C']:g} (macro F1 "
+        how = (f"inner split chose C={res.selection['chosen_C']:g} ({title} "
                f"{res.best_score:.3f}), refit on all {res.selection['n_fit']} training images")
     elif mode == "none":
         how = f"fixed {res.best_epoch} epochs"
     elif mode == "refit":
-        how = (f"inner split chose epoch {res.best_epoch} (macro F1 {res.best_score:.3f}), "
+        how = (f"inner split chose epoch {res.best_epoch} ({title} {res.best_score:.3f}), "
                f"refit on all {res.selection['n_fit']} training images")
     elif mode == "inner":
-        how = f"inner split chose epoch {res.best_epoch} (macro F1 {res.best_score:.3f})"
+        how = f"inner split chose epoch {res.best_epoch} ({title} {res.best_score:.3f})"
     else:
-        how = (f"epoch {res.best_epoch} chosen on these OOF images (macro F1 "
+        how = (f"epoch {res.best_epoch} chosen on these OOF images ({title} "
                f"{res.best_score:.3f}, OPTIMISTIC)")
     extra = ""
     if mark.get("bag", 1) > 1:
@@ -129,7 +133,7 @@ def _fit_line(res, mark: dict) -> str:
         extra += (f", label_issues {issues['mode']}: {issues['n_flagged']} of "
                   f"{issues['n_train']} training images flagged")
     epochs = "linear probe" if mode == "probe" else f"{res.epochs} epochs"
-    return (f"{epochs}, {how}{extra}; OOF macro F1 {mark['macro_f1']:.3f} (TTA), "
+    return (f"{epochs}, {how}{extra}; OOF {title} {mark['score']:.3f} (TTA), "
             f"{res.seconds:.0f} s")
 
 
@@ -161,20 +165,25 @@ def _write_fold(k: int, ctx: CVRun, oof: dict, tst: dict, record: dict) -> dict:
     (folds-file order) and of the test images; ``record`` is how the fold was trained. Both
     training paths end here, so their fold files cannot differ in format.
     """
-    folds, test = ctx.folds, ctx.test
+    folds, test, task = ctx.folds, ctx.test, ctx.task
+    classes = task.classes
     fold_dir = ctx.out / f"fold_{k}"
     tr, va = folds[folds.fold != k], folds[folds.fold == k]
     front = {"fold": k, "label": va.label.values}
     for v in ctx.views:
         atomic_write_csv(fold_dir / "tta" / f"oof_{v}.csv",
-                         prob_frame(va.sample_index, oof[v], **front), FLOAT_FORMAT)
+                         prob_frame(va.sample_index, oof[v], classes=classes, **front),
+                         FLOAT_FORMAT)
         atomic_write_csv(fold_dir / "tta" / f"test_{v}.csv",
-                         prob_frame(test.samples.sample_index, tst[v]), FLOAT_FORMAT)
+                         prob_frame(test.samples.sample_index, tst[v], classes=classes),
+                         FLOAT_FORMAT)
     oof_mean = np.mean([oof[v] for v in ctx.views], axis=0)
     test_mean = np.mean([tst[v] for v in ctx.views], axis=0)
-    atomic_write_csv(fold_dir / "oof.csv", prob_frame(va.sample_index, oof_mean, **front),
+    atomic_write_csv(fold_dir / "oof.csv",
+                     prob_frame(va.sample_index, oof_mean, classes=classes, **front),
                      FLOAT_FORMAT)
-    atomic_write_csv(fold_dir / "test.csv", prob_frame(test.samples.sample_index, test_mean),
+    atomic_write_csv(fold_dir / "test.csv",
+                     prob_frame(test.samples.sample_index, test_mean, classes=classes),
                      FLOAT_FORMAT)
     mark = {
         "fold": k, "config_hash": ctx.hash, "folds_sha256": ctx.folds_sha,
@@ -182,7 +191,9 @@ def _write_fold(k: int, ctx: CVRun, oof: dict, tst: dict, record: dict) -> dict:
         "training_path": ctx.training_path, "views": list(ctx.views), **record,
         "macro_f1": macro_f1(va.y.values, oof_mean),
         "weighted_f1": weighted_f1(va.y.values, oof_mean),
-        "collapsed": collapse_reason(va.y.values, oof_mean),
+        "metric": task.metric, "score": score(task.metric, va.y.values, oof_mean, classes),
+        "collapsed": collapse_reason(va.y.values, oof_mean, classes=classes,
+                                     metric=task.metric),
         "train_samples": tr.sample_index.tolist(), "val_samples": va.sample_index.tolist(),
         "device": str(ctx.device),
     }
@@ -218,7 +229,7 @@ def train_feature_folds(pending: list[int], ctx: CVRun) -> dict[int, dict]:
                      f"(weights: {bb.weights_source})")
             ctx.printed = True
         tr = ctx.folds[ctx.folds.fold != k]
-        record = _fit_record(fit, tr)
+        record = _fit_record(fit, tr, ctx.task.metric)
         # With bagging, member 0's attention (every member's would differ in scale only).
         _write_attention(k, ctx, attention_weights(fit.head, fcv.x[
             row_tensor(va.row)]) if is_mil(fit.head) else None)
@@ -227,10 +238,11 @@ def train_feature_folds(pending: list[int], ctx: CVRun) -> dict[int, dict]:
                          {"training_path": "feature_cache"})
         marks[k] = _write_fold(k, ctx, pred.per_view, pred.test_per_view, {
             "weights_source": bb.weights_source, "trainable_params": n_trainable,
-            **record, **_bag_record(pred.members or [fit], tr),
+            **record, **_bag_record(pred.members or [fit], tr, ctx.task.metric),
             **_issues_record(k, ctx, pred.issues), "seed": ctx.seed + k,
             "feature_cache": info})
-        _log_fold(desc, f"{_fit_line(fit, marks[k])} (head on cached embeddings)", marks[k])
+        _log_fold(desc, f"{_fit_line(fit, marks[k], ctx.task.metric)} (head on cached "
+                  "embeddings)", marks[k])
 
     features_cv(fcv, ctx.paths, folds=pending, on_fold=write)
     return marks
@@ -243,7 +255,8 @@ def _frozen_features(ctx: CVRun):
     cfg = ctx.cfg
     bb = cache_backbone(ctx.backbone, cfg, ctx.train, ctx.weights, ctx.seed, ctx.device)
     try:
-        fcv = prepare(bb, ctx.paths, settings=Layered(cfg), seed=ctx.seed, device=ctx.device)
+        fcv = prepare(bb, ctx.paths, settings=Layered(cfg), seed=ctx.seed, device=ctx.device,
+                      task=ctx.task)
     except RuntimeError as exc:  # torch.OutOfMemoryError is one
         if not is_oom(exc):
             raise
@@ -262,22 +275,22 @@ def _save_member(ctx: CVRun, k: int, b: int, model, res, full: bool, meta: dict)
     save_checkpoint(model, ctx.out / f"fold_{k}" / name, full,
                     {"backbone": ctx.backbone, "fold": k, "config_hash": ctx.hash,
                      "bag_member": b, "best_epoch": res.best_epoch,
-                     "best_macro_f1": res.best_score, "selection": sel, **meta})
+                     f"best_{ctx.task.metric}": res.best_score, "selection": sel, **meta})
     if b == 0:  # members of an earlier, larger bag are not this run's
-        n = int(ctx.cfg.get("bag", 1))
+        n = int(ctx.cfg["bag"])
         for old in (ctx.out / f"fold_{k}").glob("model_bag*.pt"):
             member = old.stem[len("model_bag"):]
             if not member.isdigit() or int(member) >= n:
                 old.unlink()
 
 
-def _bag_record(members: list, tr: pd.DataFrame) -> dict:
+def _bag_record(members: list, tr: pd.DataFrame, metric: str) -> dict:
     """What ``done.json`` keeps of the bag: each member's chosen epoch and score."""
     if len(members) < 2:
         return {"bag": 1}
     return {"bag": len(members),
             "bag_members": [{"best_epoch": m.best_epoch,
-                             "val_macro_f1": m.best_score if m.best_score == m.best_score
+                             f"val_{metric}": m.best_score if m.best_score == m.best_score
                              else None, "seconds": round(m.seconds, 1)} for m in members]}
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from kit.paths import Paths
+from kit.task import Task
 
 FLOAT_FORMAT = "%.7g"
 
@@ -34,6 +35,7 @@ class CVRun:
     params_source: dict | None
     training_path: str  # pixels | feature_cache
     hash: str  # config_hash: what a fold's outputs depend on
+    task: Task  # the classes (probability columns, the head's outputs) and the metric
     printed: bool = False  # the trainable-parameter line, once per run
     issue_source: object = None  # pixel path: the frozen embeddings label_issues trains on
     fused: object = None  # a run named a+b: its parts (kit.training.fusion.Fusion)

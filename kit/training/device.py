@@ -29,11 +29,12 @@ def pick_device(name: str | None = None) -> torch.device:
 
 
 def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
-    """Autocast dtype for ``amp`` (auto|off|bf16|fp16) on ``device``; None = full precision."""
-    amp = str(amp).lower()
-    if amp not in ("auto", "off", "bf16", "fp16", "false", "none"):
-        raise KitError(f"train: amp must be auto, off, bf16 or fp16 (got {amp!r})")
-    if amp in ("off", "false", "none"):
+    """Autocast dtype for ``amp`` on ``device``; None = full precision.
+
+    ``amp`` is a setting kit.schema checked: auto, off (YAML's bare ``off`` reads as false),
+    bf16 or fp16.
+    """
+    if amp in (False, None, "off"):
         return None
     if amp == "auto":
         if device.type != "cuda":
@@ -51,24 +52,20 @@ def native_bf16() -> bool:
 
 
 def auto_flag(value, device: torch.device) -> bool:
-    """``auto`` -> on CUDA only; otherwise the boolean value (``"false"`` is false)."""
-    text = str(value).strip().lower()
-    if text == "auto":
+    """``auto`` -> on CUDA only; otherwise the setting's boolean (``auto`` or true/false, as
+    kit.schema checked it)."""
+    if value == "auto":
         return device.type == "cuda"
-    if text in ("true", "false", "on", "off", "1", "0", "yes", "no"):
-        return text in ("true", "on", "1", "yes")
-    raise KitError(f"train: expected auto, true or false (got {value!r})")
+    return bool(value)
 
 
 def n_workers(value, device: torch.device) -> int:
-    """DataLoader processes for ``num_workers`` (``auto``: 0 on CPU/MPS, up to 8 on CUDA)."""
-    if str(value).lower() == "auto":
+    """DataLoader processes for ``num_workers`` (``auto``: 0 on CPU/MPS, up to 8 on CUDA;
+    else the integer kit.schema checked)."""
+    if value == "auto":
         # On a CPU the cores are busy with the model itself; extra processes only compete.
         return min(8, max(0, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0
-    try:
-        return max(0, int(value))
-    except (TypeError, ValueError):
-        raise KitError(f"train: num_workers must be auto or an integer (got {value!r})")
+    return int(value)
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -88,7 +85,7 @@ def oom_as_kit_error(batch_size: int, device: torch.device, what: str):
             torch.cuda.empty_cache()
         raise KitError(f"out of memory while {what} with batches of {batch_size} on {device}; "
                        f"rerun with a smaller --batch-size (e.g. {max(1, batch_size // 2)}); "
-                       "finished outputs are kept")
+                       "finished outputs are kept") from exc
 
 
 def autocast(device: torch.device, dtype):

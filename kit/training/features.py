@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 CODE_VERSION = "features-1"
 FILES = ("features.npy", "meta.json")
-DTYPES = ("float16", "float32")
 
 
 # --------------------------------------------------------------------------- cache key
@@ -115,9 +114,7 @@ def embed_array(backbone, array, views, out, batch_size: int = 64, device="cpu",
 def _settings(cfg: dict, device):
     """The cache settings, the device and the autocast mode that enter the key."""
     cfg = given(cfg, "features")
-    dtype = str(cfg["dtype"])
-    if dtype not in DTYPES:
-        raise KitError(f"features.dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    dtype = str(cfg["dtype"])  # float16 or float32 (kit.schema)
     if device is None:
         device = pick_device(None if cfg["device"] == "auto" else cfg["device"])
     # auto resolves here (bf16/fp16 on CUDA, off elsewhere), so the key names what ran.
@@ -226,7 +223,7 @@ def frozen_backbone(backbone: str, cfg: dict, weights="auto", seed: int = 42,
 
     seed_everything(seed)
     bb = create_backbone(backbone, weights=weights, patch_size=patch_size,
-                         phikon_mode=cfg.get("phikon_mode", "resize"))
+                         phikon_mode=cfg["phikon_mode"])
     freeze_backbone(bb, train_norm=(), unfreeze_last=0)
     return bb.eval()
 
@@ -238,7 +235,7 @@ def cache_backbone(backbone: str, cfg: dict, train, weights="auto", seed: int = 
     as the config says, and AdaBN for random weights on every training patch (pixels, no
     labels), so that every fold and trial reads one cache."""
     bb = frozen_backbone(backbone, cfg, weights, seed, patch_size=int(train.array.shape[2]))
-    if int(cfg.get("input_size") or 0) > 0:
+    if int(cfg["input_size"]) > 0:
         bb.input_size = int(cfg["input_size"])  # as build_model: the embeddings use it too
     recalibrate_random(bb, cfg, train.array, None, device, data_key=train.key)
     return bb

@@ -16,8 +16,6 @@ warm-up + cosine schedule scales every group alike.
 """
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass
 
 from torch import nn
@@ -25,8 +23,6 @@ from torch import nn
 from kit.models.backbones import freeze_backbone
 from kit.schema.values import SCHEDULE_SETTING, parse_schedule
 from kit.utils import KitError
-
-
 
 # --------------------------------------------------------------------------- the schedule
 
@@ -57,8 +53,8 @@ def resolve_stages(spec, n_blocks: int, unfreeze_last: int = 0,
         stages = [(e, n_blocks if n == "all" else n) for e, n in plan[1]]
         big = [n for _, n in stages if n > n_blocks]
         if big:
-            raise KitError(f"{SCHEDULE_SETTING}: {name} has {n_blocks} blocks; a stage opens {big[0]} "
-                           f"(use at most {n_blocks}, or all)")
+            raise KitError(f"{SCHEDULE_SETTING}: {name} has {n_blocks} blocks; a stage opens "
+                           f"{big[0]} (use at most {n_blocks}, or all)")
     if stages[0][0] != 0:
         stages.insert(0, (0, 0))
     out = []
@@ -118,7 +114,7 @@ def freeze_for_training(backbone, cfg: dict) -> ThawPlan | None:
     train_norm = cfg["train_norm"]
     # Validates unfreeze_last (and train_norm) and is the result when nothing is scheduled.
     freeze_backbone(backbone, train_norm=train_norm, unfreeze_last=cfg["unfreeze_last"])
-    stages = resolve_stages(cfg.get("unfreeze_schedule"), len(backbone.blocks()),
+    stages = resolve_stages(cfg["unfreeze_schedule"], len(backbone.blocks()),
                             cfg["unfreeze_last"], getattr(backbone, "name", "this backbone"))
     if len(stages) < 2:  # nothing thaws later: the blocks open at epoch 0 train throughout
         if stages:

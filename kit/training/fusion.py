@@ -132,9 +132,9 @@ def check_path(name: str, cfg: dict, training_path: str) -> None:
     if training_path == "feature_cache":
         return
     why = []
-    if cfg.get("train_norm"):
+    if cfg["train_norm"]:
         why.append(f"train_norm {cfg['train_norm']}")
-    if int(cfg.get("unfreeze_last") or 0):
+    if int(cfg["unfreeze_last"]):
         why.append(f"unfreeze_last {cfg['unfreeze_last']}")
     why = ", ".join(why) or "--no-feature-cache"
     raise KitError(f"cv {name}: a fused run trains one head on cached embeddings only, but "
@@ -193,7 +193,7 @@ def features(ctx) -> tuple[FusedBackbone, FeatureCV]:
              f"{per_split['train'].array.shape[-1]} features per patch "
              f"({' + '.join(str(b.num_features) for b in fusion.backbones.values())})")
     fcv = FeatureCV(per_split["train"], ctx.folds, cfg, ctx.views, per_split["test"],
-                    ctx.device, ctx.seed, int(cfg["features"]["threads"]))
+                    ctx.device, ctx.seed, int(cfg["features"]["threads"]), task=ctx.task)
     return FusedBackbone(fusion.backbones, int(ctx.train.array.shape[2])), fcv
 
 

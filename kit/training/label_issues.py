@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from kit import CLASSES
 from kit.models.heads import create_head
+from kit.task import default_task
 from kit.training.selection import grouped_splits
 from kit.training.train import fit
 from kit.utils import seed_everything
@@ -42,13 +42,15 @@ class FoldIssues:
     probs: np.ndarray  # inner out-of-fold probabilities, n x C
     flagged: np.ndarray  # bool, suspected label errors
     quality: np.ndarray  # label quality in [0, 1] (cleanlab, self-confidence)
+    # the task's, in the order of y and probs (default: the built-in task's)
+    classes: tuple[str, ...] = field(default_factory=lambda: default_task().classes)
 
     def frame(self) -> pd.DataFrame:
         """One row per training image: ``fold_k/label_issues.csv``."""
         df = pd.DataFrame({"sample_index": self.sample_index, "fold": self.fold,
-                           "label": [CLASSES[i] for i in self.y],
+                           "label": [self.classes[i] for i in self.y],
                            "quality": self.quality, "flagged": self.flagged.astype(int)})
-        for j, c in enumerate(CLASSES):
+        for j, c in enumerate(self.classes):
             df[f"p_{c}"] = self.probs[:, j]
         return df
 
@@ -64,23 +66,28 @@ def inner_config(cfg: dict) -> dict:
     return inner
 
 
-def inner_oof_probs(source, rows, y, groups, cfg: dict, seed: int, desc: str = "") -> np.ndarray:
+def inner_oof_probs(source, rows, y, groups, cfg: dict, seed: int, desc: str = "",
+                    task=None) -> np.ndarray:
     """Out-of-fold image probabilities (``id`` view) of ``rows`` from an inner
     cross-validation on ``rows`` alone (``label_issues.inner_folds`` folds, drawn from
-    ``seed``); the models are ``cfg``'s head (or the probe) on ``source``'s embeddings."""
+    ``seed``, each of ``groups`` on one side); the models are ``cfg``'s head (or the probe) on
+    ``source``'s embeddings, one output per class of ``task`` (default: the built-in task),
+    their epochs chosen by its metric."""
+    task = default_task() if task is None else task
     rows, y = np.asarray(rows, np.int64), np.asarray(y, np.int64)
     icfg = inner_config(cfg)
-    probs = np.zeros((len(rows), len(CLASSES)))
+    n_classes = len(task.classes)
+    probs = np.zeros((len(rows), n_classes))
     splits = grouped_splits(y, groups, int(cfg["label_issues"]["inner_folds"]), seed,
                             too_few="label_issues: {n} training images are too few for an "
                                     "inner cross-validation; set label_issues.mode=off")
     for j, (a, b) in enumerate(splits):
         s = int(seed) + 101 * (j + 1)
         seed_everything(s)
-        head = create_head(source.x.shape[-1], len(CLASSES), **icfg["head"])
+        head = create_head(source.x.shape[-1], n_classes, **icfg["head"])
         res = fit(head, source, rows[a], y[a], icfg, seed=s, device=source.device,
                   groups=None if groups is None else np.asarray(groups)[a],
-                  desc=f"{desc}label issues {j + 1}/{len(splits)}")
+                  desc=f"{desc}label issues {j + 1}/{len(splits)}", metric=task.metric)
         probs[b] = source.image_probs(res.model, rows[b], ("id",))["id"]
     return probs
 
@@ -110,14 +117,17 @@ def confident_learning(y, probs) -> tuple[np.ndarray, np.ndarray]:
 
 
 def find_fold_issues(source, frame: pd.DataFrame, cfg: dict, seed: int, fold: int,
-                     desc: str = "") -> FoldIssues:
+                     desc: str = "", task=None) -> FoldIssues:
     """:class:`FoldIssues` of outer fold ``fold``'s training images ``frame`` (folds-file rows
-    with ``row``, ``y`` and optionally ``group``), from their labels alone."""
+    with ``row``, ``y`` and optionally ``group``, which the inner folds keep whole), from their
+    labels alone; ``task`` (default: the built-in one) gives the classes and the metric."""
+    task = default_task() if task is None else task
     groups = frame.group.values if "group" in frame.columns else None
-    probs = inner_oof_probs(source, frame.row.values, frame.y.values, groups, cfg, seed, desc)
+    probs = inner_oof_probs(source, frame.row.values, frame.y.values, groups, cfg, seed, desc,
+                            task)
     flagged, quality = confident_learning(frame.y.values, probs)
     return FoldIssues(int(fold), frame.sample_index.values, frame.y.values.astype(np.int64),
-                      probs, flagged, quality)
+                      probs, flagged, quality, tuple(task.classes))
 
 
 def training_weights(issues: FoldIssues | None, cfg: dict):
@@ -134,12 +144,13 @@ def training_weights(issues: FoldIssues | None, cfg: dict):
         if missing:  # never drop a class out of training altogether
             keep = keep | np.isin(issues.y, missing)
         return keep, None
-    floor = float(cfg["label_issues"].get("min_weight", 0.05))
+    floor = float(cfg["label_issues"]["min_weight"])
     return np.ones(n, bool), np.maximum(issues.quality, floor)
 
 
-def summarise(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    """Per image over the folds that assessed it: ``label_issues.csv``.
+def summarise(frames: list[pd.DataFrame], classes=None) -> pd.DataFrame:
+    """Per image over the folds that assessed it: ``label_issues.csv`` (``classes``: the
+    task's, default the built-in task's).
 
     ``suggested_label`` is the argmax of the mean inner probability, ``quality`` the mean
     label quality, ``flagged`` whether any fold flagged it, ``flagged_by`` those folds
@@ -147,14 +158,15 @@ def summarise(frames: list[pd.DataFrame]) -> pd.DataFrame:
     """
     if not frames:
         return pd.DataFrame(columns=list(COLUMNS))
+    classes = default_task().classes if classes is None else tuple(classes)
     df = pd.concat(frames, ignore_index=True)
-    pcols = [f"p_{c}" for c in CLASSES]
+    pcols = [f"p_{c}" for c in classes]
     rows = []
     for sid, g in df.groupby("sample_index", sort=False):
         mean = g[pcols].to_numpy().mean(0)
         folds = sorted(int(f) for f in g.fold[g.flagged.astype(bool)])
         rows.append({"sample_index": sid, "label": g.label.iloc[0],
-                     "suggested_label": CLASSES[int(mean.argmax())],
+                     "suggested_label": classes[int(mean.argmax())],
                      "quality": float(g.quality.mean()), "flagged": int(bool(folds)),
                      "n_folds": int(len(g)), "flagged_by": ";".join(map(str, folds)),
                      **{c: float(v) for c, v in zip(pcols, mean)}})

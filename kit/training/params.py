@@ -67,9 +67,9 @@ def source_path(record: dict, params: dict, settings: Layered) -> str | None:
     return None
 
 
-def target_path(cfg: Layered, params: dict, feature_cache: bool = True) -> str:
-    """The path cv takes with the settings ``cfg`` and ``params`` (dotted)."""
-    return training_path(train_config(cfg, params), feature_cache)
+def target_path(settings: Layered, params: dict, feature_cache: bool = True) -> str:
+    """The path cv takes with ``settings`` and ``params`` (dotted)."""
+    return training_path(train_config(settings, params), feature_cache)
 
 
 @dataclass
@@ -83,7 +83,7 @@ class Resolved:
     notes: list[str] = field(default_factory=list)
 
 
-def resolve(spec, paths, backbone: str, cfg: Layered | None = None,
+def resolve(spec, paths, backbone: str, settings: Layered | None = None,
             feature_cache: bool = True, folds_sha256: str | None = None) -> Resolved:
     """Params for cv from ``--params`` (``tuned``, ``best``, ``none``, a file or a dict).
 
@@ -94,7 +94,7 @@ def resolve(spec, paths, backbone: str, cfg: Layered | None = None,
         ``none`` (or None) uses nothing, a path reads that file, a dict is taken as given.
     paths : kit.paths.Paths
     backbone : str
-    cfg : kit.config.Layered
+    settings : kit.config.Layered
         cv's settings (defaults and command-line overrides): with the params they decide
         cv's path.
     feature_cache : bool
@@ -137,11 +137,11 @@ def resolve(spec, paths, backbone: str, cfg: Layered | None = None,
         raise KitError(f"{path}: params must be a mapping of dotted config keys to values")
     params = dict(params)
     return _fit(path, spec if spec in ("tuned", "best") else "file", data, params, paths,
-                backbone, cfg, feature_cache, folds_sha256)
+                backbone, settings, feature_cache, folds_sha256)
 
 
 def _fit(path: Path, spec: str, data: dict, params: dict, paths, backbone: str,
-         cfg: Layered, feature_cache: bool, folds_sha256: str | None) -> Resolved:
+         settings: Layered, feature_cache: bool, folds_sha256: str | None) -> Resolved:
     """Keep the keys of ``params`` that fit cv's path; describe the file."""
     tuned = any(k in data for k in _TUNE_KEYS)
     notes = []
@@ -155,11 +155,11 @@ def _fit(path: Path, spec: str, data: dict, params: dict, paths, backbone: str,
         raise KitError(f"{path}: objective must be one of {', '.join(OBJECTIVES)} (got "
                        f"{record['objective']!r}); fix the file or rerun ./run.sh tune")
     try:
-        src = source_path(record, params, cfg)
-        dst = target_path(cfg, params, feature_cache)
+        src = source_path(record, params, settings)
+        dst = target_path(settings, params, feature_cache)
     except KitError as exc:  # e.g. an unknown key: name the file it came from
         raise KitError(f"{path}: {exc}; keys are cv's dotted config keys (head.depth, lr, "
-                       "augment.cutmix_alpha, ...)")
+                       "augment.cutmix_alpha, ...)") from None
     kept, dropped = (split_for_path(params) if src is not None and src != dst
                      else (dict(params), {}))
     if dropped:
@@ -201,7 +201,10 @@ def _fit(path: Path, spec: str, data: dict, params: dict, paths, backbone: str,
 
         try:
             est = json.loads(estimate.read_text())
-            source["estimate"] = {"macro_f1": _num(est.get("macro_f1")), "file": str(estimate),
+            # "score" (the task's metric) since tasks; an older file's is its macro F1.
+            source["estimate"] = {"metric": est.get("metric", "macro_f1"),
+                                  "score": _num(est.get("score", est.get("macro_f1"))),
+                                  "macro_f1": _num(est.get("macro_f1")), "file": str(estimate),
                                   "objective": est.get("objective")}
         except ValueError:
             pass  # a damaged estimate is reported by the report, not here

@@ -7,7 +7,7 @@ from torch import nn
 
 from kit.models.heads import is_mil
 from kit.models.normalize import normalize_batch
-from kit.training.device import amp_dtype, autocast, auto_flag, oom_as_kit_error
+from kit.training.device import amp_dtype, auto_flag, autocast, oom_as_kit_error
 from kit.training.tta import apply_view
 from kit.utils import progress
 

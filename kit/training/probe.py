@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 import torch
 
-from kit.metrics import fast_macro_f1
+from kit.metrics import get_metric
 from kit.training.selection import FoldResult, inner_split
 from kit.utils import KitError
 
@@ -77,7 +77,7 @@ def _predict(clf, X: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def fit_probe(head, source, train_rows, train_y, cfg: dict, *, groups=None, seed: int = 42,
-              desc: str = "probe", sample_weight=None):
+              desc: str = "probe", sample_weight=None, metric: str = "macro_f1"):
     """Fit ``head`` (a :class:`kit.models.heads.LinearProbe`) on ``train_rows`` of ``source``.
 
     Parameters
@@ -89,17 +89,19 @@ def fit_probe(head, source, train_rows, train_y, cfg: dict, *, groups=None, seed
     cfg : dict
         Resolved training config (``inner_folds``).
     groups : array, optional
-        Images the inner split keeps together.
+        Images the inner split keeps together (a group is never on both sides).
     seed : int
         Draws the inner split.
     sample_weight : array, optional
         Per training image (``label_issues.mode: weight``).
+    metric : str
+        The task's metric (:data:`kit.metrics.METRICS`), which chooses ``C``.
 
     Returns
     -------
     kit.training.selection.FoldResult
-        ``best_score``: the inner split's macro F1 at the chosen ``C``; ``history``: one
-        record per ``C`` tried.
+        ``best_score``: the inner split's ``metric`` at the chosen ``C``; ``history``: one
+        record per ``C`` tried (``C``, ``val_<metric>``).
     """
     if not hasattr(source, "x"):
         raise KitError(f"{desc}: head.type logreg trains on cached embeddings only; freeze the "
@@ -115,15 +117,15 @@ def fit_probe(head, source, train_rows, train_y, cfg: dict, *, groups=None, seed
     if len(head) > 1:
         head[0].fit(source.features(head, rows))
     X = image_means(source, head, rows)
-    n_splits = int(cfg.get("inner_folds", 5))
+    n_splits = int(cfg["inner_folds"])
     fit_pos, stop_pos = inner_split(y, groups, n_splits, seed)
+    scorer, key = get_metric(metric).batch, f"val_{metric}"
     history = []
     for C in C_GRID:
         clf = _fit(X[fit_pos], y[fit_pos], C, None if weight is None else weight[fit_pos])
-        score = fast_macro_f1(y[stop_pos], _predict(clf, X[stop_pos], n_classes).argmax(1),
-                              n_classes)
-        history.append({"C": C, "val_macro_f1": score})
-    best = max(history, key=lambda h: h["val_macro_f1"])  # first (smallest C) on ties
+        pred = _predict(clf, X[stop_pos], n_classes).argmax(1)
+        history.append({"C": C, key: float(scorer(pred[None], y[stop_pos], n_classes)[0])})
+    best = max(history, key=lambda h: h[key])  # first (smallest C) on ties
     clf = _fit(X, y, best["C"], weight)
     coef, bias = _logits_matrix(clf, n_classes, X.shape[-1])
     with torch.no_grad():
@@ -133,9 +135,9 @@ def fit_probe(head, source, train_rows, train_y, cfg: dict, *, groups=None, seed
     selection = {"early_stopping": "probe", "epochs_honest": True,
                  "stop": "inner split of the training images", "inner_folds": n_splits,
                  "inner_seed": int(seed), "stop_positions": stop_pos.tolist(),
-                 "chosen_C": best["C"], "stop_score": best["val_macro_f1"],
+                 "chosen_C": best["C"], "stop_score": best[key],
                  "n_fit": int(len(rows)), "n_stop": int(len(stop_pos)), "standardized": True}
-    return FoldResult(model=head, best_epoch=0, best_score=best["val_macro_f1"], epochs=0,
+    return FoldResult(model=head, best_epoch=0, best_score=best[key], epochs=0,
                       seconds=time.perf_counter() - t0, history=history,
                       n_trainable=sum(p.numel() for p in head.parameters()),
                       selection=selection)

@@ -10,7 +10,6 @@ from torch import nn
 
 from kit.utils import KitError, check_random_state
 
-
 EARLY_STOPPING = ("auto", "inner", "refit", "none", "oof")
 # What ``auto`` means on each training path, chosen by measuring (docs/training.md, bench honesty):
 # heads on cached embeddings train in seconds, so a fixed budget of epochs costs nothing and
@@ -89,7 +88,7 @@ def member_seed(seed: int, member: int) -> int:
 class FoldResult:
     """What :func:`fit` returns; ``model`` holds the chosen epoch's weights.
 
-    ``best_score`` is the macro F1 on the rows that chose the epoch (``selection["stop"]``):
+    ``best_score`` is the task's metric on the rows that chose the epoch (``selection["stop"]``):
     the inner split, the fold's own images for ``oof``, nothing for ``none`` (NaN).
     """
     model: nn.Module

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kit.config import Layered, dotted_to_nested
 from kit.schema import check
+from kit.task import default_task
 from kit.training.finetune import schedule_opens
 from kit.training.tta import get_views
 from kit.utils import KitError
@@ -47,6 +48,15 @@ def _normalise(cfg: dict) -> dict:
 
 
 
+def task_salt(task) -> dict:
+    """What a task adds to a hash or key: nothing for the built-in AN2DL task (or None), so
+    that its run hashes and cache keys stay what they were; ``{"task": fingerprint}`` for any
+    other task (its classes, metric and layout decide what a run computes)."""
+    if task is None or task.fingerprint == default_task().fingerprint:
+        return {}
+    return {"task": task.fingerprint}
+
+
 def tta_views(spec) -> tuple[str, ...]:
     """View names from the ``tta`` config: ``none`` (original only), a set name of
     :mod:`kit.training.tta` (``flips``, ``dihedral``) or a list of view names."""
@@ -64,12 +74,12 @@ def nothing_trains(cfg: dict) -> bool:
     In feature space the training augmentation is the random choice among the cached views;
     colour jitter and CutMix (pixel operations) have no equivalent there.
     """
-    kinds = cfg.get("train_norm") or ()
+    kinds = cfg["train_norm"] or ()
     if isinstance(kinds, str):
         kinds = kinds.split(",")
     kinds = [str(k).strip().lower() for k in kinds if str(k).strip().lower() not in ("", "none")]
-    return (not kinds and int(cfg.get("unfreeze_last") or 0) == 0
-            and not schedule_opens(cfg.get("unfreeze_schedule")))
+    return (not kinds and int(cfg["unfreeze_last"]) == 0
+            and not schedule_opens(cfg["unfreeze_schedule"]))
 
 
 PIXEL_AUGMENT = ("augment.cutmix_alpha", "augment.color_jitter.p", "augment.he_stain.p",
@@ -90,7 +100,7 @@ def pixel_augment_not_applied(cfg: dict) -> dict:
     for key in PIXEL_AUGMENT:
         node = cfg
         for part in key.split("."):
-            node = node.get(part, 0) if isinstance(node, dict) else 0
+            node = node[part]
         if node:
             out[key] = node
     return out

@@ -13,8 +13,8 @@ from kit.metrics import aggregate
 from kit.models.heads import is_mil, is_mil_config
 from kit.models.normalize import normalize_batch
 from kit.training.device import amp_dtype, autocast, oom_as_kit_error
-from kit.training.losses import one_hot
 from kit.training.loaders import ImageBagDataset, PatchDataset, make_loader, sampler_for
+from kit.training.losses import one_hot
 from kit.training.predict import predict
 
 
@@ -55,7 +55,7 @@ class PixelSource:
         bb.to(self.device)
         was_training = bb.training
         bb.eval()
-        bs = int(self.cfg.get("eval_batch_size") or 0) or 2 * int(self.cfg["batch_size"])
+        bs = int(self.cfg["eval_batch_size"]) or 2 * int(self.cfg["batch_size"])
         out = []
         dtype = amp_dtype(self.device, self.cfg["amp"])
         with oom_as_kit_error(bs, self.device, "computing feature statistics"):
@@ -85,7 +85,7 @@ class PixelSource:
     def image_probs(self, model: nn.Module, rows, views=("id",), desc: str = "predict"):
         """Image probabilities of ``rows`` per view (patch probabilities aggregated)."""
         cfg = self.cfg
-        eval_bs = int(cfg.get("eval_batch_size") or 0) or 2 * int(cfg["batch_size"])
+        eval_bs = int(cfg["eval_batch_size"]) or 2 * int(cfg["batch_size"])
         patch = predict(model, self.array, rows, tuple(views), eval_bs, self.device, cfg["amp"],
                         cfg["channels_last"], desc=desc)
         # An attention model predicts images already (n x C); patch heads give n x K x C.

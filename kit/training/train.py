@@ -9,13 +9,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from kit.metrics import fast_macro_f1
+from kit.metrics import get_metric
 from kit.models.backbones import count_trainable
 from kit.models.heads import is_probe, standardizer
 from kit.models.normalize import normalize_batch
 from kit.training.build import set_train_mode
 from kit.training.checkpoints import checkpoint_keys, save_checkpoint, snapshot
-from kit.training.device import amp_dtype, autocast, auto_flag, oom_as_kit_error
+from kit.training.device import amp_dtype, auto_flag, autocast, oom_as_kit_error
 from kit.training.finetune import param_groups, parse_schedule
 from kit.training.losses import one_hot, soft_cross_entropy, warmup_cosine
 from kit.training.predict import n_outputs
@@ -45,13 +45,10 @@ class Trainer:
 
         self.model, self.cfg, self.device = model, cfg, torch.device(device)
         self.n_classes = n_outputs(model)
-        self.smoothing = float(cfg.get("label_smoothing", 0.0))
+        self.smoothing = float(cfg["label_smoothing"])
         self.mixer = create_mixer(cfg["augment"]["cutmix_alpha"], self.n_classes, self.smoothing)
-        balance = cfg["class_balance"]
-        if balance not in ("none", "loss", "sampler"):
-            raise KitError(f"train: class_balance must be none, loss or sampler (got {balance!r})")
         self.weight = None
-        if balance == "loss":
+        if cfg["class_balance"] == "loss":
             self.weight = torch.as_tensor(class_weights(np.asarray(train_y, np.int64),
                                                         self.n_classes),
                                           dtype=torch.float32, device=self.device)
@@ -63,7 +60,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.thaw = getattr(model, "thaw_plan", None)
         if not hasattr(model, "thaw_plan") and hasattr(model, "backbone") \
-                and parse_schedule(cfg.get("unfreeze_schedule")) is not None:
+                and parse_schedule(cfg["unfreeze_schedule"]) is not None:
             raise KitError("train: unfreeze_schedule needs a model built by "
                            "kit.training.build.build_model (it plans the thawing)")
         if self.thaw is not None:
@@ -148,7 +145,7 @@ class Trainer:
 
 def fit(model: nn.Module, source, train_rows, train_y, cfg: dict, *, val_rows=None, val_y=None,
         groups=None, seed: int = 42, device: torch.device | str = "cpu",
-        desc: str = "train", sample_weight=None) -> FoldResult:
+        desc: str = "train", sample_weight=None, metric: str = "macro_f1") -> FoldResult:
     """The kit's one training loop: train ``model`` on ``train_rows`` of ``source``.
 
     A head that standardises its inputs (:class:`kit.models.heads.Standardize`) gets its
@@ -158,7 +155,8 @@ def fit(model: nn.Module, source, train_rows, train_y, cfg: dict, *, val_rows=No
     and keeps its best epoch; ``refit`` then retrains from the same
     initial weights on all of ``train_rows`` for that many epochs; ``none`` trains
     ``cfg["epochs"]`` and keeps the last; ``oof`` stops early on ``val_rows`` (optimistic
-    when those rows are then scored). Only ``oof`` reads ``val_rows``/``val_y``.
+    when those rows are then scored). Only ``oof`` reads ``val_rows``/``val_y``. Epochs
+    are compared by ``metric`` on the rows that stop.
 
     Parameters
     ----------
@@ -172,6 +170,12 @@ def fit(model: nn.Module, source, train_rows, train_y, cfg: dict, *, val_rows=No
         Seeds torch, numpy, the sampler, the augmentation and the inner split.
     sample_weight : array, optional
         Per training image: the sampler draws images in proportion to it.
+    groups : array, optional
+        Group of each training image (a patient, shared masks): the inner split keeps each
+        group on one side.
+    metric : str
+        A name of :data:`kit.metrics.METRICS`, the task's: what chooses the epoch (or the
+        probe's ``C``); each history record keeps it as ``val_<metric>``.
 
     A closed-form head (``head.type: logreg``) is fitted by :func:`kit.training.probe.fit_probe`
     instead of this loop.
@@ -182,7 +186,8 @@ def fit(model: nn.Module, source, train_rows, train_y, cfg: dict, *, val_rows=No
     """
     if is_probe(model):
         return fit_probe(getattr(model, "head", model), source, train_rows, train_y, cfg,
-                         groups=groups, seed=seed, desc=desc, sample_weight=sample_weight)
+                         groups=groups, seed=seed, desc=desc, sample_weight=sample_weight,
+                         metric=metric)
 
     t0 = time.perf_counter()
     device = torch.device(device)
@@ -201,7 +206,7 @@ def fit(model: nn.Module, source, train_rows, train_y, cfg: dict, *, val_rows=No
         stop_rows, stop_y = np.asarray(val_rows, np.int64), np.asarray(val_y, np.int64)
         selection["stop"] = "the fold's own validation images (OOF rows): optimistic"
     elif mode in ("inner", "refit"):
-        n_splits = int(cfg.get("inner_folds", 5))
+        n_splits = int(cfg["inner_folds"])
         fit_pos, stop_pos = inner_split(train_y, groups, n_splits, seed)
         stop_rows, stop_y = train_rows[stop_pos], train_y[stop_pos]
         selection.update(stop="inner split of the training images", inner_folds=n_splits,
@@ -215,7 +220,7 @@ def fit(model: nn.Module, source, train_rows, train_y, cfg: dict, *, val_rows=No
     initial = snapshot(model) if mode == "refit" else None
     run = _train(model, source, train_rows[fit_pos], train_y[fit_pos], cfg, stop_rows, stop_y,
                  int(cfg["epochs"]), seed, device, desc,
-                 None if weight is None else weight[fit_pos])
+                 None if weight is None else weight[fit_pos], metric)
     history = run["history"]
     if mode == "refit":
         # The inner run chose the epoch count; the same initial weights and seed train on all
@@ -223,7 +228,7 @@ def fit(model: nn.Module, source, train_rows, train_y, cfg: dict, *, val_rows=No
         model.load_state_dict(initial, strict=False)
         seed_everything(seed)
         refit = _train(model, source, train_rows, train_y, cfg, None, None, run["epoch"], seed,
-                       device, f"{desc} refit", weight)
+                       device, f"{desc} refit", weight, metric)
         history = history + [{**h, "refit": True} for h in refit["history"]]
     plan = getattr(model, "thaw_plan", None)
     if plan is not None:
@@ -239,8 +244,8 @@ def fit(model: nn.Module, source, train_rows, train_y, cfg: dict, *, val_rows=No
 
 
 def _train(model, source, rows, y, cfg, stop_rows, stop_y, epochs: int, seed: int, device,
-           desc: str, weight=None) -> dict:
-    """Train up to ``epochs`` epochs; with stop rows, keep the best epoch by their macro F1
+           desc: str, weight=None, metric: str = "macro_f1") -> dict:
+    """Train up to ``epochs`` epochs; with stop rows, keep the best epoch by their ``metric``
     (patience from ``cfg``), else the last. The schedule always spans ``cfg["epochs"]``."""
     loader = source.loader(rows, y, seed) if weight is None else \
         source.loader(rows, y, seed, weight=weight)
@@ -248,6 +253,7 @@ def _train(model, source, rows, y, cfg, stop_rows, stop_y, epochs: int, seed: in
     prepare = source.prepare_fn(trainer)
     patience = int(cfg["patience"])
     n_classes = trainer.n_classes
+    scorer, key = get_metric(metric).batch, f"val_{metric}"
     best = {"score": float("nan"), "epoch": 0, "state": None, "probs": None}
     history = []
     try:
@@ -262,8 +268,8 @@ def _train(model, source, rows, y, cfg, stop_rows, stop_y, epochs: int, seed: in
                 best.update(epoch=epoch)
                 continue
             img = source.image_probs(model, stop_rows, ("id",), desc=f"{desc} stop")["id"]
-            score = fast_macro_f1(stop_y, img.argmax(1), n_classes)
-            record["val_macro_f1"] = score
+            score = float(scorer(img.argmax(1)[None], stop_y, n_classes)[0])
+            record[key] = score
             if best["state"] is None or score > best["score"]:
                 best.update(score=score, epoch=epoch, probs=img,
                             state=snapshot(model, trainer.keys))

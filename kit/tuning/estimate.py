@@ -11,9 +11,9 @@ import optuna
 
 from kit.artifacts import read_folds
 from kit.config import Layered
-from kit.metrics import bootstrap_ci, format_ci, macro_f1
+from kit.metrics import bootstrap_ci, format_ci, get_metric, macro_f1, score
 from kit.tuning.evaluators import Excluding, FeaturesEvaluator
-from kit.tuning.job import TuneJob
+from kit.tuning.job import TuneJob, note_searched
 from kit.tuning.search_space import Space, known_param_keys, load_space
 from kit.tuning.study import SurplusTrial, make_objective, make_pruner, n_finished, quiet_optuna
 from kit.utils import KitError, atomic_write_json, read_yaml
@@ -27,20 +27,25 @@ ESTIMATE_KIND = ("nested: each outer fold scored by a head trained with the para
 
 def nested_estimate(bb: str, paths, cfg: dict, space: Space, n_trials: int, weights="auto",
                     seed: int = 42, device=None, evaluator=None,
-                    settings: Layered | None = None) -> dict:
+                    settings: Layered | None = None, data=None) -> dict:
     """An honest score of the tuned pipeline (features objective): for each outer fold ``o``,
     search ``n_trials`` trials on the other folds (each inner fold's head trained without
     ``o``), train the winner on every fold but ``o`` and score ``o``.
 
-    The search's own best (best of N on the rows that chose it) is optimistic; here no row
-    takes part in choosing the params that score it. Returns the ``estimate.json`` record:
-    ``macro_f1`` (pooled over the outer folds) with ``estimate_ci95``, its 95 % bootstrap
-    interval over those images (:func:`kit.metrics.bootstrap_ci`).
+    The inner folds are the folds of ``folds/folds.csv``, so each group (a patient, shared
+    masks) stays within one of them, as it does in cv. The search's own best (best of N on
+    the rows that chose it) is optimistic; here no row takes part in choosing the params that
+    score it. Returns the ``estimate.json`` record: ``metric`` (the task's, ``data``'s;
+    None: the built-in task) and ``score`` (pooled over the outer folds) with
+    ``estimate_ci95``, its 95 % bootstrap interval over those images
+    (:func:`kit.metrics.bootstrap_ci`); ``macro_f1`` beside it.
     """
     quiet_optuna()
     evaluator = evaluator or FeaturesEvaluator(bb, paths, settings, weights=weights, seed=seed,
-                                               device=device)
-    _, folds_sha = read_folds(paths.folds_csv)
+                                               device=device, data=data)
+    task = evaluator.task
+    title = get_metric(task.metric).title
+    _, folds_sha = read_folds(paths.folds_csv, classes=task.classes)
     n_folds = evaluator.n_folds
     if n_folds < 3:
         raise KitError(f"tune --estimate needs at least 3 folds (an outer fold and 2 inner "
@@ -67,30 +72,36 @@ def nested_estimate(bb: str, paths, cfg: dict, space: Space, n_trials: int, weig
         best = study.best_trial
         params = dict(best.user_attrs.get("params") or {**best.params, **space.fixed})
         # The winner trains on every inner fold (all but o) and predicts o: cv's fold o.
-        pred = evaluator.fcv.configure(params).fold(o)
+        winner = evaluator.fcv.configure(params)
+        pred = winner.fold(o)
         preds.append(pred)
-        mode = str(evaluator.fcv.configure(params).cfg.get("early_stopping", "oof"))
+        mode = str(winner.cfg["early_stopping"])
         outer.append({"fold": o, "inner_folds": inner, "n": int(len(pred.y)),
-                      "early_stopping": mode,
+                      "early_stopping": mode, "score": float(pred.score),
                       "macro_f1": float(pred.macro_f1), "search_score": float(best.value),
                       "trial": int(best.number), "trials": n_finished(study),
                       "params": params, "seconds": round(time.perf_counter() - t0, 2)})
         log.info(f"tune {bb} --estimate: outer fold {o}: search on folds "
                  f"{','.join(map(str, inner))} best {best.value:.4f} (trial {best.number} of "
-                 f"{n_finished(study)}), outer fold macro F1 {pred.macro_f1:.4f}")
+                 f"{n_finished(study)}), outer fold {title} {pred.score:.4f}")
     y = np.concatenate([p.y for p in preds])
     probs = np.concatenate([p.probs for p in preds])
-    fold_scores = [r["macro_f1"] for r in outer]
+    fold_scores = [r["score"] for r in outer]
+    fold_f1 = [r["macro_f1"] for r in outer]
     modes = sorted({r["early_stopping"] for r in outer})
     mode = modes[0] if len(modes) == 1 else ",".join(modes)
     honest = "oof" not in modes
     return {
         "backbone": bb, "objective": "features", "kind": ESTIMATE_KIND,
+        "metric": task.metric, "score": score(task.metric, y, probs, task.classes),
         "macro_f1": float(macro_f1(y, probs)),
-        # one draw of images, hence its interval (about +-0.035 on 581 images)
-        "estimate_ci95": list(bootstrap_ci(y, probs)), "n_images": int(len(y)),
-        "mean_fold_macro_f1": float(np.mean(fold_scores)),
-        "std_fold_macro_f1": float(np.std(fold_scores)),
+        # The score's interval over one draw of images (about +-0.035 on 581 images).
+        "estimate_ci95": list(bootstrap_ci(y, probs, metric=task.metric, classes=task.classes)),
+        "n_images": int(len(y)),
+        "mean_fold_score": float(np.mean(fold_scores)),
+        "std_fold_score": float(np.std(fold_scores)),
+        "mean_fold_macro_f1": float(np.mean(fold_f1)),
+        "std_fold_macro_f1": float(np.std(fold_f1)),
         "honest": honest,
         "why": ("no outer fold took part in choosing its params" + (
             "" if honest else "; but each fold chose its epoch on the rows it scores "
@@ -105,7 +116,7 @@ def nested_estimate(bb: str, paths, cfg: dict, space: Space, n_trials: int, weig
 def run_estimate(job: TuneJob, bb: str) -> dict:
     """``tune --estimate`` for one backbone: :func:`nested_estimate`, written to
     ``runs/tune/<bb>/estimate.json`` and printed beside best.yaml's search score."""
-    paths, cfg, settings = job.paths, job.cfg, job.settings
+    paths, cfg, settings = job.paths, job.cfg, job.trial_settings()
     n_trials = int(cfg["estimate_trials"])
     if cfg["objective"] != "features":
         raise KitError(
@@ -117,10 +128,12 @@ def run_estimate(job: TuneJob, bb: str) -> dict:
     if n_trials < 1:
         raise KitError(f"--estimate-trials must be >= 1 (got {n_trials})")
     space = load_space(bb, "features", cfg["space"], job.space_file, known_param_keys(settings))
+    note_searched(bb, space, job.settings)
     log.info(f"tune {bb} --estimate: nested, {n_trials} trials per outer fold (the study and "
              "best.yaml are not touched)")
     record = nested_estimate(bb, paths, cfg, space, n_trials, job.weights, job.seed, job.device,
-                             settings=settings)
+                             settings=settings, data=job.data)
+    title = get_metric(record["metric"]).title
     best = paths.tune_dir(bb) / "best.yaml"
     if best.is_file():
         found = read_yaml(best)
@@ -131,15 +144,15 @@ def run_estimate(job: TuneJob, bb: str) -> dict:
     out = paths.tune_dir(bb) / "estimate.json"
     record["created_utc"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     atomic_write_json(out, record)
-    per_fold = ", ".join(f"{r['macro_f1']:.3f}" for r in record["outer"])
-    log.info(f"tune {bb} --estimate: nested macro F1 estimate "
-             f"{format_ci(record['macro_f1'], record['estimate_ci95'])} (95% bootstrap interval "
+    per_fold = ", ".join(f"{r['score']:.3f}" for r in record["outer"])
+    log.info(f"tune {bb} --estimate: nested {title} estimate "
+             f"{format_ci(record['score'], record['estimate_ci95'])} (95% bootstrap interval "
              f"over {record['n_images']} images; pooled over {record['n_folds']} outer folds; per "
              f"fold {per_fold}), {record['seconds']:.0f} s -> {out}")
     if "search_score" in record:
         log.info(f"tune {bb} --estimate: best.yaml's search score {record['search_score']:.4f} is "
                  f"the best of {record.get('search_trials') or 'N'} trials on the rows that chose "
-                 f"it: {record['search_score'] - record['macro_f1']:+.4f} above the estimate")
+                 f"it: {record['search_score'] - record['score']:+.4f} above the estimate")
     if not record["honest"]:
         log.info(f"tune {bb} --estimate: {record['why']}")
     return record

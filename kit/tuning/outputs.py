@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 from kit.config import Layered
 from kit.training.params import source_path
 from kit.training.settings import train_config
-from kit.tuning.evaluators import evaluate, pooled_f1
+from kit.tuning.evaluators import evaluate, pooled_score
 from kit.tuning.search_space import Space
 from kit.tuning.study import n_finished
 from kit.utils import atomic_path, atomic_write_csv, write_config
@@ -25,7 +25,7 @@ def applies_to(objective: str, params: dict, settings: Layered) -> dict:
     trains as cv does with these params (``pixels`` unless they freeze the whole backbone)."""
     cfg = train_config(settings, params)
     return {"training_path": source_path({"objective": objective}, params, settings),
-            "early_stopping": str(cfg.get("early_stopping", "oof"))}
+            "early_stopping": str(cfg["early_stopping"])}
 
 
 def score_kinds(n_trials: int, search_folds: list[int], n_folds: int,
@@ -53,8 +53,9 @@ def best_record(study, evaluator, space: Space, folds: list[int], seed: int,
     """``best.yaml``'s contents: the best trial's params, what it was tuned for and its scores,
     each with a ``*_kind`` saying what it is.
 
-    ``search_score`` is the best trial's value on the search folds: the best of N noisy
-    trials, picked on those very rows, hence optimistic. With a fold subset
+    Every score is the task's metric (``metric``, ``evaluator.task``'s). ``search_score`` is
+    the best trial's value on the search folds: the best of N noisy trials, picked on those
+    very rows, hence optimistic. With a fold subset
     (``--folds-per-trial``) the winner is re-scored on every fold (kept in the study for the
     next run): ``score`` on all folds, ``holdout_score`` on the folds the search never saw
     (less biased). ``None`` without a complete trial, or when a re-score is needed but
@@ -74,12 +75,13 @@ def best_record(study, evaluator, space: Space, folds: list[int], seed: int,
             log.info(f"tune: re-scoring trial {best.number} on all {len(all_folds)} folds")
             run_fold, cleanup = evaluator.trial(params, f"{study.study_name}-best{best.number}")
             try:
-                value, scores = evaluate(run_fold, all_folds)
+                value, scores = evaluate(run_fold, all_folds, task=evaluator.task)
             finally:
                 cleanup()
             unused = [x for x in scores if x.fold not in search_folds]
-            cached = {"score": float(value), "holdout": float(pooled_f1(unused)),
-                      "per_fold": {str(x.fold): float(x.macro_f1) for x in scores}}
+            cached = {"score": float(value),
+                      "holdout": float(pooled_score(unused, evaluator.task)),
+                      "per_fold": {str(x.fold): float(x.score) for x in scores}}
             rescored = dict(study.user_attrs.get("rescored") or {})
             rescored[str(best.number)] = cached
             study.set_user_attr("rescored", rescored)
@@ -94,6 +96,7 @@ def best_record(study, evaluator, space: Space, folds: list[int], seed: int,
     fits = applies_to(evaluator.objective, params, evaluator.settings)
     n_trials = n_finished(study)
     record = {"params": params, "objective": evaluator.objective, **fits,
+              "metric": evaluator.task.metric,
               "score": score, "search_score": float(best.value), "search_folds": search_folds,
               "holdout_score": holdout,
               "holdout_folds": [k for k in all_folds if k not in search_folds] or None,
@@ -116,8 +119,13 @@ def write_outputs(study, out: Path, record: dict | None, extra: dict) -> None:
     atomic_write_csv(out / "trials.csv", df)
     plot_study(study, out)
     if record is not None:
+        # The train settings the trials ran with, when the user gave any: cv applies them
+        # only when given to it as well (they are settings of the search, not tuned values).
+        given = {"train_overrides": extra["train_overrides"]} if extra["train_overrides"] \
+            else {}
         write_config(out / "best.yaml",
-                     {**record, **{k: extra[k] for k in ("storage", "backbone", "weights")}})
+                     {**record, **{k: extra[k] for k in ("storage", "backbone", "weights")},
+                      **given})
     write_config(out / "config.yaml", extra)
 
 

@@ -128,7 +128,8 @@ def _check_budget(trial, n_trials: int, count_running: bool = True) -> None:
 
 def make_objective(evaluator, space: Space, folds: list[int], seed: int, n_trials: int,
                    study_label: str, count_running: bool = True):
-    """The Optuna objective: suggest, evaluate ``folds`` in a shuffled order, report, prune."""
+    """The Optuna objective: suggest, evaluate ``folds`` in a shuffled order, report, prune;
+    its value is the pooled OOF score by the task's metric (``evaluator.task``), maximised."""
 
     def objective(trial) -> float:
         _check_budget(trial, n_trials, count_running)
@@ -139,7 +140,7 @@ def make_objective(evaluator, space: Space, folds: list[int], seed: int, n_trial
         run_fold, cleanup = evaluator.trial(params, f"{study_label}-{trial.number}")
         t0 = time.perf_counter()
         try:
-            value, scores = evaluate(run_fold, order, trial)
+            value, scores = evaluate(run_fold, order, trial, evaluator.task)
         finally:
             cleanup()
         trial.set_user_attr("folds", sorted(s.fold for s in scores))
@@ -202,10 +203,11 @@ def warm_start(study, source, space: Space, top: int) -> int:
 
 
 
-def progress_line(bb: str):
+def progress_line(bb: str, title: str = "macro F1"):
+    """The line each finished trial prints, its value named by ``title`` (the metric's)."""
     def callback(study, trial):
         if trial.state == TrialState.COMPLETE:
-            what = f"macro F1 {trial.value:.4f}"
+            what = f"{title} {trial.value:.4f}"
         elif trial.state == TrialState.PRUNED:
             steps = trial.intermediate_values
             what = f"pruned after {len(steps)} folds"

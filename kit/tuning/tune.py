@@ -4,11 +4,11 @@ One study per backbone and objective, named ``<backbone>-<objective>[-<suffix>]`
 storage (default SQLite ``runs/optuna.db``; any RDB URL or a journal file with
 ``--storage``), so that a rerun continues the study and several workers share it.
 
-Objective: the macro F1 of the pooled out-of-fold predictions at image level, exactly as
-``cv`` computes it. Each fold's macro F1 is reported as an intermediate value (step = fold
-index; folds visited in a per-trial shuffled order) and the Wilcoxon signed-rank pruner
-compares those paired per-fold scores with the best trial's and stops a trial once it is
-significantly worse. Two objectives:
+Objective: the task's metric (macro F1 for AN2DL) of the pooled out-of-fold predictions at
+image level, exactly as ``cv`` computes its ``oof_score``. Each fold's score is reported as an
+intermediate value (step = fold index; folds visited in a per-trial shuffled order) and the
+Wilcoxon signed-rank pruner compares those paired per-fold scores with the best trial's and
+stops a trial once it is significantly worse. Two objectives:
 
 - ``features``: the head trained on cached embeddings of a fully frozen backbone
   (:mod:`kit.training.features`); seconds per trial.
@@ -16,8 +16,12 @@ significantly worse. Two objectives:
   trains.
 
 Outputs in ``runs/tune/<backbone>/``: ``best.yaml`` (``params`` as dotted config keys, which
-``./run.sh cv <bb> --params best`` reads, ``score`` on all folds, ``trial``, ``objective``,
-``study``), ``trials.csv``, ``history.png``, ``importances.png``, ``config.yaml``.
+``./run.sh cv <bb> --params best`` reads, ``metric`` and ``score`` on all folds, ``trial``,
+``objective``, ``study``), ``trials.csv``, ``history.png``, ``importances.png``,
+``config.yaml``.
+
+The user's training overrides (``--set train.KEY=VALUE``) apply to every trial beneath the
+searched values: a key the space sets keeps each trial's value, and one line says so.
 """
 from __future__ import annotations
 
@@ -30,10 +34,12 @@ import optuna
 
 from kit.artifacts import read_folds
 from kit.config import Layered, given
+from kit.metrics import get_metric
 from kit.models.backbones import list_backbones
+from kit.training.settings import task_salt
 from kit.tuning.estimate import run_estimate
 from kit.tuning.evaluators import EVALUATORS
-from kit.tuning.job import TuneJob
+from kit.tuning.job import TuneJob, dotted, note_searched
 from kit.tuning.outputs import best_record, write_outputs
 from kit.tuning.search_space import known_param_keys, load_space
 from kit.tuning.storage import default_url, describe, make_storage
@@ -53,8 +59,6 @@ from kit.utils import KitError
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES = ("features", "full")
-
 
 def run_tune(paths, data, cfg: dict, *, settings: Layered, backbones=(),
              study_suffix: str | None = None, space_file: str | Path | None = None,
@@ -66,8 +70,10 @@ def run_tune(paths, data, cfg: dict, *, settings: Layered, backbones=(),
     Parameters
     ----------
     paths : kit.paths.Paths
-    data : path or None
-        The dataset root, as the other stages take it (the full objective hands it to cv).
+    data : kit.task.Data, path or None
+        The dataset, as the other stages take it: its task (None: the built-in AN2DL task)
+        gives the classes and the metric every trial maximises (the full objective hands
+        it to cv); a task other than the built-in one enters the study's context.
     cfg : dict
         The resolved ``tune`` config (``kit.config.load_config("tune", overrides)``), among
         others: ``objective`` (features | full); ``trials``, the study's target of finished
@@ -80,7 +86,9 @@ def run_tune(paths, data, cfg: dict, *, settings: Layered, backbones=(),
         ``estimate``.
     settings : kit.config.Layered
         The training settings the trials start from (:func:`kit.config.train_settings`):
-        each trial's params go over their defaults, the overrides over the params.
+        the user's overrides (``--set train.KEY=VALUE``) reach every trial, beneath its
+        params: a key the search space sets takes the trial's value (one line names such
+        keys).
     backbones : list of str
         Default: every backbone with a cv run.
     study_suffix : str
@@ -108,11 +116,8 @@ def run_tune(paths, data, cfg: dict, *, settings: Layered, backbones=(),
 def run_job(job: TuneJob) -> dict:
     """:func:`run_tune` with its arguments as one :class:`~kit.tuning.job.TuneJob` (what a
     worker process of ``--workers/--gpus`` runs)."""
-    paths, cfg = job.paths, given(job.cfg, "tune")
+    paths, cfg = job.paths, given(job.cfg, "tune")  # checked by kit.schema at load_config
     job = replace(job, cfg=cfg)
-    if cfg["objective"] not in OBJECTIVES:
-        raise KitError(f"--objective must be one of {', '.join(OBJECTIVES)} "
-                       f"(got {cfg['objective']!r})")
     if not cfg["trials"] and not cfg["timeout"] and not job.create_only and not job.estimate:
         raise KitError("tune: --trials 0 and no --timeout would run forever; give one of them")
     backbones = list(job.backbones)
@@ -148,20 +153,27 @@ def tune_backbone(job: TuneJob, bb: str, store, url: str) -> dict | None:
     objective = cfg["objective"]
     space = load_space(bb, objective, cfg["space"], job.space_file,
                        known_param_keys(job.settings))
-    folds_df, folds_sha = read_folds(paths.folds_csv)
-    n_folds = int(folds_df.fold.max()) + 1
-    folds = fold_subset(n_folds, int(cfg["folds_per_trial"] or 0), seed)
+    note_searched(bb, space, job.settings)
     name = study_name(bb, objective, suffix)
-    evaluator = EVALUATORS[objective](bb, paths, job.settings, weights=weights, seed=seed,
-                                      device=job.device, data=job.data)
+    evaluator = EVALUATORS[objective](bb, paths, job.trial_settings(), weights=weights,
+                                      seed=seed, device=job.device, data=job.data)
+    task = evaluator.task
+    title = get_metric(task.metric).title
+    folds_df, folds_sha = read_folds(paths.folds_csv, classes=task.classes)
+    n_folds = int(folds_df.fold.max()) + 1
+    folds = fold_subset(n_folds, int(cfg["folds_per_trial"]), seed)
+    # A task other than AN2DL's enters the context (AN2DL's studies keep theirs): a study
+    # holds the scores of one metric over one set of classes.
     context = {"objective": objective, "backbone": bb, "folds_sha256": folds_sha,
-               "folds": folds, "seed": int(seed), **evaluator.context}
+               "folds": folds, "seed": int(seed), **evaluator.context, **task_salt(task)}
     study = open_study(name, store, cfg, context, seed, shared=bool(cfg["storage"]))
     n_trials = int(cfg["trials"] or 0)
     extra = {"backbone": bb, "study": name, "storage": url, "objective": objective,
-             "folds": folds, "tune": {k: v for k, v in cfg.items() if k != "space"},
+             "metric": task.metric, "folds": folds,
+             "tune": {k: v for k, v in cfg.items() if k != "space"},
+             "train_overrides": dotted(job.settings.overrides),
              "space": space.to_dict(), "weights": str(weights), "seed": int(seed)}
-    log.info(f"tune {bb}: study {name} in {url}, objective {objective}, folds "
+    log.info(f"tune {bb}: study {name} in {url}, objective {objective} ({title}), folds "
              f"{','.join(map(str, folds))}, {n_finished(study)} finished trials so far"
              + (f", target {n_trials}" if n_trials else ""))
     if job.create_only:
@@ -192,7 +204,7 @@ def tune_backbone(job: TuneJob, bb: str, store, url: str) -> dict | None:
             objective_fn = make_objective(evaluator, space, folds, seed, n_trials, name, beats)
             study.optimize(objective_fn, n_trials=remaining, timeout=cfg["timeout"] or None,
                            n_jobs=int(cfg["n_jobs"]), catch=(SurplusTrial,),
-                           callbacks=[stop_when_full(n_trials, beats), progress_line(bb)],
+                           callbacks=[stop_when_full(n_trials, beats), progress_line(bb, title)],
                            gc_after_trial=True)
     except KeyboardInterrupt as exc:
         interrupted = exc  # write what is finished, then stop as the CLI expects
@@ -203,11 +215,11 @@ def tune_backbone(job: TuneJob, bb: str, store, url: str) -> dict | None:
                          context=context)
     write_outputs(study, out, record, extra)
     if record is not None:
-        log.info(f"tune {bb}: best trial {record['trial']}: search score "
+        log.info(f"tune {bb}: best trial {record['trial']}: search {title} "
                  f"{record['search_score']:.4f} ({record['search_score_kind']}) -> "
                  f"{out / 'best.yaml'}")
         if "holdout_score" in record:
-            log.info(f"tune {bb}: on all folds {record['score']:.4f}; on the "
+            log.info(f"tune {bb}: {title} on all folds {record['score']:.4f}; on the "
                      f"{len(record['holdout_folds'])} folds the search did not use "
                      f"{record['holdout_score']:.4f} (less biased)")
         if evaluator.objective == "features":

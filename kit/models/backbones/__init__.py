@@ -24,20 +24,47 @@ test backbones have none, so for them ``auto`` means random), a file or folder p
 """
 from __future__ import annotations
 
-from kit.models.backbones.registry import (CNN_NATIVE_SIZE, BackboneInfo, backbone_info,
-                                           create_backbone, describe_backbones, list_backbones,
-                                           native_size, register_backbone, vit_backbones)
-from kit.models.backbones.base import (IMAGENET_MEAN, IMAGENET_STD, PHIKON_MODES, Backbone,
-                                       TinyCNN)
-from kit.models.backbones.timm_cnn import (TIMM_CNNS, ConvNeXtBackbone, EfficientNetBackbone,
-                                           ResNetBackbone, TimmBackbone)
-from kit.models.backbones.foundation import (FOUNDATION_MODELS, PHIKON_REPO, PHIKON_V2_REPO,
-                                             TIMM_FOUNDATION_MODELS, FoundationModel,
-                                             TimmViTBackbone)
-from kit.models.backbones.hf_vit import (MIDNIGHT_CONFIG, PHIKON_CONFIG, PHIKON_V2_CONFIG,
-                                         TINY_VIT_CONFIG, Dinov2Backbone, ViTBackbone)
-from kit.models.backbones.freeze import (NORM_KINDS, count_trainable, freeze_backbone,
-                                         recalibrate_batchnorm)
+from kit.models.backbones.base import IMAGENET_MEAN, IMAGENET_STD, PHIKON_MODES, Backbone, TinyCNN
+from kit.models.backbones.foundation import (
+    FOUNDATION_MODELS,
+    PHIKON_REPO,
+    PHIKON_V2_REPO,
+    TIMM_FOUNDATION_MODELS,
+    FoundationModel,
+    TimmViTBackbone,
+)
+from kit.models.backbones.freeze import (
+    NORM_KINDS,
+    count_trainable,
+    freeze_backbone,
+    recalibrate_batchnorm,
+)
+from kit.models.backbones.hf_vit import (
+    MIDNIGHT_CONFIG,
+    PHIKON_CONFIG,
+    PHIKON_V2_CONFIG,
+    TINY_VIT_CONFIG,
+    Dinov2Backbone,
+    ViTBackbone,
+)
+from kit.models.backbones.registry import (
+    CNN_NATIVE_SIZE,
+    BackboneInfo,
+    backbone_info,
+    create_backbone,
+    describe_backbones,
+    list_backbones,
+    native_size,
+    register_backbone,
+    vit_backbones,
+)
+from kit.models.backbones.timm_cnn import (
+    TIMM_CNNS,
+    ConvNeXtBackbone,
+    EfficientNetBackbone,
+    ResNetBackbone,
+    TimmBackbone,
+)
 
 __all__ = [
     "CNN_NATIVE_SIZE", "BackboneInfo", "backbone_info", "create_backbone", "describe_backbones",

@@ -14,8 +14,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kit.models.backbones.base import (IMAGENET_MEAN, IMAGENET_STD, Backbone, check_mode, group,
-                                       side, vit_input_size)
+from kit.models.backbones.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Backbone,
+    check_mode,
+    group,
+    side,
+    vit_input_size,
+)
 from kit.models.backbones.registry import register_backbone
 from kit.models.weights import find_pretrained, load_module_weights, weights_path
 from kit.utils import KitError

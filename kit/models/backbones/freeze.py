@@ -1,4 +1,5 @@
-"""Freezing a backbone (all but its norm layers and last blocks) and re-estimating its BatchNorm statistics."""
+"""Freezing a backbone (all but its norm layers and last blocks) and re-estimating its
+BatchNorm statistics."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
-"""ViTs through transformers: phikon (``ViTModel``), phikon_v2 and midnight (``Dinov2Model``), tiny_vit.
+"""ViTs through transformers: phikon (``ViTModel``), phikon_v2 and midnight (``Dinov2Model``),
+tiny_vit.
 
 Pretrained weights are loaded with ``from_pretrained`` from a ``save_pretrained`` folder (a
 Hugging Face download is one), or from a bare weight file with the architecture's default
@@ -14,8 +15,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kit.models.backbones.base import (IMAGENET_MEAN, IMAGENET_STD, Backbone, check_mode, group,
-                                       side, vit_input_size)
+from kit.models.backbones.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Backbone,
+    check_mode,
+    group,
+    side,
+    vit_input_size,
+)
 from kit.models.backbones.foundation import FOUNDATION_MODELS, FoundationModel
 from kit.models.backbones.registry import register_backbone
 from kit.models.weights import find_pretrained, first_line, weight_file, weights_path
@@ -123,8 +131,10 @@ def _load_vit(name: str, path: Path | None, base: dict, overrides: dict, family:
         except (OSError, ValueError, RuntimeError) as exc:
             if "mismatch" in str(exc):
                 raise KitError(f"{name}: weights in {path} do not fit the model (tensors of "
-                               "another shape: another architecture, or a wrong vit_config?)")
-            raise KitError(f"{name}: cannot load weights from {path}: {first_line(exc)}")
+                               "another shape: another architecture, or a wrong vit_config?)"
+                               ) from None
+            raise KitError(f"{name}: cannot load weights from {path}: {first_line(exc)}") \
+                from None
     bad = sorted(k for k in info.get("missing_keys") or [] if not k.endswith(_OPTIONAL_KEYS))
     bad += sorted(info.get("mismatched_keys") or [])
     if bad:
@@ -186,7 +196,8 @@ def _preprocessor_norm(folder: Path, default=(IMAGENET_MEAN, IMAGENET_STD)):
             if len(cfg["image_mean"]) == 3 and len(cfg["image_std"]) == 3:
                 return tuple(cfg["image_mean"]), tuple(cfg["image_std"])
         except (ValueError, KeyError, TypeError):
-            raise KitError(f"{pre}: no 3-channel image_mean/image_std; fix or delete the file")
+            raise KitError(f"{pre}: no 3-channel image_mean/image_std; fix or delete the file"
+                           ) from None
     return default
 
 
