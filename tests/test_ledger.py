@@ -276,3 +276,22 @@ def test_refresh_without_credentials_is_one_line(tmp_path, monkeypatch, capsys):
     assert main(["submissions", "--refresh", "--workdir", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no Kaggle credentials found" in err[0]
+
+
+def test_a_blend_writes_its_shakeup_nested_oof_and_ledger_row(tmp_path):
+    # The blend stage itself (not a hand-made manifest): one ledger row per packaged submission.
+    from kit.config import load_config
+    from kit.submission.blend_output import run_blend
+    from kit.submission.shakeup import nested_oof_path
+    from blend_data import make_blend_workdir
+
+    paths, data = make_blend_workdir(tmp_path)
+    first = run_blend(paths, data, load_config("blend"), name="one", seed=3)
+    manifest = json.loads(first.manifest_path.read_text())
+    shake = manifest["shakeup"]
+    assert shake["n_test"] == 40 and shake["sd_public_minus_private"] > 0
+    assert nested_oof_path(first.csv_path).is_file()
+    run_blend(paths, data, load_config("blend"), name="two", seed=3)
+    ledger = pd.read_csv(paths.submissions_dir / "ledger.csv")
+    assert len(ledger) == 2 and first.csv_path.name in set(ledger.file)
+    assert set(ledger.metric) == {"macro_f1"}

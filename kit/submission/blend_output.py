@@ -10,11 +10,13 @@ import pandas as pd
 from kit.data.dataset import find_root
 from kit.ensemble.blend import NAME_RE, BlendResult, fit_blend, fold_fit_record
 from kit.paths import Paths
+from kit.submission.ledger import write_ledger
 from kit.submission.package import (
     build_manifest,
     command_line,
     write_submission,
 )
+from kit.submission.shakeup import nested_oof_path, shakeup_record, write_nested_oof
 from kit.submission.task_data import train_labels_digest
 from kit.task import as_data
 from kit.utils import (
@@ -62,6 +64,17 @@ def run_blend(paths: Paths, data, cfg: dict, *, backbones=None, name: str = "ble
         scores=result.scores, seed=seed, created_utc=stamp.isoformat(timespec="seconds"),
         expected_score=result.expected)
     manifest["expected_ci95"] = result.expected_ci95  # beside expected_score
+    # The nested OOF predictions, kept per submission: they estimate its public/private
+    # shake-up here, and let `choose` compare two submissions on the same images later.
+    # Written before the manifest, so that a manifest never points at a missing file.
+    classes = task.classes
+    write_nested_oof(nested_oof_path(csv_path), result.inputs.ids,
+                     [classes[i] for i in result.inputs.y],
+                     [classes[i] for i in result.search.pred_nested])
+    manifest["shakeup"] = shakeup_record(result.inputs.y, result.search.pred_nested,
+                                         task.metric, classes,
+                                         n_test=len(result.inputs.test_ids),
+                                         public_fraction=getattr(task, "public_fraction", None))
     manifest_path = csv_path.with_suffix(".json")
     atomic_write_json(manifest_path, manifest)
     result.csv_path, result.manifest_path, result.csv_sha256 = csv_path, manifest_path, digest
@@ -69,6 +82,7 @@ def run_blend(paths: Paths, data, cfg: dict, *, backbones=None, name: str = "ble
                                            csv_path.read_bytes())
     result.latest_manifest = atomic_write_json(paths.submissions_dir / "latest.json", manifest)
     _write_run_dir(paths, result)
+    write_ledger(paths, task)
     return result
 
 

@@ -24,6 +24,7 @@ from kit.paths import Paths
 from kit.submission import package
 from kit.submission.credentials import find_credentials
 from kit.submission.kaggle_client import KaggleSession
+from kit.submission.ledger import write_ledger
 from kit.submission.task_data import manifest_task, test_folder, test_ids
 from kit.task import Data, Task, as_data, default_task
 from kit.utils import KitError, atomic_write_json, sha256_file
@@ -216,14 +217,17 @@ def run_submit(paths: Paths, data, cfg: dict, *, message: str, csv=None,
     except KitError as exc:
         record.update(status="failed", error=str(exc))
         record_submission(record_path, record, manifest is not None)
+        write_ledger(paths, task)
         raise KitError(f"{exc} (the CSV is kept; failure recorded in {record_path.name})",
                        exc.problems) from None
     record_submission(record_path, record, manifest is not None)
+    write_ledger(paths, task)
     echo(f"submitted to {competition}: ref {record['ref']} ({record['kaggle_message']}); "
          f"recorded in {record_path}")
     if wait:
         record.update(wait_for_score(session, record, cfg, echo))
         record_submission(record_path, record, manifest is not None, update=True)
+        write_ledger(paths, task)
         _report_score(record, manifest, echo)
         if record["status"] != "complete":
             raise KitError(_unscored_reason(record, competition))
