@@ -211,7 +211,7 @@ def test_non_rgb_images_are_cropped_like_read_image(tmp_path, mode):
     path, mask_path = tmp_path / "img.png", tmp_path / "mask.png"
     img.save(path)
     Image.fromarray(_mask(rng, 40, 50)).save(mask_path)
-    cfg = {"size": 16, "stride": 8, "top_k": 3, "tissue_threshold": 200, "pad_value": 255}
+    cfg = load_config("patches", {"size": 16, "stride": 8, "top_k": 3})
     patches, rows, _ = extract_file((path, mask_path, cfg))
     full = read_image(path)
     assert len(rows) == 3 and not rows[0]["fallback"]

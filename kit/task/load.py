@@ -152,8 +152,11 @@ def as_data(data, task=None) -> Data | None:
     None (a stage that can run without a dataset)."""
     if data is None or isinstance(data, Data):
         return data
-    root = Path(getattr(data, "root", data))  # a loaded kit.data.dataset.Dataset too
-    return Data(root, load_task(task if task is not None else getattr(data, "task", None), root))
+    if isinstance(data, (str, os.PathLike)):  # (a Path's own .root is "/": not that one)
+        root, own = Path(data), None
+    else:  # a loaded kit.data.dataset.Dataset: its root and task
+        root, own = Path(data.root), getattr(data, "task", None)
+    return Data(root, load_task(task if task is not None else own, root))
 
 
 def task_of(data) -> Task:
