@@ -305,19 +305,16 @@ def grouping_sources(paths: Paths, extra: dict | None, near: dict | None, *,
     near_csv = near_duplicates_csv(paths)
     sources = ["shared_masks"] if task is None or task.has_masks else []
     out: dict = {"near_duplicates": None, "groups_csv": None}
-    if patients is not None:  # only then: the built-in task's record keeps its keys
-        labels_csv = Path(data_root) / task.labels.file
-        sources.append("labels_group")
-        out["labels_group"] = {"file": str(labels_csv), "column": task.labels.group,
-                               "sha256": sha256_file(labels_csv),
-                               "groups": len(set(patients.values())),
-                               "partition": _partition_hash(patients)}
+    # labels_group only when the task has one: the built-in task's record keeps its keys
+    labels_csv = Path(data_root) / task.labels.file if patients is not None else None
     for key, path, mapping in (("near_duplicates", near_csv, near),
+                               ("labels_group", labels_csv, patients),
                                ("groups_csv", paths.groups_csv, extra)):
         if mapping is None or (key == "groups_csv" and not mapping):
             continue
         sources.append(key)
-        out[key] = {"file": str(path), "sha256": sha256_file(path),
+        column = {"column": task.labels.group} if key == "labels_group" else {}
+        out[key] = {"file": str(path), **column, "sha256": sha256_file(path),
                     "groups": len(set(mapping.values())), "partition": _partition_hash(mapping)}
     return {"sources": sources, **out}
 
