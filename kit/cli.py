@@ -10,6 +10,7 @@ import importlib
 import os
 import shutil
 import sys
+from pathlib import Path
 
 from kit import __version__
 from kit.bench import BENCHES
@@ -21,7 +22,7 @@ COMMANDS = {
     "demo": "generate the demo dataset under runs/demo and run every stage on it",
     "validate": "check a dataset folder and report every problem at once",
     "clean": "flag junk training images (green stains, cartoons) -> folds/outliers.csv",
-    "patches": "cut the top-K mask-coverage patches of every image into a cached array",
+    "patches": "cut the top-K mask-coverage (or tissue) patches of every image into a cached array",
     "folds": "stratified, image-grouped K-fold split -> folds/folds.csv",
     "cv": "train one model per fold -> runs/<backbone>/oof.csv and test.csv",
     "tune": "Optuna search of head and augmentation settings per backbone",
@@ -36,6 +37,8 @@ COMMANDS = {
     "bench": "benchmarks: " + " | ".join(BENCHES),
 }
 
+
+TASKS_DIR = Path(__file__).parent / "conf" / "tasks"  # the built-in tasks (kit.task.TASKS_DIR)
 
 # Stages with a config group: they take --config FILE and --set KEY=VALUE (kit.config).
 CONFIG_GROUPS = {"clean": "clean", "patches": "patches", "folds": "folds", "cv": "train",
@@ -54,12 +57,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, group: str) -> None:
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=os.environ.get("KIT_DATA", "data"),
-                        help="dataset root with train_data/, test_data/, train_labels.csv "
-                             "(default: $KIT_DATA, else data/)")
+                        help="dataset root, laid out as its task says (AN2DL: train_data/, "
+                             "test_data/, train_labels.csv) (default: $KIT_DATA, else data/)")
+    # The built-in tasks by their files: importing kit.task (pydantic) would slow --help.
+    builtin = ", ".join(sorted(p.stem for p in TASKS_DIR.glob("*.yaml")))
     parser.add_argument("--task", default=os.environ.get("KIT_TASK"), metavar="FILE|NAME",
                         help="the competition's task file (classes, layout, metric; "
-                             "docs/tasks.md) or a built-in task's name (default: $KIT_TASK, "
-                             "else task.yaml in the data folder, else an2dl2526c2v2)")
+                             f"docs/tasks.md) or a built-in task ({builtin}) (default: "
+                             "$KIT_TASK, else task.yaml in the data folder, else "
+                             "an2dl2526c2v2)")
     parser.add_argument("--workdir", default=os.environ.get("KIT_WORKDIR", "."),
                         help="where folds/, runs/ and submissions/ live (default: .)")
     parser.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")

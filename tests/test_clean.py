@@ -376,3 +376,75 @@ def test_review_page_escapes_names_and_labels():
     assert f"near-duplicate group 1: image hash 3 bits from {name}" in page
     assert "<script" not in page and not re.search(r"&(?!amp;|lt;|gt;|#39;)", page)
     assert page.count("<figure class='green'>") == 2  # flagged, and again in its group
+
+
+# --- the task's junk detectors, data without masks -------------------------------------------
+
+def test_only_the_tasks_detectors_flag_and_images_without_masks_pair_with_none():
+    cfg = load_config("clean")
+    feats = _feats([
+        ("train", "real_a.png", 0.0, 0.05, "m1"), ("train", "toon_a.png", 0.0, 0.40, "m1"),
+        ("train", "loud.png", 0.0, 0.70, "m2"), ("train", "stain.png", 0.01, 0.03, "m5"),
+        # no masks: never a pair, even with the same (empty) hash; only `strict` flags them
+        ("train", "n1.png", 0.0, 0.40, ""), ("train", "n2.png", 0.0, 0.05, ""),
+        ("test", "n3.png", 0.0, 0.70, ""),
+    ])
+    both = clean.decide(feats, cfg).set_index("sample_index")
+    assert both.reason.to_dict() == {"real_a.png": "", "toon_a.png": "cartoon",
+                                     "loud.png": "cartoon", "stain.png": "green", "n1.png": "",
+                                     "n2.png": "", "n3.png": "cartoon"}
+    assert both.loc[["n1.png", "n2.png", "n3.png"], "group_size"].tolist() == [1, 1, 1]
+    green = clean.decide(feats, cfg, ("green",)).set_index("sample_index").reason
+    assert set(green[green != ""].index) == {"stain.png"}
+    cartoon = clean.decide(feats, cfg, ("cartoon",)).set_index("sample_index").reason
+    assert set(cartoon[cartoon != ""].index) == {"toon_a.png", "loud.png", "n3.png"}
+    assert set(clean.decide(feats, cfg, ()).reason) == {""}
+
+
+def _task_file(folder, **changes):
+    """The built-in task with ``changes``, as ``folder/task.yaml`` (the data's own task)."""
+    import yaml
+
+    from kit.task import default_task
+
+    (folder / "task.yaml").write_text(yaml.safe_dump({**default_task().to_dict(), **changes}))
+
+
+def test_a_task_without_junk_detectors_flags_nothing_but_writes_every_file(cleaned, tmp_path,
+                                                                           capsys):
+    root = tmp_path / "data"
+    shutil.copytree(cleaned[0], root)
+    _task_file(root, junk=[])  # the same planted junk, but this task names no detector
+    paths = Paths.from_root(tmp_path / "work")
+    assert main(["clean", "--data", str(root), "--workdir", str(paths.root)]) == 0
+    assert "no junk detector: task an2dl2526c2v2 lists junk: []" in capsys.readouterr().out
+    assert paths.outliers_csv.read_text() == "sample_index,reason,score\n"
+    page = (paths.clean_dir / "review.html").read_text()
+    assert "no junk detector for this task" in page and "Borderline" not in page
+    assert "Images sharing a mask file (3 groups" in page  # the mask pairs are still shown
+    assert len(clean.clean_train_samples(load_dataset(root), paths)) == 40
+    _task_file(root, junk=["green"])
+    green = clean.run_clean(paths, root, load_config("clean"))
+    assert set(green.reason) == {"green"} and len(green) == 4  # the 4 planted splats only
+
+
+def test_without_masks_no_mask_hash_but_image_near_duplicates_still_group(tmp_path):
+    from kit.data.task_synth import write_task_dataset
+
+    root = write_task_dataset(tmp_path / "data", "csv", seed=2, n_train=12, n_test=3)
+    # a re-encoded copy of one image under a new id: only the image hash can find it
+    with Image.open(root / "train" / "case_0003.png") as im:
+        im.convert("RGB").save(root / "train" / "case_0099.png", "PNG", compress_level=9)
+    labels = pd.read_csv(root / "train.csv", dtype=str)
+    copy = labels[labels.case == "case_0003"].assign(case="case_0099")
+    pd.concat([labels, copy]).to_csv(root / "train.csv", index=False)
+    paths = Paths.from_root(tmp_path / "work")
+    outliers = clean.run_clean(paths, root, load_config("clean"))
+    assert outliers.empty
+    scores = pd.read_csv(paths.clean_dir / "scores.csv", keep_default_na=False)
+    assert set(scores.mask_sha256) == {""} and set(scores.mask_phash) == {""}
+    assert set(scores.mask_share) == {""}  # no mask: no share (NaN)
+    near = pd.read_csv(neardup.near_duplicates_csv(paths))
+    assert set(near.sample_index) == {"case_0003", "case_0099"} and set(near.kind) == {"image"}
+    page = (paths.clean_dir / "review.html").read_text()
+    assert "Group 1: 2 images" in page  # not hidden as "sharing one mask file"

@@ -459,3 +459,83 @@ def test_the_group_column_keeps_groups_whole_and_old_files_still_load(data, path
     old.replace(paths.folds_csv)
     loaded, _ = load_folds(paths)
     assert "group" not in loaded.columns and list(loaded.fold) == list(df.fold)
+
+
+# --- a task's patient groups and classes -------------------------------------------------------
+
+def _patient_data(tmp_path):
+    from kit.data.task_synth import write_task_dataset
+
+    root = write_task_dataset(tmp_path / "data", "csv_masks", seed=4, n_train=30, n_test=2,
+                              short_side=32, per_patient=(2, 4))
+    patients = pd.read_csv(root / "train.csv", dtype=str).set_index("case").patient_id
+    return root, patients
+
+
+def test_patients_never_span_two_folds_and_join_the_other_groups(tmp_path):
+    from kit.data.dataset import label_groups
+    from kit.data.folds import _grouping_change, grouping_sources
+    from kit.task import load_task
+
+    root, patients = _patient_data(tmp_path)
+    # a near-duplicate pair across two patients: all their images must then share one group
+    a, b = "case_0000", next(c for c, p in patients.items() if p != patients["case_0000"])
+    paths = Paths.from_root(tmp_path / "work")
+    paths.folds_dir.mkdir(parents=True)
+    paths.outliers_csv.write_text("sample_index,reason,score\n")
+    write_near(paths, f"1,train,{a} 1,train,{b}")
+    df = run_folds(paths, root, load_config("folds", {"n_splits": 3}))
+    df["patient"] = patients.loc[df.sample_index].values
+    assert (df.groupby("patient").fold.nunique() == 1).all()
+    assert (df.groupby("patient").group.nunique() == 1).all()  # what the inner splits read
+    linked = df.patient.isin([patients[a], patients[b]])
+    assert df.group[linked].nunique() == 1 and df.fold[linked].nunique() == 1
+    assert df.group.nunique() == df.patient.nunique() - 1
+    config = yaml.safe_load((paths.runs_dir / "folds" / "config.yaml").read_text())
+    grouping = config["grouping"]
+    assert grouping["sources"] == ["shared_masks", "near_duplicates", "labels_group"]
+    assert grouping["labels_group"]["column"] == "patient_id"
+    assert grouping["labels_group"]["groups"] == patients.nunique()
+    assert config["task"] == "synthetic-csv-masks" and len(config["task_sha256"]) == 64
+    # one more patient merged: the grouping change is named on a refused overwrite
+    ds = load_dataset(root, task=load_task(None, root))
+    merged = {s.id: "P000" if s.group == "P001" else s.group for s in ds.train}
+    moved = [type(s)(s.id, s.image, s.mask, s.label, merged[s.id]) for s in ds.train]
+    after = grouping_sources(paths, None, {a: "1", b: "1"}, patients=label_groups(moved),
+                             task=ds.task, data_root=root)
+    assert _grouping_change(paths.runs_dir / "folds" / "config.yaml", after) == \
+        "the labels file's group column changed"
+
+
+def test_the_tasks_classes_make_the_fold_table_and_the_label_check(tmp_path):
+    from kit.data.task_synth import CSV_CLASSES
+
+    df = pd.DataFrame({"sample_index": ["a", "b", "c", "d"], "fold": [0, 0, 1, 1],
+                       "label": ["Invasive", "Normal", "Benign", "Normal"]})
+    table = fold_table(df, 2, CSV_CLASSES)
+    assert table.splitlines()[0].split() == ["fold", *CSV_CLASSES, "total"]
+    assert table.splitlines()[-1].split() == ["all", "2", "1", "1", "4"]
+    paths = Paths.from_root(tmp_path)
+    paths.folds_dir.mkdir(parents=True)
+    df.assign(group=df.sample_index)[["sample_index", "label", "fold", "group"]].to_csv(
+        paths.folds_csv, index=False)
+    with pytest.raises(KitError, match="4 problems") as exc:
+        load_folds(paths)  # the built-in task's classes
+    assert "line 2: unknown label 'Invasive'" in exc.value.problems
+    assert load_folds(paths, CSV_CLASSES)[0].label.tolist() == df.label.tolist()
+
+
+def test_the_folds_command_reads_the_task_of_the_data(tmp_path, capsys):
+    root, patients = _patient_data(tmp_path)
+    work = tmp_path / "work"
+    assert main(["clean", "--data", str(root), "--workdir", str(work)]) == 0
+    assert main(["folds", "--data", str(root), "--workdir", str(work), "--n-splits", "3"]) == 0
+    folds = pd.read_csv(Paths.from_root(work).folds_csv, dtype=str)
+    assert (folds.groupby(patients.loc[folds.sample_index].values).fold.nunique() == 1).all()
+    # the same data read without its patient column (seed 4: another split) is refused
+    # without --force, naming the source that changed
+    (root / "task.yaml").write_text((root / "task.yaml").read_text().replace(
+        "group: patient_id", "group: null"))
+    code = main(["folds", "--data", str(root), "--workdir", str(work), "--n-splits", "3"])
+    assert code == 2
+    assert "the labels file's group column removed" in capsys.readouterr().err

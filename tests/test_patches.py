@@ -211,7 +211,7 @@ def test_non_rgb_images_are_cropped_like_read_image(tmp_path, mode):
     path, mask_path = tmp_path / "img.png", tmp_path / "mask.png"
     img.save(path)
     Image.fromarray(_mask(rng, 40, 50)).save(mask_path)
-    cfg = {"size": 16, "stride": 8, "top_k": 3, "tissue_threshold": 200, "pad_value": 255}
+    cfg = load_config("patches", {"size": 16, "stride": 8, "top_k": 3})
     patches, rows, _ = extract_file((path, mask_path, cfg))
     full = read_image(path)
     assert len(rows) == 3 and not rows[0]["fallback"]
@@ -473,3 +473,45 @@ def test_bad_stain_settings_are_refused_before_any_work(patches_ds, bad, key):
     with pytest.raises(KitError, match=key):
         build(root, paths, {**CFG, "stain_norm": {"method": "macenko", **bad}})
     assert not paths.patches_root.exists()
+
+
+# --------------------------------------------------------------------------- tasks without masks
+def test_without_a_mask_the_windows_are_the_most_tissued_ones(tmp_path):
+    rng = np.random.default_rng(5)
+    img = _scan(rng, 40, 56)
+    path = tmp_path / "img.png"
+    Image.fromarray(img).save(path)
+    cfg = load_config("patches", {"size": 16, "stride": 8, "top_k": 3})
+    patches, rows, _ = extract_file((path, None, cfg))
+    xs, ys, cov, fallback, _ = pick_windows(np.zeros((40, 56), bool), 16, 8, 3, img, 200)
+    assert fallback and all(r["fallback"] for r in rows)
+    assert [(r["x"], r["y"]) for r in rows] == list(zip(xs.tolist(), ys.tolist()))
+    tissue = tissue_mask(img, 200)
+    best = window_scores(tissue, 16, 8)[0].max()
+    assert rows[0]["coverage"] == pytest.approx(best) and best > 0
+    assert np.array_equal(patches[0], img[ys[0]:ys[0] + 16, xs[0]:xs[0] + 16])
+
+
+def test_cache_key_hashes_masks_only_where_there_are_some(tmp_path):
+    """AN2DL's key is the one it always was; a sample without a mask hashes its image alone."""
+    import json
+
+    from kit.data.dataset import Sample
+    from kit.data.patches import CODE_VERSION, _key_cfg, cache_key
+    from kit.utils import sha256_file, sha256_text
+
+    for value, name in enumerate(("a.png", "ma.png", "b.png")):
+        Image.fromarray(np.full((4, 4, 3), 40 * value, np.uint8)).save(tmp_path / name)
+    cfg = load_config("patches")
+    paired = [Sample("a.png", tmp_path / "a.png", tmp_path / "ma.png", "x")]
+    items = [["a.png", "x", sha256_file(tmp_path / "a.png"), sha256_file(tmp_path / "ma.png")]]
+    old = sha256_text(json.dumps({"version": CODE_VERSION, "split": "train", "cfg": _key_cfg(cfg),
+                                  "samples": items}, sort_keys=True))
+    assert cache_key(paired, cfg, "train") == old
+    alone = [Sample("a.png", tmp_path / "a.png", None, "x")]
+    key = cache_key(alone, cfg, "train")
+    assert key != old and key == sha256_text(json.dumps(
+        {"version": CODE_VERSION, "split": "train", "cfg": _key_cfg(cfg),
+         "samples": [items[0][:3]]}, sort_keys=True))
+    other = [Sample("a.png", tmp_path / "b.png", None, "x")]
+    assert cache_key(other, cfg, "train") != key  # the image still counts

@@ -306,3 +306,23 @@ def test_validate_with_a_bad_task_file_exits_2_with_one_line(tmp_path):
     assert r.stderr.strip().splitlines() == [
         (f"error: {data / 'task.yaml'}: metric: 'f2' is not a known metric; use one of macro_f1, "
         "balanced_accuracy, accuracy, weighted_f1, quadratic_kappa")]
+
+
+def test_data_is_the_root_with_its_task_from_a_path_a_string_or_a_dataset(tmp_path):
+    from kit.data.dataset import load_dataset
+    from kit.data.task_synth import write_task_dataset
+    from kit.task import Data, as_data, task_of
+
+    root = write_task_dataset(tmp_path / "data", "csv", seed=0, n_train=6, n_test=2)
+    for given in (root, str(root)):  # a Path's own .root attribute ("/") is not the root
+        data = as_data(given)
+        assert data.root == root and Path(data) == root and data.task.name == "synthetic-csv"
+    assert as_data(data) is data and as_data(None) is None
+    assert as_data(root, "imagefolder").task.name == "imagefolder"  # --task wins
+    ds = load_dataset(data)
+    assert ds.task is data.task  # load_dataset takes a Data's task
+    assert as_data(ds) == data  # a loaded dataset: its root and task
+    assert task_of(None) is default_task() and task_of(root) == data.task
+    (tmp_path / "empty").mkdir()
+    assert as_data(tmp_path / "empty").task is default_task()  # no task.yaml: the built-in one
+    assert isinstance(data, Data) and data / "train.csv" == root / "train.csv"

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from kit.config import load_config, stage_overrides, with_flags
 from kit.paths import Paths
+from kit.task import as_data
 
 
 def add_arguments(parser):
     parser.add_argument("--skip-bad", action="store_true",
-                        help="drop the samples and train_labels.csv rows with problems (one "
+                        help="drop the samples and labels-file rows with problems (one "
                              "warning line each) instead of failing")
     parser.add_argument("--green-share", type=float, default=None, metavar="F",
                         help="flag an image when saturated-green pixels cover more than this "
@@ -33,12 +34,17 @@ def run(args) -> int:
         "green.min_share": args.green_share, "cartoon.strict": args.cartoon_strict,
         "cartoon.paired": args.cartoon_paired, "workers": args.workers}))
     paths = Paths.from_root(args.workdir)
-    dataset = load_dataset(args.data, skip_bad=args.skip_bad)
+    data = as_data(args.data, args.task)
+    # Loaded here once: the stage takes the loaded dataset, and the summary below counts it.
+    dataset = load_dataset(data, skip_bad=args.skip_bad)
     outliers = clean.run_clean(paths, dataset, cfg)
     counts = outliers["reason"].value_counts()
     print(f"{dataset.root}: {len(outliers)} of {len(dataset.train)} training images flagged")
     for reason in clean.REASONS:
-        print(f"  {reason:<8} {int(counts.get(reason, 0))}")
+        if reason in data.task.junk:
+            print(f"  {reason:<8} {int(counts.get(reason, 0))}")
+    if not data.task.junk:
+        print(f"  no junk detector: task {data.task.name} lists junk: []")
     overrides = clean.load_overrides(paths)
     if len(overrides):
         kept = len(clean.clean_train_samples(dataset, paths))

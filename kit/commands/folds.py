@@ -1,8 +1,13 @@
-"""``./run.sh folds``: stratified, image-grouped K-fold split -> ``folds/folds.csv``."""
+"""``./run.sh folds``: stratified, image-grouped K-fold split -> ``folds/folds.csv``.
+
+Groups: shared mask files, near-duplicates (``clean``), the task's patient column
+(``labels.group``) and ``folds/groups.csv``; one group never spans two folds.
+"""
 from __future__ import annotations
 
 from kit.config import load_config, stage_overrides, with_flags
 from kit.paths import Paths
+from kit.task import as_data
 from kit.utils import KitError
 
 
@@ -13,7 +18,7 @@ def add_arguments(parser):
                         help="overwrite an existing folds/folds.csv that holds a different split "
                              "(out-of-fold predictions made with the old one become invalid)")
     parser.add_argument("--skip-bad", action="store_true",
-                        help="drop the samples and train_labels.csv rows with problems (one "
+                        help="drop the samples and labels-file rows with problems (one "
                              "warning line each) instead of failing")
 
 
@@ -26,6 +31,7 @@ def run(args) -> int:
     paths = Paths.from_root(args.workdir)
     cfg = load_config("folds", with_flags(stage_overrides(args.config, args.sets),
                                           {"n_splits": args.n_splits}))
-    run_folds(paths, args.data, cfg, seed=args.seed, force=args.force, skip_bad=args.skip_bad)
+    data = as_data(args.data, args.task)
+    run_folds(paths, data, cfg, seed=args.seed, force=args.force, skip_bad=args.skip_bad)
     print(f"folds -> {paths.folds_csv} (sha256 {folds_hash(paths)[:12]})")
     return 0

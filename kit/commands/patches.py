@@ -1,7 +1,8 @@
 """``./run.sh patches``: cut K mask-guided windows of every image into a cached array per size.
 
 Options override ``kit/conf/patches.yaml``; the train split holds the clean training images
-only, so ``./run.sh clean`` must have run first. ``--backbone NAME`` (repeatable) cuts
+only, so ``./run.sh clean`` must have run first. A task without masks gets each image's most
+tissued windows. ``--backbone NAME`` (repeatable) cuts
 windows of each backbone's native size (``size: auto``); caches of several sizes coexist
 under ``runs/patches/<size>px/``.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from kit.config import load_config, stage_overrides, with_flags
 from kit.paths import Paths
+from kit.task import as_data
 from kit.utils import KitError
 
 
@@ -55,12 +57,14 @@ def run(args) -> int:
     overrides = with_flags(stage_overrides(args.config, args.sets),
                            {"size": args.size, "stride": args.stride, "top_k": args.top_k,
                             "select": args.select, "workers": args.workers})
+    data = as_data(args.data, args.task)
     for cfg in resolve_configs(overrides, args.backbone):
-        sets = run_patches(Paths.from_root(args.workdir), args.data, cfg,
+        sets = run_patches(Paths.from_root(args.workdir), data, cfg,
                            splits=tuple(args.split or SPLITS), skip_bad=args.skip_bad)
         for split, ps in sets.items():
             n_fb = int(ps.samples["fallback"].sum())
+            how = (f"({cfg['select']}), {n_fb} tissue fallback(s)" if data.task.has_masks
+                   else "(most tissue: the task has no masks)")
             print(f"  {split:<5} {ps.array.shape[0]} images x {ps.array.shape[1]} patches "
-                  f"of {ps.array.shape[2]} px ({cfg['select']}), {n_fb} tissue fallback(s), "
-                  f"key {ps.key[:12]} -> {ps.folder}")
+                  f"of {ps.array.shape[2]} px {how}, key {ps.key[:12]} -> {ps.folder}")
     return 0

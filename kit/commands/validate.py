@@ -4,25 +4,20 @@ from __future__ import annotations
 from collections import Counter
 
 from kit.data.dataset import load_dataset
-from kit.task import builtin_tasks, load_task
+from kit.task import as_data
 
 
 def add_arguments(parser):
+    # --task is the common one (kit.cli): a task file, a built-in task, or the data's task.yaml
     parser.add_argument("--skip-bad", action="store_true",
                         help="drop the samples and labels-file rows with problems (one warning "
                              "line each) instead of failing")
-    # The CLI may come to add --task to every command; then this one is that one.
-    if "--task" not in parser._option_string_actions:
-        parser.add_argument("--task", default=None, metavar="FILE|NAME",
-                            help="the task file describing the data (classes, layout, metric; "
-                                 "docs/tasks.md), or a built-in task: "
-                                 f"{', '.join(builtin_tasks())} (default: task.yaml in the "
-                                 "data folder, else an2dl2526c2v2)")
 
 
 def run(args) -> int:
-    task = load_task(args.task, args.data)
-    ds = load_dataset(args.data, skip_bad=args.skip_bad, task=task)
+    data = as_data(args.data, args.task)
+    task = data.task
+    ds = load_dataset(data, skip_bad=args.skip_bad)
     what = "pairs" if task.has_masks else "images"
     print(f"{ds.root}: {len(ds.train)} training {what}, {len(ds.test)} test {what}")
     counts = Counter(s.label for s in ds.train)

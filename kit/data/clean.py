@@ -7,8 +7,12 @@ Two rules, thresholds in ``kit/conf/clean.yaml``:
 - **cartoon**: every cartoon of v2 reuses a real image's mask file byte for byte, so duplicate
   masks are the strongest signal; a colour/texture score (share of yellow/green/brown hues,
   which H&E never has, plus share of flat pixels) decides which member of a duplicate group
-  is the cartoon: the most H&E-like one is kept. Without a duplicate mask only a very high
-  score flags an image.
+  is the cartoon: the most H&E-like one is kept. Without a duplicate mask (or without masks
+  at all) only a very high score flags an image.
+
+Only the detectors the task lists in ``junk`` flag images (AN2DL: both; another task usually
+none): the scores are still computed for ``scores.csv`` and the review page, and the
+near-duplicate groups are still found (image hashes always, mask hashes when there are masks).
 
 ``run_clean`` writes ``folds/outliers.csv`` (``sample_index,reason,score``), a review page with
 thumbnails of everything flagged, of the borderline cases and of the near-duplicate groups,
@@ -29,13 +33,29 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from kit.data import neardup
 from kit.config import given
-from kit.data.dataset import Dataset, Sample, jpeg_thumbnail, load_dataset, read_mask, to_rgb_array
+from kit.data import neardup
+from kit.data.dataset import (
+    Dataset,
+    Sample,
+    jpeg_thumbnail,
+    load_dataset,
+    read_mask,
+    to_rgb_array,
+)
 from kit.paths import Paths
+from kit.task import JUNK_DETECTORS, as_data
 from kit.templates import data_uri, render
-from kit.utils import (KitError, atomic_write_csv, atomic_write_text, n_workers, progress,
-                       read_csv_columns, sha256_file, write_config)
+from kit.utils import (
+    KitError,
+    atomic_write_csv,
+    atomic_write_text,
+    n_workers,
+    progress,
+    read_csv_columns,
+    sha256_file,
+    write_config,
+)
 
 REASONS = ("cartoon", "green")
 OUTLIER_COLUMNS = ["sample_index", "reason", "score"]
@@ -55,8 +75,10 @@ def run_clean(paths: Paths, data, cfg: dict, *, skip_bad: bool = False) -> pd.Da
         Work directory layout; writes ``paths.outliers_csv`` and, in ``paths.clean_dir``,
         ``review.html``, ``test_suspicious.csv``, ``scores.csv``, ``near_duplicates.csv`` and
         ``config.yaml``.
-    data : path or Dataset
-        Dataset root (validated with :func:`kit.data.dataset.load_dataset`) or a loaded dataset.
+    data : kit.task.Data, path or Dataset
+        Dataset root with its task (:func:`kit.task.as_data`; validated with
+        :func:`kit.data.dataset.load_dataset`) or a loaded dataset. The task's ``junk`` names
+        the detectors that flag images.
     cfg : dict
         The resolved ``clean`` config (``kit.config.load_config("clean", overrides)``).
     skip_bad : bool
@@ -68,10 +90,12 @@ def run_clean(paths: Paths, data, cfg: dict, *, skip_bad: bool = False) -> pd.Da
         The flagged training images: ``sample_index,reason,score``, sorted.
     """
     cfg = given(cfg, "clean")
-    dataset = data if isinstance(data, Dataset) else load_dataset(data, skip_bad=skip_bad)
+    dataset = data if isinstance(data, Dataset) else load_dataset(as_data(data),
+                                                                  skip_bad=skip_bad)
+    detectors = dataset.task.junk
     overrides = load_overrides(paths)  # a broken file should stop us before the long scan
     feats = scan(dataset, cfg)
-    feats = decide(feats, cfg)
+    feats = decide(feats, cfg, detectors)
     is_train = feats["split"] == "train"
     outliers = _flagged(feats[is_train])
     suspicious = _flagged(feats[~is_train])
@@ -83,9 +107,13 @@ def run_clean(paths: Paths, data, cfg: dict, *, skip_bad: bool = False) -> pd.Da
     atomic_write_csv(paths.clean_dir / "scores.csv", feats.drop(columns=["thumb"]),
                      float_format="%.6g")
     atomic_write_csv(neardup.near_duplicates_csv(paths), near)
-    atomic_write_text(paths.clean_dir / "review.html", review_html(feats, cfg, overrides, near))
+    atomic_write_text(paths.clean_dir / "review.html",
+                      review_html(feats, cfg, overrides, near, detectors))
+    # The built-in task's record stays as it was; another task's names what ran.
+    task = ({} if dataset.task.builtin else
+            {"task": dataset.task.name, "junk": list(detectors)})
     write_config(paths.clean_dir / "config.yaml",
-                 {**cfg, "data": str(dataset.root), "n_train": len(dataset.train),
+                 {**cfg, "data": str(dataset.root), **task, "n_train": len(dataset.train),
                   "n_test": len(dataset.test),
                   "flagged": outliers["reason"].value_counts().to_dict(),
                   "near_duplicate_groups": int(near["group"].nunique())})
@@ -104,7 +132,7 @@ def run_clean(paths: Paths, data, cfg: dict, *, skip_bad: bool = False) -> pd.Da
 def scan(dataset: Dataset, cfg: dict) -> pd.DataFrame:
     """Features of every train and test image, one row each (decoding in parallel)."""
     samples = [("train", s) for s in dataset.train] + [("test", s) for s in dataset.test]
-    tasks = [(str(s.image), str(s.mask)) for _, s in samples]
+    tasks = [(str(s.image), None if s.mask is None else str(s.mask)) for _, s in samples]
     work = partial(image_features, cfg=cfg)
     workers = n_workers(cfg["workers"])
     bar = dict(total=len(tasks), desc="clean", unit="img")
@@ -122,8 +150,12 @@ def scan(dataset: Dataset, cfg: dict) -> pd.DataFrame:
     return feats
 
 
-def image_features(task: tuple[str, str], cfg: dict) -> dict:
-    """Green share, cartoon score parts, mask hashes, perceptual hashes and a JPEG thumbnail."""
+def image_features(task: tuple[str, str | None], cfg: dict) -> dict:
+    """Green share, cartoon score parts, mask hashes, perceptual hashes and a JPEG thumbnail.
+
+    ``task`` is ``(image path, mask path or None)``; without a mask its hashes are ``""``
+    (compared with nothing) and its share NaN.
+    """
     image, mask = task
     im = _load_small(image, cfg["work_side"])
     rgb = np.asarray(im)
@@ -131,11 +163,14 @@ def image_features(task: tuple[str, str], cfg: dict) -> dict:
     colour, smooth = cartoon_parts(rgb, np.asarray(im.convert("HSV")), ~green, cfg["cartoon"])
     w = cfg["cartoon"]["colour_weight"]
     nd = cfg["near_duplicates"]
-    mask_phash, mask_share = neardup.mask_hash(read_mask(mask), cfg["work_side"], nd["hash_size"],
-                                               nd["mask_min_share"])
+    mask_phash, mask_share, mask_sha = "", float("nan"), ""
+    if mask is not None:
+        mask_phash, mask_share = neardup.mask_hash(read_mask(mask), cfg["work_side"],
+                                                   nd["hash_size"], nd["mask_min_share"])
+        mask_sha = sha256_file(mask)  # same definition as kit.data.dataset.mask_groups
     return {"green": float(green.mean()), "colour": colour, "smooth": smooth,
             "cartoon": w * colour + (1 - w) * smooth,
-            "mask_sha256": sha256_file(mask),  # same definition as kit.data.dataset.mask_groups
+            "mask_sha256": mask_sha,
             "image_phash": neardup.image_hash(im, nd["hash_size"]),  # the shrunk copy: cheap
             "mask_phash": mask_phash, "mask_share": mask_share,
             "thumb": jpeg_thumbnail(im, cfg["thumb_side"])}
@@ -181,22 +216,27 @@ def cartoon_parts(rgb: np.ndarray, hsv: np.ndarray, usable: np.ndarray, cfg: dic
 # Decisions
 
 
-def decide(feats: pd.DataFrame, cfg: dict) -> pd.DataFrame:
+def decide(feats: pd.DataFrame, cfg: dict, detectors=JUNK_DETECTORS) -> pd.DataFrame:
     """Add ``reason``/``score`` (empty/NaN when clean) and duplicate-mask group columns.
 
     Groups are taken over train and test together, so a test image reusing a training mask
-    is caught too.
+    is caught too; an image without a mask (``mask_sha256`` empty) is a group of its own.
+    Only ``detectors`` (the task's ``junk``: ``green``, ``cartoon``) flag images.
     """
     feats = feats.copy()
     cc, gc = cfg["cartoon"], cfg["green"]
-    feats["group_size"] = feats.groupby("mask_sha256")["sample_index"].transform("size")
+    own = "\0" + feats["split"] + "/" + feats["sample_index"]  # never a sha256
+    key = feats["mask_sha256"].where(feats["mask_sha256"] != "", own).rename("_mask")
+    feats["group_size"] = feats.groupby(key)["sample_index"].transform("size")
     # Within a duplicate group, rank 0 = the most H&E-like member (ties: train first, by name).
-    order = feats.sort_values(["mask_sha256", "cartoon", "split", "sample_index"],
-                              ascending=[True, True, False, True])
-    feats["group_rank"] = order.groupby("mask_sha256").cumcount().reindex(feats.index)
-    paired = (feats["group_size"] > 1) & (feats["group_rank"] > 0) & (feats["cartoon"] >= cc["paired"])
-    cartoon = (feats["cartoon"] >= cc["strict"]) | paired
-    green = ~cartoon & (feats["green"] > gc["min_share"])
+    order = feats.assign(_mask=key).sort_values(["_mask", "cartoon", "split", "sample_index"],
+                                                ascending=[True, True, False, True])
+    feats["group_rank"] = order.groupby("_mask").cumcount().reindex(feats.index)
+    paired = ((feats["group_size"] > 1) & (feats["group_rank"] > 0)
+              & (feats["cartoon"] >= cc["paired"]))
+    off = pd.Series(False, index=feats.index)
+    cartoon = ((feats["cartoon"] >= cc["strict"]) | paired) if "cartoon" in detectors else off
+    green = (~cartoon & (feats["green"] > gc["min_share"])) if "green" in detectors else off
     feats["reason"] = np.select([cartoon, green], ["cartoon", "green"], default="")
     feats["score"] = np.select([cartoon, green], [feats["cartoon"], feats["green"]], default=np.nan)
     return feats
@@ -274,35 +314,41 @@ def clean_train_samples(dataset: Dataset, paths: Paths) -> list[Sample]:
 
 
 def review_html(feats: pd.DataFrame, cfg: dict, overrides: pd.DataFrame | None = None,
-                near: pd.DataFrame | None = None) -> str:
+                near: pd.DataFrame | None = None, detectors=JUNK_DETECTORS) -> str:
     """A self-contained page (thumbnails inlined) to check the detector by eye, rendered from
     ``kit/templates/review.html`` (which escapes every name and label).
 
     ``near`` (:func:`kit.data.neardup.find_groups`) adds the near-duplicate groups, except those
-    that are exactly a group of byte-identical masks (shown in their own section).
+    that are exactly a group of byte-identical masks (shown in their own section). Only the
+    task's ``detectors`` get their flagged and borderline sections.
     """
     action = {} if overrides is None else dict(zip(overrides["sample_index"], overrides["action"]))
     train, test = feats[feats["split"] == "train"], feats[feats["split"] == "test"]
     sections = []
-    for reason in REASONS:
+    for reason in (r for r in REASONS if r in detectors):
         hit = train[train["reason"] == reason].sort_values("score", ascending=False)
         sections.append((f"Flagged {reason}: {len(hit)}", hit, action))
     clean = train[train["reason"] == ""]
     n = cfg["borderline"]
-    near_green = clean[clean["green"] > 0].nlargest(n, "green")
-    sections.append((f"Borderline green (top {n} unflagged, threshold {cfg['green']['min_share']:g})",
-                     near_green, action))
-    sections.append((f"Borderline cartoon (top {n} unflagged, thresholds paired "
-                     f"{cfg['cartoon']['paired']:g} / strict {cfg['cartoon']['strict']:g})",
-                     clean.nlargest(n, "cartoon"), action))
+    if "green" in detectors:
+        near_green = clean[clean["green"] > 0].nlargest(n, "green")
+        sections.append((f"Borderline green (top {n} unflagged, threshold "
+                         f"{cfg['green']['min_share']:g})", near_green, action))
+    if "cartoon" in detectors:
+        sections.append((f"Borderline cartoon (top {n} unflagged, thresholds paired "
+                         f"{cfg['cartoon']['paired']:g} / strict {cfg['cartoon']['strict']:g})",
+                         clean.nlargest(n, "cartoon"), action))
     dup = feats[feats["group_size"] > 1].sort_values(["mask_sha256", "group_rank"])
     sections.append((f"Images sharing a mask file ({dup['mask_sha256'].nunique()} groups; "
                      "rank 0 of each group is kept)", dup, action))
     sections.append((f"Test images reported (kept): {int((test['reason'] != '').sum())}",
                      test[test["reason"] != ""], {}))
     counts = train["reason"].value_counts()
-    page = render("review.html", n_train=len(train), n_cartoon=int(counts.get("cartoon", 0)),
-                  n_green=int(counts.get("green", 0)), n_test=len(test), n_overrides=len(action),
+    flagged = (", ".join(f"{int(counts.get(r, 0))} {r}" for r in REASONS if r in detectors)
+               + " flagged" if detectors else "no junk detector for this task (junk: [])")
+    example = train["sample_index"].iloc[0] if len(train) else "img_0000.png"
+    page = render("review.html", n_train=len(train), flagged=flagged, example=example,
+                  n_test=len(test), n_overrides=len(action),
                   sections=[{"title": title, "cards": [_card(r, act.get(r.sample_index))
                                                        for r in rows.itertuples(index=False)]}
                             for title, rows, act in sections],
@@ -320,7 +366,9 @@ def _near_section(feats: pd.DataFrame, near: pd.DataFrame, cfg: dict, action: di
     if near.empty:
         return {"title": title, "n_hidden": 0, "groups": None}
     rows = near.merge(feats, on=["split", "sample_index"], how="left", sort=False)
-    same_mask = rows.groupby("group")["mask_sha256"].transform("nunique") == 1
+    # a group whose members share one mask file (none: images without masks share nothing)
+    same_mask = ((rows.groupby("group")["mask_sha256"].transform("nunique") == 1)
+                 & (rows["mask_sha256"] != ""))
     groups = [{"number": number,
                "cards": [_card(r, action.get(r.sample_index) if r.split == "train" else None,
                                note=f"near-duplicate group {number}: {r.kind} hash "

@@ -133,7 +133,9 @@ def _bool_mask(im) -> np.ndarray:
 def extract_file(task):
     """Worker: decode one image/mask pair from disk and cut its patches.
 
-    ``task`` is ``(image_path, mask_path, cfg)``; ``cfg["_stain"]``, when present, is a
+    ``task`` is ``(image_path, mask_path, cfg)``; ``mask_path`` None (a task without masks)
+    is an empty mask, so the windows are ranked by tissue coverage (the fallback of
+    :func:`pick_windows`). ``cfg`` is a resolved patches.yaml; ``cfg["_stain"]``, when present, is a
     :func:`kit.data.stain.stain_payload` to normalise the patches with. Returns ``(patches, rows,
     seconds)`` with ``seconds`` = ``{"decode", "score", "crop", "stain"}`` (for the
     benchmark) and each row's ``stain_normalised`` (None when off, False when the image had
@@ -145,18 +147,24 @@ def extract_file(task):
     im = None
     try:
         t0 = time.perf_counter()
-        with Image.open(mask_path) as mk:
-            mk.load()
+        if mask_path is None:
             im = Image.open(image_path)
             im.load()
             t1 = time.perf_counter()
-            mask = _bool_mask(mk)
+            mask = np.zeros(im.size[::-1], dtype=bool)
+        else:
+            with Image.open(mask_path) as mk:
+                mk.load()
+                im = Image.open(image_path)
+                im.load()
+                t1 = time.perf_counter()
+                mask = _bool_mask(mk)
         if mask.shape != im.size[::-1]:
             raise KitError(f"{image_path}: image is {im.size[0]}x{im.size[1]} but its mask is "
                            f"{mask.shape[1]}x{mask.shape[0]}; they must match")
         xs, ys, cov, fallback, region = pick_windows(
             mask, size, cfg["stride"], cfg["top_k"], im, cfg["tissue_threshold"],
-            cfg.get("select", "top_k"), int(cfg.get("min_region_px", 1)))
+            cfg["select"], int(cfg["min_region_px"]))
         t2 = time.perf_counter()
         patches = cut_windows(im, xs, ys, size, cfg["pad_value"])
         t3 = time.perf_counter()

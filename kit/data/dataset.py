@@ -22,36 +22,25 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-from PIL import Image
-
-from kit import CLASSES
-from kit.task import (ID, LABEL, Task, default_task, load_task, pattern_folder, pattern_glob,
-                      pattern_regex, squash)
+from kit.data.images import (  # noqa: F401 (re-exported: where the stages import them from)
+    jpeg_thumbnail,
+    read_image,
+    read_mask,
+    to_rgb_array,
+)
+from kit.data.listing import (  # noqa: F401 (Sample and suggest_label re-exported)
+    SPLITS,
+    Sample,
+    list_split,
+    match_files,
+    read_labels,
+    row_without_image,
+    suggest_label,
+)
+from kit.task import ID, TASK_FILE, Data, Task, default_task, load_task, pattern_folder
 from kit.utils import KitError, sha256_file
 
 LABELS_CSV = "train_labels.csv"  # the AN2DL task's labels file
-SPLITS = ("train", "test")
-
-Image.MAX_IMAGE_PIXELS = None  # test scans reach ~6200 x 1024 and some teams upscaled; trust the data
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One image (with its mask when the task has masks); ``label`` is None for test images,
-    ``group`` None when the task names no group (patient) for it."""
-
-    id: str  # the task's id: for AN2DL the image file name, as in train_labels.csv: img_0000.png
-    image: Path
-    mask: Path | None = None
-    label: str | None = None
-    group: str | None = None
-
-    @property
-    def sample_index(self) -> str:
-        """The id under the name AN2DL's files give it (``sample_index`` columns)."""
-        return self.id
 
 
 def _default_task() -> Task:
@@ -75,9 +64,12 @@ class Dataset:
 
 
 def _task(task, root=None) -> Task:
-    # None means the built-in AN2DL task here, not the data folder's task.yaml: the stages
-    # that call without a task still assume AN2DL (commands resolve the task with load_task).
-    if task is None:
+    """The task of ``task`` (what :func:`kit.task.load_task` takes); None: a
+    :class:`kit.task.Data` root's own task, else the one found for ``root`` (its
+    ``task.yaml``, else the built-in AN2DL task), as :func:`kit.task.as_data` finds it."""
+    if task is None and isinstance(root, Data):
+        return root.task
+    if task is None and root is None:
         return default_task()
     return load_task(task, root)
 
@@ -106,9 +98,7 @@ def find_root(path: str | Path, task: Task | None = None) -> Path:
     Kaggle mounts competitions as ``/kaggle/input/<slug>/`` and some downloads unzip one level
     deeper, so one nested level is accepted.
     """
-    from kit.task import TASK_FILE
-
-    task = _task(task)
+    task = _task(task, path)
     path = Path(path).expanduser()
     holding = _holding(task)
     if not path.is_dir():
@@ -147,7 +137,8 @@ def load_dataset(root: str | Path, skip_bad: bool = False, check_pixels: bool = 
         Verify every image's chunks (catches truncated and corrupt PNG files).
     task : Task, str or None
         The task describing the layout (a :class:`kit.task.Task`, or what
-        :func:`kit.task.load_task` takes); None: the built-in AN2DL task.
+        :func:`kit.task.load_task` takes); None: ``root``'s own when it is a
+        :class:`kit.task.Data`, else ``task.yaml`` in ``root``, else the built-in AN2DL task.
 
     Raises
     ------
@@ -161,13 +152,13 @@ def load_dataset(root: str | Path, skip_bad: bool = False, check_pixels: bool = 
     repeated: dict[tuple[str, str], list[str]] = {}  # identical repeats: fixed by collapsing
     labels = groups = None
     if task.layout == "csv":
-        found = _read_labels(root, task, fatal, per_sample, repeated)
+        found = read_labels(root, task, fatal, per_sample, repeated)
         if found is not None:
             labels, groups = found
 
     splits, unmatched = {}, {}
     for split in SPLITS:
-        splits[split], unmatched[split] = _list_split(root, task, split, fatal, per_sample,
+        splits[split], unmatched[split] = list_split(root, task, split, fatal, per_sample,
                                                       check_pixels)
 
     if labels is not None:
@@ -175,7 +166,8 @@ def load_dataset(root: str | Path, skip_bad: bool = False, check_pixels: bool = 
         bad_train = {name for (split, name) in per_sample if split == "train"}
         for name in labels:
             if name not in train_ids and name not in bad_train and not unmatched["train"]:
-                per_sample.setdefault(("train", name), []).append(_row_without_image(root, task, name))
+                per_sample.setdefault(("train", name), []).append(
+                    row_without_image(root, task, name))
         train = []
         for s in splits["train"]:
             if s.id in labels:
@@ -204,18 +196,6 @@ def load_dataset(root: str | Path, skip_bad: bool = False, check_pixels: bool = 
     return Dataset(root, splits["train"], splits["test"], dropped, task)
 
 
-def _row_without_image(root: Path, task: Task, name: str) -> str:
-    rel = task.path("images", "train", name)
-    if rel is None:
-        return (f"{task.labels.file}: row {name!r} does not match id_pattern "
-                f"{task.id_pattern!r}, so it names no image; fix the id or id_pattern"
-                f"{task.cite('id_pattern')}")
-    hint = ""
-    if (root / rel).is_file() and task.id_fields(name) is None:
-        hint = (f" ({rel} exists, but {name!r} does not match id_pattern {task.id_pattern!r})")
-    return (f"{task.labels.file}: row {name!r} has no image {rel}{hint}; remove the row or "
-            f"restore the image{task.cite('images.train')}")
-
 
 def _count(per_sample):
     return sum(len(v) for v in per_sample.values())
@@ -231,263 +211,6 @@ def _merge(a: dict, b: dict) -> dict:
     for key, lines in b.items():
         out.setdefault(key, []).extend(lines)
     return out
-
-
-def suggest_label(label: str, classes=CLASSES) -> str | None:
-    """The class ``label`` means when it differs from it only in case and spacing, else None.
-
-    ``"triple  negative"``, ``"Luminal a"`` and ``"HER2(+) "`` give the exact class string.
-    """
-    return {squash(c): c for c in classes}.get(squash(label))
-
-
-def _unknown_label_fix(label: str, task: Task) -> str:
-    guess = suggest_label(label, task.classes)
-    fix = f"did you mean {guess!r}?" if guess else f"allowed: {', '.join(task.classes)}"
-    return fix + task.cite("classes")
-
-
-def _read_labels(root: Path, task: Task, fatal: list[str], per_sample: dict,
-                 repeated: dict) -> tuple[dict, dict] | None:
-    """The usable ``id -> label`` and ``id -> group`` rows of the task's labels file.
-
-    Problems with the file itself go to ``fatal``. Row problems (unknown label, rows of one
-    image with different labels or groups) go to ``per_sample`` under ``("train", id)``, so
-    that ``--skip-bad`` drops that image; identical repeated rows go to ``repeated``
-    (``--skip-bad`` keeps one of them).
-    """
-    spec = task.labels
-    path = root / spec.file
-    columns = [c for c in (spec.id, spec.label, spec.group) if c is not None]
-    header = ",".join(columns)
-    if not path.exists():
-        fatal.append(f"{path}: labels file missing; it must hold {header} rows"
-                     f"{task.cite('labels.file')}")
-        return None
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as exc:  # pandas raises several types for unparsable CSV
-        fatal.append(f"{path}: cannot be read as CSV ({exc}); expected header {header}")
-        return None
-    df.columns = [c.strip() for c in df.columns]
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        fatal.append(f"{path}: missing column(s) {', '.join(missing)}; expected header "
-                     f"{header} (found: {','.join(df.columns)}){task.cite('labels')}")
-        return None
-    df = df[columns].rename(columns={spec.id: "id", spec.label: "label",
-                                     **({spec.group: "group"} if spec.group else {})})
-    for i, (name, label) in enumerate(zip(df["id"], df["label"])):
-        if label not in task.classes:
-            per_sample.setdefault(("train", name), []).append(
-                f"{path}: line {i + 2}: unknown label {label!r} for {name}; "
-                f"{_unknown_label_fix(label, task)}")
-    dup = df[df.duplicated("id", keep=False)]
-    for name, rows in dup.groupby("id", sort=True):
-        lines = ", ".join(str(i + 2) for i in rows.index)
-        if len(rows.drop_duplicates()) == 1:
-            repeated.setdefault(("train", name), []).append(
-                f"{path}: {name} appears on {len(rows)} lines ({lines}); keep one row per image")
-        else:
-            differ = "label" if rows["label"].nunique() > 1 else "group"
-            what = "labels" if differ == "label" else f"{spec.group} values"
-            found = ", ".join(f"{v!r}" for v in rows[differ])
-            per_sample.setdefault(("train", name), []).append(
-                f"{path}: {name} appears on {len(rows)} lines ({lines}) with different {what} "
-                f"({found}); keep the one right row")
-    bad = {name for (_, name) in per_sample}
-    df = df[~df["id"].isin(bad)].drop_duplicates("id")
-    labels = dict(zip(df["id"], df["label"]))
-    groups = dict(zip(df["id"], df["group"])) if spec.group else {}
-    return labels, {k: (v if v.strip() else None) for k, v in groups.items()}
-
-
-def _match(root: Path, task: Task, pattern: str):
-    """``(path, fields)`` of every file under ``root`` that ``pattern`` describes, sorted by
-    path: fields are the pattern's (``id``, ``label``) plus ``id_pattern``'s groups. Hidden
-    files and files whose id ``id_pattern`` rejects are left out."""
-    rx = pattern_regex(pattern)
-    for path in sorted(root.glob(pattern_glob(pattern))):
-        rel = path.relative_to(root).as_posix()
-        m = rx.fullmatch(rel)
-        if m is None or any(part.startswith(".") for part in rel.split("/")):
-            continue
-        fields = dict(m.groupdict())
-        if ID in fields:
-            extra = task.id_fields(fields[ID])
-            if extra is None or any(fields.get(k, v) != v for k, v in extra.items()):
-                continue
-            fields.update(extra)
-        yield path, rel, fields
-
-
-def _unexplained(folder: Path, matched: set[Path]) -> Path | None:
-    """An entry of ``folder`` that none of the ``matched`` files is or lies in, else None."""
-    entries = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
-    if not entries or any(m == e or e in m.parents for m in matched for e in entries):
-        return None
-    return entries[0]
-
-
-def _no_match(root: Path, task: Task, key: str, folder: Path, example: Path) -> str:
-    pattern = task.patterns()[key]
-    rx = f" with id_pattern {task.id_pattern!r}" if task.id_pattern and "{id}" in pattern else ""
-    fix = (f"rename the files to follow it, or fix {key} in {task.source}" if not task.builtin
-           else f"the {task.name} task expects that layout; pass --task FILE for another one")
-    return (f"{folder}: {key} {pattern!r}{rx} matches no file here (it holds e.g. "
-            f"{example.relative_to(root).as_posix()}); {fix}")
-
-
-def _list_split(root: Path, task: Task, split: str, fatal: list[str], problems: dict,
-                check_pixels: bool) -> tuple[list[Sample], bool]:
-    """The samples of one split (training ones labelled in the folders layout), and whether
-    its images pattern matched no file in a folder of other files (then its rows' "no image"
-    lines would only repeat that)."""
-    image_pattern = getattr(task.images, split)
-    folder = root / pattern_folder(image_pattern)
-    if not folder.is_dir():
-        needs = " and ".join(dict.fromkeys(f"{pattern_folder(getattr(task.images, s))}/"
-                                           for s in SPLITS))
-        fatal.append(f"{folder}: folder missing; the dataset needs {needs}"
-                     f"{task.cite(f'images.{split}')}")
-        return [], False
-    images: dict[str, tuple[Path, dict]] = {}
-    labels_of: dict[str, str] = {}
-    for path, _, fields in _match(root, task, image_pattern):
-        sid = fields[ID]
-        if sid in images:  # the folders layout: one file name under two classes
-            problems.setdefault((split, sid), []).append(
-                f"{path}: id {sid!r} is also {images[sid][0]}; ids must be unique across class "
-                "folders, rename or delete one")
-            continue
-        images[sid] = (path, fields)
-        if LABEL in fields:
-            labels_of[sid] = fields[LABEL]
-    matched = {p for p, _ in images.values()}
-
-    mask_files: dict[str, tuple[Path, dict]] = {}
-    masks_missing = False
-    if task.has_masks:
-        mask_pattern = getattr(task.masks, split)
-        mask_folder = root / pattern_folder(mask_pattern)
-        if not mask_folder.is_dir():
-            fatal.append(f"{mask_folder}: folder missing; masks.{split} {mask_pattern!r} points "
-                         f"into it{task.cite(f'masks.{split}')}")
-            masks_missing = True
-        else:
-            mask_files = {rel: (p, f) for p, rel, f in _match(root, task, mask_pattern)}
-            matched |= {p for p, _ in mask_files.values()}
-            if not mask_files and images:
-                other = _unexplained(mask_folder, matched)
-                if other is not None:
-                    fatal.append(_no_match(root, task, f"masks.{split}", mask_folder, other))
-                    masks_missing = True
-    unmatched = False
-    if not images:
-        other = _unexplained(folder, matched)
-        if other is not None:
-            fatal.append(_no_match(root, task, f"images.{split}", folder, other))
-            unmatched = True
-
-    bad_classes: dict[str, list[str]] = {}
-    samples, claimed = [], set()
-    for sid in sorted(images, key=task.sort_key):
-        path, fields = images[sid]
-        label = labels_of.get(sid)
-        if label is not None and label not in task.classes:
-            bad_classes.setdefault(label, []).append(sid)
-            continue
-        found = problems.setdefault((split, sid), [])
-        if task.has_masks:
-            rel = getattr(task.masks, split).format(**fields)
-            claimed.add(rel)
-            mask = root / rel
-            if masks_missing:  # the fatal line says it; listed so its row is not "imageless"
-                samples.append(Sample(sid, path, None, label))
-            elif rel not in mask_files:
-                found.append(f"{path}: image has no mask (expected {mask})"
-                             f"{task.cite(f'masks.{split}')}")
-            else:
-                img_size = _image_size(path, found, check_pixels)
-                mask_size = _image_size(mask, found, check_pixels)
-                if img_size and mask_size and img_size != mask_size:
-                    found.append(f"{path}: image is {img_size[0]}x{img_size[1]} but its mask "
-                                 f"{mask.name} is {mask_size[0]}x{mask_size[1]}; they must match"
-                                 f"{task.cite(f'masks.{split}')}")
-                samples.append(Sample(sid, path, mask, label))
-        else:
-            _image_size(path, found, check_pixels)
-            samples.append(Sample(sid, path, None, label))
-        if not found:
-            del problems[(split, sid)]
-    for rel in sorted(set(mask_files) - claimed):
-        mask, fields = mask_files[rel]
-        sid = task.id_from_fields(fields)
-        image = task.path("images", split, sid) if sid is not None else None
-        expected = f" (expected {root / image})" if image else (
-            f" (no file of images.{split} {image_pattern!r} has it)")
-        problems.setdefault((split, sid if sid is not None else rel), []).append(
-            f"{mask}: mask has no image{expected}{task.cite(f'masks.{split}')}")
-    for label, ids in sorted(bad_classes.items()):
-        where = root / pattern_folder(image_pattern) / label
-        guess = suggest_label(label, task.classes)
-        fix = (f"did you mean {guess!r}? rename the folder" if guess else
-               f"allowed: {', '.join(task.classes)}; rename the folder or add the class")
-        problems.setdefault((split, f"{where}/"), []).append(
-            f"{where}: folder {label!r} is not a class ({len(ids)} images); {fix}"
-            f"{task.cite('classes')}")
-    return samples, unmatched
-
-
-def _image_size(path: Path, problems: list[str], check_pixels: bool) -> tuple[int, int] | None:
-    kind = path.suffix.lstrip(".").upper() or "image"
-    try:
-        with Image.open(path) as im:
-            size = im.size
-            if check_pixels:
-                im.verify()  # chunk CRCs and the end marker, without decoding every pixel
-        return size
-    except Exception as exc:  # PIL raises many types for broken files
-        problems.append(f"{path}: unreadable or truncated {kind} ({type(exc).__name__}: {exc}); "
-                        "re-download or delete the file")
-        return None
-
-
-def to_rgb_array(im: Image.Image) -> np.ndarray:
-    """Any PIL image (RGB, RGBA, L, LA, P, 16-bit) as uint8 ``H x W x 3``."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im, dtype=np.uint32)
-        arr = (arr >> 8) if arr.max(initial=0) > 255 else arr
-        return np.repeat(arr.astype(np.uint8)[..., None], 3, axis=2)
-    if im.mode != "RGB":
-        im = im.convert("RGB")
-    return np.asarray(im, dtype=np.uint8)
-
-
-def jpeg_thumbnail(im: Image.Image, side: int, quality: int = 80) -> bytes:
-    """JPEG bytes of a copy of ``im`` shrunk to fit ``side`` x ``side`` (for review pages)."""
-    import io
-
-    thumb = im.convert("RGB") if im.mode != "RGB" else im.copy()
-    thumb.thumbnail((side, side), Image.BILINEAR)
-    buf = io.BytesIO()
-    thumb.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to uint8 ``H x W x 3`` RGB."""
-    with Image.open(path) as im:
-        return to_rgb_array(im)
-
-
-def read_mask(path: str | Path) -> np.ndarray:
-    """Decode a mask to a bool ``H x W`` array; any value > 0 is inside."""
-    with Image.open(path) as im:
-        arr = np.asarray(im)
-    if arr.ndim == 3:
-        arr = arr[..., :3].max(axis=2) if arr.shape[2] >= 3 else arr[..., 0]
-    return arr > 0
 
 
 def mask_groups(samples: list[Sample]) -> dict[str, str]:
@@ -523,7 +246,7 @@ def expected_test_ids(test_dir_or_ids, task: Task | None = None) -> list[str]:
     if task is not None and isinstance(test_dir_or_ids, (str, os.PathLike)):
         task = _task(task, test_dir_or_ids)
         root = find_root(test_dir_or_ids, task)
-        return sorted(fields[ID] for _, _, fields in _match(root, task, task.images.test))
+        return sorted(fields[ID] for _, _, fields in match_files(root, task, task.images.test))
     if isinstance(test_dir_or_ids, (str, os.PathLike)):
         folder = Path(test_dir_or_ids)
         if (folder / "test_data").is_dir():

@@ -6,11 +6,15 @@ Every image is its own group unless it shares a group with others:
   each cartoon reuses a real image's mask, so a pair must never straddle two folds);
 - near-duplicate images or masks found by ``clean`` with perceptual hashes
   (``runs/clean/near_duplicates.csv``, :mod:`kit.data.neardup`);
+- images of one patient: the task's ``labels.group`` column (:func:`kit.data.dataset.label_groups`),
+  so that one patient never spans two folds;
 - images given the same ``group`` in the optional, user-edited ``folds/groups.csv``
   (``sample_index,group``), the hook for any other near-duplicates found by hand.
 
-Groups are merged transitively. ``runs/folds/config.yaml`` records which of these sources
-were used (with the files' sha256), and a refused overwrite names the source that changed.
+Groups are merged transitively and written as folds.csv's ``group`` column, which the inner
+splits of every fold (early stopping, label issues, the probe) keep together too.
+``runs/folds/config.yaml`` records which of these sources were used (with the files' sha256),
+and a refused overwrite names the source that changed.
 
 The split is scikit-learn's ``StratifiedGroupKFold``; the file it produces is sorted by
 ``sample_index`` and byte-identical for the same inputs and seed. Later stages record
@@ -31,11 +35,20 @@ import yaml
 from kit import CLASSES
 from kit.config import given
 from kit.data.clean import clean_train_samples
-from kit.data.dataset import Dataset, Sample, load_dataset, mask_groups
+from kit.data.dataset import Dataset, Sample, label_groups, load_dataset, mask_groups
 from kit.data.neardup import near_duplicates_csv, read_near_duplicates
 from kit.paths import Paths
-from kit.utils import (KitError, atomic_write_bytes, check_random_state, connected_components,
-                       read_csv_columns, sha256_bytes, sha256_file, write_config)
+from kit.task import as_data
+from kit.utils import (
+    KitError,
+    atomic_write_bytes,
+    check_random_state,
+    connected_components,
+    read_csv_columns,
+    sha256_bytes,
+    sha256_file,
+    write_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +105,8 @@ class StratifiedGroupFolds:
         seed = None
         if self.shuffle:
             seed = int(check_random_state(self.random_state).integers(2**31 - 1))
-        kfold = StratifiedGroupKFold(n_splits=self.n_splits, shuffle=self.shuffle, random_state=seed)
+        kfold = StratifiedGroupKFold(n_splits=self.n_splits, shuffle=self.shuffle,
+                                     random_state=seed)
         yield from kfold.split(X, y, groups)
 
     def __repr__(self) -> str:
@@ -140,9 +154,10 @@ def assign_folds(sample_ids, labels, groups, n_splits: int = 5, seed=42) -> np.n
 
 
 def build_groups(samples: list[Sample], extra: dict[str, str] | None = None,
-                 near: dict[str, str] | None = None) -> dict[str, str]:
-    """Group id of each sample: shared mask files, ``near`` and ``extra`` groups, merged
-    transitively.
+                 near: dict[str, str] | None = None,
+                 patients: dict[str, str] | None = None) -> dict[str, str]:
+    """Group id of each sample: shared mask files, ``near``, ``patients`` and ``extra``
+    groups, merged transitively.
 
     Parameters
     ----------
@@ -154,6 +169,9 @@ def build_groups(samples: list[Sample], extra: dict[str, str] | None = None,
         ``sample_index -> group label`` of the near-duplicate groups
         (:func:`kit.data.neardup.read_near_duplicates`); same rules as ``extra``, and the two
         sources' labels never mix (group "3" of one is not group "3" of the other).
+    patients : dict, optional
+        ``sample_index -> group label`` of the task's ``labels.group`` column
+        (:func:`kit.data.dataset.label_groups`); same rules.
 
     Returns
     -------
@@ -162,7 +180,7 @@ def build_groups(samples: list[Sample], extra: dict[str, str] | None = None,
     """
     names = {s.sample_index for s in samples}
     pairs = list(mask_groups(samples).items())
-    for source in (near, extra):  # each source's labels are its own
+    for source in (near, patients, extra):  # each source's labels are its own
         by_label: dict[str, str] = {}
         pairs += [(name, by_label.setdefault(label, name))
                   for name, label in sorted((source or {}).items()) if name in names]
@@ -186,7 +204,8 @@ def read_group_overrides(path: str | Path, known: set[str] | None = None) -> dic
     if known is not None:
         problems += [f"{name}: not a training image" for name in
                      sorted(set(df.sample_index) - known)]
-    problems += [f"{name}: empty group" for name in df.loc[df.group.str.strip() == "", "sample_index"]]
+    problems += [f"{name}: empty group"
+                 for name in df.loc[df.group.str.strip() == "", "sample_index"]]
     if problems:
         raise KitError(f"{path}: {len(problems)} problems; fix or delete the file", problems)
     return dict(zip(df.sample_index, df.group.str.strip()))
@@ -199,8 +218,10 @@ def run_folds(paths: Paths, data, cfg: dict, *, seed: int = 42, force: bool = Fa
     Parameters
     ----------
     paths : Paths
-    data : path or Dataset
-        Dataset root (or an already loaded :class:`kit.data.dataset.Dataset`).
+    data : kit.task.Data, path or Dataset
+        Dataset root with its task (:func:`kit.task.as_data`), or an already loaded
+        :class:`kit.data.dataset.Dataset`. The task gives the classes and, with
+        ``labels.group``, the patient groups.
     cfg : dict
         The resolved ``folds`` config (``n_splits``).
     seed : int
@@ -222,7 +243,9 @@ def run_folds(paths: Paths, data, cfg: dict, *, seed: int = 42, force: bool = Fa
         without ``force`` (the message names a grouping source that changed since).
     """
     cfg = given(cfg, "folds")
-    dataset = data if isinstance(data, Dataset) else load_dataset(data, skip_bad=skip_bad)
+    dataset = data if isinstance(data, Dataset) else load_dataset(as_data(data),
+                                                                  skip_bad=skip_bad)
+    task = dataset.task
     samples = sorted(clean_train_samples(dataset, paths), key=lambda s: s.sample_index)
     if not samples:
         raise KitError(f"{paths.outliers_csv}: no clean training images left to split; "
@@ -235,7 +258,8 @@ def run_folds(paths: Paths, data, cfg: dict, *, seed: int = 42, force: bool = Fa
         log.warning(f"warning: {near_csv} not found: near-duplicate images are not kept in one "
                     "fold (only byte-identical masks and folds/groups.csv are); rerun "
                     "./run.sh clean to find them")
-    groups = build_groups(samples, extra, near)
+    patients = label_groups(samples) if task.has_groups else None
+    groups = build_groups(samples, extra, near, patients)
     ids = [s.sample_index for s in samples]
     folds = assign_folds(ids, [s.label for s in samples], [groups[i] for i in ids],
                          int(cfg["n_splits"]), seed)
@@ -246,39 +270,51 @@ def run_folds(paths: Paths, data, cfg: dict, *, seed: int = 42, force: bool = Fa
 
     content = df.to_csv(index=False, lineterminator="\n").encode()
     config_path = paths.runs_dir / "folds" / "config.yaml"
-    grouping = grouping_sources(paths, extra, near)
+    grouping = grouping_sources(paths, extra, near, patients=patients, task=task,
+                                data_root=dataset.root)
     _guard_overwrite(paths.folds_csv, content, force, _grouping_change(config_path, grouping))
     if not (paths.folds_csv.exists() and paths.folds_csv.read_bytes() == content):
         atomic_write_bytes(paths.folds_csv, content)
     n_groups = len(set(groups.values()))
+    # The built-in task's record stays as it was; another task's names it.
+    named = {} if task.builtin else {"task": task.name, "task_sha256": task.fingerprint}
     write_config(config_path, {
-        **cfg, "seed": seed, "data": str(dataset.root), "n_images": len(df), "n_groups": n_groups,
+        **cfg, "seed": seed, "data": str(dataset.root), **named, "n_images": len(df),
+        "n_groups": n_groups,
         "groups_csv": str(paths.groups_csv) if extra else None, "grouping": grouping,
-        "outliers_csv_sha256": sha256_file(paths.outliers_csv) if paths.outliers_csv.exists() else None,
+        "outliers_csv_sha256": (sha256_file(paths.outliers_csv) if paths.outliers_csv.exists()
+                                else None),
         "folds_csv": str(paths.folds_csv), "folds_sha256": sha256_bytes(content)})
     log.info(f"{len(df)} clean training images in {n_groups} groups "
              f"({len(df) - n_groups} images share a group with another; grouped by "
              f"{', '.join(grouping['sources'])})")
-    log.info(fold_table(df, int(cfg["n_splits"])))
+    log.info(fold_table(df, int(cfg["n_splits"]), task.classes))
     return df
 
 
-def grouping_sources(paths: Paths, extra: dict | None, near: dict | None) -> dict:
+def grouping_sources(paths: Paths, extra: dict | None, near: dict | None, *,
+                     patients: dict | None = None, task=None, data_root=None) -> dict:
     """What grouped the images, as recorded in ``runs/folds/config.yaml``.
 
-    ``sources`` lists the sources used (``shared_masks`` always; ``near_duplicates`` when
-    ``clean`` wrote its file; ``groups_csv`` when the user's file has rows), with each file's
-    path and sha256, so that a changed grouping can be told apart from a changed seed.
+    ``sources`` lists the sources used (``shared_masks`` when the task has masks;
+    ``near_duplicates`` when ``clean`` wrote its file; ``labels_group`` when the task names a
+    patient column, ``patients`` its groups; ``groups_csv`` when the user's file has rows),
+    with each file's path and sha256, so that a changed grouping can be told apart from a
+    changed seed. ``task`` None: the built-in task.
     """
     near_csv = near_duplicates_csv(paths)
-    sources = ["shared_masks"]
+    sources = ["shared_masks"] if task is None or task.has_masks else []
     out: dict = {"near_duplicates": None, "groups_csv": None}
+    # labels_group only when the task has one: the built-in task's record keeps its keys
+    labels_csv = Path(data_root) / task.labels.file if patients is not None else None
     for key, path, mapping in (("near_duplicates", near_csv, near),
+                               ("labels_group", labels_csv, patients),
                                ("groups_csv", paths.groups_csv, extra)):
         if mapping is None or (key == "groups_csv" and not mapping):
             continue
         sources.append(key)
-        out[key] = {"file": str(path), "sha256": sha256_file(path),
+        column = {"column": task.labels.group} if key == "labels_group" else {}
+        out[key] = {"file": str(path), **column, "sha256": sha256_file(path),
                     "groups": len(set(mapping.values())), "partition": _partition_hash(mapping)}
     return {"sources": sources, **out}
 
@@ -303,6 +339,7 @@ def _grouping_change(config_path: Path, grouping: dict) -> str:
     before = old["grouping"] or {}
     changed = []
     for key, name in (("near_duplicates", "runs/clean/near_duplicates.csv"),
+                      ("labels_group", "the labels file's group column"),
                       ("groups_csv", "folds/groups.csv")):
         a, b = before.get(key), grouping.get(key)
         if (a or {}).get("partition") != (b or {}).get("partition"):
@@ -311,10 +348,11 @@ def _grouping_change(config_path: Path, grouping: dict) -> str:
     return ", ".join(changed)
 
 
-def fold_table(df: pd.DataFrame, n_splits: int | None = None) -> str:
-    """Per-fold class counts as a small text table (rows: folds, then ``all``)."""
+def fold_table(df: pd.DataFrame, n_splits: int | None = None, classes=CLASSES) -> str:
+    """Per-fold class counts (columns: ``classes``, the task's) as a small text table (rows:
+    folds, then ``all``)."""
     n_splits = n_splits or int(df.fold.max()) + 1
-    table = pd.crosstab(df.fold, df.label).reindex(index=range(n_splits), columns=list(CLASSES),
+    table = pd.crosstab(df.fold, df.label).reindex(index=range(n_splits), columns=list(classes),
                                                    fill_value=0)
     table["total"] = table.sum(axis=1)
     table.loc["all"] = table.sum(axis=0)
@@ -352,8 +390,8 @@ def _describe_change(old: bytes, new: bytes) -> str:
             f"{len(a.index.difference(b.index))} removed")
 
 
-def load_folds(paths: Paths) -> tuple[pd.DataFrame, str]:
-    """Read and check ``folds/folds.csv``.
+def load_folds(paths: Paths, classes=CLASSES) -> tuple[pd.DataFrame, str]:
+    """Read and check ``folds/folds.csv`` (labels among ``classes``: the task's).
 
     Returns
     -------
@@ -374,7 +412,7 @@ def load_folds(paths: Paths) -> tuple[pd.DataFrame, str]:
     try:
         df = pd.read_csv(io.BytesIO(content), dtype=str, keep_default_na=False)
     except Exception as exc:  # pandas raises several types for unparsable CSV
-        raise KitError(f"{path}: cannot be read as CSV ({exc}); {fix}")
+        raise KitError(f"{path}: cannot be read as CSV ({exc}); {fix}") from None
     if tuple(df.columns) not in (COLUMNS, OLD_COLUMNS):
         raise KitError(f"{path}: columns are {','.join(df.columns)}, expected "
                        f"{','.join(COLUMNS)}; {fix}")
@@ -385,7 +423,7 @@ def load_folds(paths: Paths) -> tuple[pd.DataFrame, str]:
     problems += [f"line {i + 2}: fold {v!r} is not a non-negative integer"
                  for i, v in df.fold[bad_fold].items()]
     problems += [f"line {i + 2}: unknown label {v!r}"
-                 for i, v in df.label[~df.label.isin(CLASSES)].items()]
+                 for i, v in df.label[~df.label.isin(classes)].items()]
     problems += [f"line {i + 2}: {v} listed again"
                  for i, v in df.sample_index[df.sample_index.duplicated()].items()]
     if problems:

@@ -1,5 +1,8 @@
 """Mask-guided patches: K mask-coverage windows of every image, cached per split and size.
 
+A task without masks (``masks: null``) gets the windows with the most tissue instead (the
+empty-mask fallback below, ``tissue_threshold``), so every later stage reads the same cache.
+
 A ``size x size`` window slides with ``stride`` over each image; its score is the share of
 mask pixels inside it, computed from a summed-area table sampled at the window edges (no
 per-window Python loop). ``select: top_k`` keeps the ``top_k`` best windows; ties go to the
@@ -38,8 +41,18 @@ from kit.data.clean import clean_train_samples
 from kit.data.cutting import extract_file
 from kit.data.dataset import Dataset, load_dataset
 from kit.data.stain import check_stain_config, stain_key, stain_payload
-from kit.utils import (KitError, atomic_path, atomic_write_csv, atomic_write_json, n_workers,
-                       progress, sha256_file, sha256_text, write_config)
+from kit.task import as_data
+from kit.utils import (
+    KitError,
+    atomic_path,
+    atomic_write_csv,
+    atomic_write_json,
+    n_workers,
+    progress,
+    sha256_file,
+    sha256_text,
+    write_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +92,11 @@ def hash_files(files, workers: int = 2) -> list[str]:
 
 def _key_cfg(cfg: dict) -> dict:
     out = {k: cfg[k] for k in ("size", "stride", "top_k", "tissue_threshold", "pad_value")}
-    if cfg.get("select", "top_k") != "top_k":
+    if cfg["select"] != "top_k":
         # Only then: top_k caches keep their keys (and the feature caches keyed on them).
         out["select"] = cfg["select"]
         out["min_region_px"] = int(cfg["min_region_px"])
-    stain = stain_key(cfg.get("stain_norm"))
+    stain = stain_key(cfg["stain_norm"])
     if stain is not None:
         # Only when on: the keys of caches built without stain normalisation stay valid.
         out["stain_norm"] = stain
@@ -91,12 +104,14 @@ def _key_cfg(cfg: dict) -> dict:
 
 
 def cache_key(samples, cfg: dict, split: str, workers: int = 2) -> str:
-    """sha256 over the sorted samples (name, label, image and mask file hashes), the
-    parameters that change the patches, and :data:`CODE_VERSION`."""
+    """sha256 over the sorted samples (name, label, image and mask file hashes; a sample
+    without a mask has no mask hash), the parameters that change the patches, and
+    :data:`CODE_VERSION`."""
     samples = sorted(samples, key=lambda s: s.sample_index)
-    hashes = hash_files([p for s in samples for p in (s.image, s.mask)], workers)
-    items = [[s.sample_index, s.label or "", hashes[2 * i], hashes[2 * i + 1]]
-             for i, s in enumerate(samples)]
+    files = [[s.image] + ([] if s.mask is None else [s.mask]) for s in samples]
+    hashes = iter(hash_files([p for pair in files for p in pair], workers))
+    items = [[s.sample_index, s.label or "", *(next(hashes) for _ in pair)]
+             for s, pair in zip(samples, files)]
     payload = {"version": CODE_VERSION, "split": split, "cfg": _key_cfg(cfg), "samples": items}
     return sha256_text(json.dumps(payload, sort_keys=True))
 
@@ -141,7 +156,7 @@ def build_split(samples, out: Path, cfg: dict, workers: int, desc: str = "patche
     """
     size, k = cfg["size"], cfg["top_k"]
     shape = (len(samples), k, size, size, 3)
-    payload = stain_payload(cfg.get("stain_norm"))  # the reference is fitted once, here
+    payload = stain_payload(cfg["stain_norm"])  # the reference is fitted once, here
     task_cfg = cfg if payload is None else {**cfg, "_stain": payload}
     tasks = [(s.image, s.mask, task_cfg) for s in samples]
     index_rows, fallback = [], []
@@ -201,8 +216,9 @@ def run_patches(paths, data, cfg: dict, *, splits=SPLITS, skip_bad: bool = False
     ----------
     paths : kit.paths.Paths
         Work directory; writes ``paths.patches_dir(split, size)``.
-    data : path or kit.data.dataset.Dataset
-        Dataset root, or an already loaded dataset.
+    data : kit.task.Data, path or kit.data.dataset.Dataset
+        Dataset root with its task (:func:`kit.task.as_data`), or an already loaded dataset.
+        Without masks (``task.masks`` null) every image's windows are its most tissued ones.
     cfg : dict
         The resolved ``kit/conf/patches.yaml`` (``load_config("patches", overrides)``), with
         a numeric ``size`` (the command resolves ``auto`` from a backbone).
@@ -216,8 +232,9 @@ def run_patches(paths, data, cfg: dict, *, splits=SPLITS, skip_bad: bool = False
     """
     check_patches_config(cfg)
     cfg = {**cfg, "size": int(cfg["size"])}
-    dataset = data if isinstance(data, Dataset) else load_dataset(data, skip_bad=skip_bad)
-    workers = n_workers(cfg.get("workers"))
+    dataset = data if isinstance(data, Dataset) else load_dataset(as_data(data),
+                                                                  skip_bad=skip_bad)
+    workers = n_workers(cfg["workers"])
     out_sets = {}
     for split in splits:
         samples = _split_samples(dataset, paths, split)
@@ -245,7 +262,10 @@ def run_patches(paths, data, cfg: dict, *, splits=SPLITS, skip_bad: bool = False
             meta["stain_norm"] = {"method": cfg["stain_norm"]["method"],
                                   "n_skipped": len(skipped), "skipped": skipped}
         atomic_write_json(out / "meta.json", meta)
-        if flagged:
+        if flagged and not dataset.task.has_masks:
+            log.info(f"patches {split}: no masks in task {dataset.task.name}: windows ranked "
+                     "by tissue coverage")
+        elif flagged:
             log.warning(f"warning: patches {split}: {len(flagged)} image(s) with an empty "
                         f"mask, ranked by tissue coverage instead: {', '.join(flagged)}")
         if skipped:

@@ -43,7 +43,7 @@ def stain_key(cfg: dict | None) -> dict | None:
 
     The reference enters by content (sha256), not by path: moving the file does not rebuild.
     """
-    if not cfg or cfg.get("method", "none") == "none":
+    if cfg is None or cfg["method"] == "none":
         return None
     key = {k: cfg[k] for k in ("method", "intensity", "alpha", "beta", "min_tissue")}
     key["reference"] = sha256_file(cfg["reference"]) if cfg["reference"] else "macenko-standard"
@@ -52,7 +52,7 @@ def stain_key(cfg: dict | None) -> dict | None:
 
 def stain_payload(cfg: dict | None) -> dict | None:
     """The resolved settings a patch worker needs (reference stains fitted once), or ``None``."""
-    if not cfg or cfg.get("method", "none") == "none":
+    if cfg is None or cfg["method"] == "none":
         return None
     check_stain_config(cfg)
     params = {k: float(cfg[k]) for k in ("intensity", "alpha", "beta", "min_tissue")}
