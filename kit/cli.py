@@ -25,6 +25,7 @@ COMMANDS = {
     "patches": "cut the top-K mask-coverage (or tissue) patches of every image into a cached array",
     "folds": "stratified, image-grouped K-fold split -> folds/folds.csv",
     "cv": "train one model per fold -> runs/<backbone>/oof.csv and test.csv",
+    "runs": "the cv runs by name: backbone, changed settings, OOF score, honest or not",
     "tune": "Optuna search of head and augmentation settings per backbone",
     "compare": "paired bootstrap of two cv runs' OOF macro F1: B - A, its interval, P(B > A)",
     "blend": "weighted blend of backbones + class biases -> submissions/latest.csv",

@@ -6,6 +6,8 @@ tracked file.
 """
 from __future__ import annotations
 
+import re
+
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +67,8 @@ class Paths:
         return self.patches_root / f"{int(size)}px" / split
 
     def backbone_dir(self, name: str) -> Path:
+        """``runs/<name>/``: one cv run, named after its backbone unless ``cv --name`` gave
+        another name (variants of one backbone side by side)."""
         return self.runs_dir / name
 
     def tune_dir(self, name: str) -> Path:
@@ -73,3 +77,18 @@ class Paths:
     @property
     def features_dir(self) -> Path:
         return self.runs_dir / "features"
+
+
+# runs/ sub-folders written by other stages: never cv runs, whatever they hold.
+RESERVED_RUN_DIRS = frozenset({"blend", "tune", "patches", "clean", "features", "demo"})
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+def check_run_name(name: str) -> str:
+    """``name`` when it can name a folder under runs/, else a one-line KitError."""
+    from kit.utils import KitError
+
+    if not _RUN_NAME.match(str(name)) or name in RESERVED_RUN_DIRS:
+        raise KitError(f"run name {name!r}: use letters, digits, '_', '-', '.' or '+', and "
+                       f"none of {', '.join(sorted(RESERVED_RUN_DIRS))}")
+    return str(name)

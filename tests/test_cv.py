@@ -702,3 +702,27 @@ def test_an2dl_runs_keep_their_hashes(done):
     assert done[1]["metric"] == "macro_f1" and done[1]["classes"] == list(CLASSES)
     assert done[1]["oof_score"] == done[1]["oof_macro_f1"]
     assert done[1]["oof_score_ci95"] == done[1]["oof_macro_f1_ci95"]
+
+
+def test_named_runs_of_one_backbone_coexist(tmp_path, capsys):
+    # Two variants of tiny_cnn (cv --name): each in runs/<name>/, listed, compared by name.
+    from kit.ensemble.compare import compare_runs
+    from kit.ensemble.runs import format_runs, list_runs
+
+    paths = make_workdir(tmp_path / "w", n_folds=3)
+    mlp = _run(paths, cfg=FROZEN, name="cnn_mlp")
+    probe = _run(paths, cfg={**FROZEN, "head": {"type": "logreg"}}, name="cnn_probe")
+    assert (paths.runs_dir / "cnn_mlp" / "oof.csv").is_file()
+    assert (paths.runs_dir / "cnn_probe" / "oof.csv").is_file()
+    assert not (paths.runs_dir / BB).exists()
+    assert mlp["run"] == "cnn_mlp" and probe["run"] == "cnn_probe" and probe["backbone"] == BB
+    runs = {r["name"]: r for r in list_runs(paths)}
+    assert set(runs) == {"cnn_mlp", "cnn_probe"}
+    assert runs["cnn_probe"]["changed"]["head.type"] == "logreg"
+    assert "head.type" not in runs["cnn_mlp"]["changed"]
+    assert "cnn_probe" in format_runs(list(runs.values()))
+    result = compare_runs("cnn_mlp", "cnn_probe", paths, n_boot=200)
+    assert result["a"] == pytest.approx(mlp["oof_score"])
+    assert result["b"] == pytest.approx(probe["oof_score"])
+    with pytest.raises(KitError, match="run name 'blend': use letters"):
+        _run(paths, cfg=FROZEN, name="blend")

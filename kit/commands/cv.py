@@ -9,6 +9,10 @@ def add_arguments(parser):
     parser.add_argument("backbone", help="backbone to train, or a+b (feature fusion: one "
                         "head on the concatenated cached embeddings of frozen a and b): " +
                         "; ".join(describe_backbones(notes=False)))
+    parser.add_argument("--name", default=None, metavar="NAME",
+                        help="the run's name: it writes runs/NAME/ (default: the backbone), so "
+                             "that variants of one backbone coexist; blend, compare and report "
+                             "take run names")
     parser.add_argument("--weights", action="append", default=None, metavar="WEIGHTS",
                         help="auto (pretrained: local folder, cache, else download), random, "
                              "or a weights file/folder (default: auto); for a+b one per "
@@ -64,7 +68,7 @@ def run(args) -> int:
     overrides = with_flags(stage_overrides(args.config, args.sets), overrides)
     # The task (its classes and metric) from --task, else the data folder's task.yaml.
     run_cv(Paths.from_root(args.workdir), as_data(args.data, args.task), train_settings(overrides),
-           backbone=args.backbone, seed=args.seed,
+           backbone=args.backbone, name=args.name, seed=args.seed,
            weights=parse_weights(args.backbone, args.weights), fold=args.fold,
            params=args.params, device=args.device,
            restart=args.restart, feature_cache=not args.no_feature_cache)

@@ -23,13 +23,11 @@ from kit.data.dataset import expected_test_ids, find_root
 from kit.ensemble.biases import apply_rule
 from kit.ensemble.search import BlendSearch, PriorRule, SearchResult
 from kit.metrics import to_indices
-from kit.paths import Paths
+from kit.paths import RESERVED_RUN_DIRS, Paths
 from kit.task import Task, as_data, pattern_folder
 from kit.utils import KitError, sha256_file
 
 REQUIRED_FILES = ("oof.csv", "test.csv", "metrics.json")
-# runs/ sub-folders written by other stages: never backbones, whatever they hold.
-RESERVED_RUN_DIRS = frozenset({"blend", "tune", "patches", "clean", "features", "demo"})
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 

@@ -36,7 +36,7 @@ from kit.data.patches import patches_for
 from kit.metrics import format_ci, get_metric
 from kit.models.backbones import native_size
 from kit.models.heads import is_mil_config
-from kit.paths import Paths
+from kit.paths import Paths, check_run_name
 from kit.task import Task, task_of
 from kit.training import fusion
 from kit.training.cv_assembly import assemble
@@ -177,13 +177,13 @@ def _restart(out: Path, fold: int | None) -> None:
 # --------------------------------------------------------------------------- stage
 def run_cv(paths: Paths, data, settings: Layered, *, backbone: str, seed: int = 42,
            weights="auto", fold: int | None = None, params=None, device=None,
-           restart: bool = False, feature_cache: bool = True) -> dict:
+           restart: bool = False, feature_cache: bool = True, name: str | None = None) -> dict:
     """Train ``backbone`` on every fold (or fold ``fold``) and assemble its predictions.
 
     Parameters
     ----------
     paths : kit.paths.Paths
-        Reads ``folds/folds.csv`` and ``runs/patches/``; writes ``runs/<backbone>/``.
+        Reads ``folds/folds.csv`` and ``runs/patches/``; writes ``runs/<name>/``.
     data : kit.task.Data, path or None
         The dataset, as the other stages take it: cv reads the patch caches, and its task
         (None: the built-in AN2DL task) gives the classes (``p_<class>`` columns, the head's
@@ -214,6 +214,10 @@ def run_cv(paths: Paths, data, settings: Layered, *, backbone: str, seed: int = 
         the same files for a fraction of the compute, without pixel augmentation (colour
         jitter, CutMix; flips become a random cached view). False: always train on pixels.
 
+    name : str, optional
+        The run's name, its folder under ``runs/`` (default: ``backbone``): variants of one
+        backbone (other settings) side by side, each blended, compared and reported by name.
+
     Returns
     -------
     dict
@@ -221,6 +225,7 @@ def run_cv(paths: Paths, data, settings: Layered, *, backbone: str, seed: int = 
         "pending": [...], "folds": {k: done mark}}``.
     """
     task = task_of(data)
+    run = check_run_name(name or backbone)
     title = get_metric(task.metric).title
     settings = fusion.frozen_defaults(backbone, settings)  # checks every part's name
     params, params_desc, params_source = resolve_params(params, paths, backbone, settings,
@@ -231,7 +236,7 @@ def run_cv(paths: Paths, data, settings: Layered, *, backbone: str, seed: int = 
     n_folds = int(folds.fold.max()) + 1
     if fold is not None and not 0 <= int(fold) < n_folds:
         raise KitError(f"--fold {fold}: {paths.folds_csv} has folds 0..{n_folds - 1}")
-    out = paths.backbone_dir(backbone)
+    out = paths.backbone_dir(run)
     if restart:
         _restart(out, fold)
     marks = _check_folds_unchanged(out, folds_sha, n_folds)
@@ -246,7 +251,8 @@ def run_cv(paths: Paths, data, settings: Layered, *, backbone: str, seed: int = 
                 keys=keys, n_folds=n_folds, device=dev, params_desc=params_desc,
                 params_source=params_source, training_path=training_path, fused=fused,
                 hash=config_hash(backbone, weights, seed, cfg, keys, training_path, dtype,
-                                 dev.type, fused.record() if fused else None, task), task=task)
+                                 dev.type, fused.record() if fused else None, task), task=task,
+                name=run)
     log.info(f"{backbone}: {n_folds} folds, {len(folds)} training images, {len(test.samples)} "
              f"test images, device {ctx.device}, params: {params_desc}")
     if is_mil_config(cfg["head"]) and training_path == "pixels" and \

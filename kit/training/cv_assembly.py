@@ -113,7 +113,8 @@ def assemble(ctx: CVRun, marks: dict[int, dict]) -> dict:
                   "training_path": ctx.training_path,
                   **({"fusion": ctx.fused.record()} if ctx.fused else {}), **ctx.cfg}
     metrics = {
-        "backbone": ctx.backbone, "metric": metric, "oof_score": oof_score,
+        "backbone": ctx.backbone, "run": ctx.name or ctx.backbone, "metric": metric,
+        "oof_score": oof_score,
         "oof_score_ci95": list(score_ci), "oof_macro_f1": summary["macro_f1"],
         "oof_macro_f1_ci95": list(ci),
         "oof_weighted_f1": summary["weighted_f1"], "oof_accuracy": summary["accuracy"],

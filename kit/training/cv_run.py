@@ -27,7 +27,7 @@ class CVRun:
     folds_sha: str
     train: object  # kit.data.patches.PatchSet
     test: object
-    out: Path  # runs/<backbone>/
+    out: Path  # runs/<name>/
     keys: dict  # patch cache keys
     n_folds: int
     device: object  # torch.device
@@ -36,6 +36,7 @@ class CVRun:
     training_path: str  # pixels | feature_cache
     hash: str  # config_hash: what a fold's outputs depend on
     task: Task  # the classes (probability columns, the head's outputs) and the metric
+    name: str = ""  # the run's folder under runs/ (the backbone unless cv --name)
     printed: bool = False  # the trainable-parameter line, once per run
     issue_source: object = None  # pixel path: the frozen embeddings label_issues trains on
     fused: object = None  # a run named a+b: its parts (kit.training.fusion.Fusion)
