@@ -192,7 +192,6 @@ def test_the_demo_refuses_a_layout_it_does_not_generate(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="waits for the training/ensemble integration")
 def test_the_whole_demo_runs_in_the_csv_layout(tmp_path, capsys):
     from kit.cli import main
 

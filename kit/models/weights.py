@@ -180,6 +180,12 @@ def _offline() -> str | None:
     return None
 
 
+def local_weights(name: str) -> Path | None:
+    """``$KIT_WEIGHTS_DIR/<name>`` (folder or weight file) when it is there, else None: what
+    ``./run.sh all`` without runs trains."""
+    return _local_weights(name)[0]
+
+
 def _local_weights(name: str) -> tuple[Path | None, str]:
     """``$KIT_WEIGHTS_DIR/<name>`` (folder or ``<name>.<suffix>`` file) and a description."""
     root = os.environ.get("KIT_WEIGHTS_DIR")
