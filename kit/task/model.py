@@ -152,6 +152,9 @@ class Task(_Strict):
     submission: SubmissionColumns
     junk: tuple[str, ...] = ()
     kaggle: str | None = None
+    # The share of the test set Kaggle scores publicly (the rest ranks privately): what the
+    # shake-up estimate splits by; None: not published, 0.3 assumed (kit.submission.shakeup).
+    public_fraction: float | None = Field(default=None, gt=0, lt=1)
 
     _source: Path | None = PrivateAttr(default=None)
     _builtin: bool = PrivateAttr(default=False)
@@ -363,7 +366,10 @@ class Task(_Strict):
     # --------------------------------------------------------------------- identity
     def to_dict(self) -> dict:
         """The task as plain data, keys as in the file (JSON- and YAML-ready)."""
-        return self.model_dump(mode="json", by_alias=True)
+        out = self.model_dump(mode="json", by_alias=True)
+        if out.get("public_fraction") is None:  # an unset key leaves the fingerprint as it was
+            out.pop("public_fraction", None)
+        return out
 
     @property
     def fingerprint(self) -> str:
