@@ -6,9 +6,8 @@ tracked file.
 """
 from __future__ import annotations
 
-import re
-
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 

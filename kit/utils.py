@@ -13,7 +13,6 @@ from typing import Any, Iterator
 import numpy as np
 import yaml
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 
 from kit import PROB_COLUMNS
-from kit.data import synth
 from kit.bench import honesty
 from kit.cli import main
+from kit.data import synth
 from kit.paths import Paths
 
 # Opens of the held-back label file while ``_WATCH["on"]``: (path, opened by the bench's reader).

@@ -30,8 +30,8 @@ def tiny_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_both_arms_share_folds_and_get_scores_and_a_paired_difference(tiny_run):
-    from kit.metrics import macro_f1
     from kit.data import synth
+    from kit.metrics import macro_f1
 
     workdir, result = tiny_run
     root = workdir.runs_dir / "bench/regions/tiny/easy/seed3"

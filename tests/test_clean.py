@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from kit.data import clean, demo, neardup
 from kit.cli import main
 from kit.config import load_config
+from kit.data import clean, demo, neardup
 from kit.data.dataset import load_dataset
 from kit.log import capture
 from kit.paths import Paths

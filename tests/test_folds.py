@@ -16,13 +16,21 @@ from PIL import Image
 
 from kit import CLASSES
 from kit.cli import main
+from kit.config import load_config
 from kit.data.dataset import load_dataset
-from kit.data.folds import (StratifiedGroupFolds, assign_folds, build_groups, fold_table,
-                            folds_hash, load_folds, run_folds)
-from kit.data.neardup import COLUMNS as NEAR_COLUMNS, near_duplicates_csv
+from kit.data.folds import (
+    StratifiedGroupFolds,
+    assign_folds,
+    build_groups,
+    fold_table,
+    folds_hash,
+    load_folds,
+    run_folds,
+)
+from kit.data.neardup import COLUMNS as NEAR_COLUMNS
+from kit.data.neardup import near_duplicates_csv
 from kit.paths import Paths
 from kit.utils import KitError, sha256_file
-from kit.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRAIN = 60

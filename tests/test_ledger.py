@@ -280,10 +280,10 @@ def test_refresh_without_credentials_is_one_line(tmp_path, monkeypatch, capsys):
 
 def test_a_blend_writes_its_shakeup_nested_oof_and_ledger_row(tmp_path):
     # The blend stage itself (not a hand-made manifest): one ledger row per packaged submission.
+    from blend_data import make_blend_workdir
     from kit.config import load_config
     from kit.submission.blend_output import run_blend
     from kit.submission.shakeup import nested_oof_path
-    from blend_data import make_blend_workdir
 
     paths, data = make_blend_workdir(tmp_path)
     first = run_blend(paths, data, load_config("blend"), name="one", seed=3)

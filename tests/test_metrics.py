@@ -3,8 +3,14 @@ import pytest
 from sklearn.metrics import f1_score
 
 from kit import CLASSES
-from kit.metrics import (aggregate, classification_summary, macro_f1, plot_confusion,
-                         to_indices, weighted_f1)
+from kit.metrics import (
+    aggregate,
+    classification_summary,
+    macro_f1,
+    plot_confusion,
+    to_indices,
+    weighted_f1,
+)
 
 
 def test_aggregate_mean_prob_is_the_patch_mean_per_image():
@@ -175,8 +181,7 @@ def test_format_ci():
 
 # --------------------------------------------------------------------------- the registry
 def _sklearn(name, y, pred, n_classes):
-    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, cohen_kappa_score,
-                                 f1_score)
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score, f1_score
 
     if name == "macro_f1":
         return f1_score(y, pred, average="macro", zero_division=0)

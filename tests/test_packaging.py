@@ -11,11 +11,11 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from kit import env_check
 from kit.env_check import EnvError, at_least, check, parse_version, plan

@@ -12,12 +12,12 @@ from PIL import Image
 
 from kit import CLASSES
 from kit.cli import main
-from kit.data.dataset import read_image, read_mask
-from kit.paths import Paths
 from kit.config import load_config
 from kit.data.cutting import cut_windows, extract_file, pick_windows, tissue_mask
+from kit.data.dataset import read_image, read_mask
 from kit.data.patches import load_patches, run_patches
 from kit.data.windows import select_windows, window_scores, window_starts
+from kit.paths import Paths
 from kit.utils import KitError
 
 CFG = {"size": 16, "stride": 8, "top_k": 3, "workers": 1}

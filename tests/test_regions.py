@@ -12,8 +12,8 @@ from kit.cli import main
 from kit.config import load_config
 from kit.data.cutting import cut_windows, pick_windows
 from kit.data.patches import load_patches, run_patches
-from kit.data.windows import window_scores
 from kit.data.regions import allot, label_regions, region_windows
+from kit.data.windows import window_scores
 from kit.paths import Paths
 from kit.utils import KitError
 

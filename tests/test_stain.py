@@ -9,9 +9,17 @@ import pytest
 from PIL import Image
 
 from kit.config import load_config
-from kit.data.stain import (STANDARD_HE, STANDARD_MAX_C, _normalizer, check_stain_config,
-                            macenko_normalize, macenko_reference, stain_key, stain_payload,
-                            tissue_fraction)
+from kit.data.stain import (
+    STANDARD_HE,
+    STANDARD_MAX_C,
+    _normalizer,
+    check_stain_config,
+    macenko_normalize,
+    macenko_reference,
+    stain_key,
+    stain_payload,
+    tissue_fraction,
+)
 from kit.utils import KitError
 
 # Stain matrices (rows: haematoxylin, eosin; columns: R, G, B optical density per unit),

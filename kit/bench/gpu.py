@@ -33,8 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kit.bench.gpu_report import (format_agreement, format_cv, format_embed, format_train,
-                                  markdown)
+from kit.bench.gpu_report import format_agreement, format_cv, format_embed, format_train, markdown
 from kit.bench.train import bench_backbone
 from kit.config import train_settings
 from kit.utils import KitError, atomic_write_json, seed_everything
@@ -236,9 +235,8 @@ def agreement(name: str, array, labels, cfg: dict, device, steps: int, n_check: 
 # --------------------------------------------------------------------------- cv
 def short_cv(name: str, paths, cfg: dict, device, seed: int) -> dict:
     """``run_cv`` on the pixel path with the CUDA settings; time, throughput, memory."""
-    import torch
-
     import pandas as pd
+    import torch
 
     from kit.data.patches import load_patches
     from kit.training.cv import run_cv
@@ -291,8 +289,8 @@ def embed_throughput(name: str, array, batch_size: int, device, repeats: int) ->
     """:func:`kit.training.features.embed_array` vs the bare forward pass on the same batches."""
     import torch
 
-    from kit.models.normalize import normalize_batch
     from kit.models.backbones import create_backbone
+    from kit.models.normalize import normalize_batch
     from kit.training.features import embed_array
 
     bb = create_backbone(name, weights="random", patch_size=int(array.shape[2]))

@@ -137,8 +137,8 @@ def warm_up(paths, device=None) -> None:
     import numpy as np
     import torch
 
-    from kit.models.backbones import create_backbone
     from kit.data.patches import load_patches
+    from kit.models.backbones import create_backbone
     from kit.training.device import pick_device
 
     for split in ("train", "test"):

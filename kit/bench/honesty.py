@@ -36,10 +36,20 @@ import shutil
 import time
 from pathlib import Path
 
-from kit.bench.heldout import (BACKBONE, Preset, cpu_seconds, generated_data_arguments,
-                               heldout_labels, num, parse_names, prepare_seed, preset_and_seeds,
-                               run_data_stages, warm_up)
 from kit import PROB_COLUMNS
+from kit.bench.heldout import (
+    BACKBONE,
+    Preset,
+    cpu_seconds,
+    generated_data_arguments,
+    heldout_labels,
+    num,
+    parse_names,
+    prepare_seed,
+    preset_and_seeds,
+    run_data_stages,
+    warm_up,
+)
 from kit.config import load_config, train_settings
 from kit.paths import Paths
 from kit.utils import KitError, atomic_path, atomic_write_json, progress
@@ -231,8 +241,8 @@ def score_run(path: str, mode: str, paths, data, truth: dict, preset: Preset, se
     """
     import pandas as pd
 
-    from kit.training.cv import run_cv
     from kit.metrics import macro_f1
+    from kit.training.cv import run_cv
 
     which, extra = PATH_SETUP[path]
     weights = standin["file"] if which == "standin" else "random"

@@ -58,9 +58,18 @@ from pathlib import Path
 
 from kit import PROB_COLUMNS
 from kit.bench import heldout
-from kit.bench.heldout import (BACKBONE, cpu_seconds, generated_data_arguments, heldout_labels,
-                               parse_names, prepare_seed, preset_and_seeds, read_table,
-                               run_data_stages, warm_up)
+from kit.bench.heldout import (
+    BACKBONE,
+    cpu_seconds,
+    generated_data_arguments,
+    heldout_labels,
+    parse_names,
+    prepare_seed,
+    preset_and_seeds,
+    read_table,
+    run_data_stages,
+    warm_up,
+)
 from kit.bench.honesty import build_standin
 from kit.bench.label_truth import drawn_labels, flag_quality, noise_counts
 from kit.bench.noise_summary import BASELINE, ORACLE, checks, format_table, summarise

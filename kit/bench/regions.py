@@ -27,8 +27,17 @@ from dataclasses import replace
 from pathlib import Path
 
 from kit import PROB_COLUMNS
-from kit.bench.heldout import (cpu_seconds, generated_data_arguments, heldout_labels, num,
-                               parse_names, prepare_seed, preset_and_seeds, read_table, warm_up)
+from kit.bench.heldout import (
+    cpu_seconds,
+    generated_data_arguments,
+    heldout_labels,
+    num,
+    parse_names,
+    prepare_seed,
+    preset_and_seeds,
+    read_table,
+    warm_up,
+)
 from kit.bench.honesty import build_standin
 from kit.bench.noise import EASY_NOISE, FROZEN, REGIMES, SIGNAL, Preset, regime_arguments
 from kit.bench.noise_summary import ci_text, pooled_ci

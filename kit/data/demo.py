@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kit.data import synth
+
 # re-exported for the demo command and the tests
 from kit.data.synth import JUNK_CSV, META_JSON, TEST_LABELS_CSV, make_plan  # noqa: F401
 

@@ -17,7 +17,6 @@ import numpy as np
 from scipy import ndimage
 
 from kit.data.windows import select_windows, window_scores, window_starts
-from kit.utils import KitError
 
 _EIGHT = np.ones((3, 3), dtype=bool)  # diagonal neighbours join a region
 

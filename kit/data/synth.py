@@ -52,10 +52,24 @@ from PIL import Image
 from kit import CLASSES
 from kit.data import synth_draw, synth_plan
 from kit.data.synth_draw import NORMAL, STRIP_HALF_PX, TUMOUR, Nuclei, draw, phenotypes
-from kit.data.synth_fixtures import (TINTS, embeddings, stratified_folds, tinted_patches,
-                                     write_folds, write_patch_cache, write_patch_workdir)
-from kit.data.synth_plan import (CARTOON_LABELS, CARTOON_RATE, CLEAN_COUNTS, GREEN_RATE,
-                                 V2_NONCARTOON_COUNTS, Item, make_plan)
+from kit.data.synth_fixtures import (
+    TINTS,
+    embeddings,
+    stratified_folds,
+    tinted_patches,
+    write_folds,
+    write_patch_cache,
+    write_patch_workdir,
+)
+from kit.data.synth_plan import (
+    CARTOON_LABELS,
+    CARTOON_RATE,
+    CLEAN_COUNTS,
+    GREEN_RATE,
+    V2_NONCARTOON_COUNTS,
+    Item,
+    make_plan,
+)
 from kit.utils import KitError, n_workers, progress
 
 __all__ = [

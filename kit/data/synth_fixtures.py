@@ -14,7 +14,6 @@ from kit.data.synth_plan import CLEAN_COUNTS, check_counts
 from kit.paths import Paths
 from kit.utils import check_random_state
 
-
 # Per-class RGB offsets added to grey noise: easy to learn, invariant to flips and rotations.
 TINTS = np.array([[60, -30, -30], [-30, 60, -30], [-30, -30, 60], [-40, -40, -40]])
 

@@ -7,9 +7,17 @@ from typing import Any, Literal
 from pydantic import model_validator
 
 from kit.schema.base import Group, key
-from kit.schema.values import (Bool, Float, Int, NonNegative, NonNegativeInt, Pixel, PositiveInt,
-                              Probability, between)
-
+from kit.schema.values import (
+    Bool,
+    Float,
+    Int,
+    NonNegative,
+    NonNegativeInt,
+    Pixel,
+    PositiveInt,
+    Probability,
+    between,
+)
 
 # --------------------------------------------------------------------------- clean
 

@@ -8,8 +8,18 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BeforeValidator
 
 from kit.schema.base import Group, key
-from kit.schema.values import (Bool, Int, NonNegative, NonNegativeInt, PositiveInt, Probability,
-                              Schedule, Views, between, off_or)
+from kit.schema.values import (
+    Bool,
+    Int,
+    NonNegative,
+    NonNegativeInt,
+    PositiveInt,
+    Probability,
+    Schedule,
+    Views,
+    between,
+    off_or,
+)
 
 Amp = Annotated[Literal["auto", "off", "bf16", "fp16"],
                 BeforeValidator(lambda v: "off" if v is False or v is None else v)]
