@@ -31,7 +31,8 @@ def main(argv=None) -> int:
             try:
                 import pytest
             except ImportError:
-                raise KitError("an2dl-kit test: pytest is not installed; pip install -e '.[dev]'")
+                raise KitError("an2dl-kit test: pytest is not installed; "
+                               "pip install -e '.[dev]'") from None
             os.chdir(tests.parent)  # the tests use paths relative to the repository
             return int(pytest.main(["-q", "tests", *argv[1:]]))
         if command == "kaggle":
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
                 from kaggle.cli import main as kaggle_main
             except ImportError:
                 raise KitError("an2dl-kit kaggle: the kaggle package is not installed; "
-                               "pip install kaggle")
+                               "pip install kaggle") from None
             sys.argv = ["kaggle", *argv[1:]]
             return int(kaggle_main() or 0)
     except KitError as exc:

@@ -82,7 +82,8 @@ def to_indices(y, classes=CLASSES) -> np.ndarray:
         try:
             return np.array([lookup[v] for v in y], dtype=np.int64)
         except KeyError as exc:
-            raise ValueError(f"unknown label {exc.args[0]!r}; expected one of {list(classes)}")
+            raise ValueError(f"unknown label {exc.args[0]!r}; "
+                             f"expected one of {list(classes)}") from None
     return y.astype(np.int64)
 
 
@@ -186,7 +187,8 @@ def quadratic_kappa_batch(pred, y, n_classes: int) -> np.ndarray:
     """
     cm = _confusion_batch(pred, y, n_classes).astype(np.float64)
     n = cm.sum(axis=(1, 2))
-    expected = np.einsum("gi,gj->gij", cm.sum(axis=2), cm.sum(axis=1)) / np.maximum(n, 1)[:, None, None]
+    expected = (np.einsum("gi,gj->gij", cm.sum(axis=2), cm.sum(axis=1))
+                / np.maximum(n, 1)[:, None, None])
     k = np.arange(n_classes)
     w = (k[:, None] - k[None, :]) ** 2.0
     num = (cm * w).sum(axis=(1, 2))

@@ -87,9 +87,10 @@ def read_yaml(path: str | os.PathLike) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise KitError(f"{path}: file not found")
+        raise KitError(f"{path}: file not found") from None
     except yaml.YAMLError as exc:
-        raise KitError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix or delete it")
+        raise KitError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); "
+                       "fix or delete it") from None
     if not isinstance(data, dict):
         raise KitError(f"{path}: expected a mapping at the top level")
     return data
@@ -111,7 +112,8 @@ def read_csv_columns(path: str | os.PathLike, columns, expected: str, fix: str =
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except Exception as exc:  # pandas raises several types for unparsable CSV
-        raise KitError(f"{path}: cannot be read as CSV ({exc}); expected header {expected}{then}")
+        raise KitError(f"{path}: cannot be read as CSV ({exc}); "
+                       f"expected header {expected}{then}") from None
     df.columns = [str(c).strip() for c in df.columns]
     missing = [c for c in columns if c not in df.columns]
     if missing:
@@ -262,7 +264,8 @@ def progress_interval() -> float:
 
 
 def in_jupyter() -> bool:
-    """True inside a Jupyter kernel (notebook, lab, Colab, Kaggle, VS Code), as tqdm.auto sees it."""
+    """True inside a Jupyter kernel (notebook, lab, Colab, Kaggle, VS Code), as tqdm.auto sees
+    it."""
     import sys
 
     if "ipykernel.zmqshell" not in sys.modules:

@@ -256,7 +256,8 @@ def short_cv(name: str, paths, cfg: dict, device, seed: int) -> dict:
     # Patches trained on (every fold trains on the others) over the epochs, as timed here.
     patches = (n_folds - 1) * len(folds) * k * int(cfg["epochs"])
     return {"backbone": name, "seconds": seconds, "oof_macro_f1": metrics["oof_macro_f1"],
-            "train_patches": patches, "patches_per_s": patches / seconds,  # whole cv, predictions too
+            "train_patches": patches,
+            "patches_per_s": patches / seconds,  # whole cv, predictions too
             "peak_mem_gib": (torch.cuda.max_memory_allocated(device) / 2**30
                              if device.type == "cuda" else None),
             "amp": amp_name(device, cfg["amp"]),
@@ -376,9 +377,10 @@ def run(args) -> int:
         print("bench gpu: --device cpu checks the bench itself; these are not GPU figures")
     if info.get("warning"):
         log.warning(f"bench gpu: warning: {info['warning']}")
-    cfg = train_config(train_settings({"batch_size": args.batch_size, "num_workers": args.num_workers,
-                        "epochs": args.epochs, "patience": 0, "amp": "auto",
-                        "channels_last": "auto"}))
+    cfg = train_config(train_settings({"batch_size": args.batch_size,
+                                       "num_workers": args.num_workers,
+                                       "epochs": args.epochs, "patience": 0, "amp": "auto",
+                                       "channels_last": "auto"}))
     results: dict[str, list] = {s: [] for s in STEPS}
     failed = []
     with tempfile.TemporaryDirectory(prefix="kit-bench-gpu-") as tmp:

@@ -52,7 +52,8 @@ def markdown(info: dict, results: dict) -> str:
     names = {r["backbone"] for part in results.values() for r in part}
     for name in sorted(names):
         def get(part):
-            return next((r for r in results.get(part, []) if r["backbone"] == name), None)
+            return next((r for r in results.get(part, [])
+                         if r["backbone"] == name), None)  # noqa: B023 (called in this pass only)
         cv, tr, em, ag = get("cv"), get("train"), get("embed"), get("agreement")
         cells = [name, _fmt(cv and cv["patches_per_s"]), _fmt(cv and cv["peak_mem_gib"], ".2f"),
                  "%.0f / %.0f (%.2fx)" % (tr["kit_ips"], tr["bare_ips"], tr["ratio"]) if tr

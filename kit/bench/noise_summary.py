@@ -153,7 +153,8 @@ def format_table(result: dict) -> str:
             lines.append(f"    {r['arm'] + ('*' if r['arm'] == ORACLE else ''):<11}"
                          f"{num(r['test'], '.3f'):>7}{num(r['oof'], '.3f'):>7}"
                          f"{num(r['gap'], '+.3f'):>9}{num(r['diff'], '+.3f'):>8}"
-                         f"{num(r['diff_sd'], '.3f'):>7}{ci_text(r.get('diff_ci95')):>17}  {per:<58}"
+                         f"{num(r['diff_sd'], '.3f'):>7}{ci_text(r.get('diff_ci95')):>17}"
+                         f"  {per:<58}"
                          f"{num(r['test_clean'], '.3f'):>7}{num(r['diff_clean'], '+.3f'):>8}"
                          f"{num(r['wall_seconds'], '.0f'):>8}  {flags}")
         lines.append("    per seed (test / OOF): " + "; ".join(

@@ -11,7 +11,8 @@ the kit on a second generated set, frozen, a head on its cached embeddings
 
 Per arm and regime, over seeds: test macro F1 (held-back labels), OOF macro F1, OOF - test,
 and for ``per_region`` the test difference from ``top_k`` on the same set with a paired
-bootstrap interval per seed and a pooled one for the mean (:func:`kit.bench.noise_summary.pooled_ci`).
+bootstrap interval per seed and a pooled one for the mean
+(:func:`kit.bench.noise_summary.pooled_ci`).
 As a diagnostic of what the windows show: the share of each training image's mask regions of
 at least ``min_region_px`` pixels that hold a window, and the mean number of regions with one.
 

@@ -19,7 +19,8 @@ _SIZE_DIR = re.compile(r"^(\d+)px$")
 
 
 def cached_sizes(paths) -> list[int]:
-    """Window sizes with a finished cache of at least one split (``meta.json`` written), ascending."""
+    """Window sizes with a finished cache of at least one split (``meta.json`` written),
+    ascending."""
     root = paths.patches_root
     if not root.is_dir():
         return []

@@ -51,7 +51,8 @@ def image_hash(im: Image.Image, hash_size: int) -> str:
     return str(imagehash.phash(grey, hash_size=hash_size))
 
 
-def mask_hash(mask: np.ndarray, work_side: int, hash_size: int, min_share: float) -> tuple[str, float]:
+def mask_hash(mask: np.ndarray, work_side: int, hash_size: int,
+              min_share: float) -> tuple[str, float]:
     """(hex phash, inside share) of a bool mask, hashed on a copy shrunk to ``work_side``.
 
     Masks covering less than ``min_share`` get ``""``: empty and near-empty masks hash
@@ -81,8 +82,10 @@ def _bits(hexes: list[str]) -> np.ndarray:
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
-def close_pairs(hexes: list[str], max_distance: int, block: int = 256) -> list[tuple[int, int, int]]:
-    """``(i, j, distance)`` for every ``i < j`` whose hashes differ in at most ``max_distance`` bits.
+def close_pairs(hexes: list[str], max_distance: int,
+                block: int = 256) -> list[tuple[int, int, int]]:
+    """``(i, j, distance)`` for every ``i < j`` whose hashes differ in at most ``max_distance``
+    bits.
 
     Empty hashes (``""``) take part in no pair. Distances are computed in row blocks so that
     memory stays at ``block x n`` whatever the dataset size.
@@ -142,7 +145,8 @@ def find_groups(table: pd.DataFrame, cfg: dict) -> pd.DataFrame:
     for d, rank, i, j in sorted(edges):
         for a, b in ((i, j), (j, i)):
             best = nearest.get(a)
-            if best is None or (d, rank, _order(keys[b])) < (best[0], best[1], _order(keys[best[2]])):
+            if best is None or ((d, rank, _order(keys[b]))
+                                < (best[0], best[1], _order(keys[best[2]]))):
                 nearest[a] = (d, rank, b)
 
     root = connected_components(nearest, [(i, j) for _, _, i, j in edges])

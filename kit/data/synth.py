@@ -1,4 +1,5 @@
-"""The kit's one synthetic-data generator: datasets in the challenge layout, patch caches, embeddings.
+"""The kit's one synthetic-data generator: datasets in the challenge layout, patch caches,
+embeddings.
 
 Used by ``./run.sh demo``, every ``./run.sh bench`` and the tests, so that class counts, junk and
 class signal are defined once.

@@ -133,7 +133,8 @@ def _geometry(rng, short: int, long: int) -> _Geometry:
         x0, x1 = w * rng.uniform(0, 0.15), w * (1 - rng.uniform(0, 0.15))
         ends = np.clip(np.minimum(x - x0, x1 - x) / (2 * half), 0, 1)
         slope = np.gradient(centre)
-        width = (half * (1 + 0.25 * np.sin(2 * np.pi * rng.uniform(1, 4) * x / w + rng.uniform(0, 6.3)))
+        width = (half * (1 + 0.25 * np.sin(2 * np.pi * rng.uniform(1, 4) * x / w
+                                           + rng.uniform(0, 6.3)))
                  * np.sqrt(ends) * np.sqrt(1 + slope ** 2))
         width[ends <= 0] = -h  # beyond the ends: no tissue, whatever the edge noise
         dist = np.minimum(dist, np.abs(y - centre[None]) - width[None])
@@ -307,7 +308,8 @@ def _cartoon(rng, shape) -> np.ndarray:
         x = np.arange(lo, hi, dtype=np.float32)[None, :]
         part = img[:, lo:hi]  # a view: drawing into it draws into img
         for sx in (-1, 1):  # trumpet ears
-            ear = ((x - cx - sx * 1.05 * rx) / (0.22 * rx)) ** 2 + ((y - cy + 0.2 * ry) / (0.12 * ry)) ** 2
+            ear = (((x - cx - sx * 1.05 * rx) / (0.22 * rx)) ** 2
+                   + ((y - cy + 0.2 * ry) / (0.12 * ry)) ** 2)
             part[ear < 1] = skin * 0.85
         r2 = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2
         face = r2 < 1
@@ -319,6 +321,7 @@ def _cartoon(rng, shape) -> np.ndarray:
             brow = (np.abs(y - (ey - 0.17 * ry) - 0.15 * sx * (x - ex)) < 0.03 * ry) & (
                 np.abs(x - ex) < 0.18 * rx)
             part[brow] = skin * 0.45
-        mouth = np.abs(((x - cx) / (0.45 * rx)) ** 2 + ((y - cy - 0.3 * ry) / (0.2 * ry)) ** 2 - 1) < 0.12
+        mouth = np.abs(((x - cx) / (0.45 * rx)) ** 2
+                       + ((y - cy - 0.3 * ry) / (0.2 * ry)) ** 2 - 1) < 0.12
         part[mouth & (y > cy + 0.3 * ry)] = skin * 0.4
     return img.astype(np.float32) + 2.0 * rng.standard_normal(img.shape, dtype=np.float32)

@@ -120,7 +120,8 @@ def _allocate(counts: dict, n: int, rng) -> list[str]:
     total = sum(counts.values())
     exact = {c: n * k / total for c, k in counts.items()}
     whole = {c: int(v) for c, v in exact.items()}
-    for c in sorted(exact, key=lambda c: (whole[c] - exact[c], CLASSES.index(c)))[:n - sum(whole.values())]:
+    short = n - sum(whole.values())
+    for c in sorted(exact, key=lambda c: (whole[c] - exact[c], CLASSES.index(c)))[:short]:
         whole[c] += 1
     labels = [c for c in CLASSES for _ in range(whole[c])]
     return rng.permutation(labels).tolist()

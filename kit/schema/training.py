@@ -116,7 +116,8 @@ class Train(Group):
 
     epochs: PositiveInt = key("training epochs per fold (the most, with early stopping)")
     batch_size: PositiveInt = key("training batch size (lower it on out-of-memory)")
-    eval_batch_size: NonNegativeInt = key("prediction batch size; 0 = 2 x batch_size", path_free=True)
+    eval_batch_size: NonNegativeInt = key(
+        "prediction batch size; 0 = 2 x batch_size", path_free=True)
     lr: NonNegative = key("AdamW learning rate of the head (0: nothing moves)")
     weight_decay: NonNegative = key("AdamW weight decay")
     warmup_epochs: NonNegative = key("linear warm-up epochs before the cosine decay")
@@ -125,26 +126,33 @@ class Train(Group):
                                    "stopping; 0 = never")
     early_stopping: Literal["auto", "inner", "refit", "none", "oof"] = key(
         "how a fold chooses its epoch (oof: optimistic scores)", path_free=True)
-    inner_folds: between(2, kind=Int) = key("folds of the inner split early stopping uses", path_free=True)
+    inner_folds: between(2, kind=Int) = key(
+        "folds of the inner split early stopping uses", path_free=True)
     num_workers: Literal["auto"] | NonNegativeInt = key(
         "DataLoader processes (auto: 0 on CPU/MPS, up to 8 on CUDA)", path_free=True)
     amp: Amp = key("mixed precision (auto: bf16/fp16 on CUDA, off on CPU/MPS)", path_free=True)
-    channels_last: Literal["auto"] | Bool = key("channels_last memory format (auto: on CUDA)", path_free=True)
-    label_smoothing: between(0, 1, high_open=True) = key("label smoothing of the targets", path_free=True)
+    channels_last: Literal["auto"] | Bool = key(
+        "channels_last memory format (auto: on CUDA)", path_free=True)
+    label_smoothing: between(0, 1, high_open=True) = key(
+        "label smoothing of the targets", path_free=True)
     class_balance: Literal["none", "loss", "sampler"] = key(
         "class imbalance: none | class-weighted loss | balanced sampler", path_free=True)
     tta: Views = key("test-time views: flips | dihedral | none, or a list of views", path_free=True)
     bag: PositiveInt = key("heads trained per fold with their own seeds, averaged", path_free=True)
-    label_issues: LabelIssues = key("suspected label errors, found inside each fold", path_free=True)
+    label_issues: LabelIssues = key(
+        "suspected label errors, found inside each fold", path_free=True)
     head: Head = key("the classifier head", path_free=True)
     train_norm: TrainNorm = key(
-        "backbone norm layers left trainable: batchnorm, groupnorm, layernorm (empty: none)", path_free=True)
+        "backbone norm layers left trainable: batchnorm, groupnorm, layernorm (empty: none)",
+        path_free=True)
     unfreeze_last: NonNegativeInt = key("backbone blocks trained from the end", path_free=True)
     unfreeze_schedule: Schedule = key(
-        "gradual unfreezing: {epoch: blocks}, \"0:0,3:1,10:all\", \"gradual:K[:N]\"; [] = off", path_free=True)
+        "gradual unfreezing: {epoch: blocks}, \"0:0,3:1,10:all\", \"gradual:K[:N]\"; [] = off",
+        path_free=True)
     lr_decay: between(0, 1, low_open=True) = key(
         "layer-wise lr decay: block -j trains at lr * lr_decay^j; 1 = off")
-    input_size: NonNegativeInt = key("side patches are resized to; 0 = the backbone's own", path_free=True)
+    input_size: NonNegativeInt = key(
+        "side patches are resized to; 0 = the backbone's own", path_free=True)
     patches_size: Literal["auto"] | PositiveInt = key(
         "the patch cache to train on: auto or a window size in px")
     phikon_mode: Literal["resize", "interpolate"] = key(
