@@ -64,8 +64,10 @@ def test_summary_pools_the_per_seed_differences():
              "wall_seconds": 1.0, "coverage": {"share_covered": c, "regions_shown": c * 2},
              **({"vs_top_k": {"diff": d, "ci95": [d - 0.04, d + 0.04]}} if d is not None
                 else {})}
-            for a, s, t, c, d in (("top_k", 1, 0.60, 0.5, None), ("per_region", 1, 0.62, 1.0, 0.02),
-                                  ("top_k", 2, 0.70, 0.5, None), ("per_region", 2, 0.66, 1.0, -0.04))]
+            for a, s, t, c, d in (("top_k", 1, 0.60, 0.5, None),
+                                  ("per_region", 1, 0.62, 1.0, 0.02),
+                                  ("top_k", 2, 0.70, 0.5, None),
+                                  ("per_region", 2, 0.66, 1.0, -0.04))]
     rows = {r["arm"]: r for r in regions.summarise(runs, ["easy"])}
     assert rows["top_k"]["test"] == pytest.approx(0.65) and rows["top_k"]["per_seed_diff"] == []
     pr = rows["per_region"]

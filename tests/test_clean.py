@@ -37,7 +37,8 @@ def cleaned(tmp_path_factory):
 def test_every_planted_junk_image_is_found_and_nothing_else(cleaned):
     _, _, outliers, junk, _ = cleaned
     truth = junk[junk.split == "train"]
-    assert dict(zip(outliers.sample_index, outliers.reason)) == dict(zip(truth.sample_index, truth.kind))
+    assert (dict(zip(outliers.sample_index, outliers.reason))
+            == dict(zip(truth.sample_index, truth.kind)))
 
 
 def test_real_image_of_each_duplicate_mask_pair_is_kept(cleaned):
@@ -52,7 +53,8 @@ def test_real_image_of_each_duplicate_mask_pair_is_kept(cleaned):
 def test_duplicate_masks_alone_catch_the_cartoons(cleaned, tmp_path):
     """With the stand-alone colour rule out of reach, the mask pairs still find every cartoon."""
     root, _, outliers, junk, _ = cleaned
-    strict_off = clean.run_clean(Paths.from_root(tmp_path), root, load_config("clean", {"cartoon": {"strict": 1.01}}))
+    strict_off = clean.run_clean(Paths.from_root(tmp_path), root,
+                                 load_config("clean", {"cartoon": {"strict": 1.01}}))
     cartoons = set(junk[junk.kind == "cartoon"].sample_index)
     assert set(strict_off[strict_off.reason == "cartoon"].sample_index) == cartoons
     no_pairs = clean.run_clean(Paths.from_root(tmp_path), root,
@@ -183,7 +185,8 @@ def test_real_scale_counts(tmp_path):
     outliers = clean.run_clean(paths, root, load_config("clean", {"workers": 2}))
     assert outliers.reason.value_counts().to_dict() == {"cartoon": 60, "green": 50}
     junk = pd.read_csv(root / demo.JUNK_CSV)
-    assert dict(zip(outliers.sample_index, outliers.reason)) == dict(zip(junk.sample_index, junk.kind))
+    assert (dict(zip(outliers.sample_index, outliers.reason))
+            == dict(zip(junk.sample_index, junk.kind)))
     near = pd.read_csv(neardup.near_duplicates_csv(paths))
     assert _pairs(near) == _cartoon_pairs(junk)
 
@@ -237,8 +240,13 @@ def planted(cleaned, tmp_path_factory):
     busy = set(junk.sample_index) | set(junk.mask_of)
     free = [i for i in range(40) if f"img_{i:04d}.png" not in busy]
     a, b, c, d, e, f = free[:6]
-    img = lambda i: data / "train_data" / f"img_{i:04d}.png"
-    msk = lambda i: data / "train_data" / f"mask_{i:04d}.png"
+
+    def img(i):
+        return data / "train_data" / f"img_{i:04d}.png"
+
+    def msk(i):
+        return data / "train_data" / f"mask_{i:04d}.png"
+
     from PIL import ImageEnhance
 
     copy = _jpeg_round_trip(_resized(img(a), 0.8, Image.BILINEAR))
@@ -257,7 +265,10 @@ def planted(cleaned, tmp_path_factory):
     paths = Paths.from_root(data.parent / "work")
     clean.run_clean(paths, data, load_config("clean"))
     near = pd.read_csv(neardup.near_duplicates_csv(paths))
-    name = lambda i: f"train/img_{i:04d}.png"
+
+    def name(i):
+        return f"train/img_{i:04d}.png"
+
     return data, paths, near, {"image": [(name(a), name(b)), (name(c), name(d))],
                                "mask": [(name(e), name(f))]}
 
@@ -283,14 +294,17 @@ def test_planted_near_duplicates_share_a_fold(planted):
 
     data, paths, _, truth = planted
     for seed in (0, 1, 2):
-        folds = run_folds(paths, data, load_config("folds"), seed=seed, force=True).set_index("sample_index").fold
+        folds = run_folds(paths, data, load_config("folds"), seed=seed,
+                          force=True).set_index("sample_index").fold
         for pairs in truth.values():
             for x, y in pairs:
                 assert folds[x.split("/")[1]] == folds[y.split("/")[1]], (seed, x, y)
 
 
 def test_find_groups_chains_kinds_and_order():
-    h = lambda bits: f"{bits:016x}"
+    def h(bits):
+        return f"{bits:016x}"
+
     table = pd.DataFrame({
         "split": ["train", "train", "train", "test", "train", "train", "train"],
         "sample_index": ["z.png", "y.png", "x.png", "a.png", "m.png", "n.png", "o.png"],

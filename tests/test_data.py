@@ -157,7 +157,7 @@ def _row_without_image(root):
 
 def _image_without_label(root):
     lines = _labels(root)
-    _set_labels(root, [l for l in lines if not l.startswith("img_0006.png")])
+    _set_labels(root, [line for line in lines if not line.startswith("img_0006.png")])
     return "img_0006.png", "image has no label"
 
 
@@ -198,7 +198,7 @@ def test_cli_bad_dataset_exit_2_one_line_per_problem(ds):
     assert lines[0].startswith("error: ") and str(ds) in lines[0]
     assert len(lines) == 1 + len(found), lines
     for name, expected in found:
-        assert sum(name in l and expected in l for l in lines[1:]) == 1, (name, lines)
+        assert sum(name in line and expected in line for line in lines[1:]) == 1, (name, lines)
 
 
 def test_cli_good_dataset_and_missing_root(tmp_path, ds):
@@ -253,10 +253,10 @@ def test_skip_bad_drops_label_row_problems_one_warning_line_each(ds):
     body = text[1:]
     assert len(body) == 4 and all(line.startswith("  ") and "train_labels.csv" in line
                                   for line in body)
-    assert sum("img_0001.png" in l and "did you mean 'Luminal B'?" in l for l in body) == 1
-    assert sum("img_0004.png" in l and "different labels" in l for l in body) == 1
-    assert sum("img_0005.png" in l and "appears on 2 lines" in l for l in body) == 1
-    assert sum("img_0099.png" in l and "has no image" in l for l in body) == 1
+    assert sum("img_0001.png" in line and "did you mean 'Luminal B'?" in line for line in body) == 1
+    assert sum("img_0004.png" in line and "different labels" in line for line in body) == 1
+    assert sum("img_0005.png" in line and "appears on 2 lines" in line for line in body) == 1
+    assert sum("img_0099.png" in line and "has no image" in line for line in body) == 1
     names = [s.sample_index for s in d.train]
     assert names == ["img_0000.png", "img_0002.png", "img_0003.png", "img_0005.png",
                      "img_0006.png", "img_0007.png"]
@@ -319,7 +319,8 @@ def test_cli_clean_skip_bad_unknown_label_and_duplicate_row(ds, tmp_path):
     assert "did you mean 'Triple negative'?" in errors[1] + errors[2]
     r = _cli("clean", "--data", str(ds), "--workdir", str(work), "--skip-bad")
     assert r.returncode == 0, r.stderr
-    warned = [l for l in r.stderr.splitlines() if l.startswith("  ") and "train_labels.csv" in l]
+    warned = [line for line in r.stderr.splitlines()
+              if line.startswith("  ") and "train_labels.csv" in line]
     assert len(warned) == 2, r.stderr
     assert "warning: --skip-bad: dropping 2 samples with problems:" in r.stderr
     assert "of 6 training images flagged" in r.stdout

@@ -64,7 +64,8 @@ def test_same_seed_gives_byte_identical_files_and_another_seed_does_not(tmp_path
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
-    assert (a / "train_data/img_0000.png").read_bytes() != (c / "train_data/img_0000.png").read_bytes()
+    assert ((a / "train_data/img_0000.png").read_bytes()
+            != (c / "train_data/img_0000.png").read_bytes())
 
 
 def test_rerun_reuses_or_replaces_and_never_deletes_foreign_folders(tmp_path):

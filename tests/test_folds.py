@@ -83,7 +83,7 @@ def write_near(paths: Paths, rows: str) -> None:
     lines = [",".join([*r.split(","), "image", "train/x.png", "3"]) for r in rows.split()]
     path = near_duplicates_csv(paths)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(",".join(NEAR_COLUMNS) + "\n" + "".join(f"{l}\n" for l in lines))
+    path.write_text(",".join(NEAR_COLUMNS) + "\n" + "".join(f"{line}\n" for line in lines))
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +234,8 @@ def test_build_groups_merges_masks_and_extra_transitively(data):
     assert groups[_name(3)] == _name(3)
     assert len(set(groups.values())) == N_TRAIN - 1 - 1 - 2 - 2 - 1
     plain = build_groups(ds.train)  # mask files only
-    assert [plain[_name(i)] for i in (40, 41, 45, 50)] == [_name(40), _name(41), _name(30), _name(50)]
+    assert ([plain[_name(i)] for i in (40, 41, 45, 50)]
+            == [_name(40), _name(41), _name(30), _name(50)])
     assert len(set(plain.values())) == N_TRAIN - 1 - 1 - 2 - 1
 
 
@@ -265,7 +266,8 @@ def _assert_groups_share_a_fold(data, paths) -> dict:
     """Two seeds' splits keep the shared masks, (40, 41) and (30, 45, 50) each in one fold;
     the folds config, as written, is returned."""
     for seed in (3, 4):
-        df = run_folds(paths, data, load_config("folds"), seed=seed, force=True).set_index("sample_index").fold
+        df = run_folds(paths, data, load_config("folds"), seed=seed,
+                       force=True).set_index("sample_index").fold
         for group in SHARED_MASKS + [(40, 41), (30, 45, 50)]:
             kept = [_name(i) for i in group if _name(i) not in DROPPED]
             assert df.loc[kept].nunique() == 1, {k: df[k] for k in kept}
@@ -287,7 +289,8 @@ def test_near_duplicate_groups_share_a_fold_and_are_recorded(data, paths):
     # group 1: two training images and a test image; group 2: a training image and a test
     # image only (no effect on the split); img_0045 also shares img_0030's mask file
     write_near(paths, f"1,train,{_name(40)} 1,train,{_name(41)} 1,test,{_name(2)} "
-                      f"2,train,{_name(3)} 2,test,{_name(1)} 3,train,{_name(45)} 3,train,{_name(50)}")
+                      f"2,train,{_name(3)} 2,test,{_name(1)} "
+                      f"3,train,{_name(45)} 3,train,{_name(50)}")
     cfg = _assert_groups_share_a_fold(data, paths)
     grouping = cfg["grouping"]
     assert grouping["sources"] == ["shared_masks", "near_duplicates"]
@@ -297,7 +300,8 @@ def test_near_duplicate_groups_share_a_fold_and_are_recorded(data, paths):
     assert grouping["near_duplicates"]["groups"] == 3 and grouping["groups_csv"] is None
     # the user's file is merged on top, with its own group labels ("1" is not near's "1")
     paths.groups_csv.write_text(f"sample_index,group\n{_name(6)},1\n{_name(7)},1\n")
-    df = run_folds(paths, data, load_config("folds"), seed=3, force=True).set_index("sample_index").fold
+    df = run_folds(paths, data, load_config("folds"), seed=3,
+                   force=True).set_index("sample_index").fold
     assert df[_name(6)] == df[_name(7)]
     cfg = yaml.safe_load((paths.runs_dir / "folds" / "config.yaml").read_text())
     assert cfg["grouping"]["sources"] == ["shared_masks", "near_duplicates", "groups_csv"]
@@ -398,7 +402,8 @@ def test_overwrite_guard(data, paths, caplog):
 def test_cli_folds_and_force(data, tmp_path, capsys):
     paths = make_workdir(tmp_path / "work")
     base = ["folds", "--data", str(data), "--workdir", str(paths.root), "--n-splits", "4"]
-    r = _cli(*base)  # once end to end in a fresh process; the rest in-process (sklearn's import is slow)
+    # once end to end in a fresh process; the rest in-process (sklearn's import is slow)
+    r = _cli(*base)
     assert r.returncode == 0, r.stderr
     assert "Triple negative" in r.stdout and str(paths.folds_csv) in r.stdout
     first = paths.folds_csv.read_bytes()

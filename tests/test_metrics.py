@@ -301,7 +301,8 @@ def test_collapse_reason_speaks_the_tasks_metric_and_classes():
 
     classes = ["low", "high", "mid"]
     y = np.array([0] * 6 + [1] * 3 + [2] * 3)
-    assert collapse_reason(y, np.ones(12, int), classes=classes) == "predicts high for 100% of its images"
+    assert (collapse_reason(y, np.ones(12, int), classes=classes)
+            == "predicts high for 100% of its images")
     pred = np.array([0] * 6 + [2] * 3 + [0] * 3)  # no better than the majority class
     reason = collapse_reason(y, pred, classes=classes, metric="balanced_accuracy")
     assert reason == ("balanced accuracy 0.333 is no better than always predicting the most "
@@ -322,6 +323,7 @@ def test_the_module_is_light():
     import subprocess
     import sys
 
-    code = "import sys, kit.metrics; print(sorted(m for m in ('sklearn', 'pandas') if m in sys.modules))"
+    code = ("import sys, kit.metrics; "
+            "print(sorted(m for m in ('sklearn', 'pandas') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

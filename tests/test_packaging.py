@@ -100,7 +100,8 @@ def test_requirements_in_pins_every_declared_package_within_its_range():
     for req in project["dependencies"] + project["optional-dependencies"]["dev"]:
         name, _, floor = split(req)
         name = canonical(name)
-        assert name in pins, f"{name} is declared in pyproject.toml but not pinned in requirements.in"
+        assert name in pins, (f"{name} is declared in pyproject.toml but not pinned in "
+                              "requirements.in")
         assert at_least(pins[name], floor), f"{name}=={pins[name]} is below pyproject's >={floor}"
 
 
@@ -180,7 +181,8 @@ def test_every_import_of_the_kit_is_declared():
     for name in declared:
         for req in metadata.requires(name) or []:
             if "extra ==" not in req:
-                allowed.add(re.split(r"[\s<>=!~;\[(]", req, 1)[0].lower().replace("_", "-"))
+                dep = re.split(r"[\s<>=!~;\[(]", req, maxsplit=1)[0]
+                allowed.add(dep.lower().replace("_", "-"))
     dists = metadata.packages_distributions()
     missing = []
     for module in sorted(_third_party_imports()):
@@ -283,7 +285,8 @@ def test_run_sh_uses_kit_python_and_makes_no_venv(tmp_path):
     lines = proc.stderr.splitlines()
     assert lines[0] == (f"run.sh: KIT_PYTHON={sys.executable} (Python "
                         f"{'.'.join(map(str, sys.version_info[:3]))}, no .venv): torch "
-                        f"{metadata.version('torch')}, torchvision {metadata.version('torchvision')}, "
+                        f"{metadata.version('torch')}, torchvision "
+                        f"{metadata.version('torchvision')}, "
                         f"timm {metadata.version('timm')}, transformers "
                         f"{metadata.version('transformers')}; {len(env_check.RUNTIME) - 4} "
                         "other packages ok; nothing to install")

@@ -150,7 +150,7 @@ def test_ties_break_top_row_first_then_left_column():
 
 def test_sparse_mask_fills_with_tissue_windows_not_background():
     rng = np.random.default_rng(4)
-    for trial in range(6):
+    for _trial in range(6):
         h, w = rng.integers(40, 90, 2)
         img = np.full((h, w, 3), 225, np.uint8)
         for _ in range(3):  # dark tissue blocks
@@ -338,7 +338,8 @@ def test_patches_command_builds_and_reuses(patches_ds, capsys):
             "--stride", "8", "--top-k", "2", "--workers", "1"]
     assert main(argv) == 0
     assert load_patches(paths, "test").array.shape == (3, 2, 16, 16, 3)
-    assert "train 4 images x 2 patches of 16 px (top_k), 1 tissue fallback" in capsys.readouterr().out
+    assert ("train 4 images x 2 patches of 16 px (top_k), 1 tissue fallback"
+            in capsys.readouterr().out)
     assert main(argv) == 0
     assert capsys.readouterr().out.count("cache hit") == 2
 

@@ -122,7 +122,8 @@ def planted_ds(tmp_path):
         folder.mkdir(parents=True)
         for i in range(n):
             Image.fromarray(planted_image()).save(folder / f"img_{i:04d}.png")
-            Image.fromarray(planted_mask().astype(np.uint8) * 255).save(folder / f"mask_{i:04d}.png")
+            Image.fromarray(planted_mask().astype(np.uint8) * 255).save(
+                folder / f"mask_{i:04d}.png")
             labels.append((f"img_{i:04d}.png", CLASSES[i]))
     pd.DataFrame(labels[:2], columns=["sample_index", "label"]).to_csv(
         root / "train_labels.csv", index=False)
@@ -146,7 +147,8 @@ def test_run_patches_per_region_caches_regions_under_its_own_key(planted_ds):
     other = run_patches(paths, root, load_config("patches", {**cfg, "select": "per_region",
                                                              "min_region_px": 2}))["train"]
     assert other.key != train.key and 4 in set(other.index.region)
-    with pytest.raises(KitError, match="select = 'regions' is not allowed: one of top_k, per_region"):
+    with pytest.raises(KitError,
+                       match="select = 'regions' is not allowed: one of top_k, per_region"):
         run_patches(paths, root, load_config("patches", {**cfg, "select": "regions"}))
     with pytest.raises(KitError, match="min_region_px = .* is not allowed: an integer >= 1"):
         run_patches(paths, root, load_config("patches", {**cfg, "min_region_px": 0}))
