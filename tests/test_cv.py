@@ -404,7 +404,8 @@ def test_cli_frozen_backbone_and_no_feature_cache(tmp_path):
     metrics = json.loads((paths.backbone_dir(BB) / "metrics.json").read_text())
     assert metrics["training_path"] == "pixels" and "feature_cache" not in metrics
     bad = subprocess.run(cmd[:-1] + ["instancenorm"], capture_output=True, text=True, timeout=400)
-    assert bad.returncode == 2 and "train_norm: unknown kind" in bad.stderr
+    assert bad.returncode == 2 and "train_norm = 'instancenorm' is not allowed" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
 
 
 # --------------------------------------------------------------------------- honesty
