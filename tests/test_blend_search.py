@@ -213,3 +213,25 @@ def test_biases_off_gives_plain_argmax():
     est = BlendSearch(cfg=load_config("blend", {"biases": False})).fit(p["oof"], p["y"], p["folds"])
     assert np.all(est.biases_ == 0)
     assert np.array_equal(est.predict(p["test"]), est.predict_proba(p["test"]).argmax(axis=1))
+
+
+def test_biases_auto_keeps_them_only_for_a_positive_nested_gain():
+    from blend_data import shifted_problem
+
+    # Built to need them: auto keeps the biases, as true does.
+    need = shifted_problem(n=600, seed=1)
+    auto = BlendSearch("f1", load_config("blend", {"biases": "auto", "iterations": 5}), 0).fit(
+        need["oof"], need["y"], need["folds"])
+    choice = auto.scores_["biases_choice"]
+    assert choice["applied"] and choice["nested_gain"] > 0 and np.any(auto.biases_ != 0)
+    # Nothing to correct (no shifted class, scale 1): whenever the nested gain is not
+    # positive, the blend is the one without biases, and says so.
+    for seed in range(4):
+        p = shifted_problem(n=300, seed=seed, scale=1.0)
+        est = BlendSearch("f1", load_config("blend", {"biases": "auto", "iterations": 5}),
+                          0).fit(p["oof"], p["y"], p["folds"])
+        choice = est.scores_["biases_choice"]
+        assert choice["applied"] == (choice["nested_gain"] > 0)
+        if not choice["applied"]:
+            assert not np.any(est.biases_) and np.array_equal(
+                est.nested_pred_, est.nested_proba_.argmax(axis=1))

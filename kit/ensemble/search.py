@@ -268,35 +268,27 @@ class BlendSearch(BaseEstimator):
         models = list(models) if models else [f"m{i}" for i in range(len(P))]
         if len(models) != len(P):
             raise ValueError(f"{len(models)} model names for {len(P)} models in P")
-        eps = float(cfg["eps"])
-        fold_ids = np.unique(folds)
-        rngs = check_random_state(self.random_state).spawn(len(fold_ids) + 1)
-        full = fit_params(P, y, cfg, self.objective, rngs[0], metric)
-        oof = np.tensordot(full.weights, P, axes=1)
-        nested = np.zeros_like(oof)
-        nested_pred = np.zeros(len(y), dtype=np.int64)
-        fold_fits = {}
-        for k, rng in zip(fold_ids, rngs[1:]):
-            train, held = folds != k, folds == k
-            fit = fit_params(P[:, train], y[train], cfg, self.objective, rng, metric)
-            rule = prior_rule(np.tensordot(fit.weights, P[:, train], axes=1), y[train],
-                              fit.biases, np.tensordot(fit.weights, P[:, held], axes=1), cfg,
-                              metric)
-            nested[held] = rule.probs
-            nested_pred[held] = apply_rule(rule.probs, rule.biases, eps)
-            if rule.mode != "train":
-                fit.prior = rule
-            fold_fits[int(k)] = fit
-        res = SearchResult(fitted=full, oof_probs=oof,
-                           pred_in_sample=apply_rule(oof, full.biases, eps),
-                           pred_in_sample_no_bias=oof.argmax(axis=1), nested_probs=nested,
-                           pred_nested=nested_pred, pred_nested_no_bias=nested.argmax(axis=1),
-                           fold_fits=fold_fits)
+        res = _fit_rows(P, y, folds, cfg, self.objective, self.random_state, metric)
         names = [str(c) for c in classes] if classes is not None else [
             str(k) for k in range(P.shape[2])]
         if len(names) != P.shape[2]:
             raise ValueError(f"{len(names)} class names for {P.shape[2]} classes in P")
         res.scores = _scores(res, P, y, folds, models, metric, names)
+        if cfg["biases"] == "auto":
+            # Applied only when they raise the nested score (paired, same rows); otherwise the
+            # blend is refitted without them. The nested score reported is the chosen rule's:
+            # a choice between two made on those rows, recorded as such.
+            gain = res.scores["nested"]["bias_gain"]
+            if gain["diff"] <= 0:
+                res = _fit_rows(P, y, folds, {**cfg, "biases": False}, self.objective,
+                                self.random_state, metric)
+                res.scores = _scores(res, P, y, folds, models, metric, names)
+            res.scores["biases_choice"] = {
+                "mode": "auto", "applied": bool(gain["diff"] > 0),
+                "nested_gain": float(gain["diff"]), "nested_gain_ci95": gain["ci95"],
+                "note": "biases: auto chose between the blend with and without class biases "
+                        "by their nested paired gain: the nested score is of the chosen one"}
+        full, fold_fits = res.fitted, res.fold_fits
         self.cfg_, self.metric_ = cfg, metric
         self.n_models_, self.n_classes_ = P.shape[0], P.shape[2]
         self.models_ = models
@@ -384,6 +376,35 @@ def _metric_of(metric: str, y, pred, n_classes: int) -> float:
     """``metric`` of one prediction (class indices), by its reference form (scikit-learn's for
     macro F1, as the blend has always scored it)."""
     return get_metric(metric)(y, pred, tuple(range(n_classes)))
+
+
+
+def _fit_rows(P, y, folds, cfg, objective, random_state, metric) -> SearchResult:
+    """Weights and biases on all rows, and once per fold on the others (the nested fits)."""
+    eps = float(cfg["eps"])
+    fold_ids = np.unique(folds)
+    rngs = check_random_state(random_state).spawn(len(fold_ids) + 1)
+    full = fit_params(P, y, cfg, objective, rngs[0], metric)
+    oof = np.tensordot(full.weights, P, axes=1)
+    nested = np.zeros_like(oof)
+    nested_pred = np.zeros(len(y), dtype=np.int64)
+    fold_fits = {}
+    for k, rng in zip(fold_ids, rngs[1:]):
+        train, held = folds != k, folds == k
+        fit = fit_params(P[:, train], y[train], cfg, objective, rng, metric)
+        rule = prior_rule(np.tensordot(fit.weights, P[:, train], axes=1), y[train],
+                          fit.biases, np.tensordot(fit.weights, P[:, held], axes=1), cfg,
+                          metric)
+        nested[held] = rule.probs
+        nested_pred[held] = apply_rule(rule.probs, rule.biases, eps)
+        if rule.mode != "train":
+            fit.prior = rule
+        fold_fits[int(k)] = fit
+    return SearchResult(fitted=full, oof_probs=oof,
+                        pred_in_sample=apply_rule(oof, full.biases, eps),
+                        pred_in_sample_no_bias=oof.argmax(axis=1), nested_probs=nested,
+                        pred_nested=nested_pred, pred_nested_no_bias=nested.argmax(axis=1),
+                        fold_fits=fold_fits)
 
 
 def _scores(res: SearchResult, P, y, folds, models, metric: str, classes: list[str]) -> dict:

@@ -110,7 +110,9 @@ class Blend(Group):
     init: Literal["equal", "best", "both"] = key("start of the greedy path")
     init_size: PositiveInt = key("init best: the number of best single runs to start from")
     bags: NonNegativeInt = key("bootstrap resamples whose weights are averaged; 0 = off")
-    biases: Bool = key("tune per-class additive biases on log p")
+    biases: Literal["auto"] | Bool = key(
+        "per-class additive biases on log p: true | false | auto (applied only when their "
+        "nested paired gain is positive; the choice is recorded)")
     bias_low: Float = key("lowest bias of the grid")
     bias_high: Float = key("highest bias of the grid")
     bias_steps: between(2, kind=Int) = key("grid points between bias_low and bias_high")
