@@ -94,6 +94,8 @@ def test_bias_search_keeps_zero_when_nothing_to_gain(cfg):
 
 
 def test_nested_score_is_reported_and_honest(cfg):
+    # biases: true (auto picks between two rules on all the nested rows: recorded as such).
+    cfg = {**cfg, "biases": True}
     p = synthetic_problem(300, 3, seed=2)
     res = BlendSearch("f1", cfg, 7).fit(p["oof"], p["y"], p["folds"]).result_
     s = res.scores

@@ -323,8 +323,14 @@ class BlendResult:
     def expected(self) -> dict:
         """The nested score, labelled ``expected`` or ``optimistic`` (:func:`expected_score`)."""
         nested = self.scores["nested"]
-        return expected_score(nested["score"], self.inputs.meta, self.metric,
-                              nested["macro_f1"])
+        out = expected_score(nested["score"], self.inputs.meta, self.metric, nested["macro_f1"])
+        choice = self.scores.get("biases_choice")
+        if choice:  # biases: auto picked the rule on these nested rows: say so beside the score
+            out["chosen_between_two"] = (
+                f"class biases {'applied' if choice['applied'] else 'not applied'} by biases: "
+                f"auto (nested paired gain {choice['nested_gain']:+.3f}): the score is the "
+                "better of two rules on these rows")
+        return out
 
     @property
     def expected_ci95(self) -> list[float]:

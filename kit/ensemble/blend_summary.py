@@ -35,13 +35,15 @@ def expected_lines(expected: dict, in_sample: float, expected_ci=None,
     title = get_metric(expected.get("metric", "macro_f1")).title
     head = f"expected {title} (nested): {format_ci(score_of(expected), expected_ci)}"
     tail = f"in-sample (optimistic): {format_ci(in_sample, in_sample_ci)}"
+    chosen = [f"  {expected['chosen_between_two']}"] if expected.get("chosen_between_two") \
+        else []
     if expected["honest"]:
         return [f"{head}; {tail}",
-                "  every input chose its epochs and params without its own OOF rows"]
+                "  every input chose its epochs and params without its own OOF rows", *chosen]
     out = [f"{head} -- OPTIMISTIC, not the expected score: {len(expected['why'])} input(s) "
            f"chose something on their own OOF rows; {tail}"]
     out += [f"  {bb}: {'; '.join(reasons)}" for bb, reasons in expected["why"].items()]
-    return out
+    return out + chosen
 
 
 def _gain(gain: dict | None, plain: float) -> str:
