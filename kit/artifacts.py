@@ -145,8 +145,11 @@ def run_score(metrics: dict) -> tuple[str, float | None, list | None]:
 
 
 # --------------------------------------------------------------------------- folds
-def read_folds(path, *, classes=CLASSES) -> tuple[pd.DataFrame, str]:
+def read_folds(path, *, classes=CLASSES, listed: bool = False) -> tuple[pd.DataFrame, str]:
     """``folds/folds.csv`` and its sha256 (which every stage using the folds records).
+
+    ``listed``: bad rows are reported as ``<path>: N problems; <fix>`` with one line per
+    problem (``KitError.problems``, the folds stage's form) instead of the first three inline.
 
     Returns
     -------
@@ -179,6 +182,8 @@ def read_folds(path, *, classes=CLASSES) -> tuple[pd.DataFrame, str]:
                  for i, v in df.label[~df.label.isin(classes)].items()]
     problems += [f"line {i + 2}: {v} listed again"
                  for i, v in df.sample_index[df.sample_index.duplicated()].items()]
+    if problems and listed:
+        raise KitError(f"{path}: {len(problems)} problems; {fix}", problems)
     if problems:
         shown = "; ".join(problems[:3]) + (f"; ... ({len(problems)} in all)"
                                            if len(problems) > 3 else "")

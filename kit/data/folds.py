@@ -33,6 +33,7 @@ import pandas as pd
 import yaml
 
 from kit import CLASSES
+from kit.artifacts import read_folds
 from kit.config import given
 from kit.data.clean import clean_train_samples
 from kit.data.dataset import Dataset, Sample, label_groups, load_dataset, mask_groups
@@ -52,10 +53,6 @@ from kit.utils import (
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("sample_index", "label", "fold", "group")
-# Written before the group column existed: still read (cv's inner split then keeps each image
-# alone).
-OLD_COLUMNS = ("sample_index", "label", "fold")
 GROUP_COLUMNS = ("sample_index", "group")
 
 
@@ -407,32 +404,7 @@ def load_folds(paths: Paths, classes=CLASSES) -> tuple[pd.DataFrame, str]:
     path = paths.folds_csv
     if not path.exists():
         raise KitError(f"no folds file at {path}; run ./run.sh folds first")
-    content = path.read_bytes()
-    fix = "rerun ./run.sh folds --force to rewrite it"
-    try:
-        df = pd.read_csv(io.BytesIO(content), dtype=str, keep_default_na=False)
-    except Exception as exc:  # pandas raises several types for unparsable CSV
-        raise KitError(f"{path}: cannot be read as CSV ({exc}); {fix}") from None
-    if tuple(df.columns) not in (COLUMNS, OLD_COLUMNS):
-        raise KitError(f"{path}: columns are {','.join(df.columns)}, expected "
-                       f"{','.join(COLUMNS)}; {fix}")
-    problems = []
-    if df.empty:
-        problems.append("no rows")
-    bad_fold = ~df.fold.str.fullmatch(r"\d+")
-    problems += [f"line {i + 2}: fold {v!r} is not a non-negative integer"
-                 for i, v in df.fold[bad_fold].items()]
-    problems += [f"line {i + 2}: unknown label {v!r}"
-                 for i, v in df.label[~df.label.isin(classes)].items()]
-    problems += [f"line {i + 2}: {v} listed again"
-                 for i, v in df.sample_index[df.sample_index.duplicated()].items()]
-    if problems:
-        raise KitError(f"{path}: {len(problems)} problems; {fix}", problems)
-    df["fold"] = df.fold.astype(np.int64)
-    missing = sorted(set(range(int(df.fold.max()) + 1)) - set(df.fold))
-    if missing:
-        raise KitError(f"{path}: fold(s) {', '.join(map(str, missing))} have no images; {fix}")
-    return df, sha256_bytes(content)
+    return read_folds(path, classes=classes, listed=True)  # the one reader (kit.artifacts)
 
 
 def folds_hash(paths: Paths) -> str:

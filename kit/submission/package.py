@@ -26,6 +26,7 @@ import pandas as pd
 from filelock import FileLock
 
 from kit import __version__
+from kit.artifacts import MANIFEST_FIELDS, missing_manifest_fields
 from kit.data.dataset import expected_test_ids  # noqa: F401 (the submission's test ids)
 from kit.submission.task_data import labels_source, task_or_default, test_folder, test_ids
 from kit.task import Task, default_task
@@ -44,30 +45,9 @@ MAX_LISTED = 20  # per kind of problem; the rest is summarised in one line
 MANIFEST_VERSION = 1
 LATEST = "latest"
 
-# Top-level manifest fields (and the nested ones that must be there): check_manifest lists
-# any that are missing, so a manifest that cannot be reproduced is caught when it is read.
-REQUIRED_FIELDS = {
-    "manifest_version": (),
-    "kit": ("version", "git"),
-    "created_utc": (),
-    "command": (),
-    "name": (),
-    "files": ("csv", "manifest"),
-    "csv_sha256": (),
-    "csv_rows": (),
-    "data": ("root", "train_labels_sha256", "test_files_sha256", "n_test"),
-    "folds_sha256": (),
-    "outliers_sha256": (),
-    "backbones": (),
-    "inputs": (),
-    "blend": ("backbones", "objective", "weight_views", "models", "weights", "biases", "params",
-              "seed"),
-    "scores": ("nested", "in_sample", "baselines"),
-    "seeds": (),
-    "versions": (),
-    "workdir": (),
-    "submissions": (),
-}
+# The manifest's required fields and their check are the artifact reader's (kit.artifacts):
+# one definition of what a complete manifest is.
+REQUIRED_FIELDS = MANIFEST_FIELDS
 
 
 # ----------------------------------------------------------------------------- submission CSV
@@ -335,16 +315,7 @@ def _json_default(obj):
 
 def check_manifest(manifest: dict) -> list[str]:
     """Names of the required fields missing from ``manifest`` (``blend.weights`` style)."""
-    missing = []
-    for key, sub in REQUIRED_FIELDS.items():
-        if key not in manifest:
-            missing.append(key)
-            continue
-        if sub and not isinstance(manifest[key], dict):
-            missing += [f"{key}.{s}" for s in sub]
-            continue
-        missing += [f"{key}.{s}" for s in sub if s not in manifest[key]]
-    return missing
+    return missing_manifest_fields(manifest)
 
 
 def load_manifest(path) -> dict:
