@@ -170,6 +170,21 @@ def num(v, fmt: str) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
 
+def mean_of(values) -> float:
+    """The mean of the values present (None and NaN left out), NaN when none is: averages
+    over seeds where a seed may lack a score."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return float(sum(values) / len(values)) if values else math.nan
+
+
+def per_seed_line(rows) -> str:
+    """The summary line of each arm's test / OOF score per seed."""
+    return "    per seed (test / OOF): " + "; ".join(
+        f"{r['arm']} " + ", ".join(f"{t:.3f}/{o:.3f}" for t, o in
+                                    zip(r["per_seed_test"], r["per_seed_oof"]))
+        for r in rows)
+
+
 def read_table(path: Path):
     """A CSV the kit wrote (``oof.csv``, ``test.csv``, label files) with ``sample_index`` and
     ``label`` read as text."""

@@ -43,6 +43,7 @@ from kit.bench.heldout import (
     cpu_seconds,
     generated_data_arguments,
     heldout_labels,
+    mean_of,
     num,
     parse_names,
     prepare_seed,
@@ -293,11 +294,6 @@ def score_blend(names: list[str], mode: str, paths, data, truth: dict, seed: int
 
 
 # --------------------------------------------------------------------------- summary
-def _mean(values) -> float:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    return float(sum(values) / len(values)) if values else math.nan
-
-
 def summarise(runs: list[dict], blends: list[dict], modes, training_paths) -> list[dict]:
     """One row per path x mode (and blend x mode), averaged over seeds.
 
@@ -309,28 +305,28 @@ def summarise(runs: list[dict], blends: list[dict], modes, training_paths) -> li
         base = {(r["seed"], r["path"]): r[key] for r in runs if r["mode"] == "oof"}
         out = [r[key] / base[(r["seed"], r["path"])] for r in sel
                if (base.get((r["seed"], r["path"])) or 0) > 0]
-        return _mean(out) if out else math.nan
+        return mean_of(out) if out else math.nan
 
     rows = []
     for path in training_paths:
         for mode in modes:
             sel = [r for r in runs if r["path"] == path and r["mode"] == mode]
             rows.append({"path": path, "mode": mode, "n": len(sel),
-                         "oof": _mean(r["oof"] for r in sel),
-                         "test": _mean(r["test"] for r in sel),
-                         "gap": _mean(r["gap"] for r in sel),
-                         "abs_gap": _mean(abs(r["gap"]) for r in sel),
-                         "seconds": _mean(r["seconds"] for r in sel),
+                         "oof": mean_of(r["oof"] for r in sel),
+                         "test": mean_of(r["test"] for r in sel),
+                         "gap": mean_of(r["gap"] for r in sel),
+                         "abs_gap": mean_of(abs(r["gap"]) for r in sel),
+                         "seconds": mean_of(r["seconds"] for r in sel),
                          "seconds_ratio": ratios(sel, "seconds"),
                          "cpu_ratio": ratios(sel, "cpu_seconds"),
                          "recorded_modes": sorted({str(r["recorded_mode"]) for r in sel})})
     for mode in modes:
         sel = [b for b in blends if b["mode"] == mode]
         rows.append({"path": "blend", "mode": mode, "n": len(sel),
-                     "oof": _mean(b["expected"] for b in sel),
-                     "test": _mean(b["test"] for b in sel),
-                     "gap": _mean(b["gap"] for b in sel),
-                     "abs_gap": _mean(abs(b["gap"]) for b in sel),
+                     "oof": mean_of(b["expected"] for b in sel),
+                     "test": mean_of(b["test"] for b in sel),
+                     "gap": mean_of(b["gap"] for b in sel),
+                     "abs_gap": mean_of(abs(b["gap"]) for b in sel),
                      "seconds": math.nan, "seconds_ratio": math.nan, "cpu_ratio": math.nan,
                      "recorded_modes": [mode]})
     return rows

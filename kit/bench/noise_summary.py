@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import math
 
-from kit.bench.heldout import BACKBONE, num
+from kit.bench.heldout import BACKBONE, mean_of, num, per_seed_line
 
 BASELINE = "baseline"
 ORACLE = "oracle"
 # The done-when of issue 15, checked in the summary.
 TARGET_DROP_GAIN = 0.03
 TARGET_GAP = 0.03
-
-
-def _mean(values) -> float:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    return float(sum(values) / len(values)) if values else math.nan
 
 
 def _sd(values) -> float:
@@ -40,22 +35,23 @@ def summarise(runs: list[dict], arms, regimes) -> list[dict]:
             diffs = [v.get("diff", math.nan) for v in vs] if arm != BASELINE else []
             row = {"regime": regime, "arm": arm, "n": len(sel),
                    "seeds": [r["seed"] for r in sel],
-                   "test": _mean(r["test"] for r in sel), "test_sd": _sd([r["test"] for r in sel]),
-                   "oof": _mean(r["oof"] for r in sel), "gap": _mean(r["gap"] for r in sel),
-                   "abs_gap": _mean(abs(r["gap"]) for r in sel),
-                   "test_clean": _mean(r["test_clean"] for r in sel),
+                   "test": mean_of(r["test"] for r in sel),
+                   "test_sd": _sd([r["test"] for r in sel]),
+                   "oof": mean_of(r["oof"] for r in sel), "gap": mean_of(r["gap"] for r in sel),
+                   "abs_gap": mean_of(abs(r["gap"]) for r in sel),
+                   "test_clean": mean_of(r["test_clean"] for r in sel),
                    "per_seed_test": [r["test"] for r in sel],
                    "per_seed_oof": [r["oof"] for r in sel],
                    "per_seed_gap": [r["gap"] for r in sel],
-                   "diff": _mean(diffs) if diffs else math.nan,
+                   "diff": mean_of(diffs) if diffs else math.nan,
                    "diff_sd": _sd(diffs) if diffs else math.nan,
                    "per_seed_diff": diffs,
                    "per_seed_ci95": [v.get("ci95") for v in vs] if diffs else [],
                    "diff_ci95": pooled_ci(diffs, [v.get("ci95") for v in vs]),
-                   "diff_clean": _mean(v.get("diff_clean", math.nan) for v in vs)
+                   "diff_clean": mean_of(v.get("diff_clean", math.nan) for v in vs)
                    if diffs else math.nan,
-                   "wall_seconds": _mean(r["wall_seconds"] for r in sel),
-                   "cpu_seconds": _mean(r["cpu_seconds"] for r in sel)}
+                   "wall_seconds": mean_of(r["wall_seconds"] for r in sel),
+                   "cpu_seconds": mean_of(r["cpu_seconds"] for r in sel)}
             flags = [r["flags"] for r in sel if (r.get("flags") or {}).get("recorded")]
             if flags:
                 tot = {k: sum(f[k] for f in flags)
@@ -67,7 +63,7 @@ def summarise(runs: list[dict], arms, regimes) -> list[dict]:
                                 "recall": tot["true_flags"] / tot["bad"]
                                 if tot["bad"] else math.nan,
                                 "base_rate": tot["bad"] / max(tot["assessed"], 1),
-                                "quality_auc": _mean(f["quality_auc"] for f in flags)}
+                                "quality_auc": mean_of(f["quality_auc"] for f in flags)}
             rows.append(row)
     return rows
 
@@ -135,7 +131,7 @@ def format_table(result: dict) -> str:
         rows = [r for r in result["summary"] if r["regime"] == regime]
         if not rows:
             continue
-        ceiling = _mean(d["noise"].get("test_ceiling", math.nan)
+        ceiling = mean_of(d["noise"].get("test_ceiling", math.nan)
                         for key, d in result["data"].items() if key.startswith(f"{regime}/"))
         lines.append(f"  {regime}: label_noise {noise[regime]}, signal "
                      f"{result['settings']['data'].get('signal')}; test ceiling (the drawn class "
@@ -157,10 +153,7 @@ def format_table(result: dict) -> str:
                          f"  {per:<58}"
                          f"{num(r['test_clean'], '.3f'):>7}{num(r['diff_clean'], '+.3f'):>8}"
                          f"{num(r['wall_seconds'], '.0f'):>8}  {flags}")
-        lines.append("    per seed (test / OOF): " + "; ".join(
-            f"{r['arm']} " + ", ".join(f"{t:.3f}/{o:.3f}" for t, o in
-                                        zip(r["per_seed_test"], r["per_seed_oof"]))
-            for r in rows))
+        lines.append(per_seed_line(rows))
     c = result.get("checks") or {}
     if "hard_drop_gain" in c:
         g, gap = c["hard_drop_gain"], c["hard_drop_gap"]

@@ -32,8 +32,10 @@ from kit.bench.heldout import (
     cpu_seconds,
     generated_data_arguments,
     heldout_labels,
+    mean_of,
     num,
     parse_names,
+    per_seed_line,
     prepare_seed,
     preset_and_seeds,
     read_table,
@@ -230,11 +232,6 @@ def compare(top_paths, region_paths, truth: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- summary
-def _mean(values) -> float:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    return float(sum(values) / len(values)) if values else math.nan
-
-
 def summarise(runs: list[dict], regimes) -> list[dict]:
     """One row per regime x arm, over seeds: means and per-seed values; for per_region the
     difference from top_k with per-seed and pooled 95 % intervals."""
@@ -248,16 +245,16 @@ def summarise(runs: list[dict], regimes) -> list[dict]:
             diffs = [v["diff"] for v in vs]
             rows.append({
                 "regime": regime, "arm": arm, "n": len(sel), "seeds": [r["seed"] for r in sel],
-                "test": _mean(r["test"] for r in sel), "oof": _mean(r["oof"] for r in sel),
-                "gap": _mean(r["gap"] for r in sel),
+                "test": mean_of(r["test"] for r in sel), "oof": mean_of(r["oof"] for r in sel),
+                "gap": mean_of(r["gap"] for r in sel),
                 "per_seed_test": [r["test"] for r in sel], "per_seed_oof": [r["oof"] for r in sel],
-                "diff": _mean(diffs) if diffs else math.nan, "per_seed_diff": diffs,
+                "diff": mean_of(diffs) if diffs else math.nan, "per_seed_diff": diffs,
                 "per_seed_ci95": [v["ci95"] for v in vs],
                 "diff_ci95": pooled_ci(diffs, [v["ci95"] for v in vs]) if diffs
                 else [math.nan, math.nan],
-                "share_covered": _mean(r["coverage"]["share_covered"] for r in sel),
-                "regions_shown": _mean(r["coverage"]["regions_shown"] for r in sel),
-                "wall_seconds": _mean(r["wall_seconds"] for r in sel)})
+                "share_covered": mean_of(r["coverage"]["share_covered"] for r in sel),
+                "regions_shown": mean_of(r["coverage"]["regions_shown"] for r in sel),
+                "wall_seconds": mean_of(r["wall_seconds"] for r in sel)})
     return rows
 
 
@@ -287,10 +284,7 @@ def format_table(result: dict) -> str:
                          f"{ci_text(r['diff_ci95']):>17}{num(r['share_covered'], '.0%'):>9}"
                          f"{num(r['regions_shown'], '.2f'):>7}{num(r['wall_seconds'], '.0f'):>8}"
                          f"  {per}")
-        lines.append("    per seed (test / OOF): " + "; ".join(
-            f"{r['arm']} " + ", ".join(f"{t:.3f}/{o:.3f}" for t, o in
-                                        zip(r["per_seed_test"], r["per_seed_oof"]))
-            for r in rows))
+        lines.append(per_seed_line(rows))
     if result.get("standin"):
         s = result["standin"]
         lines.append(f"  stand-in backbone {s['file']} (fold 0 OOF macro F1 "
