@@ -61,7 +61,7 @@ class Layered:
 
     def plus(self, overrides: dict | None) -> "Layered":
         """The same defaults with ``overrides`` (nested) over this one's."""
-        return Layered(self.defaults, _deep_update(self.overrides, overrides or {}))
+        return Layered(self.defaults, deep_update(self.overrides, overrides or {}))
 
 
 # The groups cv, tune and the benches train with: train.yaml, with augment.yaml and
@@ -103,7 +103,7 @@ def dotted_to_nested(values: dict, source: str = "config") -> dict:
         if isinstance(value, dict):
             value = dotted_to_nested(value, source)
             if isinstance(node.get(leaf), dict):  # "head.x.y" and "head: {x: {z}}" both kept
-                value = _deep_update(node[leaf], value)
+                value = deep_update(node[leaf], value)
         node[leaf] = value
     return out
 
@@ -141,15 +141,16 @@ def stage_overrides(file: str | Path | None = None, sets=None) -> dict:
         if not sep or not key.strip():
             raise KitError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. "
                            "--set head.depth=2")
-        out = _deep_update(out, dotted_to_nested({key.strip(): parse_value(text)}, "--set"))
+        out = deep_update(out, dotted_to_nested({key.strip(): parse_value(text)}, "--set"))
     return out
 
 
-def _deep_update(base: dict, new: dict) -> dict:
+def deep_update(base: dict, new: dict) -> dict:
+    """A copy of ``base`` with nested mapping ``new`` merged in, key by key (``new`` wins)."""
     out = copy.deepcopy(base)
     for key, value in new.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_update(out[key], value)
+            out[key] = deep_update(out[key], value)
         else:
             out[key] = value
     return out
@@ -158,7 +159,7 @@ def _deep_update(base: dict, new: dict) -> dict:
 def with_flags(overrides: dict, flags: dict) -> dict:
     """``overrides`` with the stage's own flags (dotted or nested keys) on top; ``None``
     flags were not given."""
-    return _deep_update(overrides, dotted_to_nested(
+    return deep_update(overrides, dotted_to_nested(
         {k: v for k, v in flags.items() if v is not None}, "flags"))
 
 

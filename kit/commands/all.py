@@ -11,7 +11,7 @@ import json
 import os
 import time
 
-from kit.config import load_config, stage_overrides, train_settings
+from kit.config import deep_update, load_config, stage_overrides, train_settings
 from kit.paths import Paths
 from kit.task import as_data
 from kit.utils import KitError, atomic_write_json
@@ -52,9 +52,9 @@ def run(args) -> int:
     data = as_data(args.data, args.task)
     specs = args.runs or _local_backbones()
     runs, common = parse_runs(specs, args.sets)
-    common = _deep(stage_overrides(args.config, None), common)
+    common = deep_update(stage_overrides(args.config, None), common)
     # Every run's settings checked before any work (a typo stops here, in one line).
-    settings = {r.name: train_settings(_deep(common, r.sets)) for r in runs}
+    settings = {r.name: train_settings(deep_update(common, r.sets)) for r in runs}
     weights = _weights(args.weights)
     stages = _stages(paths, data, runs, settings, weights, args)
     state = _read_state(paths)
@@ -204,13 +204,6 @@ def _weights(items) -> dict:
         if not eq or not value:
             raise KitError(f"--weights {item!r}: expected BACKBONE=auto|random|PATH")
         out[bb] = value
-    return out
-
-
-def _deep(base: dict, new: dict) -> dict:
-    out = json.loads(json.dumps(base))
-    for k, v in new.items():
-        out[k] = _deep(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

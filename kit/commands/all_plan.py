@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from kit.config import dotted_to_nested, parse_value
+from kit.config import deep_update, dotted_to_nested, parse_value
 from kit.paths import check_run_name
 from kit.utils import KitError
 
@@ -48,18 +48,12 @@ def parse_runs(specs, sets) -> tuple[list[RunSpec], dict]:
         run, colon, dotted = key.partition(":")
         if colon and run not in by_name:
             raise KitError(f"--set {item!r}: no run named {run!r} (runs: {', '.join(names)})")
-        target = by_name[run].sets if colon else common
         nested = dotted_to_nested({(dotted if colon else key).strip(): parse_value(text)})
-        _merge_into(target, nested)
-    return runs, common
-
-
-def _merge_into(base: dict, new: dict) -> None:
-    for k, v in new.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _merge_into(base[k], v)
+        if colon:
+            by_name[run].sets = deep_update(by_name[run].sets, nested)
         else:
-            base[k] = v
+            common = deep_update(common, nested)
+    return runs, common
 
 
 def decode_seconds(data) -> float:
