@@ -103,7 +103,7 @@ def _stages(paths, data, runs, settings, weights, args):
     backbones = sorted({p for r in runs for p in split_name(r.backbone)})
     patch_over = {"size": args.patch_size} if args.patch_size else {}
     patch_cfgs = resolve_configs(patch_over, None if args.patch_size else backbones)
-    per_image = decode_seconds(data)
+    per_image = decode_seconds(dataset)
     cores = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                 else os.cpu_count() or 1)
     stages = [

@@ -56,12 +56,12 @@ def parse_runs(specs, sets) -> tuple[list[RunSpec], dict]:
     return runs, common
 
 
-def decode_seconds(data) -> float:
-    """Seconds to decode one training image here (the first one), for clean and patches."""
-    from kit.data.dataset import load_dataset, read_image
+def decode_seconds(dataset) -> float:
+    """Seconds to decode one training image of a loaded dataset here (the first one), for
+    clean and patches."""
+    from kit.data.dataset import read_image
 
-    ds = load_dataset(data)
-    sample = ds.train[0] if ds.train else ds.test[0]
+    sample = dataset.train[0] if dataset.train else dataset.test[0]
     t0 = time.perf_counter()
     read_image(sample.image)
     return time.perf_counter() - t0
