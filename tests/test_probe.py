@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from head_fit import fit_head
-from kit.config import train_settings
+from kit.config import load_config, train_settings
 from kit.metrics import aggregate
 from kit.models.heads import LinearProbe, create_head, is_probe
 from kit.training.settings import train_config
@@ -129,3 +129,26 @@ def test_c_is_chosen_by_the_given_metric_on_an_inner_split_that_keeps_groups():
     pred = _predict(clf, X[stop], 3)
     assert res.best_score == pytest.approx(score("balanced_accuracy", y[stop], pred,
                                                  ("a", "b", "c")))
+
+
+FROZEN_CACHE = {"train_norm": "none", "unfreeze_last": 0}
+
+
+def test_auto_head_is_the_probe_on_cached_embeddings_only():
+    # The default head.type (auto): the probe where heads train on cached embeddings ...
+    assert load_config("train")["head"]["type"] == "auto"
+    cfg = train_config(train_settings(FROZEN_CACHE))
+    assert cfg["head"]["type"] == "logreg" and cfg["head"]["pool"] == "mean_logprob"
+    # ... the MLP on pixels (norm layers train), or with the cache turned off ...
+    assert train_config(train_settings())["head"]["type"] == "mlp"
+    assert train_config(train_settings(FROZEN_CACHE), feature_cache=False)["head"]["type"] == "mlp"
+    # ... and when the user (or a params file) sets a key only the MLP reads: asking for it.
+    for key, value in (("depth", 2), ("dropout", 0.1), ("pool", "attention")):
+        cfg = train_config(train_settings({**FROZEN_CACHE, "head": {key: value}}))
+        assert cfg["head"]["type"] == "mlp" and cfg["head"][key] == value
+    assert train_config(train_settings(FROZEN_CACHE), {"head.width": 128})["head"]["type"] == "mlp"
+    # An explicit type is kept; standardize is no MLP key.
+    assert train_config(train_settings({**FROZEN_CACHE, "head": {"type": "mlp"}}))["head"][
+        "type"] == "mlp"
+    assert train_config(train_settings({**FROZEN_CACHE, "head": {"standardize": False}}))[
+        "head"]["type"] == "logreg"

@@ -64,7 +64,7 @@ def test_a_key_the_schema_lacks_fails(group):
      r"train: label_issues.inner_folds = 1 is not allowed: an integer >= 2"),
     ({"head": {"dropout": 1.5}},
      r"train: head.dropout = 1.5 is not allowed: a number >= 0 and < 1"),
-    ({"head": {"type": "foo"}}, r"train: head.type = 'foo' is not allowed: one of mlp, logreg"),
+    ({"head": {"type": "foo"}}, r"train: head.type = 'foo' is not allowed: one of auto, mlp, logreg"),
     ({"tta": "sideways"}, r"train: tta = 'sideways': expected one of the sets flips"),
     ({"unfreeze_schedule": "3:x"}, r"train: unfreeze_schedule = '3:x': block counts must be"),
     ({"train_norm": "batchnorm,foo"}, r"train: train_norm = 'batchnorm,foo': unknown kind"),

@@ -1,14 +1,16 @@
 """``./run.sh bench noise``: which accuracy levers pay when labels are noisy, scored on held-back
 test labels.
 
-Levers ("arms"), each a plain ``train.yaml`` override of the kit's default head on cached
-embeddings, compared with a baseline (``label_issues.mode: off``, ``bag: 1``, ``head.type:
-mlp``, ``head.pool: mean_prob``) one change at a time (no cross product):
+Levers ("arms"), each a plain ``train.yaml`` override of a head on cached embeddings,
+compared with a baseline (``label_issues.mode: off``, ``bag: 1``, ``head.type: mlp``,
+``head.pool: mean_prob``: the kit's defaults before issue 23, pinned so that the baseline
+stays what it was when a default changes) one change at a time (no cross product):
 
 - ``drop`` / ``weight``: ``label_issues.mode`` (cleanlab flags from an inner cross-validation
   on each fold's training rows; train without them / draw by label quality);
 - ``bag5``: ``bag: 5`` heads per fold, probabilities averaged;
-- ``logreg``: ``head.type: logreg`` (the linear probe);
+- ``logreg``: ``head.type: logreg`` (the linear probe; what ``head.type: auto``, the default,
+  resolves to on cached embeddings);
 - ``attention``: ``head.pool: attention`` (gated attention MIL over the patches);
 - ``drop+bag5``: both.
 
@@ -24,12 +26,16 @@ scored against labels of the same quality, as the leaderboard's are:
 - ``easy``: ``bench honesty``'s data (label noise 0.1, class signal 0.4);
 - ``hard``: the same signal with label noise high enough that the baseline's test macro F1
   lands near 0.5, where the real leaderboard sits (the level was calibrated with the baseline
-  alone, on seeds the bench does not use: docs/benchmarks.md).
+  alone, on seeds the bench does not use: docs/benchmarks.md);
+- ``weak``: the easy sets (the same files), read by a stand-in pretrained for fewer epochs
+  (``Preset.weak_standin``): a backbone that reads the classes less well, where the head
+  has more to make up for.
 
 The backbone is ``bench honesty``'s frozen stand-in for a pathology backbone: ``tiny_cnn``
 trained from scratch on an independent generated set (easy-like labels) and loaded with
 ``--weights``; heads train on its cached embeddings (``train_norm: none``). Each seed is an
-independently generated set; the same stand-in serves every seed and regime.
+independently generated set; the same stand-in serves every seed of the hard and easy regimes,
+the weak one has its own.
 
 Per arm and regime, over seeds: test macro F1, OOF macro F1 (scored on every image), OOF -
 test, the test F1 difference from the baseline on the same set with a paired bootstrap
@@ -93,7 +99,11 @@ ARMS = {
     ORACLE: {},  # a bound: the baseline on the drawn training labels (score_arm)
 }
 REGIMES = ("hard", "easy")
-# The feature-cache path: nothing in the backbone trains.
+# bench noise's regimes: bench regions' and the weak stand-in's.
+WEAK = "weak"
+NOISE_REGIMES = (*REGIMES, WEAK)
+# Every arm's head before its change: the defaults before issue 23 made head.type auto.
+BASELINE_HEAD = {"head": {"type": "mlp"}}# The feature-cache path: nothing in the backbone trains.
 FROZEN = {"train_norm": "none", "unfreeze_last": 0}
 # What bench honesty's quick data uses (the easy regime) and the hard regime's label noise,
 # calibrated with the baseline alone on seeds 1000-1002 (docs/benchmarks.md).
@@ -114,20 +124,24 @@ class Preset:
     name: str
     data: dict
     standin_data: dict
-    noise: dict = field(default_factory=lambda: {"hard": HARD_NOISE, "easy": EASY_NOISE})
+    noise: dict = field(default_factory=lambda: {"hard": HARD_NOISE, "easy": EASY_NOISE,
+                                                 WEAK: EASY_NOISE})
     patches: dict = field(default_factory=dict)
     folds: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     standin: dict = field(default_factory=dict)
     seeds: int = 3
+    # The weak regime's stand-in: these over ``standin`` (fewer epochs).
+    weak_standin: dict = field(default_factory=lambda: {"epochs": 3})
 
     def regime(self, regime: str):
         """The :class:`kit.bench.heldout.Preset` of one regime (its data stages and stand-in
         helpers take one)."""
+        standin = {**self.standin, **self.weak_standin} if regime == WEAK else self.standin
         return heldout.Preset(f"{self.name}-{regime}",
                               data={**self.data, "label_noise": float(self.noise[regime])},
                               standin_data=self.standin_data, patches=self.patches,
-                              folds=self.folds, train=self.train, standin=self.standin,
+                              folds=self.folds, train=self.train, standin=standin,
                               seeds=self.seeds)
 
 
@@ -158,14 +172,17 @@ def _presets() -> dict[str, Preset]:
     }
 
 
-def regime_arguments(parser) -> None:
+def regime_arguments(parser, regimes=REGIMES) -> None:
     """``--seeds`` and ``--regimes``: the options of a bench that scores each generated set
-    in the hard and the easy regime (bench noise, bench regions)."""
+    in the hard and the easy regime (bench noise, bench regions), and the weak one (bench
+    noise)."""
     parser.add_argument("--seeds", type=int, default=None,
                         help="independently generated sets per regime (default: 3)")
-    parser.add_argument("--regimes", default=",".join(REGIMES),
+    weak = f" and/or {WEAK} (the easy sets read by a stand-in pretrained for fewer epochs)" \
+        if WEAK in regimes else ""
+    parser.add_argument("--regimes", default=",".join(regimes),
                         help="hard (label noise near the leaderboard's level) and/or easy "
-                             "(bench honesty's data) (default: hard,easy)")
+                             f"(bench honesty's data){weak} (default: {','.join(regimes)})")
 
 
 def add_arguments(parser):
@@ -174,7 +191,7 @@ def add_arguments(parser):
                         help="quick: 100/120 small scans, 3 folds, 8 epochs (minutes on a CPU); "
                              "standard: the v2 counts (691/477) on 256 px scans, 5 folds, "
                              "default training (about an hour on a CPU) (default: quick)")
-    regime_arguments(parser)
+    regime_arguments(parser, NOISE_REGIMES)
     parser.add_argument("--arms", default=",".join(ARMS),
                         help=f"levers, comma-separated, of {', '.join(ARMS)}; the baseline is "
                              f"always run; oracle is a bound (the baseline trained on the labels "
@@ -193,7 +210,7 @@ def run(args) -> int:
         preset = replace(preset, noise={**preset.noise, "hard": args.hard_noise})
     result = run_noise(Paths.from_root(getattr(args, "workdir", None)), preset, seeds=seeds,
                        arms=parse_names(args.arms, tuple(ARMS), "--arms"),
-                       regimes=parse_names(args.regimes, REGIMES, "--regimes"),
+                       regimes=parse_names(args.regimes, NOISE_REGIMES, "--regimes"),
                        device=args.device)
     print(format_table(result))
     print(f"written {result['results_json']}")
@@ -201,7 +218,7 @@ def run(args) -> int:
 
 
 # --------------------------------------------------------------------------- the harness
-def run_noise(paths: Paths, preset: Preset, seeds, arms=tuple(ARMS), regimes=REGIMES,
+def run_noise(paths: Paths, preset: Preset, seeds, arms=tuple(ARMS), regimes=NOISE_REGIMES,
               device=None) -> dict:
     """Every arm on each regime and seed: OOF and test macro F1, the difference from the
     baseline, seconds and the label-issue flags' quality.
@@ -214,7 +231,8 @@ def run_noise(paths: Paths, preset: Preset, seeds, arms=tuple(ARMS), regimes=REG
     seeds : list of int
         One independently generated set per seed and regime.
     arms, regimes : sequence of str
-        Of :data:`ARMS` (the baseline is added, first, when missing) and :data:`REGIMES`.
+        Of :data:`ARMS` (the baseline is added, first, when missing) and
+        :data:`NOISE_REGIMES`.
 
     Returns
     -------
@@ -226,18 +244,29 @@ def run_noise(paths: Paths, preset: Preset, seeds, arms=tuple(ARMS), regimes=REG
     arms = [BASELINE] + [a for a in arms if a != BASELINE]
     root = paths.runs_dir / "bench" / "noise" / preset.name
     t_start = time.perf_counter()
-    # One stand-in for every regime: a pretrained backbone does not know this task's labels.
-    standin = build_standin(root / "standin", preset.regime("easy"), seeds[0], device)
+    # One stand-in for the hard and easy regimes (a pretrained backbone does not know this
+    # task's labels), a weaker one for the weak regime; each built when first needed.
+    standins = {}
+
+    def standin_of(regime: str) -> dict:
+        kind = WEAK if regime == WEAK else "easy"
+        if kind not in standins:
+            folder = root / ("standin-weak" if kind == WEAK else "standin")
+            standins[kind] = build_standin(folder, preset.regime(kind), seeds[0], device)
+        return standins[kind]
+
     runs, data_info = [], {}
 
     def result(complete: bool) -> dict:
         out = {"preset": preset.name, "seeds": list(seeds), "arms": list(arms),
-               "regimes": list(regimes), "backbone": BACKBONE, "standin": standin,
+               "regimes": list(regimes), "backbone": BACKBONE,
+               "standin": standins.get("easy"), "standin_weak": standins.get(WEAK),
                "data": data_info, "complete": complete,
                "settings": {"data": preset.data, "noise": preset.noise,
                             "standin_data": preset.standin_data, "patches": preset.patches,
                             "folds": preset.folds, "train": {**FROZEN, **preset.train},
-                            "arms": {a: ARMS[a] for a in arms}},
+                            "arms": {a: arm_config(a, preset) for a in arms},
+                            "weak_standin": preset.weak_standin},
                "runs": runs, "summary": summarise(runs, arms, regimes),
                "seconds": round(time.perf_counter() - t_start, 1),
                "results_json": str(root / "results.json")}
@@ -249,8 +278,10 @@ def run_noise(paths: Paths, preset: Preset, seeds, arms=tuple(ARMS), regimes=REG
     for regime, seed, arm in progress(jobs, desc="bench noise", unit="cv run"):
         if current != (regime, seed):  # the set's first run: data, stages, labels
             current = (regime, seed)
-            data, wpaths, info = prepare_seed(root / regime / f"seed{seed}",
-                                              preset.regime(regime), seed)
+            # The weak regime reads the easy sets: same files, same stages.
+            data_regime = "easy" if regime == WEAK else regime
+            data, wpaths, info = prepare_seed(root / data_regime / f"seed{seed}",
+                                              preset.regime(data_regime), seed)
             truth = heldout_labels(data)
             plan = drawn_labels(data)
             info["noise"] = noise_counts(plan)
@@ -261,8 +292,8 @@ def run_noise(paths: Paths, preset: Preset, seeds, arms=tuple(ARMS), regimes=REG
                                    preset.regime(regime), seed)
         else:
             run_paths = wpaths
-        rec = score_arm(arm, regime, run_paths, truth, plan, preset, seed, standin, device,
-                        dest_paths=wpaths)
+        rec = score_arm(arm, regime, run_paths, truth, plan, preset, seed, standin_of(regime),
+                        device, dest_paths=wpaths)
         if arm != BASELINE:
             base = next(r for r in runs if (r["regime"], r["seed"], r["arm"])
                         == (regime, seed, BASELINE))
@@ -275,9 +306,10 @@ def run_noise(paths: Paths, preset: Preset, seeds, arms=tuple(ARMS), regimes=REG
 
 
 def arm_config(arm: str, preset: Preset) -> dict:
-    """The ``train.yaml`` overrides of one arm: frozen backbone, the preset's training settings
-    and the arm's change."""
-    return _deep_merge({**FROZEN, **copy.deepcopy(preset.train)}, ARMS[arm])
+    """The ``train.yaml`` overrides of one arm: frozen backbone, the baseline's head, the
+    preset's training settings and the arm's change."""
+    base = _deep_merge(BASELINE_HEAD, {**FROZEN, **copy.deepcopy(preset.train)})
+    return _deep_merge(base, ARMS[arm])
 
 
 def _deep_merge(base: dict, new: dict) -> dict:
@@ -290,9 +322,10 @@ def _deep_merge(base: dict, new: dict) -> dict:
     return out
 
 
-def run_name(arm: str) -> str:
-    """The run folder of an arm (``runs/noise-<arm>``; ``+`` is kept out of folder names)."""
-    return "noise-" + arm.replace("+", "-")
+def run_name(arm: str, regime: str = "") -> str:
+    """The run folder of an arm (``runs/noise-<arm>``; ``+`` is kept out of folder names); the
+    weak regime's runs, which share the easy sets' work directory, are ``noise-weak-<arm>``."""
+    return "noise-" + ("weak-" if regime == WEAK else "") + arm.replace("+", "-")
 
 
 def score_arm(arm: str, regime: str, paths, truth: dict, plan, preset: Preset, seed: int,
@@ -316,7 +349,7 @@ def score_arm(arm: str, regime: str, paths, truth: dict, plan, preset: Preset, s
     if metrics.get("training_path") != "feature_cache":
         raise KitError(f"bench noise: the {arm} run trained on the {metrics.get('training_path')}"
                        " path; the bench's settings no longer select the feature cache")
-    dest = (dest_paths or paths).backbone_dir(run_name(arm))
+    dest = (dest_paths or paths).backbone_dir(run_name(arm, regime))
     if dest.exists():
         shutil.rmtree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -332,7 +365,7 @@ def score_arm(arm: str, regime: str, paths, truth: dict, plan, preset: Preset, s
                        oof_frame[list(PROB_COLUMNS)].to_numpy())
     n_rows = len(read_table(paths.folds_csv)) if paths.folds_csv.exists() else None
     config = metrics.get("config") or {}
-    rec = {"regime": regime, "seed": seed, "arm": arm, "name": run_name(arm),
+    rec = {"regime": regime, "seed": seed, "arm": arm, "name": run_name(arm, regime),
            "oof": oof, "oof_ci95": metrics.get("oof_macro_f1_ci95"),
            "test": test_f1, "test_ci95": list(bootstrap_ci(y_test, probs)),
            "test_clean": macro_f1(y_clean, probs),

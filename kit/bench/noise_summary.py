@@ -169,8 +169,10 @@ def format_table(result: dict) -> str:
                 f"[{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]"
                 f"{', beyond noise' if v['beyond_noise'] else ', within noise'})"
                 for a, v in low.items())))
-    if result.get("standin"):
-        s = result["standin"]
-        lines.append(f"  stand-in backbone {s['file']} ({BACKBONE} trained from scratch on an "
-                     f"independent set; fold 0 OOF macro F1 {s['fold0_macro_f1']:.3f} there)")
+    for key, which in (("standin", "hard, easy"), ("standin_weak", "weak")):
+        s = result.get(key)
+        if s:
+            lines.append(f"  stand-in backbone ({which}) {s['file']} ({BACKBONE} trained from "
+                         f"scratch on an independent set; fold 0 OOF macro F1 "
+                         f"{s['fold0_macro_f1']:.3f} there)")
     return "\n".join(lines)

@@ -10,6 +10,8 @@ from kit.config import train_settings
 from kit.ensemble.blend import provenance
 from kit.metrics import format_ci, get_metric
 from kit.paths import RESERVED_RUN_DIRS, Paths
+from kit.training.settings import train_config
+from kit.utils import KitError
 
 # What a run's recorded config holds besides train.yaml's keys.
 _RECORD_KEYS = ("backbone", "weights", "seed", "params", "training_path", "fusion")
@@ -23,10 +25,23 @@ def _flat(node, prefix=""):
             yield f"{prefix}{key}", value
 
 
+# The keys that decide the training path, and so what head.type auto becomes.
+_PATH_KEYS = ("train_norm", "unfreeze_last", "unfreeze_schedule")
+
+
 def changed_settings(config: dict) -> dict:
     """The training settings of a run's recorded ``config`` that differ from the packaged
-    defaults (dotted keys)."""
+    defaults (dotted keys). The head's defaults are those the run's path resolves them to
+    (``head.type: auto`` is the probe on cached embeddings), so a run with the default head
+    lists no head key."""
     defaults = dict(_flat(train_settings().resolve()))
+    path_keys = {k: config[k] for k in _PATH_KEYS if k in config}
+    try:
+        resolved = train_config(train_settings(path_keys),
+                                feature_cache=config.get("training_path") != "pixels")
+        defaults.update(_flat({"head": resolved["head"]}, ""))
+    except KitError:
+        pass  # a run recorded by another version: its path keys no longer load
     mine = dict(_flat({k: v for k, v in config.items() if k not in _RECORD_KEYS}))
     return {k: v for k, v in mine.items() if k in defaults and defaults[k] != v}
 

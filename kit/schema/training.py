@@ -97,9 +97,10 @@ class LabelIssues(Group):
 class Head(Group):
     """The classifier on the backbone's patch embeddings."""
 
-    type: Annotated[Literal["mlp", "logreg"],
+    type: Annotated[Literal["auto", "mlp", "logreg"],
                     BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v)] = key(
-        "mlp (the layers below) | logreg (linear probe, cached embeddings only)",
+        "auto (logreg on cached embeddings unless an MLP or pool key is set, else mlp) | mlp "
+        "(the layers below) | logreg (linear probe, cached embeddings only)",
         path_free=False)
     standardize: Bool = key("standardise features with the fold's training statistics")
     pool: Literal["mean_prob", "mean_logprob", "attention"] = key(

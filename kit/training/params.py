@@ -69,7 +69,7 @@ def source_path(record: dict, params: dict, settings: Layered) -> str | None:
 
 def target_path(settings: Layered, params: dict, feature_cache: bool = True) -> str:
     """The path cv takes with ``settings`` and ``params`` (dotted)."""
-    return training_path(train_config(settings, params), feature_cache)
+    return training_path(train_config(settings, params, feature_cache), feature_cache)
 
 
 @dataclass

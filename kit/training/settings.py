@@ -10,7 +10,8 @@ from kit.training.tta import get_views
 from kit.utils import KitError
 
 
-def train_config(settings: Layered, params: dict | None = None) -> dict:
+def train_config(settings: Layered, params: dict | None = None,
+                 feature_cache: bool = True) -> dict:
     """The training config one run uses: ``train.yaml`` with ``augment.yaml`` as ``augment``
     and ``features.yaml`` (the embedding cache) as ``features``, so that one ``--set``
     reaches all.
@@ -23,20 +24,47 @@ def train_config(settings: Layered, params: dict | None = None) -> dict:
     params : dict, optional
         Dotted keys (``{"head.depth": 2, "augment.cutmix_alpha": 0.5, "lr": 3e-4}``), as in
         ``runs/tune/<bb>/best.yaml``; applied before the overrides.
+    feature_cache : bool
+        Whether cv may train on cached embeddings (False: ``--no-feature-cache``); it decides
+        what ``head.type: auto`` becomes (:func:`resolve_head_type`).
     """
     if not isinstance(settings, Layered):
         raise KitError("the training stages take the settings their command resolved: "
                        "kit.config.train_settings(overrides) (got "
                        f"{type(settings).__name__})")
-    cfg = settings.resolve(dotted_to_nested(params, "params") if params else None)
-    return _normalise(check("train", cfg, "with --params" if params else None))
+    nested = dotted_to_nested(params, "params") if params else None
+    cfg = settings.resolve(nested)
+    cfg = check("train", cfg, "with --params" if params else None)
+    head_given = set((settings.overrides.get("head") or {})) | set(((nested or {}).get("head")
+                                                                    or {}))
+    return _normalise(cfg, resolve_head_type(cfg, head_given, feature_cache))
 
 
-def _normalise(cfg: dict) -> dict:
+# The head keys that only an MLP head (or its pooling) reads: setting one asks for that head.
+MLP_KEYS = ("pool", "depth", "width", "dropout", "activation", "norm")
+
+
+def resolve_head_type(cfg: dict, head_given=(), feature_cache: bool = True) -> str:
+    """What ``head.type`` trains: ``mlp`` or ``logreg`` as set; ``auto`` is the linear probe
+    when the heads train on cached embeddings (a frozen backbone and the cache allowed) and no
+    MLP key (:data:`MLP_KEYS`) was set by the user or the params, else the MLP.
+
+    Why: on cached embeddings of a frozen stand-in the probe scored at least as well on
+    held-back test labels as the MLP in every regime measured, at less cost (issue 23,
+    docs/benchmarks.md, ``bench noise``); on pixels there is no probe.
+    """
+    kind = str(cfg["head"]["type"]).lower()
+    if kind != "auto":
+        return kind
+    on_cache = feature_cache and nothing_trains(cfg)
+    return "logreg" if on_cache and not set(head_given) & set(MLP_KEYS) else "mlp"
+
+
+def _normalise(cfg: dict, head_type: str) -> dict:
     """The settings one setting implies, so that every consumer sees one form (the values
     were checked against kit.schema already)."""
     head = cfg["head"]
-    head["type"] = str(head["type"]).lower()
+    head["type"] = head_type
     if head["type"] == "logreg":
         # A linear probe is fitted on image-mean embeddings; mean_logprob pooling of its
         # patch logits is that model exactly (and attention has nothing to train).
