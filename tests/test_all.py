@@ -82,3 +82,48 @@ def test_all_resumes_a_cv_killed_half_way(data, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "tiny_cnn fold 0: done earlier" in out  # resumed, not retrained
     assert (paths.submissions_dir / "latest.csv").is_file()
+
+
+def test_all_tunes_then_submits_once_and_records_the_public_score(data, tmp_path):
+    # --tune N and --submit end to end: the real kaggle client against the fake server, in a
+    # subprocess (the client fixes its endpoint at import time).
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fake_kaggle import FakeKaggle
+
+    launcher = Path(__file__).with_name("fake_kaggle.py")
+    work, home = tmp_path / "w", tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KAGGLE_")}
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), HOME=str(home),
+               NO_ALBUMENTATIONS_UPDATE="1", KAGGLE_USERNAME="kit-user", KAGGLE_KEY="k-123")
+
+    def run(server):
+        return subprocess.run(
+            [sys.executable, str(launcher), server.url, "all", "tiny_cnn", *FROZEN, "--tune", "2",
+             "--submit", "-m", "all: first", "--data", str(data), "--workdir", str(work)],
+            env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+
+    with FakeKaggle(username="kit-user", key="k-123", pending_polls=0, public_score="0.5",
+                    lifetime_s=600) as server:
+        first = run(server)
+        assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+        assert "tune tiny_cnn" in first.stdout and "submit" in first.stdout
+        paths = Paths.from_root(work)
+        assert (paths.tune_dir("tiny_cnn") / "best.yaml").is_file()
+        metrics = json.loads((paths.backbone_dir("tiny_cnn") / "metrics.json").read_text())
+        assert "best.yaml" in str(metrics["config"]["params"])  # cv ran with the tuned params
+        assert len(server.submissions) == 1
+        assert list(server.uploads.values()) == [(paths.submissions_dir / "latest.csv")
+                                                 .read_bytes()]
+        ledger = pd.read_csv(paths.submissions_dir / "ledger.csv")
+        assert len(ledger) == 1 and ledger.public_score.tolist() == [0.5]
+        # Again: nothing retrains, the same file is not uploaded twice.
+        again = run(server)
+        assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+        assert "was uploaded already" in again.stdout and len(server.submissions) == 1
+        assert "fold 0: done earlier" in again.stdout + again.stderr

@@ -156,16 +156,14 @@ def test_every_stale_backbone_is_named(workdir):
     assert "runs/bb_c/metrics.json" in exc.value.problems[1]
 
 
-def test_demo_blend_step(workdir, tmp_path, capsys):
-    from kit.commands.demo import _blend
-    from kit.paths import Paths
+def test_the_blend_stage_of_all_and_demo(workdir, capsys):
+    from kit.commands.all import AllOptions, _blend
 
     paths, data = workdir
-    _blend(Paths.from_root(tmp_path / "nothing"), data, 42)
-    assert "blend          skipped" in capsys.readouterr().out
-    _blend(paths, data, 42)
-    out = capsys.readouterr().out
-    assert "_demo.csv (40 rows, validated)" in out and "latest.csv" in out
+    line = _blend(paths, data, load_config("blend"), ["bb_a", "bb_b", "bb_c"],
+                  AllOptions(name="demo"))
+    assert "_demo.csv (40 rows, validated)" in line and "latest.csv" in line
+    out = capsys.readouterr().out  # the blend's summary
     assert "nested" in out and "in-sample" in out
 
 

@@ -252,7 +252,9 @@ def test_cli_runs_and_reports_missing_inputs(tmp_path):
 
 
 # --------------------------------------------------------------------------- feature cache
-FROZEN = {**CFG, "epochs": 4, "lr": 0.01, "train_norm": [], "unfreeze_last": 0}
+# The MLP head: these tests follow its epochs (head.type auto would be the probe here).
+FROZEN = {**CFG, "epochs": 4, "lr": 0.01, "train_norm": [], "unfreeze_last": 0,
+          "head": {"type": "mlp"}}
 
 
 def _tree(out: Path) -> set[str]:
@@ -429,9 +431,8 @@ def _scramble_fold(paths: Paths, fold: int) -> None:
     samples.to_csv(samples_csv, index=False)
 
 
-@pytest.mark.parametrize("cfg", [{**CFG, "epochs": 3, "patience": 1},
-                                 {**CFG, "epochs": 4, "lr": 0.01, "train_norm": [],
-                                  "unfreeze_last": 0}], ids=["pixels", "feature_cache"])
+@pytest.mark.parametrize("cfg", [{**CFG, "epochs": 3, "patience": 1}, FROZEN],
+                         ids=["pixels", "feature_cache"])
 @pytest.mark.parametrize("mode", ["inner", "refit"])
 def test_scrambling_a_folds_labels_leaves_its_oof_rows_unchanged(tmp_path, cfg, mode):
     paths = make_workdir(tmp_path / "w", n_folds=3)
@@ -688,9 +689,15 @@ def test_an2dl_runs_keep_their_hashes(done):
     before = "34915c6e834099d31be4a74c9016289fe251a4d06b7e1caec43e5ea951306c44"
     assert config_hash(BB, "random", 42, cfg, keys) == before
     assert config_hash(BB, "random", 42, cfg, keys, task=default_task()) == before
-    frozen = train_config(train_settings({"train_norm": []}))
+    # A frozen run with the MLP head, the default before head.type auto, keeps its hash; the
+    # default head is now the probe there: another model, another hash.
+    frozen = train_config(train_settings({"train_norm": [], "head": {"type": "mlp"}}))
     assert config_hash(BB, "random", 42, frozen, keys, "feature_cache", "float16", "cpu",
                        task=default_task()) == \
+        "cf3dfc4755279581a8bf2df3bca808ba82eaa4f42597251c238114133fcb4c16"
+    probe = train_config(train_settings({"train_norm": []}))
+    assert probe["head"]["type"] == "logreg"
+    assert config_hash(BB, "random", 42, probe, keys, "feature_cache", "float16", "cpu") != \
         "cf3dfc4755279581a8bf2df3bca808ba82eaa4f42597251c238114133fcb4c16"
     for other in (load_task("imagefolder"), default_task().model_copy(
             update={"metric": "balanced_accuracy"})):
@@ -719,8 +726,9 @@ def test_named_runs_of_one_backbone_coexist(tmp_path, capsys):
     assert mlp["run"] == "cnn_mlp" and probe["run"] == "cnn_probe" and probe["backbone"] == BB
     runs = {r["name"]: r for r in list_runs(paths)}
     assert set(runs) == {"cnn_mlp", "cnn_probe"}
-    assert runs["cnn_probe"]["changed"]["head.type"] == "logreg"
-    assert "head.type" not in runs["cnn_mlp"]["changed"]
+    # On cached embeddings the default head is the probe: the MLP variant is the change.
+    assert runs["cnn_mlp"]["changed"]["head.type"] == "mlp"
+    assert not any(k.startswith("head.") for k in runs["cnn_probe"]["changed"])
     assert "cnn_probe" in format_runs(list(runs.values()))
     result = compare_runs("cnn_mlp", "cnn_probe", paths, n_boot=200)
     assert result["a"] == pytest.approx(mlp["oof_score"])

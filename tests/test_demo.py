@@ -164,19 +164,19 @@ def test_bad_arguments_are_refused(tmp_path):
 # --- ./run.sh demo --task LAYOUT ---------------------------------------------------------------
 
 @pytest.mark.parametrize("layout", ["imagefolder", "csv", "csv_masks"])
-def test_the_demo_data_stages_run_in_another_layout(tmp_path, layout, capsys):
-    from kit.commands.demo import data_stages, make_data
+def test_the_demo_data_stages_run_in_another_layout(tmp_path, layout):
+    from kit.commands.demo import make_data
+    from kit.config import load_config
+    from kit.data import clean, folds, patches
     from kit.data.patches import load_patches
     from kit.paths import Paths
 
     data = make_data(tmp_path / "data", layout, seed=1, n_train=12, n_test=4, short_side=48)
     assert data.task.source == data.root / "task.yaml" and not data.task.builtin
     paths = Paths.from_root(tmp_path)
-    data_stages(paths, data, seed=1)
-    out = capsys.readouterr().out
-    for stage in ("clean", "patches", "folds"):
-        assert any(line.startswith(stage) for line in out.splitlines()), stage
-    assert "(0 flagged)" in out  # no junk detector in these tasks
+    assert len(clean.run_clean(paths, data, load_config("clean"))) == 0  # no junk detector
+    patches.run_patches(paths, data, load_config("patches"))
+    folds.run_folds(paths, data, load_config("folds"), seed=1)
     ids = {s.id for s in load_dataset(data).test}
     assert set(load_patches(paths, "test").samples.sample_index) == ids and len(ids) == 4
     folds = pd.read_csv(paths.folds_csv, dtype=str)

@@ -27,7 +27,8 @@ from kit.utils import KitError
 A, B = "tiny_cnn", "tiny_vit"
 FUSED = f"{A}+{B}"
 CFG = {"epochs": 3, "batch_size": 32, "warmup_epochs": 0, "lr": 0.01}
-FROZEN = {**CFG, "train_norm": [], "unfreeze_last": 0}
+# The MLP head (head.type auto would be the probe on these cached embeddings).
+FROZEN = {**CFG, "train_norm": [], "unfreeze_last": 0, "head": {"type": "mlp"}}
 
 
 def _csv(path):
@@ -69,7 +70,9 @@ def test_a_fused_run_writes_the_usual_files_with_a_head_as_wide_as_both(runs):
     head = torch.load(out / "fold_0" / "model.pt", weights_only=True)["state_dict"]
     first = [v for k, v in head.items() if k.startswith("head.") and v.ndim == 2][0]
     assert first.shape[1] == 128  # the head reads both backbones' features side by side
-    assert fused["trainable_params"] == 128 * 256 + 256 + 256 * 4 + 4
+    # The default head on cached embeddings, the probe: one linear layer 128 -> 4.
+    assert fused["config"]["head"]["type"] == "logreg"
+    assert fused["trainable_params"] == 128 * 4 + 4
     assert fused["weights_source"] == {A: "random", B: "random"}
     assert fused["config"]["weights"] == {A: "random", B: "random"}
     assert fused["config"]["train_norm"] == []  # a fused run freezes its parts by default

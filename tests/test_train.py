@@ -270,7 +270,7 @@ def test_class_balanced_loss_and_sampler_train(data):
 
 
 def test_frozen_batchnorm_keeps_its_statistics(data):
-    cfg = _cfg(epochs=1, train_norm=[])  # head only
+    cfg = _cfg(epochs=1, train_norm=[], head={"type": "mlp"})  # head only, trained on pixels
     model = _model(cfg)
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     x, y = data

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass
 
 from kit.config import deep_update, load_config, stage_overrides, train_settings
 from kit.paths import Paths
@@ -55,11 +56,49 @@ def run(args) -> int:
     common = deep_update(stage_overrides(args.config, None), common)
     # Every run's settings checked before any work (a typo stops here, in one line).
     settings = {r.name: train_settings(deep_update(common, r.sets)) for r in runs}
-    weights = _weights(args.weights)
-    stages = _stages(paths, data, runs, settings, weights, args)
+    options = AllOptions(tune=args.tune, name=args.name, seed=args.seed,
+                         patch_size=args.patch_size, submit=args.submit, message=args.message,
+                         plan=args.plan)
+    return run_all(paths, data, runs, settings, _weights(args.weights), options)
+
+
+@dataclass
+class AllOptions:
+    """What ``all`` does besides the runs: ``tune`` trials per run (a run's own
+    :attr:`RunSpec.tune` wins), the submission's ``name``, the ``seed`` of folds, tuning and
+    cv, one ``patch_size`` for every run (None: each backbone's native size), the upload
+    (``submit`` with ``message``), ``plan`` only, and ``force_folds`` (rewrite a different
+    split: the demo regenerates its data)."""
+
+    tune: int = 0
+    name: str = "all"
+    seed: int = 42
+    patch_size: int | None = None
+    submit: bool = False
+    message: str | None = None
+    plan: bool = False
+    force_folds: bool = False
+
+
+def run_all(paths, data, runs, settings: dict, weights: dict, options: AllOptions) -> int:
+    """Plan, then run every stage that is not done: the data stages, tune and cv per run, the
+    blend of the runs marked ``blend``, the report and the optional upload.
+
+    Parameters
+    ----------
+    paths : kit.paths.Paths
+    data : kit.task.Data
+    runs : list of kit.commands.all_plan.RunSpec
+    settings : dict
+        Run name -> its :class:`kit.config.Layered` training settings (checked).
+    weights : dict
+        Backbone -> weights as cv takes them (``auto``, ``random`` or a path).
+    options : AllOptions
+    """
+    stages = _stages(paths, data, runs, settings, weights, options)
     state = _read_state(paths)
     _print_plan(stages, state, runs)
-    if args.plan:
+    if options.plan:
         return 0
     t_all = time.perf_counter()
     for i, (name, stamp_of, _, work) in enumerate(stages, 1):
@@ -70,7 +109,9 @@ def run(args) -> int:
             continue
         print(f"[{i}/{len(stages)}] {name} ...", flush=True)
         t0 = time.perf_counter()
-        work()
+        summary = work()
+        if summary:
+            print(f"{name:<14} -> {summary}", flush=True)
         if stamp_of is not None:  # recorded only once the stage has finished
             state[name] = stamp_of()
             atomic_write_json(_state_path(paths), state)
@@ -80,19 +121,17 @@ def run(args) -> int:
     return 0
 
 
-def _stages(paths, data, runs, settings, weights, args):
+def _stages(paths, data, runs, settings, weights, opts: AllOptions):
     """``(name, stamp, estimate_seconds, work)`` per stage; ``stamp()`` hashes what the stage
     depends on, and a stage whose stamp equals the one recorded after its last finished run is
-    skipped (None: always run; it finds its own finished work, cv fold by fold)."""
+    skipped (None: always run; it finds its own finished work, cv fold by fold). ``work()``
+    returns the line printed after the stage (or None)."""
     from kit.commands.all_plan import decode_seconds, estimate_cv, forward_rate
     from kit.commands.patches import resolve_configs
     from kit.data import clean, folds, patches
     from kit.data.dataset import load_dataset
-    from kit.ensemble.blend_summary import format_summary
     from kit.models.backbones import native_size
-    from kit.submission.blend_output import run_blend
     from kit.submission.report import run_report
-    from kit.training.cv import run_cv
     from kit.training.fusion import parse_weights, split_name
     from kit.training.settings import train_config, training_path, tta_views
 
@@ -101,60 +140,104 @@ def _stages(paths, data, runs, settings, weights, args):
     listing = _listing(dataset)
     clean_cfg, folds_cfg = load_config("clean"), load_config("folds")
     backbones = sorted({p for r in runs for p in split_name(r.backbone)})
-    patch_over = {"size": args.patch_size} if args.patch_size else {}
-    patch_cfgs = resolve_configs(patch_over, None if args.patch_size else backbones)
+    patch_over = {"size": opts.patch_size} if opts.patch_size else {}
+    patch_cfgs = resolve_configs(patch_over, None if opts.patch_size else backbones)
     per_image = decode_seconds(dataset)
     cores = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                 else os.cpu_count() or 1)
-    stages = [
-        ("clean", lambda: _stamp(listing, clean_cfg, data.task.fingerprint),
-         n_images * per_image / cores,
-         lambda: clean.run_clean(paths, dataset, clean_cfg)),
-    ]
+
+    def do_clean():
+        flagged = clean.run_clean(paths, dataset, clean_cfg)
+        return f"{paths.outliers_csv} ({len(flagged)} flagged), {paths.clean_dir / 'review.html'}"
+
+    def do_folds():
+        folds.run_folds(paths, dataset, folds_cfg, seed=opts.seed, force=opts.force_folds)
+        return str(paths.folds_csv)
+
+    stages = [("clean", lambda: _stamp(listing, clean_cfg, data.task.fingerprint),
+               n_images * per_image / cores, do_clean)]
     for cfg in patch_cfgs:
         stages.append((f"patches {cfg['size']}px", None, n_images * per_image / cores,
-                       lambda cfg=cfg: patches.run_patches(paths, dataset, cfg)))
-    stages.append(("folds", None, 1.0, lambda: folds.run_folds(paths, dataset, folds_cfg)))
+                       lambda cfg=cfg: _patches(paths, dataset, cfg, patches)))
+    stages.append(("folds", None, 1.0, do_folds))
     for r in runs:
         cfg = train_config(settings[r.name])
-        size = args.patch_size or native_size(split_name(r.backbone)[0])
+        size = opts.patch_size or native_size(split_name(r.backbone)[0])
         rate = forward_rate(r.backbone, int(cfg["input_size"] or size))
         est = estimate_cv(len(dataset.train), int(patch_cfgs[0]["top_k"]),
                           len(tta_views(cfg["tta"])), int(folds_cfg["n_splits"]), rate,
                           training_path(cfg), int(cfg["epochs"]))
         w = parse_weights(r.backbone, [f"{p}={weights[p]}" for p in split_name(r.backbone)
                                        if p in weights] or None)
-        if args.tune:
-            stages.append((f"tune {r.backbone}", None, args.tune * est / 10,
-                           lambda r=r, w=w: _tune(paths, data, settings[r.name], r, w, args)))
+        trials = opts.tune if r.tune is None else r.tune
+        if trials:
+            stages.append((f"tune {r.name}", None, trials * est / 10,
+                           lambda r=r, w=w, n=trials: _tune(paths, data, settings[r.name], r,
+                                                            w, n, opts.seed)))
         stages.append((f"cv {r.name}", None, est,
-                       lambda r=r, w=w: run_cv(paths, data, settings[r.name],
-                                               backbone=r.backbone, name=r.name, weights=w,
-                                               seed=args.seed,
-                                               params="best" if args.tune else "none")))
+                       lambda r=r, w=w, tuned=bool(trials): _cv(paths, data, settings[r.name],
+                                                                r, w, tuned, opts.seed)))
     blend_cfg = load_config("blend")
-    names = [r.name for r in runs]
-    stages.append(("blend", lambda: _stamp(names, blend_cfg, args.name, args.seed,
+    names = [r.name for r in runs if r.blend]
+    stages.append(("blend", lambda: _stamp(names, blend_cfg, opts.name, opts.seed,
                                            _run_files(paths, names)), 5.0,
-                   lambda: print(format_summary(run_blend(paths, data, blend_cfg,
-                                                          backbones=names, name=args.name,
-                                                          seed=args.seed)))))
-    stages.append(("report", lambda: _stamp(_run_files(paths, names), _latest(paths)), 10.0,
-                   lambda: run_report(paths, data, load_config("report"))))
-    if args.submit:
-        stages.append(("submit", None, 60.0, lambda: _submit(paths, data, args)))
+                   lambda: _blend(paths, data, blend_cfg, names, opts)))
+    every = [r.name for r in runs]
+    stages.append(("report", lambda: _stamp(_run_files(paths, every), _latest(paths)), 10.0,
+                   lambda: str(run_report(paths, data, load_config("report")))))
+    if opts.submit:
+        stages.append(("submit", None, 60.0, lambda: _submit(paths, data, opts)))
     return stages
 
 
-def _tune(paths, data, settings, run, weights, args) -> None:
+def _patches(paths, dataset, cfg, patches) -> str:
+    sets = patches.run_patches(paths, dataset, cfg)
+    return f"{sets['train'].folder}, {sets['test'].folder}"
+
+
+def _cv(paths, data, settings, run, weights, tuned: bool, seed: int) -> str:
+    from kit.training.cv import run_cv
+
+    metrics = run_cv(paths, data, settings, backbone=run.backbone, name=run.name,
+                     weights=weights, seed=seed, params="best" if tuned else "none")
+    n = len(data.task.classes)
+    return (f"{paths.backbone_dir(run.name)} ({metrics['training_path']}, "
+            f"{metrics['config']['head']['type']} head): {oof_line(metrics, data)} "
+            f"(chance {1 / n:.2f} for {n} classes)")
+
+
+def oof_line(metrics: dict, data) -> str:
+    """``OOF <metric> <score> [<interval>]`` of a cv run in the task's metric."""
+    from kit.artifacts import run_score
+    from kit.metrics import format_ci, get_metric
+
+    metric, score, ci = run_score(metrics)
+    return f"OOF {get_metric(metric or data.task.metric).title} {format_ci(score, ci)}"
+
+
+def _tune(paths, data, settings, run, weights, trials: int, seed: int) -> str:
+    from kit.metrics import get_metric
     from kit.tuning.tune import run_tune
 
-    cfg = load_config("tune", {"objective": "features", "trials": args.tune})
-    run_tune(paths, data, cfg, settings=settings, backbones=[run.backbone], weights=weights,
-             seed=args.seed)
+    cfg = load_config("tune", {"objective": "features", "trials": trials})
+    best = run_tune(paths, data, cfg, settings=settings, backbones=[run.backbone],
+                    weights=weights, seed=seed)[run.backbone]
+    return (f"{paths.tune_dir(run.backbone) / 'best.yaml'} (trial {best['trial']} of "
+            f"{trials}, features OOF {get_metric(data.task.metric).title} "
+            f"{best['score']:.4f})")
 
 
-def _submit(paths, data, args) -> None:
+def _blend(paths, data, cfg, names, opts) -> str:
+    from kit.ensemble.blend_summary import format_summary
+    from kit.submission.blend_output import run_blend
+
+    result = run_blend(paths, data, cfg, backbones=names, name=opts.name, seed=opts.seed)
+    print(format_summary(result))
+    return (f"{result.csv_path} ({len(result.test_labels)} rows, validated), "
+            f"{result.manifest_path.name}, {result.latest_csv}")
+
+
+def _submit(paths, data, opts) -> None:
     from kit.submission.package import load_manifest
     from kit.submission.submit import run_submit
 
@@ -167,7 +250,7 @@ def _submit(paths, data, args) -> None:
         print(f"submit: {manifest['files']['csv']} was uploaded already (ref "
               f"{done[-1].get('ref')}); ./run.sh submissions --refresh follows its score")
         return
-    run_submit(paths, data, load_config("submit"), message=args.message, wait=True)
+    run_submit(paths, data, load_config("submit"), message=opts.message, wait=True)
 
 
 def _print_plan(stages, state, runs) -> None:

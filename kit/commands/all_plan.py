@@ -12,11 +12,15 @@ from kit.utils import KitError
 
 @dataclass
 class RunSpec:
-    """One cv run of ``all``: its name, backbone and its own settings (over the common ones)."""
+    """One cv run of ``all``: its name, backbone and its own settings (over the common ones);
+    ``tune``: its trials (None: ``all --tune``'s); ``blend``: whether the blend takes it (the
+    demo's fusion run is reported beside the blend of the separate runs, not in it)."""
 
     name: str
     backbone: str
     sets: dict = field(default_factory=dict)
+    tune: int | None = None
+    blend: bool = True
 
 
 def parse_runs(specs, sets) -> tuple[list[RunSpec], dict]:

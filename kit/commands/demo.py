@@ -1,7 +1,9 @@
-"""``./run.sh demo``: generate the demo dataset and run every stage on it.
+"""``./run.sh demo``: generate the demo dataset and run ``./run.sh all`` on it.
 
-A plain sequence of the public stage functions, writing under ``runs/demo/`` only. The stages'
-modules are imported in the functions that call them: ``./run.sh demo --help`` stays fast.
+Three runs (:func:`demo_runs`), the blend, the report, the ledger, all under ``runs/demo/``
+only; as ``all`` does, it prints its plan first and skips what a previous demo finished. The
+stages' modules are imported in the functions that call them: ``./run.sh demo --help`` stays
+fast.
 
 ``--task LAYOUT`` generates the data in another competition's layout instead
 (:func:`kit.data.task_synth.write_task_dataset`: ``imagefolder``, ``csv``, ``csv_masks``, each
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kit.config import load_config, train_settings
+from kit.config import train_settings
 from kit.paths import Paths
 from kit.task import as_data
 from kit.utils import KitError
@@ -40,7 +42,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from kit.submission.report import run_report
+    from kit.commands.all import AllOptions, run_all
 
     if args.task is not None and args.task not in LAYOUTS:
         raise KitError(f"demo --task {args.task}: the demo generates its data in one of the "
@@ -49,20 +51,39 @@ def run(args) -> int:
     out = Path(args.out or (OUT if args.task is None else f"{OUT}-{args.task}"))
     paths = Paths.from_root(out)
     given = {"n_train": args.n_train, "n_test": args.n_test, "short_side": args.short_side}
+    before = _data_stamp(out / "data")
     data = make_data(out / "data", args.task, args.seed,
                      **{k: v for k, v in given.items() if v is not None})
+    if _data_stamp(out / "data") != before:
+        # New data: the old tuning study was made on other folds (tune would refuse it).
+        (paths.runs_dir / "optuna.db").unlink(missing_ok=True)
     print(f"demo data      -> {data}" + ("" if data.task.builtin else
                                          f" (task {data.task.name}, layout {args.task})"))
-    data_stages(paths, data, args.seed)
-    _cv(paths, data, args.seed)
-    # A second backbone for the blend: its head tuned on cached embeddings, then cv with the
-    # best params (runs/tiny_cnn/ stays the plain, stronger model).
-    _tune(paths, data, args.seed)
-    _blend(paths, data, args.seed)  # after both cv runs (it reads runs/<bb>/), before the report
-    _fusion(paths, data, args.seed)  # after the blend, so that it blends the separate runs only
-    # last: the report summarises every stage above
-    print(f"report         -> {run_report(paths, data, load_config('report'))}")
-    return 0
+    runs = demo_runs()
+    settings = {r.name: train_settings(r.sets) for r in runs}
+    return run_all(paths, data, runs, settings, {"tiny_cnn": "random", "tiny_vit": "random"},
+                   AllOptions(name="demo", seed=args.seed, force_folds=True))
+
+
+def demo_runs():
+    """The demo's runs, as ``all`` takes them: ``tiny_cnn`` trained from random weights (every
+    block: nothing pretrained to keep frozen), ``tiny_vit`` frozen with its head tuned on
+    cached embeddings (8 trials), and the fusion of both (one head on both backbones' cached
+    embeddings), which the report sets beside the blend of the two instead of blending it."""
+    from kit.commands.all_plan import RunSpec
+
+    return [RunSpec("tiny_cnn", "tiny_cnn", DEMO_CV, tune=0),
+            RunSpec("tiny_vit", "tiny_vit", FROZEN_CV, tune=8),
+            RunSpec(FUSION, FUSION, {}, tune=0, blend=False)]
+
+
+def _data_stamp(root: Path) -> list:
+    """What tells regenerated demo data from reused (the generators keep files whose
+    arguments are unchanged): every file's name, size and modification time."""
+    if not root.is_dir():
+        return []
+    return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in root.rglob("*") if p.is_file())
 
 
 def make_data(root: Path, layout: str | None, seed: int, **sizes):
@@ -79,54 +100,6 @@ def make_data(root: Path, layout: str | None, seed: int, **sizes):
     return as_data(write_task_dataset(root, layout, seed=seed, **sizes))
 
 
-def data_stages(paths: Paths, data, seed: int) -> None:
-    """clean, patches and folds on ``data``, as their commands run them."""
-    from kit.data import clean, folds, patches
-
-    outliers = clean.run_clean(paths, data, load_config("clean"))
-    print(f"clean          -> {paths.outliers_csv} ({len(outliers)} flagged), "
-          f"{paths.clean_dir / 'review.html'}")
-    sets = patches.run_patches(paths, data, load_config("patches"))
-    print(f"patches        -> {sets['train'].folder}, {sets['test'].folder}")
-    folds.run_folds(paths, data, load_config("folds"), seed=seed, force=True)
-    print(f"folds          -> {paths.folds_csv}")
-
-
-def _oof(metrics: dict, data) -> str:
-    """``OOF <metric> <score> [<interval>]`` of a cv run in the task's metric (a run written
-    before ``oof_score`` existed: its macro F1)."""
-    from kit.metrics import format_ci, get_metric
-
-    if "oof_score" in metrics:
-        return (f"OOF {get_metric(as_data(data).task.metric).title} "
-                f"{format_ci(metrics['oof_score'], metrics.get('oof_score_ci95'))}")
-    return f"OOF macro F1 {format_ci(metrics['oof_macro_f1'], metrics['oof_macro_f1_ci95'])}"
-
-
-def _tune(paths: Paths, data, seed: int, backbone: str = "tiny_vit", trials: int = 8) -> None:
-    """A short search (features objective) and ``cv --params best`` with its result.
-
-    cv keeps the backbone frozen as the features objective does (norm layers too), so it
-    trains the heads on the search's embedding cache and reproduces the tuned score.
-    """
-    from kit.metrics import get_metric
-    from kit.training.cv import run_cv
-    from kit.tuning.tune import run_tune
-
-    # The demo's own study file: a fresh study each run, as the demo data is regenerated.
-    (paths.runs_dir / "optuna.db").unlink(missing_ok=True)
-    cfg = load_config("tune", {"objective": "features", "trials": trials})
-    best = run_tune(paths, data, cfg, settings=train_settings(), backbones=[backbone], seed=seed,
-                    weights="random")[backbone]
-    title = get_metric(as_data(data).task.metric).title
-    print(f"tune           -> {paths.tune_dir(backbone) / 'best.yaml'} (trial {best['trial']} "
-          f"of {trials}, features OOF {title} {best['score']:.4f})")
-    metrics = run_cv(paths, data, train_settings(FROZEN_CV), backbone=backbone, params="best",
-                     seed=seed, weights="random")
-    print(f"cv --params best -> {paths.backbone_dir(backbone)} ({metrics['training_path']}): "
-          f"{_oof(metrics, data)}")
-
-
 # cv of the tuned backbone: nothing in it trains, as in the features objective.
 FROZEN_CV = {"train_norm": [], "unfreeze_last": 0}
 
@@ -134,52 +107,4 @@ FROZEN_CV = {"train_norm": [], "unfreeze_last": 0}
 # to keep frozen), six epochs; about a minute on a 2-core CPU.
 DEMO_CV = {"epochs": 6, "patience": 0, "lr": 3e-3, "unfreeze_last": 4}
 
-
-def _cv(paths: Paths, data, seed: int) -> None:
-    """Cross-validated tiny_cnn: OOF and test probabilities for the blend."""
-    from kit.training.cv import run_cv
-
-    metrics = run_cv(paths, data, train_settings(DEMO_CV), backbone="tiny_cnn", seed=seed,
-                     weights="random", params="none")
-    n = len(as_data(data).task.classes)
-    print(f"cv             -> {paths.backbone_dir('tiny_cnn')} (oof.csv, test.csv, tta/, "
-          f"metrics.json): {_oof(metrics, data)} (chance {1 / n:.2f} for {n} classes)")
-
-
-def _fusion(paths: Paths, data, seed: int, parts: str = "tiny_cnn+tiny_vit") -> None:
-    """``cv tiny_cnn+tiny_vit``: one head on both frozen backbones' cached embeddings (tiny_vit's
-    cache is tune's); the report sets it against the blend of the separate runs."""
-    from kit.training.cv import run_cv
-
-    metrics = run_cv(paths, data, train_settings(), backbone=parts, seed=seed, weights="random",
-                     params="none")
-    width = metrics["config"]["fusion"]["input_width"]
-    print(f"cv (fusion)    -> {paths.backbone_dir(parts)} ({width} features per patch): "
-          f"{_oof(metrics, data)}")
-
-
-def _blend(paths: Paths, data, seed: int) -> None:
-    """Blend every backbone the demo trained into a validated submission + manifest."""
-    from kit.ensemble.blend import complete_backbones
-    from kit.metrics import format_ci, get_metric
-    from kit.submission.blend_output import run_blend
-
-    if not complete_backbones(paths):  # only until the cv step runs before this one
-        print("blend          skipped: no runs/<backbone>/ with oof.csv, test.csv and "
-              "metrics.json yet (./run.sh cv writes them)")
-        return
-    result = run_blend(paths, data, load_config("blend"), name="demo", seed=seed)
-    s = result.scores
-    # The task's metric: "score" where the blend names it so, else its macro F1 (as before).
-    score = lambda part: part.get("score", part["macro_f1"])  # noqa: E731
-    oof = {b: m.get("oof_score", m.get("oof_macro_f1")) for b, m in result.inputs.meta.items()}
-    singles = ", ".join(f"{b} {v:.4f}" for b, v in oof.items() if v is not None)
-    print(f"blend          -> {result.csv_path} ({len(result.test_labels)} rows, validated), "
-          f"{result.manifest_path.name}, {result.latest_csv}")
-    label = "expected score" if result.expected["honest"] else \
-        "OPTIMISTIC: " + "; ".join(f"{bb}: {', '.join(why)}"
-                                   for bb, why in result.expected["why"].items())
-    print(f"                  {get_metric(as_data(data).task.metric).title} nested "
-          f"{format_ci(score(s['nested']), s['nested'].get('ci95'))} ({label}), "
-          f"in-sample {score(s['in_sample']):.4f} (optimistic); single backbones' OOF: "
-          f"{singles}")
+FUSION = "tiny_cnn+tiny_vit"
