@@ -290,7 +290,8 @@ def test_self_contained_and_escaped(tmp_path):
     assert "script" not in parsed.tags and "link" not in parsed.tags
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text and "<script>" not in text
     imgs = [v for t, a, v in parsed.refs if t == "img"]
-    assert sum(v.startswith("data:image/png;base64,") for v in imgs) == 3  # 2 confusion + 1
+    # 2 confusion matrices, the reliability diagram, the ledger's public against expected plot
+    assert sum(v.startswith("data:image/png;base64,") for v in imgs) == 4
 
 
 SCORE_SECTIONS = ["cv", "blend", "tune", "submissions", "calibration"]

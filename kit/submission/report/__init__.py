@@ -59,7 +59,7 @@ def run_report(paths: Paths, data, cfg: dict) -> Path:
         ("cv", "Cross-validation", lambda: cv_section(paths, task)),
         ("blend", "Blend", lambda: blend_section(paths, task)),
         ("tune", "Tuning", lambda: tune_section(paths)),
-        ("submissions", "Submissions", lambda: submissions_section(paths)),
+        ("submissions", "Submissions", lambda: submissions_section(paths, task)),
         ("calibration", "Reliability of the blended OOF probabilities",
          lambda: reliability_section(paths, cfg, task)),
         ("data", "Data", lambda: data_section(paths, data, cfg)),

@@ -1,5 +1,6 @@
-"""The report's submissions section: every submission file with its scores, every upload with
-its public score beside the nested CV estimate."""
+"""The report's submissions section: the ledger with the two submissions to select and a plot
+of public against expected scores (:mod:`kit.submission.report.leaderboard`), every submission
+file with its scores, every upload with its public score beside the nested CV estimate."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +9,8 @@ from kit.metrics import get_metric
 from kit.paths import Paths
 from kit.submission.report.blend import blend_metric, recorded_ci, score
 from kit.submission.report.layout import Todo, make_table, read_json, score_ci
+from kit.submission.report.leaderboard import ledger_part
+from kit.task import Task
 
 
 def submission_manifests(paths: Paths) -> list[tuple[Path, dict]]:
@@ -23,9 +26,10 @@ def submission_manifests(paths: Paths) -> list[tuple[Path, dict]]:
     return found
 
 
-def submissions_section(paths: Paths) -> dict | Todo:
-    """Every submission file with its scores (each in its manifest's metric), and every
-    upload with its public score."""
+def submissions_section(paths: Paths, task: Task | None = None) -> dict | Todo:
+    """The ledger of the task's submissions (:func:`~kit.submission.report.leaderboard.
+    ledger_part`), every submission file with its scores (each in its manifest's metric), and
+    every upload with its public score."""
     found = submission_manifests(paths)
     if not found:
         return Todo("no submission files", "./run.sh blend, then ./run.sh submit -m MSG")
@@ -52,9 +56,10 @@ def submissions_section(paths: Paths) -> dict | Todo:
                             expected, rec.get("error")])
     files = make_table(["file", "created (UTC)", "rows", "metric", "nested score", "nested is",
                         "in-sample score", "backbones", "git commit"], rows, "num")
+    ledger = ledger_part(paths, task)
     if not uploads:
-        return {"files": files, "uploads": None}
+        return {"ledger": ledger, "files": files, "uploads": None}
     uploads.sort(key=lambda r: str(r[0]), reverse=True)
-    return {"files": files,
+    return {"ledger": ledger, "files": files,
             "uploads": make_table(["time (UTC)", "file", "competition", "message", "status", "ref",
                                    "public score", "nested CV estimate", "error"], uploads, "num")}
