@@ -222,7 +222,7 @@ def progress_mode(stream=None) -> str:
     """``bar``, ``log`` or ``off``: how :func:`progress` shows loops now.
 
     ``auto`` gives a bar on a terminal or in a Jupyter kernel with ipywidgets (where
-    ``tqdm.auto`` renders a widget), and a log line every ``KIT_PROGRESS_INTERVAL`` seconds
+    ``tqdm.autonotebook`` renders a widget), and a log line every ``KIT_PROGRESS_INTERVAL`` seconds
     elsewhere: a ``!an2dl-kit`` cell, a CI log or ``nohup``, where a bar's carriage returns
     would be one unreadable line.
     """
@@ -240,7 +240,7 @@ def progress_mode(stream=None) -> str:
     if isatty is not None and isatty():
         return "bar"
     if in_jupyter():
-        # tqdm.auto draws a widget with ipywidgets; without it, a text bar whose cursor
+        # tqdm.autonotebook draws a widget with ipywidgets; without it, a text bar whose cursor
         # moves (nested bars) come out as stray escape codes in the cell: log lines instead.
         import importlib.util
 
@@ -264,8 +264,8 @@ def progress_interval() -> float:
 
 
 def in_jupyter() -> bool:
-    """True inside a Jupyter kernel (notebook, lab, Colab, Kaggle, VS Code), as tqdm.auto sees
-    it."""
+    """True inside a Jupyter kernel (notebook, lab, Colab, Kaggle, VS Code), as
+    tqdm.autonotebook sees it."""
     import sys
 
     if "ipykernel.zmqshell" not in sys.modules:
@@ -278,11 +278,15 @@ def in_jupyter() -> bool:
 def progress(iterable=None, **kwargs):
     """A progress bar over ``iterable`` (tqdm's arguments: ``desc``, ``total``, ``unit``, ...).
 
-    On a terminal or in Jupyter: ``tqdm.auto`` (a widget in a notebook). Elsewhere (stderr
-    piped, e.g. a ``!an2dl-kit`` notebook cell or a log file): one plain line every few
-    seconds (:func:`progress_interval`) while the loop runs, and a last one when it ends; a
-    loop shorter than the interval prints nothing. ``KIT_PROGRESS`` forces a mode
+    On a terminal or in Jupyter: ``tqdm.autonotebook`` (a widget in a notebook). Elsewhere
+    (stderr piped, e.g. a ``!an2dl-kit`` notebook cell or a log file): one plain line every
+    few seconds (:func:`progress_interval`) while the loop runs, and a last one when it ends;
+    a loop shorter than the interval prints nothing. ``KIT_PROGRESS`` forces a mode
     (:func:`progress_mode`).
+
+    Every mode, ``off`` included, makes exactly one iterator of ``iterable``, when the loop
+    starts: the display never changes what a loop computes (a seeded DataLoader draws from
+    its generator each time an iterator of it is made).
     """
     import sys
 
@@ -293,9 +297,13 @@ def progress(iterable=None, **kwargs):
     import warnings
 
     with warnings.catch_warnings():
-        # tqdm.auto warns once when a notebook lacks ipywidgets, then draws a text bar: fine.
+        # tqdm.autonotebook warns once when a notebook lacks ipywidgets, then draws a text
+        # bar: fine. Not tqdm.auto: its asyncio mixin calls iter(iterable) in __init__, even
+        # disabled, and the loop then makes a second iterator. For a DataLoader that is a
+        # second draw of its seeded generator (shared with the sampler: another order of
+        # the batches) and, with workers, a round of them started for nothing.
         warnings.simplefilter("ignore")
-        from tqdm.auto import tqdm
+        from tqdm.autonotebook import tqdm
     return tqdm(iterable, disable=mode == "off", dynamic_ncols=True, **kwargs)
 
 

@@ -72,7 +72,7 @@ def test_jupyter_kernel_gets_the_bar_with_widgets(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name == "ipywidgets" else real(name, *a))
-    assert progress_mode(Stream(tty=False)) == "bar"  # tqdm.auto draws a widget
+    assert progress_mode(Stream(tty=False)) == "bar"  # tqdm.autonotebook draws a widget
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "ipywidgets" else real(name, *a))
     assert progress_mode(Stream(tty=False)) == "log"  # no widgets: lines, not escape codes
@@ -137,10 +137,76 @@ def test_bad_interval_is_one_clear_error(monkeypatch, value):
         progress(range(3))
 
 
-def test_bar_mode_uses_tqdm_auto(monkeypatch):
-    import tqdm.auto
+def test_bar_mode_uses_tqdm_autonotebook(monkeypatch):
+    import tqdm.asyncio
+    import tqdm.autonotebook
 
     monkeypatch.setenv("KIT_PROGRESS", "bar")
     bar = progress(range(3), desc="x")
-    assert isinstance(bar, tqdm.auto.tqdm) and not bar.disable
+    assert isinstance(bar, tqdm.autonotebook.tqdm) and not bar.disable
+    # Not tqdm.auto's asyncio mixin: it makes an iterator of the iterable in __init__.
+    assert not isinstance(bar, tqdm.asyncio.tqdm_asyncio)
     bar.close()
+
+
+class Reiterable:
+    """An iterable (no ``__next__``, like a DataLoader) that counts the iterators made of it."""
+
+    def __init__(self, n: int):
+        self.n, self.iters = n, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        self.iters += 1
+        return iter(range(self.n))
+
+
+@pytest.mark.parametrize("mode", ["off", "bar", "log"])
+def test_progress_makes_one_iterator_of_what_it_wraps(monkeypatch, mode):
+    # A DataLoader draws its workers' base seed from its generator each time an iterator of it
+    # is made; a second, discarded iterator shifts every later draw of that generator (the
+    # sampler's order) and, with workers, starts them for nothing.
+    monkeypatch.setenv("KIT_PROGRESS", mode)
+    data = Reiterable(3)
+    assert list(progress(data, desc="x")) == [0, 1, 2]
+    assert data.iters == 1
+
+
+def test_seeded_loader_batches_do_not_depend_on_the_display(monkeypatch):
+    import torch
+
+    def batches(wrap):
+        # The sampler and the loader share one generator, as in kit.training.loaders.
+        g = torch.Generator().manual_seed(0)
+        sampler = torch.utils.data.RandomSampler(range(20), generator=g)
+        loader = torch.utils.data.DataLoader(list(range(20)), batch_size=8, sampler=sampler,
+                                             generator=g)
+        return [[b.tolist() for b in wrap(loader)] for _ in range(2)]  # two epochs
+
+    plain = batches(lambda loader: loader)  # no progress at all
+    for mode in ("off", "bar", "log"):
+        monkeypatch.setenv("KIT_PROGRESS", mode)
+        assert batches(lambda loader: progress(loader, desc="x")) == plain, mode
+
+
+def test_cv_on_pixels_gives_the_same_probabilities_whatever_the_display(monkeypatch, tmp_path):
+    """The same data, config and seed give byte-identical OOF and test probabilities (CPU)
+    with the progress bar, the log lines or nothing shown."""
+    from kit.config import train_settings
+    from kit.data.synth import write_patch_workdir
+    from kit.training.cv import run_cv
+
+    out = {}
+    for mode in ("off", "bar", "log"):
+        monkeypatch.setenv("KIT_PROGRESS", mode)
+        paths = write_patch_workdir(tmp_path / mode, n_train=16, n_test=4, n_folds=2)
+        # unfreeze_last with random weights: the pixel path, the DataLoader in the loop
+        run_cv(paths, None, train_settings({"epochs": 2, "patience": 0, "unfreeze_last": 4,
+                                            "batch_size": 16, "warmup_epochs": 0}),
+               backbone="tiny_cnn", weights="random", params="none", seed=0, restart=True)
+        run = paths.backbone_dir("tiny_cnn")
+        out[mode] = {name: (run / name).read_bytes() for name in ("oof.csv", "test.csv")}
+    assert out["bar"] == out["off"]
+    assert out["log"] == out["off"]
