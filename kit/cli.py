@@ -19,7 +19,7 @@ from kit.process import run_for_user
 
 # name -> one-line help; the module is kit.commands.<name with - replaced by _>
 COMMANDS = {
-    "demo": "generate the demo dataset under runs/demo and run every stage on it",
+    "demo": "generate the demo dataset under runs/demo and run `all` on it (every stage)",
     "all": "the main job in one command: validate .. cv per run .. blend, report [, submit]",
     "validate": "check a dataset folder and report every problem at once",
     "clean": "flag junk training images (green stains, cartoons) -> folds/outliers.csv",

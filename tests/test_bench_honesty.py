@@ -57,7 +57,7 @@ def tiny_run(tmp_path_factory):
     workdir = Paths.from_root(tmp_path_factory.mktemp("honesty"))
     try:
         result = honesty.run_honesty(workdir, TINY, seeds=[3], modes=["inner", "oof"],
-                                     training_paths=["feature_cache", "pixels"])
+                                     training_paths=["probe", "feature_cache", "pixels"])
     finally:
         _WATCH["on"] = False
         mp.undo()
@@ -69,7 +69,11 @@ def test_every_path_and_mode_gets_finite_oof_and_test_scores(tiny_run):
     saved = json.loads((workdir.runs_dir / "bench/honesty/tiny/results.json").read_text())
     assert saved["seeds"] == [3] and saved["modes"] == ["inner", "oof"]
     runs = {(r["path"], r["mode"]): r for r in saved["runs"]}
-    assert set(runs) == {(p, m) for p in ("feature_cache", "pixels") for m in ("inner", "oof")}
+    paths = ("probe", "feature_cache", "pixels")
+    assert set(runs) == {(p, m) for p in paths for m in ("inner", "oof")}
+    # probe: the cache path's default head, whatever the mode; feature_cache: the MLP it pins
+    assert {runs[("probe", m)]["recorded_mode"] for m in ("inner", "oof")} == {"probe"}
+    assert runs[("feature_cache", "inner")]["recorded_mode"] == "inner"
     for r in runs.values():
         assert 0 <= r["oof"] <= 1 and 0 <= r["test"] <= 1
         assert r["gap"] == pytest.approx(r["oof"] - r["test"])
@@ -78,11 +82,14 @@ def test_every_path_and_mode_gets_finite_oof_and_test_scores(tiny_run):
     assert set(blends) == {"inner", "oof"}
     for b in blends.values():
         assert 0 <= b["expected"] <= 1 and 0 <= b["test"] <= 1
-        assert b["inputs"] == [f"feature_cache-{b['mode']}", f"pixels-{b['mode']}"]
+        assert b["inputs"] == [f"{p}-{b['mode']}" for p in paths]
+        # biases: auto recorded its choice, and applied them only on a positive nested gain
+        assert b["biases"]["applied"] == (b["biases"]["nested_gain"] > 0)
     rows = {(r["path"], r["mode"]) for r in saved["summary"]}
     assert rows == set(runs) | {("blend", "inner"), ("blend", "oof")}
     table = honesty.format_table(result)
     assert "|OOF-test|" in table and "feature_cache" in table and "blend" in table
+    assert "blend.biases auto: class biases applied in" in table
     # the oof runs are the ratio's reference: exactly 1 where their seconds are > 0
     for row in saved["summary"]:
         if row["mode"] == "oof" and row["path"] != "blend" and row["seconds"] > 0:

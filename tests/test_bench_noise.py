@@ -175,9 +175,33 @@ def test_summary_and_checks():
 def test_arm_configs_change_one_thing_on_the_frozen_path():
     base = noise.arm_config("baseline", TINY)
     assert base["train_norm"] == "none" and base["unfreeze_last"] == 0
+    # the baseline is the MLP, the default before head.type auto, whatever the default now
+    assert base["head"] == {"type": "mlp"}
+    assert noise.arm_config("logreg", TINY)["head"] == {"type": "logreg"}
     assert noise.arm_config("drop+bag5", TINY) == {**base, "label_issues": {"mode": "drop"},
                                                    "bag": 5}
     assert noise.run_name("drop+bag5") == "noise-drop-bag5"
+    assert noise.run_name("logreg", "weak_hard") == "noise-weak-logreg"
+
+
+def test_the_weak_regimes_read_the_same_sets_with_their_own_weaker_standin(tmp_path):
+    workdir = Paths.from_root(tmp_path)
+    preset = noise.Preset(**{**TINY.__dict__, "noise": {**TINY.noise, "weak": 0.1},
+                             "standin": {"epochs": 3}, "weak_standin": {"epochs": 1}})
+    result = noise.run_noise(workdir, preset, seeds=[5], arms=["logreg"],
+                             regimes=["easy", "weak"])
+    strong, weak = result["standin"], result["standin_weak"]
+    assert strong["file"] != weak["file"] and "standin-weak" in weak["file"]
+    runs = {(r["regime"], r["arm"]): r for r in result["runs"]}
+    assert runs[("weak", "logreg")]["name"] == "noise-weak-logreg"
+    # the same images and labels as the easy set, in its work directory, under other names
+    root = workdir.runs_dir / "bench/noise/tiny"
+    assert not (root / "weak").exists()
+    work = root / "easy/seed5/work/runs"
+    assert {"noise-logreg", "noise-weak-logreg", "noise-baseline", "noise-weak-baseline"} <= \
+        {p.name for p in work.iterdir()}
+    assert runs[("weak", "baseline")]["n_test"] == runs[("easy", "baseline")]["n_test"]
+    assert runs[("weak", "logreg")]["recorded"]["head_type"] == "logreg"
 
 
 @pytest.mark.parametrize("argv, message", [

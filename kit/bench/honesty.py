@@ -10,7 +10,10 @@ scored the same way: its nested "expected score" against its test score. Average
 
 Paths (``--paths``), all with ``tiny_cnn``:
 
-- ``feature_cache``: a frozen backbone, heads trained on cached embeddings (``train_norm: none``);
+- ``probe``: a frozen backbone, the linear probe on cached embeddings (the default head there;
+  it chooses its ``C`` on an inner split whatever the mode, so its rows repeat per mode);
+- ``feature_cache``: a frozen backbone, MLP heads trained on cached embeddings (``train_norm:
+  none``);
 - ``pixels``: a frozen backbone with trainable norm layers, on pixels with CutMix (the seed's
   recipe);
 - ``from_scratch``: random weights, every block trained (``unfreeze_last: 4``; slower).
@@ -62,20 +65,25 @@ from kit.utils import KitError, atomic_path, atomic_write_json, progress
 # default: its rows would repeat theirs.
 MODES = ("auto", "inner", "refit", "none", "oof")
 DEFAULT_MODES = ("inner", "refit", "none", "oof")
-TRAINING_PATHS = ("feature_cache", "pixels", "from_scratch")
-DEFAULT_TRAINING_PATHS = ("feature_cache", "pixels")
+TRAINING_PATHS = ("probe", "feature_cache", "pixels", "from_scratch")
+DEFAULT_TRAINING_PATHS = ("probe", "feature_cache", "pixels")
 STANDIN_FILE = "tiny_cnn_backbone.pth"
 # Set A (the stand-in's training set) is drawn from seed + this, far from set B's seeds.
 STANDIN_SEED_OFFSET = 10_007
 
 # Per path: which weights, and the train.yaml overrides that make cv take that path.
+# feature_cache pins the MLP head, the one whose epochs the modes choose; probe is the cache
+# path's default head (head.type auto), which chooses its C on an inner split in every mode.
 PATH_SETUP = {
-    "feature_cache": ("standin", {"train_norm": "none", "unfreeze_last": 0}),
+    "probe": ("standin", {"train_norm": "none", "unfreeze_last": 0,
+                          "head": {"type": "logreg"}}),
+    "feature_cache": ("standin", {"train_norm": "none", "unfreeze_last": 0,
+                                  "head": {"type": "mlp"}}),
     "pixels": ("standin", {"unfreeze_last": 0}),
     "from_scratch": ("random", {"unfreeze_last": 4}),
 }
-EXPECTED_TRAINING_PATH = {"feature_cache": "feature_cache", "pixels": "pixels",
-                          "from_scratch": "pixels"}
+EXPECTED_TRAINING_PATH = {"probe": "feature_cache", "feature_cache": "feature_cache",
+                          "pixels": "pixels", "from_scratch": "pixels"}
 
 
 def _presets() -> dict[str, Preset]:
@@ -290,7 +298,9 @@ def score_blend(names: list[str], mode: str, paths, data, truth: dict, seed: int
     return {"seed": seed, "mode": mode, "inputs": names, "expected": nested, "test": test_f1,
             "gap": nested - test_f1,
             "in_sample": float(res.scores["in_sample"]["macro_f1"]),
-            "weights": res.weights}
+            "weights": res.weights,
+            # biases: auto: whether the class biases were applied, and their nested gain
+            "biases": res.scores.get("biases_choice")}
 
 
 # --------------------------------------------------------------------------- summary
@@ -354,6 +364,12 @@ def format_table(result: dict) -> str:
                      f"{num(row['gap'], '+.3f'):>10}{num(row['seconds'], '.1f'):>9}"
                      f"{num(row['seconds_ratio'], '.2f'):>7}{num(row['cpu_ratio'], '.2f'):>11}"
                      f"{flag}")
+    choices = [b["biases"] for b in result.get("blends", []) if b.get("biases")]
+    if choices:
+        kept = sum(c["applied"] for c in choices)
+        lines.append(f"  blend.biases auto: class biases applied in {kept} of {len(choices)} "
+                     "blends, each only where its nested paired gain was positive (gains "
+                     + ", ".join(f"{c['nested_gain']:+.3f}" for c in choices) + ")")
     if result.get("standin"):
         s = result["standin"]
         lines.append(f"  frozen paths load the stand-in backbone {s['file']} ({BACKBONE} trained "

@@ -27,9 +27,9 @@ scored against labels of the same quality, as the leaderboard's are:
 - ``hard``: the same signal with label noise high enough that the baseline's test macro F1
   lands near 0.5, where the real leaderboard sits (the level was calibrated with the baseline
   alone, on seeds the bench does not use: docs/benchmarks.md);
-- ``weak``: the easy sets (the same files), read by a stand-in pretrained for fewer epochs
-  (``Preset.weak_standin``): a backbone that reads the classes less well, where the head
-  has more to make up for.
+- ``weak`` and ``weak_hard``: the easy and the hard sets (the same files), read by a stand-in
+  pretrained for one epoch instead of 12 (``Preset.weak_standin``): a backbone that reads the
+  classes less well, where the head has more to make up for.
 
 The backbone is ``bench honesty``'s frozen stand-in for a pathology backbone: ``tiny_cnn``
 trained from scratch on an independent generated set (easy-like labels) and loaded with
@@ -101,7 +101,10 @@ ARMS = {
 REGIMES = ("hard", "easy")
 # bench noise's regimes: bench regions' and the weak stand-in's.
 WEAK = "weak"
-NOISE_REGIMES = (*REGIMES, WEAK)
+WEAK_HARD = "weak_hard"
+# A weak regime -> the regime whose sets (same files, same stages) it reads.
+WEAK_SETS = {WEAK: "easy", WEAK_HARD: "hard"}
+NOISE_REGIMES = (*REGIMES, *WEAK_SETS)
 # Every arm's head before its change: the defaults before issue 23 made head.type auto.
 BASELINE_HEAD = {"head": {"type": "mlp"}}# The feature-cache path: nothing in the backbone trains.
 FROZEN = {"train_norm": "none", "unfreeze_last": 0}
@@ -125,19 +128,20 @@ class Preset:
     data: dict
     standin_data: dict
     noise: dict = field(default_factory=lambda: {"hard": HARD_NOISE, "easy": EASY_NOISE,
-                                                 WEAK: EASY_NOISE})
+                                                 WEAK: EASY_NOISE, WEAK_HARD: HARD_NOISE})
     patches: dict = field(default_factory=dict)
     folds: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     standin: dict = field(default_factory=dict)
     seeds: int = 3
     # The weak regime's stand-in: these over ``standin`` (fewer epochs).
-    weak_standin: dict = field(default_factory=lambda: {"epochs": 3})
+    weak_standin: dict = field(default_factory=lambda: {"epochs": 1})
 
     def regime(self, regime: str):
         """The :class:`kit.bench.heldout.Preset` of one regime (its data stages and stand-in
         helpers take one)."""
-        standin = {**self.standin, **self.weak_standin} if regime == WEAK else self.standin
+        standin = {**self.standin, **self.weak_standin} if regime in WEAK_SETS else \
+            self.standin
         return heldout.Preset(f"{self.name}-{regime}",
                               data={**self.data, "label_noise": float(self.noise[regime])},
                               standin_data=self.standin_data, patches=self.patches,
@@ -178,8 +182,8 @@ def regime_arguments(parser, regimes=REGIMES) -> None:
     noise)."""
     parser.add_argument("--seeds", type=int, default=None,
                         help="independently generated sets per regime (default: 3)")
-    weak = f" and/or {WEAK} (the easy sets read by a stand-in pretrained for fewer epochs)" \
-        if WEAK in regimes else ""
+    weak = f" and/or {WEAK} and {WEAK_HARD} (the easy and hard sets read by a stand-in " \
+        "pretrained for fewer epochs)" if WEAK in regimes else ""
     parser.add_argument("--regimes", default=",".join(regimes),
                         help="hard (label noise near the leaderboard's level) and/or easy "
                              f"(bench honesty's data){weak} (default: {','.join(regimes)})")
@@ -249,7 +253,7 @@ def run_noise(paths: Paths, preset: Preset, seeds, arms=tuple(ARMS), regimes=NOI
     standins = {}
 
     def standin_of(regime: str) -> dict:
-        kind = WEAK if regime == WEAK else "easy"
+        kind = WEAK if regime in WEAK_SETS else "easy"
         if kind not in standins:
             folder = root / ("standin-weak" if kind == WEAK else "standin")
             standins[kind] = build_standin(folder, preset.regime(kind), seeds[0], device)
@@ -279,7 +283,7 @@ def run_noise(paths: Paths, preset: Preset, seeds, arms=tuple(ARMS), regimes=NOI
         if current != (regime, seed):  # the set's first run: data, stages, labels
             current = (regime, seed)
             # The weak regime reads the easy sets: same files, same stages.
-            data_regime = "easy" if regime == WEAK else regime
+            data_regime = WEAK_SETS.get(regime, regime)
             data, wpaths, info = prepare_seed(root / data_regime / f"seed{seed}",
                                               preset.regime(data_regime), seed)
             truth = heldout_labels(data)
@@ -325,7 +329,7 @@ def _deep_merge(base: dict, new: dict) -> dict:
 def run_name(arm: str, regime: str = "") -> str:
     """The run folder of an arm (``runs/noise-<arm>``; ``+`` is kept out of folder names); the
     weak regime's runs, which share the easy sets' work directory, are ``noise-weak-<arm>``."""
-    return "noise-" + ("weak-" if regime == WEAK else "") + arm.replace("+", "-")
+    return "noise-" + ("weak-" if regime in WEAK_SETS else "") + arm.replace("+", "-")
 
 
 def score_arm(arm: str, regime: str, paths, truth: dict, plan, preset: Preset, seed: int,
