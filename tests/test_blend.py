@@ -157,7 +157,7 @@ def test_every_stale_backbone_is_named(workdir):
 
 
 def test_the_blend_stage_of_all_and_demo(workdir, capsys):
-    from kit.commands.all import AllOptions, _blend
+    from kit.commands.all_run import AllOptions, _blend
 
     paths, data = workdir
     line = _blend(paths, data, load_config("blend"), ["bb_a", "bb_b", "bb_c"],

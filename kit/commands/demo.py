@@ -42,7 +42,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from kit.commands.all import AllOptions, run_all
+    from kit.commands.all_run import AllOptions, run_all
 
     if args.task is not None and args.task not in LAYOUTS:
         raise KitError(f"demo --task {args.task}: the demo generates its data in one of the "
