@@ -113,13 +113,14 @@ def read_metrics(path, *, classes=CLASSES, metric: str | None = None) -> dict:
     ------
     KitError
         Missing file, not JSON, not a JSON object, made for other classes (its ``classes``,
-        when recorded, differ from ``classes``) or scored by another metric.
+        when recorded, differ from ``classes``; None: any classes) or scored by another
+        metric.
     """
     path = Path(path)
     fix = f"rerun ./run.sh cv {_run_name(path)}"
     metrics = _read_json(path, fix, "cv metrics file")
     recorded = metrics.get("classes")
-    if recorded is not None and list(recorded) != list(classes):
+    if recorded is not None and classes is not None and list(recorded) != list(classes):
         raise KitError(f"{path}: made for classes {', '.join(map(str, recorded))}, not "
                        f"{', '.join(classes)}; {fix} for this task")
     scored = run_metric(metrics)
@@ -203,7 +204,8 @@ def read_manifest(path, *, classes=CLASSES) -> dict:
     ------
     KitError
         Missing file, not JSON, not a JSON object, a required field missing
-        (:data:`MANIFEST_FIELDS`), or class biases for other classes than ``classes``.
+        (:data:`MANIFEST_FIELDS`), or class biases for other classes than ``classes``
+        (None: any classes).
     """
     path = Path(path)
     manifest = _read_json(path, "pass submissions/<name>.json (written by ./run.sh blend)",
@@ -214,7 +216,7 @@ def read_manifest(path, *, classes=CLASSES) -> dict:
                        "./run.sh blend of this kit version")
     biases = manifest["blend"]["biases"]
     # Sets: manifests are written with sorted keys, so their order is alphabetical.
-    if isinstance(biases, dict) and set(biases) != set(classes):
+    if classes is not None and isinstance(biases, dict) and set(biases) != set(classes):
         raise KitError(f"{path}: a blend for classes {', '.join(map(str, biases))}, not "
                        f"{', '.join(classes)}; blend again for these classes")
     return manifest

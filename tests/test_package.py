@@ -9,12 +9,11 @@ import pytest
 
 from blend_data import make_blend_workdir
 from kit import CLASSES
+from kit.artifacts import MANIFEST_FIELDS, missing_manifest_fields
 from kit.config import load_config
 from kit.submission.blend_output import run_blend
 from kit.submission.package import (
-    REQUIRED_FIELDS,
     append_submission,
-    check_manifest,
     command_line,
     expected_test_ids,
     git_info,
@@ -189,8 +188,8 @@ def blended(tmp_path):
 def test_manifest_is_complete(blended):
     paths, data, res = blended
     m = json.loads(res.manifest_path.read_text())
-    assert check_manifest(m) == []
-    assert set(REQUIRED_FIELDS) <= set(m)
+    assert missing_manifest_fields(m) == []
+    assert set(MANIFEST_FIELDS) <= set(m)
     assert m["kit"]["version"] and "commit" in m["kit"]["git"] and "dirty" in m["kit"]["git"]
     assert m["command"] == "./run.sh blend --weight-views"
     assert m["csv_sha256"] == sha256_file(res.csv_path) and m["csv_rows"] == 40
@@ -228,10 +227,10 @@ def test_manifest_is_complete(blended):
 
 
 def test_load_manifest_refuses_bad_files(tmp_path):
-    with pytest.raises(KitError, match="manifest not found"):
+    with pytest.raises(KitError, match="x.json: not found; pass submissions/<name>.json"):
         load_manifest(tmp_path / "x.json")
     (tmp_path / "bad.json").write_text("{")
-    with pytest.raises(KitError, match="not a valid JSON"):
+    with pytest.raises(KitError, match="not valid JSON"):
         load_manifest(tmp_path / "bad.json")
     (tmp_path / "part.json").write_text('{"name": "x"}')
     with pytest.raises(KitError, match="lacks .*csv_sha256"):

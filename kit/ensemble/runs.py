@@ -3,9 +3,7 @@ with. A run is a folder ``runs/<name>/`` with ``metrics.json`` (``cv --name``; t
 name by default)."""
 from __future__ import annotations
 
-import json
-
-from kit.artifacts import run_score
+from kit.artifacts import read_metrics, run_score
 from kit.config import train_settings
 from kit.ensemble.blend import provenance
 from kit.metrics import format_ci, get_metric
@@ -58,8 +56,8 @@ def list_runs(paths: Paths) -> list[dict]:
         if d.name in RESERVED_RUN_DIRS or not file.is_file():
             continue
         try:
-            m = json.loads(file.read_text())
-        except (OSError, ValueError):
+            m = read_metrics(file, classes=None)
+        except KitError:
             continue  # a run being written, or a broken file: blend says why when it reads it
         metric, score, ci = run_score(m)
         prov = provenance(m)

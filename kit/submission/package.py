@@ -26,7 +26,7 @@ import pandas as pd
 from filelock import FileLock
 
 from kit import __version__
-from kit.artifacts import MANIFEST_FIELDS, missing_manifest_fields
+from kit.artifacts import missing_manifest_fields, read_manifest
 from kit.data.dataset import expected_test_ids  # noqa: F401 (the submission's test ids)
 from kit.submission.task_data import labels_source, task_or_default, test_folder, test_ids
 from kit.task import Task, default_task
@@ -44,11 +44,6 @@ HEADER = ",".join(COLUMNS)
 MAX_LISTED = 20  # per kind of problem; the rest is summarised in one line
 MANIFEST_VERSION = 1
 LATEST = "latest"
-
-# The manifest's required fields and their check are the artifact reader's (kit.artifacts):
-# one definition of what a complete manifest is.
-REQUIRED_FIELDS = MANIFEST_FIELDS
-
 
 # ----------------------------------------------------------------------------- submission CSV
 
@@ -237,7 +232,7 @@ def build_manifest(*, name: str, csv_path, csv_sha256: str, csv_rows: int, comma
                    inputs: dict, blend: dict, scores: dict, seed: int,
                    created_utc: str | None = None, expected_score: dict | None = None,
                    task: Task | None = None, train_labels_source: str | None = None) -> dict:
-    """Assemble a submission manifest (plain JSON types); see REQUIRED_FIELDS for its keys.
+    """Assemble a submission manifest (plain JSON types); its keys: kit.artifacts.MANIFEST_FIELDS.
 
     Besides those it records ``task`` (``name``, ``fingerprint``, ``definition``: the task's
     keys; :func:`kit.submission.task_data.manifest_task` reads it back), ``metric`` (the
@@ -299,7 +294,7 @@ def build_manifest(*, name: str, csv_path, csv_sha256: str, csv_rows: int, comma
         "workdir": str(workdir),
         "submissions": [],
     }
-    missing = check_manifest(manifest)
+    missing = missing_manifest_fields(manifest)
     if missing:  # a programming error, not user input
         raise ValueError(f"manifest incomplete: {missing}")
     return json.loads(json.dumps(manifest, default=_json_default))
@@ -313,28 +308,10 @@ def _json_default(obj):
     return str(obj)
 
 
-def check_manifest(manifest: dict) -> list[str]:
-    """Names of the required fields missing from ``manifest`` (``blend.weights`` style)."""
-    return missing_manifest_fields(manifest)
-
-
 def load_manifest(path) -> dict:
-    """Read a manifest, refusing a missing, unparsable or incomplete one."""
-    path = Path(path)
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise KitError(f"{path}: manifest not found; pass submissions/<name>.json "
-                       "(written by ./run.sh blend)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise KitError(f"{path}: not a valid JSON manifest ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise KitError(f"{path}: not a manifest (expected a JSON object)")
-    missing = check_manifest(manifest)
-    if missing:
-        raise KitError(f"{path}: manifest lacks {', '.join(missing)}; it was not written by "
-                       "./run.sh blend of this kit version")
-    return manifest
+    """Read a manifest, refusing a missing, unparsable or incomplete one: the one reader,
+    :func:`kit.artifacts.read_manifest`, for any task's classes."""
+    return read_manifest(path, classes=None)
 
 
 def _locked(path: Path) -> FileLock:
