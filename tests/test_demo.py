@@ -207,3 +207,23 @@ def test_the_whole_demo_runs_in_the_csv_layout(tmp_path, capsys):
     assert list(sub.columns) == ["case", "tissue"] and len(sub) == 6
     assert set(sub.tissue) <= {"Normal", "Benign", "Invasive"}
     assert (out / "runs" / "report.html").stat().st_size > 10_000
+
+
+def test_a_demo_on_other_data_forgets_the_last_demos_outputs(tmp_path, capsys):
+    from kit.commands.demo import _forget_other_data
+    from kit.paths import Paths
+
+    data, paths = tmp_path / "data", Paths.from_root(tmp_path)
+    data.mkdir()
+    (data / "a.png").write_bytes(b"one")
+    _forget_other_data(paths, data)  # the first demo here: nothing to remove, data recorded
+    for folder in (paths.runs_dir / "tiny_cnn", paths.folds_dir, paths.submissions_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    _forget_other_data(paths, data)  # the same data: the outputs stay
+    assert (paths.runs_dir / "tiny_cnn").is_dir() and paths.folds_dir.is_dir()
+    assert "removed" not in capsys.readouterr().out
+    (data / "a.png").write_bytes(b"other")  # regenerated with other arguments
+    _forget_other_data(paths, data)
+    assert not (paths.runs_dir / "tiny_cnn").exists() and not paths.folds_dir.exists()
+    assert not paths.submissions_dir.exists() and "were removed" in capsys.readouterr().out
+    assert (data / "a.png").read_bytes() == b"other"  # the data itself is never touched

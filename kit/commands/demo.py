@@ -12,12 +12,14 @@ the task as any dataset's.
 """
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 from kit.config import load_config, train_settings
 from kit.paths import Paths
 from kit.task import as_data
-from kit.utils import KitError
+from kit.utils import KitError, atomic_write_json, sha256_text
 
 OUT = "runs/demo"
 LAYOUTS = ("imagefolder", "csv", "csv_masks")  # kit.data.task_synth.LAYOUTS, without importing it
@@ -51,12 +53,9 @@ def run(args) -> int:
     out = Path(args.out or (OUT if args.task is None else f"{OUT}-{args.task}"))
     paths = Paths.from_root(out)
     given = {"n_train": args.n_train, "n_test": args.n_test, "short_side": args.short_side}
-    before = _data_stamp(out / "data")
     data = make_data(out / "data", args.task, args.seed,
                      **{k: v for k, v in given.items() if v is not None})
-    if _data_stamp(out / "data") != before:
-        # New data: the old tuning study was made on other folds (tune would refuse it).
-        (paths.runs_dir / "optuna.db").unlink(missing_ok=True)
+    _forget_other_data(paths, data.root)
     print(f"demo data      -> {data}" + ("" if data.task.builtin else
                                          f" (task {data.task.name}, layout {args.task})"))
     runs = demo_runs()
@@ -80,13 +79,27 @@ def demo_runs():
             RunSpec(FUSION, FUSION, {}, tune=0, blend=False)]
 
 
-def _data_stamp(root: Path) -> list:
-    """What tells regenerated demo data from reused (the generators keep files whose
-    arguments are unchanged): every file's name, size and modification time."""
-    if not root.is_dir():
-        return []
-    return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns)
-                  for p in root.rglob("*") if p.is_file())
+def _forget_other_data(paths: Paths, root: Path) -> None:
+    """Remove the outputs of a demo made on other data than ``root`` holds now (its folds,
+    runs, study and submissions describe images that are gone, and cv and tune would refuse
+    to mix them in), then record which data the outputs here are made from: every file's
+    name, size and modification time (the generators keep the files of unchanged arguments).
+    """
+    stamp = sha256_text(json.dumps(sorted(
+        (str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in root.rglob("*") if p.is_file())))
+    record = paths.runs_dir / "demo_data.json"
+    try:
+        made_from = json.loads(record.read_text()).get("data_sha256")
+    except (OSError, ValueError):
+        made_from = None
+    outputs = [paths.runs_dir, paths.folds_dir, paths.submissions_dir]
+    if made_from != stamp and any(d.exists() for d in outputs):
+        for folder in outputs:
+            shutil.rmtree(folder, ignore_errors=True)
+        print(f"demo           other data than the last demo's: its outputs in {paths.root} "
+              "were removed")
+    atomic_write_json(record, {"data": str(root), "data_sha256": stamp})
 
 
 def make_data(root: Path, layout: str | None, seed: int, **sizes):
