@@ -84,6 +84,17 @@ def test_all_resumes_a_cv_killed_half_way(data, tmp_path, capsys):
     assert (paths.submissions_dir / "latest.csv").is_file()
 
 
+def test_all_restart_retrains_folds_that_were_done(data, tmp_path, capsys):
+    work = tmp_path / "w"
+    assert _all(data, work, "tiny_cnn", *FROZEN) == 0
+    capsys.readouterr()
+    assert _all(data, work, "tiny_cnn", *FROZEN, "--restart") == 0
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "fold 0: done earlier" not in text and "tiny_cnn fold 0:" in text
+    assert "clean: done earlier, skipped" in out.out  # only cv restarts
+
+
 def test_all_tunes_then_submits_once_and_records_the_public_score(data, tmp_path):
     # --tune N and --submit end to end: the real kaggle client against the fake server, in a
     # subprocess (the client fixes its endpoint at import time).

@@ -36,6 +36,9 @@ def add_arguments(parser):
     parser.add_argument("--submit", action="store_true",
                         help="upload the submission and wait for its score (needs -m)")
     parser.add_argument("-m", "--message", default=None, help="the submission's message")
+    parser.add_argument("--restart", action="store_true",
+                        help="retrain every run's folds, even those done (after the data or "
+                             "the folds changed, cv refuses to mix old folds in)")
     parser.add_argument("--plan", action="store_true", help="print the plan and stop")
 
 
@@ -53,7 +56,7 @@ def run(args) -> int:
     settings = {r.name: train_settings(deep_update(common, r.sets)) for r in runs}
     options = AllOptions(tune=args.tune, name=args.name, seed=args.seed,
                          patch_size=args.patch_size, submit=args.submit, message=args.message,
-                         plan=args.plan)
+                         plan=args.plan, restart=args.restart)
     return run_all(paths, data, runs, settings, _weights(args.weights), options)
 
 

@@ -20,8 +20,8 @@ class AllOptions:
     """What ``all`` does besides the runs: ``tune`` trials per run (a run's own
     :attr:`RunSpec.tune` wins), the submission's ``name``, the ``seed`` of folds, tuning and
     cv, one ``patch_size`` for every run (None: each backbone's native size), the upload
-    (``submit`` with ``message``), ``plan`` only, and ``force_folds`` (rewrite a different
-    split: the demo regenerates its data)."""
+    (``submit`` with ``message``), ``plan`` only, ``force_folds`` (rewrite a different
+    split: the demo regenerates its data) and ``restart`` (retrain every run's folds)."""
 
     tune: int = 0
     name: str = "all"
@@ -31,6 +31,7 @@ class AllOptions:
     message: str | None = None
     plan: bool = False
     force_folds: bool = False
+    restart: bool = False
 
 
 def run_all(paths, data, runs, settings: dict, weights: dict, options: AllOptions) -> int:
@@ -133,7 +134,7 @@ def _stages(paths, data, runs, settings, weights, opts: AllOptions):
                                                             w, n, opts.seed)))
         stages.append((f"cv {r.name}", None, est,
                        lambda r=r, w=w, tuned=bool(trials): _cv(paths, data, settings[r.name],
-                                                                r, w, tuned, opts.seed)))
+                                                                r, w, tuned, opts)))
     blend_cfg = load_config("blend")
     names = [r.name for r in runs if r.blend]
     stages.append(("blend", lambda: _stamp(names, blend_cfg, opts.name, opts.seed,
@@ -147,11 +148,12 @@ def _stages(paths, data, runs, settings, weights, opts: AllOptions):
     return stages
 
 
-def _cv(paths, data, settings, run, weights, tuned: bool, seed: int) -> str:
+def _cv(paths, data, settings, run, weights, tuned: bool, opts: AllOptions) -> str:
     from kit.training.cv import run_cv
 
     metrics = run_cv(paths, data, settings, backbone=run.backbone, name=run.name,
-                     weights=weights, seed=seed, params="best" if tuned else "none")
+                     weights=weights, seed=opts.seed, params="best" if tuned else "none",
+                     restart=opts.restart)
     n = len(data.task.classes)
     return (f"{paths.backbone_dir(run.name)} ({metrics['training_path']}, "
             f"{metrics['config']['head']['type']} head): {oof_line(metrics, data)} "
