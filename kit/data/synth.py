@@ -77,8 +77,9 @@ __all__ = [
     "CARTOON_LABELS", "CARTOON_RATE", "CLASSES", "CLEAN_COUNTS", "GREEN_RATE", "JUNK_CSV",
     "META_JSON", "NORMAL", "PRESETS", "STRIP_HALF_PX", "STYLES", "TEST_LABELS_CSV", "TINTS",
     "TUMOUR", "V2_NONCARTOON_COUNTS", "Item", "Nuclei", "draw", "embeddings", "generate",
-    "make_plan", "phenotypes", "preset", "read_test_labels", "stratified_folds",
-    "tinted_patches", "write_folds", "write_patch_cache", "write_patch_workdir",
+    "make_plan", "phenotypes", "png_bytes", "preset", "read_test_labels", "reusable",
+    "stratified_folds", "swap_in", "tinted_patches", "write_folds", "write_patch_cache",
+    "write_patch_workdir",
 ]
 
 JUNK_CSV = "junk_truth.csv"
@@ -159,20 +160,35 @@ def generate(out_dir, n_train: int = 120, n_test: int = 40, short_side: int = 25
         raise KitError(f"synthetic data: style must be one of {', '.join(STYLES)} (got {style!r})")
     if not (np.isfinite(signal) and signal >= 0):
         raise KitError(f"synthetic data: signal must be a number >= 0 (got {signal!r})")
-    if _up_to_date(out_dir, params):
+    if reusable(out_dir, params, META_JSON):
         return out_dir
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / META_JSON).exists():
-        raise KitError(f"{out_dir}: exists and is not a generated dataset (no {META_JSON}); "
-                       "choose another folder or delete it")
     plan = make_plan(n_train, n_test, short_side, seed, n_cartoon, n_green, long_side_max,
                      n_test_green, class_counts=class_counts, label_noise=label_noise)
+    return swap_in(out_dir, params, META_JSON,
+                   lambda tmp: _write_all(tmp, plan, seed, workers, signal=signal, style=style,
+                                          test_labels=test_labels))
+
+
+def reusable(out_dir: Path, params: dict, meta: str) -> bool:
+    """Whether ``out_dir`` already holds the generated dataset of ``params`` (its record
+    ``meta`` says so); KitError when it is a non-empty folder no generator wrote."""
+    if _up_to_date(out_dir, params, meta):
+        return True
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / meta).exists():
+        raise KitError(f"{out_dir}: exists and is not a generated dataset (no {meta}); "
+                       "choose another folder or delete it")
+    return False
+
+
+def swap_in(out_dir: Path, params: dict, meta: str, write) -> Path:
+    """``write(folder)`` into a temporary folder beside ``out_dir``, ``params`` recorded as
+    ``meta`` there, then swapped in for ``out_dir``: a crash never leaves half a dataset."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is not
     try:
-        _write_all(tmp, plan, seed, workers, signal=signal, style=style,
-                   test_labels=test_labels)
-        (tmp / META_JSON).write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
+        write(tmp)
+        (tmp / meta).write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -232,12 +248,13 @@ def _write_one(item: Item, root: Path, seed: int, signal: float = 1.0,
                style: str = "scan") -> None:
     img, mask = draw(item, seed, signal, style)
     folder = root / f"{item.split}_data"
-    (folder / item.name).write_bytes(_png(img))
+    (folder / item.name).write_bytes(png_bytes(img))
     if item.kind != "cartoon":  # cartoons get their host's mask file afterwards
-        (folder / item.name.replace("img_", "mask_")).write_bytes(_png(mask))
+        (folder / item.name.replace("img_", "mask_")).write_bytes(png_bytes(mask))
 
 
-def _png(arr: np.ndarray) -> bytes:
+def png_bytes(arr: np.ndarray) -> bytes:
+    """``arr`` as PNG bytes, with fixed settings: byte-identical reruns."""
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, **_PNG)
     return buf.getvalue()
@@ -252,8 +269,8 @@ def _code_version() -> str:
     return digest.hexdigest()[:12]
 
 
-def _up_to_date(out_dir: Path, params: dict) -> bool:
-    meta = out_dir / META_JSON
+def _up_to_date(out_dir: Path, params: dict, meta: str) -> bool:
+    meta = out_dir / meta
     try:
         return json.loads(meta.read_text()) == json.loads(json.dumps(params))
     except (OSError, ValueError):

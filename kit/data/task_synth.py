@@ -18,27 +18,21 @@ learnable as on the demo data. Small and deterministic: same arguments, same byt
 """
 from __future__ import annotations
 
-import io
-import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
-from PIL import Image
 
 from kit import CLASSES
-from kit.data.synth import Item, draw
+from kit.data.synth import Item, draw, png_bytes, reusable, swap_in
 from kit.task import TASK_FILE, TASKS_DIR
 from kit.utils import KitError, check_random_state
 
 LAYOUTS = ("imagefolder", "csv", "csv_masks")
 META_JSON = "task_synth.json"
 CSV_CLASSES = ("Normal", "Benign", "Invasive")
-_PNG = {"format": "PNG", "compress_level": 1, "optimize": False}  # fixed: byte-identical reruns
 
 
 def _csv_task(masks: bool) -> dict:
@@ -90,29 +84,10 @@ def write_task_dataset(root, layout: str, seed: int = 0, n_train: int = 18, n_te
                        f"{short_side}, {per_patient})")
     params = {"layout": layout, "seed": seed, "n_train": n_train, "n_test": n_test,
               "short_side": short_side, "per_patient": [lo, hi]}
-    meta = root / META_JSON
-    if meta.is_file():
-        try:
-            if json.loads(meta.read_text()) == params:
-                return root
-        except ValueError:
-            pass
-    elif root.exists() and any(root.iterdir()):
-        raise KitError(f"{root}: exists and is not a generated dataset (no {META_JSON}); choose "
-                       "another folder or delete it")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp-"))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is not
-    try:
-        _write(tmp, layout, seed, n_train, n_test, short_side, (lo, hi))
-        (tmp / META_JSON).write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return root
+    if reusable(root, params, META_JSON):
+        return root
+    return swap_in(root, params, META_JSON,
+                   lambda tmp: _write(tmp, layout, seed, n_train, n_test, short_side, (lo, hi)))
 
 
 def _write(root: Path, layout: str, seed: int, n_train: int, n_test: int, short_side: int,
@@ -170,6 +145,4 @@ def _write(root: Path, layout: str, seed: int, n_train: int, n_test: int, short_
 
 def _save(path: Path, arr: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, **_PNG)
-    path.write_bytes(buf.getvalue())
+    path.write_bytes(png_bytes(arr))
