@@ -9,8 +9,22 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 
-# Label strings exactly as in train_labels.csv; this order is the kit's class order everywhere.
-CLASSES = ("Luminal A", "Luminal B", "HER2(+)", "Triple negative")
+# The built-in task, the one a command runs on when nothing names another.
+DEFAULT_TASK = "an2dl2526c2v2"
+
+
+def _builtin_classes() -> tuple[str, ...]:
+    """The built-in task file's classes: label strings exactly as in its train_labels.csv, in
+    the order every file of that task uses. Read here, not repeated: the task file holds them."""
+    from pathlib import Path
+
+    import yaml
+
+    file = Path(__file__).resolve().parent / "conf" / "tasks" / f"{DEFAULT_TASK}.yaml"
+    return tuple(yaml.safe_load(file.read_text(encoding="utf-8"))["classes"])
+
+
+CLASSES = _builtin_classes()
 # Probability columns of every OOF/test file: "p_" + the label string, in class order.
 PROB_COLUMNS = [f"p_{c}" for c in CLASSES]
 

@@ -27,8 +27,8 @@ Everything is kept under ``runs/bench/honesty/<preset>/`` and reused while its i
 the generated sets (``synth.generate``'s own check), the data stages' outputs
 (:mod:`kit.bench.heldout`, shared with ``bench noise`` and ``bench regions``) and the
 stand-in. The cv runs are always retrained, so the numbers are those of the current code;
-their outputs stay in ``seed<S>/work/runs/<path>-<mode>/``. Results (per seed and averaged)
-go to ``results.json`` there.
+each seed's work directory there keeps their outputs as ``runs/<path>-<mode>/``. Results
+(per seed and averaged) go to ``results.json`` in the preset's folder.
 """
 from __future__ import annotations
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from kit import DEFAULT_TASK
 from kit.task.errors import format_errors
 from kit.task.model import Task
 from kit.utils import KitError, read_yaml
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "conf" / "tasks"
-DEFAULT_TASK = "an2dl2526c2v2"  # the built-in task when nothing else names one
 TASK_FILE = "task.yaml"  # looked for at the root of the data folder
 
 
