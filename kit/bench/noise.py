@@ -79,7 +79,7 @@ from kit.bench.heldout import (
 from kit.bench.honesty import build_standin
 from kit.bench.label_truth import drawn_labels, flag_quality, noise_counts
 from kit.bench.noise_summary import BASELINE, ORACLE, checks, format_table, summarise
-from kit.config import train_settings
+from kit.config import deep_update, train_settings
 from kit.paths import Paths
 from kit.utils import KitError, atomic_write_json, progress
 
@@ -312,18 +312,8 @@ def run_noise(paths: Paths, preset: Preset, seeds, arms=tuple(ARMS), regimes=NOI
 def arm_config(arm: str, preset: Preset) -> dict:
     """The ``train.yaml`` overrides of one arm: frozen backbone, the baseline's head, the
     preset's training settings and the arm's change."""
-    base = _deep_merge(BASELINE_HEAD, {**FROZEN, **copy.deepcopy(preset.train)})
-    return _deep_merge(base, ARMS[arm])
-
-
-def _deep_merge(base: dict, new: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in new.items():
-        if isinstance(out.get(key), dict) and isinstance(value, dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+    base = deep_update(BASELINE_HEAD, {**FROZEN, **copy.deepcopy(preset.train)})
+    return deep_update(base, copy.deepcopy(ARMS[arm]))  # copied: the table stays as written
 
 
 def run_name(arm: str, regime: str = "") -> str:
