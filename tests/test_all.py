@@ -95,6 +95,7 @@ def test_all_restart_retrains_folds_that_were_done(data, tmp_path, capsys):
     assert "clean: done earlier, skipped" in out.out  # only cv restarts
 
 
+@pytest.mark.slow  # two subprocesses, each tuning and training (~20 s)
 def test_all_tunes_then_submits_once_and_records_the_public_score(data, tmp_path):
     # --tune N and --submit end to end: the real kaggle client against the fake server, in a
     # subprocess (the client fixes its endpoint at import time).
