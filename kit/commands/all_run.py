@@ -156,17 +156,17 @@ def _cv(paths, data, settings, run, weights, tuned: bool, opts: AllOptions) -> s
                      restart=opts.restart)
     n = len(data.task.classes)
     return (f"{paths.backbone_dir(run.name)} ({metrics['training_path']}, "
-            f"{metrics['config']['head']['type']} head): {oof_line(metrics, data)} "
+            f"{metrics['config']['head']['type']} head): {_oof_line(metrics)} "
             f"(chance {1 / n:.2f} for {n} classes)")
 
 
-def oof_line(metrics: dict, data) -> str:
-    """``OOF <metric> <score> [<interval>]`` of a cv run in the task's metric."""
+def _oof_line(metrics: dict) -> str:
+    """``OOF <metric> <score> [<interval>]`` of a cv run, in the metric it was scored by."""
     from kit.artifacts import run_score
     from kit.metrics import format_ci, get_metric
 
     metric, score, ci = run_score(metrics)
-    return f"OOF {get_metric(metric or data.task.metric).title} {format_ci(score, ci)}"
+    return f"OOF {get_metric(metric).title} {format_ci(score, ci)}"
 
 
 def _tune(paths, data, settings, run, weights, trials: int, seed: int) -> str:
